@@ -1,0 +1,13 @@
+//! # net: the thin I/O shell shared by every role
+//!
+//! monoio runtimes (one per core, pinned, io_uring or epoll), `SO_REUSEPORT` listeners,
+//! the file-descriptor limit, a small HTTP/1.1 server and client (hyper on monoio) for the
+//! admin, API and control endpoints, and a Prometheus text writer. No protocol logic.
+//!
+//! CONTRACT: edge, broker, control and loadtest use the signatures below; keep them.
+#![forbid(unsafe_code)]
+
+pub mod http;
+pub mod metrics;
+pub mod runtime;
+pub mod sys;
