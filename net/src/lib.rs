@@ -11,3 +11,4 @@ pub mod http;
 pub mod metrics;
 pub mod runtime;
 pub mod sys;
+pub mod wake;

@@ -38,10 +38,15 @@ pub enum ContainerError {
     NotContainer,
 }
 
-/// Builds the complete outer packet (`op 5`, the given encoding's `ver`, seq 0) whose body is
-/// `inner`, a run of complete encoded packets. For `Encoding::Plain` the result is `inner`
-/// itself (plain packets are sent back to back at top level, as Bilibili does).
-pub fn encode_outer(encoding: Encoding, inner: &[u8], brotli: BrotliParams) -> Vec<u8> {
+/// Builds the complete outer packet (`op 5`, the given encoding's `ver`, header `seq` = `seq`)
+/// whose body is `inner`, a run of complete encoded packets. For `Encoding::Plain` the result is
+/// `inner` with the `seq` field of each top-level packet set to `seq` (plain packets are sent
+/// back to back at top level, as Bilibili does).
+///
+/// The outer `seq` carries the batch's stream sequence number (our gap-detection extension;
+/// Bilibili clients ignore it): low-priority batches use the room seq, high-priority batches
+/// `0x8000_0000 | seq`.
+pub fn encode_outer(encoding: Encoding, inner: &[u8], seq: u32, brotli: BrotliParams) -> Vec<u8> {
     todo!()
 }
 

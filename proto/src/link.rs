@@ -4,8 +4,14 @@
 //! u32 frame_len (bytes after this field) | u8 version (= 1) | u8 kind | payload
 //! ```
 //! All integers big-endian; strings are u16 length + UTF-8; lists are u32 count + items.
-//! The edge opens the link and sends `Hello`; the broker answers with its own `Hello`.
-//! One link per broker shard and priority.
+//! Handshake: the edge opens a link and sends `Hello` (its node id, its shard count, the
+//! `link_shard` = broker shard it wants, and the `priority` this link carries); the broker hands
+//! the connection to that broker shard, which answers with its own `Hello` (`shards` = the
+//! broker's shard count). The edge's first link is (shard 0, Low); from the reply it learns the
+//! broker's shard count and opens one link per (broker shard, priority). Rooms map to broker
+//! shards with [`shard_of_room`]; SUB/UNSUB/COUNTS/PRESENCE travel on the Low link of the owning
+//! broker shard, which uses the interest for both of that edge's links. Either side sends PING
+//! every 5 s; a link silent for 15 s is dead.
 //!
 //! CONTRACT: edge, broker and loadtest use these types; keep them.
 
@@ -139,6 +145,17 @@ pub fn decode(buf: &Bytes, frame_bytes_max: u32) -> Result<(LinkFrame, usize), L
 /// How long the frame at the front of `buf` is in total, once its 4-byte length is in
 /// (`Incomplete` before), checking the limit. Lets a reader size its buffer.
 pub fn frame_len(buf: &[u8], frame_bytes_max: u32) -> Result<usize, LinkError> {
+    todo!()
+}
+
+/// Which broker shard owns a room, given the broker's shard count (from its `Hello`).
+/// Broker and edge must agree, so it lives here. Global, user and device scopes belong to shard 0.
+pub fn shard_of_room(room: RoomId, broker_shards: u16) -> u16 {
+    todo!()
+}
+
+/// Which broker shard owns an area.
+pub fn shard_of_area(area: AreaId, broker_shards: u16) -> u16 {
     todo!()
 }
 

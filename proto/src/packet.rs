@@ -24,6 +24,9 @@ pub mod op {
     pub const NOTIFICATION: u32 = 5;
     pub const AUTH: u32 = 7;
     pub const AUTH_REPLY: u32 = 8;
+    /// Extension (C->S): ACK of a high-reach message; body = big-endian u64 msg id.
+    /// goim's table ends at 17; ours start at 1000 so they never collide.
+    pub const ACK: u32 = 1000;
 }
 
 /// A parsed header.
