@@ -7,9 +7,18 @@
 //! broker answers each request with a `Status` carrying the same `req_id` (answers may come
 //! out of order across rooms; match them by `req_id`).
 //!
+//! Framing, strings and scopes are encoded exactly as in [`crate::link`]; the payload of each
+//! [`kind`] is documented byte by byte in `docs/protocol-link-ingest.md`.
+//!
+//! # Invariants
+//! - `frame_len` is checked against the caller's limit as soon as its 4 bytes are in.
+//! - [`decode`] returns `Incomplete` until the whole frame is in, then `Version`, `Kind` or
+//!   `Malformed`; a frame must be used up exactly (trailing bytes are `Malformed`).
+//!
 //! CONTRACT: broker and loadtest use these; keep them.
 
 use crate::id::{MsgId, Priority, Reach, Scope};
+use crate::link::wire;
 
 pub const INGEST_VERSION: u8 = 1;
 
@@ -69,7 +78,10 @@ pub enum IngestFrame {
     /// Caller -> broker.
     Push(Push),
     /// Broker -> caller.
-    Status { req_id: u64, result: Result<MsgId, PushError> },
+    Status {
+        req_id: u64,
+        result: Result<MsgId, PushError>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -86,11 +98,153 @@ pub enum IngestError {
     Malformed,
 }
 
+/// Frame kinds (the byte after the version).
+pub mod kind {
+    pub const AUTH: u8 = 1;
+    pub const PUSH: u8 = 2;
+    pub const STATUS: u8 = 3;
+}
+
+/// Result codes in a `Status` frame: `OK` is followed by the msg id, the others are
+/// [`PushError`] variants.
+pub mod code {
+    pub const OK: u8 = 0;
+    pub const UNAUTHORIZED: u8 = 1;
+    pub const FORBIDDEN_SCOPE: u8 = 2;
+    pub const TOO_LARGE: u8 = 3;
+    /// Followed by u32 `retry_after_ms`.
+    pub const RATE_LIMITED: u8 = 4;
+    /// Followed by a string (u16 length + UTF-8).
+    pub const INVALID: u8 = 5;
+    pub const OVERLOADED: u8 = 6;
+}
+
+/// Bytes before the payload: u32 frame_len, u8 version, u8 kind.
+pub const FRAME_HEADER_LEN: usize = 6;
+
+/// Appends the encoded frame to `out`.
 pub fn encode(frame: &IngestFrame, out: &mut Vec<u8>) {
-    todo!()
+    match frame {
+        IngestFrame::Auth { req_id, api_key } => {
+            let start = wire::begin(out, INGEST_VERSION, kind::AUTH);
+            out.extend_from_slice(&req_id.to_be_bytes());
+            wire::put_str(out, api_key);
+            wire::end(out, start);
+        }
+        IngestFrame::Push(push) => {
+            let start = wire::begin(out, INGEST_VERSION, kind::PUSH);
+            out.extend_from_slice(&push.req_id.to_be_bytes());
+            wire::put_scope(out, &push.scope);
+            out.push(push.priority as u8);
+            out.push(push.reach as u8);
+            out.extend_from_slice(&push.ttl_ms.to_be_bytes());
+            // A body over 4 GiB cannot be framed; its length saturates and the receiver
+            // refuses the frame as too long rather than misreading it.
+            let n = u32::try_from(push.body.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend_from_slice(&push.body);
+            wire::end(out, start);
+        }
+        IngestFrame::Status { req_id, result } => {
+            let start = wire::begin(out, INGEST_VERSION, kind::STATUS);
+            out.extend_from_slice(&req_id.to_be_bytes());
+            match result {
+                Ok(msg_id) => {
+                    out.push(code::OK);
+                    out.extend_from_slice(&msg_id.0.to_be_bytes());
+                }
+                Err(PushError::Unauthorized) => out.push(code::UNAUTHORIZED),
+                Err(PushError::ForbiddenScope) => out.push(code::FORBIDDEN_SCOPE),
+                Err(PushError::TooLarge) => out.push(code::TOO_LARGE),
+                Err(PushError::RateLimited { retry_after_ms }) => {
+                    out.push(code::RATE_LIMITED);
+                    out.extend_from_slice(&retry_after_ms.to_be_bytes());
+                }
+                Err(PushError::Invalid(why)) => {
+                    out.push(code::INVALID);
+                    wire::put_str(out, why);
+                }
+                Err(PushError::Overloaded) => out.push(code::OVERLOADED),
+            }
+            wire::end(out, start);
+        }
+    }
 }
 
 /// Decodes the first frame in `buf`: the frame and bytes used.
 pub fn decode(buf: &[u8], frame_bytes_max: u32) -> Result<(IngestFrame, usize), IngestError> {
-    todo!()
+    let total = frame_len(buf, frame_bytes_max)?;
+    let frame = buf.get(..total).ok_or(IngestError::Incomplete)?;
+    // `frame_len` guarantees at least version and kind after the length field.
+    let (version, kind_byte) = (frame[4], frame[5]);
+    if version != INGEST_VERSION {
+        return Err(IngestError::Version);
+    }
+    let mut r = wire::Reader::new(&frame[FRAME_HEADER_LEN..]);
+    let decoded = match kind_byte {
+        kind::AUTH => IngestFrame::Auth {
+            req_id: r.u64()?,
+            api_key: r.string()?,
+        },
+        kind::PUSH => {
+            let req_id = r.u64()?;
+            let scope = r.scope()?;
+            let priority = Priority::from_u8(r.u8()?).ok_or(wire::Malformed)?;
+            let reach = Reach::from_u8(r.u8()?).ok_or(wire::Malformed)?;
+            let ttl_ms = r.u32()?;
+            let n = usize::try_from(r.u32()?).map_err(|_| IngestError::Malformed)?;
+            // `bytes` checks `n` against what is left before the copy allocates.
+            let body = r.bytes(n)?.to_vec();
+            IngestFrame::Push(Push {
+                req_id,
+                scope,
+                priority,
+                reach,
+                ttl_ms,
+                body,
+            })
+        }
+        kind::STATUS => {
+            let req_id = r.u64()?;
+            let result = match r.u8()? {
+                code::OK => Ok(MsgId(r.u64()?)),
+                code::UNAUTHORIZED => Err(PushError::Unauthorized),
+                code::FORBIDDEN_SCOPE => Err(PushError::ForbiddenScope),
+                code::TOO_LARGE => Err(PushError::TooLarge),
+                code::RATE_LIMITED => Err(PushError::RateLimited {
+                    retry_after_ms: r.u32()?,
+                }),
+                code::INVALID => Err(PushError::Invalid(r.string()?)),
+                code::OVERLOADED => Err(PushError::Overloaded),
+                _ => return Err(IngestError::Malformed),
+            };
+            IngestFrame::Status { req_id, result }
+        }
+        _ => return Err(IngestError::Kind),
+    };
+    r.finish()?;
+    Ok((decoded, total))
+}
+
+/// How long the frame at the front of `buf` is in total, once its 4-byte length is in
+/// (`Incomplete` before), checking the limit against `frame_len` (the bytes after the length
+/// field). Lets a reader size its buffer before the frame is in.
+pub fn frame_len(buf: &[u8], frame_bytes_max: u32) -> Result<usize, IngestError> {
+    wire::frame_len(buf, frame_bytes_max).map_err(IngestError::from)
+}
+
+impl From<wire::Malformed> for IngestError {
+    fn from(_: wire::Malformed) -> Self {
+        IngestError::Malformed
+    }
+}
+
+impl From<wire::FrameError> for IngestError {
+    fn from(e: wire::FrameError) -> Self {
+        match e {
+            wire::FrameError::Incomplete => IngestError::Incomplete,
+            wire::FrameError::TooLong => IngestError::TooLong,
+            wire::FrameError::Malformed => IngestError::Malformed,
+        }
+    }
 }
