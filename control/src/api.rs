@@ -1,0 +1,1203 @@
+//! The HTTP handlers: tokens, Bilibili-compatible discovery, the edge registry, health and
+//! metrics.
+//!
+//! Sans-io: [`Api::handle`] turns a parsed request plus `now` into a response; the monoio shell
+//! in `lib.rs` only moves bytes. Responses are serialised from structs, not maps, so JSON keys
+//! come out in the order real clients were observed to receive them (DESIGN §3).
+//!
+//! Invariants: a request carrying a wrong API key is refused even where no key is needed (a
+//! misconfigured caller should hear about it, not be silently downgraded to a guest); edge
+//! heartbeats need the `edge_key` bearer when one is configured, else a loopback peer.
+
+use crate::config::Config;
+use crate::issuer::Issuer;
+use crate::region::RegionTable;
+use crate::registry::{Assigned, EdgeState, Heartbeat, HeartbeatError, Registry, REGION_BYTES_MAX};
+use crate::room::{RoomInfo, RoomTable};
+use net::http::{Request, Response};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+/// The header a trusted front proxy sets to the client's region.
+pub const REGION_HEADER: &str = "x-client-region";
+
+/// Counters for `/metrics`. One thread owns them (control runs one HTTP thread).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: [u64; ROUTES.len()],
+    pub tokens_user: u64,
+    pub tokens_guest: u64,
+    pub unauthorized: u64,
+    pub heartbeats_accepted: u64,
+    pub heartbeats_refused: u64,
+    /// Token requests answered with an empty edge list (no edge alive anywhere).
+    pub assignments_empty: u64,
+}
+
+/// Route labels for the request counter, in `Counters::requests` order.
+pub const ROUTES: [&str; 9] = [
+    "connect",
+    "danmu_info",
+    "room_info",
+    "room_get_info",
+    "heartbeat",
+    "edges",
+    "healthz",
+    "metrics",
+    "other",
+];
+
+#[derive(Clone, Copy)]
+enum Route {
+    Connect,
+    DanmuInfo,
+    RoomInfo,
+    RoomGetInfo,
+    Heartbeat,
+    Edges,
+    Healthz,
+    Metrics,
+    Other,
+}
+
+/// All of control's state behind the HTTP endpoints.
+pub struct Api {
+    api_keys: Vec<String>,
+    edge_key: String,
+    trust_region_header: bool,
+    default_region: String,
+    edges_per_client_max: usize,
+    regions: RegionTable,
+    rooms: RoomTable,
+    issuer: Issuer,
+    registry: Registry,
+    counters: Counters,
+}
+
+/// Body of `POST /v1/connect`.
+#[derive(Debug, Deserialize)]
+struct ConnectBody {
+    room: u64,
+    #[serde(default)]
+    uid: u64,
+    #[serde(default)]
+    device: String,
+}
+
+#[derive(Serialize)]
+struct EdgeOut<'a> {
+    host: &'a str,
+    tcp_port: u16,
+    ws_port: u16,
+    wss_port: u16,
+    region: &'a str,
+}
+
+#[derive(Serialize)]
+struct ConnectOut<'a> {
+    token: &'a str,
+    expires_at: u64,
+    room: u64,
+    edges: Vec<EdgeOut<'a>>,
+}
+
+/// `{"code":0,"message":"0","ttl":1,"data":...}`, the envelope of every Bilibili-style answer.
+#[derive(Serialize)]
+struct Envelope<T: Serialize> {
+    code: i32,
+    message: &'static str,
+    ttl: u32,
+    data: T,
+}
+
+#[derive(Serialize)]
+struct HostOut<'a> {
+    host: &'a str,
+    port: u16,
+    wss_port: u16,
+    ws_port: u16,
+}
+
+#[derive(Serialize)]
+struct DanmuInfo<'a> {
+    group: &'static str,
+    business_id: u32,
+    refresh_row_factor: f64,
+    refresh_rate: u32,
+    max_delay: u32,
+    token: &'a str,
+    host_list: Vec<HostOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct RoomInfoOut {
+    room_id: u64,
+    short_id: u64,
+    uid: u64,
+    area_id: u32,
+    live_status: u32,
+}
+
+#[derive(Serialize)]
+struct InfoByRoom {
+    room_info: RoomInfoOut,
+}
+
+#[derive(Serialize)]
+struct EdgesOut {
+    edges: Vec<crate::registry::Listed>,
+}
+
+#[derive(Serialize)]
+struct ErrorOut<'a> {
+    error: &'a str,
+}
+
+/// The shape Bilibili answers room calls with when something is wrong (`code` != 0).
+#[derive(Serialize)]
+struct BiliError {
+    code: i32,
+    message: &'static str,
+    ttl: u32,
+}
+
+fn json<T: Serialize>(status: u16, v: &T) -> Response {
+    // Serialising these plain structs cannot fail; an empty object is a safe fallback anyway.
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    Response {
+        status,
+        headers: vec![("content-type".to_string(), "application/json".to_string())],
+        body,
+    }
+}
+
+fn error(status: u16, msg: &str) -> Response {
+    json(status, &ErrorOut { error: msg })
+}
+
+/// Browser pages on other origins call the discovery endpoints, as they do Bilibili's.
+fn cors(r: Response) -> Response {
+    r.with_header("access-control-allow-origin", "*")
+}
+
+fn bili_error(status: u16, code: i32, message: &'static str) -> Response {
+    cors(json(
+        status,
+        &BiliError {
+            code,
+            message,
+            ttl: 1,
+        },
+    ))
+}
+
+/// Equal-length secrets compare in time independent of where they differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `Authorization: Bearer` is absent, valid for `keys`, or present and wrong.
+enum Bearer {
+    Absent,
+    Valid,
+    Wrong,
+}
+
+fn check_bearer(req: &Request, keys: &[String]) -> Bearer {
+    match req.bearer() {
+        None => Bearer::Absent,
+        Some(k) => {
+            // Check every key so the time taken does not say which one was close.
+            let ok = keys
+                .iter()
+                .fold(false, |acc, key| ct_eq(key.as_bytes(), k.as_bytes()) | acc);
+            if ok {
+                Bearer::Valid
+            } else {
+                Bearer::Wrong
+            }
+        }
+    }
+}
+
+impl Api {
+    /// Builds the handlers' state from a config; fails on bad keys or CIDRs.
+    pub fn new(config: &Config) -> Result<Api, crate::ControlError> {
+        let keys = proto::token::KeySet::parse(&config.token_keys)
+            .map_err(|e| crate::ControlError::Config(format!("token_keys: {e}")))?;
+        let issuer = Issuer::new(keys, config.token_ttl_s).ok_or_else(|| {
+            crate::ControlError::Config("token_keys is empty: control cannot sign tokens".into())
+        })?;
+        let regions = RegionTable::new(
+            config
+                .regions
+                .iter()
+                .map(|r| (r.cidr.as_str(), r.region.as_str())),
+        )
+        .map_err(|e| crate::ControlError::Config(format!("regions: {e}")))?;
+        Ok(Api {
+            api_keys: config
+                .api_keys
+                .iter()
+                .filter(|k| !k.is_empty())
+                .cloned()
+                .collect(),
+            edge_key: config.edge_key.clone(),
+            trust_region_header: config.trust_region_header,
+            default_region: config.default_region.clone(),
+            edges_per_client_max: config.edges_per_client_max,
+            regions,
+            rooms: RoomTable::new(&config.rooms, config.rooms_strict),
+            issuer,
+            registry: Registry::new(
+                Duration::from_millis(config.edge_ttl_ms),
+                Duration::from_millis(config.edge_forget_ms),
+                config.edges_max,
+            ),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Answers one request. `now` drives edge liveness, `now_s` (unix seconds) token expiry.
+    pub fn handle(&mut self, req: &Request, now: Instant, now_s: u64) -> Response {
+        let route = match req.path.as_str() {
+            "/v1/connect" => Route::Connect,
+            "/xlive/web-room/v1/index/getDanmuInfo" => Route::DanmuInfo,
+            "/xlive/web-room/v1/index/getInfoByRoom" => Route::RoomInfo,
+            "/room/v1/Room/get_info" => Route::RoomGetInfo,
+            "/v1/edges/heartbeat" => Route::Heartbeat,
+            "/v1/edges" => Route::Edges,
+            "/healthz" => Route::Healthz,
+            "/metrics" => Route::Metrics,
+            _ => Route::Other,
+        };
+        self.counters.requests[route as usize] += 1;
+        let want = match route {
+            Route::Connect | Route::Heartbeat => "POST",
+            _ => "GET",
+        };
+        if !matches!(route, Route::Other)
+            && req.method != want
+            && !(want == "GET" && req.method == "HEAD")
+        {
+            return error(405, "method not allowed").with_header("allow", want);
+        }
+        match route {
+            Route::Connect => self.connect(req, now, now_s),
+            Route::DanmuInfo => self.danmu_info(req, now, now_s),
+            Route::RoomInfo => self.room_info(req, true),
+            Route::RoomGetInfo => self.room_info(req, false),
+            Route::Heartbeat => self.heartbeat(req, now),
+            Route::Edges => json(
+                200,
+                &EdgesOut {
+                    edges: self.registry.list(now),
+                },
+            ),
+            Route::Healthz => Response {
+                status: 200,
+                headers: vec![("content-type".into(), "text/plain".into())],
+                body: b"ok\n".to_vec(),
+            },
+            Route::Metrics => self.metrics(now),
+            Route::Other => error(404, "no such endpoint"),
+        }
+    }
+
+    /// The client's region: a trusted header, else the CIDR table, else the default.
+    fn region_of(&self, req: &Request) -> String {
+        if self.trust_region_header {
+            if let Some(r) = req.header(REGION_HEADER).map(str::trim) {
+                if !r.is_empty() && r.len() <= REGION_BYTES_MAX {
+                    return r.to_string();
+                }
+            }
+        }
+        if let Some(r) = req.peer.and_then(|p| self.regions.lookup(p.ip())) {
+            return r.to_string();
+        }
+        self.default_region.clone()
+    }
+
+    fn assign(&mut self, req: &Request, now: Instant) -> Vec<Assigned> {
+        let region = self.region_of(req);
+        let edges = self
+            .registry
+            .assign(&region, self.edges_per_client_max, now);
+        if edges.is_empty() {
+            self.counters.assignments_empty += 1;
+        }
+        edges
+    }
+
+    fn connect(&mut self, req: &Request, now: Instant, now_s: u64) -> Response {
+        let body: ConnectBody = match serde_json::from_slice(&req.body) {
+            Ok(b) => b,
+            Err(_) => {
+                return error(
+                    400,
+                    "body must be JSON {\"room\":N,\"uid\":N,\"device\":\"...\"}",
+                )
+            }
+        };
+        match check_bearer(req, &self.api_keys) {
+            Bearer::Valid => {}
+            Bearer::Absent if body.uid == 0 => {}
+            Bearer::Absent | Bearer::Wrong => {
+                self.counters.unauthorized += 1;
+                return error(401, "a valid API key is needed for uid != 0");
+            }
+        }
+        if body.device.len() > proto::limits::DEVICE_BYTES_MAX {
+            return error(400, "device id too long");
+        }
+        let Some(room) = self.rooms.resolve(body.room) else {
+            return error(404, "no such room");
+        };
+        let issued = self.issuer.issue(body.uid, &body.device, &room, now_s);
+        if body.uid == 0 {
+            self.counters.tokens_guest += 1;
+        } else {
+            self.counters.tokens_user += 1;
+        }
+        let edges = self.assign(req, now);
+        json(
+            200,
+            &ConnectOut {
+                token: &issued.token,
+                expires_at: issued.expires_at_s,
+                room: room.room_id,
+                edges: edges
+                    .iter()
+                    .map(|e| EdgeOut {
+                        host: &e.host,
+                        tcp_port: e.tcp_port,
+                        ws_port: e.ws_port,
+                        wss_port: e.wss_port,
+                        region: &e.region,
+                    })
+                    .collect(),
+            },
+        )
+    }
+
+    /// Resolves the room named by query parameter `name`, or the Bilibili-style error response.
+    fn room_param(&self, req: &Request, name: &str) -> Result<RoomInfo, Response> {
+        let Some(id) = req
+            .query_param(name)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        else {
+            return Err(bili_error(400, -400, "invalid room id"));
+        };
+        self.rooms
+            .resolve(id)
+            .ok_or_else(|| bili_error(404, -404, "room not found"))
+    }
+
+    fn danmu_info(&mut self, req: &Request, now: Instant, now_s: u64) -> Response {
+        let room = match self.room_param(req, "id") {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        // Discovery callers are anonymous: a guest token bound to the room, no device
+        // (real clients invent their buvid only when they connect).
+        let issued = self.issuer.issue(0, "", &room, now_s);
+        self.counters.tokens_guest += 1;
+        let edges = self.assign(req, now);
+        let data = DanmuInfo {
+            group: "live",
+            business_id: 0,
+            refresh_row_factor: 0.125,
+            refresh_rate: 100,
+            max_delay: 5000,
+            token: &issued.token,
+            host_list: edges
+                .iter()
+                .map(|e| HostOut {
+                    host: &e.host,
+                    port: e.tcp_port,
+                    wss_port: e.wss_port,
+                    ws_port: e.ws_port,
+                })
+                .collect(),
+        };
+        cors(json(
+            200,
+            &Envelope {
+                code: 0,
+                message: "0",
+                ttl: 1,
+                data,
+            },
+        ))
+    }
+
+    fn room_info(&mut self, req: &Request, by_room: bool) -> Response {
+        let room = match self.room_param(req, "room_id") {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        let info = RoomInfoOut {
+            room_id: room.room_id,
+            short_id: room.short_id,
+            uid: room.uid,
+            area_id: room.area,
+            live_status: 1,
+        };
+        if by_room {
+            cors(json(
+                200,
+                &Envelope {
+                    code: 0,
+                    message: "0",
+                    ttl: 1,
+                    data: InfoByRoom { room_info: info },
+                },
+            ))
+        } else {
+            cors(json(
+                200,
+                &Envelope {
+                    code: 0,
+                    message: "ok",
+                    ttl: 1,
+                    data: info,
+                },
+            ))
+        }
+    }
+
+    fn heartbeat(&mut self, req: &Request, now: Instant) -> Response {
+        let allowed = if self.edge_key.is_empty() {
+            req.peer
+                .is_some_and(|p| p.ip().to_canonical().is_loopback())
+        } else {
+            matches!(
+                check_bearer(req, std::slice::from_ref(&self.edge_key)),
+                Bearer::Valid
+            )
+        };
+        if !allowed {
+            self.counters.heartbeats_refused += 1;
+            self.counters.unauthorized += 1;
+            return if self.edge_key.is_empty() {
+                error(
+                    403,
+                    "heartbeats from non-loopback peers need edge_key configured",
+                )
+            } else {
+                error(401, "bad edge key")
+            };
+        }
+        let hb: Heartbeat = match serde_json::from_slice(&req.body) {
+            Ok(h) => h,
+            Err(e) => {
+                self.counters.heartbeats_refused += 1;
+                return error(400, &format!("bad heartbeat: {e}"));
+            }
+        };
+        let node = hb.node_id.clone();
+        match self.registry.heartbeat(hb, now) {
+            Ok(fresh) => {
+                if fresh {
+                    tracing::info!(node = %node, "edge registered");
+                }
+                self.counters.heartbeats_accepted += 1;
+                json(200, &serde_json::json!({"ok": true}))
+            }
+            Err(e) => {
+                self.counters.heartbeats_refused += 1;
+                let status = match e {
+                    HeartbeatError::BadField(_) => 400,
+                    HeartbeatError::Full => 503,
+                };
+                error(status, &e.to_string())
+            }
+        }
+    }
+
+    fn metrics(&mut self, now: Instant) -> Response {
+        self.registry.forget(now);
+        let mut w = net::metrics::Writer::default();
+        w.family(
+            "barrage_control_requests_total",
+            "counter",
+            "HTTP requests by route.",
+        );
+        for (i, route) in ROUTES.iter().enumerate() {
+            w.sample(
+                "barrage_control_requests_total",
+                &[("route", route)],
+                self.counters.requests[i] as f64,
+            );
+        }
+        w.family(
+            "barrage_control_tokens_issued_total",
+            "counter",
+            "Tokens issued, by kind.",
+        );
+        w.sample(
+            "barrage_control_tokens_issued_total",
+            &[("kind", "user")],
+            self.counters.tokens_user as f64,
+        );
+        w.sample(
+            "barrage_control_tokens_issued_total",
+            &[("kind", "guest")],
+            self.counters.tokens_guest as f64,
+        );
+        w.family(
+            "barrage_control_unauthorized_total",
+            "counter",
+            "Requests refused for a missing or wrong key.",
+        );
+        w.sample(
+            "barrage_control_unauthorized_total",
+            &[],
+            self.counters.unauthorized as f64,
+        );
+        w.family(
+            "barrage_control_heartbeats_total",
+            "counter",
+            "Edge heartbeats, by outcome.",
+        );
+        w.sample(
+            "barrage_control_heartbeats_total",
+            &[("outcome", "accepted")],
+            self.counters.heartbeats_accepted as f64,
+        );
+        w.sample(
+            "barrage_control_heartbeats_total",
+            &[("outcome", "refused")],
+            self.counters.heartbeats_refused as f64,
+        );
+        w.family(
+            "barrage_control_assignments_empty_total",
+            "counter",
+            "Token answers with no edge to offer.",
+        );
+        w.sample(
+            "barrage_control_assignments_empty_total",
+            &[],
+            self.counters.assignments_empty as f64,
+        );
+        w.family("barrage_control_edges", "gauge", "Known edges by state.");
+        for (state, n) in self.registry.counts(now) {
+            let label = match state {
+                EdgeState::Up => "up",
+                EdgeState::Draining => "draining",
+                EdgeState::Full => "full",
+                EdgeState::Dead => "dead",
+            };
+            w.sample("barrage_control_edges", &[("state", label)], n as f64);
+        }
+        Response {
+            status: 200,
+            headers: vec![("content-type".into(), net::metrics::CONTENT_TYPE.into())],
+            body: w.out.into_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RegionRule, RoomEntry};
+    use proto::token::KeySet;
+    use serde_json::Value;
+
+    const KEYS: &str = "1:0123456789abcdef0123,2:fedcba9876543210fedc";
+
+    fn config() -> Config {
+        Config {
+            api_keys: vec!["secret-key".into()],
+            token_keys: KEYS.into(),
+            regions: vec![RegionRule {
+                cidr: "10.0.0.0/8".into(),
+                region: "sh".into(),
+            }],
+            rooms: vec![RoomEntry {
+                room_id: 21_000,
+                short_id: 5,
+                uid: 9,
+                area: 2,
+            }],
+            ..Config::default()
+        }
+    }
+
+    fn req(method: &str, path: &str, query: &[(&str, &str)], body: &str, peer: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            query: query
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            headers: Vec::new(),
+            body: body.as_bytes().to_vec(),
+            peer: Some(peer.parse().unwrap()),
+        }
+    }
+
+    fn with_header(mut r: Request, k: &str, v: &str) -> Request {
+        r.headers.push((k.to_string(), v.to_string()));
+        r
+    }
+
+    fn body(r: &Response) -> Value {
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    fn hb(id: &str, region: &str, conns: u64, draining: bool) -> String {
+        format!(
+            r#"{{"node_id":"{id}","region":"{region}","host":"{id}.host","tcp_port":2243,"ws_port":2244,"wss_port":0,"connections":{conns},"capacity":1000,"draining":{draining}}}"#
+        )
+    }
+
+    const LOOP: &str = "127.0.0.1:5000";
+
+    #[test]
+    fn connect_needs_a_key_except_for_guests() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        let r = api.handle(
+            &req(
+                "POST",
+                "/v1/connect",
+                &[],
+                r#"{"room":1,"uid":7,"device":"d"}"#,
+                LOOP,
+            ),
+            t0,
+            1000,
+        );
+        assert_eq!(r.status, 401);
+        let wrong = with_header(
+            req("POST", "/v1/connect", &[], r#"{"room":1,"uid":0}"#, LOOP),
+            "authorization",
+            "Bearer nope",
+        );
+        assert_eq!(
+            api.handle(&wrong, t0, 1000).status,
+            401,
+            "a wrong key is refused even for a guest"
+        );
+        let guest = api.handle(
+            &req(
+                "POST",
+                "/v1/connect",
+                &[],
+                r#"{"room":1,"uid":0,"device":"d"}"#,
+                LOOP,
+            ),
+            t0,
+            1000,
+        );
+        assert_eq!(guest.status, 200);
+        let ok = with_header(
+            req(
+                "POST",
+                "/v1/connect",
+                &[],
+                r#"{"room":5,"uid":7,"device":"dev"}"#,
+                LOOP,
+            ),
+            "authorization",
+            "Bearer secret-key",
+        );
+        let r = api.handle(&ok, t0, 1000);
+        assert_eq!(r.status, 200);
+        let v = body(&r);
+        assert_eq!(v["expires_at"], 1000 + 3600);
+        assert_eq!(v["room"], 21_000, "short id 5 resolves to the real room");
+        assert_eq!(v["edges"], serde_json::json!([]));
+        let keys = KeySet::parse(KEYS).unwrap();
+        let t = keys.verify(v["token"].as_str().unwrap(), 1000).unwrap();
+        assert_eq!(t.key_id, 2);
+        assert_eq!(t.claims.uid.0, 7);
+        assert_eq!(t.claims.room.0, 21_000);
+        assert_eq!(t.claims.area.0, 2, "area from the room table");
+        assert_eq!(t.claims.device.0, "dev");
+        assert_eq!(
+            api.handle(&req("POST", "/v1/connect", &[], "not json", LOOP), t0, 1000)
+                .status,
+            400
+        );
+        let long = format!(r#"{{"room":1,"uid":0,"device":"{}"}}"#, "x".repeat(65));
+        assert_eq!(
+            api.handle(&req("POST", "/v1/connect", &[], &long, LOOP), t0, 1000)
+                .status,
+            400
+        );
+        assert_eq!(
+            api.handle(
+                &req("POST", "/v1/connect", &[], r#"{"room":0}"#, LOOP),
+                t0,
+                1000
+            )
+            .status,
+            404
+        );
+        assert_eq!(
+            api.handle(&req("GET", "/v1/connect", &[], "", LOOP), t0, 1000)
+                .status,
+            405
+        );
+    }
+
+    #[test]
+    fn assignment_by_cidr_header_and_default() {
+        let mut cfg = config();
+        cfg.trust_region_header = true;
+        let mut api = Api::new(&cfg).unwrap();
+        let t0 = Instant::now();
+        for (id, region, conns) in [
+            ("l1", "local", 10),
+            ("l2", "local", 5),
+            ("s1", "sh", 500),
+            ("b1", "bj", 0),
+        ] {
+            let r = api.handle(
+                &req(
+                    "POST",
+                    "/v1/edges/heartbeat",
+                    &[],
+                    &hb(id, region, conns, false),
+                    LOOP,
+                ),
+                t0,
+                0,
+            );
+            assert_eq!(r.status, 200);
+            assert_eq!(body(&r), serde_json::json!({"ok": true}));
+        }
+        let connect = r#"{"room":1,"uid":0}"#;
+        let hosts = |r: &Response| -> Vec<String> {
+            body(r)["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["host"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let local = api.handle(&req("POST", "/v1/connect", &[], connect, LOOP), t0, 0);
+        assert_eq!(hosts(&local), ["l2.host", "l1.host"]);
+        assert_eq!(
+            body(&local)["edges"][0],
+            serde_json::json!({"host":"l2.host","tcp_port":2243,"ws_port":2244,"wss_port":0,"region":"local"})
+        );
+        let sh = api.handle(
+            &req("POST", "/v1/connect", &[], connect, "10.9.9.9:1"),
+            t0,
+            0,
+        );
+        assert_eq!(hosts(&sh), ["s1.host"]);
+        let bj = with_header(
+            req("POST", "/v1/connect", &[], connect, "10.9.9.9:1"),
+            REGION_HEADER,
+            "bj",
+        );
+        assert_eq!(hosts(&api.handle(&bj, t0, 0)), ["b1.host"]);
+        // Nobody in region "gz": every other region's edges, most spare first, at most 3.
+        let gz = with_header(
+            req("POST", "/v1/connect", &[], connect, LOOP),
+            REGION_HEADER,
+            "gz",
+        );
+        assert_eq!(
+            hosts(&api.handle(&gz, t0, 0)),
+            ["b1.host", "l2.host", "l1.host"]
+        );
+    }
+
+    #[test]
+    fn region_header_ignored_unless_trusted() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        api.handle(
+            &req(
+                "POST",
+                "/v1/edges/heartbeat",
+                &[],
+                &hb("l1", "local", 0, false),
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        api.handle(
+            &req(
+                "POST",
+                "/v1/edges/heartbeat",
+                &[],
+                &hb("b1", "bj", 0, false),
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        let bj = with_header(
+            req("POST", "/v1/connect", &[], r#"{"room":1}"#, LOOP),
+            REGION_HEADER,
+            "bj",
+        );
+        assert_eq!(body(&api.handle(&bj, t0, 0))["edges"][0]["host"], "l1.host");
+    }
+
+    #[test]
+    fn draining_and_dead_edges_leave_the_answer() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        api.handle(
+            &req(
+                "POST",
+                "/v1/edges/heartbeat",
+                &[],
+                &hb("a", "local", 0, false),
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        api.handle(
+            &req(
+                "POST",
+                "/v1/edges/heartbeat",
+                &[],
+                &hb("b", "local", 100, false),
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        let info = req(
+            "GET",
+            "/xlive/web-room/v1/index/getDanmuInfo",
+            &[("id", "1"), ("type", "0")],
+            "",
+            LOOP,
+        );
+        let hosts = |api: &mut Api, now: Instant| -> Vec<String> {
+            let v = body(&api.handle(&info, now, 0));
+            v["data"]["host_list"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["host"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(hosts(&mut api, t0), ["a.host", "b.host"]);
+        api.handle(
+            &req(
+                "POST",
+                "/v1/edges/heartbeat",
+                &[],
+                &hb("a", "local", 0, true),
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(hosts(&mut api, t0), ["b.host"]);
+        let later = t0 + Duration::from_millis(3000);
+        api.handle(
+            &req(
+                "POST",
+                "/v1/edges/heartbeat",
+                &[],
+                &hb("a", "local", 0, true),
+                LOOP,
+            ),
+            later,
+            0,
+        );
+        // b's heartbeats stopped at t0: dead once edge_ttl_ms (6000) has passed.
+        assert_eq!(
+            hosts(&mut api, t0 + Duration::from_millis(6000)),
+            Vec::<String>::new()
+        );
+        let list = body(&api.handle(
+            &req("GET", "/v1/edges", &[], "", LOOP),
+            t0 + Duration::from_millis(6000),
+            0,
+        ));
+        assert_eq!(list["edges"][0]["node_id"], "a");
+        assert_eq!(list["edges"][0]["state"], "draining");
+        assert_eq!(list["edges"][1]["state"], "dead");
+        assert_eq!(list["edges"][1]["connections"], 100);
+        let m = api.handle(
+            &req("GET", "/metrics", &[], "", LOOP),
+            t0 + Duration::from_millis(6000),
+            0,
+        );
+        let text = String::from_utf8(m.body).unwrap();
+        assert!(
+            text.contains("barrage_control_edges{state=\"dead\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("barrage_control_edges{state=\"draining\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("barrage_control_heartbeats_total{outcome=\"accepted\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("barrage_control_assignments_empty_total 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn heartbeat_auth_loopback_or_edge_key() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        let remote = req(
+            "POST",
+            "/v1/edges/heartbeat",
+            &[],
+            &hb("a", "x", 0, false),
+            "192.0.2.1:1",
+        );
+        assert_eq!(api.handle(&remote, t0, 0).status, 403);
+        let mapped = req(
+            "POST",
+            "/v1/edges/heartbeat",
+            &[],
+            &hb("a", "x", 0, false),
+            "[::ffff:127.0.0.1]:1",
+        );
+        assert_eq!(api.handle(&mapped, t0, 0).status, 200);
+        assert_eq!(
+            api.handle(&req("POST", "/v1/edges/heartbeat", &[], "{}", LOOP), t0, 0)
+                .status,
+            400
+        );
+        assert_eq!(
+            api.handle(
+                &req(
+                    "POST",
+                    "/v1/edges/heartbeat",
+                    &[],
+                    &hb("", "x", 0, false),
+                    LOOP
+                ),
+                t0,
+                0
+            )
+            .status,
+            400
+        );
+
+        let mut cfg = config();
+        cfg.edge_key = "ek".into();
+        let mut api = Api::new(&cfg).unwrap();
+        let from_loop = req(
+            "POST",
+            "/v1/edges/heartbeat",
+            &[],
+            &hb("a", "x", 0, false),
+            LOOP,
+        );
+        assert_eq!(
+            api.handle(&from_loop, t0, 0).status,
+            401,
+            "with edge_key set, loopback is not enough"
+        );
+        let keyed = with_header(remote.clone(), "authorization", "Bearer ek");
+        assert_eq!(api.handle(&keyed, t0, 0).status, 200);
+        let wrong = with_header(remote, "authorization", "Bearer ek2");
+        assert_eq!(api.handle(&wrong, t0, 0).status, 401);
+    }
+
+    #[test]
+    fn discovery_shapes_match_bilibili() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        api.handle(
+            &req(
+                "POST",
+                "/v1/edges/heartbeat",
+                &[],
+                &hb("a", "local", 0, false),
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        let r = api.handle(
+            &req(
+                "GET",
+                "/xlive/web-room/v1/index/getDanmuInfo",
+                &[("id", "5"), ("type", "0")],
+                "",
+                LOOP,
+            ),
+            t0,
+            50,
+        );
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8(r.body.clone()).unwrap();
+        let token = body(&r)["data"]["token"].as_str().unwrap().to_string();
+        // Byte for byte, key order included (DESIGN §3).
+        let want = format!(
+            r#"{{"code":0,"message":"0","ttl":1,"data":{{"group":"live","business_id":0,"refresh_row_factor":0.125,"refresh_rate":100,"max_delay":5000,"token":"{token}","host_list":[{{"host":"a.host","port":2243,"wss_port":0,"ws_port":2244}}]}}}}"#
+        );
+        assert_eq!(text, want);
+        let claims = KeySet::parse(KEYS)
+            .unwrap()
+            .verify(&token, 50)
+            .unwrap()
+            .claims;
+        assert!(claims.uid.is_guest());
+        assert_eq!(claims.room.0, 21_000);
+        assert!(r
+            .headers
+            .iter()
+            .any(|(k, v)| k == "access-control-allow-origin" && v == "*"));
+
+        let r = api.handle(
+            &req(
+                "GET",
+                "/xlive/web-room/v1/index/getInfoByRoom",
+                &[("room_id", "5")],
+                "",
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        let v = body(&r);
+        assert_eq!(v["code"], 0);
+        assert_eq!(v["data"]["room_info"]["room_id"], 21_000);
+        assert_eq!(v["data"]["room_info"]["short_id"], 5);
+        assert_eq!(v["data"]["room_info"]["uid"], 9);
+        let r = api.handle(
+            &req(
+                "GET",
+                "/room/v1/Room/get_info",
+                &[("room_id", "21000")],
+                "",
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        let v = body(&r);
+        assert_eq!(
+            (
+                v["code"].as_i64(),
+                v["data"]["room_id"].as_u64(),
+                v["data"]["uid"].as_u64()
+            ),
+            (Some(0), Some(21_000), Some(9))
+        );
+        // Unknown rooms are themselves.
+        let r = api.handle(
+            &req(
+                "GET",
+                "/room/v1/Room/get_info",
+                &[("room_id", "777")],
+                "",
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(body(&r)["data"]["room_id"], 777);
+        let bad = api.handle(
+            &req(
+                "GET",
+                "/xlive/web-room/v1/index/getDanmuInfo",
+                &[("id", "x")],
+                "",
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(body(&bad)["code"], -400);
+        assert_eq!(
+            api.handle(&req("GET", "/nope", &[], "", LOOP), t0, 0)
+                .status,
+            404
+        );
+        assert_eq!(
+            api.handle(&req("GET", "/healthz", &[], "", LOOP), t0, 0)
+                .body,
+            b"ok\n"
+        );
+    }
+
+    #[test]
+    fn strict_room_table() {
+        let mut cfg = config();
+        cfg.rooms_strict = true;
+        let mut api = Api::new(&cfg).unwrap();
+        let t0 = Instant::now();
+        let r = api.handle(
+            &req(
+                "GET",
+                "/xlive/web-room/v1/index/getInfoByRoom",
+                &[("room_id", "777")],
+                "",
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 404);
+        assert_eq!(body(&r)["code"], -404);
+        let r = api.handle(
+            &req(
+                "GET",
+                "/xlive/web-room/v1/index/getDanmuInfo",
+                &[("id", "777")],
+                "",
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(body(&r)["code"], -404);
+        assert_eq!(
+            api.handle(
+                &req("POST", "/v1/connect", &[], r#"{"room":777}"#, LOOP),
+                t0,
+                0
+            )
+            .status,
+            404
+        );
+        assert_eq!(
+            api.handle(
+                &req("POST", "/v1/connect", &[], r#"{"room":5}"#, LOOP),
+                t0,
+                0
+            )
+            .status,
+            200
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let mut cfg = config();
+        cfg.token_keys.clear();
+        assert!(matches!(
+            Api::new(&cfg),
+            Err(crate::ControlError::Config(_))
+        ));
+        let mut cfg = config();
+        cfg.regions[0].cidr = "10.0.0.0/40".into();
+        assert!(matches!(
+            Api::new(&cfg),
+            Err(crate::ControlError::Config(_))
+        ));
+    }
+}

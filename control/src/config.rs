@@ -1,0 +1,168 @@
+//! Control's configuration: a TOML file whose every field has a default.
+//!
+//! Secrets (`api_keys`, `token_keys`, `edge_key`) live here too; keep the file readable by the
+//! service user only.
+
+use crate::ControlError;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// One `[[regions]]` rule: clients whose address is inside `cidr` belong to `region`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRule {
+    /// `10.0.0.0/8`, `2001:db8::/32`, or a bare address.
+    pub cidr: String,
+    pub region: String,
+}
+
+/// One `[[rooms]]` entry of the room table.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomEntry {
+    /// The real (long) room id.
+    pub room_id: u64,
+    /// The short id clients may use instead (0: none).
+    #[serde(default)]
+    pub short_id: u64,
+    /// The streamer's uid, as the room-info endpoints report it.
+    #[serde(default)]
+    pub uid: u64,
+    /// The category area put in this room's tokens (area pushes reach it).
+    #[serde(default)]
+    pub area: u32,
+}
+
+/// Control's configuration.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP listen address (discovery, tokens, edge heartbeats, metrics).
+    pub http_addr: SocketAddr,
+    /// API keys that business backends present as `Authorization: Bearer <key>` on `POST /v1/connect`
+    /// to get tokens for logged-in users (uid != 0). Guests need no key.
+    pub api_keys: Vec<String>,
+    /// Token signing keys, `"ID:SECRET,ID:SECRET"` (or a bare `"SECRET"`, id 1). Control signs with
+    /// the highest id; edges must hold every id still in use. Required.
+    pub token_keys: String,
+    /// Lifetime of an issued token, seconds. Clients reconnecting after it must ask again.
+    pub token_ttl_s: u64,
+    /// When non-empty, edges must send `Authorization: Bearer <edge_key>` with heartbeats. When
+    /// empty, heartbeats are accepted from loopback peers only.
+    pub edge_key: String,
+    /// An edge silent this long is dead: no longer assigned.
+    pub edge_ttl_ms: u64,
+    /// A dead edge stays listed (state `dead`) in `GET /v1/edges` this long, then is forgotten.
+    pub edge_forget_ms: u64,
+    /// Most edges the registry holds.
+    pub edges_max: usize,
+    /// Edges handed to one client, best first, so it can fall back.
+    pub edges_per_client_max: usize,
+    /// Region of clients that match no `regions` rule and send no trusted region header.
+    pub default_region: String,
+    /// Honour `X-Client-Region` (set by a trusted front proxy). Leave off when clients reach
+    /// control directly: they could pick any region.
+    pub trust_region_header: bool,
+    /// CIDR -> region rules; the longest matching prefix wins.
+    pub regions: Vec<RegionRule>,
+    /// The room table: short ids, streamer uids and areas.
+    pub rooms: Vec<RoomEntry>,
+    /// Refuse rooms that are not in `rooms` (otherwise any room id is accepted as itself, area 0).
+    pub rooms_strict: bool,
+    /// Largest request body accepted, bytes.
+    pub body_bytes_max: usize,
+    /// monoio driver for the HTTP thread.
+    pub driver: net::runtime::Driver,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_keys: Vec::new(),
+            token_keys: String::new(),
+            token_ttl_s: 3600,
+            edge_key: String::new(),
+            edge_ttl_ms: 6000,
+            edge_forget_ms: 60_000,
+            edges_max: 10_000,
+            edges_per_client_max: 3,
+            default_region: "local".to_string(),
+            trust_region_header: false,
+            regions: Vec::new(),
+            rooms: Vec::new(),
+            rooms_strict: false,
+            body_bytes_max: 16 * 1024,
+            driver: net::runtime::Driver::Auto,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are an error (a typo must not silently use a default).
+    pub fn from_toml_file(path: &Path) -> Result<Config, ControlError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ControlError::Config(format!("{}: {e}", path.display())))?;
+        Config::from_toml_str(&text)
+            .map_err(|e| ControlError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Config, ControlError> {
+        toml::from_str(text).map_err(|e| ControlError::Config(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_full_file() {
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.http_addr.port(), 8080);
+        assert_eq!(c.token_ttl_s, 3600);
+        assert_eq!(c.edge_ttl_ms, 6000);
+        assert_eq!(c.edges_per_client_max, 3);
+        let c = Config::from_toml_str(
+            r#"
+            http_addr = "0.0.0.0:9000"
+            api_keys = ["k1"]
+            token_keys = "1:aaaaaaaaaaaaaaaa,2:bbbbbbbbbbbbbbbb"
+            trust_region_header = true
+            driver = "legacy"
+            [[regions]]
+            cidr = "10.0.0.0/8"
+            region = "sh"
+            [[rooms]]
+            room_id = 5000
+            short_id = 5
+            uid = 77
+            area = 3
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.regions[0].region, "sh");
+        assert_eq!(
+            c.rooms[0],
+            RoomEntry {
+                room_id: 5000,
+                short_id: 5,
+                uid: 77,
+                area: 3
+            }
+        );
+        assert_eq!(c.driver, net::runtime::Driver::Legacy);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(matches!(
+            Config::from_toml_str("token_ttl = 5"),
+            Err(ControlError::Config(_))
+        ));
+        assert!(Config::from_toml_str("[[rooms]]\nroom_id = 1\nzone = 2").is_err());
+    }
+}
