@@ -1,1 +1,303 @@
+//! # broker: ingest, aggregate, compress once, distribute
+//!
+//! Business callers push messages over the ingest socket ([`ingest`], [`client`]) or the HTTP
+//! API ([`http`]); the broker checks them ([`policy`]), gives each a `msg_id`, and hands each to
+//! the shard that owns its scope. Each shard aggregates its rooms' messages ([`batcher`]),
+//! encodes every batch once per encoding some edge asked for ([`compress`]), and queues the same
+//! bytes to every edge link with viewers of the scope ([`route`], [`link`]).
+//!
+//! # Layout
+//! - [`config`]: the TOML config, every field defaulted.
+//! - [`policy`]: API keys, scopes, token buckets, body checks (sans-io).
+//! - [`batcher`]: the per-scope flush rule of DESIGN §5 (sans-io, virtual time in tests).
+//! - [`compress`]: inner packets and the outer brotli/zlib/plain packet of a batch.
+//! - [`route`]: edge links, their interest, fleet-wide counts (sans-io).
+//! - [`link`]: the edge link server: a handshake thread, then per-link reader/writer tasks on
+//!   the owning shard with a bounded queue.
+//! - [`ingest`]: the ingest socket server and the accept path shared with HTTP.
+//! - [`http`]: the HTTP API (push, healthz, metrics).
+//! - [`client`]: [`IngestClient`], a blocking pipelined client of the ingest socket.
+//! - [`shard`]: one shard's event loop (queues -> batcher -> compress -> links).
+//! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`stop`]: a shard-local stop latch.
+//!
+//! # Threads and invariants
+//! - `shards` monoio runtime threads. Shard `i` owns the rooms with `shard_of_room(r) == i`, the
+//!   areas with `shard_of_area(a) == i`, and (shard 0) the global, user and device scopes. It
+//!   owns their batches, seqs and the edge links that edges open to it. Nothing of it is shared.
+//! - Ingest connections and HTTP requests run on every shard (`SO_REUSEPORT`); they validate on
+//!   their own thread and pass each accepted message through a bounded crossbeam channel per
+//!   (owning shard, priority), then wake the owner with a `net::wake::Notify`. A full channel
+//!   refuses the push (`Overloaded`) before the caller gets a `msg_id`: nothing accepted is
+//!   dropped by the broker's queues.
+//! - One plain thread accepts edge links and reads their `Hello`, then passes the socket to the
+//!   shard the Hello names.
 #![forbid(unsafe_code)]
+
+pub mod batcher;
+pub mod client;
+pub mod compress;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod link;
+pub mod metrics;
+pub mod policy;
+pub mod route;
+pub mod shard;
+pub mod stop;
+
+pub use client::{ClientError, IngestClient, Message};
+pub use config::{ApiKey, Config, ScopeKind};
+
+use crossbeam_channel::{Receiver, Sender};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The config file is unreadable or holds a bad value (operator's fault).
+    #[error("config: {0}")]
+    Config(String),
+    /// A listener could not be bound or a thread not started (host's state).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A new edge link, handshake done, on its way to its shard.
+pub(crate) struct NewLink {
+    pub stream: std::net::TcpStream,
+    pub hello: proto::link::Hello,
+}
+
+/// What other threads may send a shard.
+pub(crate) struct Inbox {
+    pub high_tx: Sender<batcher::Message>,
+    pub high_rx: Receiver<batcher::Message>,
+    pub low_tx: Sender<batcher::Message>,
+    pub low_rx: Receiver<batcher::Message>,
+    pub links_tx: Sender<NewLink>,
+    pub links_rx: Receiver<NewLink>,
+    pub notify: Arc<net::wake::Notify>,
+}
+
+/// State every thread of one broker shares (read-mostly).
+pub(crate) struct Shared {
+    pub config: Config,
+    pub shards: u16,
+    pub policy: Mutex<policy::Policy>,
+    pub next_msg_id: AtomicU64,
+    pub inboxes: Vec<Inbox>,
+    pub ingest_metrics: metrics::IngestMetrics,
+    pub shard_metrics: Vec<metrics::ShardMetrics>,
+    pub link_handshakes_failed: AtomicU64,
+    pub link_handshakes: AtomicU64,
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    pub fn metrics_text(&self) -> String {
+        let queues: Vec<(usize, usize)> = self
+            .inboxes
+            .iter()
+            .map(|i| (i.high_rx.len(), i.low_rx.len()))
+            .collect();
+        metrics::render(
+            &self.ingest_metrics,
+            &self.shard_metrics,
+            &queues,
+            self.link_handshakes_failed.load(Ordering::Relaxed),
+            self.link_handshakes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A running broker.
+pub struct Handle {
+    ingest_addr: SocketAddr,
+    link_addr: SocketAddr,
+    http_addr: SocketAddr,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// The bound ingest socket address.
+    pub fn ingest_addr(&self) -> SocketAddr {
+        self.ingest_addr
+    }
+    /// The bound edge link address.
+    pub fn link_addr(&self) -> SocketAddr {
+        self.link_addr
+    }
+    /// The bound HTTP API address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+    /// The shard count edges see in the link `Hello`.
+    pub fn shards(&self) -> u16 {
+        self.shared.shards
+    }
+    /// The Prometheus text `GET /metrics` serves.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    /// Stops every thread and closes every socket; returns once they have ended.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for inbox in &self.shared.inboxes {
+            inbox.notify.notify();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Binds `n` listeners on `addr` with `SO_REUSEPORT` (all on the port the first one got).
+fn bind_group(
+    addr: SocketAddr,
+    n: usize,
+    what: &str,
+) -> Result<Vec<std::net::TcpListener>, BrokerError> {
+    let io = |source| BrokerError::Io {
+        what: format!("bind {what} {addr}"),
+        source,
+    };
+    let first = net::sys::listener(addr, true, 1024).map_err(io)?;
+    let bound = first.local_addr().map_err(io)?;
+    let mut out = vec![first];
+    for _ in 1..n {
+        out.push(net::sys::listener(bound, true, 1024).map_err(io)?);
+    }
+    Ok(out)
+}
+
+/// The first msg id: microseconds since the epoch, so ids keep increasing across restarts as
+/// long as the broker accepts fewer than a million messages a second on average.
+fn first_msg_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Starts a broker: binds every listener, spawns its threads, returns once listening.
+pub fn start(config: Config) -> Result<Handle, BrokerError> {
+    config.validate()?;
+    match net::sys::raise_nofile_limit() {
+        Ok(n) => tracing::info!(
+            nofile = n,
+            "file descriptor limit (edge links + ingest and HTTP connections)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
+    let n = config.shard_count();
+    let ingest = bind_group(config.ingest_addr, n, "ingest")?;
+    let http = bind_group(config.http_addr, n, "http")?;
+    let link_io = |source| BrokerError::Io {
+        what: format!("bind link {}", config.link_addr),
+        source,
+    };
+    let link_listener = net::sys::listener(config.link_addr, false, 1024).map_err(link_io)?;
+    let addr_of = |l: &std::net::TcpListener, what: &str| {
+        l.local_addr().map_err(|source| BrokerError::Io {
+            what: format!("local addr of {what}"),
+            source,
+        })
+    };
+    let ingest_addr = addr_of(&ingest[0], "ingest")?;
+    let http_addr = addr_of(&http[0], "http")?;
+    let link_addr = addr_of(&link_listener, "link")?;
+
+    let inboxes = (0..n)
+        .map(|_| {
+            let (high_tx, high_rx) = crossbeam_channel::bounded(config.queue_messages_max);
+            let (low_tx, low_rx) = crossbeam_channel::bounded(config.queue_messages_max);
+            let (links_tx, links_rx) = crossbeam_channel::unbounded();
+            Inbox {
+                high_tx,
+                high_rx,
+                low_tx,
+                low_rx,
+                links_tx,
+                links_rx,
+                notify: net::wake::Notify::new(),
+            }
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        policy: Mutex::new(policy::Policy::new(&config, std::time::Instant::now())),
+        shards: n as u16,
+        next_msg_id: AtomicU64::new(first_msg_id()),
+        inboxes,
+        ingest_metrics: Default::default(),
+        shard_metrics: (0..n).map(|_| Default::default()).collect(),
+        link_handshakes_failed: AtomicU64::new(0),
+        link_handshakes: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        config,
+    });
+
+    let mut threads = Vec::new();
+    let acceptor =
+        link::spawn_acceptor(link_listener, shared.clone()).map_err(|source| BrokerError::Io {
+            what: "spawn link acceptor".into(),
+            source,
+        })?;
+    threads.push(acceptor);
+
+    let listeners: Mutex<Vec<Option<(std::net::TcpListener, std::net::TcpListener)>>> =
+        Mutex::new(ingest.into_iter().zip(http).map(Some).collect());
+    let shared2 = shared.clone();
+    let driver = net::runtime::Driver::from_env_or(shared.config.driver);
+    let spawned =
+        net::runtime::spawn_shards("broker", n, driver, shared.config.pin_cores, move |i| {
+            let taken = match listeners.lock() {
+                Ok(mut g) => g.get_mut(i).and_then(Option::take),
+                Err(p) => p.into_inner().get_mut(i).and_then(Option::take),
+            };
+            shard::run(i, shared2.clone(), taken)
+        });
+    let mut handle = Handle {
+        ingest_addr,
+        link_addr,
+        http_addr,
+        shared,
+        threads,
+    };
+    match spawned {
+        Ok(ts) => handle.threads.extend(ts),
+        Err(source) => {
+            handle.stop_and_join();
+            return Err(BrokerError::Io {
+                what: "spawn shards".into(),
+                source,
+            });
+        }
+    }
+    tracing::info!(%ingest_addr, %link_addr, %http_addr, shards = n, "broker listening");
+    Ok(handle)
+}

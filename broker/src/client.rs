@@ -1,0 +1,367 @@
+//! [`IngestClient`]: a blocking client of the ingest socket, usable from any plain thread.
+//!
+//! It authenticates on connect, pipelines requests (send many, then read their statuses by
+//! `req_id`), and reconnects when the connection breaks.
+//!
+//! Delivery note: [`IngestClient::push`] retries once, on a fresh connection, when the
+//! connection breaks before the status arrives. If the broker had already accepted the first
+//! attempt (it crashed or the network failed between acceptance and the status), the message
+//! is queued twice; callers that cannot tolerate that use [`IngestClient::send`]/[`IngestClient::recv`],
+//! which never retry.
+
+use proto::id::{AreaId, DeviceId, MsgId, Priority, Reach, RoomId, Scope, UserId};
+use proto::ingest::{IngestError, IngestFrame, Push, PushError};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// Default time to wait for a connect or a status.
+pub const CLIENT_TIMEOUT_MS: u64 = 10_000;
+/// Requests in flight at once in [`IngestClient::push_many`].
+pub const PIPELINE_DEPTH: usize = 256;
+
+/// Why a push did not get a `msg_id`.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker refused the push (see [`PushError`] for whose fault and whether to retry).
+    #[error("refused: {0}")]
+    Rejected(#[from] PushError),
+    /// Connecting, reading or writing failed (the connection is dropped; the next call reconnects).
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// No status within the timeout.
+    #[error("timed out waiting for the broker")]
+    Timeout,
+    /// The broker sent something that is not a valid answer.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The broker's refusal, if that is what this is.
+    pub fn push_error(&self) -> Option<&PushError> {
+        match self {
+            ClientError::Rejected(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// One message to push (a `Push` without its `req_id`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub scope: Scope,
+    pub priority: Priority,
+    pub reach: Reach,
+    /// 0 = the broker's default.
+    pub ttl_ms: u32,
+    /// The op 5 body: a JSON object, delivered verbatim.
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    /// A low-priority, best-effort message to `scope`.
+    pub fn new(scope: Scope, body: impl Into<Vec<u8>>) -> Message {
+        Message {
+            scope,
+            priority: Priority::Low,
+            reach: Reach::BestEffort,
+            ttl_ms: 0,
+            body: body.into(),
+        }
+    }
+    pub fn room(room: u64, body: impl Into<Vec<u8>>) -> Message {
+        Message::new(Scope::Room(RoomId(room)), body)
+    }
+    pub fn area(area: u32, body: impl Into<Vec<u8>>) -> Message {
+        Message::new(Scope::Area(AreaId(area)), body)
+    }
+    pub fn global(body: impl Into<Vec<u8>>) -> Message {
+        Message::new(Scope::Global, body)
+    }
+    pub fn user(uid: u64, body: impl Into<Vec<u8>>) -> Message {
+        Message::new(Scope::User(UserId(uid)), body)
+    }
+    pub fn device(device: &str, body: impl Into<Vec<u8>>) -> Message {
+        Message::new(Scope::Device(DeviceId(device.to_string())), body)
+    }
+    pub fn priority(mut self, priority: Priority) -> Message {
+        self.priority = priority;
+        self
+    }
+    pub fn reach(mut self, reach: Reach) -> Message {
+        self.reach = reach;
+        self
+    }
+    pub fn ttl_ms(mut self, ttl_ms: u32) -> Message {
+        self.ttl_ms = ttl_ms;
+        self
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    /// Requests sent whose status has not been read.
+    in_flight: usize,
+    /// Statuses read while looking for another `req_id`.
+    early: HashMap<u64, Result<MsgId, PushError>>,
+}
+
+/// A pipelined, authenticated connection to a broker's ingest socket.
+pub struct IngestClient {
+    addrs: Vec<SocketAddr>,
+    api_key: String,
+    timeout: Duration,
+    next_req_id: u64,
+    conn: Option<Conn>,
+}
+
+impl IngestClient {
+    /// Connects to `addr` and authenticates with `api_key`. A bad key is
+    /// `Err(ClientError::Rejected(PushError::Unauthorized))`.
+    pub fn connect(addr: impl ToSocketAddrs, api_key: &str) -> Result<IngestClient, ClientError> {
+        let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+        if addrs.is_empty() {
+            return Err(ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address",
+            )));
+        }
+        let mut c = IngestClient {
+            addrs,
+            api_key: api_key.to_string(),
+            timeout: Duration::from_millis(CLIENT_TIMEOUT_MS),
+            next_req_id: 1,
+            conn: None,
+        };
+        c.reconnect()?;
+        Ok(c)
+    }
+
+    /// Sets the connect/status timeout (default [`CLIENT_TIMEOUT_MS`]).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        if let Some(c) = &self.conn {
+            let _ = c.stream.set_read_timeout(Some(self.timeout));
+            let _ = c.stream.set_write_timeout(Some(self.timeout));
+        }
+    }
+
+    fn reconnect(&mut self) -> Result<(), ClientError> {
+        self.conn = None;
+        let mut last = None;
+        for a in &self.addrs {
+            match TcpStream::connect_timeout(a, self.timeout) {
+                Ok(s) => {
+                    last = None;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(self.timeout))?;
+                    s.set_write_timeout(Some(self.timeout))?;
+                    self.conn = Some(Conn {
+                        stream: s,
+                        rbuf: Vec::with_capacity(4096),
+                        wbuf: Vec::new(),
+                        in_flight: 0,
+                        early: HashMap::new(),
+                    });
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(ClientError::Io(e));
+        }
+        let req_id = self.take_req_id();
+        let auth = IngestFrame::Auth {
+            req_id,
+            api_key: self.api_key.clone(),
+        };
+        self.write_frame(&auth)?;
+        match self.wait_for(req_id) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(ClientError::Rejected(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn take_req_id(&mut self) -> u64 {
+        let id = self.next_req_id;
+        self.next_req_id += 1;
+        id
+    }
+
+    fn write_frame(&mut self, frame: &IngestFrame) -> Result<(), ClientError> {
+        let Some(c) = self.conn.as_mut() else {
+            return Err(ClientError::Io(std::io::ErrorKind::NotConnected.into()));
+        };
+        c.wbuf.clear();
+        proto::ingest::encode(frame, &mut c.wbuf);
+        let r = c.stream.write_all(&c.wbuf);
+        match r {
+            Ok(()) => {
+                c.in_flight += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Sends one push without waiting; returns its `req_id` (read its status with [`IngestClient::recv`]).
+    /// Reconnects first if the connection is broken (statuses still owed by the old one are lost).
+    pub fn send(&mut self, msg: &Message) -> Result<u64, ClientError> {
+        if self.conn.is_none() {
+            self.reconnect()?;
+        }
+        let req_id = self.take_req_id();
+        let frame = IngestFrame::Push(Push {
+            req_id,
+            scope: msg.scope.clone(),
+            priority: msg.priority,
+            reach: msg.reach,
+            ttl_ms: msg.ttl_ms,
+            body: msg.body.clone(),
+        });
+        self.write_frame(&frame)?;
+        Ok(req_id)
+    }
+
+    /// Reads the next status: `(req_id, msg id or refusal)`.
+    pub fn recv(&mut self) -> Result<(u64, Result<MsgId, PushError>), ClientError> {
+        if let Some(c) = self.conn.as_mut() {
+            if let Some(&k) = c.early.keys().next() {
+                let r = c.early.remove(&k).unwrap_or(Err(PushError::Overloaded));
+                return Ok((k, r));
+            }
+        }
+        let r = self.read_status();
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    fn read_status(&mut self) -> Result<(u64, Result<MsgId, PushError>), ClientError> {
+        let Some(c) = self.conn.as_mut() else {
+            return Err(ClientError::Io(std::io::ErrorKind::NotConnected.into()));
+        };
+        loop {
+            match proto::ingest::decode(&c.rbuf, proto::limits::INGEST_FRAME_BYTES_MAX) {
+                Ok((frame, used)) => {
+                    c.rbuf.drain(..used);
+                    return match frame {
+                        IngestFrame::Status { req_id, result } => {
+                            c.in_flight = c.in_flight.saturating_sub(1);
+                            Ok((req_id, result))
+                        }
+                        other => Err(ClientError::Protocol(format!(
+                            "unexpected frame from broker: {other:?}"
+                        ))),
+                    };
+                }
+                Err(IngestError::Incomplete) => {}
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
+            let mut chunk = [0u8; 8192];
+            match c.stream.read(&mut chunk) {
+                Ok(0) => return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => c.rbuf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ClientError::Timeout)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads statuses until the one for `req_id`, keeping the others for [`IngestClient::recv`].
+    fn wait_for(&mut self, req_id: u64) -> Result<Result<MsgId, PushError>, ClientError> {
+        if let Some(r) = self.conn.as_mut().and_then(|c| c.early.remove(&req_id)) {
+            return Ok(r);
+        }
+        loop {
+            let (id, r) = match self.read_status() {
+                Ok(v) => v,
+                Err(e) => {
+                    self.conn = None;
+                    return Err(e);
+                }
+            };
+            if id == req_id {
+                return Ok(r);
+            }
+            if let Some(c) = self.conn.as_mut() {
+                c.early.insert(id, r);
+            }
+        }
+    }
+
+    /// Pushes one message and waits for its `msg_id`. Retries once on a fresh connection if the
+    /// connection breaks first (see the module doc).
+    pub fn push(&mut self, msg: &Message) -> Result<MsgId, ClientError> {
+        let mut tried = false;
+        loop {
+            let attempt = self.send(msg).and_then(|id| self.wait_for(id));
+            match attempt {
+                Ok(r) => return r.map_err(ClientError::Rejected),
+                Err(ClientError::Io(_)) if !tried => {
+                    tried = true;
+                    self.conn = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Pushes many messages pipelined ([`PIPELINE_DEPTH`] in flight); results in input order.
+    /// An I/O failure fails the whole call (some of the messages may have been accepted).
+    pub fn push_many(
+        &mut self,
+        msgs: &[Message],
+    ) -> Result<Vec<Result<MsgId, PushError>>, ClientError> {
+        let mut results: Vec<Option<Result<MsgId, PushError>>> = vec![None; msgs.len()];
+        let mut index_of: HashMap<u64, usize> = HashMap::new();
+        let mut next = 0;
+        let mut done = 0;
+        while done < msgs.len() {
+            while next < msgs.len() && index_of.len() < PIPELINE_DEPTH {
+                let id = self.send(&msgs[next])?;
+                index_of.insert(id, next);
+                next += 1;
+            }
+            let (id, r) = self.recv()?;
+            if let Some(i) = index_of.remove(&id) {
+                results[i] = Some(r);
+                done += 1;
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(PushError::Overloaded)))
+            .collect())
+    }
+
+    /// Requests sent on the current connection whose status has not been read.
+    pub fn in_flight(&self) -> usize {
+        self.conn.as_ref().map_or(0, |c| c.in_flight)
+    }
+
+    /// True while a connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+}

@@ -1,0 +1,321 @@
+//! The broker's configuration: a TOML file whose every field has a default.
+//!
+//! Secrets (`api_keys`) live here too; keep the file readable by the service user only.
+//! Limits are named with their unit last; `0` means "no limit" only where a field says so.
+
+use crate::BrokerError;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// A push scope kind, as API keys name it in `scopes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeKind {
+    Room,
+    Area,
+    Global,
+    User,
+    Device,
+}
+
+impl ScopeKind {
+    /// Every kind, in wire-tag order.
+    pub const ALL: [ScopeKind; 5] = [
+        ScopeKind::Room,
+        ScopeKind::Area,
+        ScopeKind::Global,
+        ScopeKind::User,
+        ScopeKind::Device,
+    ];
+
+    /// The kind of a scope.
+    pub fn of(scope: &proto::id::Scope) -> ScopeKind {
+        use proto::id::Scope;
+        match scope {
+            Scope::Room(_) => ScopeKind::Room,
+            Scope::Area(_) => ScopeKind::Area,
+            Scope::Global => ScopeKind::Global,
+            Scope::User(_) => ScopeKind::User,
+            Scope::Device(_) => ScopeKind::Device,
+        }
+    }
+
+    /// Bit of this kind in a scope set.
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ScopeKind::Room => "room",
+            ScopeKind::Area => "area",
+            ScopeKind::Global => "global",
+            ScopeKind::User => "user",
+            ScopeKind::Device => "device",
+        }
+    }
+}
+
+/// One `[[api_keys]]` entry: a business caller's key, what it may push to and how fast.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The secret the caller presents (ingest `Auth` frame or `Authorization: Bearer`).
+    pub key: String,
+    /// Scopes this key may push to.
+    #[serde(default = "all_scopes")]
+    pub scopes: Vec<ScopeKind>,
+    /// Sustained pushes per second allowed to this key (token bucket refill); 0 = unlimited.
+    #[serde(default = "default_key_rate_per_s")]
+    pub rate_per_s: f64,
+    /// Pushes this key may make at once after being idle (token bucket size).
+    #[serde(default = "default_key_burst")]
+    pub burst: f64,
+}
+
+fn all_scopes() -> Vec<ScopeKind> {
+    ScopeKind::ALL.to_vec()
+}
+fn default_key_rate_per_s() -> f64 {
+    10_000.0
+}
+fn default_key_burst() -> f64 {
+    20_000.0
+}
+
+impl ApiKey {
+    /// A key allowed every scope at the default rate (handy for tests and `barrage up`).
+    pub fn all_scopes(key: &str) -> ApiKey {
+        ApiKey {
+            key: key.to_string(),
+            scopes: all_scopes(),
+            rate_per_s: default_key_rate_per_s(),
+            burst: default_key_burst(),
+        }
+    }
+}
+
+/// The broker's configuration.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This broker's name, sent to edges in the link `Hello`.
+    pub node_id: String,
+    /// Broker shards (one monoio runtime thread each); 0 = one per core.
+    pub shards: usize,
+    /// Pin shard `i` to core `i % cores`.
+    pub pin_cores: bool,
+    /// monoio driver (`auto`, `uring`, `legacy`); `BARRAGE_DRIVER` overrides it.
+    pub driver: net::runtime::Driver,
+    /// Ingest socket (persistent, pipelined `proto::ingest` frames).
+    pub ingest_addr: SocketAddr,
+    /// Edge links (`proto::link` frames).
+    pub link_addr: SocketAddr,
+    /// HTTP API (push, healthz, metrics).
+    pub http_addr: SocketAddr,
+    /// API keys of business callers. Empty: every push is refused as unauthorized.
+    pub api_keys: Vec<ApiKey>,
+    /// Pushes per second allowed into one room, area or the global scope, summed over all keys
+    /// (token bucket refill; the bucket holds `room_burst`); 0 = unlimited.
+    pub room_rate_per_s: f64,
+    /// Size of the per-room token bucket.
+    pub room_burst: f64,
+    /// Most rooms the per-room rate limiter tracks at once (idle full buckets are forgotten first).
+    pub rooms_max: usize,
+    /// Largest message body accepted, bytes.
+    pub message_bytes_max: u32,
+    /// Messages each shard queues per priority between ingest and aggregation; past it pushes
+    /// are refused as `Overloaded`. 0 refuses every push (a maintenance switch).
+    pub queue_messages_max: usize,
+    /// Aggregation window: a scope flushes at most once per window unless a batch fills up;
+    /// a quiet scope flushes at once. 0 = one batch per message.
+    pub batch_window_ms: u64,
+    /// A batch flushes once its message bodies reach this many bytes.
+    pub batch_bytes_max: usize,
+    /// A batch flushes once it holds this many messages.
+    pub batch_messages_max: usize,
+    /// Brotli quality 0..=11 for batches whose inner packets take at least
+    /// `brotli_small_bytes_max` bytes (see docs/operations-broker.md for the measurement).
+    pub brotli_quality: u32,
+    /// Brotli quality for smaller batches (one or two messages: quiet rooms), where the
+    /// encoder's fixed set-up cost dominates and a high quality buys little.
+    pub brotli_quality_small: u32,
+    /// Inner bytes below which a batch counts as small.
+    pub brotli_small_bytes_max: usize,
+    /// Largest brotli window, log2 (10..=24); each batch uses the smallest window that holds it.
+    pub brotli_lgwin: u32,
+    /// Bytes queued towards one edge link before the link is cut (a slow edge never blocks a shard).
+    pub link_queue_bytes_max: usize,
+    /// Largest link frame accepted from an edge.
+    pub link_frame_bytes_max: u32,
+    /// An edge must send its `Hello` this soon after connecting.
+    pub link_hello_ms_max: u64,
+    /// Edge link handshakes in progress at once; more connections are closed at once.
+    pub link_handshakes_max: usize,
+    /// The broker pings each link this often.
+    pub link_ping_ms: u64,
+    /// A link silent this long is dead and cut.
+    pub link_dead_ms: u64,
+    /// Fleet-wide online counts go back to edges this often.
+    pub counts_interval_ms: u64,
+    /// Largest ingest frame accepted.
+    pub ingest_frame_bytes_max: u32,
+    /// Ingest connections open at once per shard; more are closed at once.
+    pub ingest_connections_max: usize,
+    /// An ingest connection must authenticate this soon after connecting.
+    pub ingest_auth_ms_max: u64,
+    /// Largest HTTP request body, bytes (a `/v1/push/batch` request holds many messages).
+    pub http_body_bytes_max: usize,
+    /// Most messages in one `/v1/push/batch` request.
+    pub http_batch_messages_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "broker-1".to_string(),
+            shards: 0,
+            pin_cores: true,
+            driver: net::runtime::Driver::Auto,
+            ingest_addr: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            link_addr: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            api_keys: Vec::new(),
+            room_rate_per_s: 2_000.0,
+            room_burst: 4_000.0,
+            rooms_max: 1_000_000,
+            message_bytes_max: proto::limits::MESSAGE_BYTES_MAX,
+            queue_messages_max: 65_536,
+            batch_window_ms: 50,
+            batch_bytes_max: 16 * 1024,
+            batch_messages_max: 40,
+            brotli_quality: 5,
+            brotli_quality_small: 2,
+            brotli_small_bytes_max: 2048,
+            brotli_lgwin: 15,
+            link_queue_bytes_max: 32 * 1024 * 1024,
+            link_frame_bytes_max: proto::limits::LINK_FRAME_BYTES_MAX,
+            link_hello_ms_max: 5_000,
+            link_handshakes_max: 64,
+            link_ping_ms: 5_000,
+            link_dead_ms: 15_000,
+            counts_interval_ms: 1_000,
+            ingest_frame_bytes_max: proto::limits::INGEST_FRAME_BYTES_MAX,
+            ingest_connections_max: 4_096,
+            ingest_auth_ms_max: 5_000,
+            http_body_bytes_max: 4 * 1024 * 1024,
+            http_batch_messages_max: 1_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a TOML config file.
+    pub fn from_toml_file(path: &Path) -> Result<Config, BrokerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| BrokerError::Config(format!("{}: {e}", path.display())))?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Parses and checks TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Config, BrokerError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| BrokerError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that would make the broker misbehave rather than just be slow.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        let bad = |m: &str| Err(BrokerError::Config(m.to_string()));
+        if self.brotli_quality > 11 || self.brotli_quality_small > 11 {
+            return bad("brotli_quality and brotli_quality_small must be 0..=11");
+        }
+        if !(10..=24).contains(&self.brotli_lgwin) {
+            return bad("brotli_lgwin must be 10..=24");
+        }
+        if self.batch_messages_max == 0 || self.batch_bytes_max == 0 {
+            return bad("batch_messages_max and batch_bytes_max must be at least 1");
+        }
+        if self.message_bytes_max == 0 {
+            return bad("message_bytes_max must be at least 1");
+        }
+        if self.shards > u16::MAX as usize {
+            return bad("shards must fit in u16");
+        }
+        for k in &self.api_keys {
+            if k.key.is_empty() {
+                return bad("api_keys: empty key");
+            }
+            if k.rate_per_s < 0.0
+                || k.burst < 0.0
+                || !k.rate_per_s.is_finite()
+                || !k.burst.is_finite()
+            {
+                return bad("api_keys: rate_per_s and burst must be finite and >= 0");
+            }
+        }
+        if self.room_rate_per_s < 0.0
+            || self.room_burst < 0.0
+            || !self.room_rate_per_s.is_finite()
+            || !self.room_burst.is_finite()
+        {
+            return bad("room_rate_per_s and room_burst must be finite and >= 0");
+        }
+        if self.link_ping_ms == 0 || self.link_dead_ms <= self.link_ping_ms {
+            return bad("link_dead_ms must be above link_ping_ms > 0");
+        }
+        if self.counts_interval_ms == 0 {
+            return bad("counts_interval_ms must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The shard count actually used (`shards`, or the core count when 0).
+    pub fn shard_count(&self) -> usize {
+        if self.shards == 0 {
+            net::runtime::cores().clamp(1, u16::MAX as usize)
+        } else {
+            self.shards
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_roundtrip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let back = Config::from_toml_str(&text).unwrap();
+        assert_eq!(back.batch_window_ms, 50);
+        assert_eq!(back.ingest_addr, c.ingest_addr);
+    }
+
+    #[test]
+    fn parses_keys_and_rejects_unknown_fields() {
+        let c = Config::from_toml_str(
+            r#"
+            shards = 2
+            [[api_keys]]
+            key = "k1"
+            scopes = ["room", "area"]
+            rate_per_s = 5
+            burst = 10
+            [[api_keys]]
+            key = "k2"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.api_keys.len(), 2);
+        assert_eq!(c.api_keys[0].scopes, vec![ScopeKind::Room, ScopeKind::Area]);
+        assert_eq!(c.api_keys[1].scopes.len(), 5);
+        assert!(Config::from_toml_str("bogus = 1").is_err());
+        assert!(Config::from_toml_str("[[api_keys]]\nkey = \"a\"\nratee = 1").is_err());
+        assert!(Config::from_toml_str("brotli_quality = 12").is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! The HTTP API: pushes (one or many per request), health and metrics.
+//!
+//! ```text
+//! POST /v1/push/room/{room} | /v1/push/area/{area} | /v1/push/global
+//!      | /v1/push/user/{uid} | /v1/push/device/{device}
+//!      ?priority=high|low  &reach=high|best_effort  &ttl_ms=N
+//!      Authorization: Bearer <api key>;  body = the message, a JSON object, delivered verbatim
+//!   -> 202 {"msg_id":"..."} | 400 | 401 | 403 | 413 | 429 (Retry-After) | 503 (Retry-After)
+//!      with {"error":"<reason>","message":"..."}
+//! POST /v1/push/batch  {"messages":[{"scope":"room","target":1,"priority":"low","body":{...}}, ...]}
+//!   -> 200 {"results":[{"msg_id":"..."} | {"error":"...","message":"..."}, ...]} (in request order)
+//! GET /healthz -> 200 {"ok":true,...};  GET /metrics -> Prometheus text
+//! ```
+//! `msg_id` is a decimal string: it can exceed 2^53, where JSON numbers lose precision.
+
+use crate::ingest::{self, Via};
+use crate::policy::KeyId;
+use crate::stop::Stop;
+use crate::Shared;
+use net::http::{Request, Response};
+use proto::id::{AreaId, DeviceId, Priority, RoomId, Scope, UserId};
+use proto::ingest::PushError;
+use serde::Deserialize;
+use serde_json::json;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Serves the HTTP API on one shard until `stop`.
+pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, stop: Stop) {
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "http listener unusable");
+            return;
+        }
+    };
+    let body_max = shared.config.http_body_bytes_max;
+    let handler: net::http::Handler = Rc::new(move |req: Request| {
+        let resp = handle(&shared, &req);
+        Box::pin(async move { resp })
+    });
+    net::http::serve(listener, handler, body_max, stop.wait()).await;
+}
+
+fn error(status: u16, e: &PushError) -> Response {
+    let resp = Response::json(
+        status,
+        &json!({"error": e.label(), "message": e.to_string()}),
+    );
+    match e {
+        PushError::RateLimited { retry_after_ms } => resp.with_header(
+            "Retry-After",
+            &retry_after_ms.div_ceil(1000).max(1).to_string(),
+        ),
+        PushError::Overloaded => resp.with_header("Retry-After", "1"),
+        _ => resp,
+    }
+}
+
+/// HTTP status of a refusal.
+pub fn status_of(e: &PushError) -> u16 {
+    match e {
+        PushError::Unauthorized => 401,
+        PushError::ForbiddenScope => 403,
+        PushError::TooLarge => 413,
+        PushError::RateLimited { .. } => 429,
+        PushError::Invalid(_) => 400,
+        PushError::Overloaded => 503,
+    }
+}
+
+fn fail(e: PushError) -> Response {
+    error(status_of(&e), &e)
+}
+
+/// Routes one request.
+pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
+    let path = req.path.trim_end_matches('/');
+    match (req.method.as_str(), path) {
+        ("GET", "/healthz") => Response::json(
+            200,
+            &json!({"ok": true, "node_id": shared.config.node_id, "shards": shared.shards}),
+        ),
+        ("GET", "/metrics") => Response {
+            status: 200,
+            headers: vec![(
+                "Content-Type".to_string(),
+                net::metrics::CONTENT_TYPE.to_string(),
+            )],
+            body: shared.metrics_text().into_bytes(),
+        },
+        ("POST", "/v1/push/batch") => push_batch(shared, req),
+        ("POST", p) if p.starts_with("/v1/push/") => push_one(shared, req, &p["/v1/push/".len()..]),
+        (_, "/healthz" | "/metrics" | "/v1/push/batch") => Response::json(
+            405,
+            &json!({"error": "method_not_allowed", "message": "wrong method"}),
+        ),
+        _ => Response::json(
+            404,
+            &json!({"error": "not_found", "message": "no such endpoint"}),
+        ),
+    }
+}
+
+fn key_of(shared: &Shared, req: &Request) -> Result<KeyId, PushError> {
+    match req.bearer() {
+        Some(k) => ingest::authenticate(shared, k),
+        None => {
+            shared.ingest_metrics.reject(&PushError::Unauthorized);
+            Err(PushError::Unauthorized)
+        }
+    }
+}
+
+fn invalid(m: impl Into<String>) -> PushError {
+    PushError::Invalid(m.into())
+}
+
+fn parse_scope(kind: &str, target: Option<&str>) -> Result<Scope, PushError> {
+    let num = |t: Option<&str>| -> Result<u64, PushError> {
+        t.and_then(|t| t.parse::<u64>().ok())
+            .ok_or_else(|| invalid(format!("{kind} needs a numeric target")))
+    };
+    match kind {
+        "room" => Ok(Scope::Room(RoomId(num(target)?))),
+        "area" => {
+            let a = u32::try_from(num(target)?).map_err(|_| invalid("area id above 2^32"))?;
+            Ok(Scope::Area(AreaId(a)))
+        }
+        "global" => match target {
+            None => Ok(Scope::Global),
+            Some(_) => Err(invalid("global takes no target")),
+        },
+        "user" => Ok(Scope::User(UserId(num(target)?))),
+        "device" => match target {
+            Some(d) if !d.is_empty() => Ok(Scope::Device(DeviceId(d.to_string()))),
+            _ => Err(invalid("device needs a device id")),
+        },
+        _ => Err(invalid(format!("unknown scope {kind:?}"))),
+    }
+}
+
+fn parse_priority(p: Option<&str>) -> Result<Priority, PushError> {
+    match p {
+        None | Some("low") => Ok(Priority::Low),
+        Some("high") => Ok(Priority::High),
+        Some(other) => Err(invalid(format!(
+            "priority must be high or low, not {other:?}"
+        ))),
+    }
+}
+
+fn parse_query(req: &Request) -> Result<Priority, PushError> {
+    let priority = parse_priority(req.query_param("priority"))?;
+    match req.query_param("reach") {
+        None | Some("high" | "best_effort") => {}
+        Some(other) => {
+            return Err(invalid(format!(
+                "reach must be high or best_effort, not {other:?}"
+            )))
+        }
+    }
+    if let Some(t) = req.query_param("ttl_ms") {
+        t.parse::<u32>()
+            .map_err(|_| invalid("ttl_ms must be a u32"))?;
+    }
+    Ok(priority)
+}
+
+fn push_one(shared: &Shared, req: &Request, rest: &str) -> Response {
+    let key = match key_of(shared, req) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let (kind, target) = match rest.split_once('/') {
+        Some((k, t)) => (k, Some(t)),
+        None => (rest, None),
+    };
+    let parsed = parse_scope(kind, target).and_then(|s| parse_query(req).map(|p| (s, p)));
+    let (scope, priority) = match parsed {
+        Ok(v) => v,
+        Err(e) => {
+            shared.ingest_metrics.reject(&e);
+            return fail(e);
+        }
+    };
+    match ingest::accept(shared, key, scope, priority, req.body.clone(), Via::Http) {
+        Ok(id) => Response::json(202, &json!({"msg_id": id.0.to_string()})),
+        Err(e) => fail(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest<'a> {
+    #[serde(borrow)]
+    messages: Vec<BatchItem<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem<'a> {
+    scope: String,
+    #[serde(default)]
+    target: Option<serde_json::Value>,
+    #[serde(default)]
+    priority: Option<String>,
+    #[serde(default)]
+    reach: Option<String>,
+    #[serde(default)]
+    ttl_ms: Option<u32>,
+    #[serde(borrow)]
+    body: &'a serde_json::value::RawValue,
+}
+
+fn push_batch(shared: &Shared, req: &Request) -> Response {
+    let key = match key_of(shared, req) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let batch: BatchRequest = match serde_json::from_slice(&req.body) {
+        Ok(b) => b,
+        Err(e) => {
+            let e = invalid(format!("batch body: {e}"));
+            shared.ingest_metrics.reject(&e);
+            return fail(e);
+        }
+    };
+    if batch.messages.len() > shared.config.http_batch_messages_max {
+        let e = invalid(format!(
+            "at most {} messages per batch request",
+            shared.config.http_batch_messages_max
+        ));
+        shared.ingest_metrics.reject(&e);
+        return fail(e);
+    }
+    let results: Vec<serde_json::Value> = batch
+        .messages
+        .iter()
+        .map(|item| {
+            let target = match &item.target {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                Some(_) => Some(String::new()),
+            };
+            let checked = parse_scope(&item.scope, target.as_deref()).and_then(|scope| {
+                let priority = parse_priority(item.priority.as_deref())?;
+                match item.reach.as_deref() {
+                    None | Some("high" | "best_effort") => {}
+                    Some(other) => return Err(invalid(format!("reach must be high or best_effort, not {other:?}"))),
+                }
+                let _ = item.ttl_ms;
+                Ok((scope, priority))
+            });
+            let result = match checked {
+                Ok((scope, priority)) => ingest::accept(shared, key, scope, priority, item.body.get().as_bytes().to_vec(), Via::Http),
+                Err(e) => {
+                    shared.ingest_metrics.reject(&e);
+                    Err(e)
+                }
+            };
+            match result {
+                Ok(id) => json!({"msg_id": id.0.to_string()}),
+                Err(e) => {
+                    let mut v = json!({"error": e.label(), "message": e.to_string(), "status": status_of(&e)});
+                    if let PushError::RateLimited { retry_after_ms } = e {
+                        v["retry_after_ms"] = json!(retry_after_ms);
+                    }
+                    v
+                }
+            }
+        })
+        .collect();
+    Response::json(200, &json!({ "results": results }))
+}

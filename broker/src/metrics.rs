@@ -1,0 +1,362 @@
+//! Counters of one broker, rendered as Prometheus text on `GET /metrics`.
+//!
+//! Counters are relaxed atomics: ingest runs on every shard, and `/metrics` may be served by
+//! any shard, so a plain per-shard struct could not be read. Each shard-owned counter has
+//! exactly one writer (its shard), so they never contend.
+
+use proto::id::Encoding;
+use proto::ingest::PushError;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Rejection reasons, in label order.
+pub const REJECT_REASONS: [&str; 6] = [
+    "unauthorized",
+    "forbidden_scope",
+    "too_large",
+    "rate_limited",
+    "invalid",
+    "overloaded",
+];
+
+/// Why a link was cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// The edge closed it or the socket failed.
+    Closed = 0,
+    /// Its queue passed `link_queue_bytes_max`.
+    Slow = 1,
+    /// Silent past `link_dead_ms`.
+    Dead = 2,
+    /// The edge sent something the link protocol forbids.
+    Protocol = 3,
+    /// A newer link from the same node and priority took its place.
+    Replaced = 4,
+    /// The broker is shutting down.
+    Shutdown = 5,
+}
+
+pub const CUT_REASONS: [&str; 6] = ["closed", "slow", "dead", "protocol", "replaced", "shutdown"];
+
+fn reject_index(e: &PushError) -> usize {
+    match e {
+        PushError::Unauthorized => 0,
+        PushError::ForbiddenScope => 1,
+        PushError::TooLarge => 2,
+        PushError::RateLimited { .. } => 3,
+        PushError::Invalid(_) => 4,
+        PushError::Overloaded => 5,
+    }
+}
+
+fn encoding_index(e: Encoding) -> usize {
+    match e {
+        Encoding::Brotli => 0,
+        Encoding::Zlib => 1,
+        Encoding::Plain => 2,
+    }
+}
+
+const ENCODING_LABELS: [&str; 3] = ["brotli", "zlib", "plain"];
+
+/// Process-wide ingest counters.
+#[derive(Default)]
+pub struct IngestMetrics {
+    /// [ingest socket, http]
+    pub accepted: [AtomicU64; 2],
+    pub rejected: [AtomicU64; 6],
+    pub connections: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+impl IngestMetrics {
+    pub fn reject(&self, e: &PushError) {
+        self.rejected[reject_index(e)].fetch_add(1, Relaxed);
+    }
+}
+
+/// Counters of one shard (written by that shard only).
+#[derive(Default)]
+pub struct ShardMetrics {
+    pub messages_batched: AtomicU64,
+    pub batches: AtomicU64,
+    /// Batches nobody watched (not compressed, not sent).
+    pub batches_unrouted: AtomicU64,
+    /// Per encoding: batches made, inner bytes in, outer bytes out.
+    pub encoded: [AtomicU64; 3],
+    pub encoded_in_bytes: [AtomicU64; 3],
+    pub encoded_out_bytes: [AtomicU64; 3],
+    /// Batch frames and bytes queued to links.
+    pub link_batches_sent: AtomicU64,
+    pub link_bytes_sent: AtomicU64,
+    pub links_low: AtomicU64,
+    pub links_high: AtomicU64,
+    pub link_cuts: [AtomicU64; 6],
+    pub link_frames_in: AtomicU64,
+    pub edges: AtomicU64,
+    pub rooms_watched: AtomicU64,
+    pub pending_messages: AtomicU64,
+}
+
+impl ShardMetrics {
+    pub fn encoded(&self, e: Encoding, in_bytes: usize, out_bytes: usize) {
+        let i = encoding_index(e);
+        self.encoded[i].fetch_add(1, Relaxed);
+        self.encoded_in_bytes[i].fetch_add(in_bytes as u64, Relaxed);
+        self.encoded_out_bytes[i].fetch_add(out_bytes as u64, Relaxed);
+    }
+
+    pub fn cut(&self, c: Cut) {
+        self.link_cuts[c as usize].fetch_add(1, Relaxed);
+    }
+}
+
+/// Renders every counter. `queues[shard] = (high depth, low depth)`.
+pub fn render(
+    ingest: &IngestMetrics,
+    shards: &[ShardMetrics],
+    queues: &[(usize, usize)],
+    link_handshakes_failed: u64,
+    link_handshakes: u64,
+) -> String {
+    let mut w = net::metrics::Writer::default();
+    let get = |a: &AtomicU64| a.load(Relaxed) as f64;
+    w.family(
+        "broker_pushes_accepted_total",
+        "counter",
+        "Pushes accepted (given a msg_id), by ingest path.",
+    );
+    w.sample(
+        "broker_pushes_accepted_total",
+        &[("via", "socket")],
+        get(&ingest.accepted[0]),
+    );
+    w.sample(
+        "broker_pushes_accepted_total",
+        &[("via", "http")],
+        get(&ingest.accepted[1]),
+    );
+    w.family(
+        "broker_pushes_rejected_total",
+        "counter",
+        "Pushes refused, by reason.",
+    );
+    for (i, r) in REJECT_REASONS.iter().enumerate() {
+        w.sample(
+            "broker_pushes_rejected_total",
+            &[("reason", r)],
+            get(&ingest.rejected[i]),
+        );
+    }
+    w.family(
+        "broker_ingest_connections",
+        "gauge",
+        "Open ingest socket connections.",
+    );
+    w.sample("broker_ingest_connections", &[], get(&ingest.connections));
+    w.family(
+        "broker_ingest_connections_refused_total",
+        "counter",
+        "Ingest connections closed at once (over ingest_connections_max).",
+    );
+    w.sample(
+        "broker_ingest_connections_refused_total",
+        &[],
+        get(&ingest.connections_refused),
+    );
+    w.family(
+        "broker_ingest_protocol_errors_total",
+        "counter",
+        "Ingest connections closed for a malformed frame or a missing Auth.",
+    );
+    w.sample(
+        "broker_ingest_protocol_errors_total",
+        &[],
+        get(&ingest.protocol_errors),
+    );
+
+    w.family(
+        "broker_queue_messages",
+        "gauge",
+        "Messages waiting between ingest and aggregation, per shard and priority.",
+    );
+    for (i, (hi, lo)) in queues.iter().enumerate() {
+        let s = i.to_string();
+        w.sample(
+            "broker_queue_messages",
+            &[("shard", &s), ("priority", "high")],
+            *hi as f64,
+        );
+        w.sample(
+            "broker_queue_messages",
+            &[("shard", &s), ("priority", "low")],
+            *lo as f64,
+        );
+    }
+    let sum =
+        |f: &dyn Fn(&ShardMetrics) -> &AtomicU64| shards.iter().map(|s| get(f(s))).sum::<f64>();
+    w.family(
+        "broker_pending_messages",
+        "gauge",
+        "Messages waiting in pending batches (inside the aggregation window).",
+    );
+    w.sample(
+        "broker_pending_messages",
+        &[],
+        sum(&|s| &s.pending_messages),
+    );
+    w.family(
+        "broker_messages_batched_total",
+        "counter",
+        "Messages that left in a batch.",
+    );
+    w.sample(
+        "broker_messages_batched_total",
+        &[],
+        sum(&|s| &s.messages_batched),
+    );
+    w.family("broker_batches_total", "counter", "Batches flushed.");
+    w.sample("broker_batches_total", &[], sum(&|s| &s.batches));
+    w.family(
+        "broker_batches_unrouted_total",
+        "counter",
+        "Batches of scopes no edge watched (neither compressed nor sent).",
+    );
+    w.sample(
+        "broker_batches_unrouted_total",
+        &[],
+        sum(&|s| &s.batches_unrouted),
+    );
+    w.family(
+        "broker_encoded_batches_total",
+        "counter",
+        "Batch encodings made, by encoding.",
+    );
+    for (i, e) in ENCODING_LABELS.iter().enumerate() {
+        w.sample(
+            "broker_encoded_batches_total",
+            &[("encoding", e)],
+            shards.iter().map(|s| get(&s.encoded[i])).sum(),
+        );
+    }
+    w.family(
+        "broker_encoded_in_bytes_total",
+        "counter",
+        "Uncompressed inner packet bytes encoded, by encoding.",
+    );
+    for (i, e) in ENCODING_LABELS.iter().enumerate() {
+        w.sample(
+            "broker_encoded_in_bytes_total",
+            &[("encoding", e)],
+            shards.iter().map(|s| get(&s.encoded_in_bytes[i])).sum(),
+        );
+    }
+    w.family(
+        "broker_encoded_out_bytes_total",
+        "counter",
+        "Outer packet bytes produced, by encoding.",
+    );
+    for (i, e) in ENCODING_LABELS.iter().enumerate() {
+        w.sample(
+            "broker_encoded_out_bytes_total",
+            &[("encoding", e)],
+            shards.iter().map(|s| get(&s.encoded_out_bytes[i])).sum(),
+        );
+    }
+    w.family(
+        "broker_compression_ratio",
+        "gauge",
+        "Outer bytes / inner bytes since start, by encoding (lower is better).",
+    );
+    for (i, e) in ENCODING_LABELS.iter().enumerate() {
+        let inb: f64 = shards.iter().map(|s| get(&s.encoded_in_bytes[i])).sum();
+        let outb: f64 = shards.iter().map(|s| get(&s.encoded_out_bytes[i])).sum();
+        w.sample(
+            "broker_compression_ratio",
+            &[("encoding", e)],
+            if inb > 0.0 { outb / inb } else { 0.0 },
+        );
+    }
+    w.family(
+        "broker_link_batches_sent_total",
+        "counter",
+        "BATCH frames queued to edge links.",
+    );
+    w.sample(
+        "broker_link_batches_sent_total",
+        &[],
+        sum(&|s| &s.link_batches_sent),
+    );
+    w.family(
+        "broker_link_bytes_sent_total",
+        "counter",
+        "Bytes of BATCH frames queued to edge links.",
+    );
+    w.sample(
+        "broker_link_bytes_sent_total",
+        &[],
+        sum(&|s| &s.link_bytes_sent),
+    );
+    w.family("broker_links", "gauge", "Edge links up, by priority.");
+    w.sample(
+        "broker_links",
+        &[("priority", "low")],
+        sum(&|s| &s.links_low),
+    );
+    w.sample(
+        "broker_links",
+        &[("priority", "high")],
+        sum(&|s| &s.links_high),
+    );
+    w.family(
+        "broker_link_cuts_total",
+        "counter",
+        "Edge links ended, by reason.",
+    );
+    for (i, r) in CUT_REASONS.iter().enumerate() {
+        w.sample(
+            "broker_link_cuts_total",
+            &[("reason", r)],
+            shards.iter().map(|s| get(&s.link_cuts[i])).sum(),
+        );
+    }
+    w.family(
+        "broker_link_handshakes",
+        "gauge",
+        "Edge connections waiting for their Hello (links in the handshake state).",
+    );
+    w.sample("broker_link_handshakes", &[], link_handshakes as f64);
+    w.family(
+        "broker_link_handshakes_failed_total",
+        "counter",
+        "Edge connections closed before a valid Hello.",
+    );
+    w.sample(
+        "broker_link_handshakes_failed_total",
+        &[],
+        link_handshakes_failed as f64,
+    );
+    w.family(
+        "broker_link_frames_in_total",
+        "counter",
+        "Frames received from edges.",
+    );
+    w.sample(
+        "broker_link_frames_in_total",
+        &[],
+        sum(&|s| &s.link_frames_in),
+    );
+    w.family(
+        "broker_edges",
+        "gauge",
+        "Edge nodes with a link, summed over shards.",
+    );
+    w.sample("broker_edges", &[], sum(&|s| &s.edges));
+    w.family(
+        "broker_rooms_watched",
+        "gauge",
+        "Rooms with viewers on some edge, summed over shards.",
+    );
+    w.sample("broker_rooms_watched", &[], sum(&|s| &s.rooms_watched));
+    w.out
+}

@@ -1,0 +1,380 @@
+//! Who may push what, how big and how fast. Sans-io: plain structs taking `now`.
+//!
+//! Invariants:
+//! - Checks run in a fixed order (key, scope, size, shape, rates) so a caller always learns the
+//!   first thing it got wrong, and a refused push never spends rate tokens.
+//! - A push spends a token from its key's bucket *and* from its target's bucket (room, area or
+//!   global), or from neither: both are checked before either is spent.
+//! - The per-target table is bounded by `rooms_max`; full (idle) buckets are forgotten first,
+//!   which loses nothing because a forgotten bucket comes back full.
+
+use crate::config::{ApiKey, Config, ScopeKind};
+use proto::id::{AreaId, RoomId, Scope};
+use proto::ingest::PushError;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// A token bucket: `rate_per_s` tokens a second, holding at most `burst`. Rate 0 = unlimited.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    rate_per_s: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub fn new(rate_per_s: f64, burst: f64, now: Instant) -> Bucket {
+        // A bucket smaller than one token could never pass a push.
+        let burst = burst.max(1.0);
+        Bucket {
+            rate_per_s,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + dt * self.rate_per_s).min(self.burst);
+    }
+
+    /// Ok if one token is available now (not spent), else how long until it is, ms (at least 1).
+    pub fn check(&mut self, now: Instant) -> Result<(), u32> {
+        if self.rate_per_s == 0.0 {
+            return Ok(());
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            Ok(())
+        } else {
+            let ms = ((1.0 - self.tokens) / self.rate_per_s * 1000.0).ceil();
+            Err(ms.clamp(1.0, u32::MAX as f64) as u32)
+        }
+    }
+
+    /// Spends one token (call after `check` said Ok).
+    pub fn spend(&mut self) {
+        if self.rate_per_s != 0.0 {
+            self.tokens -= 1.0;
+        }
+    }
+
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+}
+
+/// Index of an authenticated key in the policy (a connection keeps it after `Auth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyId(usize);
+
+struct KeyState {
+    scopes: u8,
+    bucket: Bucket,
+}
+
+/// What the per-target limit is keyed by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Target {
+    Room(RoomId),
+    Area(AreaId),
+    Global,
+}
+
+/// The push policy of one broker.
+pub struct Policy {
+    keys: Vec<KeyState>,
+    by_key: HashMap<String, KeyId>,
+    targets: HashMap<Target, Bucket>,
+    room_rate_per_s: f64,
+    room_burst: f64,
+    rooms_max: usize,
+    message_bytes_max: u32,
+}
+
+impl Policy {
+    pub fn new(config: &Config, now: Instant) -> Policy {
+        let mut keys = Vec::new();
+        let mut by_key = HashMap::new();
+        for ApiKey {
+            key,
+            scopes,
+            rate_per_s,
+            burst,
+        } in &config.api_keys
+        {
+            let id = KeyId(keys.len());
+            keys.push(KeyState {
+                scopes: scopes.iter().fold(0, |acc, s| acc | s.bit()),
+                bucket: Bucket::new(*rate_per_s, *burst, now),
+            });
+            // A repeated key keeps its first entry.
+            by_key.entry(key.clone()).or_insert(id);
+        }
+        Policy {
+            keys,
+            by_key,
+            targets: HashMap::new(),
+            room_rate_per_s: config.room_rate_per_s,
+            room_burst: config.room_burst,
+            rooms_max: config.rooms_max.max(1),
+            message_bytes_max: config.message_bytes_max,
+        }
+    }
+
+    /// The key id for an API key string.
+    pub fn authenticate(&self, api_key: &str) -> Result<KeyId, PushError> {
+        self.by_key
+            .get(api_key)
+            .copied()
+            .ok_or(PushError::Unauthorized)
+    }
+
+    /// Configured keys.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Checks one push by `key` and, when it passes, spends its rate tokens.
+    pub fn admit(
+        &mut self,
+        key: KeyId,
+        scope: &Scope,
+        body: &[u8],
+        now: Instant,
+    ) -> Result<(), PushError> {
+        let Some(k) = self.keys.get(key.0) else {
+            return Err(PushError::Unauthorized);
+        };
+        if k.scopes & ScopeKind::of(scope).bit() == 0 {
+            return Err(PushError::ForbiddenScope);
+        }
+        check_scope(scope)?;
+        if body.len() > self.message_bytes_max as usize {
+            return Err(PushError::TooLarge);
+        }
+        check_json_object(body)?;
+        let target = match scope {
+            Scope::Room(r) => Some(Target::Room(*r)),
+            Scope::Area(a) => Some(Target::Area(*a)),
+            Scope::Global => Some(Target::Global),
+            // A user or device push reaches a handful of connections; only the key's rate applies.
+            Scope::User(_) | Scope::Device(_) => None,
+        };
+        let key_wait = self.keys[key.0].bucket.check(now).err();
+        let target_wait = match target {
+            Some(t) if self.room_rate_per_s > 0.0 => {
+                if !self.targets.contains_key(&t) && self.targets.len() >= self.rooms_max {
+                    self.targets.retain(|_, b| !b.is_full(now));
+                    if self.targets.len() >= self.rooms_max {
+                        return Err(PushError::Overloaded);
+                    }
+                }
+                let (rate, burst) = (self.room_rate_per_s, self.room_burst);
+                self.targets
+                    .entry(t)
+                    .or_insert_with(|| Bucket::new(rate, burst, now))
+                    .check(now)
+                    .err()
+            }
+            _ => None,
+        };
+        if key_wait.is_some() || target_wait.is_some() {
+            let retry_after_ms = key_wait.unwrap_or(0).max(target_wait.unwrap_or(0));
+            return Err(PushError::RateLimited { retry_after_ms });
+        }
+        self.keys[key.0].bucket.spend();
+        if let Some(t) = target {
+            if let Some(b) = self.targets.get_mut(&t) {
+                b.spend();
+            }
+        }
+        Ok(())
+    }
+
+    /// Rooms/areas the per-target limiter tracks now.
+    pub fn targets_tracked(&self) -> usize {
+        self.targets.len()
+    }
+}
+
+/// Scope fields a push may not carry.
+fn check_scope(scope: &Scope) -> Result<(), PushError> {
+    if let Scope::Device(d) = scope {
+        if d.0.is_empty() || d.0.len() > proto::limits::DEVICE_BYTES_MAX {
+            return Err(PushError::Invalid(format!(
+                "device id must be 1..={} bytes",
+                proto::limits::DEVICE_BYTES_MAX
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The body must be one JSON object (clients parse op 5 bodies as objects), with nothing after it.
+/// Validates without building a tree.
+pub fn check_json_object(body: &[u8]) -> Result<(), PushError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(PushError::Invalid("body must be a JSON object".to_string()));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| PushError::Invalid(format!("body is not valid JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::id::{DeviceId, UserId};
+    use std::time::Duration;
+
+    fn config() -> Config {
+        Config {
+            api_keys: vec![
+                ApiKey {
+                    key: "all".into(),
+                    scopes: ScopeKind::ALL.to_vec(),
+                    rate_per_s: 0.0,
+                    burst: 0.0,
+                },
+                ApiKey {
+                    key: "rooms".into(),
+                    scopes: vec![ScopeKind::Room],
+                    rate_per_s: 10.0,
+                    burst: 2.0,
+                },
+            ],
+            room_rate_per_s: 0.0,
+            message_bytes_max: 64,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn keys_and_scopes() {
+        let t0 = Instant::now();
+        let mut p = Policy::new(&config(), t0);
+        assert_eq!(p.authenticate("nope"), Err(PushError::Unauthorized));
+        let all = p.authenticate("all").unwrap();
+        let rooms = p.authenticate("rooms").unwrap();
+        assert_ne!(all, rooms);
+        assert_eq!(p.key_count(), 2);
+        assert_eq!(
+            p.admit(rooms, &Scope::Global, b"{}", t0),
+            Err(PushError::ForbiddenScope)
+        );
+        assert_eq!(p.admit(rooms, &Scope::Room(RoomId(1)), b"{}", t0), Ok(()));
+        assert_eq!(p.admit(all, &Scope::User(UserId(5)), b"{}", t0), Ok(()));
+        assert!(matches!(
+            p.admit(all, &Scope::Device(DeviceId(String::new())), b"{}", t0),
+            Err(PushError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn body_shape_and_size() {
+        let t0 = Instant::now();
+        let mut p = Policy::new(&config(), t0);
+        let k = p.authenticate("all").unwrap();
+        let r = Scope::Room(RoomId(1));
+        assert_eq!(
+            p.admit(k, &r, br#" {"cmd":"DANMU_MSG","info":[1,"x"]} "#, t0),
+            Ok(())
+        );
+        for bad in [
+            &b"[1,2]"[..],
+            b"\"s\"",
+            b"{",
+            b"{} {}",
+            b"",
+            b"nul",
+            b"{\"a\":}",
+        ] {
+            assert!(
+                matches!(p.admit(k, &r, bad, t0), Err(PushError::Invalid(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let big = format!("{{\"a\":\"{}\"}}", "x".repeat(64));
+        assert_eq!(p.admit(k, &r, big.as_bytes(), t0), Err(PushError::TooLarge));
+    }
+
+    #[test]
+    fn key_bucket_limits_and_refills() {
+        let t0 = Instant::now();
+        let mut p = Policy::new(&config(), t0);
+        let k = p.authenticate("rooms").unwrap();
+        let r = Scope::Room(RoomId(1));
+        assert_eq!(p.admit(k, &r, b"{}", t0), Ok(()));
+        assert_eq!(p.admit(k, &r, b"{}", t0), Ok(()));
+        // Empty: one token takes 100 ms at 10/s.
+        assert_eq!(
+            p.admit(k, &r, b"{}", t0),
+            Err(PushError::RateLimited {
+                retry_after_ms: 100
+            })
+        );
+        // Refused pushes spend nothing: after 100 ms exactly one more passes.
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(p.admit(k, &r, b"{}", t1), Ok(()));
+        assert!(matches!(
+            p.admit(k, &r, b"{}", t1),
+            Err(PushError::RateLimited { .. })
+        ));
+    }
+
+    #[test]
+    fn room_cap_is_per_room_and_spends_nothing_when_refused() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.room_rate_per_s = 1.0;
+        c.room_burst = 1.0;
+        let mut p = Policy::new(&c, t0);
+        let k = p.authenticate("all").unwrap();
+        let k2 = p.authenticate("rooms").unwrap();
+        assert_eq!(p.admit(k, &Scope::Room(RoomId(1)), b"{}", t0), Ok(()));
+        assert_eq!(
+            p.admit(k, &Scope::Room(RoomId(1)), b"{}", t0),
+            Err(PushError::RateLimited {
+                retry_after_ms: 1000
+            })
+        );
+        // Another key hits the same room cap, without spending its own key tokens.
+        assert!(matches!(
+            p.admit(k2, &Scope::Room(RoomId(1)), b"{}", t0),
+            Err(PushError::RateLimited { .. })
+        ));
+        assert_eq!(p.admit(k2, &Scope::Room(RoomId(2)), b"{}", t0), Ok(()));
+        assert_eq!(p.admit(k2, &Scope::Room(RoomId(3)), b"{}", t0), Ok(()));
+        // Rooms and areas with the same number are separate targets.
+        assert_eq!(p.admit(k, &Scope::Area(AreaId(1)), b"{}", t0), Ok(()));
+    }
+
+    #[test]
+    fn target_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.room_rate_per_s = 1.0;
+        c.room_burst = 1.0;
+        c.rooms_max = 2;
+        let mut p = Policy::new(&c, t0);
+        let k = p.authenticate("all").unwrap();
+        assert_eq!(p.admit(k, &Scope::Room(RoomId(1)), b"{}", t0), Ok(()));
+        assert_eq!(p.admit(k, &Scope::Room(RoomId(2)), b"{}", t0), Ok(()));
+        // Both buckets are in use: a third room cannot be tracked yet.
+        assert_eq!(
+            p.admit(k, &Scope::Room(RoomId(3)), b"{}", t0),
+            Err(PushError::Overloaded)
+        );
+        // Once they refill (idle), they are forgotten and room 3 gets a bucket.
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(p.admit(k, &Scope::Room(RoomId(3)), b"{}", t1), Ok(()));
+        assert_eq!(p.targets_tracked(), 1);
+    }
+}

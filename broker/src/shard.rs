@@ -1,0 +1,465 @@
+//! One broker shard: drains its ingest queues (High before Low) into the batcher, encodes each
+//! flushed batch once per encoding its edges asked for, and queues it on those edges' links.
+//! It also serves its share of ingest and HTTP connections and owns the links edges open to it.
+//!
+//! Invariants: all state lives in one `State` behind an `Rc<RefCell<_>>` on this thread, and no
+//! borrow of it is held across an `.await`. A batch nobody watches is neither compressed nor
+//! sent (its seq still advances, so edges that join later see consecutive seqs from then on).
+
+use crate::batcher::{Batcher, Flush, Limits};
+use crate::compress::{Compressor, Settings};
+use crate::link::{self, Conn, LinkQueue, Out};
+use crate::metrics::Cut;
+use crate::route::{LinkId, Route, Target};
+use crate::stop::{yield_now, Stop};
+use crate::{Inbox, NewLink, Shared};
+use bytes::Bytes;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, Splitable};
+use proto::id::{Encoding, Priority};
+use proto::link::{Batch, LinkError, LinkFrame};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Messages taken from the queues per loop turn before letting link writers run.
+const DRAIN_MESSAGES_MAX: usize = 4096;
+/// Driver parks at shutdown so queued socket closes reach the kernel (see `run`).
+const SHUTDOWN_PARKS: usize = 4;
+const SHUTDOWN_PARK_MS: u64 = 5;
+/// Read buffer step for link readers.
+const LINK_READ_BYTES: usize = 8 * 1024;
+
+pub(crate) struct State {
+    index: u16,
+    shared: Arc<Shared>,
+    batcher: Batcher,
+    route: Route,
+    compressor: Compressor,
+    links: HashMap<LinkId, Rc<Conn>>,
+    next_link: LinkId,
+    flushes: Vec<Flush>,
+    targets: Vec<Target>,
+    cuts: Vec<LinkId>,
+    next_counts: Instant,
+    next_ping: Instant,
+    ping_nonce: u64,
+}
+
+impl State {
+    fn new(index: u16, shared: Arc<Shared>) -> State {
+        let c = &shared.config;
+        let now = Instant::now();
+        State {
+            index,
+            batcher: Batcher::new(Limits {
+                window: Duration::from_millis(c.batch_window_ms),
+                bytes_max: c.batch_bytes_max,
+                messages_max: c.batch_messages_max,
+            }),
+            route: Route::new(),
+            compressor: Compressor::new(Settings {
+                quality: c.brotli_quality,
+                quality_small: c.brotli_quality_small,
+                small_bytes_max: c.brotli_small_bytes_max,
+                lgwin_max: c.brotli_lgwin,
+            }),
+            links: HashMap::new(),
+            next_link: 1,
+            flushes: Vec::new(),
+            targets: Vec::new(),
+            cuts: Vec::new(),
+            next_counts: now + Duration::from_millis(c.counts_interval_ms),
+            next_ping: now + Duration::from_millis(c.link_ping_ms),
+            ping_nonce: 0,
+            shared,
+        }
+    }
+
+    fn metrics(&self) -> &crate::metrics::ShardMetrics {
+        &self.shared.shard_metrics[self.index as usize]
+    }
+
+    /// Ends a link (idempotent): forgets its interest, stops its tasks.
+    fn cut(&mut self, id: LinkId, reason: Cut) {
+        let Some(conn) = self.links.remove(&id) else {
+            return;
+        };
+        self.route.link_down(id);
+        conn.stop.fire();
+        let m = &self.shared.shard_metrics[self.index as usize];
+        m.cut(reason);
+        match conn.priority {
+            Priority::Low => m.links_low.fetch_sub(1, Relaxed),
+            Priority::High => m.links_high.fetch_sub(1, Relaxed),
+        };
+        tracing::debug!(shard = self.index, link = id, node = %conn.node_id, ?reason, "link cut");
+    }
+
+    fn send(&mut self, id: LinkId, out: Out) {
+        if let Some(conn) = self.links.get(&id) {
+            if conn.send(out).is_err() {
+                self.cut(id, Cut::Slow);
+            }
+        }
+    }
+
+    /// Takes queued messages (High first), runs the batcher, delivers what flushed.
+    /// Returns true when the budget ran out with messages still queued.
+    fn drain(&mut self, inbox: &Inbox) -> bool {
+        let now = Instant::now();
+        let mut flushes = std::mem::take(&mut self.flushes);
+        let mut budget = DRAIN_MESSAGES_MAX;
+        while budget > 0 {
+            let Ok(m) = inbox.high_rx.try_recv() else {
+                break;
+            };
+            self.batcher.push(m, now, &mut flushes);
+            budget -= 1;
+        }
+        while budget > 0 {
+            let Ok(m) = inbox.low_rx.try_recv() else {
+                break;
+            };
+            self.batcher.push(m, now, &mut flushes);
+            budget -= 1;
+        }
+        self.batcher.poll(now, &mut flushes);
+        for f in flushes.drain(..) {
+            self.deliver(f);
+        }
+        self.flushes = flushes;
+        self.metrics()
+            .pending_messages
+            .store(self.batcher.pending_messages() as u64, Relaxed);
+        budget == 0
+    }
+
+    /// Encodes one batch for the encodings its edges want and queues it on their links.
+    fn deliver(&mut self, flush: Flush) {
+        let m = &self.shared.shard_metrics[self.index as usize];
+        m.batches.fetch_add(1, Relaxed);
+        m.messages_batched
+            .fetch_add(flush.msg_ids.len() as u64, Relaxed);
+        self.targets.clear();
+        self.route
+            .targets(&flush.scope, flush.priority, &mut self.targets);
+        let encodings = self.targets.iter().fold(0u8, |acc, t| acc | t.encodings);
+        if encodings == 0 {
+            m.batches_unrouted.fetch_add(1, Relaxed);
+            return;
+        }
+        let encoded = self.compressor.encode(&flush, encodings);
+        let mut frames: [Option<(Bytes, Bytes)>; 3] = [None, None, None];
+        let mut header = Vec::with_capacity(64);
+        for (slot, e) in [Encoding::Plain, Encoding::Zlib, Encoding::Brotli]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(packet) = encoded.get(e) else {
+                continue;
+            };
+            m.encoded(e, encoded.inner_bytes, packet.len());
+            let batch = Batch {
+                scope: flush.scope.clone(),
+                priority: flush.priority,
+                seq: flush.seq,
+                first_msg_id: flush.msg_ids.first().copied().unwrap_or_default(),
+                msg_count: flush.msg_ids.len() as u32,
+                encoding: e,
+                packet: packet.clone(),
+            };
+            header.clear();
+            proto::link::encode_batch_header(&batch, &mut header);
+            frames[slot] = Some((Bytes::copy_from_slice(&header), packet.clone()));
+        }
+        let targets = std::mem::take(&mut self.targets);
+        for t in &targets {
+            let Some(conn) = self.links.get(&t.link) else {
+                continue;
+            };
+            for (slot, e) in [Encoding::Plain, Encoding::Zlib, Encoding::Brotli]
+                .into_iter()
+                .enumerate()
+            {
+                if t.encodings & e.bit() == 0 {
+                    continue;
+                }
+                let Some((header, packet)) = &frames[slot] else {
+                    continue;
+                };
+                let len = header.len() + packet.len();
+                if conn
+                    .send(Out::Batch {
+                        header: header.clone(),
+                        packet: packet.clone(),
+                    })
+                    .is_err()
+                {
+                    self.cuts.push(t.link);
+                    break;
+                }
+                m.link_batches_sent.fetch_add(1, Relaxed);
+                m.link_bytes_sent.fetch_add(len as u64, Relaxed);
+            }
+        }
+        self.targets = targets;
+        let cuts = std::mem::take(&mut self.cuts);
+        for id in &cuts {
+            self.cut(*id, Cut::Slow);
+        }
+        self.cuts = cuts;
+    }
+
+    /// Handles one frame from an edge. `Err` cuts the link.
+    fn on_frame(&mut self, id: LinkId, frame: LinkFrame) -> Result<(), Cut> {
+        self.metrics().link_frames_in.fetch_add(1, Relaxed);
+        match frame {
+            LinkFrame::Sub {
+                interest,
+                encodings,
+            } => self.route.sub(id, &interest, encodings),
+            LinkFrame::Unsub { interest } => self.route.unsub(id, &interest),
+            LinkFrame::Counts(counts) => self.route.counts(id, &counts),
+            LinkFrame::Ping { nonce } => self.send(
+                id,
+                Out::Frame(link::frame_bytes(&LinkFrame::Pong { nonce })),
+            ),
+            LinkFrame::Pong { .. } => {}
+            // Presence and high-reach ACKs are not handled by this version; they are accepted
+            // (edges may send them) and counted as frames.
+            LinkFrame::Presence(_) | LinkFrame::Ack { .. } => {}
+            LinkFrame::Hello(_) | LinkFrame::Batch(_) => return Err(Cut::Protocol),
+        }
+        Ok(())
+    }
+
+    /// Periodic work: fleet counts to edges, pings, dead links, gauges.
+    fn tick(&mut self, now: Instant) {
+        let c = &self.shared.config;
+        let (counts_every, ping_every, dead_after) = (
+            Duration::from_millis(c.counts_interval_ms),
+            Duration::from_millis(c.link_ping_ms),
+            Duration::from_millis(c.link_dead_ms),
+        );
+        if now >= self.next_counts {
+            self.next_counts = now + counts_every;
+            let mut out = Vec::new();
+            self.route.fleet_counts(&mut out);
+            for (id, counts) in out {
+                self.send(
+                    id,
+                    Out::Frame(link::frame_bytes(&LinkFrame::Counts(counts))),
+                );
+            }
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + ping_every;
+            self.ping_nonce += 1;
+            let ping = link::frame_bytes(&LinkFrame::Ping {
+                nonce: self.ping_nonce,
+            });
+            let ids: Vec<LinkId> = self.links.keys().copied().collect();
+            for id in ids {
+                let silent = self
+                    .links
+                    .get(&id)
+                    .map(|c| now.saturating_duration_since(c.last_rx.get()) > dead_after);
+                match silent {
+                    Some(true) => self.cut(id, Cut::Dead),
+                    Some(false) => self.send(id, Out::Frame(ping.clone())),
+                    None => {}
+                }
+            }
+        }
+        let m = &self.shared.shard_metrics[self.index as usize];
+        m.edges.store(self.route.edges() as u64, Relaxed);
+        m.rooms_watched
+            .store(self.route.rooms_watched() as u64, Relaxed);
+    }
+
+    fn next_wake(&mut self) -> Instant {
+        let t = self.next_counts.min(self.next_ping);
+        match self.batcher.next_deadline() {
+            Some(d) => d.min(t),
+            None => t,
+        }
+    }
+}
+
+/// Runs shard `index` until the broker stops.
+pub(crate) async fn run(
+    index: usize,
+    shared: Arc<Shared>,
+    listeners: Option<(std::net::TcpListener, std::net::TcpListener)>,
+) {
+    let stop = Stop::new();
+    if let Some((ingest_listener, http_listener)) = listeners {
+        monoio::spawn(crate::ingest::serve(
+            ingest_listener,
+            shared.clone(),
+            stop.clone(),
+        ));
+        monoio::spawn(crate::http::serve(
+            http_listener,
+            shared.clone(),
+            stop.clone(),
+        ));
+    }
+    let state = Rc::new(RefCell::new(State::new(index as u16, shared.clone())));
+    let inbox = &shared.inboxes[index];
+    loop {
+        if shared.stop.load(Relaxed) {
+            break;
+        }
+        while let Ok(new) = inbox.links_rx.try_recv() {
+            add_link(&state, new);
+        }
+        let more = state.borrow_mut().drain(inbox);
+        state.borrow_mut().tick(Instant::now());
+        if more {
+            yield_now().await;
+            continue;
+        }
+        let wake = state.borrow_mut().next_wake();
+        let wait = wake.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            yield_now().await;
+            continue;
+        }
+        monoio::select! {
+            _ = inbox.notify.notified() => {},
+            _ = monoio::time::sleep(wait) => {},
+        }
+    }
+    {
+        let mut st = state.borrow_mut();
+        let ids: Vec<LinkId> = st.links.keys().copied().collect();
+        for id in ids {
+            st.cut(id, Cut::Shutdown);
+        }
+    }
+    stop.fire();
+    // Let the tasks see the stop and drop their sockets, then park the driver a few times:
+    // under io_uring a dropped socket is closed by a queued op, which only reaches the kernel
+    // when the ring is submitted. Ending the runtime first would leak the fds (and a leaked
+    // SO_REUSEPORT listener would keep taking connections nobody accepts).
+    for _ in 0..8 {
+        yield_now().await;
+    }
+    for _ in 0..SHUTDOWN_PARKS {
+        monoio::time::sleep(Duration::from_millis(SHUTDOWN_PARK_MS)).await;
+    }
+}
+
+fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
+    let NewLink { stream, hello } = new;
+    let stream = match monoio::net::TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot adopt edge link");
+            return;
+        }
+    };
+    let mut st = state.borrow_mut();
+    let id = st.next_link;
+    st.next_link += 1;
+    let conn = Rc::new(Conn {
+        id,
+        node_id: hello.node_id.clone(),
+        priority: hello.priority,
+        queue: RefCell::new(LinkQueue::new(st.shared.config.link_queue_bytes_max)),
+        wake: net::wake::Notify::new(),
+        stop: Stop::new(),
+        last_rx: Cell::new(Instant::now()),
+    });
+    let up = st.route.link_up(&hello.node_id, hello.priority, id);
+    st.links.insert(id, conn.clone());
+    {
+        let m = st.metrics();
+        match hello.priority {
+            Priority::Low => m.links_low.fetch_add(1, Relaxed),
+            Priority::High => m.links_high.fetch_add(1, Relaxed),
+        };
+    }
+    if let Some(old) = up.replaced {
+        st.cut(old, Cut::Replaced);
+    }
+    let reply = link::reply_hello(&st.shared, st.index, &hello);
+    // The queue is empty: the Hello always fits.
+    let _ = conn.send(Out::Frame(link::frame_bytes(&reply)));
+    let frame_max = st.shared.config.link_frame_bytes_max;
+    drop(st);
+    tracing::debug!(link = id, node = %hello.node_id, priority = ?hello.priority, "link up");
+    let (rd, wr) = stream.into_split();
+    {
+        let (state, conn) = (state.clone(), conn.clone());
+        monoio::spawn(async move {
+            let reason = link::writer(conn.clone(), wr).await;
+            state.borrow_mut().cut(conn.id, reason);
+        });
+    }
+    let state = state.clone();
+    monoio::spawn(async move {
+        if let Some(reason) = reader(&state, &conn, rd, frame_max).await {
+            state.borrow_mut().cut(conn.id, reason);
+        }
+    });
+}
+
+/// Reads frames from an edge until the link ends; `None` when it was cut elsewhere.
+async fn reader(
+    state: &Rc<RefCell<State>>,
+    conn: &Rc<Conn>,
+    mut rd: monoio::net::tcp::TcpOwnedReadHalf,
+    frame_max: u32,
+) -> Option<Cut> {
+    let mut buf: Vec<u8> = Vec::with_capacity(LINK_READ_BYTES);
+    loop {
+        if buf.capacity() - buf.len() < LINK_READ_BYTES / 2 {
+            buf.reserve(LINK_READ_BYTES);
+        }
+        // Read after what is buffered (a plain Vec would be filled from its start).
+        let len = buf.len();
+        let read = monoio::select! {
+            r = rd.read(buf.slice_mut(len..)) => r,
+            _ = conn.stop.wait() => return None,
+        };
+        let (res, b) = read;
+        buf = b.into_inner();
+        match res {
+            Ok(0) | Err(_) => return Some(Cut::Closed),
+            Ok(_) => {}
+        }
+        conn.last_rx.set(Instant::now());
+        let mut start = 0;
+        loop {
+            let n = match proto::link::frame_len(&buf[start..], frame_max) {
+                Ok(n) if buf.len() - start >= n => n,
+                Ok(n) => {
+                    // Make room for the whole frame in one go.
+                    buf.reserve(n);
+                    break;
+                }
+                Err(LinkError::Incomplete) => break,
+                Err(_) => return Some(Cut::Protocol),
+            };
+            let bytes = Bytes::copy_from_slice(&buf[start..start + n]);
+            start += n;
+            let frame = match proto::link::decode(&bytes, frame_max) {
+                Ok((f, _)) => f,
+                Err(_) => return Some(Cut::Protocol),
+            };
+            if let Err(c) = state.borrow_mut().on_frame(conn.id, frame) {
+                return Some(c);
+            }
+            if conn.stop.is_fired() {
+                return None;
+            }
+        }
+        buf.drain(..start);
+    }
+}
