@@ -1,1 +1,269 @@
+//! # edge: the access layer
+//!
+//! Holds viewers' connections (TCP and WebSocket, Bilibili live packets), authenticates them
+//! locally with the shared token keys, answers heartbeats, and writes the broker's batches to
+//! every viewer of a room with shared bytes. One shard (monoio runtime, io_uring or epoll) per
+//! core; a connection lives and dies on the shard that accepted it.
+//!
+//! # Layout
+//! - [`config`]: `Config` (every field defaulted and documented; unknown fields are errors).
+//! - [`session`]: sans-io per-connection state machine (handshake -> auth -> live -> closed).
+//! - [`wheel`]: sans-io hashed timing wheel (auth, handshake, heartbeat, stuck deadlines).
+//! - [`index`]: per-shard room -> members (lanes per encoding and transport), area -> rooms.
+//! - [`interest`]: node-wide "which shards want room R / area A", owned by the link shard.
+//! - [`fanout`]: one batch -> every viewer on a shard, bytes shared (one WS frame per shard).
+//! - `shard`: the monoio shell per core: listeners, connection tasks, rings, timers.
+//! - `link`: broker link client (HELLO, PING, reconnect with backoff, SUB/UNSUB/COUNTS).
+//! - `admin`: `/healthz`, `/metrics`, `/admin/drain` on its own thread.
+//! - `control`: heartbeats to control.
+//!
+//! # Threads
+//! `shards` shard threads + one admin thread. Shard 0 is also the link shard: it owns every
+//! broker link and the node-wide interest. Shards talk only through `rtrb` rings (one per
+//! ordered pair) woken by `net::wake::Notify`; nothing on the data path is shared mutably.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod fanout;
+pub mod index;
+pub mod interest;
+pub mod link;
+pub mod metrics;
+pub mod session;
+pub mod wheel;
+
+mod admin;
+mod control;
+mod shard;
+
+pub use config::Config;
+pub use shard::conn_entry_bytes;
+
+use shard::{Node, Plumbing};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// File descriptors kept back from the connection capacity (listeners, links, rings, logs).
+const FD_RESERVE: u64 = 100;
+/// `Handle::shutdown` waits this long for threads before leaving them behind.
+const SHUTDOWN_MS_MAX: u64 = 5_000;
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The configuration is unreadable or invalid.
+    #[error("config: {0}")]
+    Config(String),
+    /// An address did not parse or resolve.
+    #[error("address {0}: {1}")]
+    Addr(String, String),
+    /// Binding a listener or spawning a thread failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The token key spec did not parse.
+    #[error("token_keys: {0}")]
+    Keys(#[from] proto::token::TokenError),
+}
+
+/// A running edge.
+pub struct Handle {
+    tcp_addr: SocketAddr,
+    ws_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    node: Arc<Node>,
+    admin_stop: Arc<net::wake::Notify>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+    /// Open client connections across shards.
+    pub fn connections(&self) -> u64 {
+        self.node.connections()
+    }
+    /// Connections this process can hold (soft fd limit minus a reserve).
+    pub fn capacity(&self) -> u64 {
+        self.node.capacity
+    }
+    /// The Prometheus text `/metrics` serves.
+    pub fn metrics_text(&self) -> String {
+        admin::render(&self.node)
+    }
+    /// Same as `POST /admin/drain`.
+    pub fn drain(&self) {
+        admin::drain(&self.node);
+    }
+
+    /// Stops everything and joins the threads (bounded by `SHUTDOWN_MS_MAX`).
+    pub fn shutdown(self) {
+        self.node.stop.store(true, Ordering::Release);
+        for n in &self.node.notify {
+            n.notify();
+        }
+        self.admin_stop.notify();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let threads = self.threads;
+        std::thread::spawn(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            let _ = tx.send(());
+        });
+        if rx
+            .recv_timeout(Duration::from_millis(SHUTDOWN_MS_MAX))
+            .is_err()
+        {
+            tracing::warn!("edge threads did not stop in time; leaving them behind");
+        }
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, EdgeError> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| EdgeError::Addr(addr.to_string(), e.to_string()))?
+        .next()
+        .ok_or_else(|| EdgeError::Addr(addr.to_string(), "no address".into()))
+}
+
+/// Binds one `SO_REUSEPORT` listener per shard on the same port (port 0 resolved by the first).
+fn bind_all(
+    addr: &str,
+    n: usize,
+    backlog: i32,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr), EdgeError> {
+    let first = net::sys::listener(resolve(addr)?, true, backlog)?;
+    let bound = first.local_addr()?;
+    let mut v = vec![first];
+    for _ in 1..n {
+        v.push(net::sys::listener(bound, true, backlog)?);
+    }
+    Ok((v, bound))
+}
+
+/// Starts the edge: binds every listener, spawns the shards and the admin thread, and returns
+/// once all of them listen.
+pub fn start(config: Config) -> Result<Handle, EdgeError> {
+    config.validate()?;
+    let keys = if config.token_keys.trim().is_empty() {
+        tracing::warn!("token_keys is empty: every auth will be refused");
+        proto::token::KeySet::default()
+    } else {
+        proto::token::KeySet::parse(&config.token_keys)?
+    };
+    let nofile = match net::sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the fd limit");
+            1024
+        }
+    };
+    let capacity = nofile.saturating_sub(FD_RESERVE);
+    let n = config.shard_count();
+    let driver = net::runtime::Driver::from_env_or(config.driver);
+    tracing::info!(
+        fd_limit = nofile,
+        capacity,
+        shards = n,
+        ?driver,
+        "edge starting"
+    );
+
+    let (tcp, tcp_addr) = bind_all(&config.tcp_addr, n, config.backlog)?;
+    let (ws, ws_addr) = bind_all(&config.ws_addr, n, config.backlog)?;
+    let admin_listener = net::sys::listener(resolve(&config.admin_addr)?, false, 128)?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let limits = session::Limits {
+        frame_bytes_max: config.frame_bytes_max,
+        auth_bytes_max: config.auth_bytes_max,
+        ws_message_bytes_max: config.ws_message_bytes_max,
+        ws_handshake_bytes_max: config.ws_handshake_bytes_max,
+        ws_path: config.ws_path.clone(),
+    };
+    let rings = shard::rings(n, config.ring_entries);
+    let node = Arc::new(Node {
+        limits,
+        keys,
+        shards: n,
+        stop: Default::default(),
+        draining: Default::default(),
+        notify: (0..n).map(|_| net::wake::Notify::new()).collect(),
+        metrics: (0..n)
+            .map(|_| Arc::new(metrics::ShardMetrics::default()))
+            .collect(),
+        links: Mutex::new(Vec::new()),
+        capacity,
+        started: Instant::now(),
+        config,
+    });
+    let plumbing: Vec<Mutex<Option<Plumbing>>> = rings
+        .into_iter()
+        .zip(tcp.into_iter().zip(ws))
+        .map(|((tx, rx), (tcp, ws))| Mutex::new(Some(Plumbing { tx, rx, tcp, ws })))
+        .collect();
+    let plumbing = Arc::new(plumbing);
+    let node2 = node.clone();
+    let mut threads = net::runtime::spawn_shards("edge", n, driver, node.config.pin, move |i| {
+        let p = plumbing
+            .get(i)
+            .and_then(|m| m.lock().ok())
+            .and_then(|mut g| g.take());
+        let node = node2.clone();
+        async move {
+            let Some(p) = p else { return };
+            let s = shard::Shard::new(i, node, p.tx, p.rx);
+            shard::run(s, p.tcp, p.ws).await;
+        }
+    })?;
+
+    let admin_stop = net::wake::Notify::new();
+    let (node3, stop3) = (node.clone(), admin_stop.clone());
+    let (tcp_port, ws_port) = (tcp_addr.port(), ws_addr.port());
+    threads.push(
+        std::thread::Builder::new()
+            .name("edge-admin".into())
+            .spawn(move || {
+                net::runtime::block_on(net::runtime::Driver::Legacy, async move {
+                    let l = match monoio::net::TcpListener::from_std(admin_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "admin listener");
+                            return;
+                        }
+                    };
+                    if let Some(c) = node3.config.control_addr.clone() {
+                        monoio::spawn(control::heartbeat_loop(node3.clone(), c, tcp_port, ws_port));
+                    }
+                    let stop = async move { stop3.notified().await };
+                    net::http::serve(
+                        l,
+                        admin::handler(node3.clone()),
+                        admin::body_bytes_max(),
+                        stop,
+                    )
+                    .await;
+                })
+            })?,
+    );
+    tracing::info!(%tcp_addr, %ws_addr, %admin_addr, "edge listening");
+    Ok(Handle {
+        tcp_addr,
+        ws_addr,
+        admin_addr,
+        node,
+        admin_stop,
+        threads,
+    })
+}

@@ -1,1 +1,91 @@
+//! # loadtest: the load generator and measuring tool (`barrage loadtest`)
+//!
+//! Simulates viewers and publishers against a real stack and measures what a team needs before
+//! a big event: how many viewers a fleet holds, how fast a danmaku reaches them, what it costs,
+//! and what breaks first.
+//!
+//! # Layout
+//! - [`cli`]: the `clap` arguments (`Args`, one subcommand per scenario).
+//! - [`corpus`]: a seeded generator of realistic danmaku bodies (`DANMU_MSG`, `SEND_GIFT`, ...).
+//! - [`compress`]: the compression table (zlib vs brotli per batch size, brotli MB/s per quality).
+//!
+//! # Invariants
+//! - Every run is bounded (duration, counts) and stops by itself.
+//! - Targets that are not loopback are refused unless `--allow-remote` is given.
 #![forbid(unsafe_code)]
+// serde_json::json! recurses once per token; the SEND_GIFT body is a big literal.
+#![recursion_limit = "512"]
+
+pub mod cli;
+pub mod compress;
+pub mod corpus;
+pub mod procstat;
+pub mod publisher;
+pub mod report;
+pub mod run;
+pub mod stats;
+pub mod ticket;
+pub mod viewer;
+
+pub use cli::Args;
+
+use cli::Scenario;
+
+/// Runs one `barrage loadtest` subcommand to completion.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.scenario {
+        Scenario::Compress(c) => compress::run(&c),
+        Scenario::Corpus(c) => {
+            let mut corpus = corpus::Corpus::new(c.seed);
+            let mut total = 0usize;
+            for _ in 0..c.count {
+                let b = corpus.next_body();
+                total += b.len();
+                println!("{}", String::from_utf8_lossy(&b));
+            }
+            eprintln!(
+                "{} messages, average {} bytes",
+                c.count,
+                total / c.count.max(1)
+            );
+            Ok(())
+        }
+        Scenario::Idle(a) => {
+            let json = serde_json::json!({ "common": &a.common });
+            run::run(&a.common, run::Kind::Idle, "idle", json).map(|_| ())
+        }
+        Scenario::Fanout(a) => {
+            let mut common = a.common.clone();
+            common.rooms = 1;
+            let json = serde_json::json!({ "common": &common, "rates": &a.rates, "step_s": a.step_s, "p99_ms_max": a.p99_ms_max });
+            let kind = run::Kind::Publish {
+                steps: a.rates.clone(),
+                step_s: a.step_s,
+                p99_ms_max: a.p99_ms_max,
+                zipf: 0.0,
+                publish_zipf: false,
+            };
+            run::run(&common, kind, "fanout", json).map(|_| ())
+        }
+        Scenario::Rooms(a) => {
+            let json = serde_json::json!({ "common": &a.common, "zipf": a.zipf, "rate": a.rate, "publish_zipf": a.publish_zipf });
+            let kind = run::Kind::Publish {
+                steps: vec![a.rate],
+                step_s: a.common.duration_s,
+                p99_ms_max: u64::MAX,
+                zipf: a.zipf,
+                publish_zipf: a.publish_zipf,
+            };
+            run::run(&a.common, kind, "rooms", json).map(|_| ())
+        }
+        Scenario::Churn(a) => {
+            let json = serde_json::json!({ "common": &a.common, "connects_per_s": a.connects_per_s, "hold_ms": a.hold_ms });
+            let kind = run::Kind::Churn {
+                connects_per_s: a.connects_per_s,
+                hold_ms: a.hold_ms,
+            };
+            run::run(&a.common, kind, "churn", json).map(|_| ())
+        }
+        Scenario::Worker => run::worker(),
+    }
+}

@@ -1,0 +1,204 @@
+//! The edge's configuration: every field has a default and a doc line; unknown fields are an
+//! error so a typo in `edge.toml` fails loudly instead of silently keeping a default.
+
+use crate::EdgeError;
+use net::runtime::Driver;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Edge configuration (`barrage edge --config edge.toml`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Shard (runtime thread) count; 0 means one per core.
+    pub shards: usize,
+    /// Client TCP listen address (Bilibili packets over raw TCP).
+    pub tcp_addr: String,
+    /// Client WebSocket listen address.
+    pub ws_addr: String,
+    /// The only WebSocket path served; other paths get 404.
+    pub ws_path: String,
+    /// Admin HTTP address (`/healthz`, `/metrics`, `/admin/drain`).
+    pub admin_addr: String,
+    /// Broker edge-link addresses (`host:port`); empty runs the edge without a broker.
+    pub broker_addrs: Vec<String>,
+    /// Control HTTP address for registration heartbeats; `None` disables them.
+    pub control_addr: Option<String>,
+    /// Interval between heartbeats to control.
+    pub control_heartbeat_ms: u64,
+    /// This node's id (in link HELLO and control heartbeats).
+    pub node_id: String,
+    /// This node's region (in link HELLO and control heartbeats).
+    pub region: String,
+    /// Host name clients should connect to (sent to control).
+    pub public_host: String,
+    /// Token verification keys, `"ID:SECRET,ID:SECRET"` (proto::token::KeySet::parse).
+    pub token_keys: String,
+    /// Auth (op 7) must arrive this long after connect.
+    pub auth_ms_max: u64,
+    /// A connection that sends nothing for this long is dropped.
+    pub heartbeat_timeout_ms: u64,
+    /// A WebSocket upgrade head must be complete this long after connect (slowloris guard).
+    pub handshake_ms_max: u64,
+    /// Largest client packet (header + body).
+    pub frame_bytes_max: u32,
+    /// Largest op 7 auth body.
+    pub auth_bytes_max: u32,
+    /// Largest WebSocket message from a client (after fragment reassembly).
+    pub ws_message_bytes_max: usize,
+    /// Largest WebSocket upgrade request head.
+    pub ws_handshake_bytes_max: usize,
+    /// Per-connection send queue bound; past it low-priority batches are dropped.
+    pub send_queue_bytes_max: usize,
+    /// A connection whose queue stays over the bound this long is closed.
+    pub stuck_ms_max: u64,
+    /// Connections per shard that have not authenticated yet; more are refused at accept.
+    pub pending_handshakes_max: usize,
+    /// Distinct rooms per shard; an auth into a new room past this is refused.
+    pub rooms_max: usize,
+    /// Read buffer for an authenticated connection (clients only send tiny packets upstream).
+    pub read_buffer_bytes: usize,
+    /// Read buffer while the WebSocket handshake and auth are read.
+    pub handshake_read_buffer_bytes: usize,
+    /// Timer wheel resolution.
+    pub timer_tick_ms: u64,
+    /// Entries per cross-shard ring (one ring per ordered pair of shards).
+    pub ring_entries: usize,
+    /// Largest broker link frame accepted.
+    pub link_frame_bytes_max: u32,
+    /// Link PING interval.
+    pub link_ping_ms: u64,
+    /// A link silent this long is dead and reconnected.
+    pub link_dead_ms: u64,
+    /// Reconnect backoff floor.
+    pub link_backoff_ms_min: u64,
+    /// Reconnect backoff cap.
+    pub link_backoff_ms_max: u64,
+    /// Interval of local viewer COUNTS sent to the brokers.
+    pub counts_interval_ms: u64,
+    /// While draining, connections closed per second (across the node).
+    pub drain_close_per_s: u64,
+    /// Listen backlog.
+    pub backlog: i32,
+    /// Runtime driver; `BARRAGE_DRIVER=uring|legacy|auto` overrides.
+    pub driver: Driver,
+    /// Pin each shard thread to a core.
+    pub pin: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            shards: net::runtime::cores(),
+            tcp_addr: "0.0.0.0:2243".into(),
+            ws_addr: "0.0.0.0:2244".into(),
+            ws_path: "/sub".into(),
+            admin_addr: "127.0.0.1:9243".into(),
+            broker_addrs: Vec::new(),
+            control_addr: None,
+            control_heartbeat_ms: 2_000,
+            node_id: "edge-1".into(),
+            region: "local".into(),
+            public_host: "127.0.0.1".into(),
+            token_keys: String::new(),
+            auth_ms_max: proto::limits::AUTH_MS_MAX,
+            heartbeat_timeout_ms: proto::limits::HEARTBEAT_TIMEOUT_MS,
+            handshake_ms_max: 3_000,
+            frame_bytes_max: proto::limits::FRAME_BYTES_MAX,
+            auth_bytes_max: proto::limits::AUTH_BYTES_MAX,
+            ws_message_bytes_max: proto::limits::WS_MESSAGE_BYTES_MAX,
+            ws_handshake_bytes_max: proto::limits::WS_HANDSHAKE_BYTES_MAX,
+            send_queue_bytes_max: 256 * 1024,
+            stuck_ms_max: 10_000,
+            pending_handshakes_max: 4_096,
+            rooms_max: 100_000,
+            read_buffer_bytes: 32,
+            handshake_read_buffer_bytes: 1_024,
+            timer_tick_ms: 50,
+            ring_entries: 8_192,
+            link_frame_bytes_max: proto::limits::LINK_FRAME_BYTES_MAX,
+            link_ping_ms: 5_000,
+            link_dead_ms: 15_000,
+            link_backoff_ms_min: 100,
+            link_backoff_ms_max: 5_000,
+            counts_interval_ms: 1_000,
+            drain_close_per_s: 2_000,
+            backlog: 4_096,
+            driver: Driver::Auto,
+            pin: true,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown fields are an error.
+    pub fn from_toml_file(path: &Path) -> Result<Config, EdgeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Parses TOML text; unknown fields are an error.
+    pub fn from_toml_str(text: &str) -> Result<Config, EdgeError> {
+        toml::from_str(text).map_err(|e| EdgeError::Config(e.to_string()))
+    }
+
+    /// Shard count with 0 resolved to the core count.
+    pub fn shard_count(&self) -> usize {
+        if self.shards == 0 {
+            net::runtime::cores()
+        } else {
+            self.shards
+        }
+    }
+
+    /// Checks values that would make the edge misbehave rather than fail.
+    pub fn validate(&self) -> Result<(), EdgeError> {
+        let bad = |m: &str| Err(EdgeError::Config(m.to_string()));
+        if self.shard_count() > 64 {
+            return bad("shards must be at most 64");
+        }
+        if self.timer_tick_ms == 0 {
+            return bad("timer_tick_ms must be > 0");
+        }
+        if self.read_buffer_bytes < 16 || self.handshake_read_buffer_bytes < 16 {
+            return bad("read buffers must be at least 16 bytes");
+        }
+        if self.ring_entries < 16 {
+            return bad("ring_entries must be at least 16");
+        }
+        if self.link_backoff_ms_min == 0 || self.link_backoff_ms_max < self.link_backoff_ms_min {
+            return bad("link backoff must satisfy 0 < min <= max");
+        }
+        if self.send_queue_bytes_max == 0 {
+            return bad("send_queue_bytes_max must be > 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_roundtrip_through_toml() {
+        let c = Config::default();
+        let text = toml::to_string(&c).unwrap();
+        let back = Config::from_toml_str(&text).unwrap();
+        assert_eq!(back.tcp_addr, "0.0.0.0:2243");
+        assert_eq!(back.ws_addr, "0.0.0.0:2244");
+        assert_eq!(back.admin_addr, "127.0.0.1:9243");
+        assert_eq!(back.auth_ms_max, 5_000);
+        assert_eq!(back.heartbeat_timeout_ms, 60_000);
+        back.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        assert!(Config::from_toml_str("shards = 2\nshardz = 3\n").is_err());
+        let c = Config::from_toml_str("shards = 2\ndriver = \"legacy\"\n").unwrap();
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.driver, Driver::Legacy);
+    }
+}

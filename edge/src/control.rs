@@ -1,0 +1,77 @@
+//! Control client: registers this edge and reports load every `control_heartbeat_ms`
+//! (`POST /v1/edges/heartbeat`, see notes/roles.md). Control drops an edge whose heartbeats
+//! stop, so a failed heartbeat is only logged and retried on the next interval.
+
+use crate::shard::Node;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One heartbeat request may take this long.
+const CONTROL_REQUEST_MS_MAX: u64 = 2_000;
+
+/// The heartbeat body.
+pub(crate) fn heartbeat_body(node: &Node, tcp_port: u16, ws_port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "node_id": node.config.node_id,
+        "region": node.config.region,
+        "host": node.config.public_host,
+        "tcp_port": tcp_port,
+        "ws_port": ws_port,
+        "wss_port": 0,
+        "connections": node.connections(),
+        "capacity": node.capacity,
+        "draining": node.draining.load(Ordering::Relaxed),
+    })
+}
+
+/// Sends heartbeats until the node stops.
+pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, tcp_port: u16, ws_port: u16) {
+    let every = Duration::from_millis(node.config.control_heartbeat_ms.max(100));
+    let mut failing = false;
+    loop {
+        if node.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let body = heartbeat_body(&node, tcp_port, ws_port).to_string();
+        let res = net::http::request(
+            &addr,
+            "POST",
+            "/v1/edges/heartbeat",
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+            Duration::from_millis(CONTROL_REQUEST_MS_MAX),
+        )
+        .await;
+        match res {
+            Ok(r) if r.status == 200 => {
+                if failing {
+                    tracing::info!(control = %addr, "control heartbeats accepted again");
+                }
+                failing = false;
+            }
+            Ok(r) => {
+                if !failing {
+                    tracing::warn!(control = %addr, status = r.status, "control refused heartbeat");
+                }
+                failing = true;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(control = %addr, error = %e, "control heartbeat failed");
+                }
+                failing = true;
+            }
+        }
+        // Sleep in short steps so shutdown is prompt.
+        let mut left = every;
+        while !left.is_zero() {
+            if node.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let step = left.min(Duration::from_millis(100));
+            monoio::time::sleep(step).await;
+            left -= step;
+        }
+    }
+}

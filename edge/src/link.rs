@@ -1,0 +1,527 @@
+//! Broker links, client side (proto::link): HELLO, PING every `link_ping_ms`, dead after
+//! `link_dead_ms` of silence, reconnect with capped jittered backoff, and the node's interest.
+//!
+//! All links of the node terminate on the link shard (shard 0), which also owns the
+//! node-wide [`NodeInterest`]. Per broker address the first link is (broker shard 0, Low);
+//! its HELLO reply names the broker's shard count, and then one link per (broker shard,
+//! priority) runs. SUB/UNSUB/COUNTS for a room go on the Low link of the broker shard that owns
+//! the room (`proto::link::shard_of_room`).
+//!
+//! Invariants:
+//! - On every (re)connect of a Low link, the full interest it owns is re-sent before anything
+//!   else, so a broker that lost us never misses a room silently.
+//! - A SUB/UNSUB produced while a link is down is not queued: the re-send on connect covers it.
+//! - The backoff grows exponentially from `link_backoff_ms_min` to `link_backoff_ms_max`, with
+//!   jitter in [delay/2, delay], and resets after a successful HELLO.
+
+use crate::interest::{NodeInterest, Update};
+use crate::metrics::{DropReason, LinkMetrics};
+use crate::shard::{Msg, Node, Shard};
+use bytes::{Bytes, BytesMut};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+use net::wake::Notify;
+use proto::id::{Priority, RoomId, Scope};
+use proto::link::{self as wire, caps, Batch, Hello, Interest, LinkError, LinkFrame};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Connect attempts give up after this long (then back off).
+const CONNECT_MS_MAX: u64 = 3_000;
+/// Read buffer growth step for link frames.
+const LINK_READ_BYTES: usize = 16 * 1024;
+
+/// Capped exponential backoff with jitter (sans-io: the caller supplies randomness).
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    min_ms: u64,
+    max_ms: u64,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min_ms: u64, max_ms: u64) -> Backoff {
+        Backoff {
+            min_ms: min_ms.max(1),
+            max_ms: max_ms.max(min_ms.max(1)),
+            attempt: 0,
+        }
+    }
+
+    /// The next delay; `rand` is any random u64 (jitter picks within [delay/2, delay]).
+    pub fn next_delay(&mut self, rand: u64) -> Duration {
+        let exp = self.min_ms.saturating_mul(1u64 << self.attempt.min(20));
+        let cap = exp.min(self.max_ms);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = cap / 2;
+        Duration::from_millis(half + rand % (cap - half + 1))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// One link: (broker, broker shard, priority).
+pub(crate) struct Slot {
+    broker_shard: u16,
+    priority: Priority,
+    /// Encoded frames waiting for the writer.
+    out: RefCell<Vec<u8>>,
+    wake: Arc<Notify>,
+    up: Cell<bool>,
+    metrics: Arc<LinkMetrics>,
+}
+
+impl Slot {
+    fn send(&self, frame: &LinkFrame) {
+        if !self.up.get() {
+            return;
+        }
+        wire::encode(frame, &mut self.out.borrow_mut());
+        self.metrics.frames_out.inc();
+        self.wake.notify();
+    }
+}
+
+struct Broker {
+    addr: String,
+    /// The broker's shard count (0 until its first HELLO).
+    shards: Cell<u16>,
+    slots: RefCell<Vec<Rc<Slot>>>,
+}
+
+impl Broker {
+    fn low_slot(&self, broker_shard: u16) -> Option<Rc<Slot>> {
+        self.slots
+            .borrow()
+            .iter()
+            .find(|s| s.broker_shard == broker_shard && s.priority == Priority::Low)
+            .cloned()
+    }
+
+    fn owner(&self, interest: &Interest) -> u16 {
+        let n = self.shards.get().max(1);
+        match interest {
+            Interest::Room(r) => wire::shard_of_room(*r, n),
+            Interest::Area(a) => wire::shard_of_area(*a, n),
+        }
+    }
+}
+
+/// The link shard's view of every broker and the node's interest.
+pub(crate) struct Hub {
+    pub interest: RefCell<NodeInterest>,
+    brokers: Vec<Rc<Broker>>,
+    stopped: Cell<bool>,
+}
+
+impl Hub {
+    pub fn new(node: &Node) -> Hub {
+        let brokers = node
+            .config
+            .broker_addrs
+            .iter()
+            .map(|a| {
+                Rc::new(Broker {
+                    addr: a.clone(),
+                    shards: Cell::new(0),
+                    slots: RefCell::new(Vec::new()),
+                })
+            })
+            .collect();
+        Hub {
+            interest: RefCell::new(NodeInterest::new(node.shards)),
+            brokers,
+            stopped: Cell::new(false),
+        }
+    }
+
+    /// Spawns the first link of each broker and the COUNTS task (on the link shard's runtime).
+    pub fn start(self: &Rc<Self>, shard: &Rc<Shard>) {
+        for b in &self.brokers {
+            let slot = new_slot(shard, b, 0, Priority::Low);
+            monoio::spawn(run_link(shard.clone(), b.clone(), slot));
+        }
+        monoio::spawn(counts_loop(shard.clone()));
+    }
+
+    pub fn stop(&self) {
+        self.stopped.set(true);
+        for b in &self.brokers {
+            for s in b.slots.borrow().iter() {
+                s.wake.notify();
+            }
+        }
+    }
+
+    /// A shard's encoding set for an interest changed.
+    pub fn on_interest(&self, from: usize, interest: Interest, set: u8) {
+        let update = self
+            .interest
+            .borrow_mut()
+            .update(from, interest.clone(), set);
+        let Some(update) = update else { return };
+        let frame = match update {
+            Update::Sub(encodings) => LinkFrame::Sub {
+                interest: interest.clone(),
+                encodings,
+            },
+            Update::Unsub => LinkFrame::Unsub {
+                interest: interest.clone(),
+            },
+        };
+        for b in &self.brokers {
+            if let Some(slot) = b.low_slot(b.owner(&interest)) {
+                slot.send(&frame);
+            }
+        }
+    }
+
+    /// Routes a batch to the shards with viewers wanting it.
+    fn dispatch(&self, shard: &Shard, batch: Batch) {
+        let bit = batch.encoding.bit();
+        let targets: Vec<usize> = match &batch.scope {
+            Scope::Room(r) => self
+                .interest
+                .borrow()
+                .shards_for(&Interest::Room(*r), bit)
+                .collect(),
+            Scope::Area(a) => self
+                .interest
+                .borrow()
+                .shards_for(&Interest::Area(*a), bit)
+                .collect(),
+            Scope::Global => (0..shard.node.shards).collect(),
+            Scope::User(_) | Scope::Device(_) => {
+                shard.m().dropped(DropReason::Unroutable, 1);
+                return;
+            }
+        };
+        let batch = Arc::new(batch);
+        for t in targets {
+            shard.send_to(t, Msg::Batch(batch.clone()));
+        }
+    }
+
+    fn broadcast_counts(&self, shard: &Shard, counts: Vec<(RoomId, u32)>) {
+        let c = Arc::new(counts);
+        for t in 0..shard.node.shards {
+            shard.send_to(t, Msg::FleetCounts(c.clone()));
+        }
+    }
+}
+
+fn new_slot(shard: &Shard, b: &Broker, broker_shard: u16, priority: Priority) -> Rc<Slot> {
+    let metrics = Arc::new(LinkMetrics {
+        broker: b.addr.clone(),
+        broker_shard,
+        priority: if priority == Priority::High {
+            "high"
+        } else {
+            "low"
+        },
+        ..Default::default()
+    });
+    if let Ok(mut l) = shard.node.links.lock() {
+        l.push(metrics.clone());
+    }
+    let slot = Rc::new(Slot {
+        broker_shard,
+        priority,
+        out: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        up: Cell::new(false),
+        metrics,
+    });
+    b.slots.borrow_mut().push(slot.clone());
+    slot
+}
+
+fn hello(node: &Node, broker_shard: u16, priority: Priority) -> LinkFrame {
+    LinkFrame::Hello(Hello {
+        node_id: node.config.node_id.clone(),
+        region: node.config.region.clone(),
+        shards: node.shards as u16,
+        link_shard: broker_shard,
+        priority,
+        capabilities: caps::ZLIB | caps::PLAIN,
+    })
+}
+
+async fn run_link(shard: Rc<Shard>, broker: Rc<Broker>, slot: Rc<Slot>) {
+    let cfg = &shard.node.config;
+    let mut backoff = Backoff::new(cfg.link_backoff_ms_min, cfg.link_backoff_ms_max);
+    loop {
+        if stopped(&shard) {
+            return;
+        }
+        slot.metrics.connects.inc();
+        match serve_link(&shard, &broker, &slot, &mut backoff).await {
+            Ok(()) => {
+                tracing::info!(broker = %broker.addr, shard = slot.broker_shard, "broker link closed")
+            }
+            Err(e) => {
+                tracing::info!(broker = %broker.addr, shard = slot.broker_shard, error = %e, "broker link down")
+            }
+        }
+        slot.up.set(false);
+        slot.metrics.up.set(0);
+        slot.out.borrow_mut().clear();
+        if stopped(&shard) {
+            return;
+        }
+        let d = backoff.next_delay(rand::random());
+        monoio::time::sleep(d).await;
+    }
+}
+
+fn stopped(shard: &Shard) -> bool {
+    shard.node.stop.load(Ordering::Acquire) || shard.hub.as_ref().is_some_and(|h| h.stopped.get())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LinkFail {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("protocol: {0}")]
+    Proto(#[from] LinkError),
+    #[error("peer closed")]
+    Closed,
+    #[error("silent past link_dead_ms")]
+    Dead,
+    #[error("expected HELLO")]
+    NoHello,
+}
+
+async fn serve_link(
+    shard: &Rc<Shard>,
+    broker: &Rc<Broker>,
+    slot: &Rc<Slot>,
+    backoff: &mut Backoff,
+) -> Result<(), LinkFail> {
+    let cfg = &shard.node.config;
+    let stream = monoio::time::timeout(
+        Duration::from_millis(CONNECT_MS_MAX),
+        TcpStream::connect(broker.addr.as_str()),
+    )
+    .await
+    .map_err(|_| LinkFail::Timeout)??;
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut first = Vec::new();
+    wire::encode(
+        &hello(&shard.node, slot.broker_shard, slot.priority),
+        &mut first,
+    );
+    let (res, _) = wr.write_all(first).await;
+    res?;
+    let mut buf = BytesMut::with_capacity(LINK_READ_BYTES);
+    let max = cfg.link_frame_bytes_max;
+    let dead = Duration::from_millis(cfg.link_dead_ms);
+    // The HELLO reply.
+    let frame = monoio::time::timeout(dead, read_frame(&mut rd, &mut buf, max))
+        .await
+        .map_err(|_| LinkFail::Timeout)??;
+    let LinkFrame::Hello(h) = frame else {
+        return Err(LinkFail::NoHello);
+    };
+    backoff.reset();
+    if slot.broker_shard == 0 && slot.priority == Priority::Low {
+        let before = broker.shards.get();
+        broker.shards.set(h.shards.max(1));
+        if before == 0 {
+            // First contact: open the remaining links.
+            for s in 0..h.shards.max(1) {
+                for p in [Priority::Low, Priority::High] {
+                    if s == 0 && p == Priority::Low {
+                        continue;
+                    }
+                    let sl = new_slot(shard, broker, s, p);
+                    monoio::spawn(run_link(shard.clone(), broker.clone(), sl));
+                }
+            }
+        } else if before != h.shards.max(1) {
+            tracing::warn!(broker = %broker.addr, before, now = h.shards, "broker shard count changed; restart the edge to re-map links");
+        }
+    }
+    slot.up.set(true);
+    slot.metrics.up.set(1);
+    tracing::info!(broker = %broker.addr, shard = slot.broker_shard, priority = ?slot.priority, "broker link up");
+    if slot.priority == Priority::Low {
+        if let Some(hub) = &shard.hub {
+            let frames: Vec<LinkFrame> = hub
+                .interest
+                .borrow()
+                .all()
+                .filter(|(i, _)| broker.owner(i) == slot.broker_shard)
+                .map(|(i, set)| LinkFrame::Sub {
+                    interest: i.clone(),
+                    encodings: set,
+                })
+                .collect();
+            for f in &frames {
+                slot.send(f);
+            }
+        }
+    }
+    let last_rx = Cell::new(Instant::now());
+    let reader = async {
+        loop {
+            let f = read_frame(&mut rd, &mut buf, max).await?;
+            last_rx.set(Instant::now());
+            on_frame(shard, slot, f);
+        }
+    };
+    let writer = async {
+        loop {
+            let out = std::mem::take(&mut *slot.out.borrow_mut());
+            if out.is_empty() {
+                if stopped(shard) {
+                    return Ok::<(), LinkFail>(());
+                }
+                slot.wake.notified().await;
+                continue;
+            }
+            let (res, mut back) = wr.write_all(out).await;
+            res?;
+            // Reuse the allocation when nothing new arrived meanwhile.
+            back.clear();
+            let mut o = slot.out.borrow_mut();
+            if o.is_empty() {
+                *o = back;
+            }
+        }
+    };
+    let ping_every = Duration::from_millis(cfg.link_ping_ms.max(1));
+    let pinger = async {
+        let mut nonce = 0u64;
+        loop {
+            monoio::time::sleep(ping_every.min(dead / 2)).await;
+            if stopped(shard) {
+                return Ok::<(), LinkFail>(());
+            }
+            if last_rx.get().elapsed() > dead {
+                return Err(LinkFail::Dead);
+            }
+            nonce += 1;
+            slot.send(&LinkFrame::Ping { nonce });
+        }
+    };
+    monoio::select! {
+        r = reader => r,
+        r = writer => r,
+        r = pinger => r,
+    }
+}
+
+async fn read_frame(
+    rd: &mut monoio::io::OwnedReadHalf<TcpStream>,
+    buf: &mut BytesMut,
+    max: u32,
+) -> Result<LinkFrame, LinkFail> {
+    loop {
+        match wire::frame_len(buf, max) {
+            Ok(n) if buf.len() >= n => {
+                let bytes: Bytes = buf.split_to(n).freeze();
+                let (f, _) = wire::decode(&bytes, max)?;
+                return Ok(f);
+            }
+            Ok(n) => {
+                let want = n - buf.len();
+                buf.reserve(want.max(LINK_READ_BYTES));
+            }
+            Err(LinkError::Incomplete) => buf.reserve(LINK_READ_BYTES),
+            Err(e) => return Err(e.into()),
+        }
+        // monoio reads into a buffer from its start: read into the spare capacity only, so
+        // the partial frame already buffered is kept.
+        let b = std::mem::take(buf);
+        let len = b.len();
+        let (res, b) = rd.read(b.slice_mut(len..)).await;
+        *buf = b.into_inner();
+        if res? == 0 {
+            return Err(LinkFail::Closed);
+        }
+    }
+}
+
+fn on_frame(shard: &Rc<Shard>, slot: &Slot, f: LinkFrame) {
+    let Some(hub) = &shard.hub else { return };
+    match f {
+        LinkFrame::Batch(b) => {
+            slot.metrics.batches_in.inc();
+            slot.metrics.bytes_in.add(b.packet.len() as u64);
+            hub.dispatch(shard, b);
+        }
+        LinkFrame::Counts(c) => hub.broadcast_counts(shard, c),
+        LinkFrame::Ping { nonce } => slot.send(&LinkFrame::Pong { nonce }),
+        LinkFrame::Pong { .. } | LinkFrame::Hello(_) => {}
+        // Edge -> broker frames arriving here are a broker bug; ignore rather than drop the link.
+        LinkFrame::Sub { .. }
+        | LinkFrame::Unsub { .. }
+        | LinkFrame::Presence(_)
+        | LinkFrame::Ack { .. } => {}
+    }
+}
+
+/// Sends the node's viewer counts to each broker shard every `counts_interval_ms`.
+async fn counts_loop(shard: Rc<Shard>) {
+    let every = Duration::from_millis(shard.node.config.counts_interval_ms.max(1));
+    loop {
+        monoio::time::sleep(every).await;
+        let Some(hub) = &shard.hub else { return };
+        if stopped(&shard) {
+            return;
+        }
+        let counts = hub.interest.borrow().node_counts();
+        for b in &hub.brokers {
+            let n = b.shards.get();
+            if n == 0 {
+                continue;
+            }
+            for s in 0..n {
+                let mine: Vec<(RoomId, u32)> = counts
+                    .iter()
+                    .filter(|(r, _)| wire::shard_of_room(*r, n) == s)
+                    .copied()
+                    .collect();
+                if let Some(slot) = b.low_slot(s) {
+                    slot.send(&LinkFrame::Counts(mine));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_resets() {
+        let mut b = Backoff::new(100, 5_000);
+        let mut last_cap = 0;
+        for i in 0..12 {
+            let lo = b.clone().next_delay(0).as_millis() as u64;
+            let hi = b.clone().next_delay(u64::MAX - 1).as_millis() as u64;
+            let cap = (100u64 << i).min(5_000);
+            assert!(
+                lo >= cap / 2 && hi <= cap,
+                "attempt {i}: {lo}..{hi} vs cap {cap}"
+            );
+            assert!(cap >= last_cap);
+            last_cap = cap;
+            b.next_delay(12345);
+        }
+        assert_eq!(last_cap, 5_000);
+        b.reset();
+        assert!(b.next_delay(7).as_millis() <= 100);
+    }
+}

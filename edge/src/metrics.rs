@@ -1,0 +1,122 @@
+//! Counters. Each shard owns one [`ShardMetrics`] and is its only writer; the admin thread only
+//! reads. A single writer means an increment is a relaxed load and store (no locked RMW on the
+//! hot path); readers may see a value a moment old, which is all Prometheus needs.
+
+use crate::session::{AuthFail, CloseReason};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A single-writer counter or gauge.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    #[inline]
+    pub fn dec(&self) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+    }
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a batch was not delivered to a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The connection's send queue was over `send_queue_bytes_max` (low priority only).
+    QueueFull,
+    /// The cross-shard ring was full.
+    RingFull,
+    /// A scope the edge cannot route yet (user/device).
+    Unroutable,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [
+        DropReason::QueueFull,
+        DropReason::RingFull,
+        DropReason::Unroutable,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::RingFull => "ring_full",
+            DropReason::Unroutable => "unroutable",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One shard's counters.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    pub conns_tcp: Counter,
+    pub conns_ws: Counter,
+    pub accepted: Counter,
+    pub auth_ok: Counter,
+    pub auth_failed: [Counter; AuthFail::ALL.len()],
+    pub closes: [Counter; CloseReason::ALL.len()],
+    pub heartbeats: Counter,
+    pub acks: Counter,
+    /// Batches this shard fanned out.
+    pub batches_in: Counter,
+    /// Bytes of batches received (once per batch per shard).
+    pub batch_bytes_in: Counter,
+    /// Sends queued to connections (one per batch per viewer).
+    pub sends: Counter,
+    /// Bytes written to clients.
+    pub bytes_out: Counter,
+    pub drops: [Counter; DropReason::ALL.len()],
+    pub rooms: Counter,
+    pub pending_handshakes: Counter,
+}
+
+impl ShardMetrics {
+    pub fn auth_failed(&self, f: AuthFail) {
+        self.auth_failed[f.index()].inc();
+    }
+    pub fn closed(&self, r: CloseReason) {
+        self.closes[r.index()].inc();
+    }
+    pub fn dropped(&self, r: DropReason, n: u64) {
+        self.drops[r.index()].add(n);
+    }
+    pub fn drops_of(&self, r: DropReason) -> u64 {
+        self.drops[r.index()].get()
+    }
+    pub fn closes_of(&self, r: CloseReason) -> u64 {
+        self.closes[r.index()].get()
+    }
+}
+
+/// State of one broker link, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct LinkMetrics {
+    pub broker: String,
+    pub broker_shard: u16,
+    pub priority: &'static str,
+    pub up: Counter,
+    pub connects: Counter,
+    pub batches_in: Counter,
+    pub bytes_in: Counter,
+    pub frames_out: Counter,
+}

@@ -1,0 +1,247 @@
+//! Benchmarks, not tests (ignored; they report numbers and assert only that the run worked):
+//!
+//! ```text
+//! CARGO_TARGET_DIR=... cargo test --release -p edge --test bench -- --ignored --nocapture --test-threads=1 bench_
+//! ```
+//! - `bench_idle_memory_*`: RSS delta of the edge process per idle authenticated connection at
+//!   `BENCH_IDLE_CONNS` (default 19,000) connections. The viewers run in a child process (this
+//!   test binary re-executed as `viewers_helper`) because one process may hold only 20,000 fds.
+//! - `bench_fanout_*`: one shard, `BENCH_VIEWERS` TCP viewers of one room in a child process,
+//!   `BENCH_BATCHES` batches from a test broker; reports sends per second of wall time and per
+//!   CPU-second of the edge process.
+
+mod common;
+
+use common::*;
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRentExt};
+use net::runtime::Driver;
+use proto::id::Encoding;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROOM: u64 = 77;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Starts the viewers child process and waits for its READY line.
+fn spawn_viewers(
+    addr: std::net::SocketAddr,
+    n: usize,
+    mode: &str,
+) -> (Child, BufReader<std::process::ChildStdout>) {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "--ignored",
+            "--exact",
+            "viewers_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("VIEWERS_ADDR", addr.to_string())
+        .env("VIEWERS_N", n.to_string())
+        .env("VIEWERS_MODE", mode)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("viewers exited before READY");
+        }
+        // libtest prints "test viewers_helper ... " before the test's own output.
+        if let Some(rest) = line.trim().split("READY ").nth(1) {
+            let got: usize = rest.parse().unwrap();
+            assert_eq!(got, n, "viewers authenticated");
+            break;
+        }
+        assert!(Instant::now() < deadline, "viewers not ready in time");
+    }
+    (child, out)
+}
+
+/// The child side: `VIEWERS_N` TCP viewers of ROOM; prints `READY n` once all are authenticated,
+/// then idles (or reads everything, mode `read`) until killed.
+#[test]
+#[ignore]
+fn viewers_helper() {
+    let Ok(addr) = std::env::var("VIEWERS_ADDR") else {
+        return;
+    };
+    let n = env_usize("VIEWERS_N", 1000);
+    let read_mode = std::env::var("VIEWERS_MODE").as_deref() == Ok("read");
+    let _ = net::sys::raise_nofile_limit();
+    net::runtime::block_on(Driver::Legacy, async move {
+        let ready = std::rc::Rc::new(std::cell::Cell::new(0usize));
+        const WAVE: usize = 500;
+        let mut started = 0;
+        while started < n {
+            let wave = WAVE.min(n - started);
+            let target = ready.get() + wave;
+            for i in started..started + wave {
+                let (addr, ready) = (addr.clone(), ready.clone());
+                monoio::spawn(async move {
+                    let mut s = match monoio::net::TcpStream::connect(addr.as_str()).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("viewer {i}: connect: {e}");
+                            return;
+                        }
+                    };
+                    let (r, _) = s
+                        .write_all(auth_packet(
+                            i as u64 + 1,
+                            ROOM,
+                            0,
+                            token(i as u64 + 1, ROOM, 1),
+                        ))
+                        .await;
+                    if r.is_err() {
+                        return;
+                    }
+                    let (r, b) = s.read_exact(vec![0u8; 26]).await;
+                    if r.is_err() || b != proto::auth::auth_reply(0) {
+                        eprintln!("viewer {i}: auth: {r:?} {b:?}");
+                        return;
+                    }
+                    ready.set(ready.get() + 1);
+                    let mut buf = vec![0u8; if read_mode { 16 * 1024 } else { 16 }];
+                    loop {
+                        let (r, b) = s.read(buf).await;
+                        buf = b;
+                        if !matches!(r, Ok(n) if n > 0) {
+                            return;
+                        }
+                    }
+                });
+            }
+            started += wave;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while ready.get() < target && Instant::now() < deadline {
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+            eprintln!("viewers: {} ready", ready.get());
+        }
+        println!("READY {}", ready.get());
+        loop {
+            monoio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
+}
+
+fn idle_memory(driver: Driver) {
+    let n = env_usize("BENCH_IDLE_CONNS", 19_000);
+    let mut cfg = edge_config(driver, vec![]);
+    cfg.shards = env_usize("BENCH_SHARDS", 2);
+    cfg.timer_tick_ms = 50;
+    let edge = edge::start(cfg).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let rss0 = net::sys::rss_bytes();
+    let (mut child, _out) = spawn_viewers(edge.tcp_addr(), n, "idle");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while edge.connections() as usize != n {
+        assert!(Instant::now() < deadline, "connections not seated");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rss1 = net::sys::rss_bytes();
+    let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
+    println!(
+        "BENCH idle_memory driver={} conns={} rss_before={} rss_after={} bytes_per_conn={:.0} (conn slab entry {} bytes)",
+        format!("{driver:?}").to_lowercase(),
+        n,
+        rss0,
+        rss1,
+        per,
+        edge::conn_entry_bytes()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    edge.shutdown();
+}
+
+/// CPU seconds (user + system) of this process so far.
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the ')' split.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn fanout(driver: Driver) {
+    let viewers = env_usize("BENCH_VIEWERS", 2_000);
+    let batches = env_usize("BENCH_BATCHES", 500);
+    let broker = TestBroker::start(1);
+    let mut cfg = edge_config(driver, vec![broker.addr_string()]);
+    cfg.shards = 1;
+    // Measure the send path, not the drop path: the queue holds shared handles only.
+    cfg.send_queue_bytes_max = 1 << 30;
+    let edge = edge::start(cfg).unwrap();
+    broker.wait_links(2);
+    let (mut child, _out) = spawn_viewers(edge.tcp_addr(), viewers, "read");
+    broker.wait_seen("SUB", |s| s.iter().any(|x| matches!(x, Seen::Sub(..))));
+    let bs: Vec<_> = (1..=batches as u64)
+        .map(|s| room_batch(ROOM, s, Encoding::Plain, 900))
+        .collect();
+    let len = bs[0].packet.len();
+    let want_bytes = (viewers * batches * len) as f64;
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    for b in &bs {
+        broker.send(b);
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while metric_sum(&edge.metrics_text(), "barrage_edge_bytes_out_total") < want_bytes {
+        assert!(Instant::now() < deadline, "fan-out did not finish");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let m = edge.metrics_text();
+    let sends = metric_sum(&m, "barrage_edge_sends_total");
+    println!(
+        "BENCH fanout driver={} viewers={viewers} batches={batches} batch_bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} edge_cpu_s={cpu:.3} sends_per_cpu_s={:.0} drops={}",
+        format!("{driver:?}").to_lowercase(),
+        sends / wall,
+        sends / cpu.max(1e-9),
+        metric_sum(&m, "barrage_edge_drops_total")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    edge.shutdown();
+}
+
+#[test]
+#[ignore]
+fn bench_idle_memory_uring() {
+    with_driver(Driver::Uring, idle_memory);
+}
+
+#[test]
+#[ignore]
+fn bench_idle_memory_legacy() {
+    with_driver(Driver::Legacy, idle_memory);
+}
+
+#[test]
+#[ignore]
+fn bench_fanout_uring() {
+    with_driver(Driver::Uring, fanout);
+}
+
+#[test]
+#[ignore]
+fn bench_fanout_legacy() {
+    with_driver(Driver::Legacy, fanout);
+}

@@ -1,0 +1,666 @@
+//! `barrage tail`: a viewer on the command line, and our reference client.
+//!
+//! It asks control for a token and edges (`POST /v1/connect` with an API key, or as a guest
+//! the public discovery calls `getInfoByRoom` + `getDanmuInfo`, exactly as third-party clients
+//! do), connects to the first edge that answers, authenticates with `protover 3`, heartbeats
+//! every 30 s from its own thread, and prints the body of every op 5 packet as one JSON line on
+//! stdout. Heartbeat replies (online counts) go to stderr.
+//!
+//! Blocking std sockets on purpose: one connection needs no runtime, and the code reads as the
+//! protocol does. A WebSocket message and a TCP read are both just bytes holding whole packets,
+//! so both feed the same packet decoder.
+
+use anyhow::{anyhow, bail, Context};
+use base64::Engine;
+use proto::auth::{AuthBody, AUTH_OK};
+use proto::packet::{op, OwnedPacket, StreamDecoder};
+use proto::ws::{FrameDecoder, Message as WsMessage, Opcode};
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Interval between heartbeats, as the web client sends them.
+const HEARTBEAT_INTERVAL_MS: u64 = 30_000;
+/// Connecting to one edge may take this long before trying the next.
+const CONNECT_MS_MAX: u64 = 3_000;
+/// The auth reply must arrive this long after the auth packet.
+const AUTH_REPLY_MS_MAX: u64 = 5_000;
+/// Each blocking read wakes up at least this often to check the deadline.
+const READ_POLL_MS: u64 = 250;
+/// Control calls time out after this long.
+const CONTROL_MS_MAX: u64 = 5_000;
+/// Largest WebSocket upgrade response head accepted.
+const WS_HEAD_BYTES_MAX: usize = 8 * 1024;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Ws,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TailArgs {
+    /// The room to watch (a short id works too).
+    #[arg(long)]
+    pub room: u64,
+    /// Raw TCP (port 2243) or WebSocket (port 2244, path /sub).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: Transport,
+    /// Control's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub control: String,
+    /// API key for `POST /v1/connect`; without it, tail is a guest via getDanmuInfo.
+    #[arg(long, env = "BARRAGE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The user id to connect as (needs --api-key unless 0).
+    #[arg(long, default_value_t = 0)]
+    pub uid: u64,
+    /// Device id (buvid); random when not given.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Exit after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit after this many seconds (an error if --count messages have not arrived by then).
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// Compression asked for: 3 brotli, 2 zlib, 0 plain.
+    #[arg(long, default_value_t = 3)]
+    pub protover: u32,
+}
+
+/// One edge to try.
+#[derive(Debug, Clone)]
+struct EdgeAddr {
+    host: String,
+    tcp_port: u16,
+    ws_port: u16,
+}
+
+/// What control answered.
+#[derive(Debug)]
+struct Ticket {
+    room: u64,
+    token: String,
+    edges: Vec<EdgeAddr>,
+}
+
+/// `http://host:port/...` or `host:port` -> `host:port`.
+fn control_authority(url: &str) -> anyhow::Result<String> {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    if url.starts_with("https://") {
+        bail!(
+            "tail speaks plain HTTP to control; put a TLS terminator's plain address in --control"
+        );
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        bail!("--control {url:?} has no host");
+    }
+    Ok(if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    })
+}
+
+fn control_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<serde_json::Value> {
+    let (addr_s, method_s, path_s) = (addr.to_string(), method.to_string(), path.to_string());
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let body = body.to_vec();
+    let resp = net::runtime::block_on(net::runtime::Driver::Legacy, async move {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        net::http::request(
+            &addr_s,
+            &method_s,
+            &path_s,
+            &h,
+            &body,
+            Duration::from_millis(CONTROL_MS_MAX),
+        )
+        .await
+    })
+    .with_context(|| format!("calling control at {addr}{path}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&resp.body).with_context(|| {
+        format!(
+            "control answered {path} with non-JSON (status {})",
+            resp.status
+        )
+    })?;
+    if resp.status != 200 {
+        bail!("control answered {path} with {}: {}", resp.status, v);
+    }
+    Ok(v)
+}
+
+fn ticket(args: &TailArgs, device: &str) -> anyhow::Result<Ticket> {
+    let addr = control_authority(&args.control)?;
+    let port = |v: &serde_json::Value| v.as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+    if let Some(key) = &args.api_key {
+        let body =
+            serde_json::json!({"room": args.room, "uid": args.uid, "device": device}).to_string();
+        let auth = format!("Bearer {key}");
+        let v = control_call(
+            &addr,
+            "POST",
+            "/v1/connect",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body.as_bytes(),
+        )?;
+        let token = v["token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no token in {v}"))?
+            .to_string();
+        let edges = v["edges"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| EdgeAddr {
+                        host: e["host"].as_str().unwrap_or("").to_string(),
+                        tcp_port: port(&e["tcp_port"]),
+                        ws_port: port(&e["ws_port"]),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Ok(Ticket {
+            room: v["room"].as_u64().unwrap_or(args.room),
+            token,
+            edges,
+        });
+    }
+    if args.uid != 0 {
+        bail!(
+            "--uid {} needs --api-key (only guests connect without one)",
+            args.uid
+        );
+    }
+    // The guest path, in the order third-party clients take it: resolve the room, then discovery.
+    let info = control_call(
+        &addr,
+        "GET",
+        &format!(
+            "/xlive/web-room/v1/index/getInfoByRoom?room_id={}",
+            args.room
+        ),
+        &[],
+        b"",
+    )?;
+    if info["code"] != 0 {
+        bail!("getInfoByRoom refused room {}: {info}", args.room);
+    }
+    let room = info["data"]["room_info"]["room_id"]
+        .as_u64()
+        .unwrap_or(args.room);
+    let v = control_call(
+        &addr,
+        "GET",
+        &format!("/xlive/web-room/v1/index/getDanmuInfo?id={room}&type=0"),
+        &[],
+        b"",
+    )?;
+    if v["code"] != 0 {
+        bail!("getDanmuInfo refused room {room}: {v}");
+    }
+    let token = v["data"]["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no token in {v}"))?
+        .to_string();
+    let edges = v["data"]["host_list"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| EdgeAddr {
+                    host: e["host"].as_str().unwrap_or("").to_string(),
+                    tcp_port: port(&e["port"]),
+                    ws_port: port(&e["ws_port"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Ticket { room, token, edges })
+}
+
+/// A connected transport: writes whole packets, reads raw bytes that hold whole packets.
+enum Conn {
+    Tcp(TcpStream),
+    Ws {
+        stream: TcpStream,
+        frames: FrameDecoder,
+        buf: Vec<u8>,
+    },
+}
+
+fn random_mask() -> [u8; 4] {
+    rand::random()
+}
+
+/// Writes one packet (a binary WebSocket message on WS).
+fn write_packet(stream: &mut TcpStream, ws: bool, packet: &[u8]) -> std::io::Result<()> {
+    if ws {
+        stream.write_all(&proto::ws::encode_client_frame(
+            Opcode::Binary,
+            packet,
+            random_mask(),
+        ))
+    } else {
+        stream.write_all(packet)
+    }
+}
+
+fn connect_tcp(host: &str, port: u16) -> anyhow::Result<TcpStream> {
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {host}:{port}"))?
+        .collect();
+    let mut last = anyhow!("{host}:{port} resolves to nothing");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_millis(CONNECT_MS_MAX)) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = anyhow!("connecting to {a}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// The client side of the WebSocket upgrade; returns bytes read past the response head.
+fn ws_handshake(stream: &mut TcpStream, host: &str, port: u16) -> anyhow::Result<Vec<u8>> {
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let req = format!(
+        "GET /sub HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes())?;
+    stream.set_read_timeout(Some(Duration::from_millis(AUTH_REPLY_MS_MAX)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > WS_HEAD_BYTES_MAX {
+            bail!("WebSocket upgrade response head too large");
+        }
+        let n = stream
+            .read(&mut chunk)
+            .context("reading the WebSocket upgrade response")?;
+        if n == 0 {
+            bail!("edge closed the connection during the WebSocket upgrade");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let status_ok = head
+        .lines()
+        .next()
+        .is_some_and(|l| l.split_whitespace().nth(1) == Some("101"));
+    if !status_ok {
+        bail!(
+            "WebSocket upgrade refused: {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    let want = proto::ws::accept_key(&key);
+    let accept_ok = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == want
+        })
+    });
+    if !accept_ok {
+        bail!("WebSocket upgrade answered with a wrong Sec-WebSocket-Accept");
+    }
+    Ok(buf[end..].to_vec())
+}
+
+impl Conn {
+    fn open(edge: &EdgeAddr, transport: Transport) -> anyhow::Result<Conn> {
+        match transport {
+            Transport::Tcp => Ok(Conn::Tcp(connect_tcp(&edge.host, edge.tcp_port)?)),
+            Transport::Ws => {
+                let mut stream = connect_tcp(&edge.host, edge.ws_port)?;
+                let buf = ws_handshake(&mut stream, &edge.host, edge.ws_port)?;
+                Ok(Conn::Ws {
+                    stream,
+                    frames: FrameDecoder::new_client_side(proto::limits::DECOMPRESSED_BYTES_MAX),
+                    buf,
+                })
+            }
+        }
+    }
+
+    fn stream(&self) -> &TcpStream {
+        match self {
+            Conn::Tcp(s) => s,
+            Conn::Ws { stream, .. } => stream,
+        }
+    }
+
+    fn is_ws(&self) -> bool {
+        matches!(self, Conn::Ws { .. })
+    }
+
+    /// Reads once; pushes any packet bytes into `out`. `Ok(false)` means the edge closed.
+    /// A read timeout returns `Ok(true)` with nothing added.
+    fn read_into(&mut self, packets: &mut StreamDecoder) -> anyhow::Result<bool> {
+        let mut chunk = [0u8; 16 * 1024];
+        match self {
+            Conn::Tcp(s) => match s.read(&mut chunk) {
+                Ok(0) => Ok(false),
+                Ok(n) => {
+                    packets.feed(&chunk[..n]);
+                    Ok(true)
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    Ok(true)
+                }
+                Err(e) => Err(e.into()),
+            },
+            Conn::Ws {
+                stream,
+                frames,
+                buf,
+            } => {
+                // Bytes left over from the handshake or a previous read come first.
+                loop {
+                    match frames.decode(buf) {
+                        Ok(Some(WsMessage::Binary(b))) => packets.feed(&b),
+                        Ok(Some(WsMessage::Text(t))) => bail!("edge sent a text message: {t:?}"),
+                        Ok(Some(WsMessage::Ping(p))) => {
+                            stream.write_all(&proto::ws::encode_client_frame(
+                                Opcode::Pong,
+                                &p,
+                                random_mask(),
+                            ))?;
+                        }
+                        Ok(Some(WsMessage::Pong(_))) => {}
+                        Ok(Some(WsMessage::Close(code, reason))) => {
+                            eprintln!("edge closed the WebSocket: {code:?} {reason}");
+                            return Ok(false);
+                        }
+                        Ok(None) => break,
+                        Err(e) => bail!("bad WebSocket frame from the edge: {e}"),
+                    }
+                }
+                match stream.read(&mut chunk) {
+                    Ok(0) => Ok(false),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        Ok(true)
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        Ok(true)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+/// Prints a notification body as one JSON line (compacted; non-JSON as a JSON string).
+fn print_body(out: &mut impl Write, body: &[u8]) -> std::io::Result<()> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        // Valid JSON already on one line is printed as sent (key order kept).
+        Ok(_) if !body.contains(&b'\n') && !body.contains(&b'\r') => {
+            out.write_all(body.trim_ascii())?;
+            out.write_all(b"\n")?;
+        }
+        Ok(v) => writeln!(out, "{v}")?,
+        Err(_) => writeln!(
+            out,
+            "{}",
+            serde_json::Value::String(String::from_utf8_lossy(body).into_owned())
+        )?,
+    }
+    out.flush()
+}
+
+/// What one top-level packet means to tail.
+fn on_packet(p: &OwnedPacket, out: &mut impl Write, printed: &mut u64) -> anyhow::Result<()> {
+    match p.op {
+        op::HEARTBEAT_REPLY => {
+            let online = p
+                .body
+                .first_chunk::<4>()
+                .map(|b| u32::from_be_bytes(*b))
+                .unwrap_or(0);
+            eprintln!("online {online}");
+        }
+        op::NOTIFICATION => {
+            let inner = proto::container::unpack(
+                p.ver,
+                p.op,
+                p.seq,
+                &p.body,
+                proto::limits::DECOMPRESSED_BYTES_MAX,
+            )
+            .map_err(|e| anyhow!("bad container from the edge: {e}"))?;
+            for i in inner.iter().filter(|i| i.op == op::NOTIFICATION) {
+                print_body(out, &i.body)?;
+                *printed += 1;
+            }
+        }
+        op::AUTH_REPLY => {}
+        other => eprintln!("ignoring op {other} ({} bytes)", p.body.len()),
+    }
+    Ok(())
+}
+
+/// Sends the auth packet and waits for the op 8 reply; leaves later packets in `packets`.
+fn authenticate(
+    conn: &mut Conn,
+    packets: &mut StreamDecoder,
+    body: &AuthBody,
+) -> anyhow::Result<Vec<OwnedPacket>> {
+    let is_ws = conn.is_ws();
+    let mut w = conn.stream().try_clone()?;
+    write_packet(&mut w, is_ws, &proto::auth::auth_request(body))?;
+    let deadline = Instant::now() + Duration::from_millis(AUTH_REPLY_MS_MAX);
+    let mut early = Vec::new();
+    loop {
+        while let Some(p) = packets
+            .next_packet()
+            .map_err(|e| anyhow!("bad packet from the edge: {e}"))?
+        {
+            if p.op == op::AUTH_REPLY {
+                let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap_or_default();
+                let code = v["code"].as_i64().unwrap_or(i64::MIN);
+                if code != i64::from(AUTH_OK) {
+                    bail!(
+                        "the edge refused the token: {}",
+                        String::from_utf8_lossy(&p.body)
+                    );
+                }
+                return Ok(early);
+            }
+            early.push(p);
+        }
+        if Instant::now() >= deadline {
+            bail!("no auth reply within {AUTH_REPLY_MS_MAX} ms");
+        }
+        if !conn.read_into(packets)? {
+            bail!("the edge closed the connection before replying to auth");
+        }
+    }
+}
+
+pub fn run(args: TailArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let deadline = args.timeout_s.map(|s| started + Duration::from_secs(s));
+    let device = args
+        .device
+        .clone()
+        .unwrap_or_else(|| format!("tail-{:016x}", rand::random::<u64>()));
+    let t = ticket(&args, &device)?;
+    if t.edges.is_empty() {
+        bail!("control knows no live edge (is an edge running and heartbeating to control?)");
+    }
+    let mut conn = None;
+    for e in &t.edges {
+        match Conn::open(e, args.transport) {
+            Ok(c) => {
+                eprintln!(
+                    "connected to {}:{} ({:?}), room {}",
+                    e.host,
+                    if args.transport == Transport::Tcp {
+                        e.tcp_port
+                    } else {
+                        e.ws_port
+                    },
+                    args.transport,
+                    t.room
+                );
+                conn = Some(c);
+                break;
+            }
+            Err(err) => eprintln!("edge {} failed: {err:#}; trying the next", e.host),
+        }
+    }
+    let Some(mut conn) = conn else {
+        bail!("no edge answered")
+    };
+    conn.stream()
+        .set_read_timeout(Some(Duration::from_millis(READ_POLL_MS)))?;
+    let mut packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
+    let auth = AuthBody {
+        uid: args.uid,
+        roomid: t.room,
+        protover: args.protover,
+        platform: Some("web".into()),
+        kind: Some(2),
+        key: t.token.clone(),
+        buvid: Some(device),
+        ack: false,
+    };
+    let early = authenticate(&mut conn, &mut packets, &auth)?;
+
+    // Heartbeats from their own thread; the writer half is shared under a lock with nobody
+    // else (the reader only writes WebSocket pongs, which go through the same lock).
+    let writer = Arc::new(Mutex::new(conn.stream().try_clone()?));
+    let stop = Arc::new(AtomicBool::new(false));
+    let hb = {
+        let (writer, stop, ws) = (writer.clone(), stop.clone(), conn.is_ws());
+        std::thread::Builder::new()
+            .name("tail-heartbeat".into())
+            .spawn(move || {
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Acquire) {
+                    if Instant::now() >= next {
+                        let ok = match writer.lock() {
+                            Ok(mut w) => {
+                                write_packet(&mut w, ws, &proto::auth::heartbeat_request()).is_ok()
+                            }
+                            Err(_) => false,
+                        };
+                        if !ok {
+                            return;
+                        }
+                        next = Instant::now() + Duration::from_millis(HEARTBEAT_INTERVAL_MS);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })?
+    };
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut printed = 0u64;
+    let result = (|| -> anyhow::Result<()> {
+        for p in &early {
+            on_packet(p, &mut out, &mut printed)?;
+        }
+        loop {
+            while let Some(p) = packets
+                .next_packet()
+                .map_err(|e| anyhow!("bad packet from the edge: {e}"))?
+            {
+                on_packet(&p, &mut out, &mut printed)?;
+                if args.count.is_some_and(|n| printed >= n) {
+                    return Ok(());
+                }
+            }
+            if args.count.is_some_and(|n| printed >= n) {
+                return Ok(());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return match args.count {
+                    Some(n) => Err(anyhow!("timed out after {printed} of {n} messages")),
+                    None => Ok(()),
+                };
+            }
+            if !conn.read_into(&mut packets)? {
+                bail!("the edge closed the connection");
+            }
+        }
+    })();
+    stop.store(true, Ordering::Release);
+    let _ = conn.stream().shutdown(std::net::Shutdown::Both);
+    let _ = hb.join();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_urls() {
+        assert_eq!(
+            control_authority("http://127.0.0.1:8080").unwrap(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            control_authority("http://127.0.0.1:8080/").unwrap(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(control_authority("localhost:9").unwrap(), "localhost:9");
+        assert_eq!(
+            control_authority("http://example.com").unwrap(),
+            "example.com:80"
+        );
+        assert!(control_authority("https://x").is_err());
+        assert!(control_authority("http://").is_err());
+    }
+
+    #[test]
+    fn bodies_print_as_one_line() {
+        let mut out = Vec::new();
+        print_body(&mut out, b"{\n \"cmd\": \"X\"\n}").unwrap();
+        print_body(&mut out, b"not json").unwrap();
+        print_body(&mut out, br#"{"z":1,"a":2}"#).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"cmd\":\"X\"}\n\"not json\"\n{\"z\":1,\"a\":2}\n"
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! `barrage up`: control, broker and one edge in one process, wired together on loopback.
+//!
+//! Start order is control, broker, edge: the edge links to the broker and heartbeats to
+//! control, so both must listen first. Shutdown runs in the reverse order.
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How long `up` waits for the edge's first heartbeat to reach control before saying ready.
+const EDGE_REGISTER_MS_MAX: u64 = 10_000;
+
+#[derive(clap::Args, Debug, Default)]
+pub struct UpArgs {
+    /// TOML file with [control], [broker] and [edge] sections (see examples/up.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// API key for control (`POST /v1/connect`) and the broker (push); random when not given.
+    #[arg(long, env = "BARRAGE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Token secret, or a key set `ID:SECRET,ID:SECRET`; random when not given.
+    #[arg(long, env = "BARRAGE_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+    /// Added to every listening port, so several stacks can run on one host.
+    #[arg(long, default_value_t = 0)]
+    pub ports_offset: u16,
+}
+
+/// The `up` config file: one section per role, each defaulted as that role's own file is.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpConfig {
+    pub control: control::Config,
+    pub broker: broker::Config,
+    pub edge: edge::Config,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        // Loopback only: `up` is for a developer's machine.
+        let edge = edge::Config {
+            tcp_addr: "127.0.0.1:2243".into(),
+            ws_addr: "127.0.0.1:2244".into(),
+            ..edge::Config::default()
+        };
+        UpConfig {
+            control: control::Config::default(),
+            broker: broker::Config::default(),
+            edge,
+        }
+    }
+}
+
+/// SIGINT/SIGTERM, registered before anything starts so an early signal is not lost.
+pub struct Shutdown {
+    signals: signal_hook::iterator::Signals,
+}
+
+impl Shutdown {
+    pub fn register() -> anyhow::Result<Shutdown> {
+        let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .context("installing signal handlers")?;
+        Ok(Shutdown { signals })
+    }
+
+    /// Blocks until SIGINT or SIGTERM.
+    pub fn wait(mut self) {
+        if let Some(sig) = self.signals.forever().next() {
+            tracing::info!(signal = sig, "shutting down");
+        }
+    }
+}
+
+fn random_secret(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn offset_addr(a: SocketAddr, by: u16) -> anyhow::Result<SocketAddr> {
+    if a.port() == 0 || by == 0 {
+        return Ok(a);
+    }
+    let Some(p) = a.port().checked_add(by) else {
+        bail!("--ports-offset {by} moves port {} past 65535", a.port())
+    };
+    Ok(SocketAddr::new(a.ip(), p))
+}
+
+fn offset_str(a: &str, by: u16) -> anyhow::Result<String> {
+    let parsed: SocketAddr = a
+        .parse()
+        .with_context(|| format!("--ports-offset needs IP:PORT addresses, got {a:?}"))?;
+    Ok(offset_addr(parsed, by)?.to_string())
+}
+
+/// Applies flags and fills in what connects the three roles.
+pub fn wire(mut c: UpConfig, args: &UpArgs) -> anyhow::Result<UpConfig> {
+    let by = args.ports_offset;
+    c.control.http_addr = offset_addr(c.control.http_addr, by)?;
+    c.broker.ingest_addr = offset_addr(c.broker.ingest_addr, by)?;
+    c.broker.link_addr = offset_addr(c.broker.link_addr, by)?;
+    c.broker.http_addr = offset_addr(c.broker.http_addr, by)?;
+    c.edge.tcp_addr = offset_str(&c.edge.tcp_addr, by)?;
+    c.edge.ws_addr = offset_str(&c.edge.ws_addr, by)?;
+    c.edge.admin_addr = offset_str(&c.edge.admin_addr, by)?;
+
+    // One API key for both control and the broker, unless the file set them.
+    let key = match &args.api_key {
+        Some(k) => Some(k.clone()),
+        None if c.control.api_keys.is_empty() && c.broker.api_keys.is_empty() => {
+            Some(random_secret(16))
+        }
+        None => None,
+    };
+    if let Some(k) = key {
+        c.control.api_keys = vec![k.clone()];
+        c.broker.api_keys = vec![broker::ApiKey::all_scopes(&k)];
+    } else if c.control.api_keys.is_empty() {
+        c.control.api_keys = c.broker.api_keys.iter().map(|k| k.key.clone()).collect();
+    } else if c.broker.api_keys.is_empty() {
+        c.broker.api_keys = c
+            .control
+            .api_keys
+            .iter()
+            .map(|k| broker::ApiKey::all_scopes(k))
+            .collect();
+    }
+    // Control and the edge must share the token keys.
+    let keys = match &args.token_secret {
+        Some(s) => s.clone(),
+        None if !c.control.token_keys.is_empty() => c.control.token_keys.clone(),
+        None if !c.edge.token_keys.is_empty() => c.edge.token_keys.clone(),
+        None => format!("1:{}", random_secret(32)),
+    };
+    c.control.token_keys = keys.clone();
+    c.edge.token_keys = keys;
+    Ok(c)
+}
+
+/// The running stack.
+pub struct Stack {
+    pub control: control::Handle,
+    pub broker: broker::Handle,
+    pub edge: edge::Handle,
+}
+
+impl Stack {
+    /// Starts control, broker and edge in that order; the edge gets the others' real addresses.
+    pub fn start(mut c: UpConfig) -> anyhow::Result<Stack> {
+        let control = control::start(c.control.clone()).context("starting control")?;
+        let broker = broker::start(c.broker.clone()).context("starting the broker")?;
+        c.edge.broker_addrs = vec![broker.link_addr().to_string()];
+        c.edge.control_addr = Some(control.http_addr().to_string());
+        let edge = edge::start(c.edge.clone()).context("starting the edge")?;
+        Ok(Stack {
+            control,
+            broker,
+            edge,
+        })
+    }
+
+    pub fn shutdown(self) {
+        self.edge.shutdown();
+        self.broker.shutdown();
+        self.control.shutdown();
+    }
+}
+
+/// Polls control until it lists a live edge, so "ready" means `tail` works at once.
+fn wait_for_edge(control: SocketAddr) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(EDGE_REGISTER_MS_MAX);
+    let addr = control.to_string();
+    while Instant::now() < deadline {
+        let res = net::runtime::block_on(net::runtime::Driver::Legacy, async {
+            net::http::request(&addr, "GET", "/v1/edges", &[], b"", Duration::from_secs(2)).await
+        });
+        if let Ok(r) = res {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
+                let up = v["edges"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|e| e["state"] == "up"));
+                if up {
+                    return true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let base = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => UpConfig::default(),
+    };
+    let c = wire(base, &args)?;
+    let signals = Shutdown::register()?;
+    let api_key = c.control.api_keys.first().cloned().unwrap_or_default();
+    let token_keys = c.control.token_keys.clone();
+    let stack = Stack::start(c)?;
+    let ctl = stack.control.http_addr();
+    let ingest = stack.broker.ingest_addr();
+    let bhttp = stack.broker.http_addr();
+    if !wait_for_edge(ctl) {
+        tracing::warn!(
+            "the edge has not registered with control yet; tail may find no edge for a moment"
+        );
+    }
+    println!("barrage is up: control, broker and one edge in this process. Ctrl-C stops it.");
+    println!();
+    println!("  control   http://{ctl}   (POST /v1/connect, GET /xlive/web-room/v1/index/getDanmuInfo?id=ROOM, GET /v1/edges)");
+    println!("  broker    ingest {ingest}   HTTP http://{bhttp} (POST /v1/push/room/ROOM)   edge links {}", stack.broker.link_addr());
+    println!(
+        "  edge      tcp {}   ws ws://{}/sub   admin http://{}",
+        stack.edge.tcp_addr(),
+        stack.edge.ws_addr(),
+        stack.edge.admin_addr()
+    );
+    println!("  api key   {api_key}");
+    println!("  token keys {token_keys}");
+    println!();
+    println!("Watch room 1:");
+    println!("  barrage tail --room 1 --control http://{ctl}");
+    println!("Push to it:");
+    println!("  barrage push --ingest {ingest} --api-key {api_key} --room 1 '{{\"cmd\":\"DANMU_MSG\",\"info\":[[0],\"hello\",[1,\"me\"]]}}'");
+    println!("  curl -H 'Authorization: Bearer {api_key}' -d '{{\"cmd\":\"DANMU_MSG\",\"info\":[[0],\"hi\",[1,\"me\"]]}}' http://{bhttp}/v1/push/room/1");
+    println!("ready");
+    signals.wait();
+    stack.shutdown();
+    println!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wiring_shares_keys_and_offsets_ports() {
+        let args = UpArgs {
+            api_key: Some("k".into()),
+            token_secret: Some("s3cret-s3cret-s3cret".into()),
+            ports_offset: 10,
+            ..UpArgs::default()
+        };
+        let c = wire(UpConfig::default(), &args).unwrap();
+        assert_eq!(c.control.http_addr.port(), 8090);
+        assert_eq!(c.broker.ingest_addr.port(), 7410);
+        assert_eq!(c.edge.tcp_addr, "127.0.0.1:2253");
+        assert_eq!(c.edge.ws_addr, "127.0.0.1:2254");
+        assert_eq!(c.control.api_keys, ["k"]);
+        assert_eq!(c.broker.api_keys[0].key, "k");
+        assert_eq!(c.control.token_keys, c.edge.token_keys);
+
+        let random = wire(UpConfig::default(), &UpArgs::default()).unwrap();
+        assert_eq!(random.control.api_keys.len(), 1);
+        assert_eq!(random.control.api_keys[0].len(), 32);
+        assert_eq!(random.broker.api_keys[0].key, random.control.api_keys[0]);
+        assert!(random.control.token_keys.starts_with("1:"));
+        assert_eq!(random.control.token_keys, random.edge.token_keys);
+    }
+
+    #[test]
+    fn up_file_sections_parse() {
+        let c: UpConfig =
+            toml::from_str("[control]\ntoken_ttl_s = 60\n[edge]\nshards = 1\n").unwrap();
+        assert_eq!(c.control.token_ttl_s, 60);
+        assert_eq!(c.edge.shards, 1);
+        assert!(toml::from_str::<UpConfig>("[nope]\n").is_err());
+    }
+}

@@ -1,0 +1,233 @@
+//! The real binary: `barrage up` with a fixed key and a ports offset, `barrage tail` (a TCP
+//! guest and a WebSocket user) and `barrage push` as child processes; the pushed message comes
+//! out of both tails, and SIGTERM stops `up` cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_barrage");
+const API_KEY: &str = "smoke-api-key";
+const TOKEN_SECRET: &str = "smoke-token-secret-0123456789";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Kills (SIGKILL) and reaps every child still running when the test ends, on every path.
+struct Children(Vec<Child>);
+
+impl Children {
+    fn spawn(&mut self, cmd: &mut Command) -> usize {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn barrage");
+        self.0.push(child);
+        self.0.len() - 1
+    }
+
+    /// The child's stdout and stderr lines, read on their own threads.
+    fn lines(&mut self, i: usize) -> (Receiver<String>, Receiver<String>) {
+        let forward = |r: Box<dyn std::io::Read + Send>| {
+            let (tx, rx) = channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        };
+        let out = self.0[i].stdout.take().expect("stdout piped");
+        let err = self.0[i].stderr.take().expect("stderr piped");
+        (forward(Box::new(out)), forward(Box::new(err)))
+    }
+
+    fn wait(&mut self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(s)) = self.0[i].try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads lines until one satisfies `f`, or the child closed its output, or the deadline.
+fn wait_line(
+    rx: &Receiver<String>,
+    deadline: Instant,
+    seen: &mut Vec<String>,
+    f: impl Fn(&str) -> bool,
+) -> bool {
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = f(&l);
+                seen.push(l);
+                if hit {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[test]
+fn up_tail_push_with_the_real_binary() {
+    let mut kids = Children(Vec::new());
+    // A ports offset far from the defaults; try another if something on this host holds one.
+    let base = 12_000 + (std::process::id() % 400) as u16 * 10;
+    let mut started = None;
+    for offset in [base, base + 4_000, base + 8_000] {
+        let i = kids.spawn(Command::new(BIN).args([
+            "up",
+            "--api-key",
+            API_KEY,
+            "--token-secret",
+            TOKEN_SECRET,
+            "--ports-offset",
+            &offset.to_string(),
+        ]));
+        let (out, err) = kids.lines(i);
+        let mut seen = Vec::new();
+        if wait_line(&out, Instant::now() + WAIT, &mut seen, |l| l == "ready") {
+            started = Some((i, offset, out, err));
+            break;
+        }
+        let errs: Vec<String> = err.try_iter().collect();
+        eprintln!("up with offset {offset} did not start: {seen:?} {errs:?}");
+        let _ = kids.0[i].kill();
+    }
+    let (up, offset, up_out, _up_err) = started.expect("barrage up never became ready");
+    let control = format!("http://127.0.0.1:{}", 8080 + offset);
+    let ingest = format!("127.0.0.1:{}", 7400 + offset);
+
+    let room = "4242";
+    let guest_tcp = kids.spawn(Command::new(BIN).args([
+        "tail",
+        "--room",
+        room,
+        "--control",
+        &control,
+        "--count",
+        "1",
+        "--timeout-s",
+        "30",
+    ]));
+    let user_ws = kids.spawn(
+        Command::new(BIN)
+            .args([
+                "tail",
+                "--room",
+                room,
+                "--transport",
+                "ws",
+                "--uid",
+                "77",
+                "--control",
+                &control,
+                "--count",
+                "1",
+                "--timeout-s",
+                "30",
+            ])
+            .env("BARRAGE_API_KEY", API_KEY),
+    );
+    let (tcp_out, tcp_err) = kids.lines(guest_tcp);
+    let (ws_out, ws_err) = kids.lines(user_ws);
+
+    // The tails subscribe asynchronously: push until both have printed (each push is the same
+    // message, so whichever arrives first is the one asserted on).
+    let body = r#"{"cmd":"DANMU_MSG","info":[[0,1,25,16777215],"smoke test",[77,"tester"]]}"#;
+    let deadline = Instant::now() + WAIT;
+    let mut got = [None, None];
+    while got.iter().any(Option::is_none) {
+        assert!(
+            Instant::now() < deadline,
+            "tails printed nothing; tcp: {:?} ws: {:?}",
+            tcp_err.try_iter().collect::<Vec<_>>(),
+            ws_err.try_iter().collect::<Vec<_>>()
+        );
+        let push = Command::new(BIN)
+            .args(["push", "--ingest", &ingest, "--room", room, body])
+            .env("BARRAGE_API_KEY", API_KEY)
+            .output()
+            .expect("run barrage push");
+        assert!(
+            push.status.success(),
+            "push failed: {}",
+            String::from_utf8_lossy(&push.stderr)
+        );
+        let id = String::from_utf8_lossy(&push.stdout).trim().to_string();
+        assert!(
+            id.parse::<u64>().is_ok(),
+            "push printed {id:?}, not a msg_id"
+        );
+        for (slot, rx) in got.iter_mut().zip([&tcp_out, &ws_out]) {
+            if slot.is_none() {
+                *slot = rx.recv_timeout(Duration::from_millis(300)).ok();
+            }
+        }
+    }
+    assert_eq!(got[0].as_deref(), Some(body), "TCP guest tail");
+    assert_eq!(got[1].as_deref(), Some(body), "WS user tail");
+    for i in [guest_tcp, user_ws] {
+        let status = kids.wait(i, WAIT).expect("tail exits after --count 1");
+        assert!(status.success(), "tail exit {status:?}");
+    }
+
+    // A push with a wrong key is refused with a typed error and a non-zero exit.
+    let bad = Command::new(BIN)
+        .args([
+            "push",
+            "--ingest",
+            &ingest,
+            "--api-key",
+            "wrong",
+            "--room",
+            room,
+            body,
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // SIGTERM: `up` shuts everything down and exits 0.
+    let pid = kids.0[up].id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = kids.wait(up, WAIT).expect("up exits on SIGTERM");
+    assert!(status.success(), "up exit {status:?}");
+    let mut seen = Vec::new();
+    assert!(
+        wait_line(&up_out, Instant::now() + WAIT, &mut seen, |l| l
+            == "stopped"),
+        "{seen:?}"
+    );
+}
