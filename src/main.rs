@@ -41,7 +41,7 @@ enum Command {
     /// Connect to a room like a viewer and print every message as one JSON line.
     Tail(tail::TailArgs),
     /// Load-test a running stack, or run the compression benchmark.
-    Loadtest(loadtest::Args),
+    Loadtest(Box<loadtest::Args>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,6 +127,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Push(args) => push::run(args),
         Command::Tail(args) => tail::run(args),
-        Command::Loadtest(args) => loadtest::run(args),
+        Command::Loadtest(args) => loadtest::run(*args),
     }
 }

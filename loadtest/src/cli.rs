@@ -182,9 +182,10 @@ pub struct RoomsArgs {
     /// Total publish rate (messages/s, all rooms).
     #[arg(long, default_value_t = 1000)]
     pub rate: u32,
-    /// Publish into rooms with the same zipf weights as viewers (hot rooms get more); otherwise uniform.
-    #[arg(long, default_value_t = true)]
-    pub publish_zipf: bool,
+    /// Publish the same rate into every room; by default rooms get messages with the same zipf
+    /// weights as viewers (hot rooms are also busy rooms).
+    #[arg(long)]
+    pub publish_uniform: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

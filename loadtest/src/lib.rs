@@ -5,9 +5,21 @@
 //! and what breaks first.
 //!
 //! # Layout
-//! - [`cli`]: the `clap` arguments (`Args`, one subcommand per scenario).
-//! - [`corpus`]: a seeded generator of realistic danmaku bodies (`DANMU_MSG`, `SEND_GIFT`, ...).
+//! - [`cli`]: the `clap` arguments (`Args`, one subcommand per scenario, shared `Common` flags).
+//! - [`corpus`]: a seeded generator of realistic danmaku bodies (`DANMU_MSG`, `SEND_GIFT`, ...)
+//!   and the `"lt"` measurement field (publish time, room sequence) publishers append.
 //! - [`compress`]: the compression table (zlib vs brotli per batch size, brotli MB/s per quality).
+//! - [`ticket`]: token and edge list from control, as a real client gets them.
+//! - [`viewer`]: the simulated viewers: a sans-io receiver plus a thread-per-core monoio shell.
+//! - [`publisher`]: paced pushes over the ingest socket or the HTTP API.
+//! - [`stats`]: the report maths (sequence gaps/duplicates, histograms that merge, zipf).
+//! - [`procstat`]: server CPU and memory from `/proc`.
+//! - [`run`]: the coordinator: plan, phases, progress line, child worker processes.
+//! - [`report`]: the JSON report and its human table.
+//!
+//! Data flow: viewer threads (and worker processes, as JSON lines) ship a [`stats::Stats`] window
+//! once per second, tagged with the measurement step; the coordinator merges them by step. Loss
+//! is counted once, at the end, against the publisher's per-room sequence counts.
 //!
 //! # Invariants
 //! - Every run is bounded (duration, counts) and stops by itself.
@@ -68,13 +80,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             run::run(&common, kind, "fanout", json).map(|_| ())
         }
         Scenario::Rooms(a) => {
-            let json = serde_json::json!({ "common": &a.common, "zipf": a.zipf, "rate": a.rate, "publish_zipf": a.publish_zipf });
+            let json = serde_json::json!({ "common": &a.common, "zipf": a.zipf, "rate": a.rate, "publish_uniform": a.publish_uniform });
             let kind = run::Kind::Publish {
                 steps: vec![a.rate],
                 step_s: a.common.duration_s,
                 p99_ms_max: u64::MAX,
                 zipf: a.zipf,
-                publish_zipf: a.publish_zipf,
+                publish_zipf: !a.publish_uniform,
             };
             run::run(&a.common, kind, "rooms", json).map(|_| ())
         }

@@ -181,7 +181,12 @@ pub fn render(r: &Report) -> String {
     if !c.failures.is_empty() {
         let _ = writeln!(s, "connect failures: {:?}", c.failures);
     }
-    if !r.steps.is_empty() {
+    // Idle runs publish nothing and open nothing during their step: no table to show.
+    let eventful = r
+        .steps
+        .iter()
+        .any(|st| st.rate_target > 0 || st.connects_ok > 0 || st.delivered > 0);
+    if eventful {
         let _ = writeln!(
             s,
             "\n| step | rate/s | published/s | deliveries/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | gaps | dups | connects/s | B/delivery | server cores | server CPU s / M deliveries | loadtest cores |"

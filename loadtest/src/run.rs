@@ -26,6 +26,8 @@ use crate::report::{self, Connects, Machine, Step, Totals2};
 use crate::stats::{apportion, zipf_weights, Stats};
 use crate::viewer::{self, ConnSpec, Mode, Report as Msg, Shared, ThreadPlan, ViewerCfg};
 
+/// Overrides the binary spawned for worker processes (default: the running one).
+pub const WORKER_EXE_ENV: &str = "BARRAGE_LOADTEST_EXE";
 /// Thread ids of child `i` start at `i * THREAD_IDS_PER_PROCESS`.
 const THREAD_IDS_PER_PROCESS: u32 = 1000;
 /// Time after the publisher stops for in-flight batches to arrive before loss is counted.
@@ -156,7 +158,12 @@ impl Fleet {
             }
             return Ok(fleet);
         }
-        let exe = std::env::current_exe()?;
+        // Workers are this same binary (`barrage` or `loadtest`) in its hidden `loadtest worker`
+        // mode; `BARRAGE_LOADTEST_EXE` names another one (the tests use the crate's own binary).
+        let exe = match std::env::var_os(WORKER_EXE_ENV) {
+            Some(p) => std::path::PathBuf::from(p),
+            None => std::env::current_exe()?,
+        };
         for threads in plans {
             fleet.n_threads += threads.len();
             let plan = WorkerPlan {
@@ -832,4 +839,17 @@ pub fn worker() -> anyhow::Result<()> {
     }
     let _ = writer.join();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_targets_need_the_flag() {
+        assert!(check_target("control", "http://127.0.0.1:8080", false).is_ok());
+        assert!(check_target("broker", "127.0.0.1:7400", false).is_ok());
+        assert!(check_target("control", "http://10.1.2.3:8080", false).is_err());
+        assert!(check_target("control", "http://10.1.2.3:8080", true).is_ok());
+    }
 }

@@ -249,3 +249,52 @@ fn many_rooms_zipf_loses_nothing() {
         assert_eq!(report.totals.duplicates, 0);
     });
 }
+
+#[test]
+fn viewers_split_over_worker_processes_merge_into_one_report() {
+    // Three worker processes of 100 viewers each (the path taken above one process's fd budget).
+    std::env::set_var(
+        loadtest::run::WORKER_EXE_ENV,
+        env!("CARGO_BIN_EXE_loadtest"),
+    );
+    bounded(|| {
+        let stack = Stack::start();
+        let json = temp_json("workers");
+        let c = common(
+            &stack,
+            &[
+                "--viewers",
+                "300",
+                "--per-process",
+                "100",
+                "--transport",
+                "mix",
+            ],
+            &json,
+        );
+        let kind = Kind::Publish {
+            steps: vec![50],
+            step_s: 3,
+            p99_ms_max: u64::MAX,
+            zipf: 0.0,
+            publish_zipf: false,
+        };
+        let report = run(&c, kind, "fanout", serde_json::json!({})).unwrap();
+        stack.shutdown();
+        let _ = std::fs::remove_file(&json);
+
+        assert_eq!(report.processes, 3);
+        assert_eq!(
+            report.connects.ok, 300,
+            "failures: {:?}",
+            report.connects.failures
+        );
+        let p = report.publisher.clone().unwrap();
+        assert_eq!(p.accepted, p.sent, "publisher: {p:?}");
+        assert_eq!(report.totals.missing, 0);
+        assert_eq!(report.totals.duplicates, 0);
+        assert_eq!(report.totals.delivered, 300 * p.accepted);
+        // Histograms from the three processes merged: one latency per delivery.
+        assert_eq!(report.totals.latency.count, report.totals.delivered);
+    });
+}

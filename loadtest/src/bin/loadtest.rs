@@ -1,0 +1,18 @@
+//! `loadtest`: the load generator on its own (`loadtest loadtest <scenario> ...`, the same
+//! arguments as `barrage loadtest`), for hosts that only generate load and for the tests of
+//! the child-process path (which re-exec the running binary with `loadtest worker`).
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "loadtest", about = "barrage's load generator")]
+enum Cli {
+    /// Run a scenario (same as `barrage loadtest`).
+    Loadtest(loadtest::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let Cli::Loadtest(args) = Cli::parse();
+    loadtest::run(args)
+}
