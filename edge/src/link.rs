@@ -115,7 +115,6 @@ impl Broker {
 
 /// The link shard's view of every broker and the node's interest.
 pub(crate) struct Hub {
-    pub interest: RefCell<NodeInterest>,
     brokers: Vec<Rc<Broker>>,
     stopped: Cell<bool>,
 }
@@ -135,7 +134,6 @@ impl Hub {
             })
             .collect();
         Hub {
-            interest: RefCell::new(NodeInterest::new(node.shards)),
             brokers,
             stopped: Cell::new(false),
         }
@@ -160,11 +158,14 @@ impl Hub {
     }
 
     /// A shard's encoding set for an interest changed.
-    pub fn on_interest(&self, from: usize, interest: Interest, set: u8) {
-        let update = self
-            .interest
-            .borrow_mut()
-            .update(from, interest.clone(), set);
+    pub fn on_interest(
+        &self,
+        node: &RefCell<NodeInterest>,
+        from: usize,
+        interest: Interest,
+        set: u8,
+    ) {
+        let update = node.borrow_mut().update(from, interest.clone(), set);
         let Some(update) = update else { return };
         let frame = match update {
             Update::Sub(encodings) => LinkFrame::Sub {
@@ -185,14 +186,15 @@ impl Hub {
     /// Routes a batch to the shards with viewers wanting it.
     fn dispatch(&self, shard: &Shard, batch: Batch) {
         let bit = batch.encoding.bit();
+        let Some(interest) = shard.interest.as_ref() else {
+            return;
+        };
         let targets: Vec<usize> = match &batch.scope {
-            Scope::Room(r) => self
-                .interest
+            Scope::Room(r) => interest
                 .borrow()
                 .shards_for(&Interest::Room(*r), bit)
                 .collect(),
-            Scope::Area(a) => self
-                .interest
+            Scope::Area(a) => interest
                 .borrow()
                 .shards_for(&Interest::Area(*a), bit)
                 .collect(),
@@ -355,9 +357,8 @@ async fn serve_link(
     slot.metrics.up.set(1);
     tracing::info!(broker = %broker.addr, shard = slot.broker_shard, priority = ?slot.priority, "broker link up");
     if slot.priority == Priority::Low {
-        if let Some(hub) = &shard.hub {
-            let frames: Vec<LinkFrame> = hub
-                .interest
+        if let Some(interest) = &shard.interest {
+            let frames: Vec<LinkFrame> = interest
                 .borrow()
                 .all()
                 .filter(|(i, _)| broker.owner(i) == slot.broker_shard)
@@ -480,7 +481,10 @@ async fn counts_loop(shard: Rc<Shard>) {
         if stopped(&shard) {
             return;
         }
-        let counts = hub.interest.borrow().node_counts();
+        let Some(interest) = &shard.interest else {
+            return;
+        };
+        let counts = interest.borrow().node_counts();
         for b in &hub.brokers {
             let n = b.shards.get();
             if n == 0 {

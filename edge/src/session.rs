@@ -24,8 +24,6 @@ use proto::ws::{self, FrameDecoder, FrameError, HandshakeError, Message, Opcode}
 
 /// RFC 6455 "unsupported data": we take binary messages only.
 pub const WS_UNSUPPORTED_DATA: u16 = 1003;
-/// RFC 6455 "try again later": the shard is full (rooms_max, draining).
-pub const WS_TRY_AGAIN_LATER: u16 = 1013;
 
 /// The client transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,7 +225,9 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout | CloseReason::Shutdown | CloseReason::Io => {
                 ws::close::GOING_AWAY
             }
-            CloseReason::Overloaded | CloseReason::RoomsFull => WS_TRY_AGAIN_LATER,
+            // 1013 "try again later" is only IANA-registered, and strict decoders (ours included)
+            // refuse it; 1008 is understood everywhere.
+            CloseReason::Overloaded | CloseReason::RoomsFull => ws::close::POLICY_VIOLATION,
         }
     }
 }
@@ -820,5 +820,32 @@ mod tests {
             closed_with(&a),
             Some((CloseReason::HandshakeTooLarge, None))
         );
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes, in arbitrary chunks, after a valid start or not: the session never
+        /// panics, and after a Close it emits nothing more.
+        #[test]
+        fn random_input_never_panics(
+            ws in proptest::bool::ANY,
+            valid_start in proptest::bool::ANY,
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..20),
+        ) {
+            let k = keys();
+            let mut s = Session::new(if ws { Transport::Ws } else { Transport::Tcp }, &Limits::default());
+            if valid_start && ws {
+                run(&mut s, &ws_upgrade("/sub"), &k);
+            }
+            let mut closed = false;
+            for c in chunks {
+                let a = run(&mut s, &c, &k);
+                if closed {
+                    proptest::prop_assert!(a.is_empty());
+                }
+                if closed_with(&a).is_some() {
+                    closed = true;
+                }
+            }
+        }
     }
 }

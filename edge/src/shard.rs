@@ -18,6 +18,7 @@
 use crate::config::Config;
 use crate::fanout;
 use crate::index::{Lane, RoomIndex};
+use crate::interest::NodeInterest;
 use crate::link::Hub;
 use crate::metrics::{DropReason, ShardMetrics};
 use crate::session::{Action, Authed, CloseReason, Ctx, Limits, Session, Transport};
@@ -65,6 +66,9 @@ pub(crate) enum Msg {
     },
     /// Link shard -> viewer shards: fleet-wide online counts from the brokers.
     FleetCounts(Arc<Vec<(RoomId, u32)>>),
+    /// Shard 0 -> every shard: this node's viewer count per room (heartbeat replies use it
+    /// until, or without, the brokers' fleet-wide counts).
+    NodeCounts(Arc<Vec<(RoomId, u32)>>),
 }
 
 /// State shared by every thread of the node.
@@ -186,6 +190,10 @@ pub(crate) struct Shard {
     backlog: RefCell<VecDeque<(usize, Msg)>>,
     /// Fleet-wide online counts (from the brokers' COUNTS) for rooms with viewers here.
     fleet: RefCell<HashMap<RoomId, u32>>,
+    /// Node-wide viewer counts (from shard 0) for rooms with viewers here.
+    node_counts: RefCell<HashMap<RoomId, u32>>,
+    /// Shard 0 only: node-wide interest and per-shard viewer counts.
+    pub interest: Option<RefCell<NodeInterest>>,
     pub hub: Option<Rc<Hub>>,
     actions: RefCell<Vec<Action>>,
     accepting: Cell<bool>,
@@ -239,6 +247,8 @@ impl Shard {
             rx: RefCell::new(rx),
             backlog: RefCell::new(VecDeque::new()),
             fleet: RefCell::new(HashMap::new()),
+            node_counts: RefCell::new(HashMap::new()),
+            interest: (id == 0).then(|| RefCell::new(NodeInterest::new(node.shards))),
             hub,
             actions: RefCell::new(Vec::new()),
             accepting: Cell::new(true),
@@ -321,24 +331,28 @@ impl Shard {
                 interest,
                 set,
             } => {
-                if let Some(h) = &self.hub {
-                    h.on_interest(from, interest, set);
+                if let (Some(h), Some(i)) = (&self.hub, &self.interest) {
+                    h.on_interest(i, from, interest, set);
                 }
             }
             Msg::Counts { from, counts } => {
-                if let Some(h) = &self.hub {
-                    h.interest.borrow_mut().set_counts(from, counts);
+                if let Some(i) = &self.interest {
+                    i.borrow_mut().set_counts(from, counts);
                 }
             }
-            Msg::FleetCounts(c) => {
-                let index = self.index.borrow();
-                let mut fleet = self.fleet.borrow_mut();
-                fleet.clear();
-                for (r, n) in c.iter() {
-                    if index.has_room(*r) {
-                        fleet.insert(*r, *n);
-                    }
-                }
+            Msg::FleetCounts(c) => self.keep_counts(&self.fleet, &c),
+            Msg::NodeCounts(c) => self.keep_counts(&self.node_counts, &c),
+        }
+    }
+
+    /// Replaces a count map with the entries for rooms that have viewers on this shard.
+    fn keep_counts(&self, map: &RefCell<HashMap<RoomId, u32>>, counts: &[(RoomId, u32)]) {
+        let index = self.index.borrow();
+        let mut m = map.borrow_mut();
+        m.clear();
+        for (r, n) in counts {
+            if index.has_room(*r) {
+                m.insert(*r, *n);
             }
         }
     }
@@ -444,6 +458,7 @@ impl Shard {
         if let Some(set) = c.room {
             if set == 0 {
                 self.fleet.borrow_mut().remove(&room);
+                self.node_counts.borrow_mut().remove(&room);
             }
             self.m().rooms.set(self.index.borrow().room_count() as u64);
             self.to_link(Msg::Interest {
@@ -617,12 +632,17 @@ impl Shard {
         *self.actions.borrow_mut() = actions;
     }
 
-    /// Online count for a heartbeat reply: fleet-wide if the brokers told us, else local.
+    /// Online count for a heartbeat reply: fleet-wide if the brokers told us, else this
+    /// node's (at least this shard's current count, as the node figure lags a report).
     fn online(&self, room: RoomId) -> u32 {
-        match self.fleet.borrow().get(&room) {
-            Some(n) => *n,
-            None => self.index.borrow().room_len(room) as u32,
+        if let Some(n) = self.fleet.borrow().get(&room) {
+            return *n;
         }
+        let local = self.index.borrow().room_len(room) as u32;
+        self.node_counts
+            .borrow()
+            .get(&room)
+            .map_or(local, |n| (*n).max(local))
     }
 
     fn seat(&self, key: usize, a: Authed, now: Instant) {
@@ -867,20 +887,27 @@ impl Shard {
             .count()
     }
 
+    /// Sends this shard's viewer counts to shard 0; shard 0 then tells every shard the node's.
     fn report_counts(&self) {
-        if self.node.config.broker_addrs.is_empty() {
-            return;
-        }
         let counts: Vec<(RoomId, u32)> = self
             .index
             .borrow()
             .rooms()
             .map(|(r, n)| (r, n as u32))
             .collect();
-        self.to_link(Msg::Counts {
-            from: self.id,
-            counts,
-        });
+        self.send_to(
+            0,
+            Msg::Counts {
+                from: self.id,
+                counts,
+            },
+        );
+        if let Some(i) = &self.interest {
+            let node = Arc::new(i.borrow().node_counts());
+            for t in 0..self.node.shards {
+                self.send_to(t, Msg::NodeCounts(node.clone()));
+            }
+        }
     }
 
     fn stop_accepting(&self) {

@@ -48,6 +48,7 @@ fn spawn_viewers(
         .env("VIEWERS_N", n.to_string())
         .env("VIEWERS_MODE", mode)
         .stdout(Stdio::piped())
+        .stdin(Stdio::piped())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -80,6 +81,12 @@ fn viewers_helper() {
     let n = env_usize("VIEWERS_N", 1000);
     let read_mode = std::env::var("VIEWERS_MODE").as_deref() == Ok("read");
     let _ = net::sys::raise_nofile_limit();
+    // Die with the parent: it holds our stdin open while it lives.
+    std::thread::spawn(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        std::process::exit(0);
+    });
     net::runtime::block_on(Driver::Legacy, async move {
         let ready = std::rc::Rc::new(std::cell::Cell::new(0usize));
         const WAVE: usize = 500;

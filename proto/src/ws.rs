@@ -36,10 +36,10 @@ pub mod close {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
 
     /// Whether a peer may send `code` in a close frame (RFC 6455 section 7.4): the defined codes
-    /// except the ones reserved for local use (1004-1006, 1015), plus the registered and private
-    /// ranges 3000-4999.
+    /// except the ones reserved for local use (1004-1006, 1015), the IANA-registered 1012-1014
+    /// (service restart, try again later, bad gateway), plus the ranges 3000-4999.
     pub fn is_valid_received(code: u16) -> bool {
-        matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
     }
 }
 
