@@ -364,21 +364,12 @@ impl Conn {
     fn read_into(&mut self, packets: &mut StreamDecoder) -> anyhow::Result<bool> {
         let mut chunk = [0u8; 16 * 1024];
         match self {
-            Conn::Tcp(s) => match s.read(&mut chunk) {
-                Ok(0) => Ok(false),
-                Ok(n) => {
+            Conn::Tcp(s) => match read_some(s, &mut chunk)? {
+                None => Ok(false),
+                Some(n) => {
                     packets.feed(&chunk[..n]);
                     Ok(true)
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    Ok(true)
-                }
-                Err(e) => Err(e.into()),
             },
             Conn::Ws {
                 stream,
@@ -406,21 +397,12 @@ impl Conn {
                         Err(e) => bail!("bad WebSocket frame from the edge: {e}"),
                     }
                 }
-                match stream.read(&mut chunk) {
-                    Ok(0) => Ok(false),
-                    Ok(n) => {
+                match read_some(stream, &mut chunk)? {
+                    None => Ok(false),
+                    Some(n) => {
                         buf.extend_from_slice(&chunk[..n]);
                         Ok(true)
                     }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        Ok(true)
-                    }
-                    Err(e) => Err(e.into()),
                 }
             }
         }
@@ -627,6 +609,24 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let _ = conn.stream().shutdown(std::net::Shutdown::Both);
     let _ = hb.join();
     result
+}
+
+/// One read: `Some(n)` bytes (0 on a read timeout, so the caller can heartbeat), `None` when the
+/// edge closed the connection.
+fn read_some(s: &mut impl Read, chunk: &mut [u8]) -> std::io::Result<Option<usize>> {
+    match s.read(chunk) {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(Some(0))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
