@@ -118,11 +118,262 @@ pub fn effective_lgwin(input_len: usize, params: BrotliParams) -> u32 {
     }
 }
 
+/// Inputs at or above this size are compressed without the thread's cached hasher: from
+/// 1 MiB up the encoder picks bigger or different hash tables by size, which the cache key
+/// does not capture, and at that size the per-call set-up no longer matters.
+const BROTLI_HASHER_CACHE_INPUT_BYTES_MAX: usize = 1 << 20;
+
+/// Brotli encoder choices beyond [`BrotliParams`], for the tuning benchmark
+/// (`proto/tests/container_tuning.rs`). Every choice still produces a standard brotli stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BrotliTuning {
+    /// Search brotli's built-in static dictionary (the format's own, not a custom one).
+    pub use_dictionary: bool,
+    /// Skip literal context modeling (quality 5 and up decide it per meta-block otherwise).
+    pub disable_literal_context_modeling: bool,
+    /// Tell the encoder the input is UTF-8 text rather than generic bytes.
+    pub mode_text: bool,
+    /// Replace the encoder's own hasher choice by brotli's H5 (H6 for `hash_len` above 4) of
+    /// these sizes (qualities 2..=9 only). Measured: no setting beat the encoder's own pick;
+    /// each one traded size for speed along the same line as quality does.
+    pub hasher: Option<BrotliHasherSize>,
+}
+
+/// Sizes of a brotli H5/H6 hasher (a hash table of `2^bucket_bits` buckets, each keeping the last
+/// `2^block_bits` positions). The encoder's own pick at qualities 5 and 6 is 14 and 4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BrotliHasherSize {
+    pub bucket_bits: u32,
+    pub block_bits: u32,
+    /// Recent distances tried before the hash table (the encoder uses 4 below quality 7).
+    pub last_distances: u32,
+    /// Bytes hashed per position: 4 is brotli's H5, 5..=8 its H6.
+    pub hash_len: u32,
+}
+
+impl Default for BrotliTuning {
+    fn default() -> Self {
+        BrotliTuning {
+            use_dictionary: true,
+            disable_literal_context_modeling: false,
+            mode_text: false,
+            hasher: None,
+        }
+    }
+}
+
+/// A brotli hasher kept between calls on one thread, with the settings it was built for.
+struct CachedHasher {
+    key: (i32, i32, Option<BrotliHasherSize>),
+    hasher: brotli::enc::UnionHasher<brotli::enc::StandardAlloc>,
+}
+
+thread_local! {
+    /// The last hasher this thread's `brotli_compress` used. Its hash table (1 MiB at quality
+    /// 5) was the largest per-call allocation, zero-filled on every call; reused, only its
+    /// 32 KiB head index is cleared (the encoder's own `Prepare`, as the C library does for a
+    /// hasher it did not just allocate). A thread keeps at most one, so it holds what a single
+    /// call allocates anyway (1 MiB at quality 5, 32 MiB at quality 9).
+    static BROTLI_HASHER: std::cell::RefCell<Option<CachedHasher>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Whether the encoder's `Prepare` fully resets this hasher for a new stream (so reusing it
+/// gives the same output as a fresh one). The quality 10/11 binary-tree hasher relies on a
+/// zeroed allocation instead, so it is never reused.
+fn hasher_resets_itself<A>(h: &brotli::enc::UnionHasher<A>) -> bool
+where
+    A: brotli::enc::Allocator<u16> + brotli::enc::Allocator<u32>,
+{
+    use brotli::enc::UnionHasher as U;
+    matches!(
+        h,
+        U::H2(_)
+            | U::H3(_)
+            | U::H4(_)
+            | U::H54(_)
+            | U::H5(_)
+            | U::H5q5(_)
+            | U::H5q7(_)
+            | U::H6(_)
+            | U::H9(_)
+    )
+}
+
+/// A fresh H5 (or, for `hash_len` above 4, H6) hasher of the given size, unprepared (the
+/// encoder clears it before use).
+fn make_h5(
+    m: &mut brotli::enc::StandardAlloc,
+    size: BrotliHasherSize,
+) -> (
+    brotli::enc::backward_references::BrotliHasherParams,
+    brotli::enc::UnionHasher<brotli::enc::StandardAlloc>,
+) {
+    use brotli::enc::backward_references::{
+        AdvHasher, BrotliHasherParams, H5Sub, H6Sub, H9Opts, Struct1,
+    };
+    use brotli::enc::Allocator;
+    let bucket_bits = size.bucket_bits.clamp(8, 16);
+    let block_bits = size.block_bits.clamp(0, 8);
+    let hash_len = size.hash_len.clamp(4, 8);
+    let params = BrotliHasherParams {
+        type_: if hash_len == 4 { 5 } else { 6 },
+        bucket_bits: bucket_bits as i32,
+        block_bits: block_bits as i32,
+        hash_len: hash_len as i32,
+        num_last_distances_to_check: size.last_distances.clamp(4, 16) as i32,
+        literal_byte_score: 0,
+    };
+    let common = Struct1 {
+        params,
+        is_prepared_: 0,
+        dict_num_lookups: 0,
+        dict_num_matches: 0,
+    };
+    let num = <brotli::enc::StandardAlloc as Allocator<u16>>::alloc_cell(m, 1 << bucket_bits);
+    let buckets = <brotli::enc::StandardAlloc as Allocator<u32>>::alloc_cell(
+        m,
+        1 << (bucket_bits + block_bits),
+    );
+    let hasher = if hash_len == 4 {
+        brotli::enc::UnionHasher::H5(AdvHasher {
+            GetHasherCommon: common,
+            specialization: H5Sub {
+                hash_shift_: 32 - bucket_bits as i32,
+                bucket_size_: 1 << bucket_bits,
+                block_mask_: (1 << block_bits) - 1,
+                block_bits_: block_bits as i32,
+            },
+            num,
+            buckets,
+            h9_opts: H9Opts::new(&params),
+        })
+    } else {
+        brotli::enc::UnionHasher::H6(AdvHasher {
+            GetHasherCommon: common,
+            specialization: H6Sub {
+                hash_mask: u64::MAX >> (64 - 8 * hash_len),
+                hash_shift_: 64 - bucket_bits as i32,
+                bucket_size_: 1 << bucket_bits,
+                block_mask_: (1 << block_bits) - 1,
+                block_bits_: block_bits as i32,
+            },
+            num,
+            buckets,
+            h9_opts: H9Opts::new(&params),
+        })
+    };
+    (params, hasher)
+}
+
 /// Compresses with brotli (exposed for the compression bench).
+///
+/// The whole input goes to the encoder in one `FINISH` call (one meta-block for batches
+/// below the block size), and the hash table is reused from the previous call on this thread
+/// when the settings match. The output is a standard brotli stream.
 pub fn brotli_compress(input: &[u8], params: BrotliParams) -> Vec<u8> {
+    brotli_compress_tuned(input, params, BrotliTuning::default())
+}
+
+/// [`brotli_compress`] with encoder choices beyond quality and window.
+pub fn brotli_compress_tuned(input: &[u8], params: BrotliParams, tuning: BrotliTuning) -> Vec<u8> {
+    use brotli::enc::backward_references::{AnyHasher, BrotliEncoderMode};
+    use brotli::enc::encode::{
+        BrotliEncoderDestroyInstance, BrotliEncoderOperation, BrotliEncoderStateStruct,
+    };
+    use brotli::enc::StandardAlloc;
+
+    let quality = params.quality.min(BROTLI_QUALITY_MAX) as i32;
+    let lgwin = effective_lgwin(input.len(), params) as i32;
+    // A custom hasher only for the qualities that use the hash-table path (not quality 0/1's
+    // fragment compressor nor 10/11's binary tree).
+    let custom = tuning.hasher.filter(|_| (2..=9).contains(&quality));
+    let key = (quality, lgwin, custom);
+    let mut s = BrotliEncoderStateStruct::new(StandardAlloc::default());
+    s.params = brotli::enc::BrotliEncoderParams {
+        quality,
+        lgwin,
+        size_hint: input.len(),
+        use_dictionary: tuning.use_dictionary,
+        disable_literal_context_modeling: i32::from(tuning.disable_literal_context_modeling),
+        mode: if tuning.mode_text {
+            BrotliEncoderMode::BROTLI_MODE_TEXT
+        } else {
+            BrotliEncoderMode::BROTLI_MODE_GENERIC
+        },
+        ..Default::default()
+    };
+    let cacheable = input.len() < BROTLI_HASHER_CACHE_INPUT_BYTES_MAX;
+    if cacheable {
+        let cached = BROTLI_HASHER.with(|c| c.borrow_mut().take());
+        if let Some(mut c) = cached {
+            if c.key == key {
+                // Not prepared: the encoder's set-up clears the head index for this input.
+                c.hasher.GetHasherCommon().is_prepared_ = 0;
+                s.params.hasher = c.hasher.GetHasherCommon().params;
+                s.hasher_ = c.hasher;
+            } else {
+                c.hasher.free(&mut s.m8);
+            }
+        }
+    }
+    if let (Some(size), brotli::enc::UnionHasher::Uninit) = (custom, &s.hasher_) {
+        let (hp, h) = make_h5(&mut s.m8, size);
+        s.params.hasher = hp;
+        s.hasher_ = h;
+    }
+
+    let mut out = vec![0u8; brotli::enc::BrotliEncoderMaxCompressedSize(input.len()).max(64)];
+    let mut avail_in = input.len();
+    let mut in_off = 0;
+    let mut out_off = 0;
+    let mut total_out = Some(0);
+    let mut no_callback = |_: &mut brotli::enc::interface::PredictionModeContextMap<
+        brotli::enc::InputReferenceMut,
+    >,
+                           _: &mut [brotli::enc::StaticCommand],
+                           _: brotli::enc::InputPair,
+                           _: &mut StandardAlloc| ();
+    loop {
+        let mut avail_out = out.len() - out_off;
+        let ok = s.compress_stream(
+            BrotliEncoderOperation::BROTLI_OPERATION_FINISH,
+            &mut avail_in,
+            input,
+            &mut in_off,
+            &mut avail_out,
+            &mut out,
+            &mut out_off,
+            &mut total_out,
+            &mut no_callback,
+        );
+        if s.is_finished() {
+            break;
+        }
+        if !ok {
+            // Not reachable with valid parameters; fall back to the library's own driver.
+            BrotliEncoderDestroyInstance(&mut s);
+            return brotli_compress_plain(input, quality, lgwin);
+        }
+        // The bound above fits any input, but should the encoder still want room, give it.
+        let grow = out.len().max(64);
+        out.resize(out.len() + grow, 0);
+    }
+    out.truncate(out_off);
+
+    if cacheable && hasher_resets_itself(&s.hasher_) {
+        let hasher = std::mem::take(&mut s.hasher_);
+        BROTLI_HASHER.with(|c| *c.borrow_mut() = Some(CachedHasher { key, hasher }));
+    }
+    BrotliEncoderDestroyInstance(&mut s);
+    out
+}
+
+/// The library's streaming driver with default choices; the fallback of [`brotli_compress_tuned`].
+fn brotli_compress_plain(input: &[u8], quality: i32, lgwin: i32) -> Vec<u8> {
     let enc = brotli::enc::BrotliEncoderParams {
-        quality: params.quality.min(BROTLI_QUALITY_MAX) as i32,
-        lgwin: effective_lgwin(input.len(), params) as i32,
+        quality,
+        lgwin,
         size_hint: input.len(),
         ..Default::default()
     };
