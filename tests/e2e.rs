@@ -343,3 +343,39 @@ fn area_pushes_follow_the_area_control_put_in_the_token() {
         "unexpected {late:?}"
     );
 }
+
+#[test]
+fn user_push_reaches_every_connection_of_that_user_only() {
+    let stack = Stack::start(KEYS_V1_V2, KEYS_V1_V2);
+    let room = 1301;
+    // uid 4242 logs in twice through control (TCP and WS); uid 4243 once.
+    let t = connect_ticket(stack.control_addr(), room, 4242);
+    let mut tcp = Viewer::tcp(edge_addr(&t.edges[0], "tcp_port"));
+    assert_eq!(tcp.auth(&auth_body(4242, room, &t.token)), 0);
+    let t2 = connect_ticket(stack.control_addr(), room, 4242);
+    let mut ws = Viewer::ws(edge_addr(&t2.edges[0], "ws_port"));
+    assert_eq!(ws.auth(&auth_body(4242, room, &t2.token)), 0);
+    let o = connect_ticket(stack.control_addr(), room, 4243);
+    let mut other = Viewer::tcp(edge_addr(&o.edges[0], "tcp_port"));
+    assert_eq!(other.auth(&auth_body(4243, room, &o.token)), 0);
+
+    // The room subscription tells the broker which encodings this edge's viewers use.
+    warm_up(
+        stack.ingest_addr(),
+        room,
+        &mut [&mut tcp, &mut ws, &mut other],
+    );
+
+    let body = r#"{"cmd":"USER_TOAST","uid":4242,"text":"for you only"}"#;
+    let mut client = broker::IngestClient::connect(stack.ingest_addr(), API_KEY).unwrap();
+    client.push(&broker::Message::user(4242, body)).unwrap();
+    let deadline = Instant::now() + WAIT;
+    for viewer in [&mut tcp, &mut ws] {
+        assert_eq!(viewer.next_message(deadline).as_deref(), Some(body));
+    }
+    assert_eq!(
+        other.next_message(Instant::now() + Duration::from_millis(300)),
+        None,
+        "another user receives nothing"
+    );
+}

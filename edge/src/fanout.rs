@@ -9,7 +9,6 @@
 //! Invariant: no per-connection copy of batch bytes; at most one copy per shard (the WS frame).
 
 use crate::index::lanes_of;
-use crate::metrics::DropReason;
 use crate::shard::Shard;
 use bytes::{Bytes, BytesMut};
 use proto::id::{RoomId, Scope};
@@ -73,10 +72,41 @@ pub(crate) fn fan_out(shard: &Shard, batch: &Batch) {
                 sends += room(shard, r, batch, &mut frames, now);
             }
         }
-        // Per-user and per-device delivery belongs to the high-reach work (not built yet).
-        Scope::User(_) | Scope::Device(_) => m.dropped(DropReason::Unroutable, 1),
+        Scope::User(u) => {
+            let mut members = Vec::new();
+            shard.reach.borrow().user_members(u.0, &mut members);
+            sends += reach(shard, &members, batch, &mut frames, now);
+        }
+        Scope::Device(d) => {
+            let mut members = Vec::new();
+            shard.reach.borrow().device_members(&d.0, &mut members);
+            sends += reach(shard, &members, batch, &mut frames, now);
+        }
     }
     m.sends.add(sends);
+}
+
+/// Sends a user or device batch to the members whose encoding it carries (the broker sends
+/// one batch per encoding the node's viewers use, so each member gets exactly one of them).
+fn reach(shard: &Shard, members: &[u32], batch: &Batch, frames: &mut Frames, now: Instant) -> u64 {
+    let mut sends = 0;
+    for &k in members {
+        let Some(lane) = shard.lane_of(k as usize) else {
+            continue;
+        };
+        if lane.encoding() != batch.encoding {
+            continue;
+        }
+        let bytes = if lane.is_ws() {
+            frames.ws()
+        } else {
+            frames.tcp.clone()
+        };
+        if shard.enqueue(k as usize, bytes, batch.priority, true, now) {
+            sends += 1;
+        }
+    }
+    sends
 }
 
 fn room(shard: &Shard, r: RoomId, batch: &Batch, frames: &mut Frames, now: Instant) -> u64 {

@@ -29,6 +29,7 @@ pub mod index;
 pub mod interest;
 pub mod link;
 pub mod metrics;
+pub mod reach;
 pub mod session;
 pub mod wheel;
 

@@ -15,7 +15,7 @@
 //!   jitter in [delay/2, delay], and resets after a successful HELLO.
 
 use crate::interest::{NodeInterest, Update};
-use crate::metrics::{DropReason, LinkMetrics};
+use crate::metrics::LinkMetrics;
 use crate::shard::{Msg, Node, Shard};
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
@@ -198,11 +198,9 @@ impl Hub {
                 .borrow()
                 .shards_for(&Interest::Area(*a), bit)
                 .collect(),
-            Scope::Global => (0..shard.node.shards).collect(),
-            Scope::User(_) | Scope::Device(_) => {
-                shard.m().dropped(DropReason::Unroutable, 1);
-                return;
-            }
+            // No node-wide user/device map: every shard looks the scope up in its own
+            // reach index, as for global batches.
+            Scope::Global | Scope::User(_) | Scope::Device(_) => (0..shard.node.shards).collect(),
         };
         let batch = Arc::new(batch);
         for t in targets {

@@ -568,9 +568,15 @@ pub fn verify(body: &[u8], ctx: &Ctx<'_>) -> Result<Authed, AuthFail> {
     if !c.uid.is_guest() && b.uid != c.uid.0 {
         return Err(AuthFail::UidMismatch);
     }
+    // The token's device claim wins; a token without one falls back to the body's buvid.
+    let device = if c.device.0.is_empty() {
+        DeviceId(b.buvid.unwrap_or_default())
+    } else {
+        c.device
+    };
     Ok(Authed {
         uid: c.uid,
-        device: c.device,
+        device,
         room: c.room,
         area: c.area,
         encoding: Encoding::from_protover(b.protover),

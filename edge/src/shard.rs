@@ -21,6 +21,7 @@ use crate::index::{Lane, RoomIndex};
 use crate::interest::NodeInterest;
 use crate::link::Hub;
 use crate::metrics::{DropReason, ShardMetrics};
+use crate::reach::ReachIndex;
 use crate::session::{Action, Authed, CloseReason, Ctx, Limits, Session, Transport};
 use crate::wheel::Wheel;
 use bytes::Bytes;
@@ -183,6 +184,8 @@ pub(crate) struct Shard {
     conns: RefCell<Slab<Conn>>,
     next_gen: Cell<u32>,
     pub index: RefCell<RoomIndex>,
+    /// uid/device -> members, for user and device batches.
+    pub reach: RefCell<ReachIndex>,
     wheel: RefCell<Wheel<Timer>>,
     tx: RefCell<Vec<Option<rtrb::Producer<Msg>>>>,
     rx: RefCell<Vec<rtrb::Consumer<Msg>>>,
@@ -239,6 +242,7 @@ impl Shard {
             conns: RefCell::new(Slab::new()),
             next_gen: Cell::new(1),
             index: RefCell::new(RoomIndex::new()),
+            reach: RefCell::new(ReachIndex::new()),
             wheel: RefCell::new(Wheel::new(
                 epoch,
                 Duration::from_millis(node.config.timer_tick_ms),
@@ -445,6 +449,7 @@ impl Shard {
 
     fn unseat(&self, key: usize, seat: Option<Seat>) {
         let Some(seat) = seat else { return };
+        self.reach.borrow_mut().leave(key as u32);
         let change = self
             .index
             .borrow_mut()
@@ -682,6 +687,9 @@ impl Shard {
             .borrow_mut()
             .join(key as u32, a.room, a.area, lane);
         self.emit_change(a.room, change);
+        self.reach
+            .borrow_mut()
+            .join(key as u32, a.uid.0, &a.device.0);
         self.reply(key, reply, now);
         self.wheel.borrow_mut().insert(
             now + Duration::from_millis(self.cfg().heartbeat_timeout_ms),
@@ -776,6 +784,15 @@ impl Shard {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// The lane of a seated, open connection (None when closing or gone).
+    pub fn lane_of(&self, key: usize) -> Option<Lane> {
+        self.conns
+            .borrow()
+            .get(key)
+            .filter(|c| c.closing == Closing::Open)
+            .and_then(|c| c.seat.map(|s| s.lane))
     }
 
     fn is_live(&self, key: usize) -> bool {
