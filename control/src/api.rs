@@ -534,55 +534,36 @@ impl Api {
                 self.counters.requests[i] as f64,
             );
         }
-        w.family(
+        let c = &self.counters;
+        w.metric(
             "barrage_control_tokens_issued_total",
             "counter",
             "Tokens issued, by kind.",
+            &[
+                (&[("kind", "user")], c.tokens_user as f64),
+                (&[("kind", "guest")], c.tokens_guest as f64),
+            ],
         );
-        w.sample(
-            "barrage_control_tokens_issued_total",
-            &[("kind", "user")],
-            self.counters.tokens_user as f64,
-        );
-        w.sample(
-            "barrage_control_tokens_issued_total",
-            &[("kind", "guest")],
-            self.counters.tokens_guest as f64,
-        );
-        w.family(
+        w.metric(
             "barrage_control_unauthorized_total",
             "counter",
             "Requests refused for a missing or wrong key.",
+            &[(&[], c.unauthorized as f64)],
         );
-        w.sample(
-            "barrage_control_unauthorized_total",
-            &[],
-            self.counters.unauthorized as f64,
-        );
-        w.family(
+        w.metric(
             "barrage_control_heartbeats_total",
             "counter",
             "Edge heartbeats, by outcome.",
+            &[
+                (&[("outcome", "accepted")], c.heartbeats_accepted as f64),
+                (&[("outcome", "refused")], c.heartbeats_refused as f64),
+            ],
         );
-        w.sample(
-            "barrage_control_heartbeats_total",
-            &[("outcome", "accepted")],
-            self.counters.heartbeats_accepted as f64,
-        );
-        w.sample(
-            "barrage_control_heartbeats_total",
-            &[("outcome", "refused")],
-            self.counters.heartbeats_refused as f64,
-        );
-        w.family(
+        w.metric(
             "barrage_control_assignments_empty_total",
             "counter",
             "Token answers with no edge to offer.",
-        );
-        w.sample(
-            "barrage_control_assignments_empty_total",
-            &[],
-            self.counters.assignments_empty as f64,
+            &[(&[], c.assignments_empty as f64)],
         );
         w.family("barrage_control_edges", "gauge", "Known edges by state.");
         for (state, n) in self.registry.counts(now) {

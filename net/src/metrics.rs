@@ -36,6 +36,20 @@ impl Writer {
         self.out.push('\n');
     }
 
+    /// A whole family: its `# HELP`/`# TYPE` lines, then one sample per `(labels, value)`.
+    pub fn metric(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: &[(&[(&str, &str)], f64)],
+    ) {
+        self.family(name, kind, help);
+        for (labels, value) in samples {
+            self.sample(name, labels, *value);
+        }
+    }
+
     /// One sample line: `name{k="v",...} value`.
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.out.push_str(name);
@@ -102,6 +116,21 @@ mod tests {
              barrage_ratio 0.5\n\
              barrage_x +Inf\n\
              barrage_y NaN\n"
+        );
+    }
+
+    #[test]
+    fn metric_writes_the_family_then_each_sample() {
+        let mut w = Writer::default();
+        w.metric(
+            "barrage_t_total",
+            "counter",
+            "T.",
+            &[(&[("k", "a")], 1.0), (&[], 2.0)],
+        );
+        assert_eq!(
+            w.out,
+            "# HELP barrage_t_total T.\n# TYPE barrage_t_total counter\nbarrage_t_total{k=\"a\"} 1\nbarrage_t_total 2\n"
         );
     }
 }
