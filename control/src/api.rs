@@ -641,6 +641,28 @@ mod tests {
 
     const LOOP: &str = "127.0.0.1:5000";
 
+    /// One edge heartbeat from loopback, as `hb` describes it.
+    fn beat(
+        api: &mut Api,
+        id: &str,
+        region: &str,
+        conns: u64,
+        draining: bool,
+        now: Instant,
+    ) -> Response {
+        api.handle(
+            &req(
+                "POST",
+                "/v1/edges/heartbeat",
+                &[],
+                &hb(id, region, conns, draining),
+                LOOP,
+            ),
+            now,
+            0,
+        )
+    }
+
     #[test]
     fn connect_needs_a_key_except_for_guests() {
         let mut api = Api::new(&config()).unwrap();
@@ -742,17 +764,7 @@ mod tests {
             ("s1", "sh", 500),
             ("b1", "bj", 0),
         ] {
-            let r = api.handle(
-                &req(
-                    "POST",
-                    "/v1/edges/heartbeat",
-                    &[],
-                    &hb(id, region, conns, false),
-                    LOOP,
-                ),
-                t0,
-                0,
-            );
+            let r = beat(&mut api, id, region, conns, false, t0);
             assert_eq!(r.status, 200);
             assert_eq!(body(&r), serde_json::json!({"ok": true}));
         }
@@ -799,28 +811,8 @@ mod tests {
     fn region_header_ignored_unless_trusted() {
         let mut api = Api::new(&config()).unwrap();
         let t0 = Instant::now();
-        api.handle(
-            &req(
-                "POST",
-                "/v1/edges/heartbeat",
-                &[],
-                &hb("l1", "local", 0, false),
-                LOOP,
-            ),
-            t0,
-            0,
-        );
-        api.handle(
-            &req(
-                "POST",
-                "/v1/edges/heartbeat",
-                &[],
-                &hb("b1", "bj", 0, false),
-                LOOP,
-            ),
-            t0,
-            0,
-        );
+        beat(&mut api, "l1", "local", 0, false, t0);
+        beat(&mut api, "b1", "bj", 0, false, t0);
         let bj = with_header(
             req("POST", "/v1/connect", &[], r#"{"room":1}"#, LOOP),
             REGION_HEADER,
@@ -833,28 +825,8 @@ mod tests {
     fn draining_and_dead_edges_leave_the_answer() {
         let mut api = Api::new(&config()).unwrap();
         let t0 = Instant::now();
-        api.handle(
-            &req(
-                "POST",
-                "/v1/edges/heartbeat",
-                &[],
-                &hb("a", "local", 0, false),
-                LOOP,
-            ),
-            t0,
-            0,
-        );
-        api.handle(
-            &req(
-                "POST",
-                "/v1/edges/heartbeat",
-                &[],
-                &hb("b", "local", 100, false),
-                LOOP,
-            ),
-            t0,
-            0,
-        );
+        beat(&mut api, "a", "local", 0, false, t0);
+        beat(&mut api, "b", "local", 100, false, t0);
         let info = req(
             "GET",
             "/xlive/web-room/v1/index/getDanmuInfo",
@@ -872,30 +844,10 @@ mod tests {
                 .collect()
         };
         assert_eq!(hosts(&mut api, t0), ["a.host", "b.host"]);
-        api.handle(
-            &req(
-                "POST",
-                "/v1/edges/heartbeat",
-                &[],
-                &hb("a", "local", 0, true),
-                LOOP,
-            ),
-            t0,
-            0,
-        );
+        beat(&mut api, "a", "local", 0, true, t0);
         assert_eq!(hosts(&mut api, t0), ["b.host"]);
         let later = t0 + Duration::from_millis(3000);
-        api.handle(
-            &req(
-                "POST",
-                "/v1/edges/heartbeat",
-                &[],
-                &hb("a", "local", 0, true),
-                LOOP,
-            ),
-            later,
-            0,
-        );
+        beat(&mut api, "a", "local", 0, true, later);
         // b's heartbeats stopped at t0: dead once edge_ttl_ms (6000) has passed.
         assert_eq!(
             hosts(&mut api, t0 + Duration::from_millis(6000)),
@@ -959,21 +911,7 @@ mod tests {
                 .status,
             400
         );
-        assert_eq!(
-            api.handle(
-                &req(
-                    "POST",
-                    "/v1/edges/heartbeat",
-                    &[],
-                    &hb("", "x", 0, false),
-                    LOOP
-                ),
-                t0,
-                0
-            )
-            .status,
-            400
-        );
+        assert_eq!(beat(&mut api, "", "x", 0, false, t0).status, 400);
 
         let mut cfg = config();
         cfg.edge_key = "ek".into();
@@ -1000,17 +938,7 @@ mod tests {
     fn discovery_shapes_match_bilibili() {
         let mut api = Api::new(&config()).unwrap();
         let t0 = Instant::now();
-        api.handle(
-            &req(
-                "POST",
-                "/v1/edges/heartbeat",
-                &[],
-                &hb("a", "local", 0, false),
-                LOOP,
-            ),
-            t0,
-            0,
-        );
+        beat(&mut api, "a", "local", 0, false, t0);
         let r = api.handle(
             &req(
                 "GET",

@@ -243,16 +243,7 @@ async fn handle(
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
         query: parts.uri.query().map(parse_query).unwrap_or_default(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
+        headers: header_pairs(&parts.headers),
         body,
         peer,
     };
@@ -506,16 +497,7 @@ async fn request_inner(
             .to_vec();
         Ok::<_, ClientError>(Response {
             status: parts.status.as_u16(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: header_pairs(&parts.headers),
             body,
         })
     };
@@ -557,6 +539,20 @@ pub async fn request(
         Ok(r) => r,
         Err(_) => Err(ClientError::Timeout),
     }
+}
+
+/// Header names (lower-cased by hyper) and values as owned strings; a value that is not UTF-8
+/// is kept lossily rather than failing the whole message.
+fn header_pairs(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
