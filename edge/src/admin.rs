@@ -79,7 +79,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_ws.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 11] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 12] = [
         (
             "barrage_edge_accepted_total",
             "counter",
@@ -136,6 +136,12 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "Bytes written to clients.",
             |m| m.bytes_out.get(),
+        ),
+        (
+            "barrage_edge_accept_errors_total",
+            "counter",
+            "accept() failures (EMFILE, ENFILE...); the shard backs off accepting.",
+            |m| m.accept_errors.get(),
         ),
         (
             "barrage_edge_shards",

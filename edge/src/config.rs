@@ -52,6 +52,12 @@ pub struct Config {
     pub send_queue_bytes_max: usize,
     /// A connection whose queue stays over the bound this long is closed.
     pub stuck_ms_max: u64,
+    /// Client connections the node holds at most; 0 means the fd limit minus the reserve kept
+    /// for links, admin and control. Past it new clients are refused with a reconnect hint.
+    pub conns_max: u64,
+    /// Client connections per remote address (node-wide, enforced per shard as
+    /// `ceil(conns_per_addr_max / shards)`); 0 disables the cap (NAT gateways share addresses).
+    pub conns_per_addr_max: u32,
     /// Connections per shard that have not authenticated yet; more are refused at accept.
     pub pending_handshakes_max: usize,
     /// Distinct rooms per shard; an auth into a new room past this is refused.
@@ -110,6 +116,8 @@ impl Default for Config {
             ws_handshake_bytes_max: proto::limits::WS_HANDSHAKE_BYTES_MAX,
             send_queue_bytes_max: 256 * 1024,
             stuck_ms_max: 10_000,
+            conns_max: 0,
+            conns_per_addr_max: 0,
             pending_handshakes_max: 4_096,
             rooms_max: 100_000,
             read_buffer_bytes: 32,

@@ -8,13 +8,12 @@
 //!
 //! Invariant: no per-connection copy of batch bytes; at most one copy per shard (the WS frame).
 
-use crate::index::lanes_of;
-use crate::shard::Shard;
+use crate::index::{lanes_of, Lane, RoomIndex};
+use crate::reach::ReachIndex;
 use bytes::{Bytes, BytesMut};
 use proto::id::{RoomId, Scope};
 use proto::link::Batch;
 use proto::ws::{self, Opcode};
-use std::time::Instant;
 
 /// The bytes each transport gets for one batch.
 pub struct Frames {
@@ -50,86 +49,49 @@ pub fn ws_frame(payload: &[u8]) -> Bytes {
     b.freeze()
 }
 
-/// Fans a batch out to this shard's viewers of its scope.
-pub(crate) fn fan_out(shard: &Shard, batch: &Batch) {
-    let m = shard.m();
-    m.batches_in.inc();
-    m.batch_bytes_in.add(batch.packet.len() as u64);
-    let mut frames = Frames::new(&batch.packet);
-    let now = Instant::now();
-    let mut sends = 0u64;
+/// One recipient of a batch on this shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A room member sitting in `lane` (its encoding is the batch's by construction).
+    Lane(u32, Lane),
+    /// A user or device member: its lane is the connection's, which the caller checks
+    /// against the batch's encoding (the reach index does not know lanes).
+    Reach(u32),
+}
+
+/// Every recipient of `batch` on this shard, appended to `out` (a pure function of the two
+/// indexes: the core owns the queues and decides what each send costs).
+///
+/// Members come out lane by lane, so the caller can build each lane's bytes once.
+pub fn targets(index: &RoomIndex, reach: &ReachIndex, batch: &Batch, out: &mut Vec<Target>) {
+    let room = |r: RoomId, out: &mut Vec<Target>| {
+        for lane in lanes_of(batch.encoding) {
+            out.extend(index.lane(r, lane).iter().map(|k| Target::Lane(*k, lane)));
+        }
+    };
     match &batch.scope {
-        Scope::Room(r) => sends += room(shard, *r, batch, &mut frames, now),
+        Scope::Room(r) => room(*r, out),
         Scope::Area(a) => {
-            let rooms: Vec<RoomId> = shard.index.borrow().rooms_in_area(*a).to_vec();
-            for r in rooms {
-                sends += room(shard, r, batch, &mut frames, now);
+            for r in index.rooms_in_area(*a) {
+                room(*r, out);
             }
         }
         Scope::Global => {
-            let rooms: Vec<RoomId> = shard.index.borrow().rooms().map(|(r, _)| r).collect();
-            for r in rooms {
-                sends += room(shard, r, batch, &mut frames, now);
+            for (r, _) in index.rooms() {
+                room(r, out);
             }
         }
         Scope::User(u) => {
             let mut members = Vec::new();
-            shard.reach.borrow().user_members(u.0, &mut members);
-            sends += reach(shard, &members, batch, &mut frames, now);
+            reach.user_members(u.0, &mut members);
+            out.extend(members.into_iter().map(Target::Reach));
         }
         Scope::Device(d) => {
             let mut members = Vec::new();
-            shard.reach.borrow().device_members(&d.0, &mut members);
-            sends += reach(shard, &members, batch, &mut frames, now);
+            reach.device_members(&d.0, &mut members);
+            out.extend(members.into_iter().map(Target::Reach));
         }
     }
-    m.sends.add(sends);
-}
-
-/// Sends a user or device batch to the members whose encoding it carries (the broker sends
-/// one batch per encoding the node's viewers use, so each member gets exactly one of them).
-fn reach(shard: &Shard, members: &[u32], batch: &Batch, frames: &mut Frames, now: Instant) -> u64 {
-    let mut sends = 0;
-    for &k in members {
-        let Some(lane) = shard.lane_of(k as usize) else {
-            continue;
-        };
-        if lane.encoding() != batch.encoding {
-            continue;
-        }
-        let bytes = if lane.is_ws() {
-            frames.ws()
-        } else {
-            frames.tcp.clone()
-        };
-        if shard.enqueue(k as usize, bytes, batch.priority, true, now) {
-            sends += 1;
-        }
-    }
-    sends
-}
-
-fn room(shard: &Shard, r: RoomId, batch: &Batch, frames: &mut Frames, now: Instant) -> u64 {
-    let mut sends = 0;
-    for lane in lanes_of(batch.encoding) {
-        // Copy the member keys out: enqueue may wake tasks but never touches the index,
-        // yet holding the borrow while calling into the shard would be fragile.
-        let members: Vec<u32> = shard.index.borrow().lane(r, lane).to_vec();
-        if members.is_empty() {
-            continue;
-        }
-        let bytes = if lane.is_ws() {
-            frames.ws()
-        } else {
-            frames.tcp.clone()
-        };
-        for k in members {
-            if shard.enqueue(k as usize, bytes.clone(), batch.priority, true, now) {
-                sends += 1;
-            }
-        }
-    }
-    sends
 }
 
 #[cfg(test)]

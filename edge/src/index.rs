@@ -15,6 +15,52 @@
 use proto::id::{AreaId, Encoding, RoomId};
 use std::collections::HashMap;
 
+/// A set of encodings (which compressions some viewers asked for). On the link wire it is the
+/// bitmask of [`Encoding::bit`]; in code it is this type, so a set is never confused with a
+/// count or an id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EncodingSet(u8);
+
+impl EncodingSet {
+    /// No encoding: nobody wants it.
+    pub const EMPTY: EncodingSet = EncodingSet(0);
+
+    /// The set holding only `e`.
+    pub fn of(e: Encoding) -> EncodingSet {
+        EncodingSet(e.bit())
+    }
+
+    /// From the link wire's bitmask (unknown bits are dropped).
+    pub fn from_bits(bits: u8) -> EncodingSet {
+        EncodingSet(bits & (Encoding::Plain.bit() | Encoding::Zlib.bit() | Encoding::Brotli.bit()))
+    }
+
+    /// The link wire's bitmask.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn contains(self, e: Encoding) -> bool {
+        self.0 & e.bit() != 0
+    }
+
+    /// Both sets together.
+    pub fn union(self, other: EncodingSet) -> EncodingSet {
+        EncodingSet(self.0 | other.0)
+    }
+}
+
+impl std::ops::BitOr for EncodingSet {
+    type Output = EncodingSet;
+    fn bitor(self, rhs: EncodingSet) -> EncodingSet {
+        self.union(rhs)
+    }
+}
+
 /// Lanes per room: 3 encodings x 2 transports.
 pub const LANES: usize = 6;
 
@@ -67,26 +113,26 @@ impl Room {
         self.lanes.iter().map(Vec::len).sum()
     }
 
-    fn encodings(&self) -> u8 {
-        let mut bits = 0;
+    fn encodings(&self) -> EncodingSet {
+        let mut set = EncodingSet::EMPTY;
         for (i, l) in self.lanes.iter().enumerate() {
             if !l.is_empty() {
-                bits |= Lane(i as u8).encoding().bit();
+                set = set | EncodingSet::of(Lane(i as u8).encoding());
             }
         }
-        bits
+        set
     }
 }
 
 /// What a join or leave changed, for the node-wide interest (SUB/UNSUB). `None` = unchanged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Change {
-    /// The room's new encoding set on this shard (0 = no viewers left).
-    pub room: Option<u8>,
+    /// The room's new encoding set on this shard (empty = no viewers left).
+    pub room: Option<EncodingSet>,
     /// The area the room is filed under.
     pub area: AreaId,
-    /// The area's new encoding set on this shard (0 = no viewers left in the area).
-    pub area_set: Option<u8>,
+    /// The area's new encoding set on this shard (empty = no viewers left in the area).
+    pub area_set: Option<EncodingSet>,
 }
 
 /// Per-shard room index over members named by `u32` keys (slab indexes).
@@ -123,16 +169,18 @@ impl RoomIndex {
     }
 
     /// Encoding set wanted by this shard's viewers of `room` (0 when none).
-    pub fn room_encodings(&self, room: RoomId) -> u8 {
-        self.rooms.get(&room).map_or(0, Room::encodings)
+    pub fn room_encodings(&self, room: RoomId) -> EncodingSet {
+        self.rooms
+            .get(&room)
+            .map_or(EncodingSet::EMPTY, Room::encodings)
     }
 
     /// Encoding set wanted by this shard's viewers of any room in `area`.
-    pub fn area_encodings(&self, area: AreaId) -> u8 {
-        self.areas.get(&area).map_or(0, |rs| {
+    pub fn area_encodings(&self, area: AreaId) -> EncodingSet {
+        self.areas.get(&area).map_or(EncodingSet::EMPTY, |rs| {
             rs.iter()
                 .filter_map(|r| self.rooms.get(r))
-                .fold(0, |b, r| b | r.encodings())
+                .fold(EncodingSet::EMPTY, |b, r| b | r.encodings())
         })
     }
 
@@ -170,16 +218,16 @@ impl RoomIndex {
             self.pos.resize(m + 1, 0);
         }
         let room_before = self.room_encodings(room);
-        let room_after = room_before | lane.encoding().bit();
+        let room_after = room_before | EncodingSet::of(lane.encoding());
         let area = self.rooms.get(&room).map_or(area, |r| r.area);
         // Only a change of the room's set can change the area's; skip the O(rooms) walk otherwise.
         let area_before = if room_before != room_after {
             self.area_encodings(area)
         } else {
-            0
+            EncodingSet::EMPTY
         };
         let r = self.rooms.entry(room).or_default();
-        if room_before == 0 {
+        if room_before.is_empty() {
             r.area = area;
             let list = self.areas.entry(area).or_default();
             r.area_pos = list.len() as u32;
@@ -231,7 +279,7 @@ impl RoomIndex {
         }
         let area_pos = r.area_pos as usize;
         let area_before = self.area_encodings_with(area, room, room_before);
-        if room_after == 0 {
+        if room_after.is_empty() {
             // Last member: drop the room and unlink it from its area in O(1).
             self.rooms.remove(&room);
             if let Some(list) = self.areas.get_mut(&area) {
@@ -257,13 +305,21 @@ impl RoomIndex {
     }
 
     /// The area's encodings computed as if `room` had `room_set`.
-    fn area_encodings_with(&self, area: AreaId, room: RoomId, room_set: u8) -> u8 {
-        self.areas.get(&area).map_or(0, |rs| {
-            rs.iter().fold(0, |b, r| {
+    fn area_encodings_with(
+        &self,
+        area: AreaId,
+        room: RoomId,
+        room_set: EncodingSet,
+    ) -> EncodingSet {
+        self.areas.get(&area).map_or(EncodingSet::EMPTY, |rs| {
+            rs.iter().fold(EncodingSet::EMPTY, |b, r| {
                 if *r == room {
                     b | room_set
                 } else {
-                    b | self.rooms.get(r).map_or(0, Room::encodings)
+                    b | self
+                        .rooms
+                        .get(r)
+                        .map_or(EncodingSet::EMPTY, Room::encodings)
                 }
             })
         })
@@ -293,23 +349,26 @@ mod tests {
         let a = AreaId(1);
         let br = Lane::new(Encoding::Brotli, false);
         let c = ix.join(1, r, a, br);
-        assert_eq!(c.room, Some(Encoding::Brotli.bit()));
-        assert_eq!(c.area_set, Some(Encoding::Brotli.bit()));
+        assert_eq!(c.room, Some(EncodingSet::of(Encoding::Brotli)));
+        assert_eq!(c.area_set, Some(EncodingSet::of(Encoding::Brotli)));
         let c = ix.join(2, r, a, Lane::new(Encoding::Brotli, true));
         assert_eq!(c.room, None);
         let c = ix.join(3, r, a, Lane::new(Encoding::Plain, true));
-        assert_eq!(c.room, Some(Encoding::Brotli.bit() | Encoding::Plain.bit()));
+        assert_eq!(
+            c.room,
+            Some(EncodingSet::of(Encoding::Brotli) | EncodingSet::of(Encoding::Plain))
+        );
         assert_eq!(
             c.area_set,
-            Some(Encoding::Brotli.bit() | Encoding::Plain.bit())
+            Some(EncodingSet::of(Encoding::Brotli) | EncodingSet::of(Encoding::Plain))
         );
         assert_eq!(ix.room_len(r), 3);
         ix.leave(3, r, Lane::new(Encoding::Plain, true)).unwrap();
         ix.leave(1, r, br).unwrap();
         assert_eq!(ix.lane(r, Lane::new(Encoding::Brotli, true)), &[2]);
         let c = ix.leave(2, r, Lane::new(Encoding::Brotli, true)).unwrap();
-        assert_eq!(c.room, Some(0));
-        assert_eq!(c.area_set, Some(0));
+        assert_eq!(c.room, Some(EncodingSet::EMPTY));
+        assert_eq!(c.area_set, Some(EncodingSet::EMPTY));
         assert_eq!(ix.room_count(), 0);
         assert!(ix.rooms_in_area(a).is_empty());
         // Leaving twice is refused, not corrupting.
@@ -380,7 +439,7 @@ mod tests {
                         let c = ix.leave(member, room, lane).unwrap();
                         let set = model.get_mut(&room).unwrap();
                         set.remove(&member);
-                        prop_assert_eq!(c.room == Some(0), set.is_empty());
+                        prop_assert_eq!(c.room == Some(EncodingSet::EMPTY), set.is_empty());
                         if set.is_empty() { model.remove(&room); room_area.remove(&room); }
                     }
                     Op::Publish { room, enc: e } => {

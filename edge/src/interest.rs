@@ -7,22 +7,23 @@
 //! Invariants: an entry exists iff some shard has a non-zero set for it; `union` is always
 //! the OR of the per-shard sets.
 
-use proto::id::RoomId;
+use crate::index::EncodingSet;
+use proto::id::{Encoding, RoomId};
 use proto::link::Interest;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 struct Entry {
     /// Encoding set per shard (index = shard).
-    per_shard: Vec<u8>,
-    union: u8,
+    per_shard: Vec<EncodingSet>,
+    union: EncodingSet,
 }
 
 /// What the node must tell the brokers after an update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Update {
     /// SUB with this (new) encoding set.
-    Sub(u8),
+    Sub(EncodingSet),
     /// UNSUB: no viewers left on the node.
     Unsub,
 }
@@ -47,14 +48,14 @@ impl NodeInterest {
 
     /// Records that `shard` now wants `interest` in `set` (0 = no viewers). Returns what to
     /// send to the brokers, if the node-wide set changed.
-    pub fn update(&mut self, shard: usize, interest: Interest, set: u8) -> Option<Update> {
+    pub fn update(&mut self, shard: usize, interest: Interest, set: EncodingSet) -> Option<Update> {
         if shard >= self.shards {
             return None;
         }
         match self.map.get_mut(&interest) {
-            None if set == 0 => None,
+            None if set.is_empty() => None,
             None => {
-                let mut per_shard = vec![0; self.shards];
+                let mut per_shard = vec![EncodingSet::EMPTY; self.shards];
                 per_shard[shard] = set;
                 self.map.insert(
                     interest,
@@ -67,10 +68,10 @@ impl NodeInterest {
             }
             Some(e) => {
                 e.per_shard[shard] = set;
-                let union = e.per_shard.iter().fold(0, |a, b| a | b);
+                let union = e.per_shard.iter().fold(EncodingSet::EMPTY, |a, b| a | *b);
                 let before = e.union;
                 e.union = union;
-                if union == 0 {
+                if union.is_empty() {
                     self.map.remove(&interest);
                     Some(Update::Unsub)
                 } else if union != before {
@@ -82,19 +83,23 @@ impl NodeInterest {
         }
     }
 
-    /// Shards with viewers of `interest` wanting encoding bit `bit`.
-    pub fn shards_for(&self, interest: &Interest, bit: u8) -> impl Iterator<Item = usize> + '_ {
+    /// Shards with viewers of `interest` wanting `encoding`.
+    pub fn shards_for(
+        &self,
+        interest: &Interest,
+        encoding: Encoding,
+    ) -> impl Iterator<Item = usize> + '_ {
         self.map.get(interest).into_iter().flat_map(move |e| {
             e.per_shard
                 .iter()
                 .enumerate()
-                .filter(move |(_, s)| **s & bit != 0)
+                .filter(move |(_, s)| s.contains(encoding))
                 .map(|(i, _)| i)
         })
     }
 
     /// Every interest with its node-wide set (what a reconnected link re-sends).
-    pub fn all(&self) -> impl Iterator<Item = (&Interest, u8)> + '_ {
+    pub fn all(&self) -> impl Iterator<Item = (&Interest, EncodingSet)> + '_ {
         self.map.iter().map(|(k, e)| (k, e.union))
     }
 
@@ -130,24 +135,39 @@ impl NodeInterest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::id::{AreaId, Encoding};
+    use proto::id::AreaId;
 
     #[test]
     fn sub_on_first_unsub_on_last_resub_on_new_encoding() {
         let mut n = NodeInterest::new(3);
         let r = Interest::Room(RoomId(5));
-        let br = Encoding::Brotli.bit();
-        let z = Encoding::Zlib.bit();
+        let br = EncodingSet::of(Encoding::Brotli);
+        let z = EncodingSet::of(Encoding::Zlib);
         assert_eq!(n.update(1, r.clone(), br), Some(Update::Sub(br)));
         assert_eq!(n.update(2, r.clone(), br), None);
         assert_eq!(n.update(0, r.clone(), z), Some(Update::Sub(br | z)));
-        assert_eq!(n.shards_for(&r, br).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(n.shards_for(&r, z).collect::<Vec<_>>(), vec![0]);
-        assert_eq!(n.update(0, r.clone(), 0), Some(Update::Sub(br)));
-        assert_eq!(n.update(1, r.clone(), 0), None);
-        assert_eq!(n.update(2, r.clone(), 0), Some(Update::Unsub));
+        assert_eq!(
+            n.shards_for(&r, Encoding::Brotli).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(
+            n.shards_for(&r, Encoding::Zlib).collect::<Vec<_>>(),
+            vec![0]
+        );
+        assert_eq!(
+            n.update(0, r.clone(), EncodingSet::EMPTY),
+            Some(Update::Sub(br))
+        );
+        assert_eq!(n.update(1, r.clone(), EncodingSet::EMPTY), None);
+        assert_eq!(
+            n.update(2, r.clone(), EncodingSet::EMPTY),
+            Some(Update::Unsub)
+        );
         assert!(n.is_empty());
-        assert_eq!(n.update(2, Interest::Area(AreaId(1)), 0), None);
+        assert_eq!(
+            n.update(2, Interest::Area(AreaId(1)), EncodingSet::EMPTY),
+            None
+        );
         assert_eq!(
             n.update(9, Interest::Area(AreaId(1)), br),
             None,

@@ -7,13 +7,19 @@
 //!
 //! # Layout
 //! - [`config`]: `Config` (every field defaulted and documented; unknown fields are errors).
+//! - [`node`]: what the shards of a node share (`Node`, `Msg`, the rings).
+//! - [`core`]: the sans-io shard core: admission, sessions, seating, queues, timers, drain,
+//!   fan-out; inputs with `now`, outputs polled. Every decision a shard makes is here.
 //! - [`session`]: sans-io per-connection state machine (handshake -> auth -> live -> closed).
 //! - [`wheel`]: sans-io hashed timing wheel (auth, handshake, heartbeat, stuck deadlines).
 //! - [`index`]: per-shard room -> members (lanes per encoding and transport), area -> rooms.
 //! - [`interest`]: node-wide "which shards want room R / area A", owned by the link shard.
-//! - [`fanout`]: one batch -> every viewer on a shard, bytes shared (one WS frame per shard).
-//! - `shard`: the monoio shell per core: listeners, connection tasks, rings, timers.
-//! - `link`: broker link client (HELLO, PING, reconnect with backoff, SUB/UNSUB/COUNTS).
+//! - [`fanout`]: which members of a shard get a batch (a pure function of the indexes) and
+//!   the shared bytes per transport (one WS frame per shard).
+//! - `shard`: the monoio shell per core around one `ShardCore`: listeners, connection tasks,
+//!   rings, the clock.
+//! - [`link`]: broker link client (HELLO, PING, reconnect with backoff, SUB/UNSUB/COUNTS); its
+//!   hub talks to the shards through an outbox.
 //! - `admin`: `/healthz`, `/metrics`, `/admin/drain` on its own thread.
 //! - `control`: heartbeats to control.
 //!
@@ -24,11 +30,13 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod core;
 pub mod fanout;
 pub mod index;
 pub mod interest;
 pub mod link;
 pub mod metrics;
+pub mod node;
 pub mod reach;
 pub mod session;
 pub mod wheel;
@@ -40,15 +48,18 @@ mod shard;
 pub use config::Config;
 pub use shard::conn_entry_bytes;
 
-use shard::{Node, Plumbing};
+use node::Node;
+use shard::Plumbing;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// File descriptors kept back from the connection capacity (listeners, links, rings, logs).
-const FD_RESERVE: u64 = 100;
+/// File descriptors kept back from the connection capacity for what must keep working when
+/// viewers fill the rest: listeners, broker links, admin (`/healthz`), control heartbeats,
+/// rings, logs, and refused clients being told to come back.
+pub const FD_RESERVE: u64 = 100;
 /// `Handle::shutdown` waits this long for threads before leaving them behind.
 const SHUTDOWN_MS_MAX: u64 = 5_000;
 
@@ -170,7 +181,11 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
             1024
         }
     };
-    let capacity = nofile.saturating_sub(FD_RESERVE);
+    let fd_capacity = nofile.saturating_sub(FD_RESERVE);
+    let capacity = match config.conns_max {
+        0 => fd_capacity,
+        n => n.min(fd_capacity),
+    };
     let n = config.shard_count();
     let driver = net::runtime::Driver::from_env_or(config.driver);
     tracing::info!(
@@ -186,29 +201,8 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
     let admin_listener = net::sys::listener(resolve(&config.admin_addr)?, false, 128)?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let limits = session::Limits {
-        frame_bytes_max: config.frame_bytes_max,
-        auth_bytes_max: config.auth_bytes_max,
-        ws_message_bytes_max: config.ws_message_bytes_max,
-        ws_handshake_bytes_max: config.ws_handshake_bytes_max,
-        ws_path: config.ws_path.clone(),
-    };
-    let rings = shard::rings(n, config.ring_entries);
-    let node = Arc::new(Node {
-        limits,
-        keys,
-        shards: n,
-        stop: Default::default(),
-        draining: Default::default(),
-        notify: (0..n).map(|_| net::wake::Notify::new()).collect(),
-        metrics: (0..n)
-            .map(|_| Arc::new(metrics::ShardMetrics::default()))
-            .collect(),
-        links: Mutex::new(Vec::new()),
-        capacity,
-        started: Instant::now(),
-        config,
-    });
+    let rings = node::rings(n, config.ring_entries);
+    let node = Arc::new(Node::new(config, keys, capacity));
     let plumbing: Vec<Mutex<Option<Plumbing>>> = rings
         .into_iter()
         .zip(tcp.into_iter().zip(ws))

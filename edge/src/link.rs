@@ -14,17 +14,18 @@
 //! - The backoff grows exponentially from `link_backoff_ms_min` to `link_backoff_ms_max`, with
 //!   jitter in [delay/2, delay], and resets after a successful HELLO.
 
+use crate::index::EncodingSet;
 use crate::interest::{NodeInterest, Update};
-use crate::metrics::LinkMetrics;
-use crate::shard::{Msg, Node, Shard};
-use bytes::{Bytes, BytesMut};
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
+use crate::metrics::{DropReason, LinkMetrics};
+use crate::node::{Msg, Node, ShardIdx};
+use monoio::io::{AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
+use net::framed::{FramedRead, ReadError};
 use net::wake::Notify;
 use proto::id::{Priority, RoomId, Scope};
 use proto::link::{self as wire, caps, Batch, Hello, Interest, LinkError, LinkFrame};
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,6 +35,20 @@ use std::time::{Duration, Instant};
 const CONNECT_MS_MAX: u64 = 3_000;
 /// Read buffer growth step for link frames.
 const LINK_READ_BYTES: usize = 16 * 1024;
+/// Messages the hub holds for the shards until the link shard's shell moves them to the
+/// rings; past it batches are dropped (counted as `outbox`; viewers see the seq gap).
+pub const HUB_OUTBOX_MSGS_MAX: usize = 16_384;
+/// Encoded frames waiting for one link's writer; past it the link is cut and reconnected
+/// (the re-sent interest on connect makes up for what was lost).
+pub const LINK_OUT_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// One broker link: which broker (index in `broker_addrs`), which broker shard, which priority.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinkId {
+    pub broker: u16,
+    pub broker_shard: u16,
+    pub priority: Priority,
+}
 
 /// Capped exponential backoff with jitter (sans-io: the caller supplies randomness).
 #[derive(Clone, Debug)]
@@ -68,8 +83,7 @@ impl Backoff {
 
 /// One link: (broker, broker shard, priority).
 pub(crate) struct Slot {
-    broker_shard: u16,
-    priority: Priority,
+    id: LinkId,
     /// Encoded frames waiting for the writer.
     out: RefCell<Vec<u8>>,
     wake: Arc<Notify>,
@@ -82,13 +96,23 @@ impl Slot {
         if !self.up.get() {
             return;
         }
-        wire::encode(frame, &mut self.out.borrow_mut());
+        let mut out = self.out.borrow_mut();
+        if out.len() > LINK_OUT_BYTES_MAX {
+            // The broker stopped reading: cut the link (the writer sees `up` false).
+            self.up.set(false);
+            out.clear();
+            drop(out);
+            self.wake.notify();
+            return;
+        }
+        wire::encode(frame, &mut out);
         self.metrics.frames_out.inc();
         self.wake.notify();
     }
 }
 
 struct Broker {
+    index: u16,
     addr: String,
     /// The broker's shard count (0 until its first HELLO).
     shards: Cell<u16>,
@@ -100,7 +124,7 @@ impl Broker {
         self.slots
             .borrow()
             .iter()
-            .find(|s| s.broker_shard == broker_shard && s.priority == Priority::Low)
+            .find(|s| s.id.broker_shard == broker_shard && s.id.priority == Priority::Low)
             .cloned()
     }
 
@@ -113,20 +137,29 @@ impl Broker {
     }
 }
 
-/// The link shard's view of every broker and the node's interest.
+/// The link shard's view of every broker and the node's interest. It talks to the shards
+/// only through its outbox, which the link shard's shell moves to the rings.
 pub(crate) struct Hub {
+    node: Arc<Node>,
+    /// The link shard's index.
+    shard: ShardIdx,
     brokers: Vec<Rc<Broker>>,
+    interest: RefCell<NodeInterest>,
+    outbox: RefCell<VecDeque<(ShardIdx, Msg)>>,
+    next_counts: Cell<Instant>,
     stopped: Cell<bool>,
 }
 
 impl Hub {
-    pub fn new(node: &Node) -> Hub {
+    pub fn new(node: Arc<Node>, shard: ShardIdx) -> Hub {
         let brokers = node
             .config
             .broker_addrs
             .iter()
-            .map(|a| {
+            .enumerate()
+            .map(|(i, a)| {
                 Rc::new(Broker {
+                    index: i as u16,
                     addr: a.clone(),
                     shards: Cell::new(0),
                     slots: RefCell::new(Vec::new()),
@@ -134,18 +167,69 @@ impl Hub {
             })
             .collect();
         Hub {
+            interest: RefCell::new(NodeInterest::new(node.shards)),
+            outbox: RefCell::new(VecDeque::new()),
+            next_counts: Cell::new(Instant::now()),
+            shard,
             brokers,
             stopped: Cell::new(false),
+            node,
         }
     }
 
     /// Spawns the first link of each broker and the COUNTS task (on the link shard's runtime).
-    pub fn start(self: &Rc<Self>, shard: &Rc<Shard>) {
+    pub fn start(self: &Rc<Self>) {
         for b in &self.brokers {
-            let slot = new_slot(shard, b, 0, Priority::Low);
-            monoio::spawn(run_link(shard.clone(), b.clone(), slot));
+            let slot = new_slot(&self.node, b, 0, Priority::Low);
+            monoio::spawn(run_link(self.clone(), b.clone(), slot));
         }
-        monoio::spawn(counts_loop(shard.clone()));
+        if !self.brokers.is_empty() {
+            monoio::spawn(counts_loop(self.clone()));
+        }
+    }
+
+    /// A message from a shard for the hub (`Msg::is_for_hub`).
+    pub fn on_msg(&self, msg: Msg) {
+        match msg {
+            Msg::Interest {
+                from,
+                interest,
+                set,
+            } => self.on_interest(from, interest, set),
+            Msg::Counts { from, counts } => self.interest.borrow_mut().set_counts(from, counts),
+            _ => {}
+        }
+    }
+
+    /// The next message for a shard (the link shard's shell moves it to the ring).
+    pub fn poll_msg(&self) -> Option<(ShardIdx, Msg)> {
+        self.outbox.borrow_mut().pop_front()
+    }
+
+    /// Every `counts_interval_ms`: tells every shard the node's viewer counts (heartbeat
+    /// replies use them until, or without, the brokers' fleet-wide counts).
+    pub fn on_tick(&self, now: Instant) {
+        if now < self.next_counts.get() {
+            return;
+        }
+        let every = Duration::from_millis(self.node.config.counts_interval_ms.max(1));
+        self.next_counts.set(now + every);
+        let node = Arc::new(self.interest.borrow().node_counts());
+        for t in 0..self.node.shards {
+            self.post(t, Msg::NodeCounts(node.clone()));
+        }
+    }
+
+    fn post(&self, to: ShardIdx, msg: Msg) {
+        let mut out = self.outbox.borrow_mut();
+        if out.len() >= HUB_OUTBOX_MSGS_MAX {
+            self.node.metrics[self.shard].dropped(DropReason::Outbox, 1);
+            return;
+        }
+        out.push_back((to, msg));
+        drop(out);
+        // The link shard's shell moves the outbox on its next wake.
+        self.node.notify[self.shard].notify();
     }
 
     pub fn stop(&self) {
@@ -158,19 +242,16 @@ impl Hub {
     }
 
     /// A shard's encoding set for an interest changed.
-    pub fn on_interest(
-        &self,
-        node: &RefCell<NodeInterest>,
-        from: usize,
-        interest: Interest,
-        set: u8,
-    ) {
-        let update = node.borrow_mut().update(from, interest.clone(), set);
+    fn on_interest(&self, from: ShardIdx, interest: Interest, set: EncodingSet) {
+        let update = self
+            .interest
+            .borrow_mut()
+            .update(from, interest.clone(), set);
         let Some(update) = update else { return };
         let frame = match update {
-            Update::Sub(encodings) => LinkFrame::Sub {
+            Update::Sub(set) => LinkFrame::Sub {
                 interest: interest.clone(),
-                encodings,
+                encodings: set.bits(),
             },
             Update::Unsub => LinkFrame::Unsub {
                 interest: interest.clone(),
@@ -184,39 +265,38 @@ impl Hub {
     }
 
     /// Routes a batch to the shards with viewers wanting it.
-    fn dispatch(&self, shard: &Shard, batch: Batch) {
-        let bit = batch.encoding.bit();
-        let Some(interest) = shard.interest.as_ref() else {
-            return;
-        };
+    fn dispatch(&self, batch: Batch) {
+        let e = batch.encoding;
         let targets: Vec<usize> = match &batch.scope {
-            Scope::Room(r) => interest
+            Scope::Room(r) => self
+                .interest
                 .borrow()
-                .shards_for(&Interest::Room(*r), bit)
+                .shards_for(&Interest::Room(*r), e)
                 .collect(),
-            Scope::Area(a) => interest
+            Scope::Area(a) => self
+                .interest
                 .borrow()
-                .shards_for(&Interest::Area(*a), bit)
+                .shards_for(&Interest::Area(*a), e)
                 .collect(),
             // No node-wide user/device map: every shard looks the scope up in its own
             // reach index, as for global batches.
-            Scope::Global | Scope::User(_) | Scope::Device(_) => (0..shard.node.shards).collect(),
+            Scope::Global | Scope::User(_) | Scope::Device(_) => (0..self.node.shards).collect(),
         };
         let batch = Arc::new(batch);
         for t in targets {
-            shard.send_to(t, Msg::Batch(batch.clone()));
+            self.post(t, Msg::Batch(batch.clone()));
         }
     }
 
-    fn broadcast_counts(&self, shard: &Shard, counts: Vec<(RoomId, u32)>) {
+    fn broadcast_counts(&self, counts: Vec<(RoomId, u32)>) {
         let c = Arc::new(counts);
-        for t in 0..shard.node.shards {
-            shard.send_to(t, Msg::FleetCounts(c.clone()));
+        for t in 0..self.node.shards {
+            self.post(t, Msg::FleetCounts(c.clone()));
         }
     }
 }
 
-fn new_slot(shard: &Shard, b: &Broker, broker_shard: u16, priority: Priority) -> Rc<Slot> {
+fn new_slot(node: &Node, b: &Broker, broker_shard: u16, priority: Priority) -> Rc<Slot> {
     let metrics = Arc::new(LinkMetrics {
         broker: b.addr.clone(),
         broker_shard,
@@ -227,12 +307,15 @@ fn new_slot(shard: &Shard, b: &Broker, broker_shard: u16, priority: Priority) ->
         },
         ..Default::default()
     });
-    if let Ok(mut l) = shard.node.links.lock() {
+    if let Ok(mut l) = node.links.lock() {
         l.push(metrics.clone());
     }
     let slot = Rc::new(Slot {
-        broker_shard,
-        priority,
+        id: LinkId {
+            broker: b.index,
+            broker_shard,
+            priority,
+        },
         out: RefCell::new(Vec::new()),
         wake: Notify::new(),
         up: Cell::new(false),
@@ -253,26 +336,26 @@ fn hello(node: &Node, broker_shard: u16, priority: Priority) -> LinkFrame {
     })
 }
 
-async fn run_link(shard: Rc<Shard>, broker: Rc<Broker>, slot: Rc<Slot>) {
-    let cfg = &shard.node.config;
+async fn run_link(hub: Rc<Hub>, broker: Rc<Broker>, slot: Rc<Slot>) {
+    let cfg = &hub.node.config;
     let mut backoff = Backoff::new(cfg.link_backoff_ms_min, cfg.link_backoff_ms_max);
     loop {
-        if stopped(&shard) {
+        if stopped(&hub) {
             return;
         }
         slot.metrics.connects.inc();
-        match serve_link(&shard, &broker, &slot, &mut backoff).await {
+        match serve_link(&hub, &broker, &slot, &mut backoff).await {
             Ok(()) => {
-                tracing::info!(broker = %broker.addr, shard = slot.broker_shard, "broker link closed")
+                tracing::info!(broker = %broker.addr, shard = slot.id.broker_shard, "broker link closed")
             }
             Err(e) => {
-                tracing::info!(broker = %broker.addr, shard = slot.broker_shard, error = %e, "broker link down")
+                tracing::info!(broker = %broker.addr, shard = slot.id.broker_shard, error = %e, "broker link down")
             }
         }
         slot.up.set(false);
         slot.metrics.up.set(0);
         slot.out.borrow_mut().clear();
-        if stopped(&shard) {
+        if stopped(&hub) {
             return;
         }
         let d = backoff.next_delay(rand::random());
@@ -280,8 +363,8 @@ async fn run_link(shard: Rc<Shard>, broker: Rc<Broker>, slot: Rc<Slot>) {
     }
 }
 
-fn stopped(shard: &Shard) -> bool {
-    shard.node.stop.load(Ordering::Acquire) || shard.hub.as_ref().is_some_and(|h| h.stopped.get())
+fn stopped(hub: &Hub) -> bool {
+    hub.node.stop.load(Ordering::Acquire) || hub.stopped.get()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -298,15 +381,28 @@ enum LinkFail {
     Dead,
     #[error("expected HELLO")]
     NoHello,
+    #[error("the broker stopped reading: output over LINK_OUT_BYTES_MAX")]
+    Backlog,
+}
+
+impl LinkFail {
+    fn from_read(e: ReadError<LinkError>) -> LinkFail {
+        match e {
+            ReadError::Closed => LinkFail::Closed,
+            ReadError::Stopped => LinkFail::Timeout,
+            ReadError::Io(e) => LinkFail::Io(e),
+            ReadError::Frame(e) => LinkFail::Proto(e),
+        }
+    }
 }
 
 async fn serve_link(
-    shard: &Rc<Shard>,
+    hub: &Rc<Hub>,
     broker: &Rc<Broker>,
     slot: &Rc<Slot>,
     backoff: &mut Backoff,
 ) -> Result<(), LinkFail> {
-    let cfg = &shard.node.config;
+    let cfg = &hub.node.config;
     let stream = monoio::time::timeout(
         Duration::from_millis(CONNECT_MS_MAX),
         TcpStream::connect(broker.addr.as_str()),
@@ -314,26 +410,27 @@ async fn serve_link(
     .await
     .map_err(|_| LinkFail::Timeout)??;
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
     let mut first = Vec::new();
     wire::encode(
-        &hello(&shard.node, slot.broker_shard, slot.priority),
+        &hello(&hub.node, slot.id.broker_shard, slot.id.priority),
         &mut first,
     );
     let (res, _) = wr.write_all(first).await;
     res?;
-    let mut buf = BytesMut::with_capacity(LINK_READ_BYTES);
     let max = cfg.link_frame_bytes_max;
+    let mut frames = FramedRead::new(rd, net::framed::link_decoder(max), LINK_READ_BYTES);
     let dead = Duration::from_millis(cfg.link_dead_ms);
-    // The HELLO reply.
-    let frame = monoio::time::timeout(dead, read_frame(&mut rd, &mut buf, max))
+    // The HELLO reply (the read is cancelled, not dropped, at the deadline).
+    let frame = frames
+        .next(monoio::time::sleep(dead))
         .await
-        .map_err(|_| LinkFail::Timeout)??;
+        .map_err(LinkFail::from_read)?;
     let LinkFrame::Hello(h) = frame else {
         return Err(LinkFail::NoHello);
     };
     backoff.reset();
-    if slot.broker_shard == 0 && slot.priority == Priority::Low {
+    if slot.id.broker_shard == 0 && slot.id.priority == Priority::Low {
         let before = broker.shards.get();
         broker.shards.set(h.shards.max(1));
         if before == 0 {
@@ -343,8 +440,8 @@ async fn serve_link(
                     if s == 0 && p == Priority::Low {
                         continue;
                     }
-                    let sl = new_slot(shard, broker, s, p);
-                    monoio::spawn(run_link(shard.clone(), broker.clone(), sl));
+                    let sl = new_slot(&hub.node, broker, s, p);
+                    monoio::spawn(run_link(hub.clone(), broker.clone(), sl));
                 }
             }
         } else if before != h.shards.max(1) {
@@ -353,36 +450,43 @@ async fn serve_link(
     }
     slot.up.set(true);
     slot.metrics.up.set(1);
-    tracing::info!(broker = %broker.addr, shard = slot.broker_shard, priority = ?slot.priority, "broker link up");
-    if slot.priority == Priority::Low {
-        if let Some(interest) = &shard.interest {
-            let frames: Vec<LinkFrame> = interest
-                .borrow()
-                .all()
-                .filter(|(i, _)| broker.owner(i) == slot.broker_shard)
-                .map(|(i, set)| LinkFrame::Sub {
-                    interest: i.clone(),
-                    encodings: set,
-                })
-                .collect();
-            for f in &frames {
-                slot.send(f);
-            }
+    tracing::info!(broker = %broker.addr, shard = slot.id.broker_shard, priority = ?slot.id.priority, "broker link up");
+    if slot.id.priority == Priority::Low {
+        let frames: Vec<LinkFrame> = hub
+            .interest
+            .borrow()
+            .all()
+            .filter(|(i, _)| broker.owner(i) == slot.id.broker_shard)
+            .map(|(i, set)| LinkFrame::Sub {
+                interest: i.clone(),
+                encodings: set.bits(),
+            })
+            .collect();
+        for f in &frames {
+            slot.send(f);
         }
     }
     let last_rx = Cell::new(Instant::now());
     let reader = async {
         loop {
-            let f = read_frame(&mut rd, &mut buf, max).await?;
+            // Runs until the link ends; the select below drops it only when the link is torn
+            // down, when what it might have read no longer matters.
+            let f = frames
+                .next(std::future::pending())
+                .await
+                .map_err(LinkFail::from_read)?;
             last_rx.set(Instant::now());
-            on_frame(shard, slot, f);
+            on_frame(hub, slot, f);
         }
     };
     let writer = async {
         loop {
+            if !slot.up.get() {
+                return Err(LinkFail::Backlog);
+            }
             let out = std::mem::take(&mut *slot.out.borrow_mut());
             if out.is_empty() {
-                if stopped(shard) {
+                if stopped(hub) {
                     return Ok::<(), LinkFail>(());
                 }
                 slot.wake.notified().await;
@@ -403,7 +507,7 @@ async fn serve_link(
         let mut nonce = 0u64;
         loop {
             monoio::time::sleep(ping_every.min(dead / 2)).await;
-            if stopped(shard) {
+            if stopped(hub) {
                 return Ok::<(), LinkFail>(());
             }
             if last_rx.get().elapsed() > dead {
@@ -420,46 +524,14 @@ async fn serve_link(
     }
 }
 
-async fn read_frame(
-    rd: &mut monoio::io::OwnedReadHalf<TcpStream>,
-    buf: &mut BytesMut,
-    max: u32,
-) -> Result<LinkFrame, LinkFail> {
-    loop {
-        match wire::frame_len(buf, max) {
-            Ok(n) if buf.len() >= n => {
-                let bytes: Bytes = buf.split_to(n).freeze();
-                let (f, _) = wire::decode(&bytes, max)?;
-                return Ok(f);
-            }
-            Ok(n) => {
-                let want = n - buf.len();
-                buf.reserve(want.max(LINK_READ_BYTES));
-            }
-            Err(LinkError::Incomplete) => buf.reserve(LINK_READ_BYTES),
-            Err(e) => return Err(e.into()),
-        }
-        // monoio reads into a buffer from its start: read into the spare capacity only, so
-        // the partial frame already buffered is kept.
-        let b = std::mem::take(buf);
-        let len = b.len();
-        let (res, b) = rd.read(b.slice_mut(len..)).await;
-        *buf = b.into_inner();
-        if res? == 0 {
-            return Err(LinkFail::Closed);
-        }
-    }
-}
-
-fn on_frame(shard: &Rc<Shard>, slot: &Slot, f: LinkFrame) {
-    let Some(hub) = &shard.hub else { return };
+fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
     match f {
         LinkFrame::Batch(b) => {
             slot.metrics.batches_in.inc();
             slot.metrics.bytes_in.add(b.packet.len() as u64);
-            hub.dispatch(shard, b);
+            hub.dispatch(b);
         }
-        LinkFrame::Counts(c) => hub.broadcast_counts(shard, c),
+        LinkFrame::Counts(c) => hub.broadcast_counts(c),
         LinkFrame::Ping { nonce } => slot.send(&LinkFrame::Pong { nonce }),
         LinkFrame::Pong { .. } | LinkFrame::Hello(_) => {}
         // Edge -> broker frames arriving here are a broker bug; ignore rather than drop the link.
@@ -471,18 +543,14 @@ fn on_frame(shard: &Rc<Shard>, slot: &Slot, f: LinkFrame) {
 }
 
 /// Sends the node's viewer counts to each broker shard every `counts_interval_ms`.
-async fn counts_loop(shard: Rc<Shard>) {
-    let every = Duration::from_millis(shard.node.config.counts_interval_ms.max(1));
+async fn counts_loop(hub: Rc<Hub>) {
+    let every = Duration::from_millis(hub.node.config.counts_interval_ms.max(1));
     loop {
         monoio::time::sleep(every).await;
-        let Some(hub) = &shard.hub else { return };
-        if stopped(&shard) {
+        if stopped(&hub) {
             return;
         }
-        let Some(interest) = &shard.interest else {
-            return;
-        };
-        let counts = interest.borrow().node_counts();
+        let counts = hub.interest.borrow().node_counts();
         for b in &hub.brokers {
             let n = b.shards.get();
             if n == 0 {

@@ -46,19 +46,23 @@ pub enum DropReason {
     RingFull,
     /// A scope the edge cannot route yet (user/device).
     Unroutable,
+    /// A shard's outbox to other shards was at `OUTBOX_MSGS_MAX` (counts reports first).
+    Outbox,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 4] = [
         DropReason::QueueFull,
         DropReason::RingFull,
         DropReason::Unroutable,
+        DropReason::Outbox,
     ];
     pub fn label(self) -> &'static str {
         match self {
             DropReason::QueueFull => "queue_full",
             DropReason::RingFull => "ring_full",
             DropReason::Unroutable => "unroutable",
+            DropReason::Outbox => "outbox",
         }
     }
     fn index(self) -> usize {
@@ -88,6 +92,8 @@ pub struct ShardMetrics {
     pub drops: [Counter; DropReason::ALL.len()],
     pub rooms: Counter,
     pub pending_handshakes: Counter,
+    /// `accept()` failures (EMFILE, ENFILE, ENOBUFS...): the shard backs off accepting.
+    pub accept_errors: Counter,
 }
 
 impl ShardMetrics {

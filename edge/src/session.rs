@@ -22,7 +22,8 @@ use proto::packet::{op, Invalid, OwnedPacket, StreamDecoder};
 use proto::token::{KeySet, TokenError};
 use proto::ws::{self, FrameDecoder, FrameError, HandshakeError, Message, Opcode};
 
-/// RFC 6455 "unsupported data": we take binary messages only.
+/// RFC 6455 §7.4.1 1003 "unsupported data", the code for a message type an endpoint does not
+/// take (1008 is for policy violations with no more specific code): we take binary only.
 pub const WS_UNSUPPORTED_DATA: u16 = 1003;
 
 /// The client transport.
@@ -149,6 +150,11 @@ pub enum CloseReason {
     Overloaded,
     /// The shard is at `rooms_max`.
     RoomsFull,
+    /// The node is at its connection capacity (fd limit minus the reserve, or `conns_max`):
+    /// refused at accept with a reconnect hint.
+    Capacity,
+    /// The peer's address holds `conns_per_addr_max` connections already.
+    AddrLimit,
     /// Drain or shutdown.
     Shutdown,
     /// Socket error.
@@ -156,7 +162,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 19] = [
+    pub const ALL: [CloseReason; 21] = [
         CloseReason::PeerClosed,
         CloseReason::BadPacket,
         CloseReason::PacketTooLong,
@@ -174,6 +180,8 @@ impl CloseReason {
         CloseReason::Stuck,
         CloseReason::Overloaded,
         CloseReason::RoomsFull,
+        CloseReason::Capacity,
+        CloseReason::AddrLimit,
         CloseReason::Shutdown,
         CloseReason::Io,
     ];
@@ -197,6 +205,8 @@ impl CloseReason {
             CloseReason::Stuck => "stuck",
             CloseReason::Overloaded => "overloaded",
             CloseReason::RoomsFull => "rooms_full",
+            CloseReason::Capacity => "capacity",
+            CloseReason::AddrLimit => "addr_limit",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Io => "io",
         }
@@ -227,7 +237,10 @@ impl CloseReason {
             }
             // 1013 "try again later" is only IANA-registered, and strict decoders (ours included)
             // refuse it; 1008 is understood everywhere.
-            CloseReason::Overloaded | CloseReason::RoomsFull => ws::close::POLICY_VIOLATION,
+            CloseReason::Overloaded
+            | CloseReason::RoomsFull
+            | CloseReason::Capacity
+            | CloseReason::AddrLimit => ws::close::POLICY_VIOLATION,
         }
     }
 }
@@ -813,6 +826,13 @@ mod tests {
             input.extend(frame);
             let a = run(&mut s, &input, &k);
             assert_eq!(closed_with(&a), Some((want, None)), "{a:?}");
+            if want == CloseReason::WsBadData {
+                // A text message: close 1003, as docs/protocol-ws-token.md says.
+                let Some(Action::Close { bytes, .. }) = a.last() else {
+                    panic!("{a:?}")
+                };
+                assert_eq!(bytes[2..4], 1003u16.to_be_bytes());
+            }
         }
         let mut s = Session::new(Transport::Ws, &Limits::default());
         let a = run(&mut s, &ws_upgrade("/other"), &k);

@@ -48,6 +48,11 @@ impl<T: Copy> Wheel<T> {
         self.len == 0
     }
 
+    /// Milliseconds from `start` to the last tick processed.
+    pub fn current_tick_ms(&self) -> u64 {
+        self.current * self.tick_ms
+    }
+
     fn tick_of_ceil(&self, t: Instant) -> u64 {
         let ms = t.saturating_duration_since(self.start).as_millis() as u64;
         ms.div_ceil(self.tick_ms)

@@ -1,0 +1,973 @@
+//! The shard core, sans-io: every decision one shard makes, with no sockets, no clock and no
+//! wakers (quinn-proto is the model; [`crate::shard`] is the monoio shell around it).
+//!
+//! Inputs, each with the `now` the shell read once:
+//! - [`ShardCore::on_accept`] a new socket (admitted or refused, with a reconnect hint),
+//! - [`ShardCore::on_bytes`] bytes a connection sent,
+//! - [`ShardCore::on_written`] bytes the kernel took, [`ShardCore::on_closed`] a socket gone,
+//! - [`ShardCore::on_msg`] a message from another shard (batches, counts),
+//! - [`ShardCore::on_timeout`] time passed (timers, counts, drain).
+//!
+//! Outputs, polled until `None` after every input:
+//! - [`ShardCore::poll_transmit`] a connection with bytes to write or a close to carry out; the
+//!   owner of its write half then takes the bytes with [`ShardCore::take_transmit`] (all queued
+//!   buffers at once, up to [`WRITE_BUFS_MAX`], for one vectored write),
+//! - [`ShardCore::poll_msg`] a message for another shard (or for this shard's link hub),
+//! - [`ShardCore::poll_timeout`] when to call `on_timeout` next.
+//!
+//! Invariants:
+//! - Time is `u64` milliseconds since the core's epoch ([`Millis`]): no wrap in the life of a
+//!   process (a `u32` wrapped after 49.7 days and then never closed a silent connection).
+//! - A [`ConnId`] is (slab key, generation); every input and timer checks the generation, so
+//!   a stale id for a reused slot does nothing.
+//! - A connection is in the room and reach indexes iff it is authenticated and not closing:
+//!   closing unseats it at once, so fan-out never queues to a closing connection.
+//! - At most one write per connection is in flight; a connection is in the ready queue at
+//!   most once (so the queue is bounded by the slab).
+//! - Every queue that grows with input has a named bound: send queues by
+//!   `send_queue_bytes_max` (replies by [`REPLY_QUEUE_FACTOR`] times it), the outbox by
+//!   [`OUTBOX_MSGS_MAX`], the per-address map by the connections it counts.
+
+use crate::fanout::{Frames, Target};
+use crate::index::{EncodingSet, Lane, RoomIndex};
+use crate::metrics::{DropReason, ShardMetrics};
+use crate::node::{Msg, Node, ShardIdx};
+use crate::reach::ReachIndex;
+use crate::session::{Action, Authed, CloseReason, Ctx, Session, Transport};
+use crate::wheel::Wheel;
+use bytes::Bytes;
+use proto::auth;
+use proto::id::{Priority, RoomId};
+use proto::link::{Batch, Interest};
+use slab::Slab;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a closing connection may take to flush its last bytes (auth reply, close frame).
+pub const CLOSE_FLUSH_MS_MAX: u64 = 1_000;
+/// High-priority batches may exceed the queue bound up to this factor before they drop too.
+pub const HIGH_PRIORITY_QUEUE_FACTOR: usize = 4;
+/// Replies (auth, heartbeat) bypass the batch bound up to this factor of it; a client that
+/// sends heartbeats without reading the replies is stuck past that.
+pub const REPLY_QUEUE_FACTOR: usize = 4;
+/// Buffers handed out per transmit (one `writev`; far below IOV_MAX).
+pub const WRITE_BUFS_MAX: usize = 64;
+/// Messages waiting for a full ring; past this, counts are dropped (the next report
+/// replaces them) and then anything (counted as `outbox`).
+pub const OUTBOX_MSGS_MAX: usize = 8_192;
+/// A client refused at capacity is told to come back after this long.
+pub const REFUSE_RETRY_S: u64 = 5;
+/// The op 8 code of a refusal at capacity: "try again later" (another edge or after
+/// `retry_after_s`). Clients that do not know it treat it like any failed auth: reconnect.
+pub const AUTH_RETRY_LATER: i32 = -503;
+
+/// Milliseconds since the core's epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Millis(pub u64);
+
+/// A connection on one shard: slab key plus generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    key: u32,
+    gen: u32,
+}
+
+impl ConnId {
+    /// The slab key (dense: the shell may index a side table with it).
+    pub fn key(self) -> usize {
+        self.key as usize
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimerKind {
+    Auth,
+    Handshake,
+    Heartbeat,
+    Stuck,
+    Closing,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Timer {
+    id: ConnId,
+    kind: TimerKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    Open,
+    /// Write what is queued, then close.
+    AfterFlush,
+    /// Close now; drop whatever is queued.
+    Now,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Seat {
+    room: RoomId,
+    lane: Lane,
+}
+
+/// One connection's slab entry. Budgeted: see docs/operations-edge.md.
+struct Conn {
+    gen: u32,
+    closing: Closing,
+    /// Counted in `pending_handshakes` (not yet authenticated).
+    pending: bool,
+    /// A write is in flight (taken with `take_transmit`, not yet `on_written`).
+    in_flight: bool,
+    /// In the ready queue.
+    ready: bool,
+    queued_bytes: u32,
+    seat: Option<Seat>,
+    last_seen: Millis,
+    /// When the queue first went over the bound (None: not stuck).
+    stuck_since: Option<Millis>,
+    /// Counted in the per-address map (only when the cap is on).
+    peer: Option<IpAddr>,
+    session: Session,
+    queue: VecDeque<Bytes>,
+}
+
+/// Why a connection was refused at accept, and what to tell it before closing.
+#[derive(Debug)]
+pub struct Refused {
+    pub reason: CloseReason,
+    /// The reconnect hint: an op 8 `{"code":-503,"retry_after_s":N}` on TCP, an HTTP 503 with
+    /// `Retry-After` on WebSocket. Empty when the peer gets a plain close.
+    pub bytes: Vec<u8>,
+}
+
+/// What the owner of a connection's write half does next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// Write the buffers appended to `bufs`, then report with `on_written`.
+    Write,
+    /// Nothing to write.
+    Idle,
+    /// Close the socket now (drop any write in flight), then report with `on_closed`.
+    Close,
+}
+
+/// One shard's state. See the module docs.
+pub struct ShardCore {
+    id: ShardIdx,
+    node: Arc<Node>,
+    epoch: Instant,
+    conns: Slab<Conn>,
+    next_gen: u32,
+    index: RoomIndex,
+    reach: ReachIndex,
+    wheel: Wheel<Timer>,
+    /// Fleet-wide online counts (from the brokers' COUNTS) for rooms with viewers here.
+    fleet: HashMap<RoomId, u32>,
+    /// Node-wide viewer counts (from the link shard) for rooms with viewers here.
+    node_counts: HashMap<RoomId, u32>,
+    per_addr: HashMap<IpAddr, u32>,
+    ready: VecDeque<ConnId>,
+    outbox: VecDeque<(ShardIdx, Msg)>,
+    /// Messages a full ring refused; moved back to the outbox on the next timeout.
+    retry: Vec<(ShardIdx, Msg)>,
+    draining: bool,
+    next_counts: Millis,
+    actions: Vec<Action>,
+    targets: Vec<Target>,
+}
+
+impl ShardCore {
+    /// A core for shard `id` of `node`, whose clock starts at `now`.
+    pub fn new(id: ShardIdx, node: Arc<Node>, now: Instant) -> ShardCore {
+        let tick = Duration::from_millis(node.config.timer_tick_ms);
+        ShardCore {
+            id,
+            epoch: now,
+            conns: Slab::new(),
+            next_gen: 1,
+            index: RoomIndex::new(),
+            reach: ReachIndex::new(),
+            wheel: Wheel::new(now, tick),
+            fleet: HashMap::new(),
+            node_counts: HashMap::new(),
+            per_addr: HashMap::new(),
+            ready: VecDeque::new(),
+            outbox: VecDeque::new(),
+            retry: Vec::new(),
+            draining: false,
+            next_counts: Millis(node.config.counts_interval_ms.max(1)),
+            actions: Vec::new(),
+            targets: Vec::new(),
+            node,
+        }
+    }
+
+    pub fn id(&self) -> ShardIdx {
+        self.id
+    }
+
+    fn m(&self) -> &ShardMetrics {
+        &self.node.metrics[self.id]
+    }
+
+    fn ms(&self, now: Instant) -> Millis {
+        Millis(now.saturating_duration_since(self.epoch).as_millis() as u64)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    fn get(&self, id: ConnId) -> Option<&Conn> {
+        self.conns.get(id.key()).filter(|c| c.gen == id.gen)
+    }
+
+    fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(id.key()).filter(|c| c.gen == id.gen)
+    }
+
+    /// Open connections on this shard (closing ones included until `on_closed`).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Authenticated connections seated in a room.
+    pub fn seated(&self) -> usize {
+        self.index.member_count()
+    }
+
+    /// Whether `id` is still a connection here (not yet reported closed).
+    pub fn contains(&self, id: ConnId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Whether the session of `id` is authenticated (its read buffer can shrink).
+    pub fn is_live(&self, id: ConnId) -> bool {
+        self.get(id).is_some_and(|c| c.session.is_live())
+    }
+
+    /// Whether the shell must drop the socket of `id` now (also when it is gone).
+    pub fn must_close(&self, id: ConnId) -> bool {
+        self.get(id).is_none_or(|c| c.closing == Closing::Now)
+    }
+
+    /// Bytes queued and not yet written for `id`.
+    pub fn queued_bytes(&self, id: ConnId) -> usize {
+        self.get(id).map_or(0, |c| c.queued_bytes as usize)
+    }
+
+    /// This shard's viewers of `room`.
+    pub fn room_len(&self, room: RoomId) -> usize {
+        self.index.room_len(room)
+    }
+
+    // ---- connections ----
+
+    /// A socket was accepted from `peer`. Returns its id, or why it is refused and what to
+    /// tell it (the shell writes that, bounded in time, and closes).
+    pub fn on_accept(
+        &mut self,
+        transport: Transport,
+        peer: IpAddr,
+        now: Instant,
+    ) -> Result<ConnId, Refused> {
+        if let Err(reason) = self.admit(peer) {
+            self.m().closed(reason);
+            return Err(Refused {
+                reason,
+                bytes: refusal_bytes(transport, reason),
+            });
+        }
+        let gen = self.next_gen;
+        self.next_gen = gen.wrapping_add(1).max(1);
+        let cap_on = self.node.config.conns_per_addr_max > 0;
+        let conn = Conn {
+            gen,
+            closing: Closing::Open,
+            pending: true,
+            in_flight: false,
+            ready: false,
+            queued_bytes: 0,
+            seat: None,
+            last_seen: self.ms(now),
+            stuck_since: None,
+            peer: cap_on.then_some(peer),
+            session: Session::new(transport, &self.node.limits),
+            queue: VecDeque::new(),
+        };
+        if cap_on {
+            *self.per_addr.entry(peer).or_default() += 1;
+        }
+        let id = ConnId {
+            key: self.conns.insert(conn) as u32,
+            gen,
+        };
+        let m = self.m();
+        m.pending_handshakes.inc();
+        m.accepted.inc();
+        match transport {
+            Transport::Tcp => m.conns_tcp.inc(),
+            Transport::Ws => m.conns_ws.inc(),
+        }
+        let cfg = &self.node.config;
+        let (auth_at, hs_at) = (
+            now + Duration::from_millis(cfg.auth_ms_max),
+            now + Duration::from_millis(cfg.handshake_ms_max),
+        );
+        self.wheel.insert(
+            auth_at,
+            Timer {
+                id,
+                kind: TimerKind::Auth,
+            },
+        );
+        if transport == Transport::Ws {
+            self.wheel.insert(
+                hs_at,
+                Timer {
+                    id,
+                    kind: TimerKind::Handshake,
+                },
+            );
+        }
+        Ok(id)
+    }
+
+    /// The admission rules, cheapest first: drain, node capacity (keeps the fd reserve for
+    /// links, admin and control), unauthenticated backlog, per-address cap.
+    fn admit(&self, peer: IpAddr) -> Result<(), CloseReason> {
+        let cfg = &self.node.config;
+        if self.draining
+            || self
+                .node
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(CloseReason::Shutdown);
+        }
+        if self.node.connections() >= self.node.capacity {
+            return Err(CloseReason::Capacity);
+        }
+        if self.m().pending_handshakes.get() as usize >= cfg.pending_handshakes_max {
+            return Err(CloseReason::Overloaded);
+        }
+        if cfg.conns_per_addr_max > 0 {
+            let per_shard = cfg
+                .conns_per_addr_max
+                .div_ceil(self.node.shards.max(1) as u32);
+            if self.per_addr.get(&peer).copied().unwrap_or(0) >= per_shard {
+                return Err(CloseReason::AddrLimit);
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket of `id` is gone (EOF, error, or after `Transmit::Close`). `reason` is
+    /// counted only when the core had not closed it itself.
+    pub fn on_closed(&mut self, id: ConnId, reason: CloseReason) {
+        if self.get(id).is_none() {
+            return;
+        }
+        let conn = self.conns.remove(id.key());
+        if conn.closing == Closing::Open {
+            self.m().closed(reason);
+        }
+        self.unseat(id, conn.seat);
+        if let Some(p) = conn.peer {
+            if let Some(n) = self.per_addr.get_mut(&p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_addr.remove(&p);
+                }
+            }
+        }
+        let m = self.m();
+        if conn.pending {
+            m.pending_handshakes.dec();
+        }
+        match conn.session.transport() {
+            Transport::Tcp => m.conns_tcp.dec(),
+            Transport::Ws => m.conns_ws.dec(),
+        }
+    }
+
+    /// Bytes received from `id`. `unix_s` is wall-clock seconds (token expiry).
+    pub fn on_bytes(&mut self, id: ConnId, input: &[u8], now: Instant, unix_s: u64) {
+        let now_ms = self.ms(now);
+        let mut actions = std::mem::take(&mut self.actions);
+        {
+            let node = self.node.clone();
+            let Some(c) = self.get_mut(id) else { return };
+            c.last_seen = now_ms;
+            let ctx = Ctx {
+                limits: &node.limits,
+                keys: &node.keys,
+                now_s: unix_s,
+            };
+            c.session.on_bytes(input, &ctx, &mut actions);
+        }
+        for a in actions.drain(..) {
+            match a {
+                Action::Send(b) => self.reply(id, b, now),
+                Action::Authed(a) => self.seat(id, a, now),
+                Action::Heartbeat => {
+                    self.m().heartbeats.inc();
+                    let Some(c) = self.get(id) else { continue };
+                    let online = c.seat.map_or(0, |s| self.online(s.room));
+                    let reply = c.session.frame(&auth::heartbeat_reply(online));
+                    self.reply(id, reply, now);
+                }
+                Action::Ack(_) => self.m().acks.inc(),
+                Action::Close {
+                    reason,
+                    auth_fail,
+                    bytes,
+                } => {
+                    if let Some(f) = auth_fail {
+                        self.m().auth_failed(f);
+                    }
+                    self.begin_close(id, reason, bytes, now);
+                }
+            }
+        }
+        self.actions = actions;
+    }
+
+    /// The kernel took `n` bytes of the write in flight of `id`.
+    pub fn on_written(&mut self, id: ConnId, n: usize) {
+        let max = self.node.config.send_queue_bytes_max;
+        let Some(c) = self.get_mut(id) else { return };
+        c.in_flight = false;
+        c.queued_bytes = c.queued_bytes.saturating_sub(n as u32);
+        if c.queued_bytes as usize <= max {
+            c.stuck_since = None;
+        }
+        let more = !c.queue.is_empty() || c.closing != Closing::Open;
+        self.m().bytes_out.add(n as u64);
+        if more {
+            self.mark_ready(id);
+        }
+    }
+
+    /// The next connection whose writer has work (bytes or a close). Each connection is
+    /// returned at most once until its writer calls `take_transmit`.
+    pub fn poll_transmit(&mut self) -> Option<ConnId> {
+        while let Some(id) = self.ready.pop_front() {
+            if let Some(c) = self.get_mut(id) {
+                if c.ready {
+                    c.ready = false;
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Hands the writer of `id` everything queued (up to [`WRITE_BUFS_MAX`] buffers) or tells
+    /// it to close.
+    pub fn take_transmit(&mut self, id: ConnId, bufs: &mut Vec<Bytes>) -> Transmit {
+        let Some(c) = self.get_mut(id) else {
+            return Transmit::Close;
+        };
+        c.ready = false;
+        if c.closing == Closing::Now {
+            return Transmit::Close;
+        }
+        if c.in_flight {
+            return Transmit::Idle;
+        }
+        if c.queue.is_empty() {
+            if c.closing == Closing::AfterFlush {
+                c.closing = Closing::Now;
+                return Transmit::Close;
+            }
+            return Transmit::Idle;
+        }
+        let n = c.queue.len().min(WRITE_BUFS_MAX);
+        bufs.extend(c.queue.drain(..n));
+        c.in_flight = true;
+        Transmit::Write
+    }
+
+    fn mark_ready(&mut self, id: ConnId) {
+        let Some(c) = self.get_mut(id) else { return };
+        if c.ready {
+            return;
+        }
+        if c.in_flight && c.closing != Closing::Now {
+            // The writer comes back with `on_written` and looks again.
+            return;
+        }
+        c.ready = true;
+        self.ready.push_back(id);
+    }
+
+    /// Queues bytes for a connection. `bounded`: apply `send_queue_bytes_max` (batches).
+    /// Returns false if the bytes were dropped.
+    fn enqueue(
+        &mut self,
+        id: ConnId,
+        bytes: Bytes,
+        priority: Priority,
+        bounded: bool,
+        now: Instant,
+    ) -> bool {
+        let max = self.node.config.send_queue_bytes_max;
+        let stuck_ms = self.node.config.stuck_ms_max;
+        let now_ms = self.ms(now);
+        let Some(c) = self.get_mut(id) else {
+            return false;
+        };
+        if c.closing != Closing::Open {
+            return false;
+        }
+        let cap = match (bounded, priority) {
+            (false, _) => max.saturating_mul(REPLY_QUEUE_FACTOR),
+            (true, Priority::High) => max.saturating_mul(HIGH_PRIORITY_QUEUE_FACTOR),
+            (true, _) => max,
+        };
+        if c.queued_bytes as usize + bytes.len() > cap {
+            let first = c.stuck_since.is_none();
+            if first {
+                c.stuck_since = Some(now_ms);
+            }
+            if first {
+                self.wheel.insert(
+                    now + Duration::from_millis(stuck_ms),
+                    Timer {
+                        id,
+                        kind: TimerKind::Stuck,
+                    },
+                );
+            }
+            if bounded {
+                self.m().dropped(DropReason::QueueFull, 1);
+            }
+            return false;
+        }
+        c.queued_bytes = c.queued_bytes.saturating_add(bytes.len() as u32);
+        c.queue.push_back(bytes);
+        self.mark_ready(id);
+        true
+    }
+
+    fn reply(&mut self, id: ConnId, bytes: Vec<u8>, now: Instant) {
+        self.enqueue(id, Bytes::from(bytes), Priority::High, false, now);
+    }
+
+    /// Starts closing: unseat now, flush `bytes` (if any), then close.
+    fn begin_close(&mut self, id: ConnId, reason: CloseReason, bytes: Vec<u8>, now: Instant) {
+        let flush = !bytes.is_empty();
+        let seat = {
+            let Some(c) = self.get_mut(id) else { return };
+            if c.closing != Closing::Open {
+                return;
+            }
+            if flush {
+                c.queued_bytes = c.queued_bytes.saturating_add(bytes.len() as u32);
+                c.queue.push_back(Bytes::from(bytes));
+                c.closing = Closing::AfterFlush;
+            } else {
+                c.closing = Closing::Now;
+            }
+            c.seat.take()
+        };
+        if flush {
+            self.wheel.insert(
+                now + Duration::from_millis(CLOSE_FLUSH_MS_MAX),
+                Timer {
+                    id,
+                    kind: TimerKind::Closing,
+                },
+            );
+        }
+        self.mark_ready(id);
+        self.m().closed(reason);
+        self.unseat(id, seat);
+    }
+
+    /// Closes a connection for a reason of the core's own (timeouts, drain, stuck).
+    fn close_conn(&mut self, id: ConnId, reason: CloseReason, now: Instant) {
+        let bytes = {
+            let Some(c) = self.get_mut(id) else { return };
+            if c.closing != Closing::Open {
+                return;
+            }
+            if reason == CloseReason::Stuck {
+                // The peer is not reading: a close frame would only queue behind the rest.
+                c.queue.clear();
+                c.queued_bytes = 0;
+                c.session.close(reason);
+                Vec::new()
+            } else {
+                c.session.close(reason)
+            }
+        };
+        self.begin_close(id, reason, bytes, now);
+    }
+
+    fn unseat(&mut self, id: ConnId, seat: Option<Seat>) {
+        let Some(seat) = seat else { return };
+        self.reach.leave(id.key);
+        if let Some(c) = self.index.leave(id.key, seat.room, seat.lane) {
+            self.emit_change(seat.room, c);
+        }
+    }
+
+    fn emit_change(&mut self, room: RoomId, c: crate::index::Change) {
+        if let Some(set) = c.room {
+            if set.is_empty() {
+                self.fleet.remove(&room);
+                self.node_counts.remove(&room);
+            }
+            self.m().rooms.set(self.index.room_count() as u64);
+            self.tell_link(Interest::Room(room), set);
+        }
+        if let Some(set) = c.area_set {
+            self.tell_link(Interest::Area(c.area), set);
+        }
+    }
+
+    fn tell_link(&mut self, interest: Interest, set: EncodingSet) {
+        if self.node.config.broker_addrs.is_empty() {
+            return;
+        }
+        let from = self.id;
+        self.post(
+            0,
+            Msg::Interest {
+                from,
+                interest,
+                set,
+            },
+        );
+    }
+
+    /// Online count for a heartbeat reply: fleet-wide if the brokers told us, else this
+    /// node's (at least this shard's current count, as the node figure lags a report).
+    fn online(&self, room: RoomId) -> u32 {
+        if let Some(n) = self.fleet.get(&room) {
+            return *n;
+        }
+        let local = self.index.room_len(room) as u32;
+        self.node_counts
+            .get(&room)
+            .map_or(local, |n| (*n).max(local))
+    }
+
+    fn seat(&mut self, id: ConnId, a: Authed, now: Instant) {
+        let rooms_max = self.node.config.rooms_max;
+        if !self.index.has_room(a.room) && self.index.room_count() >= rooms_max {
+            let Some(c) = self.get_mut(id) else { return };
+            let mut b = c.session.frame(&auth::auth_reply(auth::AUTH_BAD_TOKEN));
+            b.extend(c.session.close(CloseReason::RoomsFull));
+            self.begin_close(id, CloseReason::RoomsFull, b, now);
+            return;
+        }
+        let (reply, lane, was_pending) = {
+            let Some(c) = self.get_mut(id) else { return };
+            let lane = Lane::new(a.encoding, c.session.transport() == Transport::Ws);
+            c.seat = Some(Seat { room: a.room, lane });
+            let was_pending = std::mem::replace(&mut c.pending, false);
+            (
+                c.session.frame(&auth::auth_reply(auth::AUTH_OK)),
+                lane,
+                was_pending,
+            )
+        };
+        if was_pending {
+            self.m().pending_handshakes.dec();
+        }
+        self.m().auth_ok.inc();
+        let change = self.index.join(id.key, a.room, a.area, lane);
+        self.emit_change(a.room, change);
+        self.reach.join(id.key, a.uid.0, &a.device.0);
+        self.reply(id, reply, now);
+        self.wheel.insert(
+            now + Duration::from_millis(self.node.config.heartbeat_timeout_ms),
+            Timer {
+                id,
+                kind: TimerKind::Heartbeat,
+            },
+        );
+    }
+
+    // ---- messages ----
+
+    /// A message from another shard (or from this shard's link hub).
+    pub fn on_msg(&mut self, msg: Msg, now: Instant) {
+        match msg {
+            Msg::Batch(b) => self.fan_out(&b, now),
+            Msg::FleetCounts(c) => keep_counts(&self.index, &mut self.fleet, &c),
+            Msg::NodeCounts(c) => keep_counts(&self.index, &mut self.node_counts, &c),
+            // The link hub's business; the shell routes them there.
+            Msg::Interest { .. } | Msg::Counts { .. } => {}
+        }
+    }
+
+    /// The next message for another shard (`to` may be this shard: its link hub).
+    pub fn poll_msg(&mut self) -> Option<(ShardIdx, Msg)> {
+        self.outbox.pop_front()
+    }
+
+    /// The ring to `to` was full: batches are dropped (counted; viewers see the gap in the
+    /// room seq), anything else is retried on the next timeout.
+    pub fn on_msg_refused(&mut self, to: ShardIdx, msg: Msg) {
+        match msg {
+            Msg::Batch(_) => self.m().dropped(DropReason::RingFull, 1),
+            other => self.retry.push((to, other)),
+        }
+    }
+
+    fn post(&mut self, to: ShardIdx, msg: Msg) {
+        if self.outbox.len() + self.retry.len() >= OUTBOX_MSGS_MAX {
+            // Counts are periodic: the next report supersedes them.
+            let before = self.outbox.len();
+            self.outbox
+                .retain(|(_, m)| !matches!(m, Msg::Counts { .. }));
+            let freed = before - self.outbox.len();
+            if freed == 0 {
+                self.m().dropped(DropReason::Outbox, 1);
+                return;
+            }
+            self.m().dropped(DropReason::Outbox, freed as u64);
+        }
+        self.outbox.push_back((to, msg));
+    }
+
+    /// Fans a batch out to this shard's viewers of its scope (bytes shared, see `fanout`).
+    fn fan_out(&mut self, batch: &Batch, now: Instant) {
+        let m = &self.node.metrics[self.id];
+        m.batches_in.inc();
+        m.batch_bytes_in.add(batch.packet.len() as u64);
+        let mut targets = std::mem::take(&mut self.targets);
+        targets.clear();
+        crate::fanout::targets(&self.index, &self.reach, batch, &mut targets);
+        let mut frames = Frames::new(&batch.packet);
+        let mut sends = 0u64;
+        for t in &targets {
+            let (key, lane) = match *t {
+                Target::Lane(k, lane) => (k, lane),
+                Target::Reach(k) => {
+                    let lane = self
+                        .conns
+                        .get(k as usize)
+                        .filter(|c| c.closing == Closing::Open)
+                        .and_then(|c| c.seat.map(|s| s.lane));
+                    match lane {
+                        Some(l) if l.encoding() == batch.encoding => (k, l),
+                        _ => continue,
+                    }
+                }
+            };
+            let Some(gen) = self.conns.get(key as usize).map(|c| c.gen) else {
+                continue;
+            };
+            let bytes = if lane.is_ws() {
+                frames.ws()
+            } else {
+                frames.tcp.clone()
+            };
+            if self.enqueue(ConnId { key, gen }, bytes, batch.priority, true, now) {
+                sends += 1;
+            }
+        }
+        self.targets = targets;
+        self.m().sends.add(sends);
+    }
+
+    // ---- time ----
+
+    /// When `on_timeout` should run next (at the latest).
+    pub fn poll_timeout(&self) -> Instant {
+        let tick = self.node.config.timer_tick_ms.max(1);
+        let counts = self.at(self.next_counts.0);
+        if self.wheel.is_empty() && !self.draining {
+            return counts;
+        }
+        let now = self.wheel.current_tick_ms();
+        counts.min(self.at(now + tick))
+    }
+
+    /// Time passed: fire timers, report counts, close a share of connections when draining.
+    pub fn on_timeout(&mut self, now: Instant) {
+        let now_ms = self.ms(now);
+        let mut fired = Vec::new();
+        self.wheel.advance(now, &mut fired);
+        for t in fired {
+            let Some(c) = self.get(t.id) else { continue };
+            match self.fire(t.kind, c, now_ms) {
+                Fire::Close(reason) => self.close_conn(t.id, reason, now),
+                Fire::Force => {
+                    if let Some(c) = self.get_mut(t.id) {
+                        c.closing = Closing::Now;
+                    }
+                    self.mark_ready(t.id);
+                }
+                Fire::Rearm(at) => self.wheel.insert(self.at(at.0), t),
+                Fire::Nothing => {}
+            }
+        }
+        for (to, msg) in std::mem::take(&mut self.retry) {
+            self.outbox.push_back((to, msg));
+        }
+        if now_ms >= self.next_counts {
+            let every = self.node.config.counts_interval_ms.max(1);
+            self.next_counts = Millis(now_ms.0 + every);
+            self.report_counts();
+        }
+        if self.draining
+            || self
+                .node
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.draining = true;
+            let cfg = &self.node.config;
+            let per_tick = ((cfg.drain_close_per_s * cfg.timer_tick_ms)
+                / (1000 * self.node.shards.max(1) as u64))
+                .max(1) as usize;
+            self.close_some(per_tick, CloseReason::Shutdown, now);
+        }
+    }
+
+    /// Decides what an expired timer means for its (still present) connection.
+    fn fire(&self, kind: TimerKind, c: &Conn, now: Millis) -> Fire {
+        let cfg = &self.node.config;
+        if kind == TimerKind::Closing {
+            return if c.closing == Closing::AfterFlush {
+                Fire::Force
+            } else {
+                Fire::Nothing
+            };
+        }
+        if c.closing != Closing::Open {
+            return Fire::Nothing;
+        }
+        match kind {
+            TimerKind::Auth if !c.session.is_live() => Fire::Close(if c.session.is_handshaking() {
+                CloseReason::HandshakeTimeout
+            } else {
+                CloseReason::AuthTimeout
+            }),
+            TimerKind::Handshake if c.session.is_handshaking() => {
+                Fire::Close(CloseReason::HandshakeTimeout)
+            }
+            TimerKind::Heartbeat => {
+                let due = Millis(c.last_seen.0.saturating_add(cfg.heartbeat_timeout_ms));
+                if now >= due {
+                    Fire::Close(CloseReason::HeartbeatTimeout)
+                } else {
+                    Fire::Rearm(due)
+                }
+            }
+            TimerKind::Stuck => match c.stuck_since {
+                None => Fire::Nothing,
+                Some(since) => {
+                    let due = Millis(since.0.saturating_add(cfg.stuck_ms_max));
+                    if now >= due {
+                        Fire::Close(CloseReason::Stuck)
+                    } else {
+                        Fire::Rearm(due)
+                    }
+                }
+            },
+            _ => Fire::Nothing,
+        }
+    }
+
+    /// Starts a drain: refuse new connections, close the open ones gradually on timeouts.
+    pub fn start_drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Closes up to `n` open connections; returns how many remain open.
+    pub fn close_some(&mut self, n: usize, reason: CloseReason, now: Instant) -> usize {
+        let ids: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.closing == Closing::Open)
+            .map(|(k, c)| ConnId {
+                key: k as u32,
+                gen: c.gen,
+            })
+            .take(n)
+            .collect();
+        for id in ids {
+            self.close_conn(id, reason, now);
+        }
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.closing == Closing::Open)
+            .count()
+    }
+
+    /// Sends this shard's viewer counts to the link shard.
+    fn report_counts(&mut self) {
+        let counts: Vec<(RoomId, u32)> = self.index.rooms().map(|(r, n)| (r, n as u32)).collect();
+        let from = self.id;
+        self.post(0, Msg::Counts { from, counts });
+    }
+}
+
+enum Fire {
+    Close(CloseReason),
+    Force,
+    Rearm(Millis),
+    Nothing,
+}
+
+/// Replaces a count map with the entries for rooms that have viewers on this shard.
+fn keep_counts(index: &RoomIndex, map: &mut HashMap<RoomId, u32>, counts: &[(RoomId, u32)]) {
+    map.clear();
+    for (r, n) in counts {
+        if index.has_room(*r) {
+            map.insert(*r, *n);
+        }
+    }
+}
+
+/// What a refused client is told before the close.
+fn refusal_bytes(transport: Transport, reason: CloseReason) -> Vec<u8> {
+    let retry = match reason {
+        CloseReason::Capacity | CloseReason::Overloaded | CloseReason::AddrLimit => REFUSE_RETRY_S,
+        // Draining: the edge is going away; come back to another one at once.
+        _ => 0,
+    };
+    match transport {
+        Transport::Tcp => {
+            let body = format!("{{\"code\":{AUTH_RETRY_LATER},\"retry_after_s\":{retry}}}");
+            proto::packet::encode_vec(
+                proto::packet::ver::HEARTBEAT,
+                proto::packet::op::AUTH_REPLY,
+                1,
+                body.as_bytes(),
+            )
+        }
+        Transport::Ws => {
+            let body = "503 Service Unavailable\n";
+            format!(
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        }
+    }
+}
+
+/// Size of one connection's slab entry (for the memory report).
+pub fn conn_entry_bytes() -> usize {
+    std::mem::size_of::<Conn>()
+}
+
+#[cfg(test)]
+mod harness;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;

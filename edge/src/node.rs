@@ -1,0 +1,129 @@
+//! Node-wide types: what every shard of one edge process shares, and what shards say to each
+//! other.
+//!
+//! [`Node`] is created once by [`crate::start`] and shared read-mostly (`Arc`): the config, the
+//! token keys, per-shard counters (single writer each), and the node flags (stop, draining).
+//! [`Msg`] travels between shards over one `rtrb` ring per ordered pair ([`rings`]), woken by
+//! the destination's [`Notify`].
+//!
+//! Invariants: nothing here is mutated on a shard's data path except its own counters; a ring
+//! carries batches by `Arc` (never copied).
+
+use crate::config::Config;
+use crate::metrics::{LinkMetrics, ShardMetrics};
+use crate::session::Limits;
+use net::wake::Notify;
+use proto::id::RoomId;
+use proto::link::{Batch, Interest};
+use proto::token::KeySet;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// A shard's index in the node (0 is the link shard).
+pub type ShardIdx = usize;
+
+/// Messages between shards (one `rtrb` ring per ordered pair).
+#[derive(Debug)]
+pub enum Msg {
+    /// A batch to fan out (link shard -> viewer shards); shared, never copied.
+    Batch(Arc<Batch>),
+    /// Viewer shard -> link shard: this shard's encoding set for an interest changed.
+    Interest {
+        from: ShardIdx,
+        interest: Interest,
+        set: crate::index::EncodingSet,
+    },
+    /// Viewer shard -> link shard: this shard's viewer count per room.
+    Counts {
+        from: ShardIdx,
+        counts: Vec<(RoomId, u32)>,
+    },
+    /// Link shard -> viewer shards: fleet-wide online counts from the brokers.
+    FleetCounts(Arc<Vec<(RoomId, u32)>>),
+    /// Link shard -> every shard: this node's viewer count per room (heartbeat replies use it
+    /// until, or without, the brokers' fleet-wide counts).
+    NodeCounts(Arc<Vec<(RoomId, u32)>>),
+}
+
+impl Msg {
+    /// Messages the link shard's hub handles (the rest go to a shard core).
+    pub fn is_for_hub(&self) -> bool {
+        matches!(self, Msg::Interest { .. } | Msg::Counts { .. })
+    }
+}
+
+/// State shared by every thread of the node.
+pub struct Node {
+    pub config: Config,
+    pub limits: Limits,
+    pub keys: KeySet,
+    pub shards: usize,
+    pub stop: AtomicBool,
+    pub draining: AtomicBool,
+    /// Per shard: wakes its inbox (ring traffic, drain, stop).
+    pub notify: Vec<Arc<Notify>>,
+    pub metrics: Vec<Arc<ShardMetrics>>,
+    pub links: Mutex<Vec<Arc<LinkMetrics>>>,
+    /// Client connections this process may hold: the fd limit minus a reserve for links,
+    /// admin and control (or `conns_max` when lower). Viewers past it are refused.
+    pub capacity: u64,
+    pub started: Instant,
+}
+
+impl Node {
+    /// A node for `config` (its shard count resolved), with no connections yet.
+    pub fn new(config: Config, keys: KeySet, capacity: u64) -> Node {
+        let shards = config.shard_count();
+        let limits = Limits {
+            frame_bytes_max: config.frame_bytes_max,
+            auth_bytes_max: config.auth_bytes_max,
+            ws_message_bytes_max: config.ws_message_bytes_max,
+            ws_handshake_bytes_max: config.ws_handshake_bytes_max,
+            ws_path: config.ws_path.clone(),
+        };
+        Node {
+            limits,
+            keys,
+            shards,
+            stop: Default::default(),
+            draining: Default::default(),
+            notify: (0..shards).map(|_| Notify::new()).collect(),
+            metrics: (0..shards)
+                .map(|_| Arc::new(ShardMetrics::default()))
+                .collect(),
+            links: Mutex::new(Vec::new()),
+            capacity,
+            started: Instant::now(),
+            config,
+        }
+    }
+
+    /// Open client connections across shards.
+    pub fn connections(&self) -> u64 {
+        self.metrics
+            .iter()
+            .map(|m| m.conns_tcp.get() + m.conns_ws.get())
+            .sum()
+    }
+}
+
+/// One shard's producers (indexed by destination; None at its own index) and consumers.
+pub type RingEnds = (Vec<Option<rtrb::Producer<Msg>>>, Vec<rtrb::Consumer<Msg>>);
+
+/// Builds the ring matrix: `out[i]` holds shard i's producers and consumers.
+pub fn rings(n: usize, entries: usize) -> Vec<RingEnds> {
+    let mut out: Vec<RingEnds> = (0..n)
+        .map(|_| ((0..n).map(|_| None).collect(), Vec::new()))
+        .collect();
+    for from in 0..n {
+        for to in 0..n {
+            if from != to {
+                let (p, c) = rtrb::RingBuffer::new(entries);
+                out[from].0[to] = Some(p);
+                out[to].1.push(c);
+            }
+        }
+    }
+    out
+}
