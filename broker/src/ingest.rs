@@ -12,8 +12,7 @@ use crate::batcher::Message;
 use crate::policy::KeyId;
 use crate::stop::Stop;
 use crate::Shared;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use proto::id::{MsgId, Priority, Scope};
 use proto::ingest::{IngestError, IngestFrame, Push, PushError};
 use std::cell::Cell;
@@ -154,50 +153,43 @@ pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, 
 /// Read buffer growth step; frames larger than this grow the buffer up to the frame limit.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-async fn connection(mut stream: monoio::net::TcpStream, shared: &Shared) {
+async fn connection(stream: monoio::net::TcpStream, shared: &Shared) {
+    use net::framed::{FramedRead, ReadError};
     let frame_max = shared.config.ingest_frame_bytes_max;
     let auth_deadline = Instant::now() + Duration::from_millis(shared.config.ingest_auth_ms_max);
     let mut key: Option<KeyId> = None;
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
-    let mut start = 0usize;
+    let decoder = move |buf: &mut bytes::BytesMut| match proto::ingest::decode(buf, frame_max) {
+        Ok((frame, used)) => {
+            bytes::Buf::advance(buf, used);
+            Ok(Some(frame))
+        }
+        Err(IngestError::Incomplete) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let mut frames = FramedRead::new(stream, decoder, READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     loop {
-        // Compact, then make room for a read.
-        if start > 0 {
-            buf.drain(..start);
-            start = 0;
-        }
-        if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 2 {
-            buf.reserve(READ_CHUNK_BYTES);
-        }
-        // Read after what is buffered (a plain Vec would be filled from its start).
-        let len = buf.len();
-        let read = stream.read(buf.slice_mut(len..));
-        let (res, b) = if key.is_none() {
-            match monoio::time::timeout(
-                auth_deadline.saturating_duration_since(Instant::now()),
-                read,
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => {
-                    shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
-                    return;
-                }
+        // Until authenticated, the read is stopped (cancelled, not dropped) at the deadline.
+        let authed = key.is_some();
+        let stop = async move {
+            if authed {
+                std::future::pending::<()>().await
+            } else {
+                monoio::time::sleep(auth_deadline.saturating_duration_since(Instant::now())).await
             }
-        } else {
-            read.await
         };
-        buf = b.into_inner();
-        match res {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+        let mut pending = Some(frames.next(stop).await);
         loop {
-            match proto::ingest::decode(&buf[start..], frame_max) {
-                Ok((frame, used)) => {
-                    start += used;
+            let next = match pending.take() {
+                Some(r) => r,
+                None => match frames.try_next() {
+                    Ok(Some(f)) => Ok(f),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                },
+            };
+            match next {
+                Ok(frame) => {
                     let status = match frame {
                         IngestFrame::Auth { req_id, api_key } => {
                             let r = authenticate(shared, &api_key);
@@ -231,17 +223,22 @@ async fn connection(mut stream: monoio::net::TcpStream, shared: &Shared) {
                     };
                     proto::ingest::encode(&status, &mut out);
                 }
-                Err(IngestError::Incomplete) => break,
-                Err(_) => {
+                Err(ReadError::Closed | ReadError::Io(_)) => return,
+                Err(ReadError::Stopped) => {
+                    // No AUTH within ingest_auth_ms_max.
+                    shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
+                    return;
+                }
+                Err(ReadError::Frame(_)) => {
                     shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
                     // Answer what was already decoded, then close.
-                    let _ = stream.write_all(std::mem::take(&mut out)).await;
+                    let _ = frames.get_mut().write_all(std::mem::take(&mut out)).await;
                     return;
                 }
             }
         }
         if !out.is_empty() {
-            let (res, o) = stream.write_all(std::mem::take(&mut out)).await;
+            let (res, o) = frames.get_mut().write_all(std::mem::take(&mut out)).await;
             if res.is_err() {
                 return;
             }

@@ -14,10 +14,9 @@ use crate::route::{LinkId, Route, Target};
 use crate::stop::{yield_now, Stop};
 use crate::{Inbox, NewLink, Shared};
 use bytes::Bytes;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, Splitable};
+use monoio::io::Splitable;
 use proto::id::{Encoding, Priority};
-use proto::link::{Batch, LinkError, LinkFrame};
+use proto::link::{Batch, LinkFrame};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -410,56 +409,29 @@ fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
     });
 }
 
-/// Reads frames from an edge until the link ends; `None` when it was cut elsewhere.
+/// Reads frames from an edge until the link ends; `None` when it was cut elsewhere (the read
+/// in flight is then cancelled by `net::framed`, not dropped).
 async fn reader(
     state: &Rc<RefCell<State>>,
     conn: &Rc<Conn>,
-    mut rd: monoio::net::tcp::TcpOwnedReadHalf,
+    rd: monoio::net::tcp::TcpOwnedReadHalf,
     frame_max: u32,
 ) -> Option<Cut> {
-    let mut buf: Vec<u8> = Vec::with_capacity(LINK_READ_BYTES);
+    use net::framed::{link_decoder, FramedRead, ReadError};
+    let mut frames = FramedRead::new(rd, link_decoder(frame_max), LINK_READ_BYTES);
     loop {
-        if buf.capacity() - buf.len() < LINK_READ_BYTES / 2 {
-            buf.reserve(LINK_READ_BYTES);
-        }
-        // Read after what is buffered (a plain Vec would be filled from its start).
-        let len = buf.len();
-        let read = monoio::select! {
-            r = rd.read(buf.slice_mut(len..)) => r,
-            _ = conn.stop.wait() => return None,
+        let frame = match frames.next(conn.stop.wait()).await {
+            Ok(f) => f,
+            Err(ReadError::Stopped) => return None,
+            Err(ReadError::Closed | ReadError::Io(_)) => return Some(Cut::Closed),
+            Err(ReadError::Frame(_)) => return Some(Cut::Protocol),
         };
-        let (res, b) = read;
-        buf = b.into_inner();
-        match res {
-            Ok(0) | Err(_) => return Some(Cut::Closed),
-            Ok(_) => {}
-        }
         conn.last_rx.set(Instant::now());
-        let mut start = 0;
-        loop {
-            let n = match proto::link::frame_len(&buf[start..], frame_max) {
-                Ok(n) if buf.len() - start >= n => n,
-                Ok(n) => {
-                    // Make room for the whole frame in one go.
-                    buf.reserve(n);
-                    break;
-                }
-                Err(LinkError::Incomplete) => break,
-                Err(_) => return Some(Cut::Protocol),
-            };
-            let bytes = Bytes::copy_from_slice(&buf[start..start + n]);
-            start += n;
-            let frame = match proto::link::decode(&bytes, frame_max) {
-                Ok((f, _)) => f,
-                Err(_) => return Some(Cut::Protocol),
-            };
-            if let Err(c) = state.borrow_mut().on_frame(conn.id, frame) {
-                return Some(c);
-            }
-            if conn.stop.is_fired() {
-                return None;
-            }
+        if let Err(c) = state.borrow_mut().on_frame(conn.id, frame) {
+            return Some(c);
         }
-        buf.drain(..start);
+        if conn.stop.is_fired() {
+            return None;
+        }
     }
 }

@@ -101,6 +101,11 @@ impl<R: CancelableAsyncReadRent, D: Decoder> FramedRead<R, D> {
         }
     }
 
+    /// The reader (e.g. to write answers on the same stream).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.rd
+    }
+
     /// Bytes buffered and not yet decoded.
     pub fn buffered(&self) -> usize {
         self.buf.len()
