@@ -344,6 +344,55 @@ fn token(dir: &Path) {
     }
 }
 
+/// Keep in sync with fuzz/fuzz_targets/edge_session.rs (`KEY`, `NOW_S`).
+const EDGE_SESSION_KEY: &str = "1:edge-session-fuzz-key-edge-session-fuzz-key";
+const EDGE_SESSION_NOW_S: u64 = 1_800_000_000;
+
+/// Seeds for the edge Session: [mode, chunk, client bytes...] (see the target's docs).
+fn edge_session(dir: &Path) {
+    let keys = match KeySet::parse(EDGE_SESSION_KEY) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("seedgen: edge_session key: {e}");
+            process::exit(1);
+        }
+    };
+    let token = keys.sign(&Claims {
+        uid: UserId(1),
+        device: DeviceId("dev-1".into()),
+        room: RoomId(42),
+        area: AreaId(1),
+        expires_at_s: EDGE_SESSION_NOW_S + 3_600,
+    });
+    must(keys.verify(&token, EDGE_SESSION_NOW_S).is_ok(), "edge_session token");
+    let body = format!(
+        r#"{{"uid":1,"roomid":42,"protover":3,"platform":"web","type":2,"key":"{token}","buvid":"dev-1"}}"#
+    );
+    let auth = packet::encode_vec(ver::HEARTBEAT, op::AUTH, 1, body.as_bytes());
+    let heartbeat = packet::encode_vec(ver::HEARTBEAT, op::HEARTBEAT, 2, b"[object Object]");
+    let mut tcp = vec![0u8, 0];
+    tcp.extend_from_slice(&auth);
+    tcp.extend_from_slice(&heartbeat);
+    write(dir, "edge_session", "tcp-auth-heartbeat", &tcp);
+    let mut tcp_bytewise = tcp.clone();
+    tcp_bytewise[1] = 1;
+    write(dir, "edge_session", "tcp-auth-heartbeat-bytewise", &tcp_bytewise);
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut ws_in = vec![1u8, 0];
+    ws_in.extend_from_slice(
+        b"GET /sub HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    let upgrade_len = ws_in.len();
+    ws_in.extend(ws::encode_client_frame(Opcode::Binary, &auth, mask));
+    ws_in.extend(ws::encode_client_frame(Opcode::Binary, &heartbeat, mask));
+    ws_in.extend(ws::encode_client_frame(Opcode::Ping, b"p", mask));
+    write(dir, "edge_session", "ws-upgrade-auth-heartbeat-ping", &ws_in);
+    let mut ws_text = ws_in[..upgrade_len].to_vec();
+    ws_text.extend(ws::encode_client_frame(Opcode::Text, b"hello", mask));
+    write(dir, "edge_session", "ws-text-message", &ws_text);
+}
+
 fn main() {
     let Some(dir) = env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: seedgen <corpus dir>");
@@ -356,4 +405,5 @@ fn main() {
     link_frames(&dir);
     ingest_frames(&dir);
     token(&dir);
+    edge_session(&dir);
 }
