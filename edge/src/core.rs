@@ -54,6 +54,10 @@ pub const HIGH_PRIORITY_QUEUE_FACTOR: usize = 4;
 pub const REPLY_QUEUE_FACTOR: usize = 4;
 /// Buffers handed out per transmit (one `writev`; far below IOV_MAX).
 pub const WRITE_BUFS_MAX: usize = 64;
+/// Bytes handed out per transmit (at least one buffer). Bytes in flight count against the
+/// queue bound until `on_written`, so a large transmit would make the bound coarse: a reader
+/// that keeps up could see batches dropped while one big write drains.
+pub const WRITE_BYTES_MAX: usize = 64 * 1024;
 /// Messages waiting for a full ring; past this, counts are dropped (the next report
 /// replaces them) and then anything (counted as `outbox`).
 pub const OUTBOX_MSGS_MAX: usize = 8_192;
@@ -468,8 +472,8 @@ impl ShardCore {
         None
     }
 
-    /// Hands the writer of `id` everything queued (up to [`WRITE_BUFS_MAX`] buffers) or tells
-    /// it to close.
+    /// Hands the writer of `id` what is queued (up to [`WRITE_BUFS_MAX`] buffers and
+    /// [`WRITE_BYTES_MAX`] bytes, at least one buffer) or tells it to close.
     pub fn take_transmit(&mut self, id: ConnId, bufs: &mut Vec<Bytes>) -> Transmit {
         let Some(c) = self.get_mut(id) else {
             return Transmit::Close;
@@ -488,8 +492,18 @@ impl ShardCore {
             }
             return Transmit::Idle;
         }
-        let n = c.queue.len().min(WRITE_BUFS_MAX);
-        bufs.extend(c.queue.drain(..n));
+        let mut bytes = 0;
+        while let Some(b) = c.queue.front() {
+            if !bufs.is_empty()
+                && (bufs.len() >= WRITE_BUFS_MAX || bytes + b.len() > WRITE_BYTES_MAX)
+            {
+                break;
+            }
+            bytes += b.len();
+            if let Some(b) = c.queue.pop_front() {
+                bufs.push(b);
+            }
+        }
         c.in_flight = true;
         Transmit::Write
     }

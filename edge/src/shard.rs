@@ -368,18 +368,17 @@ fn read_owned(mut rd: ReadHalf, buf: Vec<u8>) -> ReadFut {
     })
 }
 
-/// Writes every buffer in order; returns the bytes written.
-fn write_owned(mut wr: WriteHalf, bufs: Vec<Bytes>) -> WriteFut {
+/// Writes every buffer in order, all of them in one vectored write of the shared buffers (no
+/// copy; a partial write is resumed); returns the bytes written.
+fn write_owned(mut wr: WriteHalf, mut bufs: Vec<Bytes>) -> WriteFut {
     Box::pin(async move {
-        let mut n = 0;
-        for b in bufs {
-            let (res, _) = wr.write_all(b).await;
-            match res {
-                Ok(k) => n += k,
-                Err(e) => return (wr, Err(e)),
-            }
+        if bufs.len() == 1 {
+            let one = bufs.pop().unwrap_or_default();
+            let (res, _) = wr.write_all(one).await;
+            return (wr, res);
         }
-        (wr, Ok(n))
+        let (res, _) = wr.write_vectored_all(net::sys::IoVecs::new(bufs)).await;
+        (wr, res)
     })
 }
 
