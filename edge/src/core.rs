@@ -128,10 +128,9 @@ struct Conn {
     queued_bytes: u32,
     seat: Option<Seat>,
     last_seen: Millis,
-    /// When the queue first went over the bound (None: not stuck).
-    stuck_since: Option<Millis>,
-    /// Counted in the per-address map (only when the cap is on).
-    peer: Option<IpAddr>,
+    /// When the queue first went over the bound, plus one ms (0: not stuck). Not an
+    /// `Option<Millis>`: that doubles the field in every slab entry.
+    stuck_since_ms: u64,
     session: Session,
     queue: VecDeque<Bytes>,
 }
@@ -171,6 +170,9 @@ pub struct ShardCore {
     /// Node-wide viewer counts (from the link shard) for rooms with viewers here.
     node_counts: HashMap<RoomId, u32>,
     per_addr: HashMap<IpAddr, u32>,
+    /// The peer of each connection counted in `per_addr` (only while the cap is on), kept here
+    /// rather than in every slab entry.
+    peers: HashMap<u32, IpAddr>,
     ready: VecDeque<ConnId>,
     outbox: VecDeque<(ShardIdx, Msg)>,
     /// Messages a full ring refused; moved back to the outbox on the next timeout.
@@ -196,6 +198,7 @@ impl ShardCore {
             fleet: HashMap::new(),
             node_counts: HashMap::new(),
             per_addr: HashMap::new(),
+            peers: HashMap::new(),
             ready: VecDeque::new(),
             outbox: VecDeque::new(),
             retry: Vec::new(),
@@ -299,18 +302,18 @@ impl ShardCore {
             queued_bytes: 0,
             seat: None,
             last_seen: self.ms(now),
-            stuck_since: None,
-            peer: cap_on.then_some(peer),
+            stuck_since_ms: 0,
             session: Session::new(transport, &self.node.limits),
             queue: VecDeque::new(),
         };
-        if cap_on {
-            *self.per_addr.entry(peer).or_default() += 1;
-        }
         let id = ConnId {
             key: self.conns.insert(conn) as u32,
             gen,
         };
+        if cap_on {
+            *self.per_addr.entry(peer).or_default() += 1;
+            self.peers.insert(id.key, peer);
+        }
         let m = self.m();
         m.pending_handshakes.inc();
         m.accepted.inc();
@@ -382,7 +385,7 @@ impl ShardCore {
             self.m().closed(reason);
         }
         self.unseat(id, conn.seat);
-        if let Some(p) = conn.peer {
+        if let Some(p) = self.peers.remove(&id.key) {
             if let Some(n) = self.per_addr.get_mut(&p) {
                 *n -= 1;
                 if *n == 0 {
@@ -449,7 +452,7 @@ impl ShardCore {
         c.in_flight = false;
         c.queued_bytes = c.queued_bytes.saturating_sub(n as u32);
         if c.queued_bytes as usize <= max {
-            c.stuck_since = None;
+            c.stuck_since_ms = 0;
         }
         let more = !c.queue.is_empty() || c.closing != Closing::Open;
         self.m().bytes_out.add(n as u64);
@@ -546,9 +549,9 @@ impl ShardCore {
             (true, _) => max,
         };
         if c.queued_bytes as usize + bytes.len() > cap {
-            let first = c.stuck_since.is_none();
+            let first = c.stuck_since_ms == 0;
             if first {
-                c.stuck_since = Some(now_ms);
+                c.stuck_since_ms = now_ms.0 + 1;
             }
             if first {
                 self.wheel.insert(
@@ -880,10 +883,10 @@ impl ShardCore {
                     Fire::Rearm(due)
                 }
             }
-            TimerKind::Stuck => match c.stuck_since {
-                None => Fire::Nothing,
-                Some(since) => {
-                    let due = Millis(since.0.saturating_add(cfg.stuck_ms_max));
+            TimerKind::Stuck => match c.stuck_since_ms {
+                0 => Fire::Nothing,
+                since_plus_one => {
+                    let due = Millis((since_plus_one - 1).saturating_add(cfg.stuck_ms_max));
                     if now >= due {
                         Fire::Close(CloseReason::Stuck)
                     } else {
