@@ -24,6 +24,8 @@ pub enum Scenario {
     Compress(CompressArgs),
     /// Prints corpus messages (one JSON object per line) and their average size.
     Corpus(CorpusArgs),
+    /// Cores and hosts a fleet needs for a target audience, from measured per-core figures.
+    Plan(crate::plan::PlanArgs),
     /// Internal: a child process running its share of viewers (spawned when N exceeds one
     /// process's descriptor budget); reads its plan as JSON on stdin, writes its report on stdout.
     #[command(hide = true)]

@@ -31,6 +31,7 @@
 pub mod cli;
 pub mod compress;
 pub mod corpus;
+pub mod plan;
 pub mod procstat;
 pub mod publisher;
 pub mod report;
@@ -98,6 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             run::run(&a.common, kind, "churn", json).map(|_| ())
         }
+        Scenario::Plan(a) => plan::run(&a),
         Scenario::Worker => run::worker(),
     }
 }
