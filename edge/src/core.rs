@@ -326,21 +326,9 @@ impl ShardCore {
             now + Duration::from_millis(cfg.auth_ms_max),
             now + Duration::from_millis(cfg.handshake_ms_max),
         );
-        self.wheel.insert(
-            auth_at,
-            Timer {
-                id,
-                kind: TimerKind::Auth,
-            },
-        );
+        self.arm(id, TimerKind::Auth, auth_at);
         if transport == Transport::Ws {
-            self.wheel.insert(
-                hs_at,
-                Timer {
-                    id,
-                    kind: TimerKind::Handshake,
-                },
-            );
+            self.arm(id, TimerKind::Handshake, hs_at);
         }
         Ok(id)
     }
@@ -511,6 +499,11 @@ impl ShardCore {
         Transmit::Write
     }
 
+    /// Schedules timer `kind` of `id` at `at`.
+    fn arm(&mut self, id: ConnId, kind: TimerKind, at: Instant) {
+        self.wheel.insert(at, Timer { id, kind });
+    }
+
     fn mark_ready(&mut self, id: ConnId) {
         let Some(c) = self.get_mut(id) else { return };
         if c.ready {
@@ -549,18 +542,9 @@ impl ShardCore {
             (true, _) => max,
         };
         if c.queued_bytes as usize + bytes.len() > cap {
-            let first = c.stuck_since_ms == 0;
-            if first {
+            if c.stuck_since_ms == 0 {
                 c.stuck_since_ms = now_ms.0 + 1;
-            }
-            if first {
-                self.wheel.insert(
-                    now + Duration::from_millis(stuck_ms),
-                    Timer {
-                        id,
-                        kind: TimerKind::Stuck,
-                    },
-                );
+                self.arm(id, TimerKind::Stuck, now + Duration::from_millis(stuck_ms));
             }
             if bounded {
                 self.m().dropped(DropReason::QueueFull, 1);
@@ -595,12 +579,10 @@ impl ShardCore {
             c.seat.take()
         };
         if flush {
-            self.wheel.insert(
+            self.arm(
+                id,
+                TimerKind::Closing,
                 now + Duration::from_millis(CLOSE_FLUSH_MS_MAX),
-                Timer {
-                    id,
-                    kind: TimerKind::Closing,
-                },
             );
         }
         self.mark_ready(id);
@@ -705,12 +687,10 @@ impl ShardCore {
         self.emit_change(a.room, change);
         self.reach.join(id.key, a.uid.0, &a.device.0);
         self.reply(id, reply, now);
-        self.wheel.insert(
+        self.arm(
+            id,
+            TimerKind::Heartbeat,
             now + Duration::from_millis(self.node.config.heartbeat_timeout_ms),
-            Timer {
-                id,
-                kind: TimerKind::Heartbeat,
-            },
         );
     }
 

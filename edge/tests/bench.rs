@@ -9,6 +9,11 @@
 //! - `bench_fanout_*`: one shard, `BENCH_VIEWERS` TCP viewers of one room in a child process,
 //!   `BENCH_BATCHES` batches from a test broker; reports sends per second of wall time and per
 //!   CPU-second of the edge process.
+//! - `bench_floor_write`: the kernel's floor for the same work: one thread `write()`s the same
+//!   bytes (the fan-out batch's packet size) to `BENCH_VIEWERS` loopback sockets, round after
+//!   round, while a reader thread (epoll) drains them eagerly; reports sends per second and
+//!   per CPU-second of the writing thread. Nothing of ours runs on the write path, so the gap
+//!   between this and `bench_fanout_*` is our own overhead.
 
 mod common;
 
@@ -178,7 +183,17 @@ fn idle_memory(driver: Driver) {
 
 /// CPU seconds (user + system) of this process so far.
 fn cpu_seconds() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_cpu_seconds("/proc/self/stat")
+}
+
+/// CPU seconds (user + system) of the calling thread so far.
+fn thread_cpu_seconds() -> f64 {
+    stat_cpu_seconds("/proc/thread-self/stat")
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     let after = s.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
@@ -251,4 +266,69 @@ fn bench_fanout_uring() {
 #[ignore]
 fn bench_fanout_legacy() {
     with_driver(Driver::Legacy, fanout);
+}
+
+#[test]
+#[ignore]
+fn bench_floor_write() {
+    use std::io::Write;
+    let viewers = env_usize("BENCH_VIEWERS", 2_000);
+    let rounds = env_usize("BENCH_BATCHES", 500);
+    let len = room_batch(ROOM, 1, Encoding::Plain, 900).packet.len();
+    let _ = net::sys::raise_nofile_limit();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let reader = std::thread::spawn(move || {
+        net::runtime::block_on(Driver::Legacy, async move {
+            for _ in 0..viewers {
+                let stop = stop2.clone();
+                monoio::spawn(async move {
+                    let Ok(mut s) = monoio::net::TcpStream::connect(addr).await else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let (r, b) = s.read(buf).await;
+                        buf = b;
+                        if !matches!(r, Ok(n) if n > 0)
+                            || stop.load(std::sync::atomic::Ordering::Relaxed)
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    });
+    let mut socks: Vec<std::net::TcpStream> = (0..viewers)
+        .map(|_| {
+            let (s, _) = l.accept().unwrap();
+            s.set_nodelay(true).unwrap();
+            s
+        })
+        .collect();
+    let payload = vec![0x5au8; len];
+    let cpu0 = thread_cpu_seconds();
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        for s in socks.iter_mut() {
+            s.write_all(&payload).unwrap();
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = thread_cpu_seconds() - cpu0;
+    let sends = (viewers * rounds) as f64;
+    println!(
+        "BENCH floor_write viewers={viewers} rounds={rounds} bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} writer_cpu_s={cpu:.3} sends_per_cpu_s={:.0}",
+        sends / wall,
+        sends / cpu.max(1e-9)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(socks);
+    let _ = reader.join();
 }
