@@ -282,6 +282,7 @@ impl Future for AcceptStop<'_> {
 }
 
 /// Capped exponential back-off for a failing `accept()`, and a rate-limited log line.
+#[derive(Debug, Default)]
 struct AcceptBackoff {
     delay_ms: u64,
     last_log: Option<Instant>,
@@ -289,31 +290,31 @@ struct AcceptBackoff {
 }
 
 impl AcceptBackoff {
-    fn failed(&mut self, shard: &Shard, e: &std::io::Error, now: Instant) -> Duration {
-        shard.node.metrics[shard.id].accept_errors.inc();
+    /// An accept failed at `now`: how long to wait, and whether to log (with the count of
+    /// failures not logged since the last line).
+    fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
         let due = self
             .last_log
             .is_none_or(|t| now.duration_since(t) >= Duration::from_millis(ACCEPT_LOG_MS_MIN));
-        if due {
-            let fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
-            tracing::warn!(shard = shard.id, error = %e, out_of_fds = fds, suppressed = self.suppressed, "accept failed; backing off");
+        let log = if due {
             self.last_log = Some(now);
-            self.suppressed = 0;
+            Some(std::mem::take(&mut self.suppressed))
         } else {
             self.suppressed += 1;
-        }
+            None
+        };
         let d = self.delay_ms.max(ACCEPT_BACKOFF_MS_MIN);
         self.delay_ms = (d * 2).min(ACCEPT_BACKOFF_MS_MAX);
-        Duration::from_millis(d)
+        (Duration::from_millis(d), log)
+    }
+
+    fn succeeded(&mut self) {
+        self.delay_ms = 0;
     }
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, transport: Transport) {
-    let mut backoff = AcceptBackoff {
-        delay_ms: 0,
-        last_log: None,
-        suppressed: 0,
-    };
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = monoio::select! {
             r = listener.accept() => Some(r),
@@ -326,12 +327,17 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, trans
             Err(e) => {
                 // EMFILE and friends: the pending connection stays in the backlog; back off
                 // instead of spinning on it, so links, admin and control keep their share.
-                let d = backoff.failed(&shard, &e, now);
+                shard.node.metrics[shard.id].accept_errors.inc();
+                let (d, log) = backoff.failed(now);
+                if let Some(suppressed) = log {
+                    let fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                    tracing::warn!(shard = shard.id, error = %e, out_of_fds = fds, suppressed, "accept failed; backing off");
+                }
                 monoio::time::sleep(d).await;
                 continue;
             }
         };
-        backoff.delay_ms = 0;
+        backoff.succeeded();
         let admitted = shard.core.borrow_mut().on_accept(transport, peer.ip(), now);
         match admitted {
             Ok(id) => {
@@ -504,5 +510,31 @@ async fn tick_loop(shard: Rc<Shard>) {
             h.on_tick(now);
         }
         shard.pump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_caps_resets_and_logs_once_per_interval() {
+        let t0 = Instant::now();
+        let mut b = AcceptBackoff::default();
+        let mut delays = Vec::new();
+        let mut logs = Vec::new();
+        for i in 0..10u64 {
+            let (d, log) = b.failed(t0 + Duration::from_millis(i));
+            delays.push(d.as_millis() as u64);
+            logs.push(log);
+        }
+        assert_eq!(delays, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        assert_eq!(logs[0], Some(0));
+        assert!(logs[1..].iter().all(Option::is_none), "{logs:?}");
+        // The next line after the interval says how many were not logged.
+        let (_, log) = b.failed(t0 + Duration::from_millis(ACCEPT_LOG_MS_MIN + 1));
+        assert_eq!(log, Some(9));
+        b.succeeded();
+        assert_eq!(b.failed(t0).0, Duration::from_millis(ACCEPT_BACKOFF_MS_MIN));
     }
 }
