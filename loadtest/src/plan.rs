@@ -27,7 +27,8 @@ pub struct Figures {
     pub edge_bytes_per_conn: f64,
     /// Kernel bytes per idle TCP connection (socket, buffers at rest); not ours but it counts.
     pub kernel_bytes_per_conn: f64,
-    /// Broker: pushes accepted and batched per CPU-second of one broker shard.
+    /// Broker: pushes accepted, batched, compressed and sent per CPU-second of one broker
+    /// shard (compression included).
     pub broker_msgs_per_core_s: f64,
     /// Brotli: input MB per CPU-second at the broker's quality.
     pub brotli_mb_per_core_s: f64,
@@ -66,7 +67,7 @@ impl Default for Figures {
             edge_sends_per_core_s: 100_000.0,
             edge_bytes_per_conn: 1_000.0,
             kernel_bytes_per_conn: 3_000.0,
-            broker_msgs_per_core_s: 200_000.0,
+            broker_msgs_per_core_s: 56_000.0,
             brotli_mb_per_core_s: 45.0,
             host_cores: 32.0,
             host_mem_bytes: 64e9,
@@ -105,6 +106,8 @@ pub struct Plan {
     pub egress_bytes_per_s: f64,
     pub edge_cores: f64,
     pub broker_cores: f64,
+    /// Of `broker_cores`, what brotli alone takes (the broker figure includes it).
+    pub brotli_cores: f64,
     pub needs: Vec<Need>,
     /// The resource needing the most hosts.
     pub limit: &'static str,
@@ -166,8 +169,8 @@ pub fn plan(f: &Figures) -> Plan {
     ];
     let msgs = f.hot_room_msgs_per_s + f.quiet_rooms * f.quiet_room_msgs_per_s;
     let brotli_bytes = msgs * f.msg_bytes;
-    let broker_cores = msgs / f.broker_msgs_per_core_s.max(1.0)
-        + brotli_bytes / (f.brotli_mb_per_core_s.max(1e-9) * 1e6);
+    let broker_cores = msgs / f.broker_msgs_per_core_s.max(1.0);
+    let brotli_cores = brotli_bytes / (f.brotli_mb_per_core_s.max(1e-9) * 1e6);
     let worst = needs
         .iter()
         .max_by(|a, b| a.hosts.total_cmp(&b.hosts))
@@ -179,6 +182,7 @@ pub fn plan(f: &Figures) -> Plan {
         egress_bytes_per_s,
         edge_cores,
         broker_cores,
+        brotli_cores,
         limit: worst.0,
         edge_hosts: worst.1.ceil(),
         needs,
@@ -204,11 +208,12 @@ pub fn run(a: &PlanArgs) -> anyhow::Result<()> {
     };
     let p = plan(&f);
     println!(
-        "sends/s {}  egress {}B/s  edge cores {:.0}  broker cores {:.1}",
+        "sends/s {}  egress {}B/s  edge cores {:.0}  broker cores {:.2} (brotli {:.2} of it)",
         si(p.sends_per_s),
         si(p.egress_bytes_per_s),
         p.edge_cores,
-        p.broker_cores
+        p.broker_cores,
+        p.brotli_cores
     );
     println!(
         "{:<22} {:>12} {:>12} {:>8}",
