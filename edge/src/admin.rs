@@ -79,7 +79,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_ws.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 12] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 13] = [
         (
             "barrage_edge_accepted_total",
             "counter",
@@ -136,6 +136,12 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "Bytes written to clients.",
             |m| m.bytes_out.get(),
+        ),
+        (
+            "barrage_edge_writes_total",
+            "counter",
+            "Writes to clients (one writev of every queued buffer); sends_total / writes_total is batches per write.",
+            |m| m.writes.get(),
         ),
         (
             "barrage_edge_accept_errors_total",

@@ -496,6 +496,7 @@ impl ShardCore {
             }
         }
         c.in_flight = true;
+        self.m().writes.inc();
         Transmit::Write
     }
 

@@ -89,6 +89,9 @@ pub struct ShardMetrics {
     pub sends: Counter,
     /// Bytes written to clients.
     pub bytes_out: Counter,
+    /// Writes to clients (one `writev` of every queued buffer each): `sends / writes` is how
+    /// many batches a write carries, which is how a hot room degrades.
+    pub writes: Counter,
     pub drops: [Counter; DropReason::ALL.len()],
     pub rooms: Counter,
     pub pending_handshakes: Counter,

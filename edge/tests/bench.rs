@@ -232,11 +232,13 @@ fn fanout(driver: Driver) {
     let cpu = cpu_seconds() - cpu0;
     let m = edge.metrics_text();
     let sends = metric_sum(&m, "barrage_edge_sends_total");
+    let writes = metric_sum(&m, "barrage_edge_writes_total");
     println!(
-        "BENCH fanout driver={} viewers={viewers} batches={batches} batch_bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} edge_cpu_s={cpu:.3} sends_per_cpu_s={:.0} drops={}",
+        "BENCH fanout driver={} viewers={viewers} batches={batches} batch_bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} edge_cpu_s={cpu:.3} sends_per_cpu_s={:.0} batches_per_write={:.1} drops={}",
         format!("{driver:?}").to_lowercase(),
         sends / wall,
         sends / cpu.max(1e-9),
+        sends / writes.max(1.0),
         metric_sum(&m, "barrage_edge_drops_total")
     );
     let _ = child.kill();

@@ -222,6 +222,11 @@ fn queued_batches_go_out_in_one_transmit() {
     let mut bufs = Vec::new();
     assert_eq!(h.core.take_transmit(a, &mut bufs), Transmit::Write);
     assert_eq!(bufs.len(), 5);
+    assert_eq!(
+        h.metrics().writes.get(),
+        2,
+        "the auth reply, then five batches in one"
+    );
     let total: usize = bufs.iter().map(|b| b.len()).sum();
     assert_eq!(h.core.take_transmit(a, &mut Vec::new()), Transmit::Idle);
     // A partial write leaves the rest accounted.
