@@ -519,26 +519,37 @@ impl Pages {
         }
         let auth = format!("Bearer {}", self.config.broker_key);
         let path = format!("/v1/push/{scope_path}{query}");
-        match net::http::request(
-            &self.config.broker_http,
-            "POST",
-            &path,
-            &[
-                ("authorization", &auth),
-                ("content-type", "application/json"),
-            ],
-            body,
-            self.timeout(),
-        )
-        .await
-        {
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        self.relay(&self.config.broker_http, &path, &headers, body, "broker")
+            .await
+    }
+
+    /// POSTs to `addr` and answers with its status and JSON body (502 when it is unreachable).
+    async fn relay(
+        &self,
+        addr: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        who: &str,
+    ) -> Response {
+        match net::http::request(addr, "POST", path, headers, body, self.timeout()).await {
             Ok(r) => Response {
                 status: r.status,
                 headers: vec![("content-type".into(), "application/json".into())],
                 body: r.body,
             },
-            Err(e) => err(502, &format!("broker unreachable: {e}")),
+            Err(e) => err(502, &format!("{who} unreachable: {e}")),
         }
+    }
+
+    /// `Authorization` for the edges' admin endpoints, when a key is configured.
+    fn admin_auth(&self) -> Option<String> {
+        (!self.config.edge_admin_key.is_empty())
+            .then(|| format!("Bearer {}", self.config.edge_admin_key))
     }
 
     async fn demo_send(&self, req: &Request) -> Response {
@@ -584,13 +595,10 @@ impl Pages {
     }
 
     async fn admin_get(&self, addr: &str, path: &str) -> Option<Vec<u8>> {
-        let auth = format!("Bearer {}", self.config.edge_admin_key);
-        let headers: &[(&str, &str)] = if self.config.edge_admin_key.is_empty() {
-            &[]
-        } else {
-            &[("authorization", &auth)]
-        };
-        match net::http::request(addr, "GET", path, headers, b"", self.timeout()).await {
+        let auth = self.admin_auth();
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        match net::http::request(addr, "GET", path, &headers, b"", self.timeout()).await {
             Ok(r) if r.status == 200 && r.body.len() <= SCRAPE_BYTES_MAX => Some(r.body),
             _ => None,
         }
@@ -659,30 +667,12 @@ impl Pages {
                 "no admin address for that edge ([[pages.edge_admins]])",
             );
         };
-        let auth = format!("Bearer {}", self.config.edge_admin_key);
-        let headers: &[(&str, &str)] = if self.config.edge_admin_key.is_empty() {
-            &[]
-        } else {
-            &[("authorization", &auth)]
-        };
+        let auth = self.admin_auth();
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
         tracing::info!(node = %a.node_id, "console: draining edge");
-        match net::http::request(
-            &a.addr,
-            "POST",
-            "/admin/drain",
-            headers,
-            b"",
-            self.timeout(),
-        )
-        .await
-        {
-            Ok(r) => Response {
-                status: r.status,
-                headers: vec![("content-type".into(), "application/json".into())],
-                body: r.body,
-            },
-            Err(e) => err(502, &format!("edge admin unreachable: {e}")),
-        }
+        self.relay(&a.addr, "/admin/drain", &headers, b"", "edge admin")
+            .await
     }
 }
 
