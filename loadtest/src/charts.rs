@@ -192,6 +192,8 @@ fn draw(
         .configure_mesh()
         .x_desc("run time (s)")
         .y_desc(unit)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
         .light_line_style(RGBColor(0xee, 0xee, 0xee))
         .draw()
         .map_err(plot_err)?;
@@ -222,6 +224,7 @@ fn draw(
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(0xcc, 0xcc, 0xcc))
+            .label_font(("sans-serif", 14))
             .position(SeriesLabelPosition::UpperLeft)
             .draw()
             .map_err(plot_err)?;
@@ -292,11 +295,16 @@ pub fn hgrm(h: &Latency) -> String {
         h.max() as f64 / 1000.0,
         h.len()
     );
+    // HdrHistogram's sub-bucket count: the power of two that holds 2 * 10^sigfig.
+    let sub_buckets = (2.0 * 10f64.powi(i32::from(h.sigfig())))
+        .log2()
+        .ceil()
+        .exp2();
     let _ = writeln!(
         s,
         "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
         h.buckets(),
-        h.distinct_values()
+        sub_buckets
     );
     s
 }
@@ -357,6 +365,7 @@ mod tests {
         let hgrm = std::fs::read_to_string(dir.join("step-1.hgrm")).unwrap();
         assert!(hgrm.contains("Percentile"));
         assert!(hgrm.contains("Total count    =            4"), "{hgrm}");
+        assert!(hgrm.contains("SubBuckets     =         2048"), "{hgrm}");
         let last = hgrm
             .lines()
             .rfind(|l| !l.starts_with('#') && !l.trim().is_empty())
