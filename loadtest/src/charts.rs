@@ -111,7 +111,9 @@ pub fn write(
         written.push(file.to_string());
     }
     for (step, h) in steps {
-        if *step == 0 || h.count() == 0 {
+        // Only the report's steps: a run that stops early has already tagged a few windows
+        // with the step it did not run.
+        if *step == 0 || h.count() == 0 || !rates.contains_key(step) {
             continue;
         }
         let file = format!("step-{step}.hgrm");
@@ -344,8 +346,9 @@ mod tests {
         for us in [500, 1_000, 2_000, 40_000] {
             h.record_us(us);
         }
-        steps.insert(1, h);
+        steps.insert(1, h.clone());
         steps.insert(2, Latency::default()); // empty: no file
+        steps.insert(3, h.clone()); // not a reported step: no file
         let rates = BTreeMap::from([(1, 100), (2, 200)]);
         let files = write(&dir, &timeline(), &steps, &rates).unwrap();
         assert_eq!(
