@@ -182,7 +182,8 @@ fn draw(
         .iter()
         .flat_map(|p| metrics.iter().filter_map(|m| m.of(p)))
         .fold(0.0_f64, f64::max);
-    let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+    // Headroom above the highest line keeps the legend (upper left) off the data.
+    let y_max = if y_max > 0.0 { y_max * 1.3 } else { 1.0 };
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
@@ -195,6 +196,8 @@ fn draw(
         .x_desc("run time (s)")
         .y_desc(unit)
         .label_style(("sans-serif", 14))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| human(*v))
         .axis_desc_style(("sans-serif", 15))
         .light_line_style(RGBColor(0xee, 0xee, 0xee))
         .draw()
@@ -233,6 +236,22 @@ fn draw(
     }
     root.present().map_err(plot_err)?;
     Ok(())
+}
+
+/// An axis number: 350k, 1.2M, 12, 0.5.
+fn human(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if a >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if a >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else if a >= 10.0 || v == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
 }
 
 /// The points of one step as line runs: a step's seconds are contiguous except step 0 (before
@@ -375,6 +394,15 @@ mod tests {
             .unwrap();
         assert!(last.trim_start().starts_with("40.0"), "max 40 ms: {last}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn axis_numbers_are_short() {
+        let got: Vec<String> = [0.0, 0.5, 12.0, 1500.0, 350_000.0, 2_400_000.0]
+            .into_iter()
+            .map(human)
+            .collect();
+        assert_eq!(got, ["0", "0.5", "12", "1.5k", "350k", "2.4M"]);
     }
 
     #[test]
