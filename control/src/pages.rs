@@ -448,8 +448,12 @@ impl Pages {
 
     /// Whether `path` is one of the pages' routes (the rest is [`Api`]'s).
     pub fn serves(path: &str) -> bool {
+        // `/room/{digits}` only: `/room/v1/Room/get_info` is Bilibili's room-info endpoint.
+        let room_page = path
+            .strip_prefix("/room/")
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
         path == "/"
-            || path.starts_with("/room/")
+            || room_page
             || path.starts_with("/assets/")
             || path.starts_with("/demo/")
             || path == "/console"
@@ -817,6 +821,8 @@ mod tests {
         for p in [
             "/v1/edges",
             "/xlive/web-room/v1/index/getDanmuInfo",
+            "/room/v1/Room/get_info",
+            "/room/",
             "/consoles",
             "/metrics",
         ] {
