@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
 # The test command of the README: installs what the tests need beyond cargo (the Python
-# interop client's packages), then runs every test of the workspace.
+# interop client's packages, headless Chromium for the browser test), then runs every test of
+# the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -f interop/requirements.txt ]; then
   python3 -m pip install --quiet --disable-pip-version-check -r interop/requirements.txt
+fi
+
+# The browser test (tests/browser.rs) drives Debian's headless Chromium over WebDriver; it
+# fails, never skips, without them. apt needs root (CI runs as root on a fresh Debian machine).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+  else
+    echo "scripts/test.sh: chromium and chromium-driver are missing; install them as root:" >&2
+    echo "  apt-get update && apt-get install -y chromium chromium-driver" >&2
+  fi
 fi
 
 # The interop tests must not skip here: they run a client we did not write.

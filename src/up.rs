@@ -27,6 +27,9 @@ pub struct UpArgs {
     /// Added to every listening port, so several stacks can run on one host.
     #[arg(long, default_value_t = 0)]
     pub ports_offset: u16,
+    /// Turn off the room page's demo send box (`POST /demo/send`), on by default in `up`.
+    #[arg(long)]
+    pub no_demo: bool,
 }
 
 /// The `up` config file: one section per role, each defaulted as that role's own file is.
@@ -139,7 +142,32 @@ pub fn wire(mut c: UpConfig, args: &UpArgs) -> anyhow::Result<UpConfig> {
     };
     c.control.token_keys = keys.clone();
     c.edge.token_keys = keys;
+    wire_pages(&mut c, args);
     Ok(c)
+}
+
+/// The room page's demo box and the console push through this broker and read this edge's
+/// admin endpoint (docs/operations-control.md, `[pages]`), unless the file said otherwise.
+fn wire_pages(c: &mut UpConfig, args: &UpArgs) {
+    let p = &mut c.control.pages;
+    p.demo_send = !args.no_demo;
+    if p.broker_http.is_empty() {
+        p.broker_http = c.broker.http_addr.to_string();
+    }
+    if p.broker_key.is_empty() {
+        p.broker_key = c
+            .broker
+            .api_keys
+            .first()
+            .map(|k| k.key.clone())
+            .unwrap_or_default();
+    }
+    if p.edge_admins.is_empty() {
+        p.edge_admins = vec![control::pages::EdgeAdmin {
+            node_id: c.edge.node_id.clone(),
+            addr: c.edge.admin_addr.clone(),
+        }];
+    }
 }
 
 /// The running stack.
@@ -229,7 +257,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("  api key   {api_key}");
     println!("  token keys {token_keys}");
     println!();
-    println!("Watch room 1:");
+    println!("Open in a browser:");
+    println!("  room 1    http://{ctl}/room/1");
+    println!("  console   http://{ctl}/console#key={api_key}");
+    println!("Watch room 1 in a terminal:");
     println!("  barrage tail --room 1 --control http://{ctl}");
     println!("Push to it:");
     println!("  barrage push --ingest {ingest} --api-key {api_key} --room 1 '{{\"cmd\":\"DANMU_MSG\",\"info\":[[0],\"hello\",[1,\"me\"]]}}'");
@@ -261,6 +292,10 @@ mod tests {
         assert_eq!(c.control.api_keys, ["k"]);
         assert_eq!(c.broker.api_keys[0].key, "k");
         assert_eq!(c.control.token_keys, c.edge.token_keys);
+        assert!(c.control.pages.demo_send, "up turns the demo box on");
+        assert_eq!(c.control.pages.broker_http, "127.0.0.1:7490");
+        assert_eq!(c.control.pages.broker_key, "k");
+        assert_eq!(c.control.pages.edge_admins[0].addr, "127.0.0.1:9253");
 
         let random = wire(UpConfig::default(), &UpArgs::default()).unwrap();
         assert_eq!(random.control.api_keys.len(), 1);

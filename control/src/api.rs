@@ -307,6 +307,16 @@ impl Api {
         }
     }
 
+    /// Whether the request carries one of the API keys (for the console's JSON, `pages`).
+    pub fn key_valid(&self, req: &Request) -> bool {
+        matches!(check_bearer(req, &self.api_keys), Bearer::Valid)
+    }
+
+    /// The registry as operators see it (for the console, `pages`).
+    pub fn edges(&mut self, now: Instant) -> Vec<crate::registry::Listed> {
+        self.registry.list(now)
+    }
+
     /// The client's region: a trusted header, else the CIDR table, else the default.
     fn region_of(&self, req: &Request) -> String {
         if self.trust_region_header {

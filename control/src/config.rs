@@ -74,6 +74,8 @@ pub struct Config {
     pub body_bytes_max: usize,
     /// monoio driver for the HTTP thread.
     pub driver: net::runtime::Driver,
+    /// The room page, the demo send box and the operator console (`[pages]`, see `pages`).
+    pub pages: crate::pages::PagesConfig,
 }
 
 impl Default for Config {
@@ -95,6 +97,7 @@ impl Default for Config {
             rooms_strict: false,
             body_bytes_max: 16 * 1024,
             driver: net::runtime::Driver::Auto,
+            pages: crate::pages::PagesConfig::default(),
         }
     }
 }

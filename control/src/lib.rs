@@ -7,6 +7,7 @@
 //! - [`registry`]: edges, their heartbeats, expiry and assignment (sans-io, `now` passed in).
 //! - [`issuer`]: token issuing with the newest key of the key set.
 //! - [`api`]: the HTTP handlers as a plain `request -> response` function over the above.
+//! - [`pages`]: the room page, the demo send box and the operator console (HTML, JS, JSON).
 //! - this file: the monoio shell, one HTTP thread on `net::http::serve`.
 //!
 //! # Invariants
@@ -20,6 +21,7 @@
 pub mod api;
 pub mod config;
 pub mod issuer;
+pub mod pages;
 pub mod region;
 pub mod registry;
 pub mod room;
@@ -125,6 +127,7 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let stop2 = stop.clone();
     let body_bytes_max = config.body_bytes_max;
+    let pages_config = config.pages.clone();
     let driver = net::runtime::Driver::from_env_or(config.driver);
     let thread = std::thread::Builder::new()
         .name("control-http".into())
@@ -138,7 +141,12 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
                     }
                 };
                 let api = Rc::new(RefCell::new(api));
+                let pages = Rc::new(pages::Pages::new(&pages_config, Instant::now()));
                 let handler: net::http::Handler = Rc::new(move |req: net::http::Request| {
+                    if pages::Pages::serves(&req.path) {
+                        let (pages, api) = (pages.clone(), api.clone());
+                        return Box::pin(async move { pages.handle(req, &api).await });
+                    }
                     let resp = api.borrow_mut().handle(&req, Instant::now(), unix_now_s());
                     Box::pin(async move { resp }) as net::http::BoxFuture<net::http::Response>
                 });

@@ -120,6 +120,10 @@ pub struct Common {
     /// Write the JSON report here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write SVG charts (latency, deliveries/s, server CPU per million deliveries,
+    /// connections, over time by step) and each step's latency histogram (`.hgrm`) here.
+    #[arg(long)]
+    pub charts: Option<PathBuf>,
     /// Allow targets that are not loopback.
     #[arg(long)]
     pub allow_remote: bool,

@@ -16,6 +16,8 @@
 //! - [`procstat`]: server CPU and memory from `/proc`.
 //! - [`run`]: the coordinator: plan, phases, progress line, child worker processes.
 //! - [`report`]: the JSON report and its human table.
+//! - [`charts`]: `--charts DIR`: SVG charts over run time by step, and `.hgrm` per step.
+//! - [`progress`]: the progress bars on a terminal.
 //!
 //! Data flow: viewer threads (and worker processes, as JSON lines) ship a [`stats::Stats`] window
 //! once per second, tagged with the measurement step; the coordinator merges them by step. Loss
@@ -28,11 +30,13 @@
 // serde_json::json! recurses once per token; the SEND_GIFT body is a big literal.
 #![recursion_limit = "512"]
 
+pub mod charts;
 pub mod cli;
 pub mod compress;
 pub mod corpus;
 pub mod plan;
 pub mod procstat;
+pub mod progress;
 pub mod publisher;
 pub mod report;
 pub mod run;

@@ -19,8 +19,10 @@ use anyhow::{bail, Context};
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
+use crate::charts::{Point, Timeline};
 use crate::cli::{Common, Transport};
 use crate::procstat::{self, Sampler, Totals};
+use crate::progress::Progress;
 use crate::publisher::{Publisher, PublisherCfg};
 use crate::report::{self, Connects, Machine, Step, Totals2};
 use crate::stats::{apportion, zipf_weights, Stats};
@@ -249,6 +251,13 @@ struct Run<'a> {
     last_progress: Instant,
     phase: &'static str,
     publisher: Option<Publisher>,
+    /// The measured step now (0: ramp, warm-up, drain), for the charts.
+    step: u32,
+    started: Instant,
+    /// Server CPU seconds at the last progress second.
+    last_cpu_s: f64,
+    timeline: Timeline,
+    bars: Progress,
 }
 
 impl Run<'_> {
@@ -277,19 +286,53 @@ impl Run<'_> {
         let secs = self.last_progress.elapsed().as_secs_f64().max(0.001);
         let r = std::mem::take(&mut self.agg.recent);
         let published = self.publisher.as_ref().map(|p| p.stats().sent);
-        eprintln!(
-            "[{:>7}] connected {}/{} (failed {}) | {:.0} msgs/s delivered | p99 {:.1} ms | gaps {} dups {}{}",
-            self.phase,
-            self.agg.live(),
-            self.target,
-            self.agg.total.connect_failures_total(),
-            r.delivered as f64 / secs,
+        let deliveries_per_s = r.delivered as f64 / secs;
+        let cpu_s = self.sampler.now().cpu_s;
+        let cpu_delta = cpu_s - self.last_cpu_s;
+        self.last_cpu_s = cpu_s;
+        let has_pids = !self.sampler.pids().is_empty();
+        self.timeline.push(Point {
+            t_s: self.started.elapsed().as_secs_f64(),
+            step: self.step,
+            p50_ms: r.latency.ms_at(0.5),
+            p99_ms: r.latency.ms_at(0.99),
+            deliveries_per_s,
+            connections: self.agg.live(),
+            server_cpu_s_per_million: (has_pids && r.delivered > 0)
+                .then(|| cpu_delta / r.delivered as f64 * 1e6),
+        });
+        let figures = format!(
+            "{:.0} msgs/s delivered | p99 {:.1} ms | gaps {} dups {}{}",
+            deliveries_per_s,
             r.latency.ms_at(0.99),
             self.agg.total.gap_events,
             self.agg.total.duplicates,
             published.map_or(String::new(), |p| format!(" | published {p}")),
         );
+        if self.bars.visible() {
+            self.bars.update(
+                self.agg.live(),
+                self.agg.total.connect_failures_total(),
+                self.started.elapsed().as_secs(),
+                self.phase,
+                &figures,
+            );
+        } else {
+            eprintln!(
+                "[{:>7}] connected {}/{} (failed {}) | {figures}",
+                self.phase,
+                self.agg.live(),
+                self.target,
+                self.agg.total.connect_failures_total(),
+            );
+        }
         self.last_progress = Instant::now();
+    }
+
+    /// Tells the viewers which step their windows belong to, and remembers it for the charts.
+    fn set_step(&mut self, step: u32) {
+        self.step = step;
+        self.fleet.set_step(step);
     }
 
     /// Waits until every planned connection has either opened or failed (or the ramp times out).
@@ -353,6 +396,17 @@ impl Run<'_> {
             let _ = t.join();
         }
     }
+}
+
+/// About how long a run takes: ramp at `--ramp-per-s`, warm-up, the steps or `--duration-s`,
+/// and the drain (the progress bar's length; it grows if the run takes longer).
+fn planned_s(common: &Common, kind: &Kind, target: u64) -> u64 {
+    let ramp = target / u64::from(common.ramp_per_s.max(1));
+    let measured = match kind {
+        Kind::Publish { steps, step_s, .. } => steps.len() as u64 * step_s,
+        _ => common.duration_s,
+    };
+    ramp + common.warmup_s + measured + DRAIN_MS / 1000
 }
 
 /// CPU seconds of each pid now.
@@ -590,6 +644,15 @@ pub fn run(
         last_progress: Instant::now(),
         phase: "ramp",
         publisher: None,
+        step: 0,
+        started: Instant::now(),
+        last_cpu_s: baseline.cpu_s,
+        timeline: Timeline::default(),
+        bars: Progress::new(
+            common.json.is_some(),
+            target,
+            planned_s(common, &kind, target),
+        ),
     };
     let has_pids = !pids.is_empty();
     let mut steps = Vec::new();
@@ -606,11 +669,11 @@ pub fn run(
                 run.pump(Duration::from_secs(common.warmup_s));
                 loaded = run.sampler.now();
                 run.phase = "hold";
-                run.fleet.set_step(1);
+                run.set_step(1);
                 let c0 = run.sampler.now();
                 let t0 = Instant::now();
                 run.pump(Duration::from_secs(common.duration_s));
-                run.fleet.set_step(0);
+                run.set_step(0);
                 run.pump(Duration::from_millis(STEP_FLUSH_MS));
                 let cpu = run.sampler.now().cpu_s - c0.cpu_s;
                 let s = run.agg.per_step.get(&1).cloned().unwrap_or_default();
@@ -626,12 +689,12 @@ pub fn run(
             }
             Kind::Churn { .. } => {
                 run.phase = "churn";
-                run.fleet.set_step(1);
+                run.set_step(1);
                 let c0 = run.sampler.now();
                 let l0 = procstat::read(&run.fleet.load_pids()).cpu_s;
                 let t0 = Instant::now();
                 run.pump(Duration::from_secs(common.duration_s));
-                run.fleet.set_step(0);
+                run.set_step(0);
                 let secs = t0.elapsed().as_secs_f64();
                 let lcpu = procstat::read(&run.fleet.load_pids()).cpu_s - l0;
                 run.pump(Duration::from_millis(STEP_FLUSH_MS));
@@ -675,7 +738,7 @@ pub fn run(
                         p.rate.store(rate, Ordering::Relaxed);
                     }
                     run.phase = "measure";
-                    run.fleet.set_step(step);
+                    run.set_step(step);
                     let c0 = run.sampler.now();
                     let by0 = cpu_by_pid(run.sampler.pids());
                     let l0 = procstat::read(&run.fleet.load_pids()).cpu_s;
@@ -687,17 +750,16 @@ pub fn run(
                     let lcpu = procstat::read(&run.fleet.load_pids()).cpu_s - l0;
                     let published = run.publisher.as_ref().map_or(0, |p| p.stats().sent) - p0;
                     // The next step (or none) starts; the last windows of this one arrive.
-                    run.fleet
-                        .set_step(if k + 1 < rates.len() { step + 1 } else { 0 });
+                    run.set_step(if k + 1 < rates.len() { step + 1 } else { 0 });
                     run.pump(Duration::from_millis(STEP_FLUSH_MS));
                     let s = run.agg.per_step.get(&step).cloned().unwrap_or_default();
                     let mut st = step_of(&s, step, rate, secs, published, cpu, has_pids);
                     st.server_cpu_s_by_pid = cpu_delta(&by0, &cpu_by_pid(run.sampler.pids()));
                     st.loadtest_cpu_s = lcpu;
-                    eprintln!(
+                    run.bars.println(&format!(
                         "step {step}: rate {rate}/s -> {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, gaps {}, dups {}",
                         st.deliveries_per_s, st.latency.p50_ms, st.latency.p99_ms, st.gap_events, st.duplicates
-                    );
+                    ));
                     let over = st.latency.p99_ms > *p99_ms_max as f64;
                     let lossy = st.gap_events > 0 || st.duplicates > 0 || st.disconnects > 0;
                     steps.push(st);
@@ -713,7 +775,7 @@ pub fn run(
                 if let Some(p) = run.publisher.take() {
                     pub_stats = Some(p.stop());
                 }
-                run.fleet.set_step(0);
+                run.set_step(0);
                 run.phase = "drain";
                 run.drain();
             }
@@ -727,6 +789,7 @@ pub fn run(
     let open_at_end = run.agg.live();
     run.phase = "stop";
     run.stop_viewers();
+    run.bars.finish();
     result?;
 
     let total = &run.agg.total;
@@ -779,6 +842,21 @@ pub fn run(
         stop_reason,
     };
     println!("{}", report::render(&report));
+    if let Some(dir) = &run.common.charts {
+        let latency = run
+            .agg
+            .per_step
+            .iter()
+            .map(|(step, s)| (*step, s.latency.clone()))
+            .collect();
+        let rates = report
+            .steps
+            .iter()
+            .map(|s| (s.step, s.rate_target))
+            .collect();
+        let files = crate::charts::write(dir, &run.timeline, &latency, &rates)?;
+        eprintln!("charts: {} in {}", files.join(", "), dir.display());
+    }
     if let Some(path) = &run.common.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -165,9 +165,21 @@ fn fanout_to_a_few_hundred_viewers_loses_nothing() {
     bounded(|| {
         let stack = Stack::start();
         let json = temp_json("fanout");
+        let charts =
+            std::env::temp_dir().join(format!("loadtest-e2e-charts-{}", std::process::id()));
+        let charts_arg = charts.to_str().unwrap().to_string();
         let c = common(
             &stack,
-            &["--viewers", "300", "--transport", "mix", "--rooms", "1"],
+            &[
+                "--viewers",
+                "300",
+                "--transport",
+                "mix",
+                "--rooms",
+                "1",
+                "--charts",
+                &charts_arg,
+            ],
             &json,
         );
         let kind = Kind::Publish {
@@ -212,6 +224,22 @@ fn fanout_to_a_few_hundred_viewers_loses_nothing() {
         assert!(v["steps"][0]["deliveries_per_s"].as_f64().unwrap() > 0.0);
         assert!(v["steps"][0]["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
         assert!(v["server"]["pids"].as_array().unwrap().len() == 1);
+        // --charts: every chart, with the measured step in its legend, and the step's histogram.
+        for f in [
+            "latency.svg",
+            "deliveries.svg",
+            "cpu.svg",
+            "connections.svg",
+        ] {
+            let svg = std::fs::read_to_string(charts.join(f)).unwrap();
+            assert!(svg.contains("step 1: 100 msg/s"), "{f} names the step");
+        }
+        let hgrm = std::fs::read_to_string(charts.join("step-1.hgrm")).unwrap();
+        assert!(
+            hgrm.contains("Percentile") && hgrm.contains("#[Max"),
+            "{hgrm}"
+        );
+        let _ = std::fs::remove_dir_all(&charts);
         assert!(v["server"]["baseline"]["rss_bytes"].as_u64().unwrap() > 0);
     });
 }
