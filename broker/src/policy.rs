@@ -69,10 +69,20 @@ impl Bucket {
 }
 
 /// Index of an authenticated key in the policy (a connection keeps it after `Auth`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KeyId(usize);
 
+impl KeyId {
+    /// A key id for unit tests of tables keyed by it.
+    #[cfg(test)]
+    pub(crate) fn for_tests(n: usize) -> KeyId {
+        KeyId(n)
+    }
+}
+
 struct KeyState {
+    /// The secret, compared in constant time after the lookup by its hash.
+    key: Vec<u8>,
     scopes: u8,
     bucket: Bucket,
 }
@@ -88,7 +98,10 @@ enum Target {
 /// The push policy of one broker.
 pub struct Policy {
     keys: Vec<KeyState>,
-    by_key: HashMap<String, KeyId>,
+    /// Keys by a keyed hash of the secret (random per process): the lookup compares no
+    /// secret bytes; [`Policy::authenticate`] then compares the candidates in constant time.
+    by_hash: HashMap<u64, Vec<KeyId>>,
+    hasher: std::collections::hash_map::RandomState,
     targets: HashMap<Target, Bucket>,
     room_rate_per_s: f64,
     room_burst: f64,
@@ -99,7 +112,8 @@ pub struct Policy {
 impl Policy {
     pub fn new(config: &Config, now: Instant) -> Policy {
         let mut keys = Vec::new();
-        let mut by_key = HashMap::new();
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut by_hash: HashMap<u64, Vec<KeyId>> = HashMap::new();
         for ApiKey {
             key,
             scopes,
@@ -109,15 +123,20 @@ impl Policy {
         {
             let id = KeyId(keys.len());
             keys.push(KeyState {
+                key: key.as_bytes().to_vec(),
                 scopes: scopes.iter().fold(0, |acc, s| acc | s.bit()),
                 bucket: Bucket::new(*rate_per_s, *burst, now),
             });
-            // A repeated key keeps its first entry.
-            by_key.entry(key.clone()).or_insert(id);
+            // A repeated key keeps its first entry (the first candidate that matches).
+            by_hash
+                .entry(std::hash::BuildHasher::hash_one(&hasher, key.as_bytes()))
+                .or_default()
+                .push(id);
         }
         Policy {
             keys,
-            by_key,
+            by_hash,
+            hasher,
             targets: HashMap::new(),
             room_rate_per_s: config.room_rate_per_s,
             room_burst: config.room_burst,
@@ -128,9 +147,16 @@ impl Policy {
 
     /// The key id for an API key string.
     pub fn authenticate(&self, api_key: &str) -> Result<KeyId, PushError> {
-        self.by_key
-            .get(api_key)
-            .copied()
+        let h = std::hash::BuildHasher::hash_one(&self.hasher, api_key.as_bytes());
+        self.by_hash
+            .get(&h)
+            .and_then(|ids| {
+                ids.iter().copied().find(|id| {
+                    self.keys
+                        .get(id.0)
+                        .is_some_and(|k| net::secret::ct_eq(&k.key, api_key.as_bytes()))
+                })
+            })
             .ok_or(PushError::Unauthorized)
     }
 
@@ -215,16 +241,64 @@ fn check_scope(scope: &Scope) -> Result<(), PushError> {
     Ok(())
 }
 
-/// The body must be one JSON object (clients parse op 5 bodies as objects), with nothing after it.
-/// Validates without building a tree.
+/// Deepest nesting of arrays and objects a pushed body may have. Danmaku bodies nest 3 or 4
+/// deep; clients with recursive parsers crash on thousands.
+pub const JSON_DEPTH_MAX: usize = 32;
+
+/// The body must be one JSON object (clients parse op 5 bodies as objects), with nothing after
+/// it, valid UTF-8 throughout (serde skips the bytes of strings it ignores without checking
+/// them), and nested at most [`JSON_DEPTH_MAX`] deep. Validates without building a tree.
 pub fn check_json_object(body: &[u8]) -> Result<(), PushError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(PushError::Invalid("body must be a JSON object".to_string()));
     }
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(PushError::Invalid(format!(
+            "body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        )));
+    }
+    let depth = json_depth(body);
+    if depth > JSON_DEPTH_MAX {
+        return Err(PushError::Invalid(format!(
+            "body nests deeper than {JSON_DEPTH_MAX} levels"
+        )));
+    }
     serde_json::from_slice::<serde::de::IgnoredAny>(body)
         .map(|_| ())
         .map_err(|e| PushError::Invalid(format!("body is not valid JSON: {e}")))
+}
+
+/// The deepest nesting of `[`/`{` outside strings. One pass, no recursion; stops counting
+/// once past the limit. Malformed input gives some number; the parser judges it after.
+fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if deepest > JSON_DEPTH_MAX {
+                    return deepest;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 #[cfg(test)]
@@ -303,6 +377,27 @@ mod tests {
         }
         let big = format!("{{\"a\":\"{}\"}}", "x".repeat(64));
         assert_eq!(p.admit(k, &r, big.as_bytes(), t0), Err(PushError::TooLarge));
+    }
+
+    /// Regression (issue 17): invalid UTF-8 inside a string and 10,000-deep nesting passed.
+    #[test]
+    fn invalid_utf8_and_deep_nesting_are_refused() {
+        let bad_utf8 = b"{\"a\":\"\xff\xfe\"}";
+        assert!(
+            matches!(check_json_object(bad_utf8), Err(PushError::Invalid(m)) if m.contains("UTF-8"))
+        );
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(
+            matches!(check_json_object(deep.as_bytes()), Err(PushError::Invalid(m)) if m.contains("deeper"))
+        );
+        // At the limit is fine; brackets inside strings do not count.
+        let ok = format!(
+            "{{\"s\":\"[[[[\\\"{{{{\",\"a\":{}{}}}",
+            "[".repeat(JSON_DEPTH_MAX - 1),
+            "]".repeat(JSON_DEPTH_MAX - 1)
+        );
+        assert_eq!(check_json_object(ok.as_bytes()), Ok(()), "{ok}");
+        assert_eq!(check_json_object("{\"t\":\"弹幕 ✓\"}".as_bytes()), Ok(()));
     }
 
     #[test]

@@ -232,7 +232,10 @@ impl State {
             // Presence and high-reach ACKs are not handled by this version; they are accepted
             // (edges may send them) and counted as frames.
             LinkFrame::Presence(_) | LinkFrame::Ack { .. } => {}
-            LinkFrame::Hello(_) | LinkFrame::Batch(_) => return Err(Cut::Protocol),
+            LinkFrame::Hello(_)
+            | LinkFrame::Batch(_)
+            | LinkFrame::Challenge { .. }
+            | LinkFrame::Proof { .. } => return Err(Cut::Protocol),
         }
         Ok(())
     }
@@ -356,7 +359,11 @@ pub(crate) async fn run(
 }
 
 fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
-    let NewLink { stream, hello } = new;
+    let NewLink {
+        stream,
+        hello,
+        peer,
+    } = new;
     let stream = match monoio::net::TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -386,6 +393,9 @@ fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
         };
     }
     if let Some(old) = up.replaced {
+        // Counted as broker_link_cuts_total{reason="replaced"}. Normal after an edge restart;
+        // repeated, it means two processes claim one node id (or a stolen key).
+        tracing::warn!(node = %hello.node_id, %peer, priority = ?hello.priority, replaced = old, "edge link replaced by a new link of the same node id");
         st.cut(old, Cut::Replaced);
     }
     let reply = link::reply_hello(&st.shared, st.index, &hello);

@@ -298,6 +298,8 @@ enum LinkFail {
     Dead,
     #[error("expected HELLO")]
     NoHello,
+    #[error("link authentication: {0}")]
+    Auth(#[from] wire::handshake::HandshakeError),
 }
 
 async fn serve_link(
@@ -320,15 +322,32 @@ async fn serve_link(
         &hello(&shard.node, slot.broker_shard, slot.priority),
         &mut first,
     );
+    // With a link key, a Challenge follows the Hello (proto::link::handshake).
+    let mut auth = (!cfg.link_key.is_empty()).then(|| {
+        let key = wire::handshake::LinkKey::new(cfg.link_key.as_bytes());
+        let (hs, challenge) = wire::handshake::EdgeHandshake::start(key, &first, rand::random());
+        wire::encode(&challenge, &mut first);
+        hs
+    });
     let (res, _) = wr.write_all(first).await;
     res?;
     let mut buf = BytesMut::with_capacity(LINK_READ_BYTES);
     let max = cfg.link_frame_bytes_max;
     let dead = Duration::from_millis(cfg.link_dead_ms);
-    // The HELLO reply.
-    let frame = monoio::time::timeout(dead, read_frame(&mut rd, &mut buf, max))
-        .await
-        .map_err(|_| LinkFail::Timeout)??;
+    // The HELLO reply, once the broker proved it holds the link key.
+    let frame = loop {
+        let f = monoio::time::timeout(dead, read_frame(&mut rd, &mut buf, max))
+            .await
+            .map_err(|_| LinkFail::Timeout)??;
+        let Some(hs) = auth.as_mut().filter(|h| !h.is_done()) else {
+            break f;
+        };
+        if let wire::handshake::EdgeStep::Done(proof) = hs.on_frame(&f)? {
+            let mut out = Vec::new();
+            proof.iter().for_each(|p| wire::encode(p, &mut out));
+            wr.write_all(out).await.0?;
+        }
+    };
     let LinkFrame::Hello(h) = frame else {
         return Err(LinkFail::NoHello);
     };
@@ -461,7 +480,10 @@ fn on_frame(shard: &Rc<Shard>, slot: &Slot, f: LinkFrame) {
         }
         LinkFrame::Counts(c) => hub.broadcast_counts(shard, c),
         LinkFrame::Ping { nonce } => slot.send(&LinkFrame::Pong { nonce }),
-        LinkFrame::Pong { .. } | LinkFrame::Hello(_) => {}
+        LinkFrame::Pong { .. }
+        | LinkFrame::Hello(_)
+        | LinkFrame::Challenge { .. }
+        | LinkFrame::Proof { .. } => {}
         // Edge -> broker frames arriving here are a broker bug; ignore rather than drop the link.
         LinkFrame::Sub { .. }
         | LinkFrame::Unsub { .. }

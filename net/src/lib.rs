@@ -11,5 +11,6 @@
 pub mod http;
 pub mod metrics;
 pub mod runtime;
+pub mod secret;
 pub mod sys;
 pub mod wake;
