@@ -312,7 +312,10 @@ fn handshake(
         }
     } else {
         timeouts(&stream, left())?;
-        let (challenge, _) = read_handshake_frame(&mut stream)?;
+        // A peer that sends no CHALLENGE after its HELLO (an old or keyless edge, a stranger)
+        // is refused as unauthenticated.
+        let (challenge, _) = read_handshake_frame(&mut stream)
+            .map_err(|_| HelloFail::Auth(HandshakeError::Unauthenticated))?;
         let key = shared
             .link_keys
             .key_for(&hello.node_id)
