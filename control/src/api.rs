@@ -675,6 +675,58 @@ mod tests {
 
     const LOOP: &str = "127.0.0.1:5000";
 
+    /// Regression (issue 17, defect 5): the fleet list (hosts, load) was served to anyone on the
+    /// public port. Now: an API key or the edge key, or a loopback peer.
+    #[test]
+    fn the_fleet_list_needs_a_key_off_loopback() {
+        let mut c = config();
+        c.edge_key = "edge-key-0123456789abcdef0123456789".into();
+        let mut api = Api::new(&c).unwrap();
+        let t0 = Instant::now();
+        let remote = "10.1.2.3:4000";
+        let r = api.handle(&req("GET", "/v1/edges", &[], "", remote), t0, 0);
+        assert_eq!(r.status, 401);
+        assert_eq!(body(&r)["error"], "unauthorized");
+        for key in ["secret-key", "edge-key-0123456789abcdef0123456789"] {
+            let r = api.handle(
+                &with_header(
+                    req("GET", "/v1/edges", &[], "", remote),
+                    "authorization",
+                    &format!("Bearer {key}"),
+                ),
+                t0,
+                0,
+            );
+            assert_eq!(r.status, 200, "{key}");
+        }
+        let wrong = with_header(
+            req("GET", "/v1/edges", &[], "", LOOP),
+            "authorization",
+            "Bearer nope",
+        );
+        assert_eq!(api.handle(&wrong, t0, 0).status, 401);
+        assert_eq!(
+            api.handle(&req("GET", "/v1/edges", &[], "", LOOP), t0, 0)
+                .status,
+            200
+        );
+        // A heartbeat from off loopback needs the edge key.
+        let beat = req(
+            "POST",
+            "/v1/edges/heartbeat",
+            &[],
+            &hb("e9", "local", 0, false),
+            remote,
+        );
+        assert_eq!(api.handle(&beat, t0, 0).status, 401);
+        let beat = with_header(
+            beat,
+            "authorization",
+            "Bearer edge-key-0123456789abcdef0123456789",
+        );
+        assert_eq!(api.handle(&beat, t0, 0).status, 200);
+    }
+
     /// One edge heartbeat from loopback, as `hb` describes it.
     fn beat(
         api: &mut Api,
