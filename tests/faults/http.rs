@@ -148,3 +148,45 @@ fn a_full_control_still_takes_health_checks_and_heartbeats() {
         "{m}"
     );
 }
+
+/// The issue's own attack at full size, by hand (`cargo test --test faults -- --ignored
+/// --nocapture stalled_flood`): 4,100 connections from one address that declare a body and send
+/// none, against control with its default limits; then discovery and a heartbeat from another
+/// address. Before the fix this locked control out for everyone.
+#[test]
+#[ignore]
+fn stalled_flood_of_4100_does_not_lock_control_out() {
+    let control = start_ok(
+        "control",
+        &format!("http_addr = \"127.0.0.1:0\"\ntoken_keys = \"1:{STRONG}\"\ndriver = \"legacy\"\n"),
+    );
+    let addr = control.addrs[0];
+    let t = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..4_100 {
+        let mut s = connect_from([127, 0, 0, 2], addr);
+        let _ = s.write_all(b"POST /v1/connect HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n");
+        held.push(s);
+    }
+    println!("4100 stalled connections opened in {:?}", t.elapsed());
+    let t = Instant::now();
+    let (head, _) = request_from(
+        [127, 0, 0, 3],
+        addr,
+        &get("/xlive/web-room/v1/index/getDanmuInfo?id=1&type=0"),
+    )
+    .expect("discovery answered");
+    assert_eq!(status(&head), 200, "{head}");
+    println!("discovery from another address during the flood: 200 in {:?}", t.elapsed());
+    let m = metrics(addr);
+    let per_addr = metric(&m, "barrage_control_http_refused_total{reason=\"per_addr\"}").unwrap_or(0.0);
+    println!("refused per address: {per_addr} (cap 256 per address)");
+    assert!(per_addr >= 3_800.0, "{per_addr}");
+    // The stalled bodies are answered 408 within the body deadline.
+    std::thread::sleep(Duration::from_millis(5_500));
+    let m = metrics(addr);
+    let body_timeouts = metric(&m, "barrage_control_http_refused_total{reason=\"body_timeout\"}").unwrap_or(0.0);
+    println!("stalled bodies answered 408 after 5.5 s: {body_timeouts}");
+    assert!(body_timeouts >= 250.0, "{body_timeouts}");
+    drop(held);
+}
