@@ -121,7 +121,8 @@ pub struct Config {
     pub room_rate_per_s: f64,
     /// Size of the per-room token bucket.
     pub room_burst: f64,
-    /// Most rooms the per-room rate limiter tracks at once (idle full buckets are forgotten first).
+    /// Most rooms the per-room rate limiter tracks at once, per shard (each shard limits the
+    /// rooms it owns; idle full buckets are forgotten first).
     pub rooms_max: usize,
     /// Largest message body accepted, bytes.
     pub message_bytes_max: u32,

@@ -115,17 +115,16 @@ fn accept_inner(
     priority: Priority,
     body: Vec<u8>,
 ) -> Result<MsgId, PushError> {
-    {
-        let mut policy = match shared.policy.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        policy.admit(key, &scope, &body, Instant::now())?;
-    }
+    // Stateless checks on this thread, no lock.
+    shared.policy.check(key, &scope, &body)?;
     let shard = owner(&scope, shared.shards) as usize;
-    let Some(inbox) = shared.inboxes.get(shard) else {
+    let (Some(inbox), Some(rates)) = (shared.inboxes.get(shard), shared.rates.get(shard)) else {
         return Err(PushError::Overloaded);
     };
+    // The rates: the key's lock-free, the target's under its owning shard's lock only.
+    shared
+        .policy
+        .spend(&mut lock(rates), key, &scope, Instant::now())?;
     let msg_id = MsgId(shared.next_msg_id.fetch_add(1, Relaxed));
     let tx = match priority {
         Priority::High => &inbox.high_tx,
@@ -186,10 +185,7 @@ pub(crate) fn accept_keyed(
 
 /// Authenticates an API key (counted as a rejection when unknown).
 pub(crate) fn authenticate(shared: &Shared, api_key: &str) -> Result<KeyId, PushError> {
-    let r = match shared.policy.lock() {
-        Ok(g) => g.authenticate(api_key),
-        Err(p) => p.into_inner().authenticate(api_key),
-    };
+    let r = shared.policy.authenticate(api_key);
     if let Err(e) = &r {
         shared.ingest_metrics.reject(e);
     }

@@ -26,7 +26,8 @@
 //!   areas with `shard_of_area(a) == i`, and (shard 0) the global, user and device scopes. It
 //!   owns their batches, seqs and the edge links that edges open to it. Nothing of it is shared.
 //! - Ingest connections and HTTP requests run on every shard (`SO_REUSEPORT`); they validate on
-//!   their own thread and pass each accepted message through a bounded crossbeam channel per
+//!   their own thread (key, scope, size, JSON shape and the key's rate without a lock; the
+//!   target's rate under the owning shard's `Rates` lock, never a broker-wide one) and pass each accepted message through a bounded crossbeam channel per
 //!   (owning shard, priority), then wake the owner with a `net::wake::Notify`. A full channel
 //!   refuses the push (`Overloaded`) before the caller gets a `msg_id`: nothing accepted is
 //!   dropped by the broker's queues.
@@ -94,7 +95,10 @@ pub(crate) struct Inbox {
 pub(crate) struct Shared {
     pub config: Config,
     pub shards: u16,
-    pub policy: Mutex<policy::Policy>,
+    /// Read-only after start: every receiving thread checks pushes against it without a lock.
+    pub policy: policy::Policy,
+    /// The per-target rate buckets, one per owning shard (taken by pushes to that shard only).
+    pub rates: Vec<Mutex<policy::Rates>>,
     pub next_msg_id: AtomicU64,
     pub inboxes: Vec<Inbox>,
     pub ingest_metrics: metrics::IngestMetrics,
@@ -280,7 +284,10 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
         })
         .collect();
     let shared = Arc::new(Shared {
-        policy: Mutex::new(policy::Policy::new(&config, std::time::Instant::now())),
+        policy: policy::Policy::new(&config, std::time::Instant::now()),
+        rates: (0..n)
+            .map(|_| Mutex::new(policy::Rates::new(&config)))
+            .collect(),
         shards: n as u16,
         next_msg_id: AtomicU64::new(first_msg_id()),
         inboxes,

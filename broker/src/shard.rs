@@ -50,9 +50,8 @@ pub(crate) struct State {
 }
 
 impl State {
-    fn new(index: u16, shared: Arc<Shared>) -> State {
+    fn new(index: u16, shared: Arc<Shared>, now: Instant) -> State {
         let c = &shared.config;
-        let now = Instant::now();
         State {
             index,
             batcher: Batcher::new(Limits {
@@ -109,8 +108,7 @@ impl State {
 
     /// Takes queued messages (High first), runs the batcher, delivers what flushed.
     /// Returns true when the budget ran out with messages still queued.
-    fn drain(&mut self, inbox: &Inbox) -> bool {
-        let now = Instant::now();
+    fn drain(&mut self, inbox: &Inbox, now: Instant) -> bool {
         let mut flushes = std::mem::take(&mut self.flushes);
         let mut budget = DRAIN_MESSAGES_MAX;
         while budget > 0 {
@@ -312,7 +310,11 @@ pub(crate) async fn run(
             stop.clone(),
         ));
     }
-    let state = Rc::new(RefCell::new(State::new(index as u16, shared.clone())));
+    let state = Rc::new(RefCell::new(State::new(
+        index as u16,
+        shared.clone(),
+        Instant::now(),
+    )));
     let inbox = &shared.inboxes[index];
     loop {
         if shared.stop.load(Relaxed) {
@@ -321,7 +323,7 @@ pub(crate) async fn run(
         while let Ok(new) = inbox.links_rx.try_recv() {
             add_link(&state, new);
         }
-        let more = state.borrow_mut().drain(inbox);
+        let more = state.borrow_mut().drain(inbox, Instant::now());
         state.borrow_mut().tick(Instant::now());
         if more {
             yield_now().await;

@@ -177,15 +177,26 @@ fn stalled_flood_of_4100_does_not_lock_control_out() {
     )
     .expect("discovery answered");
     assert_eq!(status(&head), 200, "{head}");
-    println!("discovery from another address during the flood: 200 in {:?}", t.elapsed());
+    println!(
+        "discovery from another address during the flood: 200 in {:?}",
+        t.elapsed()
+    );
     let m = metrics(addr);
-    let per_addr = metric(&m, "barrage_control_http_refused_total{reason=\"per_addr\"}").unwrap_or(0.0);
+    let per_addr = metric(
+        &m,
+        "barrage_control_http_refused_total{reason=\"per_addr\"}",
+    )
+    .unwrap_or(0.0);
     println!("refused per address: {per_addr} (cap 256 per address)");
     assert!(per_addr >= 3_800.0, "{per_addr}");
     // The stalled bodies are answered 408 within the body deadline.
     std::thread::sleep(Duration::from_millis(5_500));
     let m = metrics(addr);
-    let body_timeouts = metric(&m, "barrage_control_http_refused_total{reason=\"body_timeout\"}").unwrap_or(0.0);
+    let body_timeouts = metric(
+        &m,
+        "barrage_control_http_refused_total{reason=\"body_timeout\"}",
+    )
+    .unwrap_or(0.0);
     println!("stalled bodies answered 408 after 5.5 s: {body_timeouts}");
     assert!(body_timeouts >= 250.0, "{body_timeouts}");
     drop(held);
