@@ -49,19 +49,19 @@ impl LinkKey {
         LinkKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
     }
 
-    fn mac(
-        &self,
+    /// The bytes a proof covers: `label | ne | nb | hello`.
+    fn input(
         label: &[u8],
         ne: &[u8; NONCE_BYTES],
         nb: &[u8; NONCE_BYTES],
         hello: &[u8],
-    ) -> hmac::Tag {
-        let mut ctx = hmac::Context::with_key(&self.0);
-        ctx.update(label);
-        ctx.update(ne);
-        ctx.update(nb);
-        ctx.update(hello);
-        ctx.sign()
+    ) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(label.len() + 2 * NONCE_BYTES + hello.len());
+        msg.extend_from_slice(label);
+        msg.extend_from_slice(ne);
+        msg.extend_from_slice(nb);
+        msg.extend_from_slice(hello);
+        msg
     }
 
     fn verify(
@@ -72,12 +72,7 @@ impl LinkKey {
         hello: &[u8],
         mac: &[u8; MAC_BYTES],
     ) -> bool {
-        let mut msg = Vec::with_capacity(label.len() + 2 * NONCE_BYTES + hello.len());
-        msg.extend_from_slice(label);
-        msg.extend_from_slice(ne);
-        msg.extend_from_slice(nb);
-        msg.extend_from_slice(hello);
-        hmac::verify(&self.0, &msg, mac).is_ok()
+        hmac::verify(&self.0, &Self::input(label, ne, nb, hello), mac).is_ok()
     }
 
     /// The proof `label` over these inputs (for docs and tests).
@@ -89,7 +84,7 @@ impl LinkKey {
         hello: &[u8],
     ) -> [u8; MAC_BYTES] {
         let mut out = [0u8; MAC_BYTES];
-        out.copy_from_slice(self.mac(label, ne, nb, hello).as_ref());
+        out.copy_from_slice(hmac::sign(&self.0, &Self::input(label, ne, nb, hello)).as_ref());
         out
     }
 }
