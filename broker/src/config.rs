@@ -322,6 +322,9 @@ impl Config {
             let (node, secret) = e.split_once(':').unwrap_or(("?", ""));
             judge(&format!("link_keys entry for {node:?}"), secret)?;
         }
+        if !self.http_addr.ip().to_canonical().is_loopback() {
+            tracing::warn!(http_addr = %self.http_addr, "the HTTP API is not on loopback: /metrics and /healthz are readable by anyone who reaches it");
+        }
         if self.link_keys.is_empty() && !self.link_addr.ip().to_canonical().is_loopback() {
             tracing::warn!(link_addr = %self.link_addr, "link_keys is empty: edge links are unauthenticated and only loopback peers may link");
         }

@@ -130,6 +130,9 @@ impl Config {
         {
             judge(&format!("api_keys[{i}]"), net::secret::check(k))?;
         }
+        if public {
+            tracing::warn!(http_addr = %self.http_addr, "control is not on loopback: /metrics is readable by anyone who reaches it");
+        }
         if !self.edge_key.is_empty() {
             judge("edge_key", net::secret::check(&self.edge_key))?;
         } else if public {
