@@ -181,6 +181,11 @@ pub struct Config {
     pub ingest_auth_failures_per_addr_max: u32,
     /// Largest HTTP request body, bytes (a `/v1/push/batch` request holds many messages).
     pub http_body_bytes_max: usize,
+    /// After a start, each shard holds accepted pushes (does not route them) for at most this
+    /// long, or until `STARTUP_SETTLE_MS` after its first edge link, so pushes accepted before the
+    /// edges re-linked and re-sent interest are routed instead of lost as unrouted. Pushes past
+    /// the queue bound meanwhile are refused `overloaded`. 0 = off.
+    pub startup_hold_ms: u64,
     /// How long an idempotency key is remembered: a push retried with the same key within it
     /// is answered with the first msg id and not delivered twice.
     pub idempotency_window_ms: u64,
@@ -233,6 +238,7 @@ impl Default for Config {
             http_body_bytes_max: 4 * 1024 * 1024,
             http_batch_messages_max: 1_000,
             idempotency_window_ms: 60_000,
+            startup_hold_ms: 0,
             idempotency_keys_max: 100_000,
             http: net::http::Limits::default(),
         }

@@ -47,7 +47,17 @@ pub(crate) struct State {
     next_counts: Instant,
     next_ping: Instant,
     ping_nonce: u64,
+    /// After a start with `startup_hold_ms`, the queues are not drained until this instant, or
+    /// until [`STARTUP_SETTLE_MS`] after the first edge link, so pushes accepted before the
+    /// edges re-linked and re-sent interest are routed, not lost as unrouted.
+    hold_until: Option<Instant>,
+    /// When the first edge link came up on this shard.
+    first_link_at: Option<Instant>,
 }
+
+/// After the first edge link of a held shard, how long it waits for that edge's interest
+/// (sent right after the handshake) before it routes what it holds.
+pub const STARTUP_SETTLE_MS: u64 = 300;
 
 impl State {
     fn new(index: u16, shared: Arc<Shared>, now: Instant) -> State {
@@ -74,6 +84,9 @@ impl State {
             next_counts: now + Duration::from_millis(c.counts_interval_ms),
             next_ping: now + Duration::from_millis(c.link_ping_ms),
             ping_nonce: 0,
+            hold_until: (c.startup_hold_ms > 0)
+                .then(|| now + Duration::from_millis(c.startup_hold_ms)),
+            first_link_at: None,
             shared,
         }
     }
@@ -103,6 +116,32 @@ impl State {
             if conn.send(out).is_err() {
                 self.cut(id, Cut::Slow);
             }
+        }
+    }
+
+    /// When the startup hold ends (`None`: not holding).
+    fn hold_end(&self) -> Option<Instant> {
+        let until = self.hold_until?;
+        Some(match self.first_link_at {
+            Some(t) => until.min(t + Duration::from_millis(STARTUP_SETTLE_MS)),
+            None => until,
+        })
+    }
+
+    /// True while the startup hold lasts; ends it (and says so) once it is over.
+    fn holding(&mut self, now: Instant) -> bool {
+        match self.hold_end() {
+            Some(end) if now < end => true,
+            Some(_) => {
+                self.hold_until = None;
+                tracing::info!(
+                    shard = self.index,
+                    links = self.links.len(),
+                    "startup hold over: routing queued pushes"
+                );
+                false
+            }
+            None => false,
         }
     }
 
@@ -323,13 +362,18 @@ pub(crate) async fn run(
         while let Ok(new) = inbox.links_rx.try_recv() {
             add_link(&state, new);
         }
-        let more = state.borrow_mut().drain(inbox, Instant::now());
+        let now = Instant::now();
+        let held = state.borrow_mut().holding(now);
+        let more = !held && state.borrow_mut().drain(inbox, now);
         state.borrow_mut().tick(Instant::now());
         if more {
             yield_now().await;
             continue;
         }
-        let wake = state.borrow_mut().next_wake();
+        let mut wake = state.borrow_mut().next_wake();
+        if let Some(end) = state.borrow().hold_end() {
+            wake = wake.min(end);
+        }
         let wait = wake.saturating_duration_since(Instant::now());
         if wait.is_zero() {
             yield_now().await;
@@ -374,6 +418,9 @@ fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
         }
     };
     let mut st = state.borrow_mut();
+    if st.first_link_at.is_none() {
+        st.first_link_at = Some(Instant::now());
+    }
     let id = st.next_link;
     st.next_link += 1;
     let conn = Rc::new(Conn {

@@ -186,3 +186,30 @@ fn errors_are_json_with_405_and_a_sized_413() {
     let (s, _, b) = http(web, "GET", "/nope", None, b"");
     assert_eq!((s, json(&b)["error"].as_str()), (404, Some("not_found")));
 }
+
+/// Regression (issue 17, defect 2, its hold half): a freshly started broker accepted pushes
+/// before any edge had linked, counted them `unrouted` and dropped them. With
+/// `startup_hold_ms`, a push accepted before the edge re-linked reaches it once it has.
+#[test]
+fn pushes_accepted_before_the_edges_relink_are_held_then_routed() {
+    let mut cfg = config();
+    cfg.shards = 1;
+    cfg.startup_hold_ms = 5_000;
+    let broker = broker::start(cfg).unwrap();
+    let (s, _, b) = http(
+        broker.http_addr(),
+        "POST",
+        "/v1/push/room/9",
+        Some(KEY),
+        b"{\"n\":1}",
+    );
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    // The edge comes back a moment later and re-sends its interest.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut edge = TestEdge::connect(broker.link_addr(), "e1");
+    edge.sub_room(9);
+    let got = edge.batches_with(1);
+    assert_eq!(got.len(), 1);
+    let m = broker.metrics_text();
+    assert_eq!(metric(&m, "broker_batches_unrouted_total"), 0.0, "{m}");
+}
