@@ -142,6 +142,18 @@ pub fn wire(mut c: UpConfig, args: &UpArgs) -> anyhow::Result<UpConfig> {
     };
     c.control.token_keys = keys.clone();
     c.edge.token_keys = keys;
+    // The edge proves itself to the broker with a link key bound to its node id, and to
+    // control with the edge key; both are made here unless the file set them.
+    if c.broker.link_keys.is_empty() && c.edge.link_key.is_empty() {
+        let k = random_secret(32);
+        c.broker.link_keys = vec![format!("{}:{k}", c.edge.node_id)];
+        c.edge.link_key = k;
+    }
+    if c.control.edge_key.is_empty() && c.edge.edge_key.is_empty() {
+        let k = random_secret(32);
+        c.control.edge_key = k.clone();
+        c.edge.edge_key = k;
+    }
     wire_pages(&mut c, args);
     Ok(c)
 }
@@ -167,6 +179,9 @@ fn wire_pages(c: &mut UpConfig, args: &UpArgs) {
             node_id: c.edge.node_id.clone(),
             addr: c.edge.admin_addr.clone(),
         }];
+    }
+    if p.edge_admin_key.is_empty() {
+        p.edge_admin_key = c.edge.admin_key.clone();
     }
 }
 
@@ -200,12 +215,14 @@ impl Stack {
 }
 
 /// Polls control until it lists a live edge, so "ready" means `tail` works at once.
-fn wait_for_edge(control: SocketAddr) -> bool {
+fn wait_for_edge(control: SocketAddr, api_key: &str) -> bool {
     let deadline = Instant::now() + Duration::from_millis(EDGE_REGISTER_MS_MAX);
     let addr = control.to_string();
+    let bearer = format!("Bearer {api_key}");
     while Instant::now() < deadline {
         let res = net::runtime::block_on(net::runtime::Driver::Legacy, async {
-            net::http::request(&addr, "GET", "/v1/edges", &[], b"", Duration::from_secs(2)).await
+            let h = [("authorization", bearer.as_str())];
+            net::http::request(&addr, "GET", "/v1/edges", &h, b"", Duration::from_secs(2)).await
         });
         if let Ok(r) = res {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
@@ -239,7 +256,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let ctl = stack.control.http_addr();
     let ingest = stack.broker.ingest_addr();
     let bhttp = stack.broker.http_addr();
-    if !wait_for_edge(ctl) {
+    if !wait_for_edge(ctl, &api_key) {
         tracing::warn!(
             "the edge has not registered with control yet; tail may find no edge for a moment"
         );
@@ -303,6 +320,14 @@ mod tests {
         assert_eq!(random.broker.api_keys[0].key, random.control.api_keys[0]);
         assert!(random.control.token_keys.starts_with("1:"));
         assert_eq!(random.control.token_keys, random.edge.token_keys);
+        // The link key is made, bound to the edge's node id, and shared; so is the edge key.
+        assert_eq!(random.edge.link_key.len(), 64);
+        assert_eq!(
+            random.broker.link_keys,
+            [format!("{}:{}", random.edge.node_id, random.edge.link_key)]
+        );
+        assert_eq!(random.control.edge_key, random.edge.edge_key);
+        assert_eq!(random.edge.edge_key.len(), 64);
     }
 
     #[test]

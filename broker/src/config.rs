@@ -121,7 +121,8 @@ pub struct Config {
     pub room_rate_per_s: f64,
     /// Size of the per-room token bucket.
     pub room_burst: f64,
-    /// Most rooms the per-room rate limiter tracks at once (idle full buckets are forgotten first).
+    /// Most rooms the per-room rate limiter tracks at once, per shard (each shard limits the
+    /// rooms it owns; idle full buckets are forgotten first).
     pub rooms_max: usize,
     /// Largest message body accepted, bytes.
     pub message_bytes_max: u32,
@@ -149,10 +150,17 @@ pub struct Config {
     pub link_queue_bytes_max: usize,
     /// Largest link frame accepted from an edge.
     pub link_frame_bytes_max: u32,
-    /// An edge must send its `Hello` this soon after connecting.
+    /// An edge must finish its link handshake (Hello, and the key proof when `link_keys` is
+    /// set) this soon after connecting.
     pub link_hello_ms_max: u64,
     /// Edge link handshakes in progress at once; more connections are closed at once.
     pub link_handshakes_max: usize,
+    /// Edge link handshakes in progress at once from one peer address.
+    pub link_handshakes_per_addr_max: usize,
+    /// Link keys, `"node_id:secret"` (the key that node must prove it holds) or `"*:secret"`
+    /// (any node id). Empty: links are not authenticated and only loopback peers may link.
+    /// Secrets: 32 bytes or more (see docs/protocol-link-ingest.md).
+    pub link_keys: Vec<String>,
     /// The broker pings each link this often.
     pub link_ping_ms: u64,
     /// A link silent this long is dead and cut.
@@ -165,10 +173,29 @@ pub struct Config {
     pub ingest_connections_max: usize,
     /// An ingest connection must authenticate this soon after connecting.
     pub ingest_auth_ms_max: u64,
+    /// Failed `Auth` frames one ingest connection may send; the last is answered, then the
+    /// connection is closed.
+    pub ingest_auth_failures_max: u32,
+    /// Failed `Auth` frames one peer address may send per minute; past it every `Auth` from
+    /// that address is refused unchecked until the minute is over.
+    pub ingest_auth_failures_per_addr_max: u32,
     /// Largest HTTP request body, bytes (a `/v1/push/batch` request holds many messages).
     pub http_body_bytes_max: usize,
+    /// After a start, each shard holds accepted pushes (does not route them) for at most this
+    /// long, or until `STARTUP_SETTLE_MS` after its first edge link, so pushes accepted before the
+    /// edges re-linked and re-sent interest are routed instead of lost as unrouted. Pushes past
+    /// the queue bound meanwhile are refused `overloaded`. 0 = off.
+    pub startup_hold_ms: u64,
+    /// How long an idempotency key is remembered: a push retried with the same key within it
+    /// is answered with the first msg id and not delivered twice.
+    pub idempotency_window_ms: u64,
+    /// Idempotency keys remembered per shard; when full of live keys a keyed push is refused
+    /// `overloaded` (retry later) rather than accepted unprotected.
+    pub idempotency_keys_max: usize,
     /// Most messages in one `/v1/push/batch` request.
     pub http_batch_messages_max: usize,
+    /// HTTP admission: deadlines, per-address cap, reserved slots (`[http]`, see `net::http::Limits`).
+    pub http: net::http::Limits,
 }
 
 impl Default for Config {
@@ -196,16 +223,24 @@ impl Default for Config {
             brotli_lgwin: 15,
             link_queue_bytes_max: 32 * 1024 * 1024,
             link_frame_bytes_max: proto::limits::LINK_FRAME_BYTES_MAX,
-            link_hello_ms_max: 5_000,
+            link_hello_ms_max: 2_000,
             link_handshakes_max: 64,
+            link_handshakes_per_addr_max: 4,
+            link_keys: Vec::new(),
             link_ping_ms: 5_000,
             link_dead_ms: 15_000,
             counts_interval_ms: 1_000,
             ingest_frame_bytes_max: proto::limits::INGEST_FRAME_BYTES_MAX,
             ingest_connections_max: 4_096,
             ingest_auth_ms_max: 5_000,
+            ingest_auth_failures_max: 3,
+            ingest_auth_failures_per_addr_max: 20,
             http_body_bytes_max: 4 * 1024 * 1024,
             http_batch_messages_max: 1_000,
+            idempotency_window_ms: 60_000,
+            startup_hold_ms: 0,
+            idempotency_keys_max: 100_000,
+            http: net::http::Limits::default(),
         }
     }
 }
@@ -270,6 +305,36 @@ impl Config {
             return bad("counts_interval_ms must be at least 1");
         }
         Ok(())
+    }
+
+    /// Refuses weak secrets (API keys, link keys) when any listener is reachable from outside
+    /// the host, warns about them when all are on loopback (see `net::secret`). Returns the
+    /// parsed link key table.
+    pub fn check_secrets(&self) -> Result<proto::link::handshake::KeyTable, BrokerError> {
+        let addrs = [
+            self.ingest_addr.to_string(),
+            self.link_addr.to_string(),
+            self.http_addr.to_string(),
+        ];
+        let public = net::secret::any_public(addrs.iter().map(String::as_str));
+        let judge = |what: &str, secret: &str| {
+            net::secret::require_strong(public, what, net::secret::check(secret))
+                .map_err(BrokerError::Config)
+        };
+        for (i, k) in self.api_keys.iter().enumerate() {
+            judge(&format!("api_keys[{i}]"), &k.key)?;
+        }
+        for e in &self.link_keys {
+            let (node, secret) = e.split_once(':').unwrap_or(("?", ""));
+            judge(&format!("link_keys entry for {node:?}"), secret)?;
+        }
+        if !self.http_addr.ip().to_canonical().is_loopback() {
+            tracing::warn!(http_addr = %self.http_addr, "the HTTP API is not on loopback: /metrics and /healthz are readable by anyone who reaches it");
+        }
+        if self.link_keys.is_empty() && !self.link_addr.ip().to_canonical().is_loopback() {
+            tracing::warn!(link_addr = %self.link_addr, "link_keys is empty: edge links are unauthenticated and only loopback peers may link");
+        }
+        proto::link::handshake::KeyTable::parse(&self.link_keys).map_err(BrokerError::Config)
     }
 
     /// The shard count actually used (`shards`, or the core count when 0).

@@ -5,6 +5,8 @@
 //!      | /v1/push/user/{uid} | /v1/push/device/{device}
 //!      ?priority=high|low  &reach=high|best_effort  &ttl_ms=N
 //!      Authorization: Bearer <api key>;  body = the message, a JSON object, delivered verbatim
+//!      Idempotency-Key: <1..=64 bytes> (optional: a retry with the same key within
+//!      `idempotency_window_ms` gets the first msg_id and is not delivered twice)
 //!   -> 202 {"msg_id":"..."} | 400 | 401 | 403 | 413 | 429 (Retry-After) | 503 (Retry-After)
 //!      with {"error":"<reason>","message":"..."}
 //! POST /v1/push/batch  {"messages":[{"scope":"room","target":1,"priority":"low","body":{...}}, ...]}
@@ -25,6 +27,9 @@ use serde_json::json;
 use std::rc::Rc;
 use std::sync::Arc;
 
+/// Paths served on the HTTP server's reserved slots when the public side is full.
+pub const RESERVED_PATHS: [&str; 2] = ["/healthz", "/metrics"];
+
 /// Serves the HTTP API on one shard until `stop`.
 pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, stop: Stop) {
     let listener = match monoio::net::TcpListener::from_std(listener) {
@@ -34,19 +39,19 @@ pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, 
             return;
         }
     };
-    let body_max = shared.config.http_body_bytes_max;
+    let mut cfg = net::http::ServeConfig::new(shared.config.http_body_bytes_max);
+    cfg.limits = shared.config.http;
+    cfg.reserved_paths = RESERVED_PATHS.iter().map(|p| p.to_string()).collect();
+    cfg.stats = shared.http_stats.clone();
     let handler: net::http::Handler = Rc::new(move |req: Request| {
         let resp = handle(&shared, &req);
         Box::pin(async move { resp })
     });
-    net::http::serve(listener, handler, body_max, stop.wait()).await;
+    net::http::serve_with(listener, handler, cfg, stop.wait()).await;
 }
 
 fn error(status: u16, e: &PushError) -> Response {
-    let resp = Response::json(
-        status,
-        &json!({"error": e.label(), "message": e.to_string()}),
-    );
+    let resp = Response::error(status, e.label(), &e.to_string());
     match e {
         PushError::RateLimited { retry_after_ms } => resp.with_header(
             "Retry-After",
@@ -91,14 +96,13 @@ pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
         },
         ("POST", "/v1/push/batch") => push_batch(shared, req),
         ("POST", p) if p.starts_with("/v1/push/") => push_one(shared, req, &p["/v1/push/".len()..]),
-        (_, "/healthz" | "/metrics" | "/v1/push/batch") => Response::json(
-            405,
-            &json!({"error": "method_not_allowed", "message": "wrong method"}),
-        ),
-        _ => Response::json(
-            404,
-            &json!({"error": "not_found", "message": "no such endpoint"}),
-        ),
+        (_, "/healthz" | "/metrics") => {
+            Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")
+        }
+        (_, p) if p.starts_with("/v1/push/") => {
+            Response::error(405, "method_not_allowed", "use POST").with_header("allow", "POST")
+        }
+        _ => Response::error(404, "not_found", "no such endpoint"),
     }
 }
 
@@ -184,8 +188,22 @@ fn push_one(shared: &Shared, req: &Request, rest: &str) -> Response {
             return fail(e);
         }
     };
-    match ingest::accept(shared, key, scope, priority, req.body.clone(), Via::Http) {
+    let body = req.body.clone();
+    let result = match req.header("idempotency-key") {
+        Some(idem) => ingest::accept_keyed(shared, key, idem, scope, priority, body, Via::Http),
+        None => ingest::accept(shared, key, scope, priority, body, Via::Http),
+    };
+    match result {
         Ok(id) => Response::json(202, &json!({"msg_id": id.0.to_string()})),
+        Err(PushError::TooLarge) => Response::error(
+            413,
+            "too_large",
+            &format!(
+                "message body is {} bytes; the limit is {} bytes (message_bytes_max)",
+                req.body.len(),
+                shared.config.message_bytes_max
+            ),
+        ),
         Err(e) => fail(e),
     }
 }

@@ -7,6 +7,10 @@
 //!   broker drops it nowhere (a queue refusal is answered `Overloaded`, before any id).
 //! - A malformed frame, a Status from the caller, or no successful Auth within
 //!   `ingest_auth_ms_max` closes that connection only.
+//! - Guessing keys is bounded: after `ingest_auth_failures_max` failed `Auth`s a connection is
+//!   answered and closed, and an address with `ingest_auth_failures_per_addr_max` failures in
+//!   the last [`AUTH_FAILURE_WINDOW_MS`] has every `Auth` refused unchecked until the window
+//!   passes (the table of addresses is bounded by [`AUTH_FAILURE_ADDRS_MAX`]).
 
 use crate::batcher::Message;
 use crate::policy::KeyId;
@@ -20,6 +24,52 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The window over which failed `Auth`s per address are counted.
+pub const AUTH_FAILURE_WINDOW_MS: u64 = 60_000;
+/// Addresses whose failed `Auth`s are tracked at once; past it (after expired entries are
+/// dropped) new addresses are not tracked, so the table cannot grow with a flood.
+pub const AUTH_FAILURE_ADDRS_MAX: usize = 65_536;
+
+/// Failed `Auth`s per peer address within the window (sans-io: takes `now`).
+#[derive(Debug, Default)]
+pub struct AuthFailures {
+    by_addr: std::collections::HashMap<std::net::IpAddr, (Instant, u32)>,
+}
+
+impl AuthFailures {
+    /// True when `ip` has used up its failures for the current window.
+    pub fn blocked(&mut self, ip: std::net::IpAddr, max: u32, now: Instant) -> bool {
+        match self.by_addr.get(&ip) {
+            Some((since, n)) if now.saturating_duration_since(*since) < Self::window() => *n >= max,
+            Some(_) => {
+                self.by_addr.remove(&ip);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Counts one failure of `ip`.
+    pub fn fail(&mut self, ip: std::net::IpAddr, now: Instant) {
+        if !self.by_addr.contains_key(&ip) && self.by_addr.len() >= AUTH_FAILURE_ADDRS_MAX {
+            self.by_addr
+                .retain(|_, (since, _)| now.saturating_duration_since(*since) < Self::window());
+            if self.by_addr.len() >= AUTH_FAILURE_ADDRS_MAX {
+                return;
+            }
+        }
+        let e = self.by_addr.entry(ip).or_insert((now, 0));
+        if now.saturating_duration_since(e.0) >= Self::window() {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+
+    fn window() -> Duration {
+        Duration::from_millis(AUTH_FAILURE_WINDOW_MS)
+    }
+}
 
 /// Which path a push came in on (metrics label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,17 +114,16 @@ fn accept_inner(
     priority: Priority,
     body: Vec<u8>,
 ) -> Result<MsgId, PushError> {
-    {
-        let mut policy = match shared.policy.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        policy.admit(key, &scope, &body, Instant::now())?;
-    }
+    // Stateless checks on this thread, no lock.
+    shared.policy.check(key, &scope, &body)?;
     let shard = owner(&scope, shared.shards) as usize;
-    let Some(inbox) = shared.inboxes.get(shard) else {
+    let (Some(inbox), Some(rates)) = (shared.inboxes.get(shard), shared.rates.get(shard)) else {
         return Err(PushError::Overloaded);
     };
+    // The rates: the key's lock-free, the target's under its owning shard's lock only.
+    shared
+        .policy
+        .spend(&mut lock(rates), key, &scope, Instant::now())?;
     let msg_id = MsgId(shared.next_msg_id.fetch_add(1, Relaxed));
     let tx = match priority {
         Priority::High => &inbox.high_tx,
@@ -91,12 +140,51 @@ fn accept_inner(
     Ok(msg_id)
 }
 
+/// [`accept`] for a push that carries an idempotency key: a retry within the window gets the
+/// first push's msg id and queues nothing (see [`crate::dedup`]).
+pub(crate) fn accept_keyed(
+    shared: &Shared,
+    key: KeyId,
+    idem: &str,
+    scope: Scope,
+    priority: Priority,
+    body: Vec<u8>,
+    via: Via,
+) -> Result<MsgId, PushError> {
+    if idem.is_empty() || idem.len() > proto::ingest::IDEMPOTENCY_KEY_BYTES_MAX {
+        let e = PushError::Invalid(format!(
+            "idempotency key must be 1..={} bytes",
+            proto::ingest::IDEMPOTENCY_KEY_BYTES_MAX
+        ));
+        shared.ingest_metrics.reject(&e);
+        return Err(e);
+    }
+    let Some(table) = shared.dedup.get(owner(&scope, shared.shards) as usize) else {
+        return Err(PushError::Overloaded);
+    };
+    let now = Instant::now();
+    // Held across the accept so two copies of one push racing on two threads queue once.
+    let mut d = lock(table);
+    match d.check(key, idem, now) {
+        crate::dedup::Seen::Before(id) => {
+            shared.ingest_metrics.deduplicated.fetch_add(1, Relaxed);
+            Ok(id)
+        }
+        crate::dedup::Seen::Full => {
+            shared.ingest_metrics.reject(&PushError::Overloaded);
+            Err(PushError::Overloaded)
+        }
+        crate::dedup::Seen::New => {
+            let id = accept(shared, key, scope, priority, body, via)?;
+            d.remember(key, idem, id, now);
+            Ok(id)
+        }
+    }
+}
+
 /// Authenticates an API key (counted as a rejection when unknown).
 pub(crate) fn authenticate(shared: &Shared, api_key: &str) -> Result<KeyId, PushError> {
-    let r = match shared.policy.lock() {
-        Ok(g) => g.authenticate(api_key),
-        Err(p) => p.into_inner().authenticate(api_key),
-    };
+    let r = shared.policy.authenticate(api_key);
     if let Err(e) = &r {
         shared.ingest_metrics.reject(e);
     }
@@ -118,7 +206,7 @@ pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, 
             r = listener.accept() => r,
             _ = stop.wait() => return,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -141,7 +229,7 @@ pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, 
         let (shared, stop, open) = (shared.clone(), stop.clone(), open.clone());
         monoio::spawn(async move {
             monoio::select! {
-                _ = connection(stream, &shared) => {},
+                _ = connection(stream, peer, &shared) => {},
                 _ = stop.wait() => {},
             }
             open.set(open.get() - 1);
@@ -150,12 +238,25 @@ pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, 
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// Read buffer growth step; frames larger than this grow the buffer up to the frame limit.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-async fn connection(stream: monoio::net::TcpStream, shared: &Shared) {
+async fn connection(
+    stream: monoio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    shared: &Shared,
+) {
     use net::framed::{FramedRead, ReadError};
     let frame_max = shared.config.ingest_frame_bytes_max;
+    let ip = peer.ip().to_canonical();
+    let mut auth_failures = 0u32;
     let auth_deadline = Instant::now() + Duration::from_millis(shared.config.ingest_auth_ms_max);
     let mut key: Option<KeyId> = None;
     let decoder = move |buf: &mut bytes::BytesMut| match proto::ingest::decode(buf, frame_max) {
@@ -192,12 +293,37 @@ async fn connection(stream: monoio::net::TcpStream, shared: &Shared) {
                 Ok(frame) => {
                     let status = match frame {
                         IngestFrame::Auth { req_id, api_key } => {
-                            let r = authenticate(shared, &api_key);
+                            let per_addr_max = shared.config.ingest_auth_failures_per_addr_max;
+                            let blocked = lock(&shared.auth_failures).blocked(
+                                ip,
+                                per_addr_max,
+                                Instant::now(),
+                            );
+                            let r = if blocked {
+                                shared.ingest_metrics.reject(&PushError::Unauthorized);
+                                Err(PushError::Unauthorized)
+                            } else {
+                                authenticate(shared, &api_key)
+                            };
+                            if r.is_err() {
+                                auth_failures += 1;
+                                if !blocked {
+                                    lock(&shared.auth_failures).fail(ip, Instant::now());
+                                }
+                            }
                             key = r.as_ref().ok().copied().or(key);
-                            IngestFrame::Status {
+                            let status = IngestFrame::Status {
                                 req_id,
                                 result: r.map(|_| MsgId(0)),
+                            };
+                            if blocked || auth_failures >= shared.config.ingest_auth_failures_max {
+                                // Answer, then close: no more guesses on this connection.
+                                proto::ingest::encode(&status, &mut out);
+                                shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
+                                let _ = frames.get_mut().write_all(std::mem::take(&mut out)).await;
+                                return;
                             }
+                            status
                         }
                         IngestFrame::Push(Push {
                             req_id,
@@ -209,6 +335,34 @@ async fn connection(stream: monoio::net::TcpStream, shared: &Shared) {
                         }) => {
                             let result = match key {
                                 Some(k) => accept(shared, k, scope, priority, body, Via::Socket),
+                                None => {
+                                    shared.ingest_metrics.reject(&PushError::Unauthorized);
+                                    Err(PushError::Unauthorized)
+                                }
+                            };
+                            IngestFrame::Status { req_id, result }
+                        }
+                        IngestFrame::KeyedPush {
+                            idempotency_key,
+                            push:
+                                Push {
+                                    req_id,
+                                    scope,
+                                    priority,
+                                    body,
+                                    ..
+                                },
+                        } => {
+                            let result = match key {
+                                Some(k) => accept_keyed(
+                                    shared,
+                                    k,
+                                    &idempotency_key,
+                                    scope,
+                                    priority,
+                                    body,
+                                    Via::Socket,
+                                ),
                                 None => {
                                     shared.ingest_metrics.reject(&PushError::Unauthorized);
                                     Err(PushError::Unauthorized)

@@ -26,7 +26,8 @@
 //!   areas with `shard_of_area(a) == i`, and (shard 0) the global, user and device scopes. It
 //!   owns their batches, seqs and the edge links that edges open to it. Nothing of it is shared.
 //! - Ingest connections and HTTP requests run on every shard (`SO_REUSEPORT`); they validate on
-//!   their own thread and pass each accepted message through a bounded crossbeam channel per
+//!   their own thread (key, scope, size, JSON shape and the key's rate without a lock; the
+//!   target's rate under the owning shard's `Rates` lock, never a broker-wide one) and pass each accepted message through a bounded crossbeam channel per
 //!   (owning shard, priority), then wake the owner with a `net::wake::Notify`. A full channel
 //!   refuses the push (`Overloaded`) before the caller gets a `msg_id`: nothing accepted is
 //!   dropped by the broker's queues.
@@ -38,6 +39,7 @@ pub mod batcher;
 pub mod client;
 pub mod compress;
 pub mod config;
+pub mod dedup;
 pub mod http;
 pub mod ingest;
 pub mod link;
@@ -75,6 +77,7 @@ pub enum BrokerError {
 pub(crate) struct NewLink {
     pub stream: std::net::TcpStream,
     pub hello: proto::link::Hello,
+    pub peer: SocketAddr,
 }
 
 /// What other threads may send a shard.
@@ -92,7 +95,10 @@ pub(crate) struct Inbox {
 pub(crate) struct Shared {
     pub config: Config,
     pub shards: u16,
-    pub policy: Mutex<policy::Policy>,
+    /// Read-only after start: every receiving thread checks pushes against it without a lock.
+    pub policy: policy::Policy,
+    /// The per-target rate buckets, one per owning shard (taken by pushes to that shard only).
+    pub rates: Vec<Mutex<policy::Rates>>,
     pub next_msg_id: AtomicU64,
     pub inboxes: Vec<Inbox>,
     pub ingest_metrics: metrics::IngestMetrics,
@@ -100,6 +106,18 @@ pub(crate) struct Shared {
     pub link_handshakes_failed: AtomicU64,
     pub link_handshakes: AtomicU64,
     pub stop: AtomicBool,
+    /// The HTTP servers' admission counters (every shard's server counts here).
+    pub http_stats: Arc<net::http::Stats>,
+    /// Link keys by node id (empty: loopback edges link unauthenticated).
+    pub link_keys: proto::link::handshake::KeyTable,
+    /// Link handshakes in progress per peer address.
+    pub link_handshakes_by_addr: link::PerAddr,
+    /// Link handshakes refused, by [`link::Refused`].
+    pub link_refused: [AtomicU64; 3],
+    /// Failed ingest `Auth`s per peer address (taken only on an `Auth` frame).
+    pub auth_failures: Mutex<ingest::AuthFailures>,
+    /// Keyed pushes remembered, per owning shard (taken only by keyed pushes).
+    pub dedup: Vec<Mutex<dedup::Dedup>>,
 }
 
 impl Shared {
@@ -109,13 +127,29 @@ impl Shared {
             .iter()
             .map(|i| (i.high_rx.len(), i.low_rx.len()))
             .collect();
-        metrics::render(
+        let mut text = metrics::render(
             &self.ingest_metrics,
             &self.shard_metrics,
             &queues,
             self.link_handshakes_failed.load(Ordering::Relaxed),
             self.link_handshakes.load(Ordering::Relaxed),
-        )
+        );
+        let mut w = net::metrics::Writer::default();
+        self.http_stats.write_metrics(&mut w, "broker");
+        w.family(
+            "broker_link_handshakes_refused_total",
+            "counter",
+            "Edge link handshakes refused, by reason (slots, per_addr, auth).",
+        );
+        for (i, r) in link::REFUSED_REASONS.iter().enumerate() {
+            w.sample(
+                "broker_link_handshakes_refused_total",
+                &[("reason", r)],
+                self.link_refused[i].load(Ordering::Relaxed) as f64,
+            );
+        }
+        text.push_str(&w.out);
+        text
     }
 }
 
@@ -207,6 +241,7 @@ fn first_msg_id() -> u64 {
 /// Starts a broker: binds every listener, spawns its threads, returns once listening.
 pub fn start(config: Config) -> Result<Handle, BrokerError> {
     config.validate()?;
+    let link_keys = config.check_secrets()?;
     match net::sys::raise_nofile_limit() {
         Ok(n) => tracing::info!(
             nofile = n,
@@ -249,7 +284,10 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
         })
         .collect();
     let shared = Arc::new(Shared {
-        policy: Mutex::new(policy::Policy::new(&config, std::time::Instant::now())),
+        policy: policy::Policy::new(&config, std::time::Instant::now()),
+        rates: (0..n)
+            .map(|_| Mutex::new(policy::Rates::new(&config)))
+            .collect(),
         shards: n as u16,
         next_msg_id: AtomicU64::new(first_msg_id()),
         inboxes,
@@ -258,6 +296,19 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
         link_handshakes_failed: AtomicU64::new(0),
         link_handshakes: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        http_stats: Default::default(),
+        link_keys,
+        link_handshakes_by_addr: Default::default(),
+        link_refused: Default::default(),
+        auth_failures: Default::default(),
+        dedup: (0..n)
+            .map(|_| {
+                Mutex::new(dedup::Dedup::new(
+                    config.idempotency_window_ms,
+                    config.idempotency_keys_max,
+                ))
+            })
+            .collect(),
         config,
     });
 

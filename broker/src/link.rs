@@ -4,6 +4,12 @@
 //! Invariants:
 //! - A link ends on the shard its `Hello` names (`link_shard`); a Hello naming a shard that
 //!   does not exist closes the connection.
+//! - With `link_keys` set, a link reaches a shard only after the edge proved it holds the key
+//!   of the node id its Hello names (`proto::link::handshake`); without keys, only loopback
+//!   peers may link. The whole handshake has `link_hello_ms_max`; at most
+//!   `link_handshakes_max` run at once and `link_handshakes_per_addr_max` per peer address, so
+//!   a stranger holding handshakes open cannot keep a real edge from re-linking. Refusals are
+//!   counted by reason and logged at most once a second.
 //! - Nothing a shard does waits for an edge: batches are queued, and a queue past
 //!   `link_queue_bytes_max` cuts the link (counted as `slow`). The edge reconnects and
 //!   re-sends its interest; the clients see the loss as a gap in the room seq.
@@ -104,6 +110,64 @@ pub fn frame_bytes(frame: &LinkFrame) -> Bytes {
     Bytes::from(v)
 }
 
+/// Why a link handshake was refused (the `reason` label of
+/// `broker_link_handshakes_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `link_handshakes_max` handshakes were already in progress.
+    Slots = 0,
+    /// The peer's address already had `link_handshakes_per_addr_max` in progress.
+    PerAddr = 1,
+    /// The peer did not prove it holds the link key of the node id it named (or, with no
+    /// `link_keys`, it is not on loopback).
+    Auth = 2,
+}
+
+pub const REFUSED_REASONS: [&str; 3] = ["slots", "per_addr", "auth"];
+
+/// A log line about refused handshakes at most this often, so a flood cannot flood the log.
+const REFUSED_LOG_MS_MIN: u64 = 1_000;
+
+/// Handshakes in progress per peer address; the entry goes when its count reaches 0.
+pub(crate) type PerAddr = std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>;
+
+fn per_addr_change(map: &PerAddr, ip: std::net::IpAddr, up: bool) {
+    let mut m = match map.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if up {
+        *m.entry(ip).or_insert(0) += 1;
+    } else if let Some(n) = m.get_mut(&ip) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            m.remove(&ip);
+        }
+    }
+}
+
+fn per_addr_get(map: &PerAddr, ip: std::net::IpAddr) -> usize {
+    let m = match map.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    m.get(&ip).copied().unwrap_or(0)
+}
+
+/// Counts a refusal and logs it, at most once per [`REFUSED_LOG_MS_MIN`].
+fn refused(
+    shared: &Shared,
+    why: Refused,
+    peer: std::net::SocketAddr,
+    last_log: &mut Option<std::time::Instant>,
+) {
+    shared.link_refused[why as usize].fetch_add(1, Relaxed);
+    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_millis(REFUSED_LOG_MS_MIN)) {
+        *last_log = Some(std::time::Instant::now());
+        tracing::warn!(%peer, reason = REFUSED_REASONS[why as usize], "edge link handshake refused (logged at most once a second; see broker_link_handshakes_refused_total)");
+    }
+}
+
 /// Starts the thread that accepts edge connections and hands each, after its Hello, to its shard.
 pub(crate) fn spawn_acceptor(
     listener: std::net::TcpListener,
@@ -111,86 +175,176 @@ pub(crate) fn spawn_acceptor(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("broker-link-accept".into())
-        .spawn(move || loop {
-            let accepted = listener.accept();
-            if shared.stop.load(Relaxed) {
-                return;
-            }
-            let stream = match accepted {
-                Ok((s, _)) => s,
-                // The listener is non-blocking so the stop flag is seen within one poll even
-                // if nothing ever connects again (edges connect rarely; the poll costs nothing).
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
-                    continue;
+        .spawn(move || {
+            let mut last_log = None;
+            loop {
+                let accepted = listener.accept();
+                if shared.stop.load(Relaxed) {
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "link accept failed");
-                    std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
-                    continue;
-                }
-            };
-            // Accepted sockets inherit nothing from the listener on Linux, but be explicit:
-            // the handshake uses blocking reads with a timeout.
-            if stream.set_nonblocking(false).is_err() {
-                shared.link_handshakes_failed.fetch_add(1, Relaxed);
-                continue;
-            }
-            if shared.link_handshakes.load(Relaxed) >= shared.config.link_handshakes_max as u64 {
-                shared.link_handshakes_failed.fetch_add(1, Relaxed);
-                continue;
-            }
-            shared.link_handshakes.fetch_add(1, Relaxed);
-            let shared2 = shared.clone();
-            // A thread per handshake so one silent peer cannot hold up the others; bounded above.
-            let spawned = std::thread::Builder::new()
-                .name("broker-link-hello".into())
-                .spawn(move || {
-                    if handshake(stream, &shared2).is_err() {
-                        shared2.link_handshakes_failed.fetch_add(1, Relaxed);
+                let (stream, peer) = match accepted {
+                    Ok(s) => s,
+                    // The listener is non-blocking so the stop flag is seen within one poll even
+                    // if nothing ever connects again (edges connect rarely; the poll costs nothing).
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
+                        continue;
                     }
-                    shared2.link_handshakes.fetch_sub(1, Relaxed);
-                });
-            if spawned.is_err() {
-                shared.link_handshakes.fetch_sub(1, Relaxed);
-                shared.link_handshakes_failed.fetch_add(1, Relaxed);
+                    Err(e) => {
+                        tracing::warn!(error = %e, "link accept failed");
+                        std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
+                        continue;
+                    }
+                };
+                // Accepted sockets inherit nothing from the listener on Linux, but be explicit:
+                // the handshake uses blocking reads with a timeout.
+                if stream.set_nonblocking(false).is_err() {
+                    shared.link_handshakes_failed.fetch_add(1, Relaxed);
+                    continue;
+                }
+                if shared.link_handshakes.load(Relaxed) >= shared.config.link_handshakes_max as u64 {
+                    refused(&shared, Refused::Slots, peer, &mut last_log);
+                    continue;
+                }
+                let ip = peer.ip().to_canonical();
+                if per_addr_get(&shared.link_handshakes_by_addr, ip)
+                    >= shared.config.link_handshakes_per_addr_max
+                {
+                    refused(&shared, Refused::PerAddr, peer, &mut last_log);
+                    continue;
+                }
+                shared.link_handshakes.fetch_add(1, Relaxed);
+                per_addr_change(&shared.link_handshakes_by_addr, ip, true);
+                let shared2 = shared.clone();
+                // A thread per handshake so one silent peer cannot hold up the others; bounded above.
+                let spawned = std::thread::Builder::new()
+                    .name("broker-link-hello".into())
+                    .spawn(move || {
+                        match handshake(stream, peer, &shared2) {
+                            Ok(()) => {}
+                            Err(HelloFail::Auth(e)) => {
+                                shared2.link_refused[Refused::Auth as usize].fetch_add(1, Relaxed);
+                                tracing::warn!(%peer, error = %e, "edge link failed authentication");
+                            }
+                            Err(HelloFail::Bad) => {
+                                shared2.link_handshakes_failed.fetch_add(1, Relaxed);
+                            }
+                        }
+                        per_addr_change(&shared2.link_handshakes_by_addr, ip, false);
+                        shared2.link_handshakes.fetch_sub(1, Relaxed);
+                    });
+                if spawned.is_err() {
+                    per_addr_change(&shared.link_handshakes_by_addr, ip, false);
+                    shared.link_handshakes.fetch_sub(1, Relaxed);
+                    shared.link_handshakes_failed.fetch_add(1, Relaxed);
+                }
             }
         })
 }
 
+/// Why a handshake ended without a link.
 #[derive(Debug)]
-struct BadHello;
+enum HelloFail {
+    /// Timeout, socket error, malformed or unexpected frame.
+    Bad,
+    /// The peer did not authenticate.
+    Auth(proto::link::handshake::HandshakeError),
+}
 
-fn handshake(mut stream: std::net::TcpStream, shared: &Shared) -> Result<(), BadHello> {
-    stream
-        .set_read_timeout(Some(Duration::from_millis(
-            shared.config.link_hello_ms_max.max(1),
-        )))
-        .map_err(|_| BadHello)?;
+impl From<proto::link::handshake::HandshakeError> for HelloFail {
+    fn from(e: proto::link::handshake::HandshakeError) -> Self {
+        HelloFail::Auth(e)
+    }
+}
+
+/// Reads one whole frame during the handshake (blocking, under the socket's read timeout);
+/// returns it with its bytes (the Hello's bytes are what the proofs cover).
+fn read_handshake_frame(stream: &mut std::net::TcpStream) -> Result<(LinkFrame, Bytes), HelloFail> {
     let mut len = [0u8; 4];
-    stream.read_exact(&mut len).map_err(|_| BadHello)?;
+    stream.read_exact(&mut len).map_err(|_| HelloFail::Bad)?;
     let n = u32::from_be_bytes(len);
     if n > HELLO_BYTES_MAX {
-        return Err(BadHello);
+        return Err(HelloFail::Bad);
     }
     let mut frame = vec![0u8; 4 + n as usize];
     frame[..4].copy_from_slice(&len);
-    stream.read_exact(&mut frame[4..]).map_err(|_| BadHello)?;
-    let hello = match proto::link::decode(&Bytes::from(frame), HELLO_BYTES_MAX + 4) {
-        Ok((LinkFrame::Hello(h), _)) => h,
-        _ => return Err(BadHello),
+    stream
+        .read_exact(&mut frame[4..])
+        .map_err(|_| HelloFail::Bad)?;
+    let frame = Bytes::from(frame);
+    match proto::link::decode(&frame, HELLO_BYTES_MAX + 4) {
+        Ok((f, _)) => Ok((f, frame)),
+        Err(_) => Err(HelloFail::Bad),
+    }
+}
+
+fn handshake(
+    mut stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    shared: &Shared,
+) -> Result<(), HelloFail> {
+    use proto::link::handshake::{BrokerHandshake, HandshakeError};
+    // One deadline for the whole handshake, however the peer paces its bytes.
+    let deadline =
+        std::time::Instant::now() + Duration::from_millis(shared.config.link_hello_ms_max.max(1));
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let timeouts = |s: &std::net::TcpStream, d: Duration| {
+        s.set_read_timeout(Some(d))
+            .and_then(|_| s.set_write_timeout(Some(d)))
+            .map_err(|_| HelloFail::Bad)
+    };
+    timeouts(&stream, left())?;
+    let (frame, hello_bytes) = read_handshake_frame(&mut stream)?;
+    let LinkFrame::Hello(hello) = frame else {
+        return Err(HelloFail::Bad);
     };
     if hello.link_shard >= shared.shards {
-        return Err(BadHello);
+        return Err(HelloFail::Bad);
     }
-    stream.set_read_timeout(None).map_err(|_| BadHello)?;
-    stream.set_nonblocking(true).map_err(|_| BadHello)?;
+    if shared.link_keys.is_empty() {
+        // No keys configured: only a peer on this host may link, unauthenticated.
+        if !peer.ip().to_canonical().is_loopback() {
+            return Err(HandshakeError::Unauthenticated.into());
+        }
+    } else {
+        timeouts(&stream, left())?;
+        // A peer that sends no CHALLENGE after its HELLO (an old or keyless edge, a stranger)
+        // is refused as unauthenticated.
+        let (challenge, _) = read_handshake_frame(&mut stream)
+            .map_err(|_| HelloFail::Auth(HandshakeError::Unauthenticated))?;
+        let key = shared
+            .link_keys
+            .key_for(&hello.node_id)
+            .ok_or(HandshakeError::UnknownNode)?;
+        let (hs, reply) =
+            BrokerHandshake::start(key.clone(), &hello_bytes, &challenge, rand::random())?;
+        let mut out = Vec::new();
+        for f in &reply {
+            proto::link::encode(f, &mut out);
+        }
+        timeouts(&stream, left())?;
+        std::io::Write::write_all(&mut stream, &out).map_err(|_| HelloFail::Bad)?;
+        timeouts(&stream, left())?;
+        let (proof, _) = read_handshake_frame(&mut stream)?;
+        hs.finish(&proof)?;
+    }
+    stream.set_read_timeout(None).map_err(|_| HelloFail::Bad)?;
+    stream.set_write_timeout(None).map_err(|_| HelloFail::Bad)?;
+    stream.set_nonblocking(true).map_err(|_| HelloFail::Bad)?;
     let _ = stream.set_nodelay(true);
     let inbox = &shared.inboxes[hello.link_shard as usize];
     inbox
         .links_tx
-        .send(NewLink { stream, hello })
-        .map_err(|_| BadHello)?;
+        .send(NewLink {
+            stream,
+            hello,
+            peer,
+        })
+        .map_err(|_| HelloFail::Bad)?;
     inbox.notify.notify();
     Ok(())
 }

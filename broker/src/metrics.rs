@@ -67,6 +67,8 @@ pub struct IngestMetrics {
     pub connections: AtomicU64,
     pub connections_refused: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Keyed pushes answered with an earlier msg id (retries not delivered twice).
+    pub deduplicated: AtomicU64,
 }
 
 impl IngestMetrics {
@@ -154,6 +156,16 @@ pub fn render(
         "Open ingest socket connections.",
     );
     w.sample("broker_ingest_connections", &[], get(&ingest.connections));
+    w.family(
+        "broker_pushes_deduplicated_total",
+        "counter",
+        "Pushes with an idempotency key seen before within the window: answered, not queued.",
+    );
+    w.sample(
+        "broker_pushes_deduplicated_total",
+        &[],
+        get(&ingest.deduplicated),
+    );
     w.family(
         "broker_ingest_connections_refused_total",
         "counter",

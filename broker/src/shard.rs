@@ -46,12 +46,21 @@ pub(crate) struct State {
     next_counts: Instant,
     next_ping: Instant,
     ping_nonce: u64,
+    /// After a start with `startup_hold_ms`, the queues are not drained until this instant, or
+    /// until [`STARTUP_SETTLE_MS`] after the first edge link, so pushes accepted before the
+    /// edges re-linked and re-sent interest are routed, not lost as unrouted.
+    hold_until: Option<Instant>,
+    /// When the first edge link came up on this shard.
+    first_link_at: Option<Instant>,
 }
 
+/// After the first edge link of a held shard, how long it waits for that edge's interest
+/// (sent right after the handshake) before it routes what it holds.
+pub const STARTUP_SETTLE_MS: u64 = 300;
+
 impl State {
-    fn new(index: u16, shared: Arc<Shared>) -> State {
+    fn new(index: u16, shared: Arc<Shared>, now: Instant) -> State {
         let c = &shared.config;
-        let now = Instant::now();
         State {
             index,
             batcher: Batcher::new(Limits {
@@ -74,6 +83,9 @@ impl State {
             next_counts: now + Duration::from_millis(c.counts_interval_ms),
             next_ping: now + Duration::from_millis(c.link_ping_ms),
             ping_nonce: 0,
+            hold_until: (c.startup_hold_ms > 0)
+                .then(|| now + Duration::from_millis(c.startup_hold_ms)),
+            first_link_at: None,
             shared,
         }
     }
@@ -106,10 +118,35 @@ impl State {
         }
     }
 
+    /// When the startup hold ends (`None`: not holding).
+    fn hold_end(&self) -> Option<Instant> {
+        let until = self.hold_until?;
+        Some(match self.first_link_at {
+            Some(t) => until.min(t + Duration::from_millis(STARTUP_SETTLE_MS)),
+            None => until,
+        })
+    }
+
+    /// True while the startup hold lasts; ends it (and says so) once it is over.
+    fn holding(&mut self, now: Instant) -> bool {
+        match self.hold_end() {
+            Some(end) if now < end => true,
+            Some(_) => {
+                self.hold_until = None;
+                tracing::info!(
+                    shard = self.index,
+                    links = self.links.len(),
+                    "startup hold over: routing queued pushes"
+                );
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Takes queued messages (High first), runs the batcher, delivers what flushed.
     /// Returns true when the budget ran out with messages still queued.
-    fn drain(&mut self, inbox: &Inbox) -> bool {
-        let now = Instant::now();
+    fn drain(&mut self, inbox: &Inbox, now: Instant) -> bool {
         let mut flushes = std::mem::take(&mut self.flushes);
         let mut budget = DRAIN_MESSAGES_MAX;
         while budget > 0 {
@@ -231,7 +268,10 @@ impl State {
             // Presence and high-reach ACKs are not handled by this version; they are accepted
             // (edges may send them) and counted as frames.
             LinkFrame::Presence(_) | LinkFrame::Ack { .. } => {}
-            LinkFrame::Hello(_) | LinkFrame::Batch(_) => return Err(Cut::Protocol),
+            LinkFrame::Hello(_)
+            | LinkFrame::Batch(_)
+            | LinkFrame::Challenge { .. }
+            | LinkFrame::Proof { .. } => return Err(Cut::Protocol),
         }
         Ok(())
     }
@@ -308,7 +348,11 @@ pub(crate) async fn run(
             stop.clone(),
         ));
     }
-    let state = Rc::new(RefCell::new(State::new(index as u16, shared.clone())));
+    let state = Rc::new(RefCell::new(State::new(
+        index as u16,
+        shared.clone(),
+        Instant::now(),
+    )));
     let inbox = &shared.inboxes[index];
     loop {
         if shared.stop.load(Relaxed) {
@@ -317,13 +361,18 @@ pub(crate) async fn run(
         while let Ok(new) = inbox.links_rx.try_recv() {
             add_link(&state, new);
         }
-        let more = state.borrow_mut().drain(inbox);
+        let now = Instant::now();
+        let held = state.borrow_mut().holding(now);
+        let more = !held && state.borrow_mut().drain(inbox, now);
         state.borrow_mut().tick(Instant::now());
         if more {
             yield_now().await;
             continue;
         }
-        let wake = state.borrow_mut().next_wake();
+        let mut wake = state.borrow_mut().next_wake();
+        if let Some(end) = state.borrow().hold_end() {
+            wake = wake.min(end);
+        }
         let wait = wake.saturating_duration_since(Instant::now());
         if wait.is_zero() {
             yield_now().await;
@@ -355,7 +404,11 @@ pub(crate) async fn run(
 }
 
 fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
-    let NewLink { stream, hello } = new;
+    let NewLink {
+        stream,
+        hello,
+        peer,
+    } = new;
     let stream = match monoio::net::TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -364,6 +417,9 @@ fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
         }
     };
     let mut st = state.borrow_mut();
+    if st.first_link_at.is_none() {
+        st.first_link_at = Some(Instant::now());
+    }
     let id = st.next_link;
     st.next_link += 1;
     let conn = Rc::new(Conn {
@@ -385,6 +441,9 @@ fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
         };
     }
     if let Some(old) = up.replaced {
+        // Counted as broker_link_cuts_total{reason="replaced"}. Normal after an edge restart;
+        // repeated, it means two processes claim one node id (or a stolen key).
+        tracing::warn!(node = %hello.node_id, %peer, priority = ?hello.priority, replaced = old, "edge link replaced by a new link of the same node id");
         st.cut(old, Cut::Replaced);
     }
     let reply = link::reply_hello(&st.shared, st.index, &hello);

@@ -18,6 +18,9 @@ use net::http::{Request, Response};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
+/// Paths served on the HTTP server's reserved slots when the public side is full.
+pub const RESERVED_PATHS: [&str; 3] = ["/healthz", "/metrics", "/v1/edges/heartbeat"];
+
 /// The header a trusted front proxy sets to the client's region.
 pub const REGION_HEADER: &str = "x-client-region";
 
@@ -72,6 +75,7 @@ pub struct Api {
     issuer: Issuer,
     registry: Registry,
     counters: Counters,
+    http_stats: std::sync::Arc<net::http::Stats>,
 }
 
 /// Body of `POST /v1/connect`.
@@ -148,11 +152,6 @@ struct EdgesOut {
     edges: Vec<crate::registry::Listed>,
 }
 
-#[derive(Serialize)]
-struct ErrorOut<'a> {
-    error: &'a str,
-}
-
 /// The shape Bilibili answers room calls with when something is wrong (`code` != 0).
 #[derive(Serialize)]
 struct BiliError {
@@ -171,8 +170,20 @@ fn json<T: Serialize>(status: u16, v: &T) -> Response {
     }
 }
 
+/// Every error control answers outside the Bilibili-style endpoints: the one shape all roles
+/// use, `{"error":"<label>","message":"..."}` (see `net::http::Response::error`).
 fn error(status: u16, msg: &str) -> Response {
-    json(status, &ErrorOut { error: msg })
+    let label = match status {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "too_large",
+        503 => "overloaded",
+        _ => "error",
+    };
+    Response::error(status, label, msg)
 }
 
 /// Browser pages on other origins call the discovery endpoints, as they do Bilibili's.
@@ -191,14 +202,6 @@ fn bili_error(status: u16, code: i32, message: &'static str) -> Response {
     ))
 }
 
-/// Equal-length secrets compare in time independent of where they differ.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Whether `Authorization: Bearer` is absent, valid for `keys`, or present and wrong.
 enum Bearer {
     Absent,
@@ -211,9 +214,9 @@ fn check_bearer(req: &Request, keys: &[String]) -> Bearer {
         None => Bearer::Absent,
         Some(k) => {
             // Check every key so the time taken does not say which one was close.
-            let ok = keys
-                .iter()
-                .fold(false, |acc, key| ct_eq(key.as_bytes(), k.as_bytes()) | acc);
+            let ok = keys.iter().fold(false, |acc, key| {
+                net::secret::ct_eq(key.as_bytes(), k.as_bytes()) | acc
+            });
             if ok {
                 Bearer::Valid
             } else {
@@ -258,7 +261,13 @@ impl Api {
                 config.edges_max,
             ),
             counters: Counters::default(),
+            http_stats: Default::default(),
         })
+    }
+
+    /// The HTTP server's admission counters, rendered in `/metrics`.
+    pub fn http_stats(&self) -> std::sync::Arc<net::http::Stats> {
+        self.http_stats.clone()
     }
 
     /// Answers one request. `now` drives edge liveness, `now_s` (unix seconds) token expiry.
@@ -291,12 +300,7 @@ impl Api {
             Route::RoomInfo => self.room_info(req, true),
             Route::RoomGetInfo => self.room_info(req, false),
             Route::Heartbeat => self.heartbeat(req, now),
-            Route::Edges => json(
-                200,
-                &EdgesOut {
-                    edges: self.registry.list(now),
-                },
-            ),
+            Route::Edges => self.edges(req, now),
             Route::Healthz => Response {
                 status: 200,
                 headers: vec![("content-type".into(), "text/plain".into())],
@@ -480,6 +484,35 @@ impl Api {
         }
     }
 
+    /// The fleet list (hosts, load): operators' data, not the public's. A valid API key or the
+    /// edge key opens it; without a bearer only a loopback peer gets it; a wrong key is 401.
+    fn edges(&mut self, req: &Request, now: Instant) -> Response {
+        let mut keys = self.api_keys.clone();
+        if !self.edge_key.is_empty() {
+            keys.push(self.edge_key.clone());
+        }
+        let allowed = match check_bearer(req, &keys) {
+            Bearer::Valid => true,
+            Bearer::Absent => req
+                .peer
+                .is_some_and(|p| p.ip().to_canonical().is_loopback()),
+            Bearer::Wrong => false,
+        };
+        if !allowed {
+            self.counters.unauthorized += 1;
+            return error(
+                401,
+                "the fleet list needs an API key (Authorization: Bearer <key>)",
+            );
+        }
+        json(
+            200,
+            &EdgesOut {
+                edges: self.registry.list(now),
+            },
+        )
+    }
+
     fn heartbeat(&mut self, req: &Request, now: Instant) -> Response {
         let allowed = if self.edge_key.is_empty() {
             req.peer
@@ -585,6 +618,7 @@ impl Api {
             };
             w.sample("barrage_control_edges", &[("state", label)], n as f64);
         }
+        self.http_stats.write_metrics(&mut w, "barrage_control");
         Response {
             status: 200,
             headers: vec![("content-type".into(), net::metrics::CONTENT_TYPE.into())],
@@ -650,6 +684,58 @@ mod tests {
     }
 
     const LOOP: &str = "127.0.0.1:5000";
+
+    /// Regression (issue 17, defect 5): the fleet list (hosts, load) was served to anyone on the
+    /// public port. Now: an API key or the edge key, or a loopback peer.
+    #[test]
+    fn the_fleet_list_needs_a_key_off_loopback() {
+        let mut c = config();
+        c.edge_key = "edge-key-0123456789abcdef0123456789".into();
+        let mut api = Api::new(&c).unwrap();
+        let t0 = Instant::now();
+        let remote = "10.1.2.3:4000";
+        let r = api.handle(&req("GET", "/v1/edges", &[], "", remote), t0, 0);
+        assert_eq!(r.status, 401);
+        assert_eq!(body(&r)["error"], "unauthorized");
+        for key in ["secret-key", "edge-key-0123456789abcdef0123456789"] {
+            let r = api.handle(
+                &with_header(
+                    req("GET", "/v1/edges", &[], "", remote),
+                    "authorization",
+                    &format!("Bearer {key}"),
+                ),
+                t0,
+                0,
+            );
+            assert_eq!(r.status, 200, "{key}");
+        }
+        let wrong = with_header(
+            req("GET", "/v1/edges", &[], "", LOOP),
+            "authorization",
+            "Bearer nope",
+        );
+        assert_eq!(api.handle(&wrong, t0, 0).status, 401);
+        assert_eq!(
+            api.handle(&req("GET", "/v1/edges", &[], "", LOOP), t0, 0)
+                .status,
+            200
+        );
+        // A heartbeat from off loopback needs the edge key.
+        let beat = req(
+            "POST",
+            "/v1/edges/heartbeat",
+            &[],
+            &hb("e9", "local", 0, false),
+            remote,
+        );
+        assert_eq!(api.handle(&beat, t0, 0).status, 401);
+        let beat = with_header(
+            beat,
+            "authorization",
+            "Bearer edge-key-0123456789abcdef0123456789",
+        );
+        assert_eq!(api.handle(&beat, t0, 0).status, 200);
+    }
 
     /// One edge heartbeat from loopback, as `hb` describes it.
     fn beat(

@@ -72,6 +72,8 @@ pub struct Config {
     pub rooms_strict: bool,
     /// Largest request body accepted, bytes.
     pub body_bytes_max: usize,
+    /// HTTP admission: deadlines, per-address cap, reserved slots (`[http]`, see `net::http::Limits`).
+    pub http: net::http::Limits,
     /// monoio driver for the HTTP thread.
     pub driver: net::runtime::Driver,
     /// The room page, the demo send box and the operator console (`[pages]`, see `pages`).
@@ -96,6 +98,7 @@ impl Default for Config {
             rooms: Vec::new(),
             rooms_strict: false,
             body_bytes_max: 16 * 1024,
+            http: net::http::Limits::default(),
             driver: net::runtime::Driver::Auto,
             pages: crate::pages::PagesConfig::default(),
         }
@@ -109,6 +112,38 @@ impl Config {
             .map_err(|e| ControlError::Config(format!("{}: {e}", path.display())))?;
         Config::from_toml_str(&text)
             .map_err(|e| ControlError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Refuses weak secrets (token keys, API keys, the edge key) when control listens on a
+    /// non-loopback address, warns about them on loopback (see `net::secret`).
+    pub fn check_secrets(&self) -> Result<(), ControlError> {
+        let addr = self.http_addr.to_string();
+        let public = net::secret::any_public([addr.as_str()]);
+        let judge = |what: &str, check: Result<(), String>| {
+            net::secret::require_strong(public, what, check).map_err(ControlError::Config)
+        };
+        if !self.token_keys.trim().is_empty() {
+            judge("token_keys", proto::token::check_key_spec(&self.token_keys))?;
+        }
+        for (i, k) in self
+            .api_keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| !k.is_empty())
+        {
+            judge(&format!("api_keys[{i}]"), net::secret::check(k))?;
+        }
+        if public {
+            tracing::warn!(http_addr = %self.http_addr, "control is not on loopback: /metrics is readable by anyone who reaches it");
+        }
+        if !self.edge_key.is_empty() {
+            judge("edge_key", net::secret::check(&self.edge_key))?;
+        } else if public {
+            tracing::warn!(
+                "edge_key is empty: edge heartbeats are accepted from loopback peers only"
+            );
+        }
+        Ok(())
     }
 
     /// Parses TOML text.

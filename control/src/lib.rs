@@ -109,6 +109,7 @@ fn unix_now_s() -> u64 {
 
 /// Binds, spawns the HTTP thread and returns once it is serving.
 pub fn start(config: Config) -> Result<Handle, ControlError> {
+    config.check_secrets()?;
     let api = api::Api::new(&config)?;
     let listener = net::sys::listener(config.http_addr, false, HTTP_BACKLOG).map_err(|source| {
         ControlError::Bind {
@@ -126,8 +127,12 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let stop2 = stop.clone();
-    let body_bytes_max = config.body_bytes_max;
     let pages_config = config.pages.clone();
+    let mut serve_cfg = net::http::ServeConfig::new(config.body_bytes_max);
+    serve_cfg.limits = config.http;
+    // When the public side is full, liveness probes and the fleet's own heartbeats still get in.
+    serve_cfg.reserved_paths = api::RESERVED_PATHS.iter().map(|p| p.to_string()).collect();
+    serve_cfg.stats = api.http_stats();
     let driver = net::runtime::Driver::from_env_or(config.driver);
     let thread = std::thread::Builder::new()
         .name("control-http".into())
@@ -156,7 +161,7 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
                         stop2.notify.notified().await;
                     }
                 };
-                net::http::serve(listener, handler, body_bytes_max, stopped).await;
+                net::http::serve_with(listener, handler, serve_cfg, stopped).await;
             });
         })
         .map_err(|e| ControlError::Start(e.to_string()))?;

@@ -2,6 +2,12 @@
 //!
 //! Runs on its own thread and runtime (not a shard): it only reads the shards' single-writer
 //! counters and flips node flags, so it never slows a shard's hot path.
+//!
+//! Invariants: a mutating endpoint (`POST /admin/...`) needs `Authorization: Bearer
+//! <admin_key>` when `admin_key` is set (compared in constant time), and is refused outright
+//! when the admin address is not loopback and no `admin_key` is set. Reads (`/healthz`,
+//! `/metrics`) stay open; binding them to a non-loopback address is warned about at start.
+//! This module also checks the edge's secrets at start ([`check_secrets`]).
 
 use crate::metrics::DropReason;
 use crate::session::{AuthFail, CloseReason};
@@ -18,18 +24,26 @@ type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 /// Largest admin request body.
 const ADMIN_BODY_BYTES_MAX: usize = 16 * 1024;
 
-pub(crate) fn handler(node: Arc<Node>) -> Handler {
+pub(crate) fn handler(node: Arc<Node>, http: Arc<net::http::Stats>) -> Handler {
     Rc::new(move |req: Request| {
-        let node = node.clone();
-        Box::pin(async move { route(&node, &req) })
+        let resp = route(&node, &http, &req);
+        Box::pin(async move { resp })
     })
 }
 
-pub(crate) fn body_bytes_max() -> usize {
-    ADMIN_BODY_BYTES_MAX
+/// Paths served on the admin server's reserved slots when it is full: a busy edge must
+/// still answer its liveness probe.
+pub const RESERVED_PATHS: [&str; 2] = ["/healthz", "/metrics"];
+
+/// The admin server's limits.
+pub(crate) fn serve_config(node: &Node) -> net::http::ServeConfig {
+    let mut cfg = net::http::ServeConfig::new(ADMIN_BODY_BYTES_MAX);
+    cfg.limits = node.config.http;
+    cfg.reserved_paths = RESERVED_PATHS.iter().map(|p| p.to_string()).collect();
+    cfg
 }
 
-fn route(node: &Node, req: &Request) -> Response {
+fn route(node: &Node, http: &net::http::Stats, req: &Request) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/healthz") => {
             let draining = node.draining.load(Ordering::Relaxed);
@@ -38,14 +52,87 @@ fn route(node: &Node, req: &Request) -> Response {
                 &serde_json::json!({"ok": true, "draining": draining, "connections": node.connections(), "capacity": node.capacity, "uptime_s": node.started.elapsed().as_secs()}),
             )
         }
-        ("GET", "/metrics") => Response::text(200, render(node))
+        ("GET", "/metrics") => Response::text(200, render(node) + &render_http(http))
             .with_header("Content-Type", net::metrics::CONTENT_TYPE),
         ("POST", "/admin/drain") => {
+            if let Err(refusal) = admin_allowed(node, req) {
+                return refusal;
+            }
             drain(node);
             Response::json(200, &serde_json::json!({"ok": true, "draining": true}))
         }
-        _ => Response::text(404, "not found\n"),
+        (_, "/healthz" | "/metrics" | "/admin/drain") => {
+            Response::error(405, "method_not_allowed", "wrong method for this endpoint")
+        }
+        _ => Response::error(404, "not_found", "no such endpoint"),
     }
+}
+
+/// Whether `req` may use a mutating endpoint (see the module invariants).
+fn admin_allowed(node: &Node, req: &Request) -> Result<(), Response> {
+    let key = node.config.admin_key.as_bytes();
+    if key.is_empty() {
+        if admin_is_public(&node.config) {
+            return Err(Response::error(
+                403,
+                "forbidden",
+                "admin_addr is not loopback: set admin_key to use mutating admin endpoints",
+            ));
+        }
+        return Ok(());
+    }
+    let given = req.bearer().unwrap_or("").as_bytes();
+    if net::secret::ct_eq(given, key) {
+        Ok(())
+    } else {
+        Err(Response::error(
+            401,
+            "unauthorized",
+            "a valid admin key is needed (Authorization: Bearer <admin_key>)",
+        ))
+    }
+}
+
+fn admin_is_public(config: &crate::Config) -> bool {
+    net::secret::any_public([config.admin_addr.as_str()])
+}
+
+/// Checks the edge's secrets at start: weak ones (short, placeholders) are refused when any
+/// listener is reachable from outside the host and warned about on loopback; an admin address
+/// off loopback is warned about (its `/metrics` is readable by anyone who reaches it).
+pub(crate) fn check_secrets(config: &crate::Config) -> Result<(), crate::EdgeError> {
+    let public = net::secret::any_public([
+        config.tcp_addr.as_str(),
+        config.ws_addr.as_str(),
+        config.admin_addr.as_str(),
+    ]);
+    let judge = |what: &str, check: Result<(), String>| {
+        net::secret::require_strong(public, what, check).map_err(crate::EdgeError::Config)
+    };
+    if !config.token_keys.trim().is_empty() {
+        judge(
+            "token_keys",
+            proto::token::check_key_spec(&config.token_keys),
+        )?;
+    }
+    for (what, secret) in [
+        ("link_key", &config.link_key),
+        ("edge_key", &config.edge_key),
+        ("admin_key", &config.admin_key),
+    ] {
+        if !secret.is_empty() {
+            judge(what, net::secret::check(secret))?;
+        }
+    }
+    if admin_is_public(config) {
+        tracing::warn!(admin_addr = %config.admin_addr, "the admin server is not on loopback: /healthz and /metrics are readable by anyone who reaches it");
+        if config.admin_key.is_empty() {
+            tracing::warn!(
+                "admin_key is empty: POST /admin/drain is refused on a non-loopback admin_addr"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Stop accepting, tell control (next heartbeat says draining), close clients gradually.
@@ -56,6 +143,13 @@ pub(crate) fn drain(node: &Node) {
     for n in &node.notify {
         n.notify();
     }
+}
+
+/// The admin server's admission counters.
+fn render_http(http: &net::http::Stats) -> String {
+    let mut w = Writer::default();
+    http.write_metrics(&mut w, "barrage_edge_admin");
+    w.out
 }
 
 /// Renders every counter in Prometheus text format.

@@ -90,6 +90,18 @@ pub struct Config {
     pub driver: Driver,
     /// Pin each shard thread to a core.
     pub pin: bool,
+    /// The key this node proves it holds on its broker links (the broker's `link_keys` entry
+    /// for this `node_id`, or its `*` entry). Empty: links are not authenticated, which a
+    /// broker accepts from loopback only.
+    pub link_key: String,
+    /// Sent as `Authorization: Bearer <edge_key>` with control heartbeats (control's `edge_key`).
+    pub edge_key: String,
+    /// Required as `Authorization: Bearer <admin_key>` by mutating admin endpoints
+    /// (`POST /admin/drain`). Empty: those endpoints answer only when `admin_addr` is loopback.
+    pub admin_key: String,
+    /// Admin HTTP admission: deadlines, per-address cap, reserved slots (`[http]`, see
+    /// `net::http::Limits`).
+    pub http: net::http::Limits,
 }
 
 impl Default for Config {
@@ -134,6 +146,10 @@ impl Default for Config {
             backlog: 4_096,
             driver: Driver::Auto,
             pin: true,
+            link_key: String::new(),
+            edge_key: String::new(),
+            admin_key: String::new(),
+            http: net::http::Limits::default(),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Control client: registers this edge and reports load every `control_heartbeat_ms`
 //! (`POST /v1/edges/heartbeat`, see notes/roles.md). Control drops an edge whose heartbeats
-//! stop, so a failed heartbeat is only logged and retried on the next interval.
+//! stop, so a failed heartbeat is only logged and retried on the next interval. Heartbeats
+//! carry `Authorization: Bearer <edge_key>` when the edge has one: control refuses heartbeats
+//! from non-loopback peers without it, so a stranger cannot register a fake edge.
 
 use crate::shard::Node;
 use std::sync::atomic::Ordering;
@@ -29,6 +31,12 @@ pub(crate) fn heartbeat_body(node: &Node, tcp_port: u16, ws_port: u16) -> serde_
 pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, tcp_port: u16, ws_port: u16) {
     let every = Duration::from_millis(node.config.control_heartbeat_ms.max(100));
     let mut failing = false;
+    // Control's `edge_key`: without it control takes heartbeats from loopback peers only.
+    let bearer = format!("Bearer {}", node.config.edge_key);
+    let mut headers = vec![("content-type", "application/json")];
+    if !node.config.edge_key.is_empty() {
+        headers.push(("authorization", bearer.as_str()));
+    }
     loop {
         if node.stop.load(Ordering::Acquire) {
             return;
@@ -38,7 +46,7 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, tcp_port: u16,
             &addr,
             "POST",
             "/v1/edges/heartbeat",
-            &[("content-type", "application/json")],
+            &headers,
             body.as_bytes(),
             Duration::from_millis(CONTROL_REQUEST_MS_MAX),
         )

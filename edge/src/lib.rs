@@ -168,6 +168,7 @@ fn bind_all(
 /// once all of them listen.
 pub fn start(config: Config) -> Result<Handle, EdgeError> {
     config.validate()?;
+    admin::check_secrets(&config)?;
     let keys = if config.token_keys.trim().is_empty() {
         tracing::warn!("token_keys is empty: every auth will be refused");
         proto::token::KeySet::default()
@@ -242,13 +243,9 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
                         monoio::spawn(control::heartbeat_loop(node3.clone(), c, tcp_port, ws_port));
                     }
                     let stop = async move { stop3.notified().await };
-                    net::http::serve(
-                        l,
-                        admin::handler(node3.clone()),
-                        admin::body_bytes_max(),
-                        stop,
-                    )
-                    .await;
+                    let cfg = admin::serve_config(&node3);
+                    let handler = admin::handler(node3.clone(), cfg.stats.clone());
+                    net::http::serve_with(l, handler, cfg, stop).await;
                 })
             })?,
     );

@@ -383,6 +383,8 @@ enum LinkFail {
     NoHello,
     #[error("the broker stopped reading: output over LINK_OUT_BYTES_MAX")]
     Backlog,
+    #[error("link authentication: {0}")]
+    Auth(#[from] wire::handshake::HandshakeError),
 }
 
 impl LinkFail {
@@ -416,16 +418,34 @@ async fn serve_link(
         &hello(&hub.node, slot.id.broker_shard, slot.id.priority),
         &mut first,
     );
+    // With a link key, a Challenge follows the Hello (proto::link::handshake).
+    let mut auth = (!cfg.link_key.is_empty()).then(|| {
+        let key = wire::handshake::LinkKey::new(cfg.link_key.as_bytes());
+        let (hs, challenge) = wire::handshake::EdgeHandshake::start(key, &first, rand::random());
+        wire::encode(&challenge, &mut first);
+        hs
+    });
     let (res, _) = wr.write_all(first).await;
     res?;
     let max = cfg.link_frame_bytes_max;
     let mut frames = FramedRead::new(rd, net::framed::link_decoder(max), LINK_READ_BYTES);
     let dead = Duration::from_millis(cfg.link_dead_ms);
-    // The HELLO reply (the read is cancelled, not dropped, at the deadline).
-    let frame = frames
-        .next(monoio::time::sleep(dead))
-        .await
-        .map_err(LinkFail::from_read)?;
+    // The HELLO reply, once the broker proved it holds the link key (each read is cancelled,
+    // not dropped, at the deadline).
+    let frame = loop {
+        let f = frames
+            .next(monoio::time::sleep(dead))
+            .await
+            .map_err(LinkFail::from_read)?;
+        let Some(hs) = auth.as_mut().filter(|h| !h.is_done()) else {
+            break f;
+        };
+        if let wire::handshake::EdgeStep::Done(proof) = hs.on_frame(&f)? {
+            let mut out = Vec::new();
+            proof.iter().for_each(|p| wire::encode(p, &mut out));
+            wr.write_all(out).await.0?;
+        }
+    };
     let LinkFrame::Hello(h) = frame else {
         return Err(LinkFail::NoHello);
     };
@@ -533,7 +553,10 @@ fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
         }
         LinkFrame::Counts(c) => hub.broadcast_counts(c),
         LinkFrame::Ping { nonce } => slot.send(&LinkFrame::Pong { nonce }),
-        LinkFrame::Pong { .. } | LinkFrame::Hello(_) => {}
+        LinkFrame::Pong { .. }
+        | LinkFrame::Hello(_)
+        | LinkFrame::Challenge { .. }
+        | LinkFrame::Proof { .. } => {}
         // Edge -> broker frames arriving here are a broker bug; ignore rather than drop the link.
         LinkFrame::Sub { .. }
         | LinkFrame::Unsub { .. }

@@ -13,7 +13,23 @@
 //! bounded by [`SHUTDOWN_GRACE_MS`]; this continues in the background after `serve` returns,
 //! as long as the runtime runs). A connection idle for [`SERVER_IDLE_MS`] (no request in flight,
 //! no bytes moved) is closed; at most [`SERVER_CONNS_MAX`] connections are open per `serve`.
-//! hyper's own header-read timeout is off: it needs a `Send` timer, which monoio's is not.
+//! hyper's own header-read timeout is off: it needs a `Send` timer, which monoio's is not, so
+//! this module keeps its own deadlines.
+//!
+//! # Admission (what a stranger cannot take from everyone else)
+//! - A request head must be complete within [`HEAD_MS_MAX`] of the connection opening or of the
+//!   first byte after the previous response (slowloris); a body must keep up a minimum rate:
+//!   all of it within [`BODY_GRACE_MS`] plus `bytes / BODY_BYTES_PER_S_MIN` (stalled bodies get
+//!   408 and the connection closes).
+//! - One peer address holds at most [`SERVER_CONNS_PER_ADDR_MAX`] connections; past it, and past
+//!   `conns_max`, a new connection is answered `503` with `Retry-After` and closed, rather than
+//!   closed unanswered (at most [`REFUSALS_MAX`] of those answers are being written at once).
+//! - The last [`SERVER_CONNS_RESERVED`] connection slots are a reserve: a connection that lands
+//!   in it is served only for the role's `reserved_paths` (health checks, edge heartbeats) and
+//!   must send its head within [`RESERVED_HEAD_MS_MAX`]; any other path gets 503 + Retry-After.
+//!   So a full public side never locks out liveness probes or the fleet's own heartbeats.
+//! - Every error this module answers itself is one JSON shape, `{"error":"<label>","message":"..."}`
+//!   ([`Response::error`]), which the roles use for theirs too.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -41,6 +57,26 @@ pub const SERVER_CONNS_MAX: usize = 4_096;
 pub const OVERSIZE_DRAIN_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
+/// A request head must be complete this long after the connection opened, or after the first
+/// byte of it arrived on a kept-alive connection.
+pub const HEAD_MS_MAX: u64 = 10_000;
+/// The head deadline of a connection that landed in the reserved slots (see module docs).
+pub const RESERVED_HEAD_MS_MAX: u64 = 2_000;
+/// A request body may take this long plus `bytes / BODY_BYTES_PER_S_MIN` seconds.
+pub const BODY_GRACE_MS: u64 = 5_000;
+/// The slowest body rate served; a slower body gets 408.
+pub const BODY_BYTES_PER_S_MIN: u64 = 16 * 1024;
+/// Open connections one peer address may hold per `serve` call.
+pub const SERVER_CONNS_PER_ADDR_MAX: usize = 256;
+/// Connection slots, out of `conns_max`, kept for the role's reserved paths.
+pub const SERVER_CONNS_RESERVED: usize = 64;
+/// `Retry-After` of a 503 this module answers, seconds.
+pub const RETRY_AFTER_S: u32 = 1;
+/// Refusal answers (a 503 written at accept) in flight at once; past it, new connections over
+/// a limit are closed unanswered (the answers themselves must not become the flood).
+pub const REFUSALS_MAX: usize = 256;
+/// How long writing one refusal answer may take.
+pub const REFUSAL_WRITE_MS_MAX: u64 = 1_000;
 
 /// A request with its whole body read (capped by the server's `body_bytes_max`).
 #[derive(Clone, Debug, Default)]
@@ -99,6 +135,18 @@ impl Response {
             headers: vec![("content-type".to_string(), "application/json".to_string())],
             body: value.to_string().into_bytes(),
         }
+    }
+    /// The one error shape of every role: `{"error":"<label>","message":"<for people>"}`.
+    /// `label` is a stable snake_case word a program may match on.
+    pub fn error(status: u16, label: &str, message: &str) -> Response {
+        Response::json(
+            status,
+            &serde_json::json!({"error": label, "message": message}),
+        )
+    }
+    /// A 503 (or 429) with `Retry-After`.
+    pub fn retry_after(status: u16, label: &str, message: &str, after_s: u32) -> Response {
+        Response::error(status, label, message).with_header("retry-after", &after_s.to_string())
     }
     /// Plain text response.
     pub fn text(status: u16, body: impl Into<String>) -> Response {
@@ -190,36 +238,83 @@ fn to_hyper(resp: Response) -> hyper::Response<Full<Bytes>> {
     out
 }
 
-fn too_large() -> Response {
-    Response::text(413, "request body too large\n")
+fn too_large(seen: u64, limit: usize) -> Response {
+    Response::error(
+        413,
+        "too_large",
+        &format!("request body is at least {seen} bytes; the limit is {limit} bytes"),
+    )
 }
 
-/// Reads the whole request (enforcing the body cap) and runs the handler.
-async fn handle(
-    req: hyper::Request<Incoming>,
+fn unavailable(message: &str) -> Response {
+    Response::retry_after(503, "overloaded", message, RETRY_AFTER_S)
+        .with_header("connection", "close")
+}
+
+/// What one connection's request handling needs to know besides the request.
+struct Ctx {
     handler: Handler,
-    body_bytes_max: usize,
+    cfg: Rc<ServeConfig>,
     peer: Option<std::net::SocketAddr>,
-) -> Response {
+    /// The connection landed in the reserved slots: only `reserved_paths` are served.
+    reserved_only: bool,
+}
+
+/// Reads the whole request (enforcing the body cap and the body deadline) and runs the handler.
+async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
+    let body_bytes_max = ctx.cfg.body_bytes_max;
+    if ctx.reserved_only
+        && !ctx
+            .cfg
+            .reserved_paths
+            .iter()
+            .any(|p| p.as_str() == req.uri().path())
+    {
+        ctx.cfg.stats.count(&ctx.cfg.stats.refused_reserved);
+        return unavailable("the server is full; only health checks and heartbeats are served");
+    }
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let drain_limit = (body_bytes_max as u64).saturating_add(OVERSIZE_DRAIN_BYTES_MAX);
-    if declared.is_some_and(|n| n > drain_limit) {
+    if let Some(n) = declared.filter(|n| *n > drain_limit) {
         // Far too big to be worth reading: answer now and close. The client may see a reset
         // instead of the 413 if it is still writing.
-        return too_large().with_header("connection", "close");
+        return too_large(n, body_bytes_max).with_header("connection", "close");
     }
     let (parts, mut body) = req.into_parts();
     let mut buf: Vec<u8> = Vec::new();
     let mut seen: u64 = 0;
-    while let Some(frame) = body.frame().await {
+    let started = std::time::Instant::now();
+    let limits = &ctx.cfg.limits;
+    let rate = limits.body_bytes_per_s_min.max(1);
+    loop {
+        // The minimum rate: by now the peer must have sent `(elapsed - grace) * rate` bytes.
+        let allowed = Duration::from_millis(limits.body_grace_ms)
+            + Duration::from_millis(seen.saturating_mul(1000) / rate);
+        let left = allowed.saturating_sub(started.elapsed());
+        let frame = match monoio::time::timeout(left, body.frame()).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(_) => {
+                ctx.cfg.stats.count(&ctx.cfg.stats.body_timeouts);
+                return Response::error(
+                    408,
+                    "body_timeout",
+                    &format!(
+                        "request body slower than {rate} bytes/s after {} ms of grace",
+                        limits.body_grace_ms
+                    ),
+                )
+                .with_header("connection", "close");
+            }
+        };
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                return Response::text(400, format!("bad request body: {e}\n"))
+                return Response::error(400, "bad_request", &format!("bad request body: {e}"))
                     .with_header("connection", "close")
             }
         };
@@ -228,7 +323,7 @@ async fn handle(
         };
         seen = seen.saturating_add(data.len() as u64);
         if seen > drain_limit {
-            return too_large().with_header("connection", "close");
+            return too_large(seen, body_bytes_max).with_header("connection", "close");
         }
         if seen <= body_bytes_max as u64 {
             buf.extend_from_slice(&data);
@@ -236,7 +331,7 @@ async fn handle(
     }
     if seen > body_bytes_max as u64 {
         // Body fully drained: the 413 reaches the client and the connection stays usable.
-        return too_large();
+        return too_large(seen, body_bytes_max);
     }
     let body = buf;
     let request = Request {
@@ -245,15 +340,26 @@ async fn handle(
         query: parts.uri.query().map(parse_query).unwrap_or_default(),
         headers: header_pairs(&parts.headers),
         body,
-        peer,
+        peer: ctx.peer,
     };
-    handler(request).await
+    (ctx.handler)(request).await
 }
 
-/// A hyper IO that stamps the time of its last read or write, for the idle check.
+/// The timing of one connection, shared by its IO wrapper, its service and its watch.
+struct ConnClock {
+    /// Last read or write that made progress.
+    last_io: std::cell::Cell<std::time::Instant>,
+    /// Requests being handled (hyper may pipeline, so a count).
+    in_flight: std::cell::Cell<usize>,
+    /// When the head now being read started: the accept, or the first byte read while no
+    /// request was in flight. `None` while a request is handled or the connection is idle.
+    head_since: std::cell::Cell<Option<std::time::Instant>>,
+}
+
+/// A hyper IO that stamps the time of its last read or write, for the deadlines.
 struct Tracked<T> {
     inner: T,
-    last_io: Rc<std::cell::Cell<std::time::Instant>>,
+    clock: Rc<ConnClock>,
 }
 
 impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Tracked<T> {
@@ -264,7 +370,12 @@ impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Tracked<T> {
     ) -> Poll<std::io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if r.is_ready() {
-            self.last_io.set(std::time::Instant::now());
+            let now = std::time::Instant::now();
+            let c = &self.clock;
+            c.last_io.set(now);
+            if c.in_flight.get() == 0 && c.head_since.get().is_none() {
+                c.head_since.set(Some(now));
+            }
         }
         r
     }
@@ -278,7 +389,7 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Tracked<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if r.is_ready() {
-            self.last_io.set(std::time::Instant::now());
+            self.clock.last_io.set(std::time::Instant::now());
         }
         r
     }
@@ -296,27 +407,42 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Tracked<T> {
     }
 }
 
-/// Resolves once the connection has had no request in flight and no I/O for `idle`.
-async fn idle_watch(
-    last_io: Rc<std::cell::Cell<std::time::Instant>>,
-    in_flight: Rc<std::cell::Cell<usize>>,
-    idle: Duration,
-) {
+/// Why the watch ended a connection.
+#[derive(Debug)]
+enum Expired {
+    /// No request in flight and no I/O for `idle_ms`.
+    Idle,
+    /// A head took longer than its deadline.
+    Head,
+}
+
+/// Resolves when the connection must close: idle too long, or a head too slow. A request in
+/// flight is bounded by the body deadline in [`handle`] and by the handler itself.
+async fn watch(clock: Rc<ConnClock>, idle: Duration, head: Duration) -> Expired {
     loop {
-        let since = last_io.get().elapsed();
-        if in_flight.get() == 0 && since >= idle {
-            return;
-        }
-        let wait = if in_flight.get() > 0 {
-            idle
+        let wait = if clock.in_flight.get() > 0 {
+            head.min(idle)
         } else {
-            idle.saturating_sub(since)
+            let idle_left = idle.saturating_sub(clock.last_io.get().elapsed());
+            if idle_left.is_zero() {
+                return Expired::Idle;
+            }
+            match clock.head_since.get() {
+                Some(t) => {
+                    let head_left = head.saturating_sub(t.elapsed());
+                    if head_left.is_zero() {
+                        return Expired::Head;
+                    }
+                    head_left.min(idle_left)
+                }
+                None => idle_left,
+            }
         };
         monoio::time::sleep(wait.max(Duration::from_millis(1))).await;
     }
 }
 
-/// Decrements the in-flight count even when hyper drops the request future.
+/// Decrements a count even when hyper drops the request future.
 struct InFlight(Rc<std::cell::Cell<usize>>);
 
 impl InFlight {
@@ -332,23 +458,154 @@ impl Drop for InFlight {
     }
 }
 
-/// Limits of one [`serve_with`] call.
-#[derive(Clone, Copy, Debug)]
-pub struct ServeConfig {
-    /// Request bodies above this get 413 without calling the handler.
-    pub body_bytes_max: usize,
+/// A request in flight on a [`ConnClock`]: while one is, the head deadline does not run.
+struct Handling(Rc<ConnClock>);
+
+impl Handling {
+    fn enter(c: &Rc<ConnClock>) -> Handling {
+        c.in_flight.set(c.in_flight.get() + 1);
+        c.head_since.set(None);
+        Handling(c.clone())
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        let c = &self.0.in_flight;
+        c.set(c.get().saturating_sub(1));
+    }
+}
+
+/// One open connection per peer address, counted; the entry goes when the count reaches 0.
+struct PerAddr {
+    counts: Rc<std::cell::RefCell<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for PerAddr {
+    fn drop(&mut self) {
+        let mut m = self.counts.borrow_mut();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The limits of one HTTP server that an operator may tune (a `[http]` table in each role's
+/// config). Every field has a default; see the constants for what each does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
     /// See [`SERVER_IDLE_MS`].
     pub idle_ms: u64,
     /// See [`SERVER_CONNS_MAX`].
     pub conns_max: usize,
+    /// See [`SERVER_CONNS_PER_ADDR_MAX`].
+    pub conns_per_addr_max: usize,
+    /// See [`SERVER_CONNS_RESERVED`].
+    pub conns_reserved: usize,
+    /// See [`HEAD_MS_MAX`].
+    pub head_ms_max: u64,
+    /// See [`RESERVED_HEAD_MS_MAX`].
+    pub reserved_head_ms_max: u64,
+    /// See [`BODY_GRACE_MS`].
+    pub body_grace_ms: u64,
+    /// See [`BODY_BYTES_PER_S_MIN`].
+    pub body_bytes_per_s_min: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            idle_ms: SERVER_IDLE_MS,
+            conns_max: SERVER_CONNS_MAX,
+            conns_per_addr_max: SERVER_CONNS_PER_ADDR_MAX,
+            conns_reserved: SERVER_CONNS_RESERVED,
+            head_ms_max: HEAD_MS_MAX,
+            reserved_head_ms_max: RESERVED_HEAD_MS_MAX,
+            body_grace_ms: BODY_GRACE_MS,
+            body_bytes_per_s_min: BODY_BYTES_PER_S_MIN,
+        }
+    }
+}
+
+/// What the admission refused or timed out, for a role's `/metrics`. Shared across threads
+/// (a role may serve on several), so atomics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// New connections answered 503 because `conns_max` was reached.
+    pub refused_full: std::sync::atomic::AtomicU64,
+    /// New connections answered 503 because their address held `conns_per_addr_max`.
+    pub refused_per_addr: std::sync::atomic::AtomicU64,
+    /// Requests on a reserved slot for a path that is not reserved (503).
+    pub refused_reserved: std::sync::atomic::AtomicU64,
+    /// Connections closed because a head was not complete in time.
+    pub head_timeouts: std::sync::atomic::AtomicU64,
+    /// Requests answered 408 because the body was slower than the minimum rate.
+    pub body_timeouts: std::sync::atomic::AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, c: &std::sync::atomic::AtomicU64) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Writes the counters as one family `<prefix>_http_refused_total{reason=...}`.
+    pub fn write_metrics(&self, w: &mut crate::metrics::Writer, prefix: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let name = format!("{prefix}_http_refused_total");
+        w.metric(
+            &name,
+            "counter",
+            "HTTP connections or requests refused by admission, by reason.",
+            &[
+                (
+                    &[("reason", "full")],
+                    self.refused_full.load(Relaxed) as f64,
+                ),
+                (
+                    &[("reason", "per_addr")],
+                    self.refused_per_addr.load(Relaxed) as f64,
+                ),
+                (
+                    &[("reason", "reserved")],
+                    self.refused_reserved.load(Relaxed) as f64,
+                ),
+                (
+                    &[("reason", "head_timeout")],
+                    self.head_timeouts.load(Relaxed) as f64,
+                ),
+                (
+                    &[("reason", "body_timeout")],
+                    self.body_timeouts.load(Relaxed) as f64,
+                ),
+            ],
+        );
+    }
+}
+
+/// Everything one [`serve_with`] call needs to know.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Request bodies above this get 413 without calling the handler.
+    pub body_bytes_max: usize,
+    pub limits: Limits,
+    /// Paths served on a reserved slot (exact match), e.g. `/healthz` and heartbeats.
+    pub reserved_paths: Vec<String>,
+    /// Where admission counts what it refused.
+    pub stats: std::sync::Arc<Stats>,
 }
 
 impl ServeConfig {
     pub fn new(body_bytes_max: usize) -> ServeConfig {
         ServeConfig {
             body_bytes_max,
-            idle_ms: SERVER_IDLE_MS,
-            conns_max: SERVER_CONNS_MAX,
+            limits: Limits::default(),
+            reserved_paths: vec!["/healthz".to_string()],
+            stats: Default::default(),
         }
     }
 }
@@ -364,6 +621,35 @@ pub async fn serve(
     serve_with(listener, handler, ServeConfig::new(body_bytes_max), stop).await
 }
 
+/// Answers a connection that is over a limit with a 503 and closes it, without holding up
+/// the accept loop; past [`REFUSALS_MAX`] answers in flight it is closed unanswered.
+fn refuse(
+    stream: monoio::net::TcpStream,
+    refusing: &Rc<std::cell::Cell<usize>>,
+    message: &'static str,
+) {
+    if refusing.get() >= REFUSALS_MAX {
+        return;
+    }
+    let guard = InFlight::enter(refusing);
+    monoio::spawn(async move {
+        use monoio::io::AsyncWriteRentExt;
+        let _guard = guard;
+        let body = serde_json::json!({"error": "overloaded", "message": message}).to_string();
+        let text = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             retry-after: {RETRY_AFTER_S}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = stream;
+        let _ = monoio::time::timeout(
+            Duration::from_millis(REFUSAL_WRITE_MS_MAX),
+            stream.write_all(text.into_bytes()),
+        )
+        .await;
+    });
+}
+
 /// [`serve`] with every limit explicit.
 pub async fn serve_with(
     listener: monoio::net::TcpListener,
@@ -371,9 +657,14 @@ pub async fn serve_with(
     cfg: ServeConfig,
     stop: impl Future<Output = ()>,
 ) {
-    let body_bytes_max = cfg.body_bytes_max;
+    let cfg = Rc::new(cfg);
+    let limits = cfg.limits;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let open = Rc::new(std::cell::Cell::new(0usize));
+    let refusing = Rc::new(std::cell::Cell::new(0usize));
+    let per_addr: Rc<std::cell::RefCell<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Default::default();
+    let public_max = limits.conns_max.saturating_sub(limits.conns_reserved);
     let mut stop = pin!(stop);
     loop {
         let accepted = monoio::select! {
@@ -388,10 +679,21 @@ pub async fn serve_with(
                 continue;
             }
         };
-        if open.get() >= cfg.conns_max {
-            tracing::warn!(%peer, conns_max = cfg.conns_max, "too many http connections, closing new one");
+        if open.get() >= limits.conns_max {
+            cfg.stats.count(&cfg.stats.refused_full);
+            tracing::debug!(%peer, conns_max = limits.conns_max, "http server full");
+            refuse(stream, &refusing, "the server is full; retry later");
             continue;
         }
+        let ip = peer.ip().to_canonical();
+        let held = per_addr.borrow().get(&ip).copied().unwrap_or(0);
+        if held >= limits.conns_per_addr_max {
+            cfg.stats.count(&cfg.stats.refused_per_addr);
+            tracing::debug!(%peer, conns_per_addr_max = limits.conns_per_addr_max, "too many http connections from one address");
+            refuse(stream, &refusing, "too many connections from your address");
+            continue;
+        }
+        let reserved_only = open.get() >= public_max;
         let _ = stream.set_nodelay(true);
         let io = match stream.into_poll_io() {
             Ok(s) => TokioIo::new(s),
@@ -400,23 +702,44 @@ pub async fn serve_with(
                 continue;
             }
         };
-        let handler = handler.clone();
+        *per_addr.borrow_mut().entry(ip).or_insert(0) += 1;
+        let addr_guard = PerAddr {
+            counts: per_addr.clone(),
+            ip,
+        };
+        let ctx = Rc::new(Ctx {
+            handler: handler.clone(),
+            cfg: cfg.clone(),
+            peer: Some(peer),
+            reserved_only,
+        });
         let mut stop_rx = stop_rx.clone();
         let open_guard = InFlight::enter(&open);
+        let head = Duration::from_millis(if reserved_only {
+            limits.head_ms_max.min(limits.reserved_head_ms_max)
+        } else {
+            limits.head_ms_max
+        });
         monoio::spawn(async move {
             let _open = open_guard;
-            let last_io = Rc::new(std::cell::Cell::new(std::time::Instant::now()));
-            let in_flight = Rc::new(std::cell::Cell::new(0usize));
+            let _addr = addr_guard;
+            let now = std::time::Instant::now();
+            let clock = Rc::new(ConnClock {
+                last_io: std::cell::Cell::new(now),
+                in_flight: std::cell::Cell::new(0),
+                head_since: std::cell::Cell::new(Some(now)),
+            });
             let io = Tracked {
                 inner: io,
-                last_io: last_io.clone(),
+                clock: clock.clone(),
             };
-            let svc_in_flight = in_flight.clone();
+            let svc_clock = clock.clone();
+            let stats = ctx.cfg.stats.clone();
             let svc = hyper::service::service_fn(move |req| {
-                let handler = handler.clone();
-                let guard = InFlight::enter(&svc_in_flight);
+                let ctx = ctx.clone();
+                let guard = Handling::enter(&svc_clock);
                 async move {
-                    let resp = to_hyper(handle(req, handler, body_bytes_max, Some(peer)).await);
+                    let resp = to_hyper(handle(req, &ctx).await);
                     drop(guard);
                     Ok::<_, std::convert::Infallible>(resp)
                 }
@@ -426,8 +749,11 @@ pub async fn serve_with(
                 .serve_connection(io, svc));
             let res = monoio::select! {
                 r = conn.as_mut() => r,
-                _ = idle_watch(last_io, in_flight, Duration::from_millis(cfg.idle_ms)) => {
-                    tracing::debug!(%peer, "closing idle http connection");
+                why = watch(clock, Duration::from_millis(limits.idle_ms), head) => {
+                    if matches!(why, Expired::Head) {
+                        stats.count(&stats.head_timeouts);
+                    }
+                    tracing::debug!(%peer, ?why, "closing http connection");
                     Ok(())
                 }
                 _ = stop_rx.wait_for(|s| *s) => {

@@ -12,5 +12,6 @@ pub mod framed;
 pub mod http;
 pub mod metrics;
 pub mod runtime;
+pub mod secret;
 pub mod sys;
 pub mod wake;

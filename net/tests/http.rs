@@ -299,10 +299,8 @@ fn idle_connection_is_closed() {
         let th = std::thread::spawn(move || {
             block_on(driver, async move {
                 let l = monoio::net::TcpListener::from_std(std_l).unwrap();
-                let cfg = ServeConfig {
-                    idle_ms: 100,
-                    ..ServeConfig::new(BODY_MAX)
-                };
+                let mut cfg = ServeConfig::new(BODY_MAX);
+                cfg.limits.idle_ms = 100;
                 serve_with(
                     l,
                     echo_handler(),
@@ -329,22 +327,16 @@ fn idle_connection_is_closed() {
     }
 }
 
-#[test]
-fn connection_cap_refuses_extra_connections() {
-    use net::http::{serve_with, ServeConfig};
-    let driver = Driver::Legacy;
-    let std_l = net::sys::listener("127.0.0.1:0".parse().unwrap(), false, 128).unwrap();
+/// A server on its own thread with `cfg`; stop it by notifying.
+fn start_with(driver: Driver, cfg: net::http::ServeConfig) -> Server {
+    let std_l = net::sys::listener("127.0.0.1:0".parse().unwrap(), false, 1024).unwrap();
     let addr = std_l.local_addr().unwrap();
     let stop = Notify::new();
     let stop2 = stop.clone();
-    let th = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         block_on(driver, async move {
             let l = monoio::net::TcpListener::from_std(std_l).unwrap();
-            let cfg = ServeConfig {
-                conns_max: 1,
-                ..ServeConfig::new(BODY_MAX)
-            };
-            serve_with(
+            net::http::serve_with(
                 l,
                 echo_handler(),
                 cfg,
@@ -353,23 +345,191 @@ fn connection_cap_refuses_extra_connections() {
             .await;
         })
     });
-    let mut first = raw_client(addr);
+    Server {
+        addr,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// A client connection from a chosen loopback address (127.0.0.0/8 is all ours).
+fn client_from(local: [u8; 4], addr: SocketAddr) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((local, 0)).into()).unwrap();
+    s.connect(&addr.into()).unwrap();
+    let s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+fn assert_503_retry_after(s: &mut std::net::TcpStream) {
+    let (head, body) = read_response(s);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "overloaded", "{v}");
+}
+
+#[test]
+fn connection_cap_answers_503_with_retry_after() {
+    let mut cfg = net::http::ServeConfig::new(BODY_MAX);
+    cfg.limits.conns_max = 1;
+    cfg.limits.conns_reserved = 0;
+    let srv = start_with(Driver::Legacy, cfg);
+    let mut first = raw_client(srv.addr);
     first
         .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let (head, _) = read_response(&mut first);
     assert!(head.starts_with("HTTP/1.1 200"));
-    let mut second = raw_client(addr);
-    let _ = second.write_all(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut second = raw_client(srv.addr);
+    assert_503_retry_after(&mut second);
     let mut rest = Vec::new();
     assert_eq!(
         second.read_to_end(&mut rest).unwrap_or(0),
         0,
-        "second connection should be closed unanswered"
+        "closed after the 503"
     );
-    drop(first);
-    stop.notify();
-    th.join().unwrap();
+}
+
+/// Regression (issue 17, defect 3): a connection that sends `Content-Length: 100` and nothing
+/// more was never timed out, so a few thousand of them locked the server. Now it gets 408.
+#[test]
+fn stalled_body_gets_408_and_is_closed() {
+    for driver in drivers() {
+        let mut cfg = net::http::ServeConfig::new(BODY_MAX);
+        cfg.limits.body_grace_ms = 300;
+        let srv = start_with(driver, cfg);
+        let mut s = raw_client(srv.addr);
+        let t = std::time::Instant::now();
+        s.write_all(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .unwrap();
+        let (head, body) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "body_timeout");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).unwrap_or(0), 0);
+    }
+}
+
+/// A body that keeps up the minimum rate is served even when it takes longer than the grace.
+#[test]
+fn slow_but_steady_body_is_served() {
+    let mut cfg = net::http::ServeConfig::new(BODY_MAX);
+    cfg.limits.body_grace_ms = 200;
+    cfg.limits.body_bytes_per_s_min = 100;
+    let srv = start_with(Driver::Legacy, cfg);
+    let mut s = raw_client(srv.addr);
+    s.write_all(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n")
+        .unwrap();
+    // 40 bytes over ~400 ms: 100 B/s, past the 200 ms grace but never behind the rate.
+    for _ in 0..8 {
+        s.write_all(b"xxxxx").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (head, _) = read_response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+/// Regression (defect 3): a head sent a byte at a time (slowloris) held its slot forever.
+#[test]
+fn slow_head_is_closed_at_the_head_deadline() {
+    for driver in drivers() {
+        let mut cfg = net::http::ServeConfig::new(BODY_MAX);
+        cfg.limits.head_ms_max = 300;
+        let srv = start_with(driver, cfg);
+        let mut s = raw_client(srv.addr);
+        let t = std::time::Instant::now();
+        let head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-A: ";
+        let mut closed = false;
+        for i in 0..60 {
+            // One byte every 50 ms: never idle, never done.
+            if s.write_all(&[head.get(i).copied().unwrap_or(b'a')])
+                .is_err()
+            {
+                closed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !closed {
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut rest = Vec::new();
+            closed = matches!(s.read_to_end(&mut rest), Ok(0)) || rest.is_empty();
+        }
+        assert!(closed, "slow head not closed after {:?}", t.elapsed());
+        // A silent connection (no byte at all) is closed at the same deadline.
+        let mut silent = raw_client(srv.addr);
+        let mut rest = Vec::new();
+        assert_eq!(silent.read_to_end(&mut rest).unwrap_or(0), 0);
+    }
+}
+
+/// Regression (defect 3): one address could take every connection slot.
+#[test]
+fn per_address_cap_refuses_only_that_address() {
+    let mut cfg = net::http::ServeConfig::new(BODY_MAX);
+    cfg.limits.conns_per_addr_max = 3;
+    let srv = start_with(Driver::Legacy, cfg);
+    let held: Vec<_> = (0..3)
+        .map(|_| client_from([127, 0, 0, 2], srv.addr))
+        .collect();
+    // Let the server account for them before the next one arrives.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut over = client_from([127, 0, 0, 2], srv.addr);
+    assert_503_retry_after(&mut over);
+    let mut other = client_from([127, 0, 0, 3], srv.addr);
+    other
+        .write_all(b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (head, _) = read_response(&mut other);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(held);
+    // Their slots come back once they close.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut again = client_from([127, 0, 0, 2], srv.addr);
+    again
+        .write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (head, _) = read_response(&mut again);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+/// Regression (defect 3): with the public side full, health checks (and a role's heartbeats)
+/// still get through on the reserved slots; other paths get 503 + Retry-After.
+#[test]
+fn reserved_slots_serve_only_reserved_paths() {
+    let mut cfg = net::http::ServeConfig::new(BODY_MAX);
+    cfg.limits.conns_max = 8;
+    cfg.limits.conns_reserved = 2;
+    cfg.reserved_paths = vec!["/healthz".into(), "/beat".into()];
+    let srv = start_with(Driver::Legacy, cfg);
+    // Six stalled connections fill the public side, each from its own address.
+    let held: Vec<_> = (0..6u8)
+        .map(|i| client_from([127, 0, 1, 10 + i], srv.addr))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut public = client_from([127, 0, 1, 50], srv.addr);
+    public
+        .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_503_retry_after(&mut public);
+    drop(public);
+    std::thread::sleep(Duration::from_millis(50));
+    for path in ["/healthz", "/beat"] {
+        let mut s = client_from([127, 0, 1, 51], srv.addr);
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let (head, _) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    }
+    drop(held);
 }
 
 /// Benchmark, run by name: `cargo test -p net --release --test http bench_request_rate -- --ignored --nocapture`.

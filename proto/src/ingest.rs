@@ -22,6 +22,9 @@ use crate::link::wire;
 
 pub const INGEST_VERSION: u8 = 1;
 
+/// Longest idempotency key (ingest `KeyedPush`, HTTP `Idempotency-Key`), bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 64;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Push {
     pub req_id: u64,
@@ -77,6 +80,10 @@ pub enum IngestFrame {
     Auth { req_id: u64, api_key: String },
     /// Caller -> broker.
     Push(Push),
+    /// Caller -> broker: a push that may be retried. A second push with the same key (per API
+    /// key, within the broker's dedup window) is answered with the first one's msg id and not
+    /// delivered again. Key: 1..=[`IDEMPOTENCY_KEY_BYTES_MAX`] bytes of UTF-8.
+    KeyedPush { idempotency_key: String, push: Push },
     /// Broker -> caller.
     Status {
         req_id: u64,
@@ -103,6 +110,8 @@ pub mod kind {
     pub const AUTH: u8 = 1;
     pub const PUSH: u8 = 2;
     pub const STATUS: u8 = 3;
+    /// A PUSH payload preceded by the idempotency key (u16 length + UTF-8).
+    pub const KEYED_PUSH: u8 = 4;
 }
 
 /// Result codes in a `Status` frame: `OK` is followed by the msg id, the others are
@@ -133,16 +142,16 @@ pub fn encode(frame: &IngestFrame, out: &mut Vec<u8>) {
         }
         IngestFrame::Push(push) => {
             let start = wire::begin(out, INGEST_VERSION, kind::PUSH);
-            out.extend_from_slice(&push.req_id.to_be_bytes());
-            wire::put_scope(out, &push.scope);
-            out.push(push.priority as u8);
-            out.push(push.reach as u8);
-            out.extend_from_slice(&push.ttl_ms.to_be_bytes());
-            // A body over 4 GiB cannot be framed; its length saturates and the receiver
-            // refuses the frame as too long rather than misreading it.
-            let n = u32::try_from(push.body.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&n.to_be_bytes());
-            out.extend_from_slice(&push.body);
+            put_push(out, push);
+            wire::end(out, start);
+        }
+        IngestFrame::KeyedPush {
+            idempotency_key,
+            push,
+        } => {
+            let start = wire::begin(out, INGEST_VERSION, kind::KEYED_PUSH);
+            wire::put_str(out, idempotency_key);
+            put_push(out, push);
             wire::end(out, start);
         }
         IngestFrame::Status { req_id, result } => {
@@ -171,6 +180,39 @@ pub fn encode(frame: &IngestFrame, out: &mut Vec<u8>) {
     }
 }
 
+/// The PUSH payload (also the tail of KEYED_PUSH).
+fn put_push(out: &mut Vec<u8>, push: &Push) {
+    out.extend_from_slice(&push.req_id.to_be_bytes());
+    wire::put_scope(out, &push.scope);
+    out.push(push.priority as u8);
+    out.push(push.reach as u8);
+    out.extend_from_slice(&push.ttl_ms.to_be_bytes());
+    // A body over 4 GiB cannot be framed; its length saturates and the receiver
+    // refuses the frame as too long rather than misreading it.
+    let n = u32::try_from(push.body.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(&push.body);
+}
+
+fn read_push(r: &mut wire::Reader<'_>) -> Result<Push, IngestError> {
+    let req_id = r.u64()?;
+    let scope = r.scope()?;
+    let priority = Priority::from_u8(r.u8()?).ok_or(wire::Malformed)?;
+    let reach = Reach::from_u8(r.u8()?).ok_or(wire::Malformed)?;
+    let ttl_ms = r.u32()?;
+    let n = usize::try_from(r.u32()?).map_err(|_| IngestError::Malformed)?;
+    // `bytes` checks `n` against what is left before the copy allocates.
+    let body = r.bytes(n)?.to_vec();
+    Ok(Push {
+        req_id,
+        scope,
+        priority,
+        reach,
+        ttl_ms,
+        body,
+    })
+}
+
 /// Decodes the first frame in `buf`: the frame and bytes used.
 pub fn decode(buf: &[u8], frame_bytes_max: u32) -> Result<(IngestFrame, usize), IngestError> {
     let total = frame_len(buf, frame_bytes_max)?;
@@ -186,23 +228,16 @@ pub fn decode(buf: &[u8], frame_bytes_max: u32) -> Result<(IngestFrame, usize), 
             req_id: r.u64()?,
             api_key: r.string()?,
         },
-        kind::PUSH => {
-            let req_id = r.u64()?;
-            let scope = r.scope()?;
-            let priority = Priority::from_u8(r.u8()?).ok_or(wire::Malformed)?;
-            let reach = Reach::from_u8(r.u8()?).ok_or(wire::Malformed)?;
-            let ttl_ms = r.u32()?;
-            let n = usize::try_from(r.u32()?).map_err(|_| IngestError::Malformed)?;
-            // `bytes` checks `n` against what is left before the copy allocates.
-            let body = r.bytes(n)?.to_vec();
-            IngestFrame::Push(Push {
-                req_id,
-                scope,
-                priority,
-                reach,
-                ttl_ms,
-                body,
-            })
+        kind::PUSH => IngestFrame::Push(read_push(&mut r)?),
+        kind::KEYED_PUSH => {
+            let idempotency_key = r.string()?;
+            if idempotency_key.is_empty() || idempotency_key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+                return Err(IngestError::Malformed);
+            }
+            IngestFrame::KeyedPush {
+                idempotency_key,
+                push: read_push(&mut r)?,
+            }
         }
         kind::STATUS => {
             let req_id = r.u64()?;

@@ -13,6 +13,11 @@
 //! broker shard, which uses the interest for both of that edge's links. Either side sends PING
 //! every 5 s; a link silent for 15 s is dead.
 //!
+//! Authentication ([`handshake`]): an edge holding a link key sends `Challenge` (its nonce)
+//! right after its `Hello`; the broker answers `Challenge` (its nonce) and `Proof` (an HMAC
+//! over both nonces and the Hello), the edge checks it and answers its own `Proof`; only then
+//! does the broker hand the link to a shard and reply `Hello`. See [`handshake`] for the MACs.
+//!
 //! Payload layouts (one [`kind`] each) are documented byte by byte in
 //! `docs/protocol-link-ingest.md`. Scopes and interests are a [`Scope::tag`] byte then the value
 //! (room u64, area u32, global nothing, user u64, device string); `Batch.packet` runs to the end
@@ -31,6 +36,8 @@
 
 use crate::id::{AreaId, DeviceId, Encoding, MsgId, Priority, RoomId, Scope, UserId};
 use bytes::Bytes;
+
+pub mod handshake;
 
 /// Link protocol version carried in every frame.
 pub const LINK_VERSION: u8 = 1;
@@ -135,6 +142,14 @@ pub enum LinkFrame {
     Pong {
         nonce: u64,
     },
+    /// Link authentication, both directions: the sender's fresh random nonce.
+    Challenge {
+        nonce: [u8; handshake::NONCE_BYTES],
+    },
+    /// Link authentication, both directions: the sender's HMAC (see [`handshake`]).
+    Proof {
+        mac: [u8; handshake::MAC_BYTES],
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -162,6 +177,8 @@ pub mod kind {
     pub const ACK: u8 = 7;
     pub const PING: u8 = 8;
     pub const PONG: u8 = 9;
+    pub const CHALLENGE: u8 = 10;
+    pub const PROOF: u8 = 11;
 }
 
 /// Bytes before the payload: u32 frame_len, u8 version, u8 kind.
@@ -228,6 +245,8 @@ pub fn encode(frame: &LinkFrame, out: &mut Vec<u8>) {
         LinkFrame::Ping { nonce } | LinkFrame::Pong { nonce } => {
             out.extend_from_slice(&nonce.to_be_bytes());
         }
+        LinkFrame::Challenge { nonce } => out.extend_from_slice(nonce),
+        LinkFrame::Proof { mac } => out.extend_from_slice(mac),
     }
     wire::end(out, start);
 }
@@ -331,6 +350,8 @@ pub fn decode(buf: &Bytes, frame_bytes_max: u32) -> Result<(LinkFrame, usize), L
         },
         kind::PING => LinkFrame::Ping { nonce: r.u64()? },
         kind::PONG => LinkFrame::Pong { nonce: r.u64()? },
+        kind::CHALLENGE => LinkFrame::Challenge { nonce: r.array()? },
+        kind::PROOF => LinkFrame::Proof { mac: r.array()? },
         _ => return Err(LinkError::Kind),
     };
     r.finish()?;
@@ -381,6 +402,8 @@ fn frame_kind(frame: &LinkFrame) -> u8 {
         LinkFrame::Ack { .. } => kind::ACK,
         LinkFrame::Ping { .. } => kind::PING,
         LinkFrame::Pong { .. } => kind::PONG,
+        LinkFrame::Challenge { .. } => kind::CHALLENGE,
+        LinkFrame::Proof { .. } => kind::PROOF,
     }
 }
 
@@ -537,7 +560,7 @@ pub(crate) mod wire {
             s
         }
 
-        fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
+        pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
             let mut a = [0u8; N];
             a.copy_from_slice(self.bytes(N)?);
             Ok(a)

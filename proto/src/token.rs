@@ -143,6 +143,58 @@ impl TokenError {
     }
 }
 
+/// Shortest secret (token key, link key, API key, edge key) a role accepts where strangers can
+/// reach it: 32 bytes, the HMAC-SHA256 block half and what `barrage up` generates.
+pub const SECRET_BYTES_MIN: usize = 32;
+
+/// Secrets shipped in examples and docs, or typed by hand in a hurry. A role refuses them like
+/// a short secret, wherever they appear in the value (case-insensitive).
+pub const SECRET_PLACEHOLDERS: [&str; 6] = [
+    "change-me",
+    "changeme",
+    "replace-me",
+    "placeholder",
+    "example",
+    "password",
+];
+
+/// Why a secret is too weak to guard anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WeakSecret {
+    /// Fewer than [`SECRET_BYTES_MIN`] bytes.
+    #[error("secret is {0} bytes; at least 32 are needed")]
+    Short(usize),
+    /// Contains a known placeholder such as `change-me`.
+    #[error("secret contains the placeholder {0:?}; generate a random one")]
+    Placeholder(&'static str),
+}
+
+/// Checks one secret's strength: at least [`SECRET_BYTES_MIN`] bytes and no placeholder.
+pub fn check_secret(secret: &[u8]) -> Result<(), WeakSecret> {
+    let lower = String::from_utf8_lossy(secret).to_ascii_lowercase();
+    if let Some(p) = SECRET_PLACEHOLDERS.iter().find(|p| lower.contains(*p)) {
+        return Err(WeakSecret::Placeholder(p));
+    }
+    if secret.len() < SECRET_BYTES_MIN {
+        return Err(WeakSecret::Short(secret.len()));
+    }
+    Ok(())
+}
+
+/// Checks every secret of a token key spec (`"ID:SECRET,..."` or a bare secret); the error
+/// names the key id, never the secret.
+pub fn check_key_spec(spec: &str) -> Result<(), String> {
+    let spec = spec.trim();
+    if !spec.contains(':') {
+        return check_secret(spec.as_bytes()).map_err(|e| format!("key 1: {e}"));
+    }
+    for item in spec.split(',') {
+        let (id, secret) = item.trim().split_once(':').unwrap_or(("?", item));
+        check_secret(secret.as_bytes()).map_err(|e| format!("key {}: {e}", id.trim()))?;
+    }
+    Ok(())
+}
+
 /// One signing key.
 #[derive(Clone)]
 pub struct Key {
@@ -291,6 +343,32 @@ fn parse_key_id(text: &str) -> Option<u32> {
         return None;
     }
     text.parse().ok()
+}
+
+#[cfg(test)]
+mod strength_tests {
+    use super::*;
+
+    #[test]
+    fn short_and_placeholder_secrets_are_weak() {
+        assert_eq!(check_secret(b"x"), Err(WeakSecret::Short(1)));
+        assert_eq!(check_secret(&[7u8; 31]), Err(WeakSecret::Short(31)));
+        assert_eq!(check_secret(&[7u8; 32]), Ok(()));
+        assert_eq!(
+            check_secret(b"1:change-me-old-secret-0123456789xx"),
+            Err(WeakSecret::Placeholder("change-me"))
+        );
+        assert_eq!(
+            check_secret(b"0123456789PASSWORD0123456789abcdef"),
+            Err(WeakSecret::Placeholder("password"))
+        );
+        let good = "3f1c9a0b7d2e4f6a8c0e1b3d5f7a9c2e";
+        assert_eq!(check_key_spec(good), Ok(()));
+        assert_eq!(check_key_spec(&format!("1:{good},2:{good}")), Ok(()));
+        let e = check_key_spec(&format!("1:{good},7:short")).unwrap_err();
+        assert!(e.starts_with("key 7:"), "{e}");
+        assert!(!e.contains("short"), "the secret must not be echoed: {e}");
+    }
 }
 
 #[cfg(test)]

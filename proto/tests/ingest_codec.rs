@@ -59,7 +59,52 @@ fn any_frame() -> impl Strategy<Value = IngestFrame> {
             ]
         )
             .prop_map(|(req_id, result)| IngestFrame::Status { req_id, result }),
+        (
+            "[a-z0-9-]{1,64}",
+            any::<u64>(),
+            any_scope(),
+            proptest::collection::vec(any::<u8>(), 0..100),
+        )
+            .prop_map(|(idempotency_key, req_id, scope, body)| {
+                IngestFrame::KeyedPush {
+                    idempotency_key,
+                    push: Push {
+                        req_id,
+                        scope,
+                        priority: Priority::Low,
+                        reach: Reach::BestEffort,
+                        ttl_ms: 0,
+                        body,
+                    },
+                }
+            }),
     ]
+}
+
+#[test]
+fn keyed_push_key_length_is_checked() {
+    for (key, ok) in [
+        ("", false),
+        ("k", true),
+        (&"k".repeat(64)[..], true),
+        (&"k".repeat(65)[..], false),
+    ] {
+        let bytes = enc(&IngestFrame::KeyedPush {
+            idempotency_key: key.to_string(),
+            push: Push {
+                req_id: 1,
+                scope: Scope::Global,
+                priority: Priority::Low,
+                reach: Reach::BestEffort,
+                ttl_ms: 0,
+                body: b"{}".to_vec(),
+            },
+        });
+        assert_eq!(dec(&bytes).is_ok(), ok, "key of {} bytes", key.len());
+        if !ok {
+            assert_eq!(dec(&bytes), Err(IngestError::Malformed));
+        }
+    }
 }
 
 fn enc(frame: &IngestFrame) -> Vec<u8> {
@@ -260,7 +305,7 @@ fn ingest_bad_version() {
 
 #[test]
 fn ingest_unknown_kind() {
-    for k in [0u8, 4, 255] {
+    for k in [0u8, 5, 255] {
         let mut bytes = enc(&sample_push());
         bytes[5] = k;
         assert_eq!(dec(&bytes), Err(IngestError::Kind), "kind {k}");

@@ -126,6 +126,8 @@ fn any_frame() -> impl Strategy<Value = LinkFrame> {
         }),
         any::<u64>().prop_map(|nonce| LinkFrame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| LinkFrame::Pong { nonce }),
+        any::<[u8; 32]>().prop_map(|nonce| LinkFrame::Challenge { nonce }),
+        any::<[u8; 32]>().prop_map(|mac| LinkFrame::Proof { mac }),
     ]
 }
 
@@ -315,7 +317,7 @@ fn link_bad_version() {
 
 #[test]
 fn link_unknown_kind() {
-    for k in [0u8, 10, 200, 255] {
+    for k in [0u8, 12, 200, 255] {
         let mut bytes = enc(&LinkFrame::Ping { nonce: 1 });
         bytes[5] = k;
         assert_eq!(dec(&bytes), Err(LinkError::Kind), "kind {k}");

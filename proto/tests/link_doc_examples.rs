@@ -78,6 +78,8 @@ fn link_examples() -> Vec<(&'static str, LinkFrame)> {
         ),
         ("PING", LinkFrame::Ping { nonce: 1 }),
         ("PONG", LinkFrame::Pong { nonce: 1 }),
+        ("CHALLENGE", LinkFrame::Challenge { nonce: [0x11; 32] }),
+        ("PROOF", LinkFrame::Proof { mac: [0x22; 32] }),
     ]
 }
 
@@ -111,6 +113,20 @@ fn ingest_examples() -> Vec<(&'static str, IngestFrame)> {
                 ttl_ms: 0,
                 body: b"{}".to_vec(),
             }),
+        ),
+        (
+            "KEYED_PUSH",
+            IngestFrame::KeyedPush {
+                idempotency_key: "k-1".into(),
+                push: Push {
+                    req_id: 4,
+                    scope: Scope::Room(RoomId(42)),
+                    priority: Priority::Low,
+                    reach: Reach::BestEffort,
+                    ttl_ms: 0,
+                    body: b"{}".to_vec(),
+                },
+            },
         ),
         (
             "STATUS ok",
@@ -205,6 +221,10 @@ const LINK_HEX: &[&str] = &[
     "00 00 00 0a 01 08 00 00 00 00 00 00 00 01",
     // PONG
     "00 00 00 0a 01 09 00 00 00 00 00 00 00 01",
+    // CHALLENGE
+    "00 00 00 22 01 0a 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11",
+    // PROOF
+    "00 00 00 22 01 0b 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22",
 ];
 const INGEST_HEX: &[&str] = &[
     // AUTH
@@ -213,6 +233,8 @@ const INGEST_HEX: &[&str] = &[
     "00 00 00 1f 01 02 00 00 00 00 00 00 00 02 00 00 00 00 00 00 00 00 2a 01 01 00 00 75 30 00 00 00 02 7b 7d",
     // PUSH (device scope)
     "00 00 00 1b 01 02 00 00 00 00 00 00 00 03 04 00 02 64 31 00 00 00 00 00 00 00 00 00 02 7b 7d",
+    // KEYED_PUSH
+    "00 00 00 24 01 04 00 03 6b 2d 31 00 00 00 00 00 00 00 04 00 00 00 00 00 00 00 00 2a 00 00 00 00 00 00 00 00 00 02 7b 7d",
     // STATUS ok
     "00 00 00 13 01 03 00 00 00 00 00 00 00 02 00 00 00 00 00 00 00 03 e8",
     // STATUS rate_limited

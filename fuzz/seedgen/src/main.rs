@@ -211,6 +211,8 @@ fn link_frames(dir: &Path) {
         },
         LinkFrame::Ping { nonce: 1 },
         LinkFrame::Pong { nonce: 1 },
+        LinkFrame::Challenge { nonce: [0x11; 32] },
+        LinkFrame::Proof { mac: [0x22; 32] },
     ];
     let mut all = Vec::new();
     for (i, f) in frames.iter().enumerate() {
@@ -237,6 +239,8 @@ fn name_of(f: &LinkFrame) -> &'static str {
         LinkFrame::Ack { .. } => "ack",
         LinkFrame::Ping { .. } => "ping",
         LinkFrame::Pong { .. } => "pong",
+        LinkFrame::Challenge { .. } => "challenge",
+        LinkFrame::Proof { .. } => "proof",
     }
 }
 
@@ -270,6 +274,20 @@ fn ingest_frames(dir: &Path) {
                 ttl_ms: 30_000,
                 body: br#"{"cmd":"PK"}"#.to_vec(),
             }),
+        ),
+        (
+            "keyed-push",
+            IngestFrame::KeyedPush {
+                idempotency_key: "order-1".into(),
+                push: Push {
+                    req_id: 4,
+                    scope: Scope::Room(RoomId(42)),
+                    priority: Priority::Low,
+                    reach: Reach::BestEffort,
+                    ttl_ms: 0,
+                    body: br#"{"cmd":"SEND_GIFT"}"#.to_vec(),
+                },
+            },
         ),
         (
             "status-ok",
