@@ -54,6 +54,19 @@ impl Default for UpConfig {
     }
 }
 
+impl net::config::Layered for UpConfig {
+    const ROLE: &'static str = "up";
+
+    fn check(&self) -> Result<(), String> {
+        let c = <control::Config as net::config::Layered>::check(&self.control);
+        let b = <broker::Config as net::config::Layered>::check(&self.broker);
+        let e = <edge::Config as net::config::Layered>::check(&self.edge);
+        c.map_err(|m| format!("[control] {m}"))?;
+        b.map_err(|m| format!("[broker] {m}"))?;
+        e.map_err(|m| format!("[edge] {m}"))
+    }
+}
+
 /// SIGINT/SIGTERM, registered before anything starts so an early signal is not lost.
 pub struct Shutdown {
     signals: signal_hook::iterator::Signals,
@@ -195,14 +208,9 @@ fn wait_for_edge(control: SocketAddr) -> bool {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let base = match &args.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
-        }
-        None => UpConfig::default(),
-    };
+    // Layers as for every role: defaults < file < BARRAGE_UP_<SECTION>__<FIELD>; flags below.
+    let base: UpConfig =
+        net::config::load(&net::config::Sources::process(args.config.as_deref(), &[]))?;
     let c = wire(base, &args)?;
     let signals = Shutdown::register()?;
     let api_key = c.control.api_keys.first().cloned().unwrap_or_default();
