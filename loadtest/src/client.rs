@@ -72,9 +72,11 @@ pub struct Ticket {
     pub edges: Vec<Edge>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One edge, as both `POST /v1/connect` (`tcp_port`) and `getDanmuInfo` (`port`) list it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct Edge {
     pub host: String,
+    #[serde(alias = "port")]
     pub tcp_port: u16,
     pub ws_port: u16,
 }
@@ -135,14 +137,7 @@ struct ConnectOut {
     #[serde(default)]
     room: u64,
     token: String,
-    edges: Vec<ConnectEdge>,
-}
-
-#[derive(Deserialize)]
-struct ConnectEdge {
-    host: String,
-    tcp_port: u16,
-    ws_port: u16,
+    edges: Vec<Edge>,
 }
 
 #[derive(Deserialize)]
@@ -154,36 +149,21 @@ struct DanmuEnvelope {
 #[derive(Deserialize)]
 struct DanmuData {
     token: String,
-    host_list: Vec<DanmuHost>,
+    host_list: Vec<Edge>,
 }
 
-#[derive(Deserialize)]
-struct DanmuHost {
-    host: String,
-    port: u16,
-    ws_port: u16,
+/// A ticket, unless control listed no edge.
+fn ticket(room: u64, token: String, edges: Vec<Edge>) -> Result<Ticket, TicketError> {
+    if edges.is_empty() {
+        return Err(TicketError::NoEdge);
+    }
+    Ok(Ticket { room, token, edges })
 }
 
 /// Parses a `POST /v1/connect` answer.
 pub fn parse_connect(body: &[u8]) -> Result<Ticket, TicketError> {
     let out: ConnectOut = serde_json::from_slice(body).map_err(|_| TicketError::Body)?;
-    let edges: Vec<Edge> = out
-        .edges
-        .into_iter()
-        .map(|e| Edge {
-            host: e.host,
-            tcp_port: e.tcp_port,
-            ws_port: e.ws_port,
-        })
-        .collect();
-    if edges.is_empty() {
-        return Err(TicketError::NoEdge);
-    }
-    Ok(Ticket {
-        room: out.room,
-        token: out.token,
-        edges,
-    })
+    ticket(out.room, out.token, out.edges)
 }
 
 /// Parses a `getDanmuInfo` answer.
@@ -192,24 +172,7 @@ pub fn parse_danmu_info(body: &[u8]) -> Result<Ticket, TicketError> {
     if out.code != 0 {
         return Err(TicketError::Body);
     }
-    let edges: Vec<Edge> = out
-        .data
-        .host_list
-        .into_iter()
-        .map(|h| Edge {
-            host: h.host,
-            tcp_port: h.port,
-            ws_port: h.ws_port,
-        })
-        .collect();
-    if edges.is_empty() {
-        return Err(TicketError::NoEdge);
-    }
-    Ok(Ticket {
-        room: 0,
-        token: out.data.token,
-        edges,
-    })
+    ticket(0, out.data.token, out.data.host_list)
 }
 
 /// Asks control for a ticket. `key` set: `POST /v1/connect` for user `uid`; otherwise a guest
