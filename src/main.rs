@@ -98,6 +98,7 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
     match command {
         Command::Up(args) => up::run(args)?,
         Command::Edge(args) => serve::<edge::Config, _>(&args, |c| {
+            let rate_per_s = c.drain_close_per_s.max(1);
             let h = edge::start(c).context("starting the edge")?;
             let banner = format!(
                 "edge: tcp {}, ws {}, admin http://{}",
@@ -105,7 +106,12 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
                 h.ws_addr(),
                 h.admin_addr()
             );
-            Ok((h, banner, edge::Handle::shutdown))
+            let drain = Drain {
+                start: edge::Handle::drain,
+                remaining: edge::Handle::connections,
+                rate_per_s,
+            };
+            Ok((h, banner, edge::Handle::shutdown, Some(drain)))
         })?,
         Command::Broker(args) => serve::<broker::Config, _>(&args, |c| {
             let h = broker::start(c).context("starting the broker")?;
@@ -115,12 +121,12 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
                 h.link_addr(),
                 h.http_addr()
             );
-            Ok((h, banner, broker::Handle::shutdown))
+            Ok((h, banner, broker::Handle::shutdown, None))
         })?,
         Command::Control(args) => serve::<control::Config, _>(&args, |c| {
             let h = control::start(c).context("starting control")?;
             let banner = format!("control: http://{}", h.http_addr());
-            Ok((h, banner, control::Handle::shutdown))
+            Ok((h, banner, control::Handle::shutdown, None))
         })?,
         Command::Config(args) => return config::run(args),
         Command::Doctor(args) => return doctor::run(args),
@@ -131,13 +137,30 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
     Ok(exit::Exit::Ok)
 }
 
-/// What starting a role gives back: its handle, the line printed once it listens, and how it
-/// stops.
-type Started<H> = (H, String, fn(H));
+/// Stops a drain waits for at most, whatever the connection count (under the unit's
+/// `TimeoutStopSec=120s`, so systemd never has to SIGKILL a draining edge).
+const DRAIN_MS_MAX: u64 = 110_000;
+/// Added to the time a drain should take at its close rate, for stragglers.
+const DRAIN_MARGIN_MS: u64 = 5_000;
+
+/// How a role that holds viewers drains before it stops.
+struct Drain<H> {
+    /// Stop accepting and close connections gradually.
+    start: fn(&H),
+    /// Connections still open.
+    remaining: fn(&H) -> u64,
+    /// Connections the role closes per second while draining.
+    rate_per_s: u64,
+}
+
+/// What starting a role gives back: its handle, the line printed once it listens, how it
+/// stops, and how it drains first (roles without viewers stop at once).
+type Started<H> = (H, String, fn(H), Option<Drain<H>>);
 
 /// Runs one server role: loads its config through every layer, starts it, prints where it
-/// listens, and stops it on SIGINT or SIGTERM. The same for every role, so a new role or a new
-/// config field needs nothing here.
+/// listens, and on SIGTERM or SIGINT drains (when the role has viewers) and stops; a second
+/// signal stops at once. The same for every role, so a new role or a new config field needs
+/// nothing here.
 fn serve<C: Layered, H>(
     args: &RoleArgs,
     start: impl FnOnce(C) -> anyhow::Result<Started<H>>,
@@ -146,10 +169,28 @@ fn serve<C: Layered, H>(
         args.config.as_deref(),
         &args.set,
     ))?;
-    let signals = up::Shutdown::register()?;
-    let (handle, banner, stop) = start(config)?;
+    let mut signals = up::Shutdown::register()?;
+    let (handle, banner, stop, drain) = start(config)?;
     println!("{banner}");
     signals.wait();
+    if let Some(d) = drain {
+        let open = (d.remaining)(&handle);
+        let expected_ms = open.saturating_mul(1000) / d.rate_per_s;
+        let bound_ms = (expected_ms + DRAIN_MARGIN_MS).min(DRAIN_MS_MAX);
+        eprintln!(
+            "draining {open} connections (at most {} s); a second signal stops at once",
+            bound_ms / 1000
+        );
+        (d.start)(&handle);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(bound_ms);
+        match signals.drain_until(deadline, || (d.remaining)(&handle)) {
+            up::Drained::Empty => eprintln!("drained"),
+            up::Drained::TimedOut(left) => {
+                eprintln!("drain time is up, closing {left} connections")
+            }
+            up::Drained::Interrupted(sig) => eprintln!("signal {sig} again: stopping now"),
+        }
+    }
     stop(handle);
     Ok(())
 }

@@ -72,6 +72,20 @@ pub struct Shutdown {
     signals: signal_hook::iterator::Signals,
 }
 
+/// How often a drain looks at the signals and the connections left.
+const DRAIN_POLL_MS: u64 = 50;
+
+/// How a drain ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// No connection left.
+    Empty,
+    /// The time bound passed with connections left.
+    TimedOut(u64),
+    /// A second signal: stop at once.
+    Interrupted(i32),
+}
+
 impl Shutdown {
     pub fn register() -> anyhow::Result<Shutdown> {
         let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
@@ -80,9 +94,27 @@ impl Shutdown {
     }
 
     /// Blocks until SIGINT or SIGTERM.
-    pub fn wait(mut self) {
+    pub fn wait(&mut self) {
         if let Some(sig) = self.signals.forever().next() {
             tracing::info!(signal = sig, "shutting down");
+        }
+    }
+
+    /// After the first signal: waits until `remaining()` is 0, `deadline` passes, or a second
+    /// SIGINT/SIGTERM arrives (which means "stop now").
+    pub fn drain_until(&mut self, deadline: Instant, remaining: impl Fn() -> u64) -> Drained {
+        loop {
+            if let Some(sig) = self.signals.pending().next() {
+                return Drained::Interrupted(sig);
+            }
+            let left = remaining();
+            if left == 0 {
+                return Drained::Empty;
+            }
+            if Instant::now() >= deadline {
+                return Drained::TimedOut(left);
+            }
+            std::thread::sleep(Duration::from_millis(DRAIN_POLL_MS));
         }
     }
 }
@@ -212,7 +244,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let base: UpConfig =
         net::config::load(&net::config::Sources::process(args.config.as_deref(), &[]))?;
     let c = wire(base, &args)?;
-    let signals = Shutdown::register()?;
+    let mut signals = Shutdown::register()?;
     let api_key = c.control.api_keys.first().cloned().unwrap_or_default();
     let token_keys = c.control.token_keys.clone();
     let stack = Stack::start(c)?;

@@ -153,3 +153,101 @@ fn a_port_another_process_holds_is_refused_unless_shared_on_purpose() {
     assert!(line.starts_with(&format!("edge: tcp {addr}")), "{line:?}");
     drop(holder);
 }
+
+/// Starts `barrage edge` on loopback ports 0 and returns it with its TCP address.
+fn start_edge(
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut child = barrage()
+        .args(["edge", "--set", "shards=1", "--set", "pin=false"])
+        .args([
+            "--set",
+            "tcp_addr=\"127.0.0.1:0\"",
+            "--set",
+            "ws_addr=\"127.0.0.1:0\"",
+        ])
+        .args(["--set", "admin_addr=\"127.0.0.1:0\""])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let tcp = line
+        .strip_prefix("edge: tcp ")
+        .and_then(|r| r.split(',').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("banner {line:?}"));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (child, tcp, rx)
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Waits for the child to exit, killing it past `within`; returns whether it exited by itself.
+fn exits_within(child: &mut std::process::Child, within: std::time::Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s.code().unwrap_or(-1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> bool {
+    let deadline = Instant::now() + common::WAIT;
+    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if l.contains(needle) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn sigterm_drains_and_a_second_signal_stops_at_once() {
+    use std::time::Duration;
+    // Nothing connected: the drain ends at once and the edge exits 0.
+    let (mut child, _, rx) = start_edge(&[]);
+    signal(&child, "-TERM");
+    assert_eq!(exits_within(&mut child, Duration::from_secs(10)), Some(0));
+    assert!(wait_line(&rx, "drained"));
+
+    // Viewers held open (a long auth window) and a slow close rate: the drain closes them one per
+    // second, so three take seconds; a second signal stops it at once.
+    let (mut child, tcp, rx) =
+        start_edge(&["--set", "auth_ms_max=60000", "--set", "drain_close_per_s=1"]);
+    let viewers: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(tcp).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "-TERM");
+    assert!(wait_line(&rx, "draining 3 connections"));
+    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    signal(&child, "-INT");
+    assert_eq!(exits_within(&mut child, Duration::from_secs(5)), Some(0));
+    assert!(wait_line(&rx, "again: stopping now"));
+    drop(viewers);
+}
