@@ -190,13 +190,7 @@ pub async fn fetch(
     let addr = control.authority();
     if danmu_info {
         let path = format!("/xlive/web-room/v1/index/getDanmuInfo?id={room}&type=0");
-        let r = net::http::request(addr, "GET", &path, &[], b"", timeout)
-            .await
-            .map_err(|e| TicketError::Http(e.to_string()))?;
-        if r.status != 200 {
-            return Err(TicketError::Status(r.status));
-        }
-        return parse_danmu_info(&r.body);
+        return parse_danmu_info(&call(addr, "GET", &path, &[], b"", timeout).await?);
     }
     let uid = if key.is_some() { uid } else { 0 };
     let body = serde_json::json!({ "room": room, "uid": uid, "device": device }).to_string();
@@ -205,7 +199,7 @@ pub async fn fetch(
     if let Some(b) = &bearer {
         headers.push(("authorization", b));
     }
-    let r = net::http::request(
+    let body = call(
         addr,
         "POST",
         "/v1/connect",
@@ -213,12 +207,26 @@ pub async fn fetch(
         body.as_bytes(),
         timeout,
     )
-    .await
-    .map_err(|e| TicketError::Http(e.to_string()))?;
+    .await?;
+    parse_connect(&body)
+}
+
+/// One request to control; the body of a 200, or why there is none.
+async fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, TicketError> {
+    let r = net::http::request(addr, method, path, headers, body, timeout)
+        .await
+        .map_err(|e| TicketError::Http(e.to_string()))?;
     if r.status != 200 {
         return Err(TicketError::Status(r.status));
     }
-    parse_connect(&r.body)
+    Ok(r.body)
 }
 
 /// A guest's first call, as third-party clients make it: resolves a (possibly short) room id
@@ -226,13 +234,8 @@ pub async fn fetch(
 pub async fn resolve_room(control: &str, room: u64, timeout: Duration) -> Result<u64, TicketError> {
     let control = ControlUrl::parse(control)?;
     let path = format!("/xlive/web-room/v1/index/getInfoByRoom?room_id={room}");
-    let r = net::http::request(control.authority(), "GET", &path, &[], b"", timeout)
-        .await
-        .map_err(|e| TicketError::Http(e.to_string()))?;
-    if r.status != 200 {
-        return Err(TicketError::Status(r.status));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&r.body).map_err(|_| TicketError::Body)?;
+    let body = call(control.authority(), "GET", &path, &[], b"", timeout).await?;
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| TicketError::Body)?;
     if v["code"] != 0 {
         return Err(TicketError::Body);
     }
