@@ -1,25 +1,35 @@
 //! `barrage`: one binary for every role.
 //!
 //! - `up`: control, broker and one edge in one process on loopback (the quick start).
-//! - `edge | broker | control --config FILE`: one role alone, for real deployments.
+//! - `edge | broker | control [--config FILE] [--set FIELD=VALUE]...`: one role alone, for real
+//!   deployments; config layers are defaults < file < `BARRAGE_<ROLE>_<FIELD>` < `--set`.
+//! - `config defaults ROLE | config check ROLE FILE`: a complete commented config; a check.
+//! - `doctor`: compares this host with the tuning kit (`tuning/`).
 //! - `push`: push one message through the broker's ingest socket.
 //! - `tail`: our reference client; prints every message of a room as JSON lines.
 //! - `loadtest`: the load generator (the `loadtest` crate).
+//!
+//! Exit codes (scripts rely on them; docs/operations.md lists them): see [`exit::Exit`].
 #![forbid(unsafe_code)]
 
+mod config;
+mod doctor;
+mod exit;
 mod push;
 mod tail;
 mod up;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use net::config::Layered;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "barrage",
     version,
-    about = "A push system for live streaming (Bilibili live danmaku protocol)."
+    about = "A push system for live streaming (Bilibili live danmaku protocol).",
+    after_help = exit::HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +46,10 @@ enum Command {
     Broker(RoleArgs),
     /// Run control (tokens, edge registry, discovery).
     Control(RoleArgs),
+    /// Print a role's complete default config, or check a config file.
+    Config(config::ConfigArgs),
+    /// Compare this host with the tuning kit; exit 1 when something would cap capacity.
+    Doctor(doctor::DoctorArgs),
     /// Push one message through a broker's ingest socket.
     Push(push::PushArgs),
     /// Connect to a room like a viewer and print every message as one JSON line.
@@ -46,9 +60,12 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RoleArgs {
-    /// TOML config file (see examples/); every field has a default.
+    /// TOML config file (`barrage config defaults ROLE` prints one); every field has a default.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Overrides one field, above the file and the environment (repeatable): `--set shards=4`.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    set: Vec<String>,
 }
 
 fn init_logging() {
@@ -64,69 +81,116 @@ fn init_logging() {
 }
 
 fn main() -> std::process::ExitCode {
+    // clap exits with 2 on a usage error by itself.
     let cli = Cli::parse();
     init_logging();
     match run(cli.command) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code.into(),
         Err(e) => {
-            // One readable line (with causes), not a backtrace: these are operators' errors.
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // One readable line, each cause said once; not a backtrace: these are operators' errors.
+            eprintln!("error: {}", exit::message(&e));
+            exit::classify(&e).into()
         }
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command) -> anyhow::Result<exit::Exit> {
     match command {
-        Command::Up(args) => up::run(args),
-        Command::Edge(args) => {
-            let config = match &args.config {
-                Some(p) => edge::Config::from_toml_file(p)?,
-                None => edge::Config::default(),
-            };
-            let signals = up::Shutdown::register()?;
-            let h = edge::start(config).context("starting the edge")?;
-            println!(
+        Command::Up(args) => up::run(args)?,
+        Command::Edge(args) => serve::<edge::Config, _>(&args, |c| {
+            let rate_per_s = c.drain_close_per_s.max(1);
+            let h = edge::start(c).context("starting the edge")?;
+            let banner = format!(
                 "edge: tcp {}, ws {}, admin http://{}",
                 h.tcp_addr(),
                 h.ws_addr(),
                 h.admin_addr()
             );
-            signals.wait();
-            h.shutdown();
-            Ok(())
-        }
-        Command::Broker(args) => {
-            let config = match &args.config {
-                Some(p) => broker::Config::from_toml_file(p)?,
-                None => broker::Config::default(),
+            let drain = Drain {
+                start: edge::Handle::drain,
+                remaining: edge::Handle::connections,
+                rate_per_s,
             };
-            let signals = up::Shutdown::register()?;
-            let h = broker::start(config).context("starting the broker")?;
-            println!(
+            Ok((h, banner, edge::Handle::shutdown, Some(drain)))
+        })?,
+        Command::Broker(args) => serve::<broker::Config, _>(&args, |c| {
+            let h = broker::start(c).context("starting the broker")?;
+            let banner = format!(
                 "broker: ingest {}, links {}, http://{}",
                 h.ingest_addr(),
                 h.link_addr(),
                 h.http_addr()
             );
-            signals.wait();
-            h.shutdown();
-            Ok(())
-        }
-        Command::Control(args) => {
-            let config = match &args.config {
-                Some(p) => control::Config::from_toml_file(p)?,
-                None => control::Config::default(),
-            };
-            let signals = up::Shutdown::register()?;
-            let h = control::start(config).context("starting control")?;
-            println!("control: http://{}", h.http_addr());
-            signals.wait();
-            h.shutdown();
-            Ok(())
-        }
-        Command::Push(args) => push::run(args),
-        Command::Tail(args) => tail::run(args),
-        Command::Loadtest(args) => loadtest::run(*args),
+            Ok((h, banner, broker::Handle::shutdown, None))
+        })?,
+        Command::Control(args) => serve::<control::Config, _>(&args, |c| {
+            let h = control::start(c).context("starting control")?;
+            let banner = format!("control: http://{}", h.http_addr());
+            Ok((h, banner, control::Handle::shutdown, None))
+        })?,
+        Command::Config(args) => return config::run(args),
+        Command::Doctor(args) => return doctor::run(args),
+        Command::Push(args) => push::run(args)?,
+        Command::Tail(args) => tail::run(args)?,
+        Command::Loadtest(args) => loadtest::run(*args)?,
     }
+    Ok(exit::Exit::Ok)
+}
+
+/// Stops a drain waits for at most, whatever the connection count (under the unit's
+/// `TimeoutStopSec=120s`, so systemd never has to SIGKILL a draining edge).
+const DRAIN_MS_MAX: u64 = 110_000;
+/// Added to the time a drain should take at its close rate, for stragglers.
+const DRAIN_MARGIN_MS: u64 = 5_000;
+
+/// How a role that holds viewers drains before it stops.
+struct Drain<H> {
+    /// Stop accepting and close connections gradually.
+    start: fn(&H),
+    /// Connections still open.
+    remaining: fn(&H) -> u64,
+    /// Connections the role closes per second while draining.
+    rate_per_s: u64,
+}
+
+/// What starting a role gives back: its handle, the line printed once it listens, how it
+/// stops, and how it drains first (roles without viewers stop at once).
+type Started<H> = (H, String, fn(H), Option<Drain<H>>);
+
+/// Runs one server role: loads its config through every layer, starts it, prints where it
+/// listens, and on SIGTERM or SIGINT drains (when the role has viewers) and stops; a second
+/// signal stops at once. The same for every role, so a new role or a new config field needs
+/// nothing here.
+fn serve<C: Layered, H>(
+    args: &RoleArgs,
+    start: impl FnOnce(C) -> anyhow::Result<Started<H>>,
+) -> anyhow::Result<()> {
+    let config: C = net::config::load(&net::config::Sources::process(
+        args.config.as_deref(),
+        &args.set,
+    ))?;
+    let mut signals = up::Shutdown::register()?;
+    let (handle, banner, stop, drain) = start(config)?;
+    println!("{banner}");
+    signals.wait();
+    if let Some(d) = drain {
+        let open = (d.remaining)(&handle);
+        let expected_ms = open.saturating_mul(1000) / d.rate_per_s;
+        let bound_ms = (expected_ms + DRAIN_MARGIN_MS).min(DRAIN_MS_MAX);
+        eprintln!(
+            "draining {open} connections (at most {} s); a second signal stops at once",
+            bound_ms / 1000
+        );
+        (d.start)(&handle);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(bound_ms);
+        match signals.drain_until(deadline, || (d.remaining)(&handle)) {
+            up::Drained::Empty => eprintln!("drained"),
+            up::Drained::TimedOut(left) => {
+                eprintln!("drain time is up, closing {left} connections")
+            }
+            up::Drained::Interrupted(sig) => eprintln!("signal {sig} again: stopping now"),
+        }
+    }
+    stop(handle);
+    Ok(())
 }

@@ -92,7 +92,8 @@ pub fn run(args: PushArgs) -> anyhow::Result<()> {
         .ttl_ms(args.ttl_ms);
     let mut client = IngestClient::connect(args.ingest.as_str(), &args.api_key)
         .with_context(|| format!("connecting to ingest {}", args.ingest))?;
-    let id = client.push(&msg).context("push refused")?;
+    // The error already says "refused: <why>"; a context would say it twice.
+    let id = client.push(&msg)?;
     println!("{}", id.0);
     Ok(())
 }

@@ -11,7 +11,7 @@
 //! so both feed the same packet decoder.
 
 use anyhow::{anyhow, bail, Context};
-use base64::Engine;
+use loadtest::client::{self, Edge, Ticket};
 use proto::auth::{AuthBody, AUTH_OK};
 use proto::packet::{op, OwnedPacket, StreamDecoder};
 use proto::ws::{FrameDecoder, Message as WsMessage, Opcode};
@@ -31,8 +31,6 @@ const AUTH_REPLY_MS_MAX: u64 = 5_000;
 const READ_POLL_MS: u64 = 250;
 /// Control calls time out after this long.
 const CONTROL_MS_MAX: u64 = 5_000;
-/// Largest WebSocket upgrade response head accepted.
-const WS_HEAD_BYTES_MAX: usize = 8 * 1024;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -71,120 +69,35 @@ pub struct TailArgs {
     pub protover: u32,
 }
 
-/// One edge to try.
-#[derive(Debug, Clone)]
-struct EdgeAddr {
-    host: String,
-    tcp_port: u16,
-    ws_port: u16,
+/// Why tail stopped, for the ones a script may want to tell apart (see `exit` in main.rs).
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    /// The edge answered op 8 with a non-zero code (the token was refused).
+    #[error("the edge refused the token: {0}")]
+    TokenRefused(String),
+    /// No edge in the ticket accepted a connection.
+    #[error("no edge answered (tried {0})")]
+    NoEdgeAnswered(usize),
 }
 
-/// What control answered.
-#[derive(Debug)]
-struct Ticket {
-    room: u64,
-    token: String,
-    edges: Vec<EdgeAddr>,
-}
-
-/// `http://host:port/...` or `host:port` -> `host:port`.
-fn control_authority(url: &str) -> anyhow::Result<String> {
-    let rest = url.strip_prefix("http://").unwrap_or(url);
-    if url.starts_with("https://") {
-        bail!(
-            "tail speaks plain HTTP to control; put a TLS terminator's plain address in --control"
-        );
-    }
-    let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() {
-        bail!("--control {url:?} has no host");
-    }
-    Ok(if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    })
-}
-
-fn control_call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> anyhow::Result<serde_json::Value> {
-    let (addr_s, method_s, path_s) = (addr.to_string(), method.to_string(), path.to_string());
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let body = body.to_vec();
-    let resp = net::runtime::block_on(net::runtime::Driver::Legacy, async move {
-        let h: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        net::http::request(
-            &addr_s,
-            &method_s,
-            &path_s,
-            &h,
-            &body,
-            Duration::from_millis(CONTROL_MS_MAX),
-        )
-        .await
-    })
-    .with_context(|| format!("calling control at {addr}{path}"))?;
-    let v: serde_json::Value = serde_json::from_slice(&resp.body).with_context(|| {
-        format!(
-            "control answered {path} with non-JSON (status {})",
-            resp.status
-        )
-    })?;
-    if resp.status != 200 {
-        bail!("control answered {path} with {}: {}", resp.status, v);
-    }
-    Ok(v)
-}
-
+/// Asks control for a ticket: `POST /v1/connect` with the API key, or as a guest the public
+/// calls in the order third-party clients make them (resolve the room, then discovery).
 fn ticket(args: &TailArgs, device: &str) -> anyhow::Result<Ticket> {
-    let addr = control_authority(&args.control)?;
-    let port = |v: &serde_json::Value| v.as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+    let timeout = Duration::from_millis(CONTROL_MS_MAX);
     if let Some(key) = &args.api_key {
-        let body =
-            serde_json::json!({"room": args.room, "uid": args.uid, "device": device}).to_string();
-        let auth = format!("Bearer {key}");
-        let v = control_call(
-            &addr,
-            "POST",
-            "/v1/connect",
-            &[
-                ("authorization", &auth),
-                ("content-type", "application/json"),
-            ],
-            body.as_bytes(),
+        let mut t = client::fetch_blocking(
+            &args.control,
+            args.room,
+            args.uid,
+            device,
+            Some(key),
+            false,
+            timeout,
         )?;
-        let token = v["token"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no token in {v}"))?
-            .to_string();
-        let edges = v["edges"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|e| EdgeAddr {
-                        host: e["host"].as_str().unwrap_or("").to_string(),
-                        tcp_port: port(&e["tcp_port"]),
-                        ws_port: port(&e["ws_port"]),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        return Ok(Ticket {
-            room: v["room"].as_u64().unwrap_or(args.room),
-            token,
-            edges,
-        });
+        if t.room == 0 {
+            t.room = args.room;
+        }
+        return Ok(t);
     }
     if args.uid != 0 {
         bail!(
@@ -192,50 +105,10 @@ fn ticket(args: &TailArgs, device: &str) -> anyhow::Result<Ticket> {
             args.uid
         );
     }
-    // The guest path, in the order third-party clients take it: resolve the room, then discovery.
-    let info = control_call(
-        &addr,
-        "GET",
-        &format!(
-            "/xlive/web-room/v1/index/getInfoByRoom?room_id={}",
-            args.room
-        ),
-        &[],
-        b"",
-    )?;
-    if info["code"] != 0 {
-        bail!("getInfoByRoom refused room {}: {info}", args.room);
-    }
-    let room = info["data"]["room_info"]["room_id"]
-        .as_u64()
-        .unwrap_or(args.room);
-    let v = control_call(
-        &addr,
-        "GET",
-        &format!("/xlive/web-room/v1/index/getDanmuInfo?id={room}&type=0"),
-        &[],
-        b"",
-    )?;
-    if v["code"] != 0 {
-        bail!("getDanmuInfo refused room {room}: {v}");
-    }
-    let token = v["data"]["token"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no token in {v}"))?
-        .to_string();
-    let edges = v["data"]["host_list"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| EdgeAddr {
-                    host: e["host"].as_str().unwrap_or("").to_string(),
-                    tcp_port: port(&e["port"]),
-                    ws_port: port(&e["ws_port"]),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Ticket { room, token, edges })
+    let room = client::resolve_room_blocking(&args.control, args.room, timeout)?;
+    let mut t = client::fetch_blocking(&args.control, room, 0, device, None, true, timeout)?;
+    t.room = room;
+    Ok(t)
 }
 
 /// A connected transport: writes whole packets, reads raw bytes that hold whole packets.
@@ -285,21 +158,14 @@ fn connect_tcp(host: &str, port: u16) -> anyhow::Result<TcpStream> {
 
 /// The client side of the WebSocket upgrade; returns bytes read past the response head.
 fn ws_handshake(stream: &mut TcpStream, host: &str, port: u16) -> anyhow::Result<Vec<u8>> {
-    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-    let req = format!(
-        "GET /sub HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes())?;
+    let key = client::ws_key(rand::random());
+    stream.write_all(client::ws_upgrade_request(&format!("{host}:{port}"), &key).as_bytes())?;
     stream.set_read_timeout(Some(Duration::from_millis(AUTH_REPLY_MS_MAX)))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > WS_HEAD_BYTES_MAX {
-            bail!("WebSocket upgrade response head too large");
+    loop {
+        if let Some(end) = client::ws_upgrade_response(&buf, &key)? {
+            return Ok(buf.split_off(end));
         }
         let n = stream
             .read(&mut chunk)
@@ -308,32 +174,11 @@ fn ws_handshake(stream: &mut TcpStream, host: &str, port: u16) -> anyhow::Result
             bail!("edge closed the connection during the WebSocket upgrade");
         }
         buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    let status_ok = head
-        .lines()
-        .next()
-        .is_some_and(|l| l.split_whitespace().nth(1) == Some("101"));
-    if !status_ok {
-        bail!(
-            "WebSocket upgrade refused: {}",
-            head.lines().next().unwrap_or("")
-        );
     }
-    let want = proto::ws::accept_key(&key);
-    let accept_ok = head.lines().any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == want
-        })
-    });
-    if !accept_ok {
-        bail!("WebSocket upgrade answered with a wrong Sec-WebSocket-Accept");
-    }
-    Ok(buf[end..].to_vec())
 }
 
 impl Conn {
-    fn open(edge: &EdgeAddr, transport: Transport) -> anyhow::Result<Conn> {
+    fn open(edge: &Edge, transport: Transport) -> anyhow::Result<Conn> {
         match transport {
             Transport::Tcp => Ok(Conn::Tcp(connect_tcp(&edge.host, edge.tcp_port)?)),
             Transport::Ws => {
@@ -478,9 +323,8 @@ fn authenticate(
                 let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap_or_default();
                 let code = v["code"].as_i64().unwrap_or(i64::MIN);
                 if code != i64::from(AUTH_OK) {
-                    bail!(
-                        "the edge refused the token: {}",
-                        String::from_utf8_lossy(&p.body)
+                    return Err(
+                        TailError::TokenRefused(String::from_utf8_lossy(&p.body).into()).into(),
                     );
                 }
                 return Ok(early);
@@ -504,9 +348,6 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("tail-{:016x}", rand::random::<u64>()));
     let t = ticket(&args, &device)?;
-    if t.edges.is_empty() {
-        bail!("control knows no live edge (is an edge running and heartbeating to control?)");
-    }
     let mut conn = None;
     for e in &t.edges {
         match Conn::open(e, args.transport) {
@@ -529,21 +370,12 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         }
     }
     let Some(mut conn) = conn else {
-        bail!("no edge answered")
+        return Err(TailError::NoEdgeAnswered(t.edges.len()).into());
     };
     conn.stream()
         .set_read_timeout(Some(Duration::from_millis(READ_POLL_MS)))?;
     let mut packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
-    let auth = AuthBody {
-        uid: args.uid,
-        roomid: t.room,
-        protover: args.protover,
-        platform: Some("web".into()),
-        kind: Some(2),
-        key: t.token.clone(),
-        buvid: Some(device),
-        ack: false,
-    };
+    let auth = client::auth_body(args.uid, t.room, args.protover, &t.token, &device);
     let early = authenticate(&mut conn, &mut packets, &auth)?;
 
     // Heartbeats from their own thread; the writer half is shared under a lock with nobody
@@ -632,25 +464,6 @@ fn read_some(s: &mut impl Read, chunk: &mut [u8]) -> std::io::Result<Option<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_urls() {
-        assert_eq!(
-            control_authority("http://127.0.0.1:8080").unwrap(),
-            "127.0.0.1:8080"
-        );
-        assert_eq!(
-            control_authority("http://127.0.0.1:8080/").unwrap(),
-            "127.0.0.1:8080"
-        );
-        assert_eq!(control_authority("localhost:9").unwrap(), "localhost:9");
-        assert_eq!(
-            control_authority("http://example.com").unwrap(),
-            "example.com:80"
-        );
-        assert!(control_authority("https://x").is_err());
-        assert!(control_authority("http://").is_err());
-    }
 
     #[test]
     fn bodies_print_as_one_line() {

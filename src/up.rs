@@ -57,9 +57,36 @@ impl Default for UpConfig {
     }
 }
 
+impl net::config::Layered for UpConfig {
+    const ROLE: &'static str = "up";
+
+    fn check(&self) -> Result<(), String> {
+        let c = <control::Config as net::config::Layered>::check(&self.control);
+        let b = <broker::Config as net::config::Layered>::check(&self.broker);
+        let e = <edge::Config as net::config::Layered>::check(&self.edge);
+        c.map_err(|m| format!("[control] {m}"))?;
+        b.map_err(|m| format!("[broker] {m}"))?;
+        e.map_err(|m| format!("[edge] {m}"))
+    }
+}
+
 /// SIGINT/SIGTERM, registered before anything starts so an early signal is not lost.
 pub struct Shutdown {
     signals: signal_hook::iterator::Signals,
+}
+
+/// How often a drain looks at the signals and the connections left.
+const DRAIN_POLL_MS: u64 = 50;
+
+/// How a drain ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// No connection left.
+    Empty,
+    /// The time bound passed with connections left.
+    TimedOut(u64),
+    /// A second signal: stop at once.
+    Interrupted(i32),
 }
 
 impl Shutdown {
@@ -70,9 +97,27 @@ impl Shutdown {
     }
 
     /// Blocks until SIGINT or SIGTERM.
-    pub fn wait(mut self) {
+    pub fn wait(&mut self) {
         if let Some(sig) = self.signals.forever().next() {
             tracing::info!(signal = sig, "shutting down");
+        }
+    }
+
+    /// After the first signal: waits until `remaining()` is 0, `deadline` passes, or a second
+    /// SIGINT/SIGTERM arrives (which means "stop now").
+    pub fn drain_until(&mut self, deadline: Instant, remaining: impl Fn() -> u64) -> Drained {
+        loop {
+            if let Some(sig) = self.signals.pending().next() {
+                return Drained::Interrupted(sig);
+            }
+            let left = remaining();
+            if left == 0 {
+                return Drained::Empty;
+            }
+            if Instant::now() >= deadline {
+                return Drained::TimedOut(left);
+            }
+            std::thread::sleep(Duration::from_millis(DRAIN_POLL_MS));
         }
     }
 }
@@ -240,16 +285,11 @@ fn wait_for_edge(control: SocketAddr, api_key: &str) -> bool {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let base = match &args.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
-        }
-        None => UpConfig::default(),
-    };
+    // Layers as for every role: defaults < file < BARRAGE_UP_<SECTION>__<FIELD>; flags below.
+    let base: UpConfig =
+        net::config::load(&net::config::Sources::process(args.config.as_deref(), &[]))?;
     let c = wire(base, &args)?;
-    let signals = Shutdown::register()?;
+    let mut signals = Shutdown::register()?;
     let api_key = c.control.api_keys.first().cloned().unwrap_or_default();
     let token_keys = c.control.token_keys.clone();
     let stack = Stack::start(c)?;

@@ -104,8 +104,12 @@ pub struct Config {
     pub node_id: String,
     /// Broker shards (one monoio runtime thread each); 0 = one per core.
     pub shards: usize,
-    /// Pin shard `i` to core `i % cores`.
-    pub pin_cores: bool,
+    /// Where shard threads run: `true` (shard i on CPU i mod cores), `false`, or the CPUs shards
+    /// may use (`[2, 3]` or `"2-3"`).
+    pub pin: net::runtime::Pin,
+    /// Let another process bind the same ingest port (`SO_REUSEPORT` across processes). Off: a
+    /// port another process holds fails with "address in use". On only for a restart.
+    pub reuse_port_across_processes: bool,
     /// monoio driver (`auto`, `uring`, `legacy`); `BARRAGE_DRIVER` overrides it.
     pub driver: net::runtime::Driver,
     /// Ingest socket (persistent, pipelined `proto::ingest` frames).
@@ -203,7 +207,8 @@ impl Default for Config {
         Config {
             node_id: "broker-1".to_string(),
             shards: 0,
-            pin_cores: true,
+            pin: net::runtime::Pin::Cores,
+            reuse_port_across_processes: false,
             driver: net::runtime::Driver::Auto,
             ingest_addr: SocketAddr::from(([127, 0, 0, 1], 7400)),
             link_addr: SocketAddr::from(([127, 0, 0, 1], 7401)),
@@ -246,19 +251,17 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads and checks a TOML config file.
+    /// Reads and checks a TOML config file (defaults below it, no environment).
+    /// `barrage broker` loads through [`net::config::load`] with every layer.
     pub fn from_toml_file(path: &Path) -> Result<Config, BrokerError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| BrokerError::Config(format!("{}: {e}", path.display())))?;
-        Config::from_toml_str(&text)
+        net::config::load(&net::config::Sources::file(path))
+            .map_err(|e| BrokerError::Config(e.to_string()))
     }
 
     /// Parses and checks TOML text.
     pub fn from_toml_str(text: &str) -> Result<Config, BrokerError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| BrokerError::Config(e.to_string()))?;
-        config.validate()?;
-        Ok(config)
+        net::config::load(&net::config::Sources::text(text))
+            .map_err(|e| BrokerError::Config(e.to_string()))
     }
 
     /// Checks values that would make the broker misbehave rather than just be slow.
@@ -344,6 +347,17 @@ impl Config {
         } else {
             self.shards
         }
+    }
+}
+
+impl net::config::Layered for Config {
+    const ROLE: &'static str = "broker";
+
+    fn check(&self) -> Result<(), String> {
+        self.validate().map_err(|e| match e {
+            BrokerError::Config(m) => m,
+            other => other.to_string(),
+        })
     }
 }
 

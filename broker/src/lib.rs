@@ -214,18 +214,14 @@ fn bind_group(
     addr: SocketAddr,
     n: usize,
     what: &str,
+    across_processes: bool,
 ) -> Result<Vec<std::net::TcpListener>, BrokerError> {
-    let io = |source| BrokerError::Io {
-        what: format!("bind {what} {addr}"),
-        source,
-    };
-    let first = net::sys::listener(addr, true, 1024).map_err(io)?;
-    let bound = first.local_addr().map_err(io)?;
-    let mut out = vec![first];
-    for _ in 1..n {
-        out.push(net::sys::listener(bound, true, 1024).map_err(io)?);
-    }
-    Ok(out)
+    net::runtime::shard_listeners(addr, n, 1024, across_processes).map_err(|source| {
+        BrokerError::Io {
+            what: format!("bind {what} {addr}"),
+            source,
+        }
+    })
 }
 
 /// The first msg id: microseconds since the epoch, so ids keep increasing across restarts as
@@ -250,8 +246,9 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
     let n = config.shard_count();
-    let ingest = bind_group(config.ingest_addr, n, "ingest")?;
-    let http = bind_group(config.http_addr, n, "http")?;
+    let across = config.reuse_port_across_processes;
+    let ingest = bind_group(config.ingest_addr, n, "ingest", across)?;
+    let http = bind_group(config.http_addr, n, "http", across)?;
     let link_io = |source| BrokerError::Io {
         what: format!("bind link {}", config.link_addr),
         source,
@@ -324,14 +321,13 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
         Mutex::new(ingest.into_iter().zip(http).map(Some).collect());
     let shared2 = shared.clone();
     let driver = net::runtime::Driver::from_env_or(shared.config.driver);
-    let spawned =
-        net::runtime::spawn_shards("broker", n, driver, shared.config.pin_cores, move |i| {
-            let taken = match listeners.lock() {
-                Ok(mut g) => g.get_mut(i).and_then(Option::take),
-                Err(p) => p.into_inner().get_mut(i).and_then(Option::take),
-            };
-            shard::run(i, shared2.clone(), taken)
-        });
+    let spawned = net::runtime::spawn_shards("broker", n, driver, shared.config.pin, move |i| {
+        let taken = match listeners.lock() {
+            Ok(mut g) => g.get_mut(i).and_then(Option::take),
+            Err(p) => p.into_inner().get_mut(i).and_then(Option::take),
+        };
+        shard::run(i, shared2.clone(), taken)
+    });
     let mut handle = Handle {
         ingest_addr,
         link_addr,

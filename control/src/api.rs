@@ -317,7 +317,7 @@ impl Api {
     }
 
     /// The registry as operators see it (for the console, `pages`).
-    pub fn edges(&mut self, now: Instant) -> Vec<crate::registry::Listed> {
+    pub fn listed_edges(&mut self, now: Instant) -> Vec<crate::registry::Listed> {
         self.registry.list(now)
     }
 

@@ -106,12 +106,12 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads a TOML file; unknown keys are an error (a typo must not silently use a default).
+    /// Reads and checks a TOML file (defaults below it, no environment); unknown keys are an
+    /// error (a typo must not silently use a default). `barrage control` loads through
+    /// [`net::config::load`] with every layer.
     pub fn from_toml_file(path: &Path) -> Result<Config, ControlError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ControlError::Config(format!("{}: {e}", path.display())))?;
-        Config::from_toml_str(&text)
-            .map_err(|e| ControlError::Config(format!("{}: {e}", path.display())))
+        net::config::load(&net::config::Sources::file(path))
+            .map_err(|e| ControlError::Config(e.to_string()))
     }
 
     /// Refuses weak secrets (token keys, API keys, the edge key) when control listens on a
@@ -146,9 +146,39 @@ impl Config {
         Ok(())
     }
 
-    /// Parses TOML text.
+    /// Parses and checks TOML text.
     pub fn from_toml_str(text: &str) -> Result<Config, ControlError> {
-        toml::from_str(text).map_err(|e| ControlError::Config(e.to_string()))
+        net::config::load(&net::config::Sources::text(text))
+            .map_err(|e| ControlError::Config(e.to_string()))
+    }
+
+    /// Checks values that parse but would make control misbehave.
+    pub fn validate(&self) -> Result<(), ControlError> {
+        let bad = |m: &str| Err(ControlError::Config(m.to_string()));
+        if self.token_ttl_s == 0 {
+            return bad("token_ttl_s must be at least 1");
+        }
+        if self.edge_ttl_ms == 0 || self.edge_forget_ms < self.edge_ttl_ms {
+            return bad("edge_forget_ms must be at least edge_ttl_ms > 0");
+        }
+        if self.edges_per_client_max == 0 {
+            return bad("edges_per_client_max must be at least 1");
+        }
+        if self.api_keys.iter().any(|k| k.is_empty()) {
+            return bad("api_keys: empty key");
+        }
+        Ok(())
+    }
+}
+
+impl net::config::Layered for Config {
+    const ROLE: &'static str = "control";
+
+    fn check(&self) -> Result<(), String> {
+        self.validate().map_err(|e| match e {
+            ControlError::Config(m) => m,
+            other => other.to_string(),
+        })
     }
 }
 

@@ -109,6 +109,7 @@ fn unix_now_s() -> u64 {
 
 /// Binds, spawns the HTTP thread and returns once it is serving.
 pub fn start(config: Config) -> Result<Handle, ControlError> {
+    config.validate()?;
     config.check_secrets()?;
     let api = api::Api::new(&config)?;
     let listener = net::sys::listener(config.http_addr, false, HTTP_BACKLOG).map_err(|source| {

@@ -616,7 +616,7 @@ impl Pages {
     }
 
     async fn edges(&self, api: &RefCell<Api>) -> Response {
-        let listed = api.borrow_mut().edges(Instant::now());
+        let listed = api.borrow_mut().listed_edges(Instant::now());
         let mut out = Vec::with_capacity(listed.len());
         for e in listed {
             let admin = self

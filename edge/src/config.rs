@@ -2,7 +2,7 @@
 //! error so a typo in `edge.toml` fails loudly instead of silently keeping a default.
 
 use crate::EdgeError;
-use net::runtime::Driver;
+use net::runtime::{Driver, Pin};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -88,8 +88,13 @@ pub struct Config {
     pub backlog: i32,
     /// Runtime driver; `BARRAGE_DRIVER=uring|legacy|auto` overrides.
     pub driver: Driver,
-    /// Pin each shard thread to a core.
-    pub pin: bool,
+    /// Where shard threads run: `true` (shard i on CPU i mod cores), `false`, or the CPUs shards
+    /// may use (`[2, 3]` or `"2-3"`), leaving the others to the NIC's interrupts.
+    pub pin: Pin,
+    /// Let another process bind the same client ports (`SO_REUSEPORT` across processes). Off:
+    /// a port another process holds fails with "address in use". On only for a zero-downtime
+    /// restart, where the new edge binds while the old one drains (docs/operations.md).
+    pub reuse_port_across_processes: bool,
     /// The key this node proves it holds on its broker links (the broker's `link_keys` entry
     /// for this `node_id`, or its `*` entry). Empty: links are not authenticated, which a
     /// broker accepts from loopback only.
@@ -145,7 +150,8 @@ impl Default for Config {
             drain_close_per_s: 2_000,
             backlog: 4_096,
             driver: Driver::Auto,
-            pin: true,
+            pin: Pin::Cores,
+            reuse_port_across_processes: false,
             link_key: String::new(),
             edge_key: String::new(),
             admin_key: String::new(),
@@ -155,16 +161,17 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads a TOML file; unknown fields are an error.
+    /// Reads and checks a TOML file (defaults below it, no environment); unknown fields are an
+    /// error. `barrage edge` loads through [`net::config::load`] with every layer.
     pub fn from_toml_file(path: &Path) -> Result<Config, EdgeError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| EdgeError::Config(format!("{}: {e}", path.display())))?;
-        Config::from_toml_str(&text)
+        net::config::load(&net::config::Sources::file(path))
+            .map_err(|e| EdgeError::Config(e.to_string()))
     }
 
-    /// Parses TOML text; unknown fields are an error.
+    /// Parses and checks TOML text; unknown fields are an error.
     pub fn from_toml_str(text: &str) -> Result<Config, EdgeError> {
-        toml::from_str(text).map_err(|e| EdgeError::Config(e.to_string()))
+        net::config::load(&net::config::Sources::text(text))
+            .map_err(|e| EdgeError::Config(e.to_string()))
     }
 
     /// Shard count with 0 resolved to the core count.
@@ -198,6 +205,17 @@ impl Config {
             return bad("send_queue_bytes_max must be > 0");
         }
         Ok(())
+    }
+}
+
+impl net::config::Layered for Config {
+    const ROLE: &'static str = "edge";
+
+    fn check(&self) -> Result<(), String> {
+        self.validate().map_err(|e| match e {
+            EdgeError::Config(m) => m,
+            other => other.to_string(),
+        })
     }
 }
 

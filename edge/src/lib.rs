@@ -153,14 +153,15 @@ fn resolve(addr: &str) -> Result<SocketAddr, EdgeError> {
 fn bind_all(
     addr: &str,
     n: usize,
-    backlog: i32,
+    config: &Config,
 ) -> Result<(Vec<std::net::TcpListener>, SocketAddr), EdgeError> {
-    let first = net::sys::listener(resolve(addr)?, true, backlog)?;
-    let bound = first.local_addr()?;
-    let mut v = vec![first];
-    for _ in 1..n {
-        v.push(net::sys::listener(bound, true, backlog)?);
-    }
+    let v = net::runtime::shard_listeners(
+        resolve(addr)?,
+        n,
+        config.backlog,
+        config.reuse_port_across_processes,
+    )?;
+    let bound = v[0].local_addr()?;
     Ok((v, bound))
 }
 
@@ -197,8 +198,8 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
         "edge starting"
     );
 
-    let (tcp, tcp_addr) = bind_all(&config.tcp_addr, n, config.backlog)?;
-    let (ws, ws_addr) = bind_all(&config.ws_addr, n, config.backlog)?;
+    let (tcp, tcp_addr) = bind_all(&config.tcp_addr, n, &config)?;
+    let (ws, ws_addr) = bind_all(&config.ws_addr, n, &config)?;
     let admin_listener = net::sys::listener(resolve(&config.admin_addr)?, false, 128)?;
     let admin_addr = admin_listener.local_addr()?;
 

@@ -9,7 +9,8 @@
 //! - [`corpus`]: a seeded generator of realistic danmaku bodies (`DANMU_MSG`, `SEND_GIFT`, ...)
 //!   and the `"lt"` measurement field (publish time, room sequence) publishers append.
 //! - [`compress`]: the compression table (zlib vs brotli per batch size, brotli MB/s per quality).
-//! - [`ticket`]: token and edge list from control, as a real client gets them.
+//! - [`client`]: the client side shared with `barrage tail` and the tests: control URL, ticket
+//!   (token and edge list, as a real client gets them), WebSocket upgrade, auth body.
 //! - [`viewer`]: the simulated viewers: a sans-io receiver plus a thread-per-core monoio shell.
 //! - [`publisher`]: paced pushes over the ingest socket or the HTTP API.
 //! - [`stats`]: the report maths (sequence gaps/duplicates, histograms that merge, zipf).
@@ -32,6 +33,7 @@
 
 pub mod charts;
 pub mod cli;
+pub mod client;
 pub mod compress;
 pub mod corpus;
 pub mod plan;
@@ -41,7 +43,6 @@ pub mod publisher;
 pub mod report;
 pub mod run;
 pub mod stats;
-pub mod ticket;
 pub mod viewer;
 
 pub use cli::Args;

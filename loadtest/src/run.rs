@@ -70,7 +70,7 @@ pub fn check_target(what: &str, addr: &str, allow_remote: bool) -> anyhow::Resul
     if allow_remote {
         return Ok(());
     }
-    let hp = crate::ticket::host_port(addr);
+    let hp = crate::client::host_port(addr);
     let addrs: Vec<SocketAddr> = hp
         .to_socket_addrs()
         .with_context(|| format!("{what}: cannot resolve {hp}"))?

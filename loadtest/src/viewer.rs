@@ -28,9 +28,9 @@ use proto::ws::{FrameDecoder, Message, Opcode};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::Transport;
+use crate::client::{self, Ticket};
 use crate::corpus::{find_lt, SplitMix64};
 use crate::stats::{SeqTracker, Stats};
-use crate::ticket::{self, Ticket};
 
 /// Read buffer per connection. Batches are a few KB; the decoders keep any partial packet.
 const READ_BUF_BYTES: usize = 4096;
@@ -38,8 +38,6 @@ const READ_BUF_BYTES: usize = 4096;
 const FRAME_BYTES_MAX: u32 = 8 * 1024 * 1024;
 /// Decompressed bytes allowed per batch.
 const DECOMPRESSED_BYTES_MAX: usize = proto::limits::DECOMPRESSED_BYTES_MAX;
-/// Largest WebSocket upgrade response head.
-const WS_HEAD_BYTES_MAX: usize = 8 * 1024;
 /// Distinct batches a thread's decode cache keeps before it starts over.
 const DECODE_CACHE_ENTRIES_MAX: usize = 512;
 /// How often a thread checks its stop flag and the step, and ships a stats window.
@@ -460,14 +458,11 @@ async fn ws_upgrade(
     host: &SocketAddr,
     rng: &mut SplitMix64,
 ) -> Result<Vec<u8>, Fail> {
-    use base64::Engine;
     let mut key_bytes = [0u8; 16];
     key_bytes[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
     key_bytes[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
-    let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
-    let req = format!(
-        "GET /sub HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://{host}\r\n\r\n"
-    );
+    let key = client::ws_key(key_bytes);
+    let req = client::ws_upgrade_request(&host.to_string(), &key);
     let (r, _) = stream.write_all(req.into_bytes()).await;
     r.map_err(|e| format!("ws_write_{:?}", e.kind()).to_lowercase())?;
     let mut head = Vec::new();
@@ -478,22 +473,10 @@ async fn ws_upgrade(
             Ok(_) => head.extend_from_slice(&buf),
             Err(e) => return Err(format!("ws_read_{:?}", e.kind()).to_lowercase()),
         }
-        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
-            if !text.starts_with("http/1.1 101") {
-                return Err("ws_upgrade_refused".into());
-            }
-            let accept = proto::ws::accept_key(&key).to_ascii_lowercase();
-            if !text
-                .lines()
-                .any(|l| l.starts_with("sec-websocket-accept:") && l.ends_with(&accept))
-            {
-                return Err("ws_bad_accept".into());
-            }
-            return Ok(head[end + 4..].to_vec());
-        }
-        if head.len() > WS_HEAD_BYTES_MAX {
-            return Err("ws_head_too_long".into());
+        match client::ws_upgrade_response(&head, &key) {
+            Ok(Some(end)) => return Ok(head[end..].to_vec()),
+            Ok(None) => {}
+            Err(e) => return Err(e.label().into()),
         }
     }
 }
@@ -517,7 +500,7 @@ async fn ticket_for(ctx: &Ctx, room: u64, uid: u64) -> Result<Ticket, Fail> {
     }
     let t0 = Instant::now();
     let device = format!("LT{uid:016X}");
-    let t = ticket::fetch(
+    let t = client::fetch(
         &ctx.cfg.control,
         room,
         uid,
@@ -552,7 +535,7 @@ async fn open(ctx: &Ctx, spec: &ConnSpec) -> Result<Open, Fail> {
     let edge = if ctx.cfg.spread_edges {
         // Control orders edges by load, which differs between tickets; spread over a fixed
         // order so connection i always lands on the same edge whatever ticket it holds.
-        let mut edges: Vec<&ticket::Edge> = ticket.edges.iter().collect();
+        let mut edges: Vec<&client::Edge> = ticket.edges.iter().collect();
         edges.sort_by(|a, b| (&a.host, a.tcp_port).cmp(&(&b.host, b.tcp_port)));
         edges
             .get(spec.edge_pick as usize % edges.len().max(1))
@@ -577,20 +560,13 @@ async fn open(ctx: &Ctx, spec: &ConnSpec) -> Result<Open, Fail> {
         } else {
             Vec::new()
         };
-        let auth = proto::auth::AuthBody {
-            uid: if ctx.cfg.control_key.is_some() {
-                spec.uid
-            } else {
-                0
-            },
-            roomid: spec.room,
-            protover: ctx.cfg.protover,
-            platform: Some("web".into()),
-            kind: Some(2),
-            key: ticket.token.clone(),
-            buvid: Some(format!("LT{:016X}", spec.uid)),
-            ack: false,
+        let uid = if ctx.cfg.control_key.is_some() {
+            spec.uid
+        } else {
+            0
         };
+        let device = format!("LT{:016X}", spec.uid);
+        let auth = client::auth_body(uid, spec.room, ctx.cfg.protover, &ticket.token, &device);
         let pkt = frame_out(
             spec.ws,
             proto::auth::auth_request(&auth),

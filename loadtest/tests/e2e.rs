@@ -32,7 +32,7 @@ impl Stack {
         .unwrap();
         let mut bc = broker::Config {
             shards: 1,
-            pin_cores: false,
+            pin: net::runtime::Pin::Off,
             ingest_addr: "127.0.0.1:0".parse().unwrap(),
             link_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
@@ -44,7 +44,7 @@ impl Stack {
         let broker = broker::start(bc).unwrap();
         let edge = edge::start(edge::Config {
             shards: 2,
-            pin: false,
+            pin: net::runtime::Pin::Off,
             tcp_addr: "127.0.0.1:0".into(),
             ws_addr: "127.0.0.1:0".into(),
             admin_addr: "127.0.0.1:0".into(),

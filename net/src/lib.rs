@@ -8,6 +8,7 @@
 // `deny`, not `forbid`: `sys` alone opts back in for its libc calls (each with `// SAFETY:`).
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod framed;
 pub mod http;
 pub mod metrics;

@@ -36,7 +36,7 @@ pub fn control_config(token_keys: &str) -> control::Config {
 pub fn broker_config() -> broker::Config {
     broker::Config {
         shards: 1,
-        pin_cores: false,
+        pin: net::runtime::Pin::Off,
         ingest_addr: "127.0.0.1:0".parse().unwrap(),
         link_addr: "127.0.0.1:0".parse().unwrap(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
@@ -53,7 +53,7 @@ pub fn edge_config(
 ) -> edge::Config {
     edge::Config {
         shards: 1,
-        pin: false,
+        pin: net::runtime::Pin::Off,
         tcp_addr: "127.0.0.1:0".into(),
         ws_addr: "127.0.0.1:0".into(),
         admin_addr: "127.0.0.1:0".into(),
@@ -222,16 +222,7 @@ pub fn connect_ticket(control: SocketAddr, room: u64, uid: u64) -> Ticket {
 }
 
 pub fn auth_body(uid: u64, room: u64, token: &str) -> AuthBody {
-    AuthBody {
-        uid,
-        roomid: room,
-        protover: 3,
-        platform: Some("web".into()),
-        kind: Some(2),
-        key: token.into(),
-        buvid: Some(format!("dev-{uid}")),
-        ack: false,
-    }
+    loadtest::client::auth_body(uid, room, 3, token, &format!("dev-{uid}"))
 }
 
 /// What a viewer read.
@@ -273,10 +264,9 @@ impl Viewer {
     pub fn ws(addr: SocketAddr) -> Viewer {
         let mut stream =
             TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("ws connect");
-        let key = "dGhlIHNhbXBsZSBub25jZQ==";
-        let req = format!(
-            "GET /sub HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
+        // The same upgrade `barrage tail` and the loadtest's viewers make.
+        let key = loadtest::client::ws_key(rand::random());
+        let req = loadtest::client::ws_upgrade_request(&addr.to_string(), &key);
         stream.write_all(req.as_bytes()).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -284,16 +274,15 @@ impl Viewer {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 1024];
         let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
+            match loadtest::client::ws_upgrade_response(&buf, &key) {
+                Ok(Some(end)) => break end,
+                Ok(None) => {}
+                Err(e) => panic!("upgrade: {e}"),
             }
             let n = stream.read(&mut chunk).expect("upgrade response");
             assert!(n > 0, "closed during upgrade");
             buf.extend_from_slice(&chunk[..n]);
         };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(head.contains(&proto::ws::accept_key(key)), "{head}");
         stream
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();

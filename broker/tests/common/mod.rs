@@ -23,7 +23,7 @@ pub fn config() -> Config {
     let lo = SocketAddr::from(([127, 0, 0, 1], 0));
     Config {
         shards: 2,
-        pin_cores: false,
+        pin: net::runtime::Pin::Off,
         ingest_addr: lo,
         link_addr: lo,
         http_addr: lo,

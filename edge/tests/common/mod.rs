@@ -84,7 +84,7 @@ pub fn edge_config(driver: Driver, brokers: Vec<String>) -> edge::Config {
         broker_addrs: brokers,
         token_keys: SECRET.into(),
         driver,
-        pin: false,
+        pin: net::runtime::Pin::Off,
         timer_tick_ms: 10,
         link_backoff_ms_min: 20,
         link_backoff_ms_max: 200,
