@@ -19,6 +19,7 @@
 //! - [`client`]: [`IngestClient`], a blocking pipelined client of the ingest socket.
 //! - [`shard`]: one shard's event loop (queues -> batcher -> compress -> links).
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`history`]: issue 9's per-room resume history (sans-io), not yet wired in.
 //! - [`stop`]: a shard-local stop latch.
 //!
 //! # Threads and invariants
@@ -38,6 +39,7 @@ pub mod batcher;
 pub mod client;
 pub mod compress;
 pub mod config;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod link;
