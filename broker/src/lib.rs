@@ -19,7 +19,8 @@
 //! - [`client`]: [`IngestClient`], a blocking pipelined client of the ingest socket.
 //! - [`shard`]: one shard's event loop (queues -> batcher -> compress -> links).
 //! - [`metrics`]: counters and their Prometheus rendering.
-//! - [`history`]: issue 9's per-room resume history (sans-io), not yet wired in.
+//! - [`reach`], [`history`]: issue 9's delivery building blocks (sans-io high-reach
+//!   tracker, per-room resume history); not yet wired into the data path.
 //! - [`stop`]: a shard-local stop latch.
 //!
 //! # Threads and invariants
@@ -45,6 +46,7 @@ pub mod ingest;
 pub mod link;
 pub mod metrics;
 pub mod policy;
+pub mod reach;
 pub mod route;
 pub mod shard;
 pub mod stop;
