@@ -12,7 +12,10 @@ use proto::sync::ResumeField;
 
 fuzz_target!(|data: &[u8]| {
     let ext = auth::parse_auth_ext(data, AUTH_BYTES_MAX);
-    assert_eq!(auth::parse_auth(data, AUTH_BYTES_MAX), ext.clone().map(|a| a.body));
+    assert_eq!(
+        auth::parse_auth(data, AUTH_BYTES_MAX),
+        ext.clone().map(|a| a.body)
+    );
     if data.len() > AUTH_BYTES_MAX as usize {
         assert_eq!(ext, Err(AuthError::TooLarge));
     }
