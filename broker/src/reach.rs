@@ -341,26 +341,27 @@ impl Tracker {
             if e.deadline() != at {
                 continue; // stale: the entry was re-armed since
             }
-            if now >= e.expires {
-                self.remove(msg);
-                self.stats.expired += 1;
-                out.push(Action::Ended {
-                    msg,
-                    end: End::Expired,
-                });
-                continue;
+            let end = if now >= e.expires {
+                Some(End::Expired)
+            } else if e.attempts > self.limits.retries {
+                Some(End::Exhausted)
+            } else {
+                None
+            };
+            match end {
+                None => {
+                    self.try_send(msg, now, out);
+                    self.arm(msg);
+                }
+                Some(end) => {
+                    self.remove(msg);
+                    match end {
+                        End::Expired => self.stats.expired += 1,
+                        _ => self.stats.exhausted += 1,
+                    }
+                    out.push(Action::Ended { msg, end });
+                }
             }
-            if e.attempts > self.limits.retries {
-                self.remove(msg);
-                self.stats.exhausted += 1;
-                out.push(Action::Ended {
-                    msg,
-                    end: End::Exhausted,
-                });
-                continue;
-            }
-            self.try_send(msg, now, out);
-            self.arm(msg);
         }
     }
 

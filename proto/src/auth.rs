@@ -272,16 +272,20 @@ mod tests {
         assert_eq!(parse_ack(&[0; 9]), None);
     }
 
-    #[test]
-    fn auth_request_round_trips_through_parse_auth() {
-        let a = AuthBody {
+    fn acking_body() -> AuthBody {
+        AuthBody {
             uid: 5,
             roomid: 9,
             protover: 3,
             key: "k".into(),
             ack: true,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn auth_request_round_trips_through_parse_auth() {
+        let a = acking_body();
         let p = auth_request(&a);
         let (pk, _) = packet::decode(&p, 65536).unwrap();
         assert_eq!((pk.ver, pk.op, pk.seq), (1, 7, 1));
@@ -291,14 +295,7 @@ mod tests {
     #[test]
     fn resume_round_trips_and_a_bad_one_keeps_the_auth() {
         use crate::sync::{Epoch, ResumeError};
-        let a = AuthBody {
-            uid: 5,
-            roomid: 9,
-            protover: 3,
-            key: "k".into(),
-            ack: true,
-            ..Default::default()
-        };
+        let a = acking_body();
         let r = Resume {
             epoch: Epoch::new("00ab-3").unwrap(),
             seq: 17,
