@@ -253,9 +253,7 @@ impl History {
     }
 
     fn epoch_of(&self, generation: u64) -> Epoch {
-        // 16 hex digits, a dash and a decimal: within EPOCH_BYTES_MAX, in the epoch alphabet.
-        Epoch::new(format!("{:016x}-{generation}", self.boot))
-            .unwrap_or_else(|_| unreachable!("hex and digits form a valid epoch"))
+        Epoch::from_parts(self.boot, generation)
     }
 
     /// Drops every batch older than `ms_max`.

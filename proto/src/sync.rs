@@ -46,6 +46,12 @@ impl Epoch {
         Ok(Epoch(s))
     }
 
+    /// The broker's form: `boot` as 16 hex digits, a dash, the room's generation in decimal
+    /// (at most 37 bytes, all in the epoch alphabet).
+    pub fn from_parts(boot: u64, generation: u64) -> Epoch {
+        Epoch(format!("{boot:016x}-{generation}"))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -283,6 +289,15 @@ mod tests {
 
     fn epoch(s: &str) -> Epoch {
         Epoch::new(s).unwrap()
+    }
+
+    #[test]
+    fn broker_epochs_are_valid_epochs() {
+        for (b, g) in [(0, 0), (0xab, 3), (u64::MAX, u64::MAX)] {
+            let e = Epoch::from_parts(b, g);
+            assert_eq!(Epoch::new(e.as_str()), Ok(e));
+        }
+        assert_eq!(Epoch::from_parts(0xab, 1).as_str(), "00000000000000ab-1");
     }
 
     #[test]
