@@ -19,6 +19,8 @@
 //! - [`client`]: [`IngestClient`], a blocking pipelined client of the ingest socket.
 //! - [`shard`]: one shard's event loop (queues -> batcher -> compress -> links).
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`reach`], [`history`], [`store`]: issue 9's delivery building blocks (sans-io high-reach
+//!   tracker, per-room resume history, durable log); not yet wired into the data path.
 //! - [`stop`]: a shard-local stop latch.
 //!
 //! # Threads and invariants
@@ -40,14 +42,17 @@ pub mod client;
 pub mod compress;
 pub mod config;
 pub mod dedup;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod link;
 pub mod metrics;
 pub mod policy;
+pub mod reach;
 pub mod route;
 pub mod shard;
 pub mod stop;
+pub mod store;
 
 pub use client::{ClientError, IngestClient, Message};
 pub use config::{ApiKey, Config, ScopeKind};

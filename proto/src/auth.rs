@@ -5,6 +5,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::packet::{self, op, ver};
+use crate::sync::{Resume, ResumeField};
 
 /// The op 7 auth body as real clients send it:
 /// `{"uid":N,"roomid":N,"protover":3,"platform":"web","type":2,"key":"<token>","buvid":"<device>"}`.
@@ -64,6 +65,9 @@ struct WireAuth {
     buvid: Option<String>,
     #[serde(default)]
     ack: Option<bool>,
+    /// Interpreted apart ([`ResumeField::from_json`]) so a malformed value leaves the auth valid.
+    #[serde(default)]
+    resume: Option<serde_json::Value>,
 }
 
 /// A JSON number or a string holding one.
@@ -109,21 +113,48 @@ fn lenient_opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Er
 
 /// Parses an op 7 body (accepts numbers given as strings too, as some clients send `"roomid":"123"`).
 ///
-/// The size is checked before any parsing, so an oversized body costs nothing.
+/// The size is checked before any parsing, so an oversized body costs nothing. The `resume`
+/// extension is parsed and dropped; [`parse_auth_ext`] keeps it.
 pub fn parse_auth(body: &[u8], auth_bytes_max: u32) -> Result<AuthBody, AuthError> {
+    parse_auth_ext(body, auth_bytes_max).map(|a| a.body)
+}
+
+/// An auth body with the extensions that do not fit [`AuthBody`] (whose shape other crates
+/// build literally): today the `resume` request of DESIGN §11.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct AuthExt {
+    pub body: AuthBody,
+    /// `Malformed` when present but unusable: the auth stays valid, the edge counts it and
+    /// answers `BARRAGE_SYNC` with `recovered:false`.
+    pub resume: ResumeField,
+}
+
+impl AuthExt {
+    /// True if the client gets a `BARRAGE_SYNC` after op 8: it sent `"ack":true` or any `resume`.
+    pub fn wants_sync(&self) -> bool {
+        self.body.ack || !matches!(self.resume, ResumeField::Absent)
+    }
+}
+
+/// [`parse_auth`] keeping the `resume` field. Same errors: only the Bilibili fields and `ack`
+/// can make an auth body invalid.
+pub fn parse_auth_ext(body: &[u8], auth_bytes_max: u32) -> Result<AuthExt, AuthError> {
     if body.len() > auth_bytes_max as usize {
         return Err(AuthError::TooLarge);
     }
     let w: WireAuth = serde_json::from_slice(body).map_err(|_| AuthError::Malformed)?;
-    Ok(AuthBody {
-        uid: w.uid,
-        roomid: w.roomid,
-        protover: w.protover,
-        platform: w.platform,
-        kind: w.kind,
-        key: w.key.unwrap_or_default(),
-        buvid: w.buvid,
-        ack: w.ack.unwrap_or(false),
+    Ok(AuthExt {
+        resume: ResumeField::from_json(w.resume.as_ref()),
+        body: AuthBody {
+            uid: w.uid,
+            roomid: w.roomid,
+            protover: w.protover,
+            platform: w.platform,
+            kind: w.kind,
+            key: w.key.unwrap_or_default(),
+            buvid: w.buvid,
+            ack: w.ack.unwrap_or(false),
+        },
     })
 }
 
@@ -163,8 +194,23 @@ pub fn parse_ack(body: &[u8]) -> Option<u64> {
 
 /// The complete op 7 packet a client sends (`ver 1`, seq 1).
 pub fn auth_request(body: &AuthBody) -> Vec<u8> {
+    auth_request_with_resume(body, None)
+}
+
+/// The complete op 7 packet with a `resume` request appended to the body's fields.
+pub fn auth_request_with_resume(body: &AuthBody, resume: Option<&Resume>) -> Vec<u8> {
     // Serializing a struct of strings, numbers and bools into a Vec cannot fail.
-    let json = serde_json::to_vec(body).unwrap_or_default();
+    let mut json = serde_json::to_vec(body).unwrap_or_default();
+    if let (Some(r), Some(b'}')) = (resume, json.last()) {
+        json.pop();
+        // The epoch's alphabet needs no escaping (crate::sync invariants).
+        let field = format!(
+            ",\"resume\":{{\"epoch\":\"{}\",\"seq\":{}}}}}",
+            r.epoch.as_str(),
+            r.seq
+        );
+        json.extend_from_slice(field.as_bytes());
+    }
     packet::encode_vec(ver::HEARTBEAT, op::AUTH, 1, &json)
 }
 
@@ -226,19 +272,54 @@ mod tests {
         assert_eq!(parse_ack(&[0; 9]), None);
     }
 
-    #[test]
-    fn auth_request_round_trips_through_parse_auth() {
-        let a = AuthBody {
+    fn acking_body() -> AuthBody {
+        AuthBody {
             uid: 5,
             roomid: 9,
             protover: 3,
             key: "k".into(),
             ack: true,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn auth_request_round_trips_through_parse_auth() {
+        let a = acking_body();
         let p = auth_request(&a);
         let (pk, _) = packet::decode(&p, 65536).unwrap();
         assert_eq!((pk.ver, pk.op, pk.seq), (1, 7, 1));
         assert_eq!(parse_auth(pk.body, 4096).unwrap(), a);
+    }
+
+    #[test]
+    fn resume_round_trips_and_a_bad_one_keeps_the_auth() {
+        use crate::sync::{Epoch, ResumeError};
+        let a = acking_body();
+        let r = Resume {
+            epoch: Epoch::new("00ab-3").unwrap(),
+            seq: 17,
+        };
+        let p = auth_request_with_resume(&a, Some(&r));
+        let (pk, _) = packet::decode(&p, 65536).unwrap();
+        assert_eq!(
+            pk.body,
+            br#"{"uid":5,"roomid":9,"protover":3,"key":"k","ack":true,"resume":{"epoch":"00ab-3","seq":17}}"#
+        );
+        let got = parse_auth_ext(pk.body, 4096).unwrap();
+        assert_eq!(got.body, a);
+        assert_eq!(got.resume, ResumeField::Valid(r));
+        assert!(got.wants_sync());
+
+        let bad = br#"{"roomid":9,"resume":{"epoch":"e","seq":-4}}"#;
+        let got = parse_auth_ext(bad, 4096).unwrap();
+        assert_eq!(got.body.roomid, 9);
+        assert_eq!(got.resume, ResumeField::Malformed(ResumeError::Seq));
+        assert!(got.wants_sync());
+        assert_eq!(parse_auth(bad, 4096).unwrap().roomid, 9);
+
+        let plain = parse_auth_ext(br#"{"roomid":9,"resume":null}"#, 4096).unwrap();
+        assert_eq!(plain.resume, ResumeField::Absent);
+        assert!(!plain.wants_sync());
     }
 }

@@ -11,6 +11,7 @@
 //!   incremental stream decoder.
 //! - [`container`]: `ver 2` (zlib) and `ver 3` (brotli) bodies holding a run of packets.
 //! - [`auth`]: the op 7 auth body, the op 8 reply and the op 3 heartbeat reply.
+//! - [`sync`]: delivery extensions: room epochs, `resume`, `BARRAGE_SYNC`, `msg_id` injection.
 //! - [`ws`]: server-side WebSocket (RFC 6455): upgrade handshake and frames.
 //! - [`link`]: broker <-> edge frames over persistent TCP.
 //! - [`ingest`]: business caller <-> broker request/response frames.
@@ -29,5 +30,6 @@ pub mod ingest;
 pub mod limits;
 pub mod link;
 pub mod packet;
+pub mod sync;
 pub mod token;
 pub mod ws;

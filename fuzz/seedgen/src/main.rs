@@ -2,11 +2,13 @@
 //! in the input layout each target documents, and checks each one decodes before writing it.
 
 use bytes::Bytes;
+use proto::auth::{self, AuthBody};
 use proto::container::{self, BrotliParams};
 use proto::id::{AreaId, DeviceId, Encoding, MsgId, Priority, Reach, RoomId, Scope, UserId};
 use proto::ingest::{self, IngestFrame, Push, PushError};
 use proto::link::{self, caps, Batch, Hello, Interest, LinkFrame, PresenceEvent, PresenceKind};
 use proto::packet::{self, op, ver};
+use proto::sync::{Epoch, Resume};
 use proto::token::{Claims, KeySet};
 use proto::ws::{self, Opcode};
 use std::path::{Path, PathBuf};
@@ -411,6 +413,45 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     write(dir, "edge_session", "ws-text-message", &ws_text);
 }
 
+fn auth(dir: &Path) {
+    let body = AuthBody {
+        uid: 1,
+        roomid: 42,
+        protover: 3,
+        platform: Some("web".into()),
+        kind: Some(2),
+        key: "1.x.y".into(),
+        buvid: Some("dev-1".into()),
+        ack: true,
+    };
+    let resume = Resume {
+        epoch: Epoch::new("0123456789abcdef-0").unwrap_or_else(|_| process::exit(1)),
+        seq: 41,
+    };
+    let with = auth::auth_request_with_resume(&body, Some(&resume));
+    let plain = auth::auth_request(&AuthBody {
+        ack: false,
+        ..body.clone()
+    });
+    let seeds: [(&str, &[u8]); 5] = [
+        ("web", &auth_body()),
+        ("ack-resume", &with[packet::HEADER_LEN..]),
+        ("plain", &plain[packet::HEADER_LEN..]),
+        (
+            "bad-resume",
+            br#"{"uid":"7","roomid":"42","ack":true,"resume":{"epoch":"e","seq":-1}}"#,
+        ),
+        (
+            "resume-string-seq",
+            br#"{"roomid":42,"key":null,"resume":{"epoch":"ab-1","seq":"9"},"clientver":"1"}"#,
+        ),
+    ];
+    for (name, b) in seeds {
+        must(auth::parse_auth_ext(b, 4096).is_ok(), name);
+        write(dir, "auth", name, b);
+    }
+}
+
 fn main() {
     let Some(dir) = env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: seedgen <corpus dir>");
@@ -424,4 +465,5 @@ fn main() {
     ingest_frames(&dir);
     token(&dir);
     edge_session(&dir);
+    auth(&dir);
 }
