@@ -26,7 +26,7 @@ use rustls::client::{ClientConfig, ClientConnection};
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnection, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
-use rustls::RootCertStore;
+use rustls::{ConnectionCommon, RootCertStore};
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -162,39 +162,32 @@ fn idle(
     black_box((&kept_b, &kept_u));
 }
 
+/// Gives `bytes` (the other side's output) to a connection.
+fn feed<D>(to: &mut ConnectionCommon<D>, bytes: &[u8]) {
+    let mut s = bytes;
+    while !s.is_empty() {
+        to.read_tls(&mut s).expect("read_tls");
+        to.process_new_packets().expect("process_new_packets");
+    }
+}
+
+/// Moves what `from` has to send to `to`; false if it had nothing.
+fn transfer<A, B>(from: &mut ConnectionCommon<A>, to: &mut ConnectionCommon<B>) -> bool {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).expect("write_tls");
+    }
+    if buf.is_empty() {
+        return false;
+    }
+    feed(to, &buf);
+    true
+}
+
 /// Moves bytes both ways until neither side has anything to send.
 fn pump(server: &mut ServerConnection, client: &mut ClientConnection) {
-    let mut buf = Vec::new();
-    loop {
-        let mut moved = false;
-        buf.clear();
-        while client.wants_write() {
-            client.write_tls(&mut buf).expect("client write");
-        }
-        if !buf.is_empty() {
-            moved = true;
-            let mut s = &buf[..];
-            while !s.is_empty() {
-                server.read_tls(&mut s).expect("server read");
-                server.process_new_packets().expect("server process");
-            }
-        }
-        buf.clear();
-        while server.wants_write() {
-            server.write_tls(&mut buf).expect("server write");
-        }
-        if !buf.is_empty() {
-            moved = true;
-            let mut s = &buf[..];
-            while !s.is_empty() {
-                client.read_tls(&mut s).expect("client read");
-                client.process_new_packets().expect("client process");
-            }
-        }
-        if !moved {
-            break;
-        }
-    }
+    // `|`, not `||`: both directions every round.
+    while transfer(client, server) | transfer(server, client) {}
 }
 
 /// Handshake, then an upgrade-sized request and response, with the buffered API.
@@ -222,15 +215,6 @@ fn buffered_session(server: &mut ServerConnection, client: &mut ClientConnection
         .expect("client got response");
 }
 
-/// Feeds `bytes` (server output) to the client.
-fn to_client(client: &mut ClientConnection, bytes: &[u8]) {
-    let mut s = bytes;
-    while !s.is_empty() {
-        client.read_tls(&mut s).expect("client read");
-        client.process_new_packets().expect("client process");
-    }
-}
-
 /// Handshake, then the same exchange, with the unbuffered API; the buffers are ours and are
 /// dropped at the end, as an edge would release them on an idle connection.
 fn unbuffered_session(server: &mut UnbufferedServerConnection, client: &mut ClientConnection) {
@@ -251,7 +235,7 @@ fn unbuffered_session(server: &mut UnbufferedServerConnection, client: &mut Clie
                 out_len += e.encode(&mut outgoing[out_len..]).expect("encode");
             }
             ConnectionState::TransmitTlsData(t) => {
-                to_client(client, &outgoing[..out_len]);
+                feed(client, &outgoing[..out_len]);
                 out_len = 0;
                 t.done();
             }
@@ -274,7 +258,7 @@ fn unbuffered_session(server: &mut UnbufferedServerConnection, client: &mut Clie
                     let n = w
                         .encrypt(&[b'a'; UPGRADE_RESPONSE_BYTES], &mut outgoing)
                         .expect("encrypt");
-                    to_client(client, &outgoing[..n]);
+                    feed(client, &outgoing[..n]);
                     response_sent = true;
                 } else {
                     break;
