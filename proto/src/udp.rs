@@ -623,8 +623,8 @@ const SPLIT_FILL: f64 = 0.9;
 /// Why a batch could not be split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SplitError {
-    /// The inner bytes are not a run of complete packets (our own encoding: a bug upstream).
-    #[error("batch is not a run of complete packets")]
+    /// The inner bytes are not a run of complete op 5 packets (our own encoding: a bug upstream).
+    #[error("batch is not a run of complete op 5 packets")]
     BadInner,
     /// `payload_max` leaves no room for a container.
     #[error("udp_payload_bytes_max too small for a part")]
@@ -656,7 +656,12 @@ pub fn split_batch(
     let mut bounds = vec![0usize];
     let mut at = 0;
     while at < inner.len() {
-        let (_, n) = packet::decode(&inner[at..], u32::MAX).map_err(|_| SplitError::BadInner)?;
+        let (p, n) = packet::decode(&inner[at..], u32::MAX).map_err(|_| SplitError::BadInner)?;
+        // Clients take only notifications from a part (`decode_server`); anything else here
+        // is a bug upstream, refused rather than sent.
+        if p.op != op::NOTIFICATION {
+            return Err(SplitError::BadInner);
+        }
         at += n;
         bounds.push(at);
     }

@@ -562,6 +562,12 @@ fn a_small_batch_is_one_datagram_and_an_empty_one_none() {
         ),
         Err(SplitError::BadInner)
     );
+    // Found by the fuzzer: a run of other ops would make parts no client decodes.
+    let auth = hello_datagram(None, AUTH_BODY);
+    assert_eq!(
+        split_batch(&auth, Encoding::Plain, 1, 1200, BrotliParams::default()),
+        Err(SplitError::BadInner)
+    );
 }
 
 #[test]
