@@ -12,6 +12,8 @@
 //! - [`batcher`]: the per-scope flush rule of DESIGN §5 (sans-io, virtual time in tests).
 //! - [`compress`]: inner packets and the outer brotli/zlib/plain packet of a batch.
 //! - [`route`]: edge links, their interest, fleet-wide counts (sans-io).
+//! - [`presence`]: who is in which room: records, leases, flap grace, the event log (sans-io;
+//!   not wired to the links yet).
 //! - [`link`]: the edge link server: a handshake thread, then per-link reader/writer tasks on
 //!   the owning shard with a bounded queue.
 //! - [`ingest`]: the ingest socket server and the accept path shared with HTTP.
@@ -49,6 +51,7 @@ pub mod link;
 pub mod metrics;
 pub mod policy;
 pub mod reach;
+pub mod presence;
 pub mod route;
 pub mod shard;
 pub mod stop;

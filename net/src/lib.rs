@@ -2,7 +2,8 @@
 //!
 //! monoio runtimes (one per core, pinned, io_uring or epoll), `SO_REUSEPORT` listeners,
 //! the file-descriptor limit, a small HTTP/1.1 server and client (hyper on monoio) for the
-//! admin, API and control endpoints, and a Prometheus text writer. No protocol logic.
+//! admin, API and control endpoints, a Prometheus text writer, and TLS server configs with
+//! reloadable certificates (`tls`). No protocol logic.
 //!
 //! CONTRACT: edge, broker, control and loadtest use the signatures below; keep them.
 // `deny`, not `forbid`: `sys` alone opts back in for its libc calls (each with `// SAFETY:`).
@@ -15,4 +16,5 @@ pub mod metrics;
 pub mod runtime;
 pub mod secret;
 pub mod sys;
+pub mod tls;
 pub mod wake;

@@ -16,6 +16,7 @@
 //! - [`link`]: broker <-> edge frames over persistent TCP.
 //! - [`ingest`]: business caller <-> broker request/response frames.
 //! - [`token`]: HMAC-SHA256 client tokens with key rotation.
+//! - [`udp`]: the UDP transport's datagrams: cookie handshake, sessions, split batches.
 //!
 //! # Invariants
 //! - Every decoder distinguishes "need more bytes" (`Incomplete`) from "this peer is broken"
@@ -32,4 +33,5 @@ pub mod link;
 pub mod packet;
 pub mod sync;
 pub mod token;
+pub mod udp;
 pub mod ws;

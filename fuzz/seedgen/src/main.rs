@@ -452,6 +452,53 @@ fn auth(dir: &Path) {
     }
 }
 
+/// The datagrams of docs/protocol-udp.md, then a split batch; layout: mode, now_s, datagram.
+fn udp(dir: &Path) {
+    use proto::udp::{self, CookieKey, UDP_PAYLOAD_BYTES_MAX};
+    use std::net::SocketAddr;
+    const NOW_S: u64 = 1_700_000_000;
+    let key = CookieKey::new(b"barrage-udp-test");
+    let client = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let cookie = key.mint(client, NOW_S);
+    let session = key.session_of(&cookie, 0);
+    let auth = br#"{"uid":7,"roomid":1,"protover":3,"key":"<token>","buvid":"dev-1"}"#;
+    let mut run = Vec::new();
+    // Words picked by a small LCG, so the run does not compress into one datagram.
+    let words = ["hello", "666", "gg", "nice", "up", "Lv20", "wow", "lol", "88", "hi"];
+    let mut x = 1u64;
+    for i in 0..12 {
+        let mut text = String::new();
+        for _ in 0..60 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            text.push_str(words[(x >> 59) as usize % words.len()]);
+            text.push_str(&format!("{} ", x >> 54));
+        }
+        let body = format!(r#"{{"cmd":"DANMU_MSG","info":[[{i}],"{text}",[7,"u"]]}}"#);
+        packet::encode(ver::PLAIN, op::NOTIFICATION, 0, body.as_bytes(), &mut run);
+    }
+    let parts = udp::split_batch(&run, Encoding::Zlib, 42, UDP_PAYLOAD_BYTES_MAX, BrotliParams::default())
+        .unwrap_or_default();
+    must(parts.len() > 1, "udp split");
+    let seeds: Vec<(&str, u8, Vec<u8>)> = vec![
+        ("hello", 0, udp::hello_datagram(None, auth)),
+        ("cookie", 0, udp::cookie_datagram(&cookie)),
+        ("hello-cookie", 0, udp::hello_datagram(Some(&cookie), auth)),
+        ("hello-ok", 0, udp::hello_ok(session)),
+        ("heartbeat", 0, udp::session_datagram(session, None, &proto::auth::heartbeat_request())),
+        ("rebinding-proof", 1, udp::session_datagram(session, Some(&cookie), &proto::auth::heartbeat_request())),
+        ("heartbeat-reply", 0, proto::auth::heartbeat_reply(1234).to_vec()),
+        ("data-part0", 0, parts[0].clone()),
+        ("batch-run-zlib", 4, run[..run.len().min(1100)].to_vec()),
+    ];
+    for (name, mode, d) in seeds {
+        must(d.len() <= UDP_PAYLOAD_BYTES_MAX, name);
+        let mut input = vec![mode];
+        input.extend_from_slice(&NOW_S.to_be_bytes());
+        input.extend_from_slice(&d);
+        write(dir, "udp", name, &input);
+    }
+}
+
 fn main() {
     let Some(dir) = env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: seedgen <corpus dir>");
@@ -466,4 +513,5 @@ fn main() {
     token(&dir);
     edge_session(&dir);
     auth(&dir);
+    udp(&dir);
 }
