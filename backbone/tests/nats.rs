@@ -473,20 +473,70 @@ fn a_monoio_shard_publishes_and_is_woken_for_deliveries() {
     bb.close();
 }
 
-/// Publish-with-ack rate through the backbone thread, many in flight. Run by name:
-/// `cargo test -p backbone --release --test nats -- --ignored --nocapture bench_publish_rate`
+/// Publish-with-ack rate through the backbone thread, many in flight and one at a time, side by
+/// side with the same load from a bare async-nats client on its own runtime (the baseline: what
+/// the thread bridge costs). Run by name:
+/// `cargo test -p backbone --test nats -- --ignored --nocapture bench_publish_rate`
 #[test]
 #[ignore]
 fn bench_publish_rate() {
     let Some(nats) = Nats::start() else { return };
-    let cfg = Config {
-        partitions: 64,
-        ..config(&nats)
-    };
-    let bb = Backbone::start(cfg, id("bench"), vec![Sink::new(1).0]).unwrap();
     const N: usize = 50_000;
     const WINDOW: usize = 1_000;
+    const SERIAL: usize = 2_000;
     let payload = Bytes::from(vec![b'x'; 300]);
+
+    // Baseline first (the stream is created by a backbone that exits at once). A long lease
+    // keeps the backbone from consuming during the run (it acquires nothing for lease_ms / 3),
+    // so both sides measure publishing alone.
+    let cfg = Config {
+        partitions: 64,
+        stream: "BENCH".into(),
+        lease_ms: 60_000,
+        ack_wait_ms: 60_000,
+        ..config(&nats)
+    };
+    Backbone::start(cfg.clone(), id("setup"), vec![Sink::new(1).0])
+        .unwrap()
+        .close();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (bare_window, bare_serial) = rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let publish = |i: usize, tag: &str| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("{tag}{i}").as_str(),
+            );
+            let subject = format!("barrage.p.{}", i % 64);
+            js.publish_with_headers(subject, h, payload.clone())
+        };
+        let started = Instant::now();
+        let mut pending = std::collections::VecDeque::new();
+        for i in 0..N {
+            if pending.len() == WINDOW {
+                let f: async_nats::jetstream::context::PublishAckFuture =
+                    pending.pop_front().unwrap();
+                f.await.unwrap();
+            }
+            pending.push_back(publish(i, "w").await.unwrap());
+        }
+        for f in pending {
+            f.await.unwrap();
+        }
+        let window = N as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        for i in 0..SERIAL {
+            publish(i, "s").await.unwrap().await.unwrap();
+        }
+        (window, SERIAL as f64 / started.elapsed().as_secs_f64())
+    });
+
+    let bb = Backbone::start(cfg, id("bench"), vec![Sink::new(1).0]).unwrap();
     let started = Instant::now();
     let mut pending = std::collections::VecDeque::new();
     for i in 0..N {
@@ -494,31 +544,22 @@ fn bench_publish_rate() {
             let p: backbone::Publish = pending.pop_front().unwrap();
             p.wait().unwrap();
         }
-        pending.push_back(bb.publish(
-            Partition((i % 64) as u16),
-            &format!("b{i}"),
-            payload.clone(),
-        ));
+        let key = format!("bw{i}");
+        pending.push_back(bb.publish(Partition((i % 64) as u16), &key, payload.clone()));
     }
     for p in pending {
         p.wait().unwrap();
     }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "backbone publish-with-ack: {N} x 300 B, {WINDOW} in flight: {:.0}/s",
-        N as f64 / secs
-    );
-
-    // One at a time: the latency of one publish round trip.
+    let window = N as f64 / started.elapsed().as_secs_f64();
     let started = Instant::now();
-    for i in 0..2_000 {
-        bb.publish(Partition(1), &format!("s{i}"), payload.clone())
+    for i in 0..SERIAL {
+        let key = format!("bs{i}");
+        bb.publish(Partition(1), &key, payload.clone())
             .wait()
             .unwrap();
     }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "backbone publish-with-ack, one in flight: {:.0}/s",
-        2_000.0 / secs
-    );
+    let serial = SERIAL as f64 / started.elapsed().as_secs_f64();
+    println!("publish-with-ack, 300 B, {WINDOW} in flight: backbone {window:.0}/s, bare async-nats {bare_window:.0}/s, ratio {:.2}", window / bare_window);
+    println!("publish-with-ack, 300 B, one at a time: backbone {serial:.0}/s, bare async-nats {bare_serial:.0}/s, ratio {:.2}", serial / bare_serial);
+    bb.close();
 }
