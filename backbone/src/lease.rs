@@ -38,6 +38,8 @@ pub enum Action {
     /// Delete `p.<n>` expecting `revision` (after [`Action::Stop`]); report with
     /// [`Leases::on_released`].
     Release(Partition, u64),
+    /// Delete this broker's live entry (it is closing), so others need not wait for it to age out.
+    Leave,
     /// Start consuming the partition: this broker holds its lease.
     Start(Partition),
     /// Stop consuming the partition now: its lease is lost, lapsed or being released.
@@ -104,6 +106,11 @@ impl Leases {
     /// A live entry of `broker` was seen (from the bucket's watch).
     pub fn on_seen(&mut self, broker: BrokerId, now: Instant) {
         self.live.insert(broker, now);
+    }
+
+    /// `broker`'s live entry was deleted: it closed.
+    pub fn on_left(&mut self, broker: &BrokerId) {
+        self.live.remove(broker);
     }
 
     /// This broker's live entry was put (`ok`) or not, by a request sent at `sent`.
@@ -193,6 +200,7 @@ impl Leases {
                 *slot = Slot::Releasing;
             }
         }
+        out.push(Action::Leave);
         out
     }
 
@@ -374,6 +382,9 @@ mod tests {
                         }
                         l.on_released(p, now);
                     }
+                    Action::Leave => {
+                        self.live.remove(&l.me);
+                    }
                     Action::Start(p) => consuming.push(p),
                     Action::Stop(p) => consuming.retain(|&q| q != p),
                 }
@@ -490,6 +501,7 @@ mod tests {
                 .count(),
             4
         );
+        assert_eq!(acts.last(), Some(&Action::Leave));
         assert!(l.poll(t0 + LEASE * 2).is_empty());
     }
 

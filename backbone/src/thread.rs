@@ -486,9 +486,12 @@ impl Shell {
                 },
                 entry = next_entry(&mut watch) => match entry {
                     Some(e) => {
-                        if e.operation == kv::Operation::Put {
-                            if let Some(b) = e.key.strip_prefix("b.").and_then(BrokerId::new) {
-                                self.leases.on_seen(b, Instant::now());
+                        if let Some(b) = e.key.strip_prefix("b.").and_then(BrokerId::new) {
+                            match e.operation {
+                                kv::Operation::Put => self.leases.on_seen(b, Instant::now()),
+                                kv::Operation::Delete | kv::Operation::Purge => {
+                                    self.leases.on_left(&b)
+                                }
                             }
                         }
                     }
@@ -604,6 +607,10 @@ impl Shell {
                     let delete = self.kv.delete_expect_revision(lease_key(p), Some(revision));
                     let _ = tokio::time::timeout(wait, delete).await;
                     self.leases.on_released(p, Instant::now());
+                }
+                Action::Leave => {
+                    let leave = self.kv.delete(format!("b.{}", self.me));
+                    let _ = tokio::time::timeout(wait, leave).await;
                 }
                 Action::Start(p) => {
                     let sink = self.sink(p);

@@ -118,6 +118,14 @@ fn id(s: &str) -> BrokerId {
     BrokerId::new(s).unwrap()
 }
 
+/// The partitions `me` is the preferred owner of among `live`.
+fn preferred_by(me: &str, live: &[BrokerId]) -> BTreeSet<Partition> {
+    (0..PARTITIONS)
+        .map(Partition)
+        .filter(|&p| preferred_owner(p, live) == Some(&id(me)))
+        .collect()
+}
+
 /// One broker under test: its backbone and what its (single) sink has seen.
 struct Broker {
     backbone: Option<Backbone>,
@@ -136,6 +144,17 @@ impl Broker {
             owned: BTreeSet::new(),
             messages: Vec::new(),
         }
+    }
+
+    /// A broker alone in its cluster, once it holds every partition.
+    fn owning_all(config: Config, me: &str) -> Broker {
+        let mut b = Broker::start(config, me);
+        let all = |b: &Broker| b.owned.len() == usize::from(PARTITIONS);
+        assert!(
+            b.pump_until(Duration::from_secs(5), all),
+            "{me} never held every partition"
+        );
+        b
     }
 
     fn bb(&self) -> &Backbone {
@@ -174,9 +193,7 @@ impl Broker {
 #[test]
 fn stream_setup_and_routing_by_partition() {
     let Some(nats) = Nats::start() else { return };
-    let mut a = Broker::start(config(&nats), "a");
-    assert!(a.pump_until(Duration::from_secs(5), |b| b.owned.len()
-        == usize::from(PARTITIONS)));
+    let mut a = Broker::owning_all(config(&nats), "a");
     for p in 0..PARTITIONS {
         let r = a
             .bb()
@@ -317,9 +334,7 @@ fn backbone_down_is_refused_then_recovers() {
 #[test]
 fn takeover_resumes_from_the_ack_floor() {
     let Some(nats) = Nats::start() else { return };
-    let mut a = Broker::start(config(&nats), "a");
-    assert!(a.pump_until(Duration::from_secs(5), |b| b.owned.len()
-        == usize::from(PARTITIONS)));
+    let mut a = Broker::owning_all(config(&nats), "a");
     let p = Partition(6);
     let mut seqs = Vec::new();
     for i in 0..10 {
@@ -388,14 +403,7 @@ fn leases_split_then_take_over_after_ttl() {
     let mut a = Broker::start(config(&nats), "a");
     let mut b = Broker::start(config(&nats), "b");
     let live = [id("a"), id("b")];
-    let want_b: BTreeSet<Partition> = (0..PARTITIONS)
-        .map(Partition)
-        .filter(|&p| preferred_owner(p, &live) == Some(&id("b")))
-        .collect();
-    let want_a: BTreeSet<Partition> = (0..PARTITIONS)
-        .map(Partition)
-        .filter(|p| !want_b.contains(p))
-        .collect();
+    let (want_a, want_b) = (preferred_by("a", &live), preferred_by("b", &live));
     assert!(!want_a.is_empty() && !want_b.is_empty());
     let until = Instant::now() + Duration::from_secs(8);
     while Instant::now() < until && (a.owned != want_a || b.owned != want_b) {
@@ -419,11 +427,7 @@ fn leases_split_then_take_over_after_ttl() {
     // A third broker joins and takes its share; then it closes cleanly, and a takes its
     // partitions back well before a lease would expire.
     let mut c = Broker::start(config(&nats), "c");
-    let live = [id("a"), id("c")];
-    let want_c: BTreeSet<Partition> = (0..PARTITIONS)
-        .map(Partition)
-        .filter(|&p| preferred_owner(p, &live) == Some(&id("c")))
-        .collect();
+    let want_c = preferred_by("c", &[id("a"), id("c")]);
     let until = Instant::now() + Duration::from_secs(8);
     while Instant::now() < until && c.owned != want_c {
         a.pump_until(Duration::from_millis(50), |_| false);
@@ -436,7 +440,8 @@ fn leases_split_then_take_over_after_ttl() {
     assert!(a.pump_until(Duration::from_secs(8), |a| a.owned.len()
         == usize::from(PARTITIONS)));
     let waited = closed.elapsed();
-    assert!(waited < Duration::from_millis(LEASE_MS + 500), "{waited:?}");
+    // It left the live set and released: no wait for anything to age out.
+    assert!(waited < Duration::from_millis(LEASE_MS / 2), "{waited:?}");
 }
 
 /// The bridge to a monoio shard: the shard awaits a publish's answer and wakes on the sink's
