@@ -573,7 +573,14 @@ impl Shell {
         let wait = self.config.lease() / 5;
         while let Some(act) = todo.pop_front() {
             let sent = Instant::now();
+            // Disconnected: fail KV requests at once rather than wait out each timeout, which
+            // would hold up the publishes queued behind this loop.
+            let down = self.client.connection_state() != async_nats::connection::State::Connected;
             match act {
+                Action::Heartbeat if down => self.leases.on_heartbeat(false, sent),
+                Action::Acquire(p) | Action::Renew(p, _) if down => self.leases.on_failed(p, sent),
+                Action::Release(p, _) if down => self.leases.on_released(p, sent),
+                Action::Leave if down => {}
                 Action::Heartbeat => {
                     let key = format!("b.{}", self.me);
                     let ok = matches!(
