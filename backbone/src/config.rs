@@ -1,0 +1,88 @@
+//! The backbone's config: the `[backbone]` table of the broker's config file (not yet read by
+//! the broker: see docs/operations-broker.md). Every field has a default; times are in ms.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Cluster mode settings. `servers` empty means embedded mode (no backbone).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS servers, `nats://host:port[,host:port...]`.
+    pub servers: String,
+    /// JetStream stream of accepted pushes.
+    pub stream: String,
+    /// Subject prefix; partition `p` is `<subject_prefix>.<p>`.
+    pub subject_prefix: String,
+    /// Number of partitions. Fixed for the life of a stream: the partition of a scope is a hash
+    /// modulo this number.
+    pub partitions: u16,
+    /// Stream (and lease bucket) replicas: 1 locally, 3 in production.
+    pub replicas: usize,
+    /// JetStream's duplicate window: a second publish with the same `Nats-Msg-Id` within it is
+    /// acknowledged as a duplicate and not stored.
+    pub dedup_window_ms: u64,
+    /// Stream size bound; a full stream refuses publishes (answered `Overloaded`).
+    pub stream_bytes_max: i64,
+    /// KV bucket holding partition leases (`p.<n>`) and live brokers (`b.<id>`).
+    pub lease_bucket: String,
+    /// A lease (and a live-broker entry) not renewed within this expires.
+    pub lease_ms: u64,
+    /// How long a delivered, unacked message waits before JetStream redelivers it.
+    pub ack_wait_ms: u64,
+    /// Unacked messages a partition's consumer may have out at once.
+    pub ack_pending_max: i64,
+    /// Longest wait for JetStream's publish ack before answering `Overloaded`.
+    pub publish_ms_max: u64,
+    /// Publishes handed to the backbone and not yet answered; past it, `Overloaded` at once.
+    pub publish_pending_max: usize,
+    /// Longest wait to connect at start.
+    pub connect_ms_max: u64,
+    /// Deliveries queued to one owning thread before the consumer waits.
+    pub delivery_queue_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            servers: String::new(),
+            stream: "BARRAGE".into(),
+            subject_prefix: "barrage.p".into(),
+            partitions: 64,
+            replicas: 1,
+            dedup_window_ms: 120_000,
+            stream_bytes_max: 1 << 30,
+            lease_bucket: "barrage_leases".into(),
+            lease_ms: 3_000,
+            ack_wait_ms: 3_000,
+            ack_pending_max: 10_000,
+            publish_ms_max: 2_000,
+            publish_pending_max: 10_000,
+            connect_ms_max: 2_000,
+            delivery_queue_max: 4_096,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the values that would otherwise fail late or silently.
+    pub fn check(&self) -> Result<(), String> {
+        if self.partitions == 0 {
+            return Err("backbone.partitions must be at least 1".into());
+        }
+        if self.lease_ms < 300 {
+            return Err("backbone.lease_ms must be at least 300".into());
+        }
+        if self.ack_wait_ms < 300 {
+            return Err("backbone.ack_wait_ms must be at least 300".into());
+        }
+        if self.publish_pending_max == 0 || self.delivery_queue_max == 0 {
+            return Err("backbone queue limits must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+}

@@ -1,0 +1,781 @@
+//! The backbone thread: one plain thread running a current-thread tokio runtime with the
+//! `async-nats` client. Shard threads reach it through [`Backbone`] (any thread, no runtime
+//! needed); it reaches them through one crossbeam channel per [`Sink`] plus the sink's
+//! `net::wake::Notify`, the same bridge the broker's shards already use between themselves.
+//!
+//! # What runs on it
+//! - Publishes: each one a task that waits for JetStream's publish ack (bounded by
+//!   `publish_ms_max`), then answers the caller's [`Publish`].
+//! - The lease shell: drives [`crate::lease::Leases`] with the KV bucket (heartbeats, create,
+//!   update by revision, delete by revision) and the bucket's watch of live brokers.
+//! - One consumer task per held partition: a durable pull consumer `p<n>` with explicit acks,
+//!   forwarding each message, in stream order, to the partition's sink.
+//!
+//! # Invariants
+//! - A caller is answered `Ok` only after JetStream stored the message (or reported it a
+//!   duplicate of a stored one). Every other outcome is an error the broker answers
+//!   `Overloaded`: nothing is accepted and then dropped. A timed-out publish may still have been
+//!   stored; a retry with the same dedup key within `dedup_window_ms` is then reported as a
+//!   duplicate, not stored twice.
+//! - A sink sees, for one partition: `Owned`, its messages in stream order, then `Released`
+//!   (after which no message of that ownership follows). Partition `p` goes to sink
+//!   `p mod sinks`.
+//! - Dropping a [`Backbone`] without [`Backbone::close`] ends the thread without releasing
+//!   anything, exactly like a crash: its leases expire after `lease_ms`, and JetStream
+//!   redelivers its unacked messages to the next owner after `ack_wait_ms`.
+
+use crate::config::Config;
+use crate::lease::{Action, Leases};
+use crate::partition::{subject, BrokerId, Partition};
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use net::wake::Notify;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+/// Longest dedup key, in bytes (a NATS header value).
+pub const DEDUP_KEY_BYTES_MAX: usize = 128;
+
+/// Wait before a partition's consumer retries after its pull failed (connection blip).
+const CONSUMER_RETRY_MS: u64 = 200;
+
+/// Wait between tries to hand an event to a full sink.
+const SINK_FULL_RETRY_MS: u64 = 1;
+
+/// Why the backbone could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    /// A config value is out of range (operator's fault).
+    #[error("backbone config: {0}")]
+    Config(String),
+    /// No NATS server answered within `connect_ms_max` (the backbone is down or misaddressed).
+    #[error("backbone connect: {0}")]
+    Connect(String),
+    /// The stream or the lease bucket could not be created or read (JetStream off, or a
+    /// conflicting existing config).
+    #[error("backbone setup: {0}")]
+    Setup(String),
+    /// The thread could not be started (host's state).
+    #[error("backbone thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// Why a publish was not accepted. The broker answers each one `Overloaded`; a retry with
+/// the same dedup key is safe.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The client is not connected to any NATS server.
+    #[error("backbone down")]
+    Down,
+    /// `publish_pending_max` publishes are already waiting for their ack.
+    #[error("backbone busy")]
+    Full,
+    /// No publish ack within `publish_ms_max`.
+    #[error("backbone publish timed out")]
+    Timeout,
+    /// JetStream refused the message (stream full, no stream).
+    #[error("backbone refused: {0}")]
+    Refused(String),
+    /// The dedup key is empty, too long or holds a control byte (caller's fault).
+    #[error("bad dedup key")]
+    BadKey,
+    /// The backbone thread has ended.
+    #[error("backbone closed")]
+    Closed,
+}
+
+/// JetStream's answer to an accepted publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The message's sequence in the stream.
+    pub sequence: u64,
+    /// The dedup key was seen within the dedup window: this publish was not stored again.
+    pub duplicate: bool,
+}
+
+/// The idempotency key of a publish, sent as `Nats-Msg-Id`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DedupKey(String);
+
+impl DedupKey {
+    /// 1 to [`DEDUP_KEY_BYTES_MAX`] printable ASCII bytes, no spaces.
+    pub fn new(key: &str) -> Option<DedupKey> {
+        let ok = !key.is_empty()
+            && key.len() <= DEDUP_KEY_BYTES_MAX
+            && key.bytes().all(|b| b.is_ascii_graphic());
+        ok.then(|| DedupKey(key.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where to send a delivered message's acknowledgement (its JetStream reply subject).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckToken(async_nats::Subject);
+
+/// How a delivery is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckKind {
+    /// Done: never redeliver (low priority: after its batch went to the edge links).
+    Ack,
+    /// Still working: restart the `ack_wait_ms` clock (high reach: while a client ACK is awaited).
+    Progress,
+    /// Give it back: redeliver after `delay_ms`.
+    Nak { delay_ms: u64 },
+}
+
+/// A message of a held partition.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub partition: Partition,
+    /// The message's sequence in the stream.
+    pub sequence: u64,
+    /// Deliveries of this message by the current consumer: more than 1 after an expired
+    /// `ack_wait_ms`. A takeover starts a new consumer, so see `redelivered`.
+    pub delivered: i64,
+    /// This message may have been delivered before: `delivered > 1`, or it was already stored
+    /// when this broker took the partition over from an owner that had been sent messages (a
+    /// takeover; conservative). The broker counts these; high-reach clients drop duplicates by
+    /// msg_id.
+    pub redelivered: bool,
+    /// The publish's dedup key, when it had one.
+    pub key: Option<String>,
+    pub payload: Bytes,
+    pub ack: AckToken,
+}
+
+/// What the backbone tells an owning thread.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// This broker now holds the partition's lease; its messages follow.
+    Owned(Partition),
+    /// One message, in stream order within its partition.
+    Message(Delivery),
+    /// The partition is no longer held; no more of its messages follow.
+    Released(Partition),
+}
+
+/// One owning thread's inbox: a bounded channel and the notify that wakes its loop.
+#[derive(Clone)]
+pub struct Sink {
+    pub tx: crossbeam_channel::Sender<Event>,
+    pub notify: Arc<Notify>,
+}
+
+impl Sink {
+    /// A sink of `capacity` and the receiving end for its thread.
+    pub fn new(capacity: usize) -> (Sink, crossbeam_channel::Receiver<Event>, Arc<Notify>) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let notify = Notify::new();
+        (
+            Sink {
+                tx,
+                notify: notify.clone(),
+            },
+            rx,
+            notify,
+        )
+    }
+}
+
+/// The answer to one publish: a future for a shard's loop, or [`Publish::wait`] on a plain
+/// thread. Runtime-agnostic (a tokio oneshot needs no tokio runtime to be awaited).
+pub struct Publish(PublishInner);
+
+enum PublishInner {
+    Now(Option<Result<Accepted, PublishError>>),
+    Later(oneshot::Receiver<Result<Accepted, PublishError>>),
+}
+
+impl Publish {
+    /// Blocks the calling thread until the answer (never call it on a shard's loop).
+    pub fn wait(self) -> Result<Accepted, PublishError> {
+        match self.0 {
+            PublishInner::Now(r) => r.unwrap_or(Err(PublishError::Closed)),
+            PublishInner::Later(rx) => rx.blocking_recv().unwrap_or(Err(PublishError::Closed)),
+        }
+    }
+}
+
+impl Future for Publish {
+    type Output = Result<Accepted, PublishError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            PublishInner::Now(r) => Poll::Ready(r.take().unwrap_or(Err(PublishError::Closed))),
+            PublishInner::Later(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(PublishError::Closed))),
+        }
+    }
+}
+
+enum Command {
+    Publish {
+        partition: Partition,
+        key: DedupKey,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<Accepted, PublishError>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Ack(AckToken, AckKind),
+    Flush(oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle shard threads use. Cheap calls, never blocking (except [`Publish::wait`],
+/// [`Backbone::flush`] and [`Backbone::close`]).
+pub struct Backbone {
+    tx: mpsc::UnboundedSender<Command>,
+    permits: Arc<Semaphore>,
+    partitions: u16,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Backbone {
+    /// Connects, creates the stream and the lease bucket when absent, and starts the thread.
+    /// Partition `p`'s events go to `sinks[p % sinks.len()]`.
+    pub fn start(
+        config: Config,
+        me: BrokerId,
+        sinks: Vec<Sink>,
+    ) -> Result<Backbone, BackboneError> {
+        config.check().map_err(BackboneError::Config)?;
+        if sinks.is_empty() {
+            return Err(BackboneError::Config("no sink".into()));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let partitions = config.partitions;
+        let permits = Arc::new(Semaphore::new(config.publish_pending_max));
+        let thread = std::thread::Builder::new()
+            .name("backbone".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(BackboneError::Thread(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match Shell::connect(config, me, sinks).await {
+                        Ok(shell) => {
+                            let _ = ready_tx.send(Ok(()));
+                            shell.run(rx).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Backbone {
+                tx,
+                permits,
+                partitions,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(BackboneError::Setup(
+                    "backbone thread ended during setup".into(),
+                ))
+            }
+        }
+    }
+
+    /// The number of partitions (for [`crate::partition::partition_of`]).
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// Publishes `payload` to `partition` with `key` as its `Nats-Msg-Id`. The answer comes
+    /// only after JetStream's publish ack; see [`PublishError`] for the rest.
+    pub fn publish(&self, partition: Partition, key: &str, payload: Bytes) -> Publish {
+        let now = |r| Publish(PublishInner::Now(Some(r)));
+        let Some(key) = DedupKey::new(key) else {
+            return now(Err(PublishError::BadKey));
+        };
+        if partition.0 >= self.partitions {
+            return now(Err(PublishError::Refused(format!(
+                "partition {partition} out of range"
+            ))));
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return now(Err(PublishError::Full));
+        };
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Publish {
+            partition,
+            key,
+            payload,
+            reply,
+            permit,
+        };
+        if self.tx.send(cmd).is_err() {
+            return now(Err(PublishError::Closed));
+        }
+        Publish(PublishInner::Later(rx))
+    }
+
+    /// Acknowledges a delivery (from any thread; sent in order with other acks).
+    pub fn ack(&self, token: AckToken, kind: AckKind) {
+        let _ = self.tx.send(Command::Ack(token, kind));
+    }
+
+    /// Waits until every ack handed in before this call has been written to the server.
+    pub fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Flush(tx)).is_ok() {
+            let _ = rx.blocking_recv();
+        }
+    }
+
+    /// Stops consuming, releases every lease (so others take over at once, not after
+    /// `lease_ms`), and ends the thread.
+    pub fn close(mut self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Close(tx)).is_ok() {
+            let _ = rx.blocking_recv();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Backbone {
+    /// Ends the thread without releasing anything (see the module doc: like a crash).
+    fn drop(&mut self) {
+        let (tx, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The state the backbone thread owns.
+struct Shell {
+    config: Config,
+    me: BrokerId,
+    sinks: Vec<Sink>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    kv: kv::Store,
+    leases: Leases,
+    consumers: HashMap<Partition, tokio::task::JoinHandle<()>>,
+}
+
+impl Shell {
+    async fn connect(
+        config: Config,
+        me: BrokerId,
+        sinks: Vec<Sink>,
+    ) -> Result<Shell, BackboneError> {
+        let servers: Vec<&str> = config
+            .servers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err(BackboneError::Config("backbone.servers is empty".into()));
+        }
+        let connect = Duration::from_millis(config.connect_ms_max);
+        let options = async_nats::ConnectOptions::new()
+            .connection_timeout(connect)
+            .name(format!("barrage-broker-{me}"));
+        let client = tokio::time::timeout(connect, options.connect(servers))
+            .await
+            .map_err(|_| BackboneError::Connect("timed out".into()))?
+            .map_err(|e| BackboneError::Connect(e.to_string()))?;
+        let js = jetstream::new(client.clone());
+        let setup = |e: &dyn std::fmt::Display| BackboneError::Setup(e.to_string());
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: config.stream.clone(),
+                subjects: vec![format!("{}.*", config.subject_prefix)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: config.replicas,
+                duplicate_window: Duration::from_millis(config.dedup_window_ms),
+                max_bytes: config.stream_bytes_max,
+                discard: stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| setup(&e))?;
+        // The bucket's stream is made here with the KV conventions (what `create_key_value`
+        // would send): async-nats 0.51's `create_key_value` first reads the account info in a
+        // shape nats-server 2.9 does not answer, so it fails there.
+        let lease = config.lease();
+        js.get_or_create_stream(stream::Config {
+            name: format!("KV_{}", config.lease_bucket),
+            subjects: vec![format!("$KV.{}.>", config.lease_bucket)],
+            max_messages_per_subject: 1,
+            max_age: lease,
+            duplicate_window: lease,
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| setup(&e))?;
+        let kv = js
+            .get_key_value(config.lease_bucket.clone())
+            .await
+            .map_err(|e| setup(&e))?;
+        let leases = Leases::new(
+            me.clone(),
+            config.partitions,
+            config.lease(),
+            Instant::now(),
+        );
+        Ok(Shell {
+            config,
+            me,
+            sinks,
+            client,
+            js,
+            stream,
+            kv,
+            leases,
+            consumers: HashMap::new(),
+        })
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut watch = self.kv.watch("b.>").await.ok();
+        loop {
+            let deadline = self.leases.next_deadline(Instant::now());
+            let sleep = tokio::time::sleep_until(deadline.into());
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Close(done)) => {
+                        let acts = self.leases.close();
+                        self.apply(acts).await;
+                        let _ = self.client.flush().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(cmd) => self.command(cmd).await,
+                    // Dropped without close: end like a crash.
+                    None => return,
+                },
+                entry = next_entry(&mut watch) => match entry {
+                    Some(e) => {
+                        if let Some(b) = e.key.strip_prefix("b.").and_then(BrokerId::new) {
+                            match e.operation {
+                                kv::Operation::Put => self.leases.on_seen(b, Instant::now()),
+                                kv::Operation::Delete | kv::Operation::Purge => {
+                                    self.leases.on_left(&b)
+                                }
+                            }
+                        }
+                    }
+                    // The watch ended (connection lost): start a new one on the next turn.
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(CONSUMER_RETRY_MS)).await;
+                        watch = self.kv.watch("b.>").await.ok();
+                    }
+                },
+                _ = sleep => {}
+            }
+            let acts = self.leases.poll(Instant::now());
+            self.apply(acts).await;
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Publish {
+                partition,
+                key,
+                payload,
+                reply,
+                permit,
+            } => {
+                if self.client.connection_state() != async_nats::connection::State::Connected {
+                    let _ = reply.send(Err(PublishError::Down));
+                    return;
+                }
+                let js = self.js.clone();
+                let subject = subject(&self.config.subject_prefix, partition);
+                let wait = Duration::from_millis(self.config.publish_ms_max);
+                tokio::spawn(async move {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
+                    let publish = async {
+                        js.publish_with_headers(subject, headers, payload)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
+                    let r = match tokio::time::timeout(wait, publish).await {
+                        Ok(Ok(ack)) => Ok(Accepted {
+                            sequence: ack.sequence,
+                            duplicate: ack.duplicate,
+                        }),
+                        Ok(Err(e)) => Err(PublishError::Refused(e)),
+                        Err(_) => Err(PublishError::Timeout),
+                    };
+                    let _ = reply.send(r);
+                    drop(permit);
+                });
+            }
+            Command::Ack(token, kind) => {
+                let body: Bytes = match kind {
+                    AckKind::Ack => Bytes::from_static(b"+ACK"),
+                    AckKind::Progress => Bytes::from_static(b"+WPI"),
+                    AckKind::Nak { delay_ms } => Bytes::from(format!(
+                        "-NAK {{\"delay\":{}}}",
+                        u128::from(delay_ms) * 1_000_000
+                    )),
+                };
+                if let Err(e) = self.client.publish(token.0, body).await {
+                    tracing::warn!(error = %e, "backbone ack not sent; JetStream will redeliver");
+                }
+            }
+            Command::Flush(done) => {
+                let _ = self.client.flush().await;
+                let _ = done.send(());
+            }
+            Command::Close(_) => {}
+        }
+    }
+
+    /// Carries out lease actions, feeding each result back into the core.
+    async fn apply(&mut self, acts: Vec<Action>) {
+        let mut todo: std::collections::VecDeque<Action> = acts.into();
+        let wait = self.config.lease() / 5;
+        while let Some(act) = todo.pop_front() {
+            let sent = Instant::now();
+            // Disconnected: fail KV requests at once rather than wait out each timeout, which
+            // would hold up the publishes queued behind this loop.
+            let down = self.client.connection_state() != async_nats::connection::State::Connected;
+            match act {
+                Action::Heartbeat if down => self.leases.on_heartbeat(false, sent),
+                Action::Acquire(p) | Action::Renew(p, _) if down => self.leases.on_failed(p, sent),
+                Action::Release(p, _) if down => self.leases.on_released(p, sent),
+                Action::Leave if down => {}
+                Action::Heartbeat => {
+                    let key = format!("b.{}", self.me);
+                    let ok = matches!(
+                        tokio::time::timeout(wait, self.kv.put(key, Bytes::new())).await,
+                        Ok(Ok(_))
+                    );
+                    self.leases.on_heartbeat(ok, sent);
+                }
+                Action::Acquire(p) => {
+                    let value = Bytes::from(self.me.as_str().to_owned());
+                    match tokio::time::timeout(wait, self.kv.create(lease_key(p), value)).await {
+                        Ok(Ok(rev)) => todo.extend(self.leases.on_acquired(p, rev, sent)),
+                        Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                            todo.extend(self.leases.on_refused(p, Instant::now()))
+                        }
+                        _ => self.leases.on_failed(p, Instant::now()),
+                    }
+                }
+                Action::Renew(p, revision) => {
+                    let value = Bytes::from(self.me.as_str().to_owned());
+                    let update = self.kv.update(lease_key(p), value, revision);
+                    match tokio::time::timeout(wait, update).await {
+                        Ok(Ok(rev)) => self.leases.on_renewed(p, rev, sent),
+                        Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                            todo.extend(self.leases.on_refused(p, Instant::now()))
+                        }
+                        _ => self.leases.on_failed(p, Instant::now()),
+                    }
+                }
+                Action::Release(p, revision) => {
+                    let delete = self.kv.delete_expect_revision(lease_key(p), Some(revision));
+                    let _ = tokio::time::timeout(wait, delete).await;
+                    self.leases.on_released(p, Instant::now());
+                }
+                Action::Leave => {
+                    let leave = self.kv.delete(format!("b.{}", self.me));
+                    let _ = tokio::time::timeout(wait, leave).await;
+                }
+                Action::Start(p) => {
+                    let sink = self.sink(p);
+                    send(&sink, Event::Owned(p)).await;
+                    let task = consume(self.stream.clone(), self.config.clone(), p, sink);
+                    self.consumers.insert(p, tokio::spawn(task));
+                }
+                Action::Stop(p) => {
+                    if let Some(task) = self.consumers.remove(&p) {
+                        task.abort();
+                        let _ = task.await;
+                    }
+                    send(&self.sink(p), Event::Released(p)).await;
+                }
+            }
+        }
+    }
+
+    fn sink(&self, p: Partition) -> Sink {
+        self.sinks[usize::from(p.0) % self.sinks.len()].clone()
+    }
+}
+
+fn lease_key(p: Partition) -> String {
+    format!("p.{}", p.0)
+}
+
+async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<kv::Entry> {
+    match watch {
+        Some(w) => match w.next().await {
+            Some(Ok(e)) => Some(e),
+            _ => {
+                *watch = None;
+                None
+            }
+        },
+        None => None,
+    }
+}
+
+/// Hands `event` to its sink, waiting while the sink is full. A sink whose thread is gone
+/// drops it (the broker is shutting down).
+async fn send(sink: &Sink, mut event: Event) {
+    loop {
+        match sink.tx.try_send(event) {
+            Ok(()) => {
+                sink.notify.notify();
+                return;
+            }
+            Err(crossbeam_channel::TrySendError::Full(e)) => {
+                event = e;
+                sink.notify.notify();
+                tokio::time::sleep(Duration::from_millis(SINK_FULL_RETRY_MS)).await;
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+/// The consumer of one held partition, until aborted. Retries after errors.
+///
+/// Each ownership starts with a new consumer: the old one (a dead or departed owner's) is
+/// deleted and `p<n>` created again, delivering everything still in the partition from the
+/// start. With work-queue retention an acked message is gone from the stream, so what remains
+/// is exactly what no owner finished, and a fresh consumer delivers it in stream order at once.
+/// Reusing the old consumer would also work but redelivers only after each message's
+/// `ack_wait_ms`, in the order those expire. The lease invariant makes the delete safe: the
+/// previous owner has stopped before this one starts.
+async fn consume(stream: stream::Stream, config: Config, p: Partition, sink: Sink) {
+    // Messages up to this sequence may have reached a previous owner.
+    let mut seen_before = None;
+    loop {
+        let r = consume_once(&stream, &config, p, &sink, &mut seen_before).await;
+        if let Err(e) = r {
+            tracing::warn!(partition = p.0, error = %e, "backbone consumer failed; retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(CONSUMER_RETRY_MS)).await;
+    }
+}
+
+async fn consume_once(
+    stream: &stream::Stream,
+    config: &Config,
+    p: Partition,
+    sink: &Sink,
+    seen_before: &mut Option<u64>,
+) -> Result<(), String> {
+    let name = format!("p{}", p.0);
+    if seen_before.is_none() {
+        // A previous owner that was sent anything may have been sent any message stored
+        // before now (JetStream's delivered sequence does not bound it once redeliveries
+        // happened), so those are marked `redelivered`: a conservative "maybe seen".
+        let old = match stream.consumer_info(&name).await {
+            Ok(info) if info.delivered.consumer_sequence > 0 => {
+                let mut stream = stream.clone();
+                stream
+                    .info()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .state
+                    .last_sequence
+            }
+            _ => 0,
+        };
+        // Not found is fine (first owner ever); any other failure fails this try.
+        if let Err(e) = stream.delete_consumer(&name).await {
+            let not_found = matches!(
+                e.kind(),
+                jetstream::stream::ConsumerErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+            );
+            if !not_found {
+                return Err(e.to_string());
+            }
+        }
+        *seen_before = Some(old);
+    }
+    let seen_before = seen_before.unwrap_or(0);
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: subject(&config.subject_prefix, p),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_millis(config.ack_wait_ms),
+                max_ack_pending: config.ack_pending_max,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| e.to_string())?;
+        let (sequence, delivered) = match m.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(e) => return Err(e.to_string()),
+        };
+        let Some(reply) = m.reply.clone() else {
+            continue;
+        };
+        let key = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_owned());
+        let delivery = Delivery {
+            partition: p,
+            sequence,
+            delivered,
+            redelivered: delivered > 1 || sequence <= seen_before,
+            key,
+            payload: m.payload.clone(),
+            ack: AckToken(reply),
+        };
+        send(sink, Event::Message(delivery)).await;
+    }
+    Ok(())
+}
