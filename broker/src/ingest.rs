@@ -248,11 +248,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Read buffer growth step; frames larger than this grow the buffer up to the frame limit.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-async fn connection(
-    stream: monoio::net::TcpStream,
-    peer: std::net::SocketAddr,
-    shared: &Shared,
-) {
+async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, shared: &Shared) {
     use net::framed::{FramedRead, ReadError};
     let frame_max = shared.config.ingest_frame_bytes_max;
     let ip = peer.ip().to_canonical();
