@@ -196,7 +196,11 @@ fn field_comments(example: &str, section: Option<&str>) -> BTreeMap<String, Entr
         if line.starts_with('[') {
             // `[[api_keys]]` (or `[[broker.api_keys]]` in up's file): its comment documents
             // the array field; the keys below it belong to the entry, not to the top level.
-            let array = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]"));
+            // `[http]` (or `[edge.http]`) likewise: its comment documents the table field.
+            let array = line
+                .strip_prefix("[[")
+                .and_then(|l| l.strip_suffix("]]"))
+                .or_else(|| line.strip_prefix('[').and_then(|l| l.strip_suffix(']')));
             let key = match (array, section) {
                 (Some(name), None) if !name.contains('.') => Some(name.to_string()),
                 (Some(name), Some(s)) => name.strip_prefix(&format!("{s}.")).map(str::to_string),
