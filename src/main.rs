@@ -69,15 +69,31 @@ struct RoleArgs {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // stderr: stdout belongs to `tail`'s JSON lines and `push`'s msg ids.
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let start = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| tracing_subscriber::EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| "info".to_string());
+    let (filter, handle) =
+        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&start));
+    // stderr: stdout belongs to `tail`'s JSON lines and `push`'s msg ids.
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
+    // A role's `log_level` (at start and on reload) swaps the filter; empty restores `start`.
+    net::reload::set_log_filter_fn(move |s| {
+        let s = if s.trim().is_empty() { start.as_str() } else { s };
+        let f = tracing_subscriber::EnvFilter::try_new(s)
+            .map_err(|e| format!("log_level {s:?}: {e}"))?;
+        handle.reload(f).map_err(|e| format!("log_level: {e}"))
+    });
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,6 +116,10 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
         Command::Edge(args) => serve::<edge::Config, _>(&args, |c| {
             let rate_per_s = c.drain_close_per_s.max(1);
             let h = edge::start(c).context("starting the edge")?;
+            let reload = Reload {
+                hooks: h.reload_hooks(),
+                apply: Box::new(h.reloader()),
+            };
             let banner = format!(
                 "edge: tcp {}, ws {}, admin http://{}",
                 h.tcp_addr(),
@@ -111,22 +131,26 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
                 remaining: edge::Handle::connections,
                 rate_per_s,
             };
-            Ok((h, banner, edge::Handle::shutdown, Some(drain)))
+            Ok((h, banner, edge::Handle::shutdown, Some(drain), Some(reload)))
         })?,
         Command::Broker(args) => serve::<broker::Config, _>(&args, |c| {
             let h = broker::start(c).context("starting the broker")?;
+            let reload = Reload {
+                hooks: h.reload_hooks(),
+                apply: Box::new(h.reloader()),
+            };
             let banner = format!(
                 "broker: ingest {}, links {}, http://{}",
                 h.ingest_addr(),
                 h.link_addr(),
                 h.http_addr()
             );
-            Ok((h, banner, broker::Handle::shutdown, None))
+            Ok((h, banner, broker::Handle::shutdown, None, Some(reload)))
         })?,
         Command::Control(args) => serve::<control::Config, _>(&args, |c| {
             let h = control::start(c).context("starting control")?;
             let banner = format!("control: http://{}", h.http_addr());
-            Ok((h, banner, control::Handle::shutdown, None))
+            Ok((h, banner, control::Handle::shutdown, None, None))
         })?,
         Command::Config(args) => return config::run(args),
         Command::Doctor(args) => return doctor::run(args),
@@ -153,24 +177,69 @@ struct Drain<H> {
     rate_per_s: u64,
 }
 
+/// How a role reloads: its hooks (SIGHUP and `POST /admin/reload` run them) and what applies
+/// the live part of a newly loaded config (the runner registers that as the "config" hook).
+struct Reload<C> {
+    hooks: net::reload::Hooks,
+    apply: Box<dyn Fn(&C) -> Result<String, String> + Send + Sync>,
+}
+
 /// What starting a role gives back: its handle, the line printed once it listens, how it
-/// stops, and how it drains first (roles without viewers stop at once).
-type Started<H> = (H, String, fn(H), Option<Drain<H>>);
+/// stops, how it drains first (roles without viewers stop at once), and how it reloads.
+type Started<H, C> = (H, String, fn(H), Option<Drain<H>>, Option<Reload<C>>);
+
+/// A role's config as the runner needs it beyond loading.
+trait RoleConfig: Layered + 'static {
+    /// The `log_level` field.
+    fn log_level(&self) -> &str;
+}
+
+impl RoleConfig for edge::Config {
+    fn log_level(&self) -> &str {
+        &self.log_level
+    }
+}
+impl RoleConfig for broker::Config {
+    fn log_level(&self) -> &str {
+        &self.log_level
+    }
+}
+impl RoleConfig for control::Config {
+    fn log_level(&self) -> &str {
+        &self.log_level
+    }
+}
 
 /// Runs one server role: loads its config through every layer, starts it, prints where it
 /// listens, and on SIGTERM or SIGINT drains (when the role has viewers) and stops; a second
 /// signal stops at once. The same for every role, so a new role or a new config field needs
 /// nothing here.
-fn serve<C: Layered, H>(
+fn serve<C: RoleConfig, H>(
     args: &RoleArgs,
-    start: impl FnOnce(C) -> anyhow::Result<Started<H>>,
+    start: impl FnOnce(C) -> anyhow::Result<Started<H, C>>,
 ) -> anyhow::Result<()> {
     let config: C = net::config::load(&net::config::Sources::process(
         args.config.as_deref(),
         &args.set,
     ))?;
+    net::reload::set_log_filter(config.log_level()).map_err(anyhow::Error::msg)?;
     let mut signals = up::Shutdown::register()?;
-    let (handle, banner, stop, drain) = start(config)?;
+    let (handle, banner, stop, drain, reload) = start(config)?;
+    if let Some(Reload { hooks, apply }) = reload {
+        // The same layers as at start, read again: the file, the environment (a `*_file`
+        // secret's file too) and the flags.
+        let (file, set) = (args.config.clone(), args.set.clone());
+        hooks.register("config", move || {
+            let loaded: C =
+                net::config::load(&net::config::Sources::process(file.as_deref(), &set))
+                    .map_err(|e| exit::message(&anyhow::Error::new(e)))?;
+            net::reload::set_log_filter(loaded.log_level())?;
+            apply(&loaded)
+        });
+        signals.reload_on_hup(move || {
+            hooks.run();
+        })?;
+    }
     println!("{banner}");
     signals.wait();
     if let Some(d) = drain {

@@ -49,10 +49,16 @@ pub struct TailArgs {
     /// Control's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub control: String,
-    /// API key for `POST /v1/connect`; without it, tail is a guest via getDanmuInfo.
-    #[arg(long, env = "BARRAGE_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// The user id to connect as (needs --api-key unless 0).
+    /// Control's API key, for `POST /v1/connect`; without it, tail is a guest via getDanmuInfo.
+    /// Named as in `loadtest` (`--api-key` is the broker's key everywhere; kept as an alias).
+    #[arg(
+        long = "control-key",
+        alias = "api-key",
+        env = "BARRAGE_CONTROL_KEY",
+        hide_env_values = true
+    )]
+    pub control_key: Option<String>,
+    /// The user id to connect as (needs --control-key unless 0).
     #[arg(long, default_value_t = 0)]
     pub uid: u64,
     /// Device id (buvid); random when not given.
@@ -84,7 +90,7 @@ pub enum TailError {
 /// calls in the order third-party clients make them (resolve the room, then discovery).
 fn ticket(args: &TailArgs, device: &str) -> anyhow::Result<Ticket> {
     let timeout = Duration::from_millis(CONTROL_MS_MAX);
-    if let Some(key) = &args.api_key {
+    if let Some(key) = &args.control_key {
         let mut t = client::fetch_blocking(
             &args.control,
             args.room,
@@ -101,7 +107,7 @@ fn ticket(args: &TailArgs, device: &str) -> anyhow::Result<Ticket> {
     }
     if args.uid != 0 {
         bail!(
-            "--uid {} needs --api-key (only guests connect without one)",
+            "--uid {} needs --control-key (only guests connect without one)",
             args.uid
         );
     }

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -70,9 +70,12 @@ impl net::config::Layered for UpConfig {
     }
 }
 
-/// SIGINT/SIGTERM, registered before anything starts so an early signal is not lost.
+/// SIGINT/SIGTERM (and SIGHUP for a role that reloads), registered before anything starts so
+/// an early signal is not lost.
 pub struct Shutdown {
     signals: signal_hook::iterator::Signals,
+    /// Run on SIGHUP (set by a role runner); without one SIGHUP is not caught.
+    on_reload: Option<Box<dyn Fn()>>,
 }
 
 /// How often a drain looks at the signals and the connections left.
@@ -93,13 +96,43 @@ impl Shutdown {
     pub fn register() -> anyhow::Result<Shutdown> {
         let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
             .context("installing signal handlers")?;
-        Ok(Shutdown { signals })
+        Ok(Shutdown {
+            signals,
+            on_reload: None,
+        })
     }
 
-    /// Blocks until SIGINT or SIGTERM.
+    /// Also catches SIGHUP, which runs `reload` (while waiting and while draining).
+    pub fn reload_on_hup(&mut self, reload: impl Fn() + 'static) -> anyhow::Result<()> {
+        self.signals
+            .add_signal(SIGHUP)
+            .context("installing the SIGHUP handler")?;
+        self.on_reload = Some(Box::new(reload));
+        Ok(())
+    }
+
+    /// Runs the reload for a SIGHUP; `false` for a stopping signal.
+    fn reloaded(&self, sig: i32) -> bool {
+        if sig != SIGHUP {
+            return false;
+        }
+        tracing::info!("SIGHUP: reloading");
+        if let Some(r) = &self.on_reload {
+            r();
+        }
+        true
+    }
+
+    /// Blocks until SIGINT or SIGTERM (running the reload on each SIGHUP meanwhile).
     pub fn wait(&mut self) {
-        if let Some(sig) = self.signals.forever().next() {
-            tracing::info!(signal = sig, "shutting down");
+        loop {
+            let Some(sig) = self.signals.forever().next() else {
+                return;
+            };
+            if !self.reloaded(sig) {
+                tracing::info!(signal = sig, "shutting down");
+                return;
+            }
         }
     }
 
@@ -107,7 +140,8 @@ impl Shutdown {
     /// SIGINT/SIGTERM arrives (which means "stop now").
     pub fn drain_until(&mut self, deadline: Instant, remaining: impl Fn() -> u64) -> Drained {
         loop {
-            if let Some(sig) = self.signals.pending().next() {
+            let pending: Vec<i32> = self.signals.pending().collect();
+            if let Some(sig) = pending.into_iter().find(|s| !self.reloaded(*s)) {
                 return Drained::Interrupted(sig);
             }
             let left = remaining();

@@ -251,3 +251,380 @@ fn sigterm_drains_and_a_second_signal_stops_at_once() {
     assert!(wait_line(&rx, "again: stopping now"));
     drop(viewers);
 }
+
+/// A role process (`barrage edge|broker|control`), its banner, its log lines; killed on drop.
+struct RoleProcess {
+    child: std::process::Child,
+    banner: String,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for RoleProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RoleProcess {
+    /// Starts `barrage ARGS` with `RUST_LOG=info` and reads its banner line.
+    fn start(args: &[&str]) -> RoleProcess {
+        let mut child = barrage()
+            .env("RUST_LOG", "info")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut banner = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut banner)
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        RoleProcess { child, banner, log }
+    }
+
+    /// The address after `label` in the banner (`"admin http://"`, `"tcp "`, `"links "`).
+    fn addr(&self, label: &str) -> std::net::SocketAddr {
+        self.banner
+            .split(label)
+            .nth(1)
+            .and_then(|r| r.split([',', ' ', '\n']).next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no {label:?} in banner {:?}", self.banner))
+    }
+}
+
+/// `GET path` as text (status, body).
+fn http_text(addr: std::net::SocketAddr, path: &str) -> (u16, String, Vec<(String, String)>) {
+    let path = path.to_string();
+    let r = net::runtime::block_on(net::runtime::Driver::Legacy, async move {
+        net::http::request(
+            &addr.to_string(),
+            "GET",
+            &path,
+            &[],
+            b"",
+            std::time::Duration::from_secs(5),
+        )
+        .await
+    })
+    .unwrap_or_else(|e| panic!("HTTP {addr}: {e}"));
+    (
+        r.status,
+        String::from_utf8_lossy(&r.body).into_owned(),
+        r.headers,
+    )
+}
+
+fn token(keys: &str, uid: u64, room: u64) -> String {
+    proto::token::KeySet::parse(keys)
+        .unwrap()
+        .sign(&proto::token::Claims {
+            uid: proto::id::UserId(uid),
+            device: proto::id::DeviceId(format!("dev-{uid}")),
+            room: proto::id::RoomId(room),
+            area: proto::id::AreaId(0),
+            expires_at_s: common::unix_now_s() + 3600,
+        })
+}
+
+/// Polls `GET path` until it answers `want` (bounded by `common::WAIT`).
+fn wait_status(addr: std::net::SocketAddr, path: &str, want: u16) -> bool {
+    let deadline = Instant::now() + common::WAIT;
+    while Instant::now() < deadline {
+        if http_text(addr, path).0 == want {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn sighup_rotates_token_keys_and_viewers_stay() {
+    let dir = std::env::temp_dir().join(format!("barrage-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("edge.toml");
+    let write = |keys: &str| {
+        std::fs::write(&file, format!("token_keys = \"{keys}\"\nshards = 1\npin = false\n")).unwrap()
+    };
+    let (k1, k2) = ("1:first-secret-0123456789", "2:second-secret-0123456789");
+    write(k1);
+    let file_s = file.to_string_lossy().into_owned();
+    let edge = RoleProcess::start(&[
+        "edge",
+        "--config",
+        &file_s,
+        "--set",
+        "tcp_addr=\"127.0.0.1:0\"",
+        "--set",
+        "ws_addr=\"127.0.0.1:0\"",
+        "--set",
+        "admin_addr=\"127.0.0.1:0\"",
+    ]);
+    let (tcp, admin) = (edge.addr("tcp "), edge.addr("admin http://"));
+    // No broker configured: ready at once.
+    assert_eq!(http_text(admin, "/readyz").0, 200);
+
+    let mut old = common::Viewer::tcp(tcp);
+    assert_eq!(old.auth(&common::auth_body(1, 7, &token(k1, 1, 7))), 0);
+
+    // Rotate: key 2 replaces key 1 in the file; SIGHUP.
+    write(k2);
+    signal(&edge.child, "-HUP");
+    assert!(wait_line(&edge.log, "reloaded"), "no reload logged");
+    let mut new = common::Viewer::tcp(tcp);
+    assert_eq!(new.auth(&common::auth_body(2, 7, &token(k2, 2, 7))), 0);
+    let mut stale = common::Viewer::tcp(tcp);
+    assert_ne!(
+        stale.auth(&common::auth_body(3, 7, &token(k1, 3, 7))),
+        0,
+        "a token of the removed key is refused"
+    );
+    // The viewer that came in with key 1 is still there, answered.
+    old.heartbeat();
+
+    // POST /admin/reload: a broken file keeps the old keys and says why (500).
+    std::fs::write(&file, "token_keys = 5\n").unwrap();
+    let (status, body) = common::http_json(admin, "POST", "/admin/reload", &[], "");
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["reloaded"][0]["name"], "config", "{body}");
+    assert_eq!(body["reloaded"][0]["ok"], false, "{body}");
+    let mut again = common::Viewer::tcp(tcp);
+    assert_eq!(again.auth(&common::auth_body(4, 7, &token(k2, 4, 7))), 0);
+    write(k2);
+    let (status, body) = common::http_json(admin, "POST", "/admin/reload", &[], "");
+    assert_eq!(status, 200, "{body}");
+
+    // Draining: /readyz says 503, /healthz stays 200.
+    let (status, _) = common::http_json(admin, "POST", "/admin/drain", &[], "");
+    assert_eq!(status, 200);
+    let (status, body, _) = http_text(admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    assert_eq!(http_text(admin, "/healthz").0, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Metric names a Prometheus expression reads (ours and `process_*`; `up` is Prometheus's own).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let word = &tail[..end];
+        // Skip label values in quotes: an identifier preceded by `"` is a value.
+        let quoted = rest[..i].ends_with('"') || rest[..i].ends_with("~\"");
+        if !quoted && (word.starts_with("barrage_") || word.starts_with("process_")) {
+            out.push(word.to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
+    let dir = std::env::temp_dir().join(format!("barrage-dash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = common::KEYS_V1;
+    let broker_toml = dir.join("broker.toml");
+    std::fs::write(
+        &broker_toml,
+        format!(
+            "shards = 1\npin = false\ncounts_interval_ms = 100\ningest_addr = \"127.0.0.1:0\"\nlink_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n[[api_keys]]\nkey = \"{}\"\nscopes = [\"room\", \"area\", \"global\", \"user\", \"device\"]\n",
+            common::API_KEY
+        ),
+    )
+    .unwrap();
+    let broker = RoleProcess::start(&["broker", "--config", &broker_toml.to_string_lossy()]);
+    let (links, bhttp) = (broker.addr("links "), broker.addr("http://"));
+
+    let control_toml = dir.join("control.toml");
+    std::fs::write(
+        &control_toml,
+        format!(
+            "http_addr = \"127.0.0.1:0\"\napi_keys = [\"{key}\"]\ntoken_keys = \"{keys}\"\n[pages]\nbroker_http = \"{bhttp}\"\nbroker_key = \"{key}\"\n",
+            key = common::API_KEY
+        ),
+    )
+    .unwrap();
+    let control = RoleProcess::start(&["control", "--config", &control_toml.to_string_lossy()]);
+    let chttp = control.addr("http://");
+
+    // An edge whose broker is not there yet: alive, not ready.
+    let lonely = RoleProcess::start(&[
+        "edge",
+        "--set",
+        "shards=1",
+        "--set",
+        "pin=false",
+        "--set",
+        "tcp_addr=\"127.0.0.1:0\"",
+        "--set",
+        "ws_addr=\"127.0.0.1:0\"",
+        "--set",
+        "admin_addr=\"127.0.0.1:0\"",
+        "--set",
+        "broker_addrs=[\"127.0.0.1:1\"]",
+    ]);
+    let ladmin = lonely.addr("admin http://");
+    let (status, body, _) = http_text(ladmin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no broker link"), "{body}");
+    assert_eq!(http_text(ladmin, "/healthz").0, 200);
+    drop(lonely);
+
+    let edge = RoleProcess::start(&[
+        "edge",
+        "--set",
+        "shards=1",
+        "--set",
+        "pin=false",
+        "--set",
+        "tcp_addr=\"127.0.0.1:0\"",
+        "--set",
+        "ws_addr=\"127.0.0.1:0\"",
+        "--set",
+        "admin_addr=\"127.0.0.1:0\"",
+        "--set",
+        &format!("broker_addrs=[\"{links}\"]"),
+        "--set",
+        &format!("control_addr=\"{chttp}\""),
+        "--set",
+        &format!("token_keys=\"{keys}\""),
+    ]);
+    let (tcp, admin) = (edge.addr("tcp "), edge.addr("admin http://"));
+    assert!(wait_status(admin, "/readyz", 200), "the edge never got ready");
+    for a in [bhttp, chttp] {
+        assert_eq!(http_text(a, "/readyz").0, 200);
+    }
+
+    // Viewers in two rooms; the broker's busiest rooms list them, and so does the console.
+    let mut viewers = Vec::new();
+    for (uid, room) in [(1, 5), (2, 5), (3, 9)] {
+        let mut v = common::Viewer::tcp(tcp);
+        assert_eq!(v.auth(&common::auth_body(uid, room, &token(keys, uid, room))), 0);
+        viewers.push(v);
+    }
+    let auth = format!("Bearer {}", common::API_KEY);
+    let deadline = Instant::now() + common::WAIT;
+    let top = loop {
+        let (status, v) = common::http_json(
+            bhttp,
+            "GET",
+            "/v1/rooms/top?limit=5",
+            &[("authorization", &auth)],
+            "",
+        );
+        assert_eq!(status, 200, "{v}");
+        if v["rooms"].as_array().is_some_and(|r| r.len() == 2) || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        top,
+        serde_json::json!({"rooms": [{"room": 5, "viewers": 2}, {"room": 9, "viewers": 1}]})
+    );
+    let (status, _) = common::http_json(bhttp, "GET", "/v1/rooms/top", &[], "");
+    assert_eq!(status, 401, "the list needs an API key");
+    let (status, v) = common::http_json(
+        chttp,
+        "GET",
+        "/console/api/rooms",
+        &[("authorization", &auth)],
+        "",
+    );
+    assert_eq!((status, &v["rooms"][0]["room"]), (200, &serde_json::json!(5)), "{v}");
+    let (status, _) = common::http_json(chttp, "GET", "/console/api/rooms", &[], "");
+    assert_eq!(status, 401);
+
+    // One push, so the broker's histograms have seen a batch; a token request for control's.
+    let (status, v) = common::http_json(
+        bhttp,
+        "POST",
+        "/v1/push/room/5",
+        &[("authorization", &auth)],
+        "{\"cmd\":\"DANMU_MSG\"}",
+    );
+    assert_eq!(status, 202, "{v}");
+    let _ = common::connect_ticket(chttp, 5, 10);
+
+    // Scrape every role; each answers with one Content-Type.
+    let mut live = std::collections::BTreeSet::new();
+    for a in [admin, bhttp, chttp] {
+        let (status, text, headers) = http_text(a, "/metrics");
+        assert_eq!(status, 200);
+        let types = headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .count();
+        assert_eq!(types, 1, "{a}: {headers:?}");
+        for l in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let name = l.split(['{', ' ']).next().unwrap_or("");
+            live.insert(name.to_string());
+        }
+    }
+    for must in [
+        "barrage_build_info",
+        "process_cpu_seconds_total",
+        "barrage_broker_accept_to_flush_seconds_bucket",
+        "barrage_control_request_duration_seconds_bucket",
+        "barrage_edge_auth_seconds_count",
+    ] {
+        assert!(live.contains(must), "{must} missing from the scrape");
+    }
+    assert!(
+        !live.iter().any(|n| n.starts_with("broker_")),
+        "one namespace: barrage_<role>_*"
+    );
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tuning/grafana/barrage.json")).unwrap(),
+    )
+    .expect("the dashboard is valid JSON");
+    let mut exprs: Vec<String> = Vec::new();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            exprs.push(t["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    let alerts_text = std::fs::read_to_string(root.join("tuning/prometheus/alerts.yml")).unwrap();
+    let docs = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let yaml = yaml_rust2::YamlLoader::load_from_str(&alerts_text).expect("alerts.yml is YAML");
+    let mut alerts = 0;
+    for g in yaml[0]["groups"].as_vec().expect("groups") {
+        for r in g["rules"].as_vec().expect("rules") {
+            let name = r["alert"].as_str().expect("alert name");
+            exprs.push(r["expr"].as_str().expect("expr").to_string());
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "{name} has no runbook line in docs/operations.md"
+            );
+            alerts += 1;
+        }
+    }
+    assert!(alerts >= 6 && exprs.len() > alerts);
+    let mut checked = std::collections::BTreeSet::new();
+    for e in &exprs {
+        for name in metric_names(e) {
+            assert!(live.contains(&name), "{name} (in {e:?}) is in no live /metrics");
+            checked.insert(name);
+        }
+    }
+    assert!(checked.len() >= 15, "too few metrics named: {checked:?}");
+    drop(viewers);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -27,6 +27,8 @@ pub struct Message {
     pub priority: Priority,
     pub msg_id: MsgId,
     pub body: Vec<u8>,
+    /// When ingest accepted it (the flush latency histogram starts here).
+    pub accepted: Instant,
 }
 
 /// A flushed batch: the stream, its seq, and its messages in push order.
@@ -38,6 +40,8 @@ pub struct Flush {
     pub seq: u64,
     pub msg_ids: Vec<MsgId>,
     pub bodies: Vec<Vec<u8>>,
+    /// When ingest accepted the batch's oldest message (`None` in tests that build a flush).
+    pub oldest: Option<Instant>,
 }
 
 impl Flush {
@@ -62,6 +66,8 @@ struct Stream {
     msg_ids: Vec<MsgId>,
     bodies: Vec<Vec<u8>>,
     pending_bytes: usize,
+    /// Accept time of the oldest pending message.
+    oldest: Option<Instant>,
 }
 
 type Key = (Scope, Priority);
@@ -103,6 +109,7 @@ impl Batcher {
                 seq: 0,
                 msg_ids: vec![msg.msg_id],
                 bodies: vec![msg.body],
+                oldest: Some(msg.accepted),
             });
             return;
         }
@@ -119,6 +126,7 @@ impl Batcher {
             out.push(take(stream, key.1, now));
         }
         stream.pending_bytes += msg.body.len();
+        stream.oldest.get_or_insert(msg.accepted);
         stream.msg_ids.push(msg.msg_id);
         stream.bodies.push(msg.body);
         self.pending_messages += 1;
@@ -218,6 +226,7 @@ fn take(stream: &mut Stream, priority: Priority, now: Instant) -> Flush {
         seq,
         msg_ids: std::mem::take(&mut stream.msg_ids),
         bodies: std::mem::take(&mut stream.bodies),
+        oldest: stream.oldest.take(),
     }
 }
 
@@ -259,6 +268,7 @@ mod tests {
                 priority,
                 msg_id: MsgId(self.next_id),
                 body: vec![b'x'; len],
+                accepted: self.t0 + ms(at_ms),
             };
             self.next_id += 1;
             self.b.push(msg, self.t0 + ms(at_ms), &mut out);

@@ -83,6 +83,8 @@ impl Settings {
 pub struct Compressor {
     settings: Settings,
     inner: Vec<u8>,
+    /// How long the last [`Compressor::encode`] spent in brotli, µs (`None`: not asked for).
+    pub last_brotli_us: Option<u64>,
 }
 
 impl Compressor {
@@ -90,6 +92,7 @@ impl Compressor {
         Compressor {
             settings,
             inner: Vec::with_capacity(32 * 1024),
+            last_brotli_us: None,
         }
     }
 
@@ -111,8 +114,13 @@ impl Compressor {
             (encodings & e.bit() != 0)
                 .then(|| Bytes::from(proto::container::encode_outer(e, &self.inner, seq, params)))
         };
+        let started = std::time::Instant::now();
+        let brotli = make(Encoding::Brotli);
+        self.last_brotli_us = brotli
+            .is_some()
+            .then(|| started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64);
         Encoded {
-            brotli: make(Encoding::Brotli),
+            brotli,
             zlib: make(Encoding::Zlib),
             plain: make(Encoding::Plain),
             inner_bytes: self.inner.len(),
@@ -156,6 +164,7 @@ mod tests {
             seq: 3,
             msg_ids: (1..=5).map(MsgId).collect(),
             bodies: bodies.clone(),
+            oldest: None,
         };
         let mut c = Compressor::new(Settings {
             quality: 5,

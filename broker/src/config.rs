@@ -112,12 +112,18 @@ pub struct Config {
     pub reuse_port_across_processes: bool,
     /// monoio driver (`auto`, `uring`, `legacy`); `BARRAGE_DRIVER` overrides it.
     pub driver: net::runtime::Driver,
+    /// Log filter in `RUST_LOG` syntax (`info`, `warn,edge=debug`); empty keeps `RUST_LOG` (or
+    /// `info`). A reload (SIGHUP, `POST /admin/reload`) applies a new value.
+    pub log_level: String,
     /// Ingest socket (persistent, pipelined `proto::ingest` frames).
     pub ingest_addr: SocketAddr,
     /// Edge links (`proto::link` frames).
     pub link_addr: SocketAddr,
     /// HTTP API (push, healthz, metrics).
     pub http_addr: SocketAddr,
+    /// Required as `Authorization: Bearer <admin_key>` by `POST /admin/reload`. Empty: reload
+    /// over HTTP answers only when `http_addr` is loopback (SIGHUP always works).
+    pub admin_key: String,
     /// API keys of business callers. Empty: every push is refused as unauthorized.
     pub api_keys: Vec<ApiKey>,
     /// Pushes per second allowed into one room, area or the global scope, summed over all keys
@@ -208,11 +214,13 @@ impl Default for Config {
             node_id: "broker-1".to_string(),
             shards: 0,
             pin: net::runtime::Pin::Cores,
+            log_level: String::new(),
             reuse_port_across_processes: false,
             driver: net::runtime::Driver::Auto,
             ingest_addr: SocketAddr::from(([127, 0, 0, 1], 7400)),
             link_addr: SocketAddr::from(([127, 0, 0, 1], 7401)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            admin_key: String::new(),
             api_keys: Vec::new(),
             room_rate_per_s: 2_000.0,
             room_burst: 4_000.0,
@@ -326,6 +334,9 @@ impl Config {
         };
         for (i, k) in self.api_keys.iter().enumerate() {
             judge(&format!("api_keys[{i}]"), &k.key)?;
+        }
+        if !self.admin_key.is_empty() {
+            judge("admin_key", &self.admin_key)?;
         }
         for e in &self.link_keys {
             let (node, secret) = e.split_once(':').unwrap_or(("?", ""));

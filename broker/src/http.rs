@@ -11,7 +11,13 @@
 //!      with {"error":"<reason>","message":"..."}
 //! POST /v1/push/batch  {"messages":[{"scope":"room","target":1,"priority":"low","body":{...}}, ...]}
 //!   -> 200 {"results":[{"msg_id":"..."} | {"error":"...","message":"..."}, ...]} (in request order)
-//! GET /healthz -> 200 {"ok":true,...};  GET /metrics -> Prometheus text
+//! GET /healthz -> 200 {"ok":true,...} (liveness);  GET /readyz -> 200, or 503 while stopping
+//! GET /metrics -> Prometheus text
+//! GET /v1/rooms/top?limit=N  Authorization: Bearer <api key>  (N <= 100, default 20)
+//!   -> 200 {"rooms":[{"room":1,"viewers":12}, ...]} busiest first, fleet-wide counts as the
+//!      edges last reported them (refreshed every `counts_interval_ms`)
+//! POST /admin/reload (Bearer admin_key; without one, loopback only) -> runs the reload hooks
+//!   as SIGHUP does: 200 {"ok":true,"reloaded":[...]} | 500 with each hook's outcome
 //! ```
 //! `msg_id` is a decimal string: it can exceed 2^53, where JSON numbers lose precision.
 
@@ -28,7 +34,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 /// Paths served on the HTTP server's reserved slots when the public side is full.
-pub const RESERVED_PATHS: [&str; 2] = ["/healthz", "/metrics"];
+pub const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// Serves the HTTP API on one shard until `stop`.
 pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, stop: Stop) {
@@ -86,23 +92,94 @@ pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
             200,
             &json!({"ok": true, "node_id": shared.config.node_id, "shards": shared.shards}),
         ),
-        ("GET", "/metrics") => Response {
-            status: 200,
-            headers: vec![(
-                "Content-Type".to_string(),
-                net::metrics::CONTENT_TYPE.to_string(),
-            )],
-            body: shared.metrics_text().into_bytes(),
+        ("GET", "/readyz") => {
+            if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                Response::json(503, &json!({"ready": false, "reason": "stopping"}))
+            } else {
+                Response::json(200, &json!({"ready": true}))
+            }
+        }
+        ("GET", "/metrics") => net::metrics::response(shared.metrics_text()),
+        ("POST", "/admin/reload") => match admin_allowed(shared, req) {
+            Ok(()) => shared.hooks.respond(),
+            Err(refusal) => refusal,
         },
+        ("GET", "/v1/rooms/top") => rooms_top(shared, req),
         ("POST", "/v1/push/batch") => push_batch(shared, req),
         ("POST", p) if p.starts_with("/v1/push/") => push_one(shared, req, &p["/v1/push/".len()..]),
-        (_, "/healthz" | "/metrics") => {
+        (_, "/v1/rooms/top") => {
+            Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")
+        }
+        (_, "/admin/reload") => {
+            Response::error(405, "method_not_allowed", "use POST").with_header("allow", "POST")
+        }
+        (_, "/healthz" | "/readyz" | "/metrics") => {
             Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")
         }
         (_, p) if p.starts_with("/v1/push/") => {
             Response::error(405, "method_not_allowed", "use POST").with_header("allow", "POST")
         }
         _ => Response::error(404, "not_found", "no such endpoint"),
+    }
+}
+
+/// Rooms `GET /v1/rooms/top` lists when no `limit` is given.
+const TOP_ROOMS_DEFAULT: usize = 20;
+
+/// The busiest rooms of the fleet: each shard's snapshot merged (a room lives on one shard).
+fn rooms_top(shared: &Shared, req: &Request) -> Response {
+    if let Err(e) = key_of(shared, req) {
+        return fail(e);
+    }
+    let limit = match req.query_param("limit") {
+        None => TOP_ROOMS_DEFAULT,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=crate::TOP_ROOMS_MAX).contains(&n) => n,
+            _ => {
+                return fail(invalid(format!(
+                    "limit must be 1..={}",
+                    crate::TOP_ROOMS_MAX
+                )))
+            }
+        },
+    };
+    let mut rooms: Vec<(RoomId, u64)> = shared
+        .top_rooms
+        .iter()
+        .flat_map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .collect();
+    rooms.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0 .0.cmp(&b.0 .0)));
+    rooms.truncate(limit);
+    let rooms: Vec<serde_json::Value> = rooms
+        .iter()
+        .map(|(r, n)| json!({"room": r.0, "viewers": n}))
+        .collect();
+    Response::json(200, &json!({ "rooms": rooms }))
+}
+
+/// Whether `req` may use an admin endpoint: the bearer must be `admin_key`; without one set,
+/// only when the HTTP API listens on loopback.
+fn admin_allowed(shared: &Shared, req: &Request) -> Result<(), Response> {
+    let key = shared.config.admin_key.as_bytes();
+    if key.is_empty() {
+        if !shared.config.http_addr.ip().to_canonical().is_loopback() {
+            return Err(Response::error(
+                403,
+                "forbidden",
+                "http_addr is not loopback: set admin_key to use admin endpoints",
+            ));
+        }
+        return Ok(());
+    }
+    let given = req.bearer().unwrap_or("").as_bytes();
+    if net::secret::ct_eq(given, key) {
+        Ok(())
+    } else {
+        Err(Response::error(
+            401,
+            "unauthorized",
+            "a valid admin key is needed (Authorization: Bearer <admin_key>)",
+        ))
     }
 }
 

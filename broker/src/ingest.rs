@@ -115,15 +115,14 @@ fn accept_inner(
     body: Vec<u8>,
 ) -> Result<MsgId, PushError> {
     // Stateless checks on this thread, no lock.
-    shared.policy.check(key, &scope, &body)?;
+    let policy = shared.policy.load();
+    policy.check(key, &scope, &body)?;
     let shard = owner(&scope, shared.shards) as usize;
     let (Some(inbox), Some(rates)) = (shared.inboxes.get(shard), shared.rates.get(shard)) else {
         return Err(PushError::Overloaded);
     };
     // The rates: the key's lock-free, the target's under its owning shard's lock only.
-    shared
-        .policy
-        .spend(&mut lock(rates), key, &scope, Instant::now())?;
+    policy.spend(&mut lock(rates), key, &scope, Instant::now())?;
     let msg_id = MsgId(shared.next_msg_id.fetch_add(1, Relaxed));
     let tx = match priority {
         Priority::High => &inbox.high_tx,
@@ -134,6 +133,7 @@ fn accept_inner(
         priority,
         msg_id,
         body,
+        accepted: Instant::now(),
     })
     .map_err(|_| PushError::Overloaded)?;
     inbox.notify.notify();
@@ -184,7 +184,7 @@ pub(crate) fn accept_keyed(
 
 /// Authenticates an API key (counted as a rejection when unknown).
 pub(crate) fn authenticate(shared: &Shared, api_key: &str) -> Result<KeyId, PushError> {
-    let r = shared.policy.authenticate(api_key);
+    let r = shared.policy.load().authenticate(api_key);
     if let Err(e) = &r {
         shared.ingest_metrics.reject(e);
     }
@@ -255,6 +255,8 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
     let mut auth_failures = 0u32;
     let auth_deadline = Instant::now() + Duration::from_millis(shared.config.ingest_auth_ms_max);
     let mut key: Option<KeyId> = None;
+    // Kept to authenticate again after a reload replaced the policy (the key may be gone).
+    let mut secret = String::new();
     let decoder = move |buf: &mut bytes::BytesMut| match proto::ingest::decode(buf, frame_max) {
         Ok((frame, used)) => {
             bytes::Buf::advance(buf, used);
@@ -287,6 +289,12 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
             };
             match next {
                 Ok(frame) => {
+                    if let Some(k) = key {
+                        let policy = shared.policy.load();
+                        if !policy.is_current(k) {
+                            key = policy.authenticate(&secret).ok();
+                        }
+                    }
                     let status = match frame {
                         IngestFrame::Auth { req_id, api_key } => {
                             let per_addr_max = shared.config.ingest_auth_failures_per_addr_max;
@@ -306,6 +314,9 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
                                 if !blocked {
                                     lock(&shared.auth_failures).fail(ip, Instant::now());
                                 }
+                            }
+                            if r.is_ok() {
+                                secret = api_key.clone();
                             }
                             key = r.as_ref().ok().copied().or(key);
                             let status = IngestFrame::Status {

@@ -103,8 +103,11 @@ pub(crate) struct Inbox {
 pub(crate) struct Shared {
     pub config: Config,
     pub shards: u16,
-    /// Read-only after start: every receiving thread checks pushes against it without a lock.
-    pub policy: policy::Policy,
+    /// Every receiving thread checks pushes against a snapshot of it; a reload swaps it whole
+    /// (new keys, scopes, rates; the key rate buckets start full again).
+    pub policy: net::reload::Live<policy::Policy>,
+    /// What a reload runs (the binary registers "config"; TLS registers its certificates).
+    pub hooks: net::reload::Hooks,
     /// The per-target rate buckets, one per owning shard (taken by pushes to that shard only).
     pub rates: Vec<Mutex<policy::Rates>>,
     pub next_msg_id: AtomicU64,
@@ -126,7 +129,13 @@ pub(crate) struct Shared {
     pub auth_failures: Mutex<ingest::AuthFailures>,
     /// Keyed pushes remembered, per owning shard (taken only by keyed pushes).
     pub dedup: Vec<Mutex<dedup::Dedup>>,
+    /// Per shard: its busiest rooms (viewers, most first), refreshed every
+    /// `counts_interval_ms`, for `GET /v1/rooms/top` (taken once a tick and per request).
+    pub top_rooms: Vec<Mutex<Vec<(proto::id::RoomId, u64)>>>,
 }
+
+/// Rooms each shard keeps in its busiest-rooms snapshot (and the most `/v1/rooms/top` lists).
+pub const TOP_ROOMS_MAX: usize = 100;
 
 impl Shared {
     pub fn metrics_text(&self) -> String {
@@ -143,15 +152,22 @@ impl Shared {
             self.link_handshakes.load(Ordering::Relaxed),
         );
         let mut w = net::metrics::Writer::default();
-        self.http_stats.write_metrics(&mut w, "broker");
+        self.http_stats.write_metrics(&mut w, "barrage_broker");
+        w.metric(
+            "barrage_broker_queue_messages_max",
+            "gauge",
+            "Messages each (shard, priority) queue holds at most (queue_messages_max); past it pushes are refused as overloaded.",
+            &[(&[], self.config.queue_messages_max as f64)],
+        );
+        net::metrics::write_process(&mut w, "broker");
         w.family(
-            "broker_link_handshakes_refused_total",
+            "barrage_broker_link_handshakes_refused_total",
             "counter",
             "Edge link handshakes refused, by reason (slots, per_addr, auth).",
         );
         for (i, r) in link::REFUSED_REASONS.iter().enumerate() {
             w.sample(
-                "broker_link_handshakes_refused_total",
+                "barrage_broker_link_handshakes_refused_total",
                 &[("reason", r)],
                 self.link_refused[i].load(Ordering::Relaxed) as f64,
             );
@@ -160,6 +176,9 @@ impl Shared {
         text
     }
 }
+
+/// Config fields a reload applies; every other change needs a restart (docs/operations.md).
+pub const LIVE_FIELDS: [&str; 2] = ["api_keys", "log_level"];
 
 /// A running broker.
 pub struct Handle {
@@ -190,6 +209,29 @@ impl Handle {
     /// The Prometheus text `GET /metrics` serves.
     pub fn metrics_text(&self) -> String {
         self.shared.metrics_text()
+    }
+
+    /// The reload hooks SIGHUP and `POST /admin/reload` run (register TLS reload here).
+    pub fn reload_hooks(&self) -> net::reload::Hooks {
+        self.shared.hooks.clone()
+    }
+
+    /// Applies what of `loaded` can change live (API keys with their scopes and rates, the
+    /// room rates) and says what else changed and needs a restart.
+    pub fn reloader(&self) -> impl Fn(&Config) -> Result<String, String> + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move |loaded| {
+            loaded.validate().map_err(|e| e.to_string())?;
+            // Only the keys change: every other field of the policy stays as started.
+            let mut live = shared.config.clone();
+            live.api_keys = loaded.api_keys.clone();
+            shared
+                .policy
+                .store(policy::Policy::new(&live, std::time::Instant::now()));
+            let applied = vec![format!("api_keys ({} keys)", loaded.api_keys.len())];
+            let restart = net::reload::fields_needing_restart(&shared.config, loaded, &LIVE_FIELDS);
+            Ok(net::reload::summary(&applied, &restart))
+        }
     }
 
     /// Stops every thread and closes every socket; returns once they have ended.
@@ -289,7 +331,8 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
         })
         .collect();
     let shared = Arc::new(Shared {
-        policy: policy::Policy::new(&config, std::time::Instant::now()),
+        policy: net::reload::Live::new(policy::Policy::new(&config, std::time::Instant::now())),
+        hooks: Default::default(),
         rates: (0..n)
             .map(|_| Mutex::new(policy::Rates::new(&config)))
             .collect(),
@@ -306,6 +349,7 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
         link_handshakes_by_addr: Default::default(),
         link_refused: Default::default(),
         auth_failures: Default::default(),
+        top_rooms: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
         dedup: (0..n)
             .map(|_| {
                 Mutex::new(dedup::Dedup::new(

@@ -111,7 +111,7 @@ pub fn frame_bytes(frame: &LinkFrame) -> Bytes {
 }
 
 /// Why a link handshake was refused (the `reason` label of
-/// `broker_link_handshakes_refused_total`).
+/// `barrage_broker_link_handshakes_refused_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
     /// `link_handshakes_max` handshakes were already in progress.
@@ -164,7 +164,7 @@ fn refused(
     shared.link_refused[why as usize].fetch_add(1, Relaxed);
     if last_log.is_none_or(|t| t.elapsed() >= Duration::from_millis(REFUSED_LOG_MS_MIN)) {
         *last_log = Some(std::time::Instant::now());
-        tracing::warn!(%peer, reason = REFUSED_REASONS[why as usize], "edge link handshake refused (logged at most once a second; see broker_link_handshakes_refused_total)");
+        tracing::warn!(%peer, reason = REFUSED_REASONS[why as usize], "edge link handshake refused (logged at most once a second; see barrage_broker_link_handshakes_refused_total)");
     }
 }
 

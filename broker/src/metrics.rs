@@ -6,6 +6,7 @@
 
 use proto::id::Encoding;
 use proto::ingest::PushError;
+use net::metrics::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Rejection reasons, in label order.
@@ -78,7 +79,6 @@ impl IngestMetrics {
 }
 
 /// Counters of one shard (written by that shard only).
-#[derive(Default)]
 pub struct ShardMetrics {
     pub messages_batched: AtomicU64,
     pub batches: AtomicU64,
@@ -98,6 +98,39 @@ pub struct ShardMetrics {
     pub edges: AtomicU64,
     pub rooms_watched: AtomicU64,
     pub pending_messages: AtomicU64,
+    /// Push accepted by ingest -> its batch flushed (the batch's oldest message), µs.
+    pub accept_to_flush_us: Histogram,
+    /// Messages and inner bytes per flushed batch.
+    pub batch_messages: Histogram,
+    pub batch_bytes: Histogram,
+    /// Time brotli took to encode one batch, µs.
+    pub brotli_encode_us: Histogram,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> ShardMetrics {
+        ShardMetrics {
+            messages_batched: Default::default(),
+            batches: Default::default(),
+            batches_unrouted: Default::default(),
+            encoded: Default::default(),
+            encoded_in_bytes: Default::default(),
+            encoded_out_bytes: Default::default(),
+            link_batches_sent: Default::default(),
+            link_bytes_sent: Default::default(),
+            links_low: Default::default(),
+            links_high: Default::default(),
+            link_cuts: Default::default(),
+            link_frames_in: Default::default(),
+            edges: Default::default(),
+            rooms_watched: Default::default(),
+            pending_messages: Default::default(),
+            accept_to_flush_us: Histogram::latency(),
+            batch_messages: Histogram::new(&net::metrics::MESSAGES_BOUNDS),
+            batch_bytes: Histogram::new(&net::metrics::BYTES_BOUNDS),
+            brotli_encode_us: Histogram::latency(),
+        }
+    }
 }
 
 impl ShardMetrics {
@@ -106,6 +139,15 @@ impl ShardMetrics {
         self.encoded[i].fetch_add(1, Relaxed);
         self.encoded_in_bytes[i].fetch_add(in_bytes as u64, Relaxed);
         self.encoded_out_bytes[i].fetch_add(out_bytes as u64, Relaxed);
+    }
+
+    /// Records a flushed batch in the histograms.
+    pub fn flushed(&self, flush: &crate::batcher::Flush) {
+        if let Some(t) = flush.oldest {
+            self.accept_to_flush_us.observe_since(t);
+        }
+        self.batch_messages.observe(flush.msg_ids.len() as u64);
+        self.batch_bytes.observe(flush.body_bytes() as u64);
     }
 
     pub fn cut(&self, c: Cut) {
@@ -124,83 +166,83 @@ pub fn render(
     let mut w = net::metrics::Writer::default();
     let get = |a: &AtomicU64| a.load(Relaxed) as f64;
     w.family(
-        "broker_pushes_accepted_total",
+        "barrage_broker_pushes_accepted_total",
         "counter",
         "Pushes accepted (given a msg_id), by ingest path.",
     );
     w.sample(
-        "broker_pushes_accepted_total",
+        "barrage_broker_pushes_accepted_total",
         &[("via", "socket")],
         get(&ingest.accepted[0]),
     );
     w.sample(
-        "broker_pushes_accepted_total",
+        "barrage_broker_pushes_accepted_total",
         &[("via", "http")],
         get(&ingest.accepted[1]),
     );
     w.family(
-        "broker_pushes_rejected_total",
+        "barrage_broker_pushes_rejected_total",
         "counter",
         "Pushes refused, by reason.",
     );
     for (i, r) in REJECT_REASONS.iter().enumerate() {
         w.sample(
-            "broker_pushes_rejected_total",
+            "barrage_broker_pushes_rejected_total",
             &[("reason", r)],
             get(&ingest.rejected[i]),
         );
     }
     w.family(
-        "broker_ingest_connections",
+        "barrage_broker_ingest_connections",
         "gauge",
         "Open ingest socket connections.",
     );
-    w.sample("broker_ingest_connections", &[], get(&ingest.connections));
+    w.sample("barrage_broker_ingest_connections", &[], get(&ingest.connections));
     w.family(
-        "broker_pushes_deduplicated_total",
+        "barrage_broker_pushes_deduplicated_total",
         "counter",
         "Pushes with an idempotency key seen before within the window: answered, not queued.",
     );
     w.sample(
-        "broker_pushes_deduplicated_total",
+        "barrage_broker_pushes_deduplicated_total",
         &[],
         get(&ingest.deduplicated),
     );
     w.family(
-        "broker_ingest_connections_refused_total",
+        "barrage_broker_ingest_connections_refused_total",
         "counter",
         "Ingest connections closed at once (over ingest_connections_max).",
     );
     w.sample(
-        "broker_ingest_connections_refused_total",
+        "barrage_broker_ingest_connections_refused_total",
         &[],
         get(&ingest.connections_refused),
     );
     w.family(
-        "broker_ingest_protocol_errors_total",
+        "barrage_broker_ingest_protocol_errors_total",
         "counter",
         "Ingest connections closed for a malformed frame or a missing Auth.",
     );
     w.sample(
-        "broker_ingest_protocol_errors_total",
+        "barrage_broker_ingest_protocol_errors_total",
         &[],
         get(&ingest.protocol_errors),
     );
 
     w.family(
-        "broker_queue_messages",
+        "barrage_broker_queue_messages",
         "gauge",
         "Messages waiting between ingest and aggregation, per shard and priority.",
     );
     for (i, (hi, lo)) in queues.iter().enumerate() {
         let s = i.to_string();
         w.sample(
-            "broker_queue_messages",
+            "barrage_broker_queue_messages",
             &[("shard", &s), ("priority", "high")],
             *hi as f64,
         );
         w.sample(
-            "broker_queue_messages",
+            "barrage_broker_queue_messages",
             &[("shard", &s), ("priority", "low")],
             *lo as f64,
         );
@@ -208,167 +250,184 @@ pub fn render(
     let sum =
         |f: &dyn Fn(&ShardMetrics) -> &AtomicU64| shards.iter().map(|s| get(f(s))).sum::<f64>();
     w.family(
-        "broker_pending_messages",
+        "barrage_broker_pending_messages",
         "gauge",
         "Messages waiting in pending batches (inside the aggregation window).",
     );
     w.sample(
-        "broker_pending_messages",
+        "barrage_broker_pending_messages",
         &[],
         sum(&|s| &s.pending_messages),
     );
     w.family(
-        "broker_messages_batched_total",
+        "barrage_broker_messages_batched_total",
         "counter",
         "Messages that left in a batch.",
     );
     w.sample(
-        "broker_messages_batched_total",
+        "barrage_broker_messages_batched_total",
         &[],
         sum(&|s| &s.messages_batched),
     );
-    w.family("broker_batches_total", "counter", "Batches flushed.");
-    w.sample("broker_batches_total", &[], sum(&|s| &s.batches));
+    w.family("barrage_broker_batches_total", "counter", "Batches flushed.");
+    w.sample("barrage_broker_batches_total", &[], sum(&|s| &s.batches));
     w.family(
-        "broker_batches_unrouted_total",
+        "barrage_broker_batches_unrouted_total",
         "counter",
         "Batches of scopes no edge watched (neither compressed nor sent).",
     );
     w.sample(
-        "broker_batches_unrouted_total",
+        "barrage_broker_batches_unrouted_total",
         &[],
         sum(&|s| &s.batches_unrouted),
     );
     w.family(
-        "broker_encoded_batches_total",
+        "barrage_broker_encoded_batches_total",
         "counter",
         "Batch encodings made, by encoding.",
     );
     for (i, e) in ENCODING_LABELS.iter().enumerate() {
         w.sample(
-            "broker_encoded_batches_total",
+            "barrage_broker_encoded_batches_total",
             &[("encoding", e)],
             shards.iter().map(|s| get(&s.encoded[i])).sum(),
         );
     }
     w.family(
-        "broker_encoded_in_bytes_total",
+        "barrage_broker_encoded_in_bytes_total",
         "counter",
         "Uncompressed inner packet bytes encoded, by encoding.",
     );
     for (i, e) in ENCODING_LABELS.iter().enumerate() {
         w.sample(
-            "broker_encoded_in_bytes_total",
+            "barrage_broker_encoded_in_bytes_total",
             &[("encoding", e)],
             shards.iter().map(|s| get(&s.encoded_in_bytes[i])).sum(),
         );
     }
     w.family(
-        "broker_encoded_out_bytes_total",
+        "barrage_broker_encoded_out_bytes_total",
         "counter",
         "Outer packet bytes produced, by encoding.",
     );
     for (i, e) in ENCODING_LABELS.iter().enumerate() {
         w.sample(
-            "broker_encoded_out_bytes_total",
+            "barrage_broker_encoded_out_bytes_total",
             &[("encoding", e)],
             shards.iter().map(|s| get(&s.encoded_out_bytes[i])).sum(),
         );
     }
     w.family(
-        "broker_compression_ratio",
-        "gauge",
-        "Outer bytes / inner bytes since start, by encoding (lower is better).",
-    );
-    for (i, e) in ENCODING_LABELS.iter().enumerate() {
-        let inb: f64 = shards.iter().map(|s| get(&s.encoded_in_bytes[i])).sum();
-        let outb: f64 = shards.iter().map(|s| get(&s.encoded_out_bytes[i])).sum();
-        w.sample(
-            "broker_compression_ratio",
-            &[("encoding", e)],
-            if inb > 0.0 { outb / inb } else { 0.0 },
-        );
-    }
-    w.family(
-        "broker_link_batches_sent_total",
+        "barrage_broker_link_batches_sent_total",
         "counter",
         "BATCH frames queued to edge links.",
     );
     w.sample(
-        "broker_link_batches_sent_total",
+        "barrage_broker_link_batches_sent_total",
         &[],
         sum(&|s| &s.link_batches_sent),
     );
     w.family(
-        "broker_link_bytes_sent_total",
+        "barrage_broker_link_sent_bytes_total",
         "counter",
         "Bytes of BATCH frames queued to edge links.",
     );
     w.sample(
-        "broker_link_bytes_sent_total",
+        "barrage_broker_link_sent_bytes_total",
         &[],
         sum(&|s| &s.link_bytes_sent),
     );
-    w.family("broker_links", "gauge", "Edge links up, by priority.");
+    w.family("barrage_broker_links", "gauge", "Edge links up, by priority.");
     w.sample(
-        "broker_links",
+        "barrage_broker_links",
         &[("priority", "low")],
         sum(&|s| &s.links_low),
     );
     w.sample(
-        "broker_links",
+        "barrage_broker_links",
         &[("priority", "high")],
         sum(&|s| &s.links_high),
     );
     w.family(
-        "broker_link_cuts_total",
+        "barrage_broker_link_cuts_total",
         "counter",
         "Edge links ended, by reason.",
     );
     for (i, r) in CUT_REASONS.iter().enumerate() {
         w.sample(
-            "broker_link_cuts_total",
+            "barrage_broker_link_cuts_total",
             &[("reason", r)],
             shards.iter().map(|s| get(&s.link_cuts[i])).sum(),
         );
     }
     w.family(
-        "broker_link_handshakes",
+        "barrage_broker_link_handshakes",
         "gauge",
         "Edge connections waiting for their Hello (links in the handshake state).",
     );
-    w.sample("broker_link_handshakes", &[], link_handshakes as f64);
+    w.sample("barrage_broker_link_handshakes", &[], link_handshakes as f64);
     w.family(
-        "broker_link_handshakes_failed_total",
+        "barrage_broker_link_handshakes_failed_total",
         "counter",
         "Edge connections closed before a valid Hello.",
     );
     w.sample(
-        "broker_link_handshakes_failed_total",
+        "barrage_broker_link_handshakes_failed_total",
         &[],
         link_handshakes_failed as f64,
     );
     w.family(
-        "broker_link_frames_in_total",
+        "barrage_broker_link_frames_in_total",
         "counter",
         "Frames received from edges.",
     );
     w.sample(
-        "broker_link_frames_in_total",
+        "barrage_broker_link_frames_in_total",
         &[],
         sum(&|s| &s.link_frames_in),
     );
     w.family(
-        "broker_edges",
+        "barrage_broker_edges",
         "gauge",
         "Edge nodes with a link, summed over shards.",
     );
-    w.sample("broker_edges", &[], sum(&|s| &s.edges));
+    w.sample("barrage_broker_edges", &[], sum(&|s| &s.edges));
     w.family(
-        "broker_rooms_watched",
+        "barrage_broker_rooms_watched",
         "gauge",
         "Rooms with viewers on some edge, summed over shards.",
     );
-    w.sample("broker_rooms_watched", &[], sum(&|s| &s.rooms_watched));
+    w.sample("barrage_broker_rooms_watched", &[], sum(&|s| &s.rooms_watched));
+    let hist: [(&str, &str, fn(&ShardMetrics) -> &Histogram, f64); 4] = [
+        (
+            "barrage_broker_accept_to_flush_seconds",
+            "Push accepted by ingest -> its batch flushed (oldest message of the batch).",
+            |s| &s.accept_to_flush_us,
+            1e-6,
+        ),
+        (
+            "barrage_broker_batch_messages",
+            "Messages per flushed batch.",
+            |s| &s.batch_messages,
+            1.0,
+        ),
+        (
+            "barrage_broker_batch_bytes",
+            "Body bytes per flushed batch (before compression).",
+            |s| &s.batch_bytes,
+            1.0,
+        ),
+        (
+            "barrage_broker_brotli_encode_seconds",
+            "Time brotli took to encode one batch.",
+            |s| &s.brotli_encode_us,
+            1e-6,
+        ),
+    ];
+    for (name, help, get, scale) in hist {
+        w.family(name, "histogram", help);
+        let parts: Vec<&Histogram> = shards.iter().map(get).collect();
+        w.histogram(name, &[], &parts, scale);
+    }
     w.out
 }

@@ -74,17 +74,28 @@ impl Bucket {
     }
 }
 
-/// Index of an authenticated key in the policy (a connection keeps it after `Auth`).
+/// Index of an authenticated key in one policy (a connection keeps it after `Auth`). A
+/// reload makes a new policy: an id of an older one is refused by it
+/// ([`Policy::is_current`]), so a connection authenticates its secret again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct KeyId(usize);
+pub struct KeyId {
+    index: usize,
+    generation: u64,
+}
 
 impl KeyId {
     /// A key id for unit tests of tables keyed by it.
     #[cfg(test)]
     pub(crate) fn for_tests(n: usize) -> KeyId {
-        KeyId(n)
+        KeyId {
+            index: n,
+            generation: 0,
+        }
     }
 }
+
+/// Policies made so far in this process: each gets the next number as its generation.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A key's rate limit as GCRA over one atomic (the token bucket's twin: `burst` pushes at once,
 /// then `rate_per_s`), so any thread can spend from it without a lock. `tat_ns` is the
@@ -183,6 +194,8 @@ pub struct Policy {
     /// Time zero of the key rates.
     base: Instant,
     message_bytes_max: u32,
+    /// Which policy of this process this is (key ids carry it).
+    generation: u64,
 }
 
 /// The per-target (room, area, global) token buckets of the scopes one shard owns. Bounded
@@ -215,6 +228,7 @@ impl Policy {
         let mut keys = Vec::new();
         let hasher = std::collections::hash_map::RandomState::new();
         let mut by_hash: HashMap<u64, Vec<KeyId>> = HashMap::new();
+        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for ApiKey {
             key,
             scopes,
@@ -222,7 +236,10 @@ impl Policy {
             burst,
         } in &config.api_keys
         {
-            let id = KeyId(keys.len());
+            let id = KeyId {
+                index: keys.len(),
+                generation,
+            };
             keys.push(KeyState {
                 key: key.as_bytes().to_vec(),
                 scopes: scopes.iter().fold(0, |acc, s| acc | s.bit()),
@@ -240,7 +257,20 @@ impl Policy {
             hasher,
             base: now,
             message_bytes_max: config.message_bytes_max,
+            generation,
         }
+    }
+
+    /// Whether `key` was given by this policy (not by one a reload replaced).
+    pub fn is_current(&self, key: KeyId) -> bool {
+        key.generation == self.generation
+    }
+
+    fn key(&self, key: KeyId) -> Option<&KeyState> {
+        if !self.is_current(key) {
+            return None;
+        }
+        self.keys.get(key.index)
     }
 
     /// The key id for an API key string.
@@ -251,7 +281,7 @@ impl Policy {
             .and_then(|ids| {
                 ids.iter().copied().find(|id| {
                     self.keys
-                        .get(id.0)
+                        .get(id.index)
                         .is_some_and(|k| net::secret::ct_eq(&k.key, api_key.as_bytes()))
                 })
             })
@@ -265,7 +295,7 @@ impl Policy {
 
     /// The stateless checks, in order: key, scope, size, JSON shape. Any thread, no lock.
     pub fn check(&self, key: KeyId, scope: &Scope, body: &[u8]) -> Result<(), PushError> {
-        let Some(k) = self.keys.get(key.0) else {
+        let Some(k) = self.key(key) else {
             return Err(PushError::Unauthorized);
         };
         if k.scopes & ScopeKind::of(scope).bit() == 0 {
@@ -287,7 +317,7 @@ impl Policy {
         scope: &Scope,
         now: Instant,
     ) -> Result<(), PushError> {
-        let Some(k) = self.keys.get(key.0) else {
+        let Some(k) = self.key(key) else {
             return Err(PushError::Unauthorized);
         };
         let now_ns = now

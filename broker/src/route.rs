@@ -237,6 +237,23 @@ impl Route {
         self.totals.get(&room).copied()
     }
 
+    /// The `n` rooms with the most viewers, most first (ties: lower room id first).
+    pub fn top(&self, n: usize) -> Vec<(RoomId, u64)> {
+        let mut all: Vec<(RoomId, u64)> = self
+            .totals
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(r, v)| (*r, *v))
+            .collect();
+        let by_viewers = |a: &(RoomId, u64), b: &(RoomId, u64)| b.1.cmp(&a.1).then(a.0 .0.cmp(&b.0 .0));
+        if all.len() > n && n > 0 {
+            all.select_nth_unstable_by(n - 1, by_viewers);
+        }
+        all.truncate(n);
+        all.sort_unstable_by(by_viewers);
+        all
+    }
+
     /// For each edge with a Low link: (that link, fleet-wide counts of the rooms it watches).
     pub fn fleet_counts(&self, out: &mut Vec<(LinkId, Vec<(RoomId, u32)>)>) {
         for (_, edge) in self.edges.iter() {
@@ -435,6 +452,25 @@ mod tests {
         r.link_down(2);
         assert_eq!(r.edges(), 0);
         assert_eq!(r.links().count(), 0);
+    }
+
+    #[test]
+    fn top_rooms_are_the_busiest_first() {
+        let mut r = Route::new();
+        for (link, node) in [(1, "e1"), (2, "e2")] {
+            r.link_up(node, Priority::Low, link);
+            for room in 1..=4 {
+                r.sub(link, &Interest::Room(RoomId(room)), BR);
+            }
+        }
+        r.counts(1, &[(RoomId(1), 3), (RoomId(2), 10), (RoomId(3), 1)]);
+        r.counts(2, &[(RoomId(1), 4), (RoomId(4), 7)]);
+        assert_eq!(
+            r.top(3),
+            [(RoomId(2), 10), (RoomId(1), 7), (RoomId(4), 7)]
+        );
+        assert_eq!(r.top(10).len(), 4);
+        assert!(r.top(0).is_empty());
     }
 
     #[test]

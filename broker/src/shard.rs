@@ -180,6 +180,7 @@ impl State {
         m.batches.fetch_add(1, Relaxed);
         m.messages_batched
             .fetch_add(flush.msg_ids.len() as u64, Relaxed);
+        m.flushed(&flush);
         self.targets.clear();
         self.route
             .targets(&flush.scope, flush.priority, &mut self.targets);
@@ -189,6 +190,9 @@ impl State {
             return;
         }
         let encoded = self.compressor.encode(&flush, encodings);
+        if let Some(us) = self.compressor.last_brotli_us {
+            m.brotli_encode_us.observe(us);
+        }
         let mut frames: [Option<(Bytes, Bytes)>; 3] = [None, None, None];
         let mut header = Vec::with_capacity(64);
         for (slot, e) in [Encoding::Plain, Encoding::Zlib, Encoding::Brotli]
@@ -286,6 +290,10 @@ impl State {
         );
         if now >= self.next_counts {
             self.next_counts = now + counts_every;
+            if let Some(top) = self.shared.top_rooms.get(self.index as usize) {
+                let rooms = self.route.top(crate::TOP_ROOMS_MAX);
+                *top.lock().unwrap_or_else(|p| p.into_inner()) = rooms;
+            }
             let mut out = Vec::new();
             self.route.fleet_counts(&mut out);
             for (id, counts) in out {
@@ -441,7 +449,7 @@ fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
         };
     }
     if let Some(old) = up.replaced {
-        // Counted as broker_link_cuts_total{reason="replaced"}. Normal after an edge restart;
+        // Counted as barrage_broker_link_cuts_total{reason="replaced"}. Normal after an edge restart;
         // repeated, it means two processes claim one node id (or a stolen key).
         tracing::warn!(node = %hello.node_id, %peer, priority = ?hello.priority, replaced = old, "edge link replaced by a new link of the same node id");
         st.cut(old, Cut::Replaced);

@@ -208,7 +208,7 @@ fn throughput(label: &str, messages: u64, rooms: u64, tweak: impl FnOnce(&mut br
     }
     s.write_all(&out).unwrap();
     eventually("subs", || {
-        metric(&broker.metrics_text(), "broker_rooms_watched") >= rooms as f64
+        metric(&broker.metrics_text(), "barrage_broker_rooms_watched") >= rooms as f64
     });
     let reader = s.try_clone().unwrap();
     let counter = std::thread::spawn(move || count_messages(reader, messages));
@@ -231,7 +231,7 @@ fn throughput(label: &str, messages: u64, rooms: u64, tweak: impl FnOnce(&mut br
     let cpu = thread_cpu_secs("broker-0") - cpu0;
     let text = broker.metrics_text();
     assert_eq!(got, messages, "{text}");
-    let batches = metric(&text, "broker_batches_total");
+    let batches = metric(&text, "barrage_broker_batches_total");
     println!(
         "{label}: {messages} msgs ({:.0} B avg) into {rooms} rooms, {batches} batches ({:.1} msgs/batch): \
          {:.0} msg/s end to end (client, broker and edge reader share 2 cores); \

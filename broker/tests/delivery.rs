@@ -156,10 +156,10 @@ fn http_pushes_arrive_like_socket_pushes() {
     assert_eq!(status, 200);
     let text = String::from_utf8(resp).unwrap();
     assert_eq!(
-        metric(&text, "broker_pushes_accepted_total{via=\"http\"}"),
+        metric(&text, "barrage_broker_pushes_accepted_total{via=\"http\"}"),
         22.0
     );
-    assert!(metric(&text, "broker_encoded_batches_total{encoding=\"brotli\"}") >= 2.0);
+    assert!(metric(&text, "barrage_broker_encoded_batches_total{encoding=\"brotli\"}") >= 2.0);
     broker.shutdown();
 }
 
@@ -196,7 +196,7 @@ fn interest_routing_sends_a_room_only_to_its_watchers() {
         assert_eq!(rooms, vec![own, marker], "{}", edge.node_id);
     }
     let text = broker.metrics_text();
-    assert_eq!(metric(&text, "broker_batches_unrouted_total"), 1.0);
+    assert_eq!(metric(&text, "barrage_broker_batches_unrouted_total"), 1.0);
     // Unsubscribing stops delivery.
     a.unsub(Interest::Room(RoomId(1)));
     c.push(&Message::room(1, danmu(1, 1))).unwrap();
@@ -230,13 +230,13 @@ fn link_dropped_and_restored_mid_stream() {
     eventually("the broker to see the link drop", || {
         metric(
             &broker.metrics_text(),
-            "broker_link_cuts_total{reason=\"closed\"}",
+            "barrage_broker_link_cuts_total{reason=\"closed\"}",
         ) >= 1.0
     });
     // Pushed while the edge has no link: accepted, not delivered (the seq still advances).
     push(&mut c, 10, 5);
     eventually("the outage batches to flush", || {
-        metric(&broker.metrics_text(), "broker_batches_unrouted_total") >= 1.0
+        metric(&broker.metrics_text(), "barrage_broker_batches_unrouted_total") >= 1.0
     });
 
     edge.open(shard, Priority::Low);

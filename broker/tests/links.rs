@@ -60,7 +60,7 @@ fn a_slow_edge_is_cut_and_the_others_keep_receiving() {
     let mut pushed = 0;
     while metric(
         &broker.metrics_text(),
-        "broker_link_cuts_total{reason=\"slow\"}",
+        "barrage_broker_link_cuts_total{reason=\"slow\"}",
     ) < 1.0
     {
         assert!(pushed < 1000, "the stalled link was never cut");
@@ -91,7 +91,7 @@ fn a_slow_edge_is_cut_and_the_others_keep_receiving() {
     assert_eq!(
         metric(
             &broker.metrics_text(),
-            "broker_link_cuts_total{reason=\"slow\"}"
+            "barrage_broker_link_cuts_total{reason=\"slow\"}"
         ),
         1.0,
         "only the stalled link is cut"
@@ -131,7 +131,7 @@ fn bad_handshakes_are_closed_and_counted() {
     eventually("3 failed handshakes", || {
         metric(
             &broker.metrics_text(),
-            "broker_link_handshakes_failed_total",
+            "barrage_broker_link_handshakes_failed_total",
         ) >= 3.0
     });
     // A Batch frame from an edge is a protocol error that cuts only that link.
@@ -156,7 +156,7 @@ fn bad_handshakes_are_closed_and_counted() {
     eventually("the protocol cut", || {
         metric(
             &broker.metrics_text(),
-            "broker_link_cuts_total{reason=\"protocol\"}",
+            "barrage_broker_link_cuts_total{reason=\"protocol\"}",
         ) >= 1.0
     });
     let mut c = IngestClient::connect(broker.ingest_addr(), KEY).unwrap();
@@ -187,7 +187,7 @@ fn a_silent_link_is_cut_as_dead() {
     assert_eq!(
         metric(
             &broker.metrics_text(),
-            "broker_link_cuts_total{reason=\"dead\"}"
+            "barrage_broker_link_cuts_total{reason=\"dead\"}"
         ),
         1.0
     );
@@ -201,7 +201,7 @@ fn a_silent_link_is_cut_as_dead() {
     assert_eq!(
         metric(
             &broker.metrics_text(),
-            "broker_link_cuts_total{reason=\"dead\"}"
+            "barrage_broker_link_cuts_total{reason=\"dead\"}"
         ),
         1.0
     );

@@ -99,27 +99,27 @@ fn bad_key_forbidden_scope_too_large_not_an_object() {
     assert_eq!(
         metric(
             &text,
-            "broker_pushes_rejected_total{reason=\"unauthorized\"}"
+            "barrage_broker_pushes_rejected_total{reason=\"unauthorized\"}"
         ),
         3.0
     );
     assert_eq!(
         metric(
             &text,
-            "broker_pushes_rejected_total{reason=\"forbidden_scope\"}"
+            "barrage_broker_pushes_rejected_total{reason=\"forbidden_scope\"}"
         ),
         2.0
     );
     assert_eq!(
-        metric(&text, "broker_pushes_rejected_total{reason=\"too_large\"}"),
+        metric(&text, "barrage_broker_pushes_rejected_total{reason=\"too_large\"}"),
         2.0
     );
     assert_eq!(
-        metric(&text, "broker_pushes_rejected_total{reason=\"invalid\"}"),
+        metric(&text, "barrage_broker_pushes_rejected_total{reason=\"invalid\"}"),
         10.0
     );
     assert_eq!(
-        metric(&text, "broker_pushes_accepted_total{via=\"socket\"}"),
+        metric(&text, "barrage_broker_pushes_accepted_total{via=\"socket\"}"),
         1.0
     );
     broker.shutdown();
@@ -198,7 +198,7 @@ fn full_queue_is_overloaded() {
     assert_eq!(
         metric(
             &broker.metrics_text(),
-            "broker_pushes_rejected_total{reason=\"overloaded\"}"
+            "barrage_broker_pushes_rejected_total{reason=\"overloaded\"}"
         ),
         2.0
     );
@@ -260,7 +260,7 @@ fn client_reconnects_after_the_connection_breaks() {
     eventually("the broker to drop the malformed connection", || {
         metric(
             &broker.metrics_text(),
-            "broker_ingest_protocol_errors_total",
+            "barrage_broker_ingest_protocol_errors_total",
         ) >= 1.0
     });
     c.push(&Message::room(1, &b"{}"[..])).unwrap();
@@ -276,7 +276,7 @@ fn client_reconnects_after_the_connection_breaks() {
     assert_eq!(
         metric(
             &broker2.metrics_text(),
-            "broker_pushes_accepted_total{via=\"socket\"}"
+            "barrage_broker_pushes_accepted_total{via=\"socket\"}"
         ),
         1.0
     );
@@ -297,7 +297,7 @@ fn an_ingest_connection_must_authenticate_in_time() {
     assert_eq!(
         metric(
             &broker.metrics_text(),
-            "broker_ingest_protocol_errors_total"
+            "barrage_broker_ingest_protocol_errors_total"
         ),
         1.0
     );

@@ -178,6 +178,34 @@
     $("edges-note").textContent = `${j.edges.length} known`;
   }
 
+  // ---- busiest rooms --------------------------------------------------------------------
+
+  function onRooms(j) {
+    const total = j.rooms.reduce((n, r) => n + r.viewers, 0);
+    const rows = j.rooms.map((r) => {
+      const tr = document.createElement("tr");
+      tr.dataset.room = String(r.room);
+      cell(tr, String(r.room));
+      cell(tr, r.viewers.toLocaleString());
+      const share = total ? r.viewers / total : 0;
+      const bar = document.createElement("span");
+      bar.className = "load";
+      const fill = document.createElement("i");
+      fill.style.width = (share * 100).toFixed(1) + "%";
+      bar.appendChild(fill);
+      cell(tr, bar);
+      const a = document.createElement("a");
+      a.href = `/room/${r.room}`;
+      a.textContent = "watch";
+      cell(tr, a);
+      return tr;
+    });
+    $("rooms").replaceChildren(...rows);
+    $("rooms-note").textContent = j.rooms.length
+      ? `top ${j.rooms.length}, ${total.toLocaleString()} viewers`
+      : "no room has viewers";
+  }
+
   function confirmDrain(node) {
     $("modal-node").textContent = node;
     $("modal").classList.remove("hidden");
@@ -201,6 +229,8 @@
       const [edges, stats] = await Promise.all([api("/console/api/edges"), api("/console/api/stats")]);
       onEdges(edges);
       onStats(stats);
+      // Rooms come from the broker: a console without one still shows the rest.
+      api("/console/api/rooms").then(onRooms, (e) => { $("rooms-note").textContent = `rooms: ${e.message}`; });
       setStatus("ok", `live · every ${POLL_MS / 1000} s`);
       $("login").classList.add("hidden");
       $("app").classList.remove("hidden");

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// Paths served on the HTTP server's reserved slots when the public side is full.
-pub const RESERVED_PATHS: [&str; 3] = ["/healthz", "/metrics", "/v1/edges/heartbeat"];
+pub const RESERVED_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/v1/edges/heartbeat"];
 
 /// The header a trusted front proxy sets to the client's region.
 pub const REGION_HEADER: &str = "x-client-region";
@@ -38,7 +38,7 @@ pub struct Counters {
 }
 
 /// Route labels for the request counter, in `Counters::requests` order.
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 10] = [
     "connect",
     "danmu_info",
     "room_info",
@@ -46,6 +46,7 @@ pub const ROUTES: [&str; 9] = [
     "heartbeat",
     "edges",
     "healthz",
+    "readyz",
     "metrics",
     "other",
 ];
@@ -59,6 +60,7 @@ enum Route {
     Heartbeat,
     Edges,
     Healthz,
+    Readyz,
     Metrics,
     Other,
 }
@@ -76,6 +78,9 @@ pub struct Api {
     registry: Registry,
     counters: Counters,
     http_stats: std::sync::Arc<net::http::Stats>,
+    /// Request durations by (route, status): bounded by the routes times the statuses
+    /// control answers with.
+    durations: std::collections::BTreeMap<(&'static str, u16), net::metrics::Histogram>,
 }
 
 /// Body of `POST /v1/connect`.
@@ -262,6 +267,7 @@ impl Api {
             ),
             counters: Counters::default(),
             http_stats: Default::default(),
+            durations: Default::default(),
         })
     }
 
@@ -271,8 +277,24 @@ impl Api {
     }
 
     /// Answers one request. `now` drives edge liveness, `now_s` (unix seconds) token expiry.
+    /// The time it took is recorded by route and status.
     pub fn handle(&mut self, req: &Request, now: Instant, now_s: u64) -> Response {
-        let route = match req.path.as_str() {
+        let started = std::time::Instant::now();
+        let (route, resp) = self.route(req, now, now_s);
+        self.durations
+            .entry((ROUTES[route as usize], resp.status))
+            .or_insert_with(net::metrics::Histogram::latency)
+            .observe_since(started);
+        resp
+    }
+
+    fn route(&mut self, req: &Request, now: Instant, now_s: u64) -> (Route, Response) {
+        let route = self.route_of(req);
+        (route, self.handle_route(route, req, now, now_s))
+    }
+
+    fn route_of(&self, req: &Request) -> Route {
+        match req.path.as_str() {
             "/v1/connect" => Route::Connect,
             "/xlive/web-room/v1/index/getDanmuInfo" => Route::DanmuInfo,
             "/xlive/web-room/v1/index/getInfoByRoom" => Route::RoomInfo,
@@ -280,9 +302,13 @@ impl Api {
             "/v1/edges/heartbeat" => Route::Heartbeat,
             "/v1/edges" => Route::Edges,
             "/healthz" => Route::Healthz,
+            "/readyz" => Route::Readyz,
             "/metrics" => Route::Metrics,
             _ => Route::Other,
-        };
+        }
+    }
+
+    fn handle_route(&mut self, route: Route, req: &Request, now: Instant, now_s: u64) -> Response {
         self.counters.requests[route as usize] += 1;
         let want = match route {
             Route::Connect | Route::Heartbeat => "POST",
@@ -306,6 +332,8 @@ impl Api {
                 headers: vec![("content-type".into(), "text/plain".into())],
                 body: b"ok\n".to_vec(),
             },
+            // Control holds no links: serving requests is being ready (edges register anyway).
+            Route::Readyz => Response::json(200, &serde_json::json!({"ready": true})),
             Route::Metrics => self.metrics(now),
             Route::Other => error(404, "no such endpoint"),
         }
@@ -618,12 +646,23 @@ impl Api {
             };
             w.sample("barrage_control_edges", &[("state", label)], n as f64);
         }
-        self.http_stats.write_metrics(&mut w, "barrage_control");
-        Response {
-            status: 200,
-            headers: vec![("content-type".into(), net::metrics::CONTENT_TYPE.into())],
-            body: w.out.into_bytes(),
+        w.family(
+            "barrage_control_request_duration_seconds",
+            "histogram",
+            "Time control took to answer, by route and status.",
+        );
+        for ((route, status), h) in &self.durations {
+            let status = status.to_string();
+            w.histogram(
+                "barrage_control_request_duration_seconds",
+                &[("route", route), ("status", &status)],
+                &[h],
+                1e-6,
+            );
         }
+        self.http_stats.write_metrics(&mut w, "barrage_control");
+        net::metrics::write_process(&mut w, "control");
+        net::metrics::response(w.out)
     }
 }
 

@@ -76,6 +76,9 @@ pub struct Config {
     pub http: net::http::Limits,
     /// monoio driver for the HTTP thread.
     pub driver: net::runtime::Driver,
+    /// Log filter in `RUST_LOG` syntax (`info`, `warn,edge=debug`); empty keeps `RUST_LOG` (or
+    /// `info`). A reload (SIGHUP, `POST /admin/reload`) applies a new value.
+    pub log_level: String,
     /// The room page, the demo send box and the operator console (`[pages]`, see `pages`).
     pub pages: crate::pages::PagesConfig,
 }
@@ -100,6 +103,7 @@ impl Default for Config {
             body_bytes_max: 16 * 1024,
             http: net::http::Limits::default(),
             driver: net::runtime::Driver::Auto,
+            log_level: String::new(),
             pages: crate::pages::PagesConfig::default(),
         }
     }

@@ -8,6 +8,7 @@
 //! GET  /console               the operator console shell (no data in it; the key is asked for)
 //! GET  /console/api/edges     Bearer key: control's registry + each edge admin's link state
 //! GET  /console/api/stats     Bearer key: sends, drops by reason, pushes, links (counters)
+//! GET  /console/api/rooms     Bearer key: the broker's busiest rooms (`GET /v1/rooms/top`)
 //! POST /console/api/push      Bearer key: {"scope":"room"|"global","room":N,"text":".."}
 //! POST /console/api/drain     Bearer key: {"node_id":".."} -> the edge admin's /admin/drain
 //! ```
@@ -120,6 +121,9 @@ const ASSETS: [(&str, &str, &[u8]); 5] = [
     ),
 ];
 const ROOM_HTML: &str = include_str!("../assets/room.html");
+/// Rooms the console's busiest-rooms table shows.
+const CONSOLE_ROOMS_MAX: usize = 20;
+
 const CONSOLE_HTML: &str = include_str!("../assets/console.html");
 
 /// A token bucket; sans-io (`now` passed in).
@@ -379,15 +383,15 @@ impl StatsOut {
     pub fn add_broker(&mut self, text: &str) {
         let s = parse_metrics(text);
         self.broker_reached = true;
-        self.pushes_accepted_total = sum(&s, "broker_pushes_accepted_total");
-        self.messages_batched_total = sum(&s, "broker_messages_batched_total");
+        self.pushes_accepted_total = sum(&s, "barrage_broker_pushes_accepted_total");
+        self.messages_batched_total = sum(&s, "barrage_broker_messages_batched_total");
         let mut refused = BTreeMap::new();
-        by_label(&s, "broker_pushes_rejected_total", "reason", &mut refused);
+        by_label(&s, "barrage_broker_pushes_rejected_total", "reason", &mut refused);
         for (k, v) in refused {
             *self.drops.entry(format!("push_{k}")).or_default() += v;
         }
         let mut cuts = BTreeMap::new();
-        by_label(&s, "broker_link_cuts_total", "reason", &mut cuts);
+        by_label(&s, "barrage_broker_link_cuts_total", "reason", &mut cuts);
         for (k, v) in cuts {
             *self.drops.entry(format!("link_{k}")).or_default() += v;
         }
@@ -471,14 +475,15 @@ impl Pages {
                 .with_header("location", &format!("/room/{}", self.config.demo_room)),
             "/console" if get => html(CONSOLE_HTML.to_string()),
             "/demo/send" if post => self.demo_send(&req).await,
-            "/console/api/edges" | "/console/api/stats" | "/console/api/push"
-            | "/console/api/drain" => {
+            "/console/api/edges" | "/console/api/stats" | "/console/api/rooms"
+            | "/console/api/push" | "/console/api/drain" => {
                 if !api.borrow().key_valid(&req) {
                     return err(401, "the console needs the API key (Authorization: Bearer)");
                 }
                 match (path, post) {
                     ("/console/api/edges", false) if get => self.edges(api).await,
                     ("/console/api/stats", false) if get => self.stats().await,
+                    ("/console/api/rooms", false) if get => self.rooms().await,
                     ("/console/api/push", true) => self.push_notice(&req).await,
                     ("/console/api/drain", true) => self.drain(&req).await,
                     _ => err(405, "method not allowed"),
@@ -656,6 +661,32 @@ impl Pages {
             .with_header("cache-control", "no-store")
     }
 
+    /// The busiest rooms, as the broker counts them (its `/v1/rooms/top`, with `broker_key`).
+    async fn rooms(&self) -> Response {
+        if self.config.broker_http.is_empty() {
+            return err(
+                503,
+                "control has no broker_http configured ([pages] broker_http)",
+            );
+        }
+        let auth = format!("Bearer {}", self.config.broker_key);
+        let headers = [("authorization", auth.as_str())];
+        let path = format!("/v1/rooms/top?limit={CONSOLE_ROOMS_MAX}");
+        match net::http::request(&self.config.broker_http, "GET", &path, &headers, b"", self.timeout())
+            .await
+        {
+            Ok(r) => Response {
+                status: r.status,
+                headers: vec![
+                    ("content-type".into(), "application/json".into()),
+                    ("cache-control".into(), "no-store".into()),
+                ],
+                body: r.body,
+            },
+            Err(e) => err(502, &format!("broker unreachable: {e}")),
+        }
+    }
+
     async fn drain(&self, req: &Request) -> Response {
         let Ok(b) = serde_json::from_slice::<DrainBody>(&req.body) else {
             return err(400, "body must be JSON {\"node_id\":\"...\"}");
@@ -793,10 +824,10 @@ mod tests {
         let mut s = StatsOut::default();
         s.add_edge(&v);
         s.add_broker(
-            "broker_pushes_accepted_total{via=\"http\"} 4\n\
-             broker_pushes_accepted_total{via=\"socket\"} 6\n\
-             broker_pushes_rejected_total{reason=\"rate_limited\"} 2\n\
-             broker_link_cuts_total{reason=\"slow\"} 1\n",
+            "barrage_broker_pushes_accepted_total{via=\"http\"} 4\n\
+             barrage_broker_pushes_accepted_total{via=\"socket\"} 6\n\
+             barrage_broker_pushes_rejected_total{reason=\"rate_limited\"} 2\n\
+             barrage_broker_link_cuts_total{reason=\"slow\"} 1\n",
         );
         assert_eq!(s.pushes_accepted_total, 10.0);
         assert_eq!(s.drops["push_rate_limited"], 2.0);

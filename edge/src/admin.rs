@@ -1,4 +1,6 @@
-//! Admin HTTP: `GET /healthz`, `GET /metrics` (Prometheus text), `POST /admin/drain`.
+//! Admin HTTP: `GET /healthz` (liveness), `GET /readyz` (503 while draining or before the
+//! first broker link is up), `GET /metrics` (Prometheus text), `POST /admin/drain`,
+//! `POST /admin/reload` (runs the node's reload hooks, as SIGHUP does).
 //!
 //! Runs on its own thread and runtime (not a shard): it only reads the shards' single-writer
 //! counters and flips node flags, so it never slows a shard's hot path.
@@ -33,7 +35,7 @@ pub(crate) fn handler(node: Arc<Node>, http: Arc<net::http::Stats>) -> Handler {
 
 /// Paths served on the admin server's reserved slots when it is full: a busy edge must
 /// still answer its liveness probe.
-pub const RESERVED_PATHS: [&str; 2] = ["/healthz", "/metrics"];
+pub const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// The admin server's limits.
 pub(crate) fn serve_config(node: &Node) -> net::http::ServeConfig {
@@ -52,8 +54,18 @@ fn route(node: &Node, http: &net::http::Stats, req: &Request) -> Response {
                 &serde_json::json!({"ok": true, "draining": draining, "connections": node.connections(), "capacity": node.capacity, "uptime_s": node.started.elapsed().as_secs()}),
             )
         }
-        ("GET", "/metrics") => Response::text(200, render(node) + &render_http(http))
-            .with_header("Content-Type", net::metrics::CONTENT_TYPE),
+        ("GET", "/readyz") => match not_ready(node) {
+            None => Response::json(200, &serde_json::json!({"ready": true})),
+            Some(why) => Response::json(503, &serde_json::json!({"ready": false, "reason": why}))
+                .with_header("Retry-After", "1"),
+        },
+        ("GET", "/metrics") => net::metrics::response(render(node) + &render_http(http)),
+        ("POST", "/admin/reload") => {
+            if let Err(refusal) = admin_allowed(node, req) {
+                return refusal;
+            }
+            node.hooks.respond()
+        }
         ("POST", "/admin/drain") => {
             if let Err(refusal) = admin_allowed(node, req) {
                 return refusal;
@@ -61,11 +73,23 @@ fn route(node: &Node, http: &net::http::Stats, req: &Request) -> Response {
             drain(node);
             Response::json(200, &serde_json::json!({"ok": true, "draining": true}))
         }
-        (_, "/healthz" | "/metrics" | "/admin/drain") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/drain" | "/admin/reload") => {
             Response::error(405, "method_not_allowed", "wrong method for this endpoint")
         }
         _ => Response::error(404, "not_found", "no such endpoint"),
     }
+}
+
+/// Why the edge should not get new viewers now (`None`: ready). Draining, or brokers are
+/// configured and no link to one has come up yet.
+pub(crate) fn not_ready(node: &Node) -> Option<&'static str> {
+    if node.draining.load(Ordering::Relaxed) {
+        return Some("draining");
+    }
+    if !node.config.broker_addrs.is_empty() && !node.linked.load(Ordering::Acquire) {
+        return Some("no broker link up yet");
+    }
+    None
 }
 
 /// Whether `req` may use a mutating endpoint (see the module invariants).
@@ -214,7 +238,7 @@ pub(crate) fn render(node: &Node) -> String {
             |m| m.batches_in.get(),
         ),
         (
-            "barrage_edge_batch_bytes_in_total",
+            "barrage_edge_batch_in_bytes_total",
             "counter",
             "Batch bytes received (per shard).",
             |m| m.batch_bytes_in.get(),
@@ -299,6 +323,24 @@ pub(crate) fn render(node: &Node) -> String {
             v as f64,
         );
     }
+    let hist: [(&str, &str, fn(&crate::metrics::ShardMetrics) -> &net::metrics::Histogram); 2] = [
+        (
+            "barrage_edge_fanout_seconds",
+            "One batch's fan-out on one shard: taken from the ring to every viewer's bytes queued.",
+            |m| &m.fanout_us,
+        ),
+        (
+            "barrage_edge_auth_seconds",
+            "Processing of the bytes that authenticated a connection (token check included).",
+            |m| &m.auth_us,
+        ),
+    ];
+    for (name, help, get) in hist {
+        w.family(name, "histogram", help);
+        let parts: Vec<&net::metrics::Histogram> = node.metrics.iter().map(|m| get(m)).collect();
+        w.histogram(name, &[], &parts, 1e-6);
+    }
+    net::metrics::write_process(&mut w, "edge");
     w.family("barrage_edge_draining", "gauge", "1 while draining.");
     w.sample(
         "barrage_edge_draining",
@@ -336,7 +378,7 @@ pub(crate) fn render(node: &Node) -> String {
             |l| l.batches_in.get(),
         ),
         (
-            "barrage_edge_link_bytes_in_total",
+            "barrage_edge_link_in_bytes_total",
             "counter",
             "Batch bytes received on the link.",
             |l| l.bytes_in.get(),

@@ -88,6 +88,9 @@ pub struct Config {
     pub backlog: i32,
     /// Runtime driver; `BARRAGE_DRIVER=uring|legacy|auto` overrides.
     pub driver: Driver,
+    /// Log filter in `RUST_LOG` syntax (`info`, `warn,edge=debug`); empty keeps `RUST_LOG` (or
+    /// `info`). A reload (SIGHUP, `POST /admin/reload`) applies a new value.
+    pub log_level: String,
     /// Where shard threads run: `true` (shard i on CPU i mod cores), `false`, or the CPUs shards
     /// may use (`[2, 3]` or `"2-3"`), leaving the others to the NIC's interrupts.
     pub pin: Pin,
@@ -151,6 +154,7 @@ impl Default for Config {
             backlog: 4_096,
             driver: Driver::Auto,
             pin: Pin::Cores,
+            log_level: String::new(),
             reuse_port_across_processes: false,
             link_key: String::new(),
             edge_key: String::new(),

@@ -397,14 +397,24 @@ impl ShardCore {
         let mut actions = std::mem::take(&mut self.actions);
         {
             let node = self.node.clone();
+            let shard = self.id;
             let Some(c) = self.get_mut(id) else { return };
             c.last_seen = now_ms;
+            // A snapshot: a reload (SIGHUP) swaps the set for the next bytes, not mid-auth.
+            let keys = node.keys.load();
+            // Timed only before auth: a seated viewer's heartbeats read no clock here.
+            let auth_started = c.seat.is_none().then(Instant::now);
             let ctx = Ctx {
                 limits: &node.limits,
-                keys: &node.keys,
+                keys: &keys,
                 now_s: unix_s,
             };
             c.session.on_bytes(input, &ctx, &mut actions);
+            if let Some(t) = auth_started {
+                if actions.iter().any(|a| matches!(a, Action::Authed(_))) {
+                    node.metrics[shard].auth_us.observe_since(t);
+                }
+            }
         }
         for a in actions.drain(..) {
             match a {
@@ -740,6 +750,7 @@ impl ShardCore {
 
     /// Fans a batch out to this shard's viewers of its scope (bytes shared, see `fanout`).
     fn fan_out(&mut self, batch: &Batch, now: Instant) {
+        let started = Instant::now();
         let m = &self.node.metrics[self.id];
         m.batches_in.inc();
         m.batch_bytes_in.add(batch.packet.len() as u64);
@@ -777,6 +788,7 @@ impl ShardCore {
         }
         self.targets = targets;
         self.m().sends.add(sends);
+        self.m().fanout_us.observe_since(started);
     }
 
     // ---- time ----

@@ -116,6 +116,21 @@ impl Handle {
     pub fn drain(&self) {
         admin::drain(&self.node);
     }
+    /// `None` when `/readyz` answers 200; else why not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        admin::not_ready(&self.node)
+    }
+    /// The reload hooks SIGHUP and `POST /admin/reload` run (register TLS reload here).
+    pub fn reload_hooks(&self) -> net::reload::Hooks {
+        self.node.hooks.clone()
+    }
+    /// What applies the live part of a newly loaded config (the token key set: new viewers
+    /// are checked against it, viewers already in stay) and says what else changed and needs
+    /// a restart. The binary's "config" reload hook calls it.
+    pub fn reloader(&self) -> impl Fn(&Config) -> Result<String, String> + Send + Sync + 'static {
+        let node = self.node.clone();
+        move |loaded| apply_reload(&node, loaded)
+    }
 
     /// Stops everything and joins the threads (bounded by `SHUTDOWN_MS_MAX`).
     pub fn shutdown(self) {
@@ -139,6 +154,24 @@ impl Handle {
             tracing::warn!("edge threads did not stop in time; leaving them behind");
         }
     }
+}
+
+/// Config fields a reload applies; every other change needs a restart (docs/operations.md).
+pub const LIVE_FIELDS: [&str; 2] = ["token_keys", "log_level"];
+
+fn apply_reload(node: &Node, loaded: &Config) -> Result<String, String> {
+    loaded.validate().map_err(|e| e.to_string())?;
+    let mut applied = Vec::new();
+    let keys = if loaded.token_keys.trim().is_empty() {
+        proto::token::KeySet::default()
+    } else {
+        proto::token::KeySet::parse(&loaded.token_keys).map_err(|e| format!("token_keys: {e}"))?
+    };
+    // Always swapped: a rotated secret under the same id is a change no id list shows.
+    applied.push(format!("token_keys {keys:?}"));
+    node.keys.store(keys);
+    let restart = net::reload::fields_needing_restart(&node.config, loaded, &LIVE_FIELDS);
+    Ok(net::reload::summary(&applied, &restart))
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, EdgeError> {

@@ -3,6 +3,7 @@
 //! hot path); readers may see a value a moment old, which is all Prometheus needs.
 
 use crate::session::{AuthFail, CloseReason};
+use net::metrics::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A single-writer counter or gauge.
@@ -97,6 +98,12 @@ pub struct ShardMetrics {
     pub pending_handshakes: Counter,
     /// `accept()` failures (EMFILE, ENFILE, ENOBUFS...): the shard backs off accepting.
     pub accept_errors: Counter,
+    /// One batch's fan-out on this shard: from the shard taking it to every viewer's bytes
+    /// queued, µs. Writes follow at once on the same thread, so this is the edge's share of
+    /// "flushed by the broker -> written to the viewer" short of the kernel.
+    pub fanout_us: Histogram,
+    /// Processing of the bytes that authenticated a connection (token check included), µs.
+    pub auth_us: Histogram,
 }
 
 impl ShardMetrics {

@@ -16,6 +16,7 @@ use net::wake::Notify;
 use proto::id::RoomId;
 use proto::link::{Batch, Interest};
 use proto::token::KeySet;
+use net::reload::{Hooks, Live};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -57,10 +58,15 @@ impl Msg {
 pub struct Node {
     pub config: Config,
     pub limits: Limits,
-    pub keys: KeySet,
+    /// Token keys; SIGHUP and `POST /admin/reload` swap them (viewers already in stay).
+    pub keys: Live<KeySet>,
+    /// What a reload runs (the binary registers "config", TLS registers its certificates).
+    pub hooks: Hooks,
     pub shards: usize,
     pub stop: AtomicBool,
     pub draining: AtomicBool,
+    /// Set once the first broker link is up (`/readyz` answers 503 before).
+    pub linked: AtomicBool,
     /// Per shard: wakes its inbox (ring traffic, drain, stop).
     pub notify: Vec<Arc<Notify>>,
     pub metrics: Vec<Arc<ShardMetrics>>,
@@ -84,10 +90,12 @@ impl Node {
         };
         Node {
             limits,
-            keys,
+            keys: Live::new(keys),
+            hooks: Hooks::default(),
             shards,
             stop: Default::default(),
             draining: Default::default(),
+            linked: Default::default(),
             notify: (0..shards).map(|_| Notify::new()).collect(),
             metrics: (0..shards)
                 .map(|_| Arc::new(ShardMetrics::default()))

@@ -64,7 +64,7 @@ pub struct Common {
     pub control: String,
     /// Control API key: with it viewers get tokens from `POST /v1/connect` (logged-in users);
     /// without it from `getDanmuInfo` (guests).
-    #[arg(long, env = "BARRAGE_CONTROL_KEY")]
+    #[arg(long, env = "BARRAGE_CONTROL_KEY", hide_env_values = true)]
     pub control_key: Option<String>,
     /// The broker's ingest socket.
     #[arg(long, default_value = "127.0.0.1:7400")]
@@ -73,7 +73,7 @@ pub struct Common {
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub broker_http: String,
     /// Broker API key for publishing.
-    #[arg(long, env = "BARRAGE_API_KEY", default_value = "")]
+    #[arg(long, env = "BARRAGE_API_KEY", default_value = "", hide_env_values = true)]
     pub api_key: String,
     #[arg(long, value_enum, default_value = "ingest")]
     pub publish_via: PublishVia,

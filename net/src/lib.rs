@@ -13,6 +13,7 @@ pub mod config;
 pub mod framed;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod runtime;
 pub mod secret;
 pub mod sys;

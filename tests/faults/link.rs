@@ -125,7 +125,7 @@ fn link_impersonation_is_refused() {
 
     std::thread::sleep(Duration::from_millis(200));
     let m = metrics(http);
-    let auth = metric(&m, "broker_link_handshakes_refused_total{reason=\"auth\"}").unwrap_or(0.0);
+    let auth = metric(&m, "barrage_broker_link_handshakes_refused_total{reason=\"auth\"}").unwrap_or(0.0);
     assert!(auth >= 3.0, "refusals not counted: {auth}\n{m}");
     println!("link impersonation: 1 real link up, {auth} refusals counted");
 }
@@ -156,7 +156,7 @@ fn handshake_slot_exhaustion_does_not_lock_out_the_real_edge() {
     let m = metrics(http);
     let per_addr = metric(
         &m,
-        "broker_link_handshakes_refused_total{reason=\"per_addr\"}",
+        "barrage_broker_link_handshakes_refused_total{reason=\"per_addr\"}",
     )
     .unwrap_or(0.0);
     assert!(per_addr >= 18.0, "{per_addr}\n{m}");
