@@ -625,6 +625,31 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
         }
     }
     assert!(checked.len() >= 15, "too few metrics named: {checked:?}");
+
+    // The broker reloads its API keys on SIGHUP: the old key is refused, the new one pushes.
+    let new_key = "rotated-api-key-0123456789abcdef";
+    std::fs::write(
+        &broker_toml,
+        std::fs::read_to_string(&broker_toml)
+            .unwrap()
+            .replace(common::API_KEY, new_key),
+    )
+    .unwrap();
+    signal(&broker.child, "-HUP");
+    assert!(wait_line(&broker.log, "reloaded"), "no reload logged");
+    let push = |key: &str| {
+        let auth = format!("Bearer {key}");
+        common::http_json(
+            bhttp,
+            "POST",
+            "/v1/push/room/5",
+            &[("authorization", &auth)],
+            "{\"cmd\":\"DANMU_MSG\"}",
+        )
+        .0
+    };
+    assert_eq!(push(common::API_KEY), 401);
+    assert_eq!(push(new_key), 202);
     drop(viewers);
     let _ = std::fs::remove_dir_all(&dir);
 }
