@@ -89,7 +89,11 @@ fn init_logging() {
         .init();
     // A role's `log_level` (at start and on reload) swaps the filter; empty restores `start`.
     net::reload::set_log_filter_fn(move |s| {
-        let s = if s.trim().is_empty() { start.as_str() } else { s };
+        let s = if s.trim().is_empty() {
+            start.as_str()
+        } else {
+            s
+        };
         let f = tracing_subscriber::EnvFilter::try_new(s)
             .map_err(|e| format!("log_level {s:?}: {e}"))?;
         handle.reload(f).map_err(|e| format!("log_level: {e}"))
@@ -181,8 +185,11 @@ struct Drain<H> {
 /// the live part of a newly loaded config (the runner registers that as the "config" hook).
 struct Reload<C> {
     hooks: net::reload::Hooks,
-    apply: Box<dyn Fn(&C) -> Result<String, String> + Send + Sync>,
+    apply: Apply<C>,
 }
+
+/// Applies the live part of a loaded config: `Ok(what changed)` or `Err(why nothing did)`.
+type Apply<C> = Box<dyn Fn(&C) -> Result<String, String> + Send + Sync>;
 
 /// What starting a role gives back: its handle, the line printed once it listens, how it
 /// stops, how it drains first (roles without viewers stop at once), and how it reloads.

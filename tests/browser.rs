@@ -469,6 +469,16 @@ fn room_page_and_console_in_headless_chromium() {
         assert_eq!(status, 202, "{v}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The busiest rooms: the room page open above is a viewer of room 1.
+    let rooms = web.until(
+        "room 1 among the busiest rooms",
+        "const r = document.querySelector('#rooms tr[data-room=\"1\"]'); \
+         return r && r.cells[1].textContent !== '0' && r.textContent",
+    );
+    assert!(
+        rooms.as_str().is_some_and(|t| t.contains("watch")),
+        "{rooms}"
+    );
     web.screenshot(&out.join("console.png"));
 
     // Drain asks first, then the edge reports draining.

@@ -353,7 +353,11 @@ fn sighup_rotates_token_keys_and_viewers_stay() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("edge.toml");
     let write = |keys: &str| {
-        std::fs::write(&file, format!("token_keys = \"{keys}\"\nshards = 1\npin = false\n")).unwrap()
+        std::fs::write(
+            &file,
+            format!("token_keys = \"{keys}\"\nshards = 1\npin = false\n"),
+        )
+        .unwrap()
     };
     let (k1, k2) = ("1:first-secret-0123456789", "2:second-secret-0123456789");
     write(k1);
@@ -505,7 +509,10 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
         &format!("token_keys=\"{keys}\""),
     ]);
     let (tcp, admin) = (edge.addr("tcp "), edge.addr("admin http://"));
-    assert!(wait_status(admin, "/readyz", 200), "the edge never got ready");
+    assert!(
+        wait_status(admin, "/readyz", 200),
+        "the edge never got ready"
+    );
     for a in [bhttp, chttp] {
         assert_eq!(http_text(a, "/readyz").0, 200);
     }
@@ -514,7 +521,10 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     let mut viewers = Vec::new();
     for (uid, room) in [(1, 5), (2, 5), (3, 9)] {
         let mut v = common::Viewer::tcp(tcp);
-        assert_eq!(v.auth(&common::auth_body(uid, room, &token(keys, uid, room))), 0);
+        assert_eq!(
+            v.auth(&common::auth_body(uid, room, &token(keys, uid, room))),
+            0
+        );
         viewers.push(v);
     }
     let auth = format!("Bearer {}", common::API_KEY);
@@ -546,7 +556,11 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
         &[("authorization", &auth)],
         "",
     );
-    assert_eq!((status, &v["rooms"][0]["room"]), (200, &serde_json::json!(5)), "{v}");
+    assert_eq!(
+        (status, &v["rooms"][0]["room"]),
+        (200, &serde_json::json!(5)),
+        "{v}"
+    );
     let (status, _) = common::http_json(chttp, "GET", "/console/api/rooms", &[], "");
     assert_eq!(status, 401);
 
@@ -571,7 +585,10 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
             .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
             .count();
         assert_eq!(types, 1, "{a}: {headers:?}");
-        for l in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for l in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let name = l.split(['{', ' ']).next().unwrap_or("");
             live.insert(name.to_string());
         }
@@ -620,7 +637,10 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     let mut checked = std::collections::BTreeSet::new();
     for e in &exprs {
         for name in metric_names(e) {
-            assert!(live.contains(&name), "{name} (in {e:?}) is in no live /metrics");
+            assert!(
+                live.contains(&name),
+                "{name} (in {e:?}) is in no live /metrics"
+            );
             checked.insert(name);
         }
     }

@@ -4,9 +4,9 @@
 //! any shard, so a plain per-shard struct could not be read. Each shard-owned counter has
 //! exactly one writer (its shard), so they never contend.
 
+use net::metrics::Histogram;
 use proto::id::Encoding;
 use proto::ingest::PushError;
-use net::metrics::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Rejection reasons, in label order.
@@ -155,6 +155,14 @@ impl ShardMetrics {
     }
 }
 
+/// A histogram family: name, help, which histogram of a shard, scale to the exported unit.
+type HistogramFamily = (
+    &'static str,
+    &'static str,
+    fn(&ShardMetrics) -> &Histogram,
+    f64,
+);
+
 /// Renders every counter. `queues[shard] = (high depth, low depth)`.
 pub fn render(
     ingest: &IngestMetrics,
@@ -197,7 +205,11 @@ pub fn render(
         "gauge",
         "Open ingest socket connections.",
     );
-    w.sample("barrage_broker_ingest_connections", &[], get(&ingest.connections));
+    w.sample(
+        "barrage_broker_ingest_connections",
+        &[],
+        get(&ingest.connections),
+    );
     w.family(
         "barrage_broker_pushes_deduplicated_total",
         "counter",
@@ -269,7 +281,11 @@ pub fn render(
         &[],
         sum(&|s| &s.messages_batched),
     );
-    w.family("barrage_broker_batches_total", "counter", "Batches flushed.");
+    w.family(
+        "barrage_broker_batches_total",
+        "counter",
+        "Batches flushed.",
+    );
     w.sample("barrage_broker_batches_total", &[], sum(&|s| &s.batches));
     w.family(
         "barrage_broker_batches_unrouted_total",
@@ -337,7 +353,11 @@ pub fn render(
         &[],
         sum(&|s| &s.link_bytes_sent),
     );
-    w.family("barrage_broker_links", "gauge", "Edge links up, by priority.");
+    w.family(
+        "barrage_broker_links",
+        "gauge",
+        "Edge links up, by priority.",
+    );
     w.sample(
         "barrage_broker_links",
         &[("priority", "low")],
@@ -365,7 +385,11 @@ pub fn render(
         "gauge",
         "Edge connections waiting for their Hello (links in the handshake state).",
     );
-    w.sample("barrage_broker_link_handshakes", &[], link_handshakes as f64);
+    w.sample(
+        "barrage_broker_link_handshakes",
+        &[],
+        link_handshakes as f64,
+    );
     w.family(
         "barrage_broker_link_handshakes_failed_total",
         "counter",
@@ -397,8 +421,12 @@ pub fn render(
         "gauge",
         "Rooms with viewers on some edge, summed over shards.",
     );
-    w.sample("barrage_broker_rooms_watched", &[], sum(&|s| &s.rooms_watched));
-    let hist: [(&str, &str, fn(&ShardMetrics) -> &Histogram, f64); 4] = [
+    w.sample(
+        "barrage_broker_rooms_watched",
+        &[],
+        sum(&|s| &s.rooms_watched),
+    );
+    let hist: [HistogramFamily; 4] = [
         (
             "barrage_broker_accept_to_flush_seconds",
             "Push accepted by ingest -> its batch flushed (oldest message of the batch).",

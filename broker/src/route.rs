@@ -245,7 +245,8 @@ impl Route {
             .filter(|(_, v)| **v > 0)
             .map(|(r, v)| (*r, *v))
             .collect();
-        let by_viewers = |a: &(RoomId, u64), b: &(RoomId, u64)| b.1.cmp(&a.1).then(a.0 .0.cmp(&b.0 .0));
+        let by_viewers =
+            |a: &(RoomId, u64), b: &(RoomId, u64)| b.1.cmp(&a.1).then(a.0 .0.cmp(&b.0 .0));
         if all.len() > n && n > 0 {
             all.select_nth_unstable_by(n - 1, by_viewers);
         }
@@ -465,10 +466,7 @@ mod tests {
         }
         r.counts(1, &[(RoomId(1), 3), (RoomId(2), 10), (RoomId(3), 1)]);
         r.counts(2, &[(RoomId(1), 4), (RoomId(4), 7)]);
-        assert_eq!(
-            r.top(3),
-            [(RoomId(2), 10), (RoomId(1), 7), (RoomId(4), 7)]
-        );
+        assert_eq!(r.top(3), [(RoomId(2), 10), (RoomId(1), 7), (RoomId(4), 7)]);
         assert_eq!(r.top(10).len(), 4);
         assert!(r.top(0).is_empty());
     }

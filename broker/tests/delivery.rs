@@ -159,7 +159,12 @@ fn http_pushes_arrive_like_socket_pushes() {
         metric(&text, "barrage_broker_pushes_accepted_total{via=\"http\"}"),
         22.0
     );
-    assert!(metric(&text, "barrage_broker_encoded_batches_total{encoding=\"brotli\"}") >= 2.0);
+    assert!(
+        metric(
+            &text,
+            "barrage_broker_encoded_batches_total{encoding=\"brotli\"}"
+        ) >= 2.0
+    );
     broker.shutdown();
 }
 
@@ -236,7 +241,10 @@ fn link_dropped_and_restored_mid_stream() {
     // Pushed while the edge has no link: accepted, not delivered (the seq still advances).
     push(&mut c, 10, 5);
     eventually("the outage batches to flush", || {
-        metric(&broker.metrics_text(), "barrage_broker_batches_unrouted_total") >= 1.0
+        metric(
+            &broker.metrics_text(),
+            "barrage_broker_batches_unrouted_total",
+        ) >= 1.0
     });
 
     edge.open(shard, Priority::Low);

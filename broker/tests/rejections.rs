@@ -111,15 +111,24 @@ fn bad_key_forbidden_scope_too_large_not_an_object() {
         2.0
     );
     assert_eq!(
-        metric(&text, "barrage_broker_pushes_rejected_total{reason=\"too_large\"}"),
+        metric(
+            &text,
+            "barrage_broker_pushes_rejected_total{reason=\"too_large\"}"
+        ),
         2.0
     );
     assert_eq!(
-        metric(&text, "barrage_broker_pushes_rejected_total{reason=\"invalid\"}"),
+        metric(
+            &text,
+            "barrage_broker_pushes_rejected_total{reason=\"invalid\"}"
+        ),
         10.0
     );
     assert_eq!(
-        metric(&text, "barrage_broker_pushes_accepted_total{via=\"socket\"}"),
+        metric(
+            &text,
+            "barrage_broker_pushes_accepted_total{via=\"socket\"}"
+        ),
         1.0
     );
     broker.shutdown();

@@ -112,7 +112,11 @@ fn a_retried_push_with_the_same_key_is_delivered_once() {
     edge.batches_with(3);
     edge.expect_no_batch(Duration::from_millis(300));
     let m = broker.metrics_text();
-    assert_eq!(metric(&m, "barrage_broker_pushes_deduplicated_total"), 2.0, "{m}");
+    assert_eq!(
+        metric(&m, "barrage_broker_pushes_deduplicated_total"),
+        2.0,
+        "{m}"
+    );
     // A bad key is refused before anything is remembered.
     let (s, v) = post_keyed(web, "/v1/push/room/7", &"k".repeat(65), "{}");
     assert_eq!((s, v["error"].as_str()), (400, Some("invalid")));
@@ -211,5 +215,9 @@ fn pushes_accepted_before_the_edges_relink_are_held_then_routed() {
     let got = edge.batches_with(1);
     assert_eq!(got.len(), 1);
     let m = broker.metrics_text();
-    assert_eq!(metric(&m, "barrage_broker_batches_unrouted_total"), 0.0, "{m}");
+    assert_eq!(
+        metric(&m, "barrage_broker_batches_unrouted_total"),
+        0.0,
+        "{m}"
+    );
 }

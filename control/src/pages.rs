@@ -386,7 +386,12 @@ impl StatsOut {
         self.pushes_accepted_total = sum(&s, "barrage_broker_pushes_accepted_total");
         self.messages_batched_total = sum(&s, "barrage_broker_messages_batched_total");
         let mut refused = BTreeMap::new();
-        by_label(&s, "barrage_broker_pushes_rejected_total", "reason", &mut refused);
+        by_label(
+            &s,
+            "barrage_broker_pushes_rejected_total",
+            "reason",
+            &mut refused,
+        );
         for (k, v) in refused {
             *self.drops.entry(format!("push_{k}")).or_default() += v;
         }
@@ -672,8 +677,15 @@ impl Pages {
         let auth = format!("Bearer {}", self.config.broker_key);
         let headers = [("authorization", auth.as_str())];
         let path = format!("/v1/rooms/top?limit={CONSOLE_ROOMS_MAX}");
-        match net::http::request(&self.config.broker_http, "GET", &path, &headers, b"", self.timeout())
-            .await
+        match net::http::request(
+            &self.config.broker_http,
+            "GET",
+            &path,
+            &headers,
+            b"",
+            self.timeout(),
+        )
+        .await
         {
             Ok(r) => Response {
                 status: r.status,

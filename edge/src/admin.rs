@@ -23,6 +23,13 @@ use std::sync::Arc;
 /// A metric family: name, type, help, and how to read it from a counter struct.
 type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
 
+/// A histogram family: name, help, and which histogram of a shard (µs, exported in seconds).
+type HistogramFamily = (
+    &'static str,
+    &'static str,
+    fn(&crate::metrics::ShardMetrics) -> &net::metrics::Histogram,
+);
+
 /// Largest admin request body.
 const ADMIN_BODY_BYTES_MAX: usize = 16 * 1024;
 
@@ -323,7 +330,7 @@ pub(crate) fn render(node: &Node) -> String {
             v as f64,
         );
     }
-    let hist: [(&str, &str, fn(&crate::metrics::ShardMetrics) -> &net::metrics::Histogram); 2] = [
+    let hist: [HistogramFamily; 2] = [
         (
             "barrage_edge_fanout_seconds",
             "One batch's fan-out on one shard: taken from the ring to every viewer's bytes queued.",

@@ -470,7 +470,9 @@ async fn serve_link(
     }
     slot.up.set(true);
     slot.metrics.up.set(1);
-    hub.node.linked.store(true, std::sync::atomic::Ordering::Release);
+    hub.node
+        .linked
+        .store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(broker = %broker.addr, shard = slot.id.broker_shard, priority = ?slot.id.priority, "broker link up");
     if slot.id.priority == Priority::Low {
         let frames: Vec<LinkFrame> = hub

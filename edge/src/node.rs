@@ -12,11 +12,11 @@
 use crate::config::Config;
 use crate::metrics::{LinkMetrics, ShardMetrics};
 use crate::session::Limits;
+use net::reload::{Hooks, Live};
 use net::wake::Notify;
 use proto::id::RoomId;
 use proto::link::{Batch, Interest};
 use proto::token::KeySet;
-use net::reload::{Hooks, Live};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

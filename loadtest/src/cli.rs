@@ -73,7 +73,12 @@ pub struct Common {
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub broker_http: String,
     /// Broker API key for publishing.
-    #[arg(long, env = "BARRAGE_API_KEY", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "BARRAGE_API_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub api_key: String,
     #[arg(long, value_enum, default_value = "ingest")]
     pub publish_via: PublishVia,

@@ -27,7 +27,9 @@ pub const LATENCY_US_BOUNDS: [u64; 14] = [
 /// Bucket bounds for counts of messages in a batch.
 pub const MESSAGES_BOUNDS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024];
 /// Bucket bounds for sizes in bytes, 64 B to 1 MiB.
-pub const BYTES_BOUNDS: [u64; 9] = [64, 256, 1024, 4096, 16_384, 65_536, 262_144, 1_048_576, 4_194_304];
+pub const BYTES_BOUNDS: [u64; 9] = [
+    64, 256, 1024, 4096, 16_384, 65_536, 262_144, 1_048_576, 4_194_304,
+];
 
 /// A histogram with fixed integer buckets (microseconds, bytes, messages), recorded with
 /// relaxed atomic adds so any thread may observe into it; rendered at scrape time. An
@@ -124,7 +126,13 @@ impl Writer {
 
     /// One histogram series, the sum of `parts` (per-shard histograms with the same bounds),
     /// each value multiplied by `scale` (1e-6 turns microseconds into seconds).
-    pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], parts: &[&Histogram], scale: f64) {
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        parts: &[&Histogram],
+        scale: f64,
+    ) {
         let Some(first) = parts.first() else { return };
         let mut cumulative = 0u64;
         let bucket = format!("{name}_bucket");
@@ -203,19 +211,56 @@ pub fn write_process(w: &mut Writer, role: &str) {
         &[("version", env!("CARGO_PKG_VERSION")), ("role", role)],
         1.0,
     );
-    let Some(p) = ProcessStats::read() else { return };
+    let Some(p) = ProcessStats::read() else {
+        return;
+    };
     let fams: [(&str, &str, &str, f64); 6] = [
-        ("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.", p.cpu_s),
-        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", p.rss_bytes),
-        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", p.vsize_bytes),
-        ("process_open_fds", "gauge", "Number of open file descriptors.", p.open_fds),
-        ("process_max_fds", "gauge", "Maximum number of open file descriptors.", p.max_fds),
-        ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", p.start_time_s),
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent in seconds.",
+            p.cpu_s,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            p.rss_bytes,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            p.vsize_bytes,
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            p.open_fds,
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            p.max_fds,
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            p.start_time_s,
+        ),
     ];
     for (name, kind, help, v) in fams {
         w.metric(name, kind, help, &[(&[], v)]);
     }
-    w.metric("process_threads", "gauge", "Number of OS threads in the process.", &[(&[], p.threads)]);
+    w.metric(
+        "process_threads",
+        "gauge",
+        "Number of OS threads in the process.",
+        &[(&[], p.threads)],
+    );
 }
 
 /// What `/proc/self` says about this process.
@@ -326,10 +371,18 @@ mod tests {
         let mut w = Writer::default();
         write_process(&mut w, "test");
         assert!(w.out.contains("barrage_build_info{version="));
-        let line = w.out.lines().find(|l| l.starts_with("process_open_fds ")).unwrap();
+        let line = w
+            .out
+            .lines()
+            .find(|l| l.starts_with("process_open_fds "))
+            .unwrap();
         let fds: f64 = line.split(' ').nth(1).unwrap().parse().unwrap();
         assert!(fds >= 3.0, "{line}");
-        let rss = w.out.lines().find(|l| l.starts_with("process_resident_memory_bytes ")).unwrap();
+        let rss = w
+            .out
+            .lines()
+            .find(|l| l.starts_with("process_resident_memory_bytes "))
+            .unwrap();
         assert!(!rss.ends_with(" 0"), "{rss}");
     }
 

@@ -120,8 +120,10 @@ impl Hooks {
 
 /// What `barrage` sets once at start so a reload can change the log filter
 /// (`tracing_subscriber`'s reload handle lives in the binary).
-static LOG_FILTER: std::sync::OnceLock<Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>> =
-    std::sync::OnceLock::new();
+static LOG_FILTER: std::sync::OnceLock<LogFilterFn> = std::sync::OnceLock::new();
+
+/// Swaps the process's log filter (`RUST_LOG` syntax).
+type LogFilterFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Installs the function that swaps the process's log filter (once; later calls are ignored).
 pub fn set_log_filter_fn(f: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) {
@@ -140,7 +142,11 @@ pub fn set_log_filter(filter: &str) -> Result<(), String> {
 /// Top-level fields whose values differ between the running config and a newly loaded one,
 /// leaving out `live` (the ones a reload applies): what a reload cannot change, so the
 /// operator is told a restart is needed for them.
-pub fn fields_needing_restart<C: serde::Serialize>(running: &C, loaded: &C, live: &[&str]) -> Vec<String> {
+pub fn fields_needing_restart<C: serde::Serialize>(
+    running: &C,
+    loaded: &C,
+    live: &[&str],
+) -> Vec<String> {
     let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
         (serde_json::to_value(running), serde_json::to_value(loaded))
     else {
@@ -160,7 +166,10 @@ pub fn summary(applied: &[String], restart: &[String]) -> String {
         format!("applied: {}", applied.join(", "))
     };
     if !restart.is_empty() {
-        s.push_str(&format!("; changed but needs a restart: {}", restart.join(", ")));
+        s.push_str(&format!(
+            "; changed but needs a restart: {}",
+            restart.join(", ")
+        ));
     }
     s
 }
@@ -178,8 +187,16 @@ mod tests {
             token_keys: String,
             addr: String,
         }
-        let a = C { shards: 1, token_keys: "1:a".into(), addr: "x".into() };
-        let b = C { shards: 2, token_keys: "2:b".into(), addr: "x".into() };
+        let a = C {
+            shards: 1,
+            token_keys: "1:a".into(),
+            addr: "x".into(),
+        };
+        let b = C {
+            shards: 2,
+            token_keys: "2:b".into(),
+            addr: "x".into(),
+        };
         assert_eq!(fields_needing_restart(&a, &b, &["token_keys"]), ["shards"]);
         assert_eq!(
             summary(&["token_keys".into()], &["shards".into()]),
@@ -213,7 +230,9 @@ mod tests {
         let out = hooks.run();
         assert_eq!(n.load(Ordering::Relaxed), 11);
         assert_eq!(
-            out.iter().map(|o| (o.name.as_str(), o.ok)).collect::<Vec<_>>(),
+            out.iter()
+                .map(|o| (o.name.as_str(), o.ok))
+                .collect::<Vec<_>>(),
             [("config", true), ("tls", false), ("later", true)]
         );
         assert_eq!(hooks.respond().status, 500);

@@ -125,7 +125,11 @@ fn link_impersonation_is_refused() {
 
     std::thread::sleep(Duration::from_millis(200));
     let m = metrics(http);
-    let auth = metric(&m, "barrage_broker_link_handshakes_refused_total{reason=\"auth\"}").unwrap_or(0.0);
+    let auth = metric(
+        &m,
+        "barrage_broker_link_handshakes_refused_total{reason=\"auth\"}",
+    )
+    .unwrap_or(0.0);
     assert!(auth >= 3.0, "refusals not counted: {auth}\n{m}");
     println!("link impersonation: 1 real link up, {auth} refusals counted");
 }
