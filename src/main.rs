@@ -153,8 +153,12 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
         })?,
         Command::Control(args) => serve::<control::Config, _>(&args, |c| {
             let h = control::start(c).context("starting control")?;
+            let reload = Reload {
+                hooks: h.reload_hooks(),
+                apply: Box::new(h.reloader()),
+            };
             let banner = format!("control: http://{}", h.http_addr());
-            Ok((h, banner, control::Handle::shutdown, None, None))
+            Ok((h, banner, control::Handle::shutdown, None, Some(reload)))
         })?,
         Command::Config(args) => return config::run(args),
         Command::Doctor(args) => return doctor::run(args),

@@ -670,6 +670,38 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     };
     assert_eq!(push(common::API_KEY), 401);
     assert_eq!(push(new_key), 202);
+
+    // Control reloads its API keys through POST /admin/reload (with a key it holds now).
+    std::fs::write(
+        &control_toml,
+        std::fs::read_to_string(&control_toml)
+            .unwrap()
+            .replace(common::API_KEY, new_key),
+    )
+    .unwrap();
+    let (status, _) = common::http_json(chttp, "POST", "/admin/reload", &[], "");
+    assert_eq!(status, 401, "reload needs a key");
+    let (status, v) = common::http_json(
+        chttp,
+        "POST",
+        "/admin/reload",
+        &[("authorization", &auth)],
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+    let connect = |key: &str| {
+        let auth = format!("Bearer {key}");
+        common::http_json(
+            chttp,
+            "POST",
+            "/v1/connect",
+            &[("authorization", &auth)],
+            "{\"room\":5,\"uid\":11,\"device\":\"d\"}",
+        )
+        .0
+    };
+    assert_eq!(connect(common::API_KEY), 401);
+    assert_eq!(connect(new_key), 200);
     drop(viewers);
     let _ = std::fs::remove_dir_all(&dir);
 }

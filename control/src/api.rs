@@ -38,7 +38,7 @@ pub struct Counters {
 }
 
 /// Route labels for the request counter, in `Counters::requests` order.
-pub const ROUTES: [&str; 10] = [
+pub const ROUTES: [&str; 11] = [
     "connect",
     "danmu_info",
     "room_info",
@@ -47,6 +47,7 @@ pub const ROUTES: [&str; 10] = [
     "edges",
     "healthz",
     "readyz",
+    "reload",
     "metrics",
     "other",
 ];
@@ -61,20 +62,49 @@ enum Route {
     Edges,
     Healthz,
     Readyz,
+    Reload,
     Metrics,
     Other,
 }
 
+/// What a reload (SIGHUP, `POST /admin/reload`) swaps: the API keys and the token signer.
+pub struct Keys {
+    api_keys: Vec<String>,
+    issuer: Issuer,
+}
+
+impl Keys {
+    /// The keys of `config`; fails on a bad or empty token key set.
+    pub fn new(config: &Config) -> Result<Keys, crate::ControlError> {
+        let keys = proto::token::KeySet::parse(&config.token_keys)
+            .map_err(|e| crate::ControlError::Config(format!("token_keys: {e}")))?;
+        let issuer = Issuer::new(keys, config.token_ttl_s).ok_or_else(|| {
+            crate::ControlError::Config("token_keys is empty: control cannot sign tokens".into())
+        })?;
+        Ok(Keys {
+            api_keys: config
+                .api_keys
+                .iter()
+                .filter(|k| !k.is_empty())
+                .cloned()
+                .collect(),
+            issuer,
+        })
+    }
+}
+
 /// All of control's state behind the HTTP endpoints.
 pub struct Api {
-    api_keys: Vec<String>,
+    /// Swapped whole by a reload; each request reads one snapshot.
+    keys: std::sync::Arc<net::reload::Live<Keys>>,
+    /// What `POST /admin/reload` runs (the binary registers "config").
+    hooks: net::reload::Hooks,
     edge_key: String,
     trust_region_header: bool,
     default_region: String,
     edges_per_client_max: usize,
     regions: RegionTable,
     rooms: RoomTable,
-    issuer: Issuer,
     registry: Registry,
     counters: Counters,
     http_stats: std::sync::Arc<net::http::Stats>,
@@ -234,11 +264,7 @@ fn check_bearer(req: &Request, keys: &[String]) -> Bearer {
 impl Api {
     /// Builds the handlers' state from a config; fails on bad keys or CIDRs.
     pub fn new(config: &Config) -> Result<Api, crate::ControlError> {
-        let keys = proto::token::KeySet::parse(&config.token_keys)
-            .map_err(|e| crate::ControlError::Config(format!("token_keys: {e}")))?;
-        let issuer = Issuer::new(keys, config.token_ttl_s).ok_or_else(|| {
-            crate::ControlError::Config("token_keys is empty: control cannot sign tokens".into())
-        })?;
+        let keys = Keys::new(config)?;
         let regions = RegionTable::new(
             config
                 .regions
@@ -247,19 +273,14 @@ impl Api {
         )
         .map_err(|e| crate::ControlError::Config(format!("regions: {e}")))?;
         Ok(Api {
-            api_keys: config
-                .api_keys
-                .iter()
-                .filter(|k| !k.is_empty())
-                .cloned()
-                .collect(),
+            keys: std::sync::Arc::new(net::reload::Live::new(keys)),
+            hooks: Default::default(),
             edge_key: config.edge_key.clone(),
             trust_region_header: config.trust_region_header,
             default_region: config.default_region.clone(),
             edges_per_client_max: config.edges_per_client_max,
             regions,
             rooms: RoomTable::new(&config.rooms, config.rooms_strict),
-            issuer,
             registry: Registry::new(
                 Duration::from_millis(config.edge_ttl_ms),
                 Duration::from_millis(config.edge_forget_ms),
@@ -269,6 +290,16 @@ impl Api {
             http_stats: Default::default(),
             durations: Default::default(),
         })
+    }
+
+    /// The keys a reload swaps (shared with the role's handle).
+    pub fn live_keys(&self) -> std::sync::Arc<net::reload::Live<Keys>> {
+        self.keys.clone()
+    }
+
+    /// The reload hooks `POST /admin/reload` runs.
+    pub fn reload_hooks(&self) -> net::reload::Hooks {
+        self.hooks.clone()
     }
 
     /// The HTTP server's admission counters, rendered in `/metrics`.
@@ -303,6 +334,7 @@ impl Api {
             "/v1/edges" => Route::Edges,
             "/healthz" => Route::Healthz,
             "/readyz" => Route::Readyz,
+            "/admin/reload" => Route::Reload,
             "/metrics" => Route::Metrics,
             _ => Route::Other,
         }
@@ -311,7 +343,7 @@ impl Api {
     fn handle_route(&mut self, route: Route, req: &Request, now: Instant, now_s: u64) -> Response {
         self.counters.requests[route as usize] += 1;
         let want = match route {
-            Route::Connect | Route::Heartbeat => "POST",
+            Route::Connect | Route::Heartbeat | Route::Reload => "POST",
             _ => "GET",
         };
         if !matches!(route, Route::Other)
@@ -334,6 +366,13 @@ impl Api {
             },
             // Control holds no links: serving requests is being ready (edges register anyway).
             Route::Readyz => Response::json(200, &serde_json::json!({"ready": true})),
+            Route::Reload => match check_bearer(req, &self.keys.load().api_keys) {
+                Bearer::Valid => self.hooks.respond(),
+                _ => {
+                    self.counters.unauthorized += 1;
+                    error(401, "POST /admin/reload needs one of the API keys")
+                }
+            },
             Route::Metrics => self.metrics(now),
             Route::Other => error(404, "no such endpoint"),
         }
@@ -341,7 +380,7 @@ impl Api {
 
     /// Whether the request carries one of the API keys (for the console's JSON, `pages`).
     pub fn key_valid(&self, req: &Request) -> bool {
-        matches!(check_bearer(req, &self.api_keys), Bearer::Valid)
+        matches!(check_bearer(req, &self.keys.load().api_keys), Bearer::Valid)
     }
 
     /// The registry as operators see it (for the console, `pages`).
@@ -385,7 +424,7 @@ impl Api {
                 )
             }
         };
-        match check_bearer(req, &self.api_keys) {
+        match check_bearer(req, &self.keys.load().api_keys) {
             Bearer::Valid => {}
             Bearer::Absent if body.uid == 0 => {}
             Bearer::Absent | Bearer::Wrong => {
@@ -399,7 +438,11 @@ impl Api {
         let Some(room) = self.rooms.resolve(body.room) else {
             return error(404, "no such room");
         };
-        let issued = self.issuer.issue(body.uid, &body.device, &room, now_s);
+        let issued = self
+            .keys
+            .load()
+            .issuer
+            .issue(body.uid, &body.device, &room, now_s);
         if body.uid == 0 {
             self.counters.tokens_guest += 1;
         } else {
@@ -446,7 +489,7 @@ impl Api {
         };
         // Discovery callers are anonymous: a guest token bound to the room, no device
         // (real clients invent their buvid only when they connect).
-        let issued = self.issuer.issue(0, "", &room, now_s);
+        let issued = self.keys.load().issuer.issue(0, "", &room, now_s);
         self.counters.tokens_guest += 1;
         let edges = self.assign(req, now);
         let data = DanmuInfo {
@@ -515,7 +558,7 @@ impl Api {
     /// The fleet list (hosts, load): operators' data, not the public's. A valid API key or the
     /// edge key opens it; without a bearer only a loopback peer gets it; a wrong key is 401.
     fn edges(&mut self, req: &Request, now: Instant) -> Response {
-        let mut keys = self.api_keys.clone();
+        let mut keys = self.keys.load().api_keys.clone();
         if !self.edge_key.is_empty() {
             keys.push(self.edge_key.clone());
         }

@@ -69,12 +69,42 @@ pub struct Handle {
     http_addr: SocketAddr,
     stop: Arc<Stop>,
     thread: Option<JoinHandle<()>>,
+    keys: Arc<net::reload::Live<api::Keys>>,
+    hooks: net::reload::Hooks,
+    config: Config,
 }
+
+/// Config fields a reload applies; every other change needs a restart (docs/operations.md).
+pub const LIVE_FIELDS: [&str; 3] = ["api_keys", "token_keys", "log_level"];
 
 impl Handle {
     /// The bound HTTP address (the real port when the config said 0).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The reload hooks SIGHUP and `POST /admin/reload` run.
+    pub fn reload_hooks(&self) -> net::reload::Hooks {
+        self.hooks.clone()
+    }
+
+    /// What applies the live part of a newly loaded config (API keys; the token keys control
+    /// signs with, and `token_ttl_s` with them) and says what else changed and needs a restart.
+    pub fn reloader(&self) -> impl Fn(&Config) -> Result<String, String> + Send + Sync + 'static {
+        let (keys, running) = (self.keys.clone(), self.config.clone());
+        move |loaded| {
+            loaded.validate().map_err(|e| e.to_string())?;
+            let mut live = running.clone();
+            live.api_keys = loaded.api_keys.clone();
+            live.token_keys = loaded.token_keys.clone();
+            keys.store(api::Keys::new(&live).map_err(|e| e.to_string())?);
+            let applied = vec![
+                format!("api_keys ({} keys)", loaded.api_keys.len()),
+                "token_keys".to_string(),
+            ];
+            let restart = net::reload::fields_needing_restart(&running, loaded, &LIVE_FIELDS);
+            Ok(net::reload::summary(&applied, &restart))
+        }
     }
 
     /// Stops serving and joins the HTTP thread.
@@ -112,6 +142,7 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
     config.validate()?;
     config.check_secrets()?;
     let api = api::Api::new(&config)?;
+    let (keys, hooks) = (api.live_keys(), api.reload_hooks());
     let listener = net::sys::listener(config.http_addr, false, HTTP_BACKLOG).map_err(|source| {
         ControlError::Bind {
             addr: config.http_addr,
@@ -170,6 +201,9 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
         http_addr,
         stop,
         thread: Some(thread),
+        keys,
+        hooks,
+        config,
     };
     match ready_rx.recv_timeout(Duration::from_millis(START_MS_MAX)) {
         Ok(Ok(())) => {
