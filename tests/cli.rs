@@ -437,6 +437,9 @@ fn metric_names(expr: &str) -> Vec<String> {
     out
 }
 
+/// A broker API key the reload keeps (the other one is rotated).
+const KEPT_KEY: &str = "kept-api-key-0123456789abcdef0123";
+
 #[test]
 fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     let dir = std::env::temp_dir().join(format!("barrage-dash-{}", std::process::id()));
@@ -446,7 +449,7 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     std::fs::write(
         &broker_toml,
         format!(
-            "shards = 1\npin = false\ncounts_interval_ms = 100\ningest_addr = \"127.0.0.1:0\"\nlink_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n[[api_keys]]\nkey = \"{}\"\nscopes = [\"room\", \"area\", \"global\", \"user\", \"device\"]\n",
+            "shards = 1\npin = false\ncounts_interval_ms = 100\ningest_addr = \"127.0.0.1:0\"\nlink_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n[[api_keys]]\nkey = \"{}\"\nscopes = [\"room\", \"area\", \"global\", \"user\", \"device\"]\n[[api_keys]]\nkey = \"{KEPT_KEY}\"\nscopes = [\"room\"]\n",
             common::API_KEY
         ),
     )
@@ -646,7 +649,15 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     }
     assert!(checked.len() >= 15, "too few metrics named: {checked:?}");
 
-    // The broker reloads its API keys on SIGHUP: the old key is refused, the new one pushes.
+    // The broker reloads its API keys on SIGHUP: the old key is refused, the new one pushes;
+    // an ingest connection authenticated with the old key is refused from then on.
+    let mut ingest =
+        broker::IngestClient::connect(broker.addr("ingest "), common::API_KEY).unwrap();
+    let mut kept = broker::IngestClient::connect(broker.addr("ingest "), KEPT_KEY).unwrap();
+    for c in [&mut ingest, &mut kept] {
+        c.push(&broker::Message::room(5, "{\"cmd\":\"DANMU_MSG\"}"))
+            .unwrap();
+    }
     let new_key = "rotated-api-key-0123456789abcdef";
     std::fs::write(
         &broker_toml,
@@ -670,6 +681,19 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     };
     assert_eq!(push(common::API_KEY), 401);
     assert_eq!(push(new_key), 202);
+    let refused = ingest.push(&broker::Message::room(5, "{\"cmd\":\"DANMU_MSG\"}"));
+    assert!(
+        matches!(
+            refused,
+            Err(broker::ClientError::Rejected(
+                proto::ingest::PushError::Unauthorized
+            ))
+        ),
+        "{refused:?}"
+    );
+    // A key that stays keeps its connection working across the reload.
+    kept.push(&broker::Message::room(5, "{\"cmd\":\"DANMU_MSG\"}"))
+        .unwrap();
 
     // Control reloads its API keys through POST /admin/reload (with a key it holds now).
     std::fs::write(
