@@ -149,7 +149,7 @@ fn up_tail_push_with_the_real_binary() {
                 "--timeout-s",
                 "30",
             ])
-            .env("BARRAGE_API_KEY", API_KEY),
+            .env("BARRAGE_CONTROL_KEY", API_KEY),
     );
     let (tcp_out, tcp_err) = kids.lines(guest_tcp);
     let (ws_out, ws_err) = kids.lines(user_ws);
