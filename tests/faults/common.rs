@@ -235,7 +235,7 @@ pub fn control_toml(extra: &str, head_ms: u64) -> String {
 
 pub fn broker_toml(extra: &str, head_ms: u64) -> String {
     format!(
-        "shards = 1\npin_cores = false\ndriver = \"legacy\"\ningest_addr = \"127.0.0.1:0\"\nlink_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n{extra}\n{}",
+        "shards = 1\npin = false\ndriver = \"legacy\"\ningest_addr = \"127.0.0.1:0\"\nlink_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n{extra}\n{}",
         http_table(head_ms)
     )
 }
