@@ -172,7 +172,7 @@ impl Shared {
                 self.link_refused[i].load(Ordering::Relaxed) as f64,
             );
         }
-        text.push_str(&w.out);
+        text.push_str(&w.finish());
         text
     }
 }

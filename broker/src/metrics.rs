@@ -457,5 +457,5 @@ pub fn render(
         let parts: Vec<&Histogram> = shards.iter().map(get).collect();
         w.histogram(name, &[], &parts, scale);
     }
-    w.out
+    w.finish()
 }

@@ -705,7 +705,7 @@ impl Api {
         }
         self.http_stats.write_metrics(&mut w, "barrage_control");
         net::metrics::write_process(&mut w, "control");
-        net::metrics::response(w.out)
+        net::metrics::response(w.finish())
     }
 }
 

@@ -180,7 +180,7 @@ pub(crate) fn drain(node: &Node) {
 fn render_http(http: &net::http::Stats) -> String {
     let mut w = Writer::default();
     http.write_metrics(&mut w, "barrage_edge_admin");
-    w.out
+    w.finish()
 }
 
 /// Renders every counter in Prometheus text format.
@@ -412,5 +412,5 @@ pub(crate) fn render(node: &Node) -> String {
             );
         }
     }
-    w.out
+    w.finish()
 }

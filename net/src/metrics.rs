@@ -1,10 +1,13 @@
-//! A Prometheus text-format writer. Each role keeps its counters in plain per-shard structs
-//! (no atomics on hot paths where a shard owns them) and renders them through this writer.
-//!
-//! Output follows the text exposition format 0.0.4: label values escape `\`, `"` and newline;
-//! HELP text escapes `\` and newline; non-finite values print as `NaN`, `+Inf`, `-Inf`.
+//! Metrics exposition. Each role keeps its counters in plain per-shard structs (relaxed
+//! atomics, one writer each) and describes them on every scrape through [`Writer`], which
+//! hands them to `prometheus-client` as a collector and encodes the Prometheus text format
+//! 0.0.4 with it (escaping, `_total` on counters, histogram buckets). [`Histogram`] is our
+//! own fixed-bucket histogram: recording is three relaxed adds, reading happens at scrape.
 
-use std::fmt::Write;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// The `Content-Type` to serve this text with.
@@ -83,31 +86,60 @@ impl Default for Histogram {
     }
 }
 
-/// Appends Prometheus text exposition.
-#[derive(Default)]
+/// Collects metric families at scrape time and encodes them with `prometheus-client`'s
+/// Prometheus text (0.0.4) encoder. The roles keep their counters in their own structs (relaxed
+/// atomics, one writer each) and describe them here on every scrape, as a `prometheus-client`
+/// collector would: nothing on a hot path touches this type.
+#[derive(Debug, Default)]
 pub struct Writer {
-    pub out: String,
+    families: Vec<Family>,
+}
+
+/// One metric family as the roles describe it.
+#[derive(Debug)]
+struct Family {
+    name: String,
+    kind: MetricType,
+    help: String,
+    samples: Vec<(Vec<(String, String)>, Value)>,
+}
+
+#[derive(Debug)]
+enum Value {
+    Number(f64),
+    /// Per-bucket (not cumulative) counts, upper bounds ascending, the last `+Inf`.
+    Histogram {
+        sum: f64,
+        count: u64,
+        buckets: Vec<(f64, u64)>,
+    },
+}
+
+fn kind_of(kind: &str) -> MetricType {
+    match kind {
+        "counter" => MetricType::Counter,
+        "histogram" => MetricType::Histogram,
+        "gauge" => MetricType::Gauge,
+        _ => MetricType::Unknown,
+    }
+}
+
+fn owned(labels: &[(&str, &str)]) -> Vec<(String, String)> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 impl Writer {
-    /// `# HELP` and `# TYPE` lines for a family.
+    /// Starts a family (its `# HELP` and `# TYPE`); samples of `name` follow.
     pub fn family(&mut self, name: &str, kind: &str, help: &str) {
-        self.out.push_str("# HELP ");
-        self.out.push_str(name);
-        self.out.push(' ');
-        for c in help.chars() {
-            match c {
-                '\\' => self.out.push_str("\\\\"),
-                '\n' => self.out.push_str("\\n"),
-                c => self.out.push(c),
-            }
-        }
-        self.out.push('\n');
-        self.out.push_str("# TYPE ");
-        self.out.push_str(name);
-        self.out.push(' ');
-        self.out.push_str(kind);
-        self.out.push('\n');
+        self.families.push(Family {
+            name: name.to_string(),
+            kind: kind_of(kind),
+            help: help.to_string(),
+            samples: Vec::new(),
+        });
     }
 
     /// A whole family: its `# HELP`/`# TYPE` lines, then one sample per `(labels, value)`.
@@ -124,8 +156,28 @@ impl Writer {
         }
     }
 
+    /// The family `name` (the latest started), started untyped when there is none.
+    fn family_of(&mut self, name: &str) -> &mut Family {
+        let found = self.families.iter().rposition(|f| f.name == name);
+        let i = match found {
+            Some(i) => i,
+            None => {
+                self.family(name, "unknown", "");
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i]
+    }
+
+    /// One sample: `name{k="v",...} value`.
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.family_of(name)
+            .samples
+            .push((owned(labels), Value::Number(value)));
+    }
+
     /// One histogram series, the sum of `parts` (per-shard histograms with the same bounds),
-    /// each value multiplied by `scale` (1e-6 turns microseconds into seconds).
+    /// each bound and the sum multiplied by `scale` (1e-6 turns microseconds into seconds).
     pub fn histogram(
         &mut self,
         name: &str,
@@ -134,67 +186,78 @@ impl Writer {
         scale: f64,
     ) {
         let Some(first) = parts.first() else { return };
-        let mut cumulative = 0u64;
-        let bucket = format!("{name}_bucket");
+        let mut buckets = Vec::with_capacity(first.bounds.len() + 1);
         for (i, bound) in first.bounds.iter().map(Some).chain([None]).enumerate() {
-            cumulative += parts
+            let n: u64 = parts
                 .iter()
                 .map(|h| h.counts.get(i).map_or(0, |c| c.load(Relaxed)))
-                .sum::<u64>();
-            let le = match bound {
-                Some(b) => format_value(*b as f64 * scale),
-                None => "+Inf".to_string(),
-            };
-            let mut l: Vec<(&str, &str)> = labels.to_vec();
-            l.push(("le", &le));
-            self.sample(&bucket, &l, cumulative as f64);
+                .sum();
+            let le = bound.map_or(f64::INFINITY, |b| *b as f64 * scale);
+            buckets.push((le, n));
         }
-        let sum: u64 = parts.iter().map(|h| h.sum.load(Relaxed)).sum();
-        self.sample(&format!("{name}_sum"), labels, sum as f64 * scale);
-        self.sample(&format!("{name}_count"), labels, cumulative as f64);
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = parts.iter().map(|h| h.sum.load(Relaxed)).sum::<u64>() as f64 * scale;
+        self.family_of(name).samples.push((
+            owned(labels),
+            Value::Histogram {
+                sum,
+                count,
+                buckets,
+            },
+        ));
     }
 
-    /// One sample line: `name{k="v",...} value`.
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                self.out.push_str(k);
-                self.out.push_str("=\"");
-                for c in v.chars() {
-                    match c {
-                        '\\' => self.out.push_str("\\\\"),
-                        '"' => self.out.push_str("\\\""),
-                        '\n' => self.out.push_str("\\n"),
-                        c => self.out.push(c),
-                    }
-                }
-                self.out.push('"');
-            }
-            self.out.push('}');
+    /// The exposition text of every family so far (Prometheus text format 0.0.4).
+    pub fn finish(self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Families(self.families)));
+        let mut out = String::new();
+        // Writing to a String cannot fail; an encoder error would be a bug in a name.
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+            tracing::error!(error = %e, "metrics encoding failed");
         }
-        self.out.push(' ');
-        self.out.push_str(&format_value(value));
-        self.out.push('\n');
+        out
     }
 }
 
-fn format_value(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".to_string()
-    } else if value.is_infinite() {
-        (if value > 0.0 { "+Inf" } else { "-Inf" }).to_string()
-    } else if value.fract() == 0.0 && value.abs() < 1e15 {
-        // Integral counters print without a trailing ".0" or exponent.
-        format!("{}", value as i64)
-    } else {
-        let mut s = String::new();
-        let _ = write!(s, "{value}");
-        s
+/// The families of one scrape, as a `prometheus-client` collector.
+#[derive(Debug)]
+struct Families(Vec<Family>);
+
+impl Collector for Families {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for f in &self.0 {
+            // The encoder appends `_total` to a counter's name itself.
+            let name = match f.kind {
+                MetricType::Counter => f.name.strip_suffix("_total").unwrap_or(&f.name),
+                _ => f.name.as_str(),
+            };
+            let mut family = encoder.encode_descriptor(name, &f.help, None, f.kind)?;
+            for (labels, value) in &f.samples {
+                let mut m = family.encode_family(labels)?;
+                match value {
+                    Value::Histogram {
+                        sum,
+                        count,
+                        buckets,
+                    } => m.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?,
+                    Value::Number(v) => {
+                        let integral = v.fract() == 0.0 && v.abs() < 1e15;
+                        match (f.kind, integral) {
+                            (MetricType::Counter, true) if *v >= 0.0 => {
+                                m.encode_counter::<NoLabelSet, _, u64>(&(*v as u64), None)?
+                            }
+                            (MetricType::Counter, _) => {
+                                m.encode_counter::<NoLabelSet, _, f64>(v, None)?
+                            }
+                            (_, true) => m.encode_gauge(&(*v as i64))?,
+                            (_, false) => m.encode_gauge(v)?,
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -332,16 +395,23 @@ mod tests {
             &[("shard", "0"), ("room", "a\"b\\c\nd")],
             42.0,
         );
-        w.sample("barrage_ratio", &[], 0.5);
-        w.sample("barrage_x", &[], f64::INFINITY);
+        w.metric("barrage_ratio", "gauge", "R.", &[(&[], 0.5)]);
+        w.metric("barrage_x", "gauge", "X.", &[(&[], f64::INFINITY)]);
+        // A sample without a family is kept, untyped.
         w.sample("barrage_y", &[], f64::NAN);
         assert_eq!(
-            w.out,
+            w.finish(),
             "# HELP barrage_conns Open connections.\\nPer shard \\\\ role.\n\
              # TYPE barrage_conns gauge\n\
              barrage_conns{shard=\"0\",room=\"a\\\"b\\\\c\\nd\"} 42\n\
+             # HELP barrage_ratio R.\n\
+             # TYPE barrage_ratio gauge\n\
              barrage_ratio 0.5\n\
+             # HELP barrage_x X.\n\
+             # TYPE barrage_x gauge\n\
              barrage_x +Inf\n\
+             # HELP barrage_y \n\
+             # TYPE barrage_y untyped\n\
              barrage_y NaN\n"
         );
     }
@@ -355,10 +425,12 @@ mod tests {
         b.observe(50);
         b.observe(1000);
         let mut w = Writer::default();
+        w.family("h_seconds", "histogram", "H.");
         w.histogram("h_seconds", &[("route", "x")], &[&a, &b], 0.001);
         assert_eq!(
-            w.out,
-            "h_seconds_bucket{route=\"x\",le=\"0.01\"} 2\n\
+            w.finish(),
+            "# HELP h_seconds H.\n# TYPE h_seconds histogram\n\
+             h_seconds_bucket{route=\"x\",le=\"0.01\"} 2\n\
              h_seconds_bucket{route=\"x\",le=\"0.1\"} 3\n\
              h_seconds_bucket{route=\"x\",le=\"+Inf\"} 4\n\
              h_seconds_sum{route=\"x\"} 1.065\n\
@@ -370,16 +442,15 @@ mod tests {
     fn process_metrics_read_this_process() {
         let mut w = Writer::default();
         write_process(&mut w, "test");
-        assert!(w.out.contains("barrage_build_info{version="));
-        let line = w
-            .out
+        let out = w.finish();
+        assert!(out.contains("barrage_build_info{version="), "{out}");
+        let line = out
             .lines()
             .find(|l| l.starts_with("process_open_fds "))
             .unwrap();
         let fds: f64 = line.split(' ').nth(1).unwrap().parse().unwrap();
         assert!(fds >= 3.0, "{line}");
-        let rss = w
-            .out
+        let rss = out
             .lines()
             .find(|l| l.starts_with("process_resident_memory_bytes "))
             .unwrap();
@@ -396,7 +467,7 @@ mod tests {
             &[(&[("k", "a")], 1.0), (&[], 2.0)],
         );
         assert_eq!(
-            w.out,
+            w.finish(),
             "# HELP barrage_t_total T.\n# TYPE barrage_t_total counter\nbarrage_t_total{k=\"a\"} 1\nbarrage_t_total 2\n"
         );
     }
