@@ -406,6 +406,37 @@ fn sighup_rotates_token_keys_and_viewers_stay() {
     write(k2);
     let (status, body) = common::http_json(admin, "POST", "/admin/reload", &[], "");
     assert_eq!(status, 200, "{body}");
+    assert!(wait_line(&edge.log, "reloaded"));
+
+    // log_level reloads too: at "warn" a reload's own info line is not logged; back at the
+    // start filter (info) it is. The key ids tell the two reloads apart.
+    let reload_with = |keys: &str, log_level: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "token_keys = \"{keys}\"\nlog_level = \"{log_level}\"\nshards = 1\npin = false\n"
+            ),
+        )
+        .unwrap();
+        let (status, body) = common::http_json(admin, "POST", "/admin/reload", &[], "");
+        assert_eq!(status, 200, "{body}");
+    };
+    reload_with(k1, "warn");
+    reload_with(&format!("{k1},{k2}"), "");
+    let deadline = Instant::now() + common::WAIT;
+    let logged = loop {
+        let l = edge
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("no reload logged");
+        if l.contains("reloaded") {
+            break l;
+        }
+    };
+    assert!(
+        logged.contains("ids: [1, 2]"),
+        "the warn-level reload logged: {logged}"
+    );
 
     // Draining: /readyz says 503, /healthz stays 200.
     let (status, _) = common::http_json(admin, "POST", "/admin/drain", &[], "");
