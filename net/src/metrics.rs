@@ -192,7 +192,8 @@ impl Writer {
                 .iter()
                 .map(|h| h.counts.get(i).map_or(0, |c| c.load(Relaxed)))
                 .sum();
-            let le = bound.map_or(f64::INFINITY, |b| *b as f64 * scale);
+            // Rounded to 12 decimals so 50 µs prints as 5e-5, not 4.9999999999999996e-5.
+            let le = bound.map_or(f64::INFINITY, |b| (*b as f64 * scale * 1e12).round() / 1e12);
             buckets.push((le, n));
         }
         let count = buckets.iter().map(|(_, n)| n).sum();
