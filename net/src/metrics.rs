@@ -439,6 +439,35 @@ mod tests {
         );
     }
 
+    /// What one observation costs next to the relaxed counter add the hot paths already make:
+    /// `cargo test -p net --release --lib observe_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn observe_cost() {
+        const N: u64 = 20_000_000;
+        let h = Histogram::latency();
+        let c = AtomicU64::new(0);
+        let t = std::time::Instant::now();
+        for i in 0..N {
+            c.fetch_add(std::hint::black_box(i) & 1, Relaxed);
+        }
+        let counter_ns = t.elapsed().as_nanos() as f64 / N as f64;
+        let t = std::time::Instant::now();
+        for i in 0..N {
+            h.observe(std::hint::black_box(i) % 20_000);
+        }
+        let observe_ns = t.elapsed().as_nanos() as f64 / N as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..N / 10 {
+            h.observe_since(std::hint::black_box(t));
+        }
+        let since_ns = t.elapsed().as_nanos() as f64 / (N / 10) as f64;
+        println!(
+            "relaxed add {counter_ns:.1} ns, observe {observe_ns:.1} ns, observe_since (clock read) {since_ns:.1} ns"
+        );
+        assert_eq!(h.count(), N + N / 10);
+    }
+
     #[test]
     fn process_metrics_read_this_process() {
         let mut w = Writer::default();
