@@ -8,37 +8,37 @@
 //! value of what it guards and does not stop the others.
 //!
 //! Invariants: a reader of a [`Live`] sees either the old or the new value, whole; a reload
-//! never blocks a reader for longer than one `Arc` clone.
+//! never blocks a reader.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 /// A value readers take a snapshot of (`load`) and a reload replaces whole (`store`).
 ///
-/// A `RwLock` around an `Arc`: the read lock is held only for the clone, so readers never
-/// wait on a reload's work (parsing a new key set happens before `store`).
-#[derive(Debug, Default)]
-pub struct Live<T>(RwLock<Arc<T>>);
+/// An `arc_swap::ArcSwap`: a load touches no shared reference count and takes no lock, so the
+/// broker's ingest threads (every push loads the policy) and the edge's shards (every client
+/// packet loads the token keys) do not contend on one cache line.
+#[derive(Debug)]
+pub struct Live<T>(arc_swap::ArcSwap<T>);
+
+impl<T: Default> Default for Live<T> {
+    fn default() -> Live<T> {
+        Live::new(T::default())
+    }
+}
 
 impl<T> Live<T> {
     pub fn new(value: T) -> Live<T> {
-        Live(RwLock::new(Arc::new(value)))
+        Live(arc_swap::ArcSwap::from_pointee(value))
     }
 
-    /// The current value (a poisoned lock still holds a whole value: no writer panics midway).
-    pub fn load(&self) -> Arc<T> {
-        match self.0.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+    /// The current value; hold it briefly (a long-held guard makes later loads slower).
+    pub fn load(&self) -> arc_swap::Guard<Arc<T>> {
+        self.0.load()
     }
 
     /// Replaces the value; readers that loaded the old one keep it until they drop it.
     pub fn store(&self, value: T) {
-        let value = Arc::new(value);
-        match self.0.write() {
-            Ok(mut g) => *g = value,
-            Err(p) => *p.into_inner() = value,
-        }
+        self.0.store(Arc::new(value));
     }
 }
 
@@ -209,7 +209,7 @@ mod tests {
         let l = Live::new(1);
         let old = l.load();
         l.store(2);
-        assert_eq!((*old, *l.load()), (1, 2));
+        assert_eq!((**old, **l.load()), (1, 2));
     }
 
     #[test]
