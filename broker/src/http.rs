@@ -12,6 +12,8 @@
 //! POST /v1/push/batch  {"messages":[{"scope":"room","target":1,"priority":"low","body":{...}}, ...]}
 //!   -> 200 {"results":[{"msg_id":"..."} | {"error":"...","message":"..."}, ...]} (in request order)
 //! GET /healthz -> 200 {"ok":true,...};  GET /metrics -> Prometheus text
+//! GET /v1/presence/room/{room} | user/{uid} | top | events  (a key with the `presence`
+//!      scope; see crate::roster and docs/api.md)
 //! ```
 //! `msg_id` is a decimal string: it can exceed 2^53, where JSON numbers lose precision.
 
@@ -95,6 +97,14 @@ pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
             body: shared.metrics_text().into_bytes(),
         },
         ("POST", "/v1/push/batch") => push_batch(shared, req),
+        ("GET", p) if p.starts_with("/v1/presence/") => {
+            shared
+                .roster
+                .http(shared, req, &p["/v1/presence/".len()..])
+        }
+        (_, p) if p.starts_with("/v1/presence/") => {
+            Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")
+        }
         ("POST", p) if p.starts_with("/v1/push/") => push_one(shared, req, &p["/v1/push/".len()..]),
         (_, "/healthz" | "/metrics") => {
             Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")

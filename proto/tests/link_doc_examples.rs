@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use proto::id::{AreaId, DeviceId, Encoding, MsgId, Priority, Reach, RoomId, Scope, UserId};
 use proto::ingest::{self, IngestFrame, Push, PushError};
-use proto::link::{self, caps, Batch, Hello, Interest, LinkFrame, PresenceEvent, PresenceKind};
+use proto::link::{self, caps, Batch, Hello, Interest, LinkFrame, PresenceBatch, PresenceEvent, PresenceKind,
+    Transport,
+};
 
 fn hex(bytes: &[u8]) -> String {
     bytes
@@ -56,13 +58,18 @@ fn link_examples() -> Vec<(&'static str, LinkFrame)> {
         ),
         (
             "PRESENCE",
-            LinkFrame::Presence(vec![PresenceEvent {
-                kind: PresenceKind::Enter,
-                uid: UserId(7),
-                device: DeviceId("d1".into()),
-                room: RoomId(42),
-                conn: 9,
-            }]),
+            LinkFrame::Presence(PresenceBatch {
+                incarnation: 3,
+                events: vec![PresenceEvent {
+                    kind: PresenceKind::Enter,
+                    conn: 9,
+                    uid: UserId(7),
+                    device: DeviceId("d1".into()),
+                    room: RoomId(42),
+                    area: AreaId(2),
+                    transport: Transport::Ws,
+                }],
+            }),
         ),
         (
             "COUNTS",
