@@ -31,10 +31,7 @@ fn broker(lease_ms: u64) -> Role {
     );
     let base = "shards = 1\npin = false\ndriver = \"legacy\"\ningest_addr = \"127.0.0.1:0\"\n\
                 link_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n";
-    start_ok(
-        "broker",
-        &format!("{base}{toml}\n{}", http_table(HEAD_MS)),
-    )
+    start_ok("broker", &format!("{base}{toml}\n{}", http_table(HEAD_MS)))
 }
 
 fn edge(node: &str, links: SocketAddr, extra: &str) -> Role {
@@ -179,11 +176,7 @@ fn viewers_on_two_edges_are_counted_per_user_and_exit_once() {
     assert_eq!(all.len(), 3, "{all:?}");
     assert_eq!(all[2], pair("exit", 8), "{all:?}");
     // The first page of the room is paged by uid.
-    let (_, page) = get(
-        http,
-        "/v1/presence/room/100?after=7&limit=1",
-        Some(READER),
-    );
+    let (_, page) = get(http, "/v1/presence/room/100?after=7&limit=1", Some(READER));
     assert_eq!(page["users"], serde_json::json!([]), "{page}");
     drop(a);
     wait_room(http, 100, 0, 0);
@@ -207,7 +200,12 @@ fn presence_api_refuses_bad_keys_and_bad_ids_with_clear_errors() {
         ),
         ("/v1/presence/user/0", Some(READER), 400, "invalid"),
         ("/v1/presence/top?limit=0", Some(READER), 400, "invalid"),
-        ("/v1/presence/events?rooms=1,x", Some(READER), 400, "invalid"),
+        (
+            "/v1/presence/events?rooms=1,x",
+            Some(READER),
+            400,
+            "invalid",
+        ),
         ("/v1/presence/nothing", Some(READER), 404, "not_found"),
     ];
     for (path, key, want, label) in cases {
@@ -345,7 +343,9 @@ fn a_user_push_goes_only_to_the_edge_that_holds_the_user() {
     );
     let (head, _) = request_from([127, 0, 0, 1], http, &req).expect("push");
     assert_eq!(status(&head), 202, "{head}");
-    let got = alice.next_message(Instant::now() + WAIT).expect("alice gets her push");
+    let got = alice
+        .next_message(Instant::now() + WAIT)
+        .expect("alice gets her push");
     assert!(got.contains("hi 31"), "{got}");
     let m = procs::metrics(http);
     assert_eq!(

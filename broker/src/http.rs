@@ -98,9 +98,7 @@ pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
         },
         ("POST", "/v1/push/batch") => push_batch(shared, req),
         ("GET", p) if p.starts_with("/v1/presence/") => {
-            shared
-                .roster
-                .http(shared, req, &p["/v1/presence/".len()..])
+            shared.roster.http(shared, req, &p["/v1/presence/".len()..])
         }
         (_, p) if p.starts_with("/v1/presence/") => {
             Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")

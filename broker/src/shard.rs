@@ -185,9 +185,14 @@ impl State {
             .targets(&flush.scope, flush.priority, &mut self.targets);
         if matches!(flush.scope, Scope::User(_) | Scope::Device(_)) {
             let links = &self.links;
-            self.shared.roster.narrow(&flush.scope, &mut self.targets, |t| {
-                links.get(&t.link).map(|c| c.node_id.clone()).unwrap_or_default()
-            });
+            self.shared
+                .roster
+                .narrow(&flush.scope, &mut self.targets, |t| {
+                    links
+                        .get(&t.link)
+                        .map(|c| c.node_id.clone())
+                        .unwrap_or_default()
+                });
         }
         let encodings = self.targets.iter().fold(0u8, |acc, t| acc | t.encodings);
         if encodings == 0 {

@@ -122,12 +122,14 @@ fn any_frame() -> impl Strategy<Value = LinkFrame> {
         }),
         any_interest().prop_map(|interest| LinkFrame::Unsub { interest }),
         any_batch().prop_map(LinkFrame::Batch),
-        (any::<u64>(), proptest::collection::vec(any_presence(), 0..8)).prop_map(
-            |(incarnation, events)| LinkFrame::Presence(PresenceBatch {
+        (
+            any::<u64>(),
+            proptest::collection::vec(any_presence(), 0..8)
+        )
+            .prop_map(|(incarnation, events)| LinkFrame::Presence(PresenceBatch {
                 incarnation,
                 events
-            })
-        ),
+            })),
         proptest::collection::vec((any::<u64>().prop_map(RoomId), any::<u32>()), 0..16)
             .prop_map(LinkFrame::Counts),
         (any::<u64>(), any_device(), any::<u64>()).prop_map(|(uid, device, msg_id)| {

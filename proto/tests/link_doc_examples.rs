@@ -4,7 +4,8 @@
 use bytes::Bytes;
 use proto::id::{AreaId, DeviceId, Encoding, MsgId, Priority, Reach, RoomId, Scope, UserId};
 use proto::ingest::{self, IngestFrame, Push, PushError};
-use proto::link::{self, caps, Batch, Hello, Interest, LinkFrame, PresenceBatch, PresenceEvent, PresenceKind,
+use proto::link::{
+    self, caps, Batch, Hello, Interest, LinkFrame, PresenceBatch, PresenceEvent, PresenceKind,
     Transport,
 };
 
