@@ -148,6 +148,13 @@ fn viewers_on_two_edges_are_counted_per_user_and_exit_once() {
     // User 7 again, from a second device on the other edge: one viewer, two connections.
     let a2 = viewer(e2.addrs[0], 7, "dev-7b", 100);
     let v = wait_room(http, 100, 2, 3);
+    wait_for("edge 2 reports holding two connections", || {
+        let m = procs::metrics(e2.addrs[2]);
+        match procs::metric(&m, "barrage_edge_presence_records{shard=\"0\"}") {
+            Some(n) if n == 2.0 => Ok(()),
+            _ => Err(m),
+        }
+    });
     assert_eq!(v["users"], serde_json::json!([7, 8]));
     let (s, u) = get(http, "/v1/presence/user/7", Some(READER));
     assert_eq!(s, 200);

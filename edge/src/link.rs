@@ -617,6 +617,11 @@ async fn presence_loop(hub: Rc<Hub>) {
                 slot.send(&LinkFrame::Presence(batch));
             }
         }
+        let r = hub.presence.borrow();
+        let (stats, m) = (r.stats(), &hub.node.metrics[hub.shard]);
+        m.presence_records.set(r.live() as u64);
+        m.presence_frames.set(stats.frames);
+        m.presence_rereports.set(stats.rereports);
     }
 }
 

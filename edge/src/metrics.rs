@@ -97,6 +97,12 @@ pub struct ShardMetrics {
     pub pending_handshakes: Counter,
     /// `accept()` failures (EMFILE, ENFILE, ENOBUFS...): the shard backs off accepting.
     pub accept_errors: Counter,
+    /// Link shard only: connections the presence reporter holds (crate::presence).
+    pub presence_records: Counter,
+    /// Link shard only: PRESENCE frames queued to brokers.
+    pub presence_frames: Counter,
+    /// Link shard only: full re-reports (each re-link, or an overflowing pending list).
+    pub presence_rereports: Counter,
 }
 
 impl ShardMetrics {
