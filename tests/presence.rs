@@ -150,9 +150,10 @@ fn viewers_on_two_edges_are_counted_per_user_and_exit_once() {
     let v = wait_room(http, 100, 2, 3);
     wait_for("edge 2 reports holding two connections", || {
         let m = procs::metrics(e2.addrs[2]);
-        match procs::metric(&m, "barrage_edge_presence_records{shard=\"0\"}") {
-            Some(n) if n == 2.0 => Ok(()),
-            _ => Err(m),
+        if procs::metric(&m, "barrage_edge_presence_records{shard=\"0\"}") == Some(2.0) {
+            Ok(())
+        } else {
+            Err(m)
         }
     });
     assert_eq!(v["users"], serde_json::json!([7, 8]));
