@@ -17,6 +17,9 @@ pub enum ScopeKind {
     Global,
     User,
     Device,
+    /// Not a push scope: reading presence (`/v1/presence/...`). Never in [`ScopeKind::ALL`]; a
+    /// key has it only when listed.
+    Presence,
 }
 
 impl ScopeKind {
@@ -53,6 +56,7 @@ impl ScopeKind {
             ScopeKind::Global => "global",
             ScopeKind::User => "user",
             ScopeKind::Device => "device",
+            ScopeKind::Presence => "presence",
         }
     }
 }
@@ -82,6 +86,16 @@ fn default_key_rate_per_s() -> f64 {
 }
 fn default_key_burst() -> f64 {
     20_000.0
+}
+
+impl Config {
+    /// `presence_lease_ms`, with 0 resolved to three link heartbeats.
+    pub fn presence_lease_ms(&self) -> u64 {
+        match self.presence_lease_ms {
+            0 => self.link_ping_ms.saturating_mul(3),
+            ms => ms,
+        }
+    }
 }
 
 impl ApiKey {
@@ -177,6 +191,20 @@ pub struct Config {
     pub link_dead_ms: u64,
     /// Fleet-wide online counts go back to edges this often.
     pub counts_interval_ms: u64,
+    /// A viewer whose last connection to a room ends and who comes back from the same device
+    /// within this long makes no exit/enter pair (presence flap compensation).
+    pub presence_grace_ms: u64,
+    /// An edge's presence records end (with exits) this long after its last link heartbeat or
+    /// report; 0 means three `link_ping_ms`.
+    pub presence_lease_ms: u64,
+    /// Connections presence holds fleet-wide; enters past it are refused and counted.
+    pub presence_records_max: usize,
+    /// Edge nodes with a presence lease at once.
+    pub presence_edges_max: usize,
+    /// Exits held for flap compensation at once; past it exits are logged at once.
+    pub presence_pending_exits_max: usize,
+    /// Presence events kept for readers that resume (`/v1/presence/events?after=`).
+    pub presence_events_max: usize,
     /// Largest ingest frame accepted.
     pub ingest_frame_bytes_max: u32,
     /// Ingest connections open at once per shard; more are closed at once.
@@ -243,6 +271,12 @@ impl Default for Config {
             link_ping_ms: 5_000,
             link_dead_ms: 15_000,
             counts_interval_ms: 1_000,
+            presence_grace_ms: crate::presence::PRESENCE_GRACE_MS,
+            presence_lease_ms: 0,
+            presence_records_max: crate::presence::PRESENCE_RECORDS_MAX,
+            presence_edges_max: crate::presence::PRESENCE_EDGES_MAX,
+            presence_pending_exits_max: crate::presence::PRESENCE_PENDING_EXITS_MAX,
+            presence_events_max: crate::presence::PRESENCE_EVENTS_MAX,
             ingest_frame_bytes_max: proto::limits::INGEST_FRAME_BYTES_MAX,
             ingest_connections_max: 4_096,
             ingest_auth_ms_max: 5_000,
@@ -314,6 +348,9 @@ impl Config {
         }
         if self.counts_interval_ms == 0 {
             return bad("counts_interval_ms must be at least 1");
+        }
+        if self.presence_events_max == 0 || self.presence_edges_max == 0 {
+            return bad("presence_events_max and presence_edges_max must be at least 1");
         }
         Ok(())
     }

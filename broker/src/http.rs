@@ -18,6 +18,8 @@
 //!      edges last reported them (refreshed every `counts_interval_ms`)
 //! POST /admin/reload (Bearer admin_key; without one, loopback only) -> runs the reload hooks
 //!   as SIGHUP does: 200 {"ok":true,"reloaded":[...]} | 500 with each hook's outcome
+//! GET /v1/presence/room/{room} | user/{uid} | top | events  (a key with the `presence`
+//!      scope; see crate::roster and docs/api.md)
 //! ```
 //! `msg_id` is a decimal string: it can exceed 2^53, where JSON numbers lose precision.
 
@@ -106,6 +108,12 @@ pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
         },
         ("GET", "/v1/rooms/top") => rooms_top(shared, req),
         ("POST", "/v1/push/batch") => push_batch(shared, req),
+        ("GET", p) if p.starts_with("/v1/presence/") => {
+            shared.roster.http(shared, req, &p["/v1/presence/".len()..])
+        }
+        (_, p) if p.starts_with("/v1/presence/") => {
+            Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")
+        }
         ("POST", p) if p.starts_with("/v1/push/") => push_one(shared, req, &p["/v1/push/".len()..]),
         (_, "/v1/rooms/top") => {
             Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")

@@ -12,8 +12,9 @@
 //! - [`batcher`]: the per-scope flush rule of DESIGN §5 (sans-io, virtual time in tests).
 //! - [`compress`]: inner packets and the outer brotli/zlib/plain packet of a batch.
 //! - [`route`]: edge links, their interest, fleet-wide counts (sans-io).
-//! - [`presence`]: who is in which room: records, leases, flap grace, the event log (sans-io;
-//!   not wired to the links yet).
+//! - [`presence`]: who is in which room: records, leases, flap grace, the event log (sans-io).
+//! - [`roster`]: presence wired: edges' PRESENCE frames and heartbeats in, lease expiry on
+//!   shard 0, the `/v1/presence/...` API, user/device routing to the edges that hold them.
 //! - [`link`]: the edge link server: a handshake thread, then per-link reader/writer tasks on
 //!   the owning shard with a bounded queue.
 //! - [`ingest`]: the ingest socket server and the accept path shared with HTTP.
@@ -52,6 +53,7 @@ pub mod metrics;
 pub mod policy;
 pub mod presence;
 pub mod reach;
+pub mod roster;
 pub mod route;
 pub mod shard;
 pub mod stop;
@@ -132,6 +134,8 @@ pub(crate) struct Shared {
     /// Per shard: its busiest rooms (viewers, most first), refreshed every
     /// `counts_interval_ms`, for `GET /v1/rooms/top` (taken once a tick and per request).
     pub top_rooms: Vec<Mutex<Vec<(proto::id::RoomId, u64)>>>,
+    /// Presence: edges' records, leases, the event log (one per broker, behind its own lock).
+    pub roster: roster::Roster,
 }
 
 /// Rooms each shard keeps in its busiest-rooms snapshot (and the most `/v1/rooms/top` lists).
@@ -172,6 +176,7 @@ impl Shared {
                 self.link_refused[i].load(Ordering::Relaxed) as f64,
             );
         }
+        self.roster.write_metrics(&mut w);
         text.push_str(&w.finish());
         text
     }
@@ -358,6 +363,7 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
                 ))
             })
             .collect(),
+        roster: roster::Roster::new(&config),
         config,
     });
 

@@ -293,6 +293,13 @@ impl Policy {
         self.keys.len()
     }
 
+    /// Whether `key` holds `kind` (for [`ScopeKind::Presence`], which no push checks).
+    pub fn allows(&self, key: KeyId, kind: ScopeKind) -> bool {
+        self.keys
+            .get(key.0)
+            .is_some_and(|k| k.scopes & kind.bit() != 0)
+    }
+
     /// The stateless checks, in order: key, scope, size, JSON shape. Any thread, no lock.
     pub fn check(&self, key: KeyId, scope: &Scope, body: &[u8]) -> Result<(), PushError> {
         let Some(k) = self.key(key) else {

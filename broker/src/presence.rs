@@ -349,6 +349,8 @@ pub struct Presence {
     rooms: HashMap<RoomId, Room>,
     /// Logged-in users' connections, for the user query.
     users: HashMap<UserId, BTreeSet<(EdgeId, ConnId)>>,
+    /// Connections by (non-empty) device id, for routing device pushes.
+    devices: HashMap<DeviceId, BTreeSet<(EdgeId, ConnId)>>,
     /// Held exits by deadline.
     held: BTreeSet<(Instant, RoomId, ViewerKey)>,
     records: usize,
@@ -364,6 +366,7 @@ impl Presence {
             edges: HashMap::new(),
             rooms: HashMap::new(),
             users: HashMap::new(),
+            devices: HashMap::new(),
             held: BTreeSet::new(),
             records: 0,
             log: VecDeque::new(),
@@ -546,6 +549,12 @@ impl Presence {
                 .or_default()
                 .insert((edge.clone(), e.conn));
         }
+        if !e.device.0.is_empty() {
+            self.devices
+                .entry(e.device.clone())
+                .or_default()
+                .insert((edge.clone(), e.conn));
+        }
         let key = ViewerKey::of(e.uid, &e.device, edge, e.conn);
         let room = self.rooms.entry(e.room).or_insert_with(|| Room {
             connections: 0,
@@ -606,6 +615,12 @@ impl Presence {
                 if set.is_empty() {
                     self.users.remove(&r.uid);
                 }
+            }
+        }
+        if let Some(set) = self.devices.get_mut(&r.device) {
+            set.remove(&(r.edge.clone(), r.conn));
+            if set.is_empty() {
+                self.devices.remove(&r.device);
             }
         }
         let key = ViewerKey::of(r.uid, &r.device, &r.edge, r.conn);
@@ -811,6 +826,32 @@ impl Presence {
         }
         all.sort_unstable_by(order);
         all
+    }
+
+    /// The edges holding a connection of a logged-in user.
+    pub fn edges_of_user(&self, uid: UserId) -> BTreeSet<&EdgeId> {
+        self.users
+            .get(&uid)
+            .map(|s| s.iter().map(|(e, _)| e).collect())
+            .unwrap_or_default()
+    }
+
+    /// The edges holding a connection of a device.
+    pub fn edges_of_device(&self, device: &DeviceId) -> BTreeSet<&EdgeId> {
+        self.devices
+            .get(device)
+            .map(|s| s.iter().map(|(e, _)| e).collect())
+            .unwrap_or_default()
+    }
+
+    /// The incarnation of `edge`'s lease, if it holds one.
+    pub fn incarnation(&self, edge: &EdgeId) -> Option<Incarnation> {
+        self.edges.get(edge).map(|e| e.incarnation)
+    }
+
+    /// Rooms with at least one viewer (or a held exit).
+    pub fn rooms(&self) -> usize {
+        self.rooms.len()
     }
 
     /// Live records (connections) held.

@@ -15,7 +15,7 @@ use crate::stop::{yield_now, Stop};
 use crate::{Inbox, NewLink, Shared};
 use bytes::Bytes;
 use monoio::io::Splitable;
-use proto::id::{Encoding, Priority};
+use proto::id::{Encoding, Priority, Scope};
 use proto::link::{Batch, LinkFrame};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -184,6 +184,17 @@ impl State {
         self.targets.clear();
         self.route
             .targets(&flush.scope, flush.priority, &mut self.targets);
+        if matches!(flush.scope, Scope::User(_) | Scope::Device(_)) {
+            let links = &self.links;
+            self.shared
+                .roster
+                .narrow(&flush.scope, &mut self.targets, |t| {
+                    links
+                        .get(&t.link)
+                        .map(|c| c.node_id.clone())
+                        .unwrap_or_default()
+                });
+        }
         let encodings = self.targets.iter().fold(0u8, |acc, t| acc | t.encodings);
         if encodings == 0 {
             m.batches_unrouted.fetch_add(1, Relaxed);
@@ -264,20 +275,41 @@ impl State {
             } => self.route.sub(id, &interest, encodings),
             LinkFrame::Unsub { interest } => self.route.unsub(id, &interest),
             LinkFrame::Counts(counts) => self.route.counts(id, &counts),
-            LinkFrame::Ping { nonce } => self.send(
-                id,
-                Out::Frame(link::frame_bytes(&LinkFrame::Pong { nonce })),
-            ),
+            LinkFrame::Ping { nonce } => {
+                if self.renew_presence(id) == crate::roster::Renewal::Lost {
+                    return Err(crate::roster::LEASE_LOST_CUT);
+                }
+                self.send(
+                    id,
+                    Out::Frame(link::frame_bytes(&LinkFrame::Pong { nonce })),
+                )
+            }
             LinkFrame::Pong { .. } => {}
-            // Presence and high-reach ACKs are not handled by this version; they are accepted
-            // (edges may send them) and counted as frames.
-            LinkFrame::Presence(_) | LinkFrame::Ack { .. } => {}
+            LinkFrame::Presence(batch) => {
+                if let Some(conn) = self.links.get(&id) {
+                    let node = conn.node_id.clone();
+                    self.shared.roster.on_report(&node, batch, Instant::now());
+                }
+            }
+            // High-reach ACKs are not handled by this version; they are accepted (edges may
+            // send them) and counted as frames.
+            LinkFrame::Ack { .. } => {}
             LinkFrame::Hello(_)
             | LinkFrame::Batch(_)
             | LinkFrame::Challenge { .. }
             | LinkFrame::Proof { .. } => return Err(Cut::Protocol),
         }
         Ok(())
+    }
+
+    /// A PING renews the presence lease of the node on its presence link (shard 0, Low).
+    fn renew_presence(&self, id: LinkId) -> crate::roster::Renewal {
+        match self.links.get(&id) {
+            Some(conn) if self.index == 0 && conn.priority == Priority::Low => {
+                self.shared.roster.on_ping(&conn.node_id, Instant::now())
+            }
+            _ => crate::roster::Renewal::Ok,
+        }
     }
 
     /// Periodic work: fleet counts to edges, pings, dead links, gauges.
@@ -322,6 +354,9 @@ impl State {
                 }
             }
         }
+        if self.index == 0 {
+            self.shared.roster.poll(now);
+        }
         let m = &self.shared.shard_metrics[self.index as usize];
         m.edges.store(self.route.edges() as u64, Relaxed);
         m.rooms_watched
@@ -329,7 +364,12 @@ impl State {
     }
 
     fn next_wake(&mut self) -> Instant {
-        let t = self.next_counts.min(self.next_ping);
+        let mut t = self.next_counts.min(self.next_ping);
+        if self.index == 0 {
+            if let Some(d) = self.shared.roster.next_deadline() {
+                t = t.min(d);
+            }
+        }
         match self.batcher.next_deadline() {
             Some(d) => d.min(t),
             None => t,

@@ -204,7 +204,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_ws.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 13] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 16] = [
         (
             "barrage_edge_accepted_total",
             "counter",
@@ -273,6 +273,24 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "accept() failures (EMFILE, ENFILE...); the shard backs off accepting.",
             |m| m.accept_errors.get(),
+        ),
+        (
+            "barrage_edge_presence_records",
+            "gauge",
+            "Connections the presence reporter holds (link shard only).",
+            |m| m.presence_records.get(),
+        ),
+        (
+            "barrage_edge_presence_frames_total",
+            "counter",
+            "PRESENCE frames queued to brokers (link shard only).",
+            |m| m.presence_frames.get(),
+        ),
+        (
+            "barrage_edge_presence_rereports_total",
+            "counter",
+            "Full presence re-reports: one per broker re-link, or after a pending list overflowed.",
+            |m| m.presence_rereports.get(),
         ),
         (
             "barrage_edge_shards",

@@ -82,6 +82,10 @@ pub struct Config {
     pub link_backoff_ms_max: u64,
     /// Interval of local viewer COUNTS sent to the brokers.
     pub counts_interval_ms: u64,
+    /// Report every connection's enter and exit to the brokers (presence, docs/presence.md).
+    pub presence: bool,
+    /// Presence enters and exits are sent to the brokers in one batch this often.
+    pub presence_batch_ms: u64,
     /// While draining, connections closed per second (across the node).
     pub drain_close_per_s: u64,
     /// Listen backlog.
@@ -150,6 +154,8 @@ impl Default for Config {
             link_backoff_ms_min: 100,
             link_backoff_ms_max: 5_000,
             counts_interval_ms: 1_000,
+            presence: true,
+            presence_batch_ms: crate::presence::PRESENCE_BATCH_MS,
             drain_close_per_s: 2_000,
             backlog: 4_096,
             driver: Driver::Auto,

@@ -83,6 +83,16 @@ impl ConnId {
     pub fn key(self) -> usize {
         self.key as usize
     }
+
+    /// The generation of the slot (presence makes node-wide ids of key and generation).
+    pub fn gen(self) -> u32 {
+        self.gen
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(key: u32, gen: u32) -> ConnId {
+        ConnId { key, gen }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +188,8 @@ pub struct ShardCore {
     /// Messages a full ring refused; moved back to the outbox on the next timeout.
     retry: Vec<(ShardIdx, Msg)>,
     draining: bool,
+    /// Presence enters and exits not yet posted to the link hub (one message per `poll_msg`).
+    presence: Vec<proto::link::PresenceEvent>,
     next_counts: Millis,
     actions: Vec<Action>,
     targets: Vec<Target>,
@@ -203,6 +215,7 @@ impl ShardCore {
             outbox: VecDeque::new(),
             retry: Vec::new(),
             draining: false,
+            presence: Vec::new(),
             next_counts: Millis(node.config.counts_interval_ms.max(1)),
             actions: Vec::new(),
             targets: Vec::new(),
@@ -623,6 +636,7 @@ impl ShardCore {
 
     fn unseat(&mut self, id: ConnId, seat: Option<Seat>) {
         let Some(seat) = seat else { return };
+        self.report_presence(crate::presence::exit(crate::presence::conn_id(self.id, id)));
         self.reach.leave(id.key);
         if let Some(c) = self.index.leave(id.key, seat.room, seat.lane) {
             self.emit_change(seat.room, c);
@@ -697,6 +711,12 @@ impl ShardCore {
         let change = self.index.join(id.key, a.room, a.area, lane);
         self.emit_change(a.room, change);
         self.reach.join(id.key, a.uid.0, &a.device.0);
+        if let Some(c) = self.get(id) {
+            let t = crate::presence::transport(c.session.transport());
+            let conn = crate::presence::conn_id(self.id, id);
+            let ev = crate::presence::enter(conn, a.uid, a.device, a.room, a.area, t);
+            self.report_presence(ev);
+        }
         self.reply(id, reply, now);
         self.arm(
             id,
@@ -714,13 +734,23 @@ impl ShardCore {
             Msg::FleetCounts(c) => keep_counts(&self.index, &mut self.fleet, &c),
             Msg::NodeCounts(c) => keep_counts(&self.index, &mut self.node_counts, &c),
             // The link hub's business; the shell routes them there.
-            Msg::Interest { .. } | Msg::Counts { .. } => {}
+            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) => {}
         }
     }
 
     /// The next message for another shard (`to` may be this shard: its link hub).
     pub fn poll_msg(&mut self) -> Option<(ShardIdx, Msg)> {
+        if self.outbox.is_empty() && !self.presence.is_empty() {
+            return Some((0, Msg::Presence(std::mem::take(&mut self.presence))));
+        }
         self.outbox.pop_front()
+    }
+
+    /// Queues a presence event for the link hub (when presence is on and there is a broker).
+    fn report_presence(&mut self, ev: proto::link::PresenceEvent) {
+        if self.node.config.presence && !self.node.config.broker_addrs.is_empty() {
+            self.presence.push(ev);
+        }
     }
 
     /// The ring to `to` was full: batches are dropped (counted; viewers see the gap in the

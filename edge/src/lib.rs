@@ -37,6 +37,7 @@ pub mod interest;
 pub mod link;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod reach;
 pub mod session;
 pub mod wheel;

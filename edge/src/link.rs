@@ -146,13 +146,15 @@ pub(crate) struct Hub {
     brokers: Vec<Rc<Broker>>,
     interest: RefCell<NodeInterest>,
     outbox: RefCell<VecDeque<(ShardIdx, Msg)>>,
+    /// The node's live presence records and what each broker has not been told yet.
+    presence: RefCell<crate::presence::Reporter>,
     next_counts: Cell<Instant>,
     stopped: Cell<bool>,
 }
 
 impl Hub {
     pub fn new(node: Arc<Node>, shard: ShardIdx) -> Hub {
-        let brokers = node
+        let brokers: Vec<Rc<Broker>> = node
             .config
             .broker_addrs
             .iter()
@@ -167,6 +169,10 @@ impl Hub {
             })
             .collect();
         Hub {
+            presence: RefCell::new(crate::presence::Reporter::new(
+                brokers.len(),
+                crate::presence::unix_us(),
+            )),
             interest: RefCell::new(NodeInterest::new(node.shards)),
             outbox: RefCell::new(VecDeque::new()),
             next_counts: Cell::new(Instant::now()),
@@ -185,6 +191,9 @@ impl Hub {
         }
         if !self.brokers.is_empty() {
             monoio::spawn(counts_loop(self.clone()));
+            if self.node.config.presence {
+                monoio::spawn(presence_loop(self.clone()));
+            }
         }
     }
 
@@ -197,6 +206,7 @@ impl Hub {
                 set,
             } => self.on_interest(from, interest, set),
             Msg::Counts { from, counts } => self.interest.borrow_mut().set_counts(from, counts),
+            Msg::Presence(events) => self.presence.borrow_mut().on_events(events),
             _ => {}
         }
     }
@@ -332,7 +342,13 @@ fn hello(node: &Node, broker_shard: u16, priority: Priority) -> LinkFrame {
         shards: node.shards as u16,
         link_shard: broker_shard,
         priority,
-        capabilities: caps::ZLIB | caps::PLAIN,
+        capabilities: caps::ZLIB
+            | caps::PLAIN
+            | if node.config.presence {
+                caps::PRESENCE
+            } else {
+                0
+            },
     })
 }
 
@@ -355,6 +371,9 @@ async fn run_link(hub: Rc<Hub>, broker: Rc<Broker>, slot: Rc<Slot>) {
         slot.up.set(false);
         slot.metrics.up.set(0);
         slot.out.borrow_mut().clear();
+        if is_presence_link(&slot.id) {
+            hub.presence.borrow_mut().down(broker.index as usize);
+        }
         if stopped(&hub) {
             return;
         }
@@ -489,6 +508,16 @@ async fn serve_link(
             slot.send(f);
         }
     }
+    if is_presence_link(&slot.id) && cfg.presence {
+        // Every live record again, under a new incarnation (crate::presence).
+        let batches = hub
+            .presence
+            .borrow_mut()
+            .relinked(broker.index as usize, crate::presence::unix_us());
+        for b in batches {
+            slot.send(&LinkFrame::Presence(b));
+        }
+    }
     let last_rx = Cell::new(Instant::now());
     let reader = async {
         loop {
@@ -565,6 +594,37 @@ fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
         | LinkFrame::Unsub { .. }
         | LinkFrame::Presence(_)
         | LinkFrame::Ack { .. } => {}
+    }
+}
+
+/// Presence goes to each broker on its (shard 0, Low) link, the owner of user scopes.
+fn is_presence_link(id: &LinkId) -> bool {
+    id.broker_shard == 0 && id.priority == Priority::Low
+}
+
+/// Sends each broker the presence events pending for it every `presence_batch_ms`.
+async fn presence_loop(hub: Rc<Hub>) {
+    let every = Duration::from_millis(hub.node.config.presence_batch_ms.max(1));
+    loop {
+        monoio::time::sleep(every).await;
+        if stopped(&hub) {
+            return;
+        }
+        for b in &hub.brokers {
+            let Some(slot) = b.low_slot(0) else { continue };
+            let batches = hub
+                .presence
+                .borrow_mut()
+                .flush(b.index as usize, crate::presence::unix_us());
+            for batch in batches {
+                slot.send(&LinkFrame::Presence(batch));
+            }
+        }
+        let r = hub.presence.borrow();
+        let (stats, m) = (r.stats(), &hub.node.metrics[hub.shard]);
+        m.presence_records.set(r.live() as u64);
+        m.presence_frames.set(stats.frames);
+        m.presence_rereports.set(stats.rereports);
     }
 }
 

@@ -104,6 +104,12 @@ pub struct ShardMetrics {
     pub fanout_us: Histogram,
     /// Processing of the bytes that authenticated a connection (token check included), µs.
     pub auth_us: Histogram,
+    /// Link shard only: connections the presence reporter holds (crate::presence).
+    pub presence_records: Counter,
+    /// Link shard only: PRESENCE frames queued to brokers.
+    pub presence_frames: Counter,
+    /// Link shard only: full re-reports (each re-link, or an overflowing pending list).
+    pub presence_rereports: Counter,
 }
 
 impl ShardMetrics {

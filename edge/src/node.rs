@@ -40,6 +40,8 @@ pub enum Msg {
         from: ShardIdx,
         counts: Vec<(RoomId, u32)>,
     },
+    /// Viewer shard -> link shard: presence enters and exits, in order (crate::presence).
+    Presence(Vec<proto::link::PresenceEvent>),
     /// Link shard -> viewer shards: fleet-wide online counts from the brokers.
     FleetCounts(Arc<Vec<(RoomId, u32)>>),
     /// Link shard -> every shard: this node's viewer count per room (heartbeat replies use it
@@ -50,7 +52,10 @@ pub enum Msg {
 impl Msg {
     /// Messages the link shard's hub handles (the rest go to a shard core).
     pub fn is_for_hub(&self) -> bool {
-        matches!(self, Msg::Interest { .. } | Msg::Counts { .. })
+        matches!(
+            self,
+            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_)
+        )
     }
 }
 

@@ -95,18 +95,50 @@ pub struct Batch {
 pub enum PresenceKind {
     Enter = 0,
     Exit = 1,
-    /// Lease renewal for a live connection (driven by heartbeats).
-    Renew = 2,
 }
 
+/// How a reported connection reaches its edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp = 0,
+    Ws = 1,
+    Wss = 2,
+    Udp = 3,
+}
+
+impl Transport {
+    pub fn from_u8(b: u8) -> Option<Transport> {
+        match b {
+            0 => Some(Transport::Tcp),
+            1 => Some(Transport::Ws),
+            2 => Some(Transport::Wss),
+            3 => Some(Transport::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// One connection's enter or exit. An exit repeats what the enter said (the broker keys on
+/// `conn` and ignores the rest).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PresenceEvent {
     pub kind: PresenceKind,
+    /// Edge-local connection id (opaque to the broker, unique per edge node while live).
+    pub conn: u64,
     pub uid: UserId,
     pub device: DeviceId,
     pub room: RoomId,
-    /// Edge-local connection id (opaque to the broker, unique per edge node while live).
-    pub conn: u64,
+    pub area: AreaId,
+    pub transport: Transport,
+}
+
+/// An edge's presence report: its events in order, under the incarnation of its link to this
+/// broker. A higher incarnation than the broker holds replaces every record of the edge (the
+/// edge re-reports all its live connections after each re-link, see `docs/presence.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceBatch {
+    pub incarnation: u64,
+    pub events: Vec<PresenceEvent>,
 }
 
 /// All link frames.
@@ -126,8 +158,8 @@ pub enum LinkFrame {
     },
     /// Broker -> edge.
     Batch(Batch),
-    /// Edge -> broker: connection enter/exit/renew events.
-    Presence(Vec<PresenceEvent>),
+    /// Edge -> broker: connection enter/exit events (the link heartbeat renews the lease).
+    Presence(PresenceBatch),
     /// Edge -> broker: this node's viewer count per room; broker -> edge: fleet-wide online count per room.
     Counts(Vec<(RoomId, u32)>),
     /// Edge -> broker: a client acknowledged a high-reach message.
@@ -184,8 +216,9 @@ pub mod kind {
 /// Bytes before the payload: u32 frame_len, u8 version, u8 kind.
 pub const FRAME_HEADER_LEN: usize = 6;
 
-/// Smallest encoded presence event: kind u8, uid u64, device (u16 len, empty), room u64, conn u64.
-const PRESENCE_EVENT_BYTES_MIN: usize = 1 + 8 + 2 + 8 + 8;
+/// Smallest encoded presence event: kind u8, conn u64, uid u64, device (u16 len, empty),
+/// room u64, area u32, transport u8.
+const PRESENCE_EVENT_BYTES_MIN: usize = 1 + 8 + 8 + 2 + 8 + 4 + 1;
 /// Encoded size of one `(RoomId, u32)` count.
 const COUNT_BYTES: usize = 8 + 4;
 
@@ -216,14 +249,17 @@ pub fn encode(frame: &LinkFrame, out: &mut Vec<u8>) {
         LinkFrame::Unsub { interest } => put_interest(out, interest),
         // Handled above: the header is shared with `encode_batch_header`.
         LinkFrame::Batch(_) => {}
-        LinkFrame::Presence(events) => {
-            let n = wire::put_count(out, events.len());
-            for ev in events.iter().take(n) {
+        LinkFrame::Presence(batch) => {
+            out.extend_from_slice(&batch.incarnation.to_be_bytes());
+            let n = wire::put_count(out, batch.events.len());
+            for ev in batch.events.iter().take(n) {
                 out.push(ev.kind as u8);
+                out.extend_from_slice(&ev.conn.to_be_bytes());
                 out.extend_from_slice(&ev.uid.0.to_be_bytes());
                 wire::put_str(out, &ev.device.0);
                 out.extend_from_slice(&ev.room.0.to_be_bytes());
-                out.extend_from_slice(&ev.conn.to_be_bytes());
+                out.extend_from_slice(&ev.area.0.to_be_bytes());
+                out.push(ev.transport as u8);
             }
         }
         LinkFrame::Counts(counts) => {
@@ -316,24 +352,29 @@ pub fn decode(buf: &Bytes, frame_bytes_max: u32) -> Result<(LinkFrame, usize), L
             })
         }
         kind::PRESENCE => {
+            let incarnation = r.u64()?;
             let n = r.count(PRESENCE_EVENT_BYTES_MIN)?;
             let mut events = Vec::with_capacity(n);
             for _ in 0..n {
                 let kind = match r.u8()? {
                     0 => PresenceKind::Enter,
                     1 => PresenceKind::Exit,
-                    2 => PresenceKind::Renew,
                     _ => return Err(LinkError::Malformed),
                 };
                 events.push(PresenceEvent {
                     kind,
+                    conn: r.u64()?,
                     uid: UserId(r.u64()?),
                     device: DeviceId(r.string()?),
                     room: RoomId(r.u64()?),
-                    conn: r.u64()?,
+                    area: AreaId(r.u32()?),
+                    transport: Transport::from_u8(r.u8()?).ok_or(LinkError::Malformed)?,
                 });
             }
-            LinkFrame::Presence(events)
+            LinkFrame::Presence(PresenceBatch {
+                incarnation,
+                events,
+            })
         }
         kind::COUNTS => {
             let n = r.count(COUNT_BYTES)?;

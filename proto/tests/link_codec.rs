@@ -6,7 +6,8 @@ use proto::id::{AreaId, DeviceId, Encoding, MsgId, Priority, RoomId, Scope, User
 use proto::limits::LINK_FRAME_BYTES_MAX;
 use proto::link::{
     self, caps, decode, encode, encode_batch_header, frame_len, kind, shard_of_area, shard_of_room,
-    Batch, Hello, Interest, LinkError, LinkFrame, PresenceEvent, PresenceKind, LINK_VERSION,
+    Batch, Hello, Interest, LinkError, LinkFrame, PresenceBatch, PresenceEvent, PresenceKind,
+    Transport, LINK_VERSION,
 };
 
 fn any_priority() -> impl Strategy<Value = Priority> {
@@ -44,23 +45,30 @@ fn any_interest() -> impl Strategy<Value = Interest> {
 
 fn any_presence() -> impl Strategy<Value = PresenceEvent> {
     (
-        prop_oneof![
-            Just(PresenceKind::Enter),
-            Just(PresenceKind::Exit),
-            Just(PresenceKind::Renew)
-        ],
+        prop_oneof![Just(PresenceKind::Enter), Just(PresenceKind::Exit)],
         any::<u64>(),
         any_device(),
         any::<u64>(),
         any::<u64>(),
+        any::<u32>(),
+        prop_oneof![
+            Just(Transport::Tcp),
+            Just(Transport::Ws),
+            Just(Transport::Wss),
+            Just(Transport::Udp)
+        ],
     )
-        .prop_map(|(kind, uid, device, room, conn)| PresenceEvent {
-            kind,
-            uid: UserId(uid),
-            device,
-            room: RoomId(room),
-            conn,
-        })
+        .prop_map(
+            |(kind, uid, device, room, conn, area, transport)| PresenceEvent {
+                kind,
+                conn,
+                uid: UserId(uid),
+                device,
+                room: RoomId(room),
+                area: AreaId(area),
+                transport,
+            },
+        )
 }
 
 fn any_batch() -> impl Strategy<Value = Batch> {
@@ -114,7 +122,14 @@ fn any_frame() -> impl Strategy<Value = LinkFrame> {
         }),
         any_interest().prop_map(|interest| LinkFrame::Unsub { interest }),
         any_batch().prop_map(LinkFrame::Batch),
-        proptest::collection::vec(any_presence(), 0..8).prop_map(LinkFrame::Presence),
+        (
+            any::<u64>(),
+            proptest::collection::vec(any_presence(), 0..8)
+        )
+            .prop_map(|(incarnation, events)| LinkFrame::Presence(PresenceBatch {
+                incarnation,
+                events
+            })),
         proptest::collection::vec((any::<u64>().prop_map(RoomId), any::<u32>()), 0..16)
             .prop_map(LinkFrame::Counts),
         (any::<u64>(), any_device(), any::<u64>()).prop_map(|(uid, device, msg_id)| {
@@ -349,7 +364,10 @@ fn link_trailing_garbage_is_malformed() {
             interest: Interest::Room(RoomId(1)),
         },
         LinkFrame::Counts(vec![(RoomId(1), 2)]),
-        LinkFrame::Presence(vec![]),
+        LinkFrame::Presence(PresenceBatch {
+            incarnation: 1,
+            events: vec![],
+        }),
         LinkFrame::Ack {
             uid: UserId(1),
             device: DeviceId("d".into()),
@@ -484,15 +502,27 @@ fn link_bad_enum_bytes_are_malformed() {
     bad[6] = 5;
     assert_eq!(dec(&bad), Err(LinkError::Malformed));
 
-    // Presence kind 3.
-    let mut pres = enc(&LinkFrame::Presence(vec![PresenceEvent {
-        kind: PresenceKind::Renew,
-        uid: UserId(1),
-        device: DeviceId(String::new()),
-        room: RoomId(2),
-        conn: 3,
-    }]));
-    pres[10] = 3;
+    // Presence kind 2 (once "renew"; leases are renewed by the link heartbeat now), then a
+    // transport 4.
+    let good = enc(&LinkFrame::Presence(PresenceBatch {
+        incarnation: 1,
+        events: vec![PresenceEvent {
+            kind: PresenceKind::Exit,
+            conn: 3,
+            uid: UserId(1),
+            device: DeviceId(String::new()),
+            room: RoomId(2),
+            area: AreaId(4),
+            transport: Transport::Udp,
+        }],
+    }));
+    assert!(dec(&good).is_ok());
+    let mut pres = good.clone();
+    pres[18] = 2;
+    assert_eq!(dec(&pres), Err(LinkError::Malformed));
+    let mut pres = good.clone();
+    let last = pres.len() - 1;
+    pres[last] = 4;
     assert_eq!(dec(&pres), Err(LinkError::Malformed));
 }
 

@@ -4,7 +4,10 @@
 use bytes::Bytes;
 use proto::id::{AreaId, DeviceId, Encoding, MsgId, Priority, Reach, RoomId, Scope, UserId};
 use proto::ingest::{self, IngestFrame, Push, PushError};
-use proto::link::{self, caps, Batch, Hello, Interest, LinkFrame, PresenceEvent, PresenceKind};
+use proto::link::{
+    self, caps, Batch, Hello, Interest, LinkFrame, PresenceBatch, PresenceEvent, PresenceKind,
+    Transport,
+};
 
 fn hex(bytes: &[u8]) -> String {
     bytes
@@ -56,13 +59,18 @@ fn link_examples() -> Vec<(&'static str, LinkFrame)> {
         ),
         (
             "PRESENCE",
-            LinkFrame::Presence(vec![PresenceEvent {
-                kind: PresenceKind::Enter,
-                uid: UserId(7),
-                device: DeviceId("d1".into()),
-                room: RoomId(42),
-                conn: 9,
-            }]),
+            LinkFrame::Presence(PresenceBatch {
+                incarnation: 3,
+                events: vec![PresenceEvent {
+                    kind: PresenceKind::Enter,
+                    conn: 9,
+                    uid: UserId(7),
+                    device: DeviceId("d1".into()),
+                    room: RoomId(42),
+                    area: AreaId(2),
+                    transport: Transport::Ws,
+                }],
+            }),
         ),
         (
             "COUNTS",
@@ -212,7 +220,7 @@ const LINK_HEX: &[&str] = &[
     // BATCH
     "00 00 00 33 01 04 00 00 00 00 00 00 00 00 2a 00 00 00 00 00 00 00 00 11 00 00 00 00 00 00 03 e8 00 00 00 01 00 00 00 00 12 00 10 00 00 00 00 00 05 00 00 00 11 7b 7d",
     // PRESENCE
-    "00 00 00 23 01 05 00 00 00 01 00 00 00 00 00 00 00 00 07 00 02 64 31 00 00 00 00 00 00 00 2a 00 00 00 00 00 00 00 09",
+    "00 00 00 30 01 05 00 00 00 00 00 00 00 03 00 00 00 01 00 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00 07 00 02 64 31 00 00 00 00 00 00 00 2a 00 00 00 02 01",
     // COUNTS
     "00 00 00 1e 01 06 00 00 00 02 00 00 00 00 00 00 00 2a 00 00 04 b0 00 00 00 00 00 00 00 2b 00 00 00 05",
     // ACK

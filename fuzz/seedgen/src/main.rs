@@ -6,7 +6,9 @@ use proto::auth::{self, AuthBody};
 use proto::container::{self, BrotliParams};
 use proto::id::{AreaId, DeviceId, Encoding, MsgId, Priority, Reach, RoomId, Scope, UserId};
 use proto::ingest::{self, IngestFrame, Push, PushError};
-use proto::link::{self, caps, Batch, Hello, Interest, LinkFrame, PresenceEvent, PresenceKind};
+use proto::link::{self, caps, Batch, Hello, Interest, LinkFrame, PresenceBatch, PresenceEvent, PresenceKind,
+    Transport,
+};
 use proto::packet::{self, op, ver};
 use proto::sync::{Epoch, Resume};
 use proto::token::{Claims, KeySet};
@@ -198,13 +200,18 @@ fn link_frames(dir: &Path) {
             encoding: Encoding::Plain,
             packet: Bytes::from(packet),
         }),
-        LinkFrame::Presence(vec![PresenceEvent {
-            kind: PresenceKind::Enter,
-            uid: UserId(7),
-            device: DeviceId("dev-1".into()),
-            room: RoomId(42),
-            conn: 99,
-        }]),
+        LinkFrame::Presence(PresenceBatch {
+            incarnation: 1,
+            events: vec![PresenceEvent {
+                kind: PresenceKind::Enter,
+                conn: 99,
+                uid: UserId(7),
+                device: DeviceId("dev-1".into()),
+                room: RoomId(42),
+                area: AreaId(2),
+                transport: Transport::Tcp,
+            }],
+        }),
         LinkFrame::Counts(vec![(RoomId(42), 1200), (RoomId(43), 5)]),
         LinkFrame::Ack {
             uid: UserId(7),

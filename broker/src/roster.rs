@@ -1,0 +1,495 @@
+//! Presence, wired (issue 10): the broker's one [`Presence`] behind a lock, fed by the edges'
+//! PRESENCE frames and link heartbeats, expired by shard 0's clock, read by the HTTP API
+//! (`/v1/presence/...`, a key with the `presence` scope) and used to send user and device
+//! pushes only to the edges that hold that user or device.
+//!
+//! # Invariants
+//! - Every edge node reports on its (broker shard 0, Low) link; every frame it sends renews its
+//!   lease there. The lock is taken once per PRESENCE frame or PING, per shard-0 tick and per
+//!   user/device batch, never across an `.await`.
+//! - An edge whose lease expired while its link stayed up (a long stall) would keep sending
+//!   deltas for records the broker already ended: its next PING is answered by cutting the link
+//!   ([`Renewal::Lost`]), and the edge re-links and re-reports everything.
+//! - Routing narrows only for nodes that report presence: a node that never sent a PRESENCE
+//!   frame (presence off, an older build) keeps getting every user and device batch.
+
+use crate::metrics::Cut;
+use crate::policy::KeyId;
+use crate::presence::{
+    self, Applied, EdgeId, Enter, Event, Filter, Incarnation, Limits, Presence, Report,
+};
+use crate::{Config, ScopeKind, Shared};
+use net::http::{Request, Response};
+use proto::id::{AreaId, RoomId, Scope, UserId};
+use proto::link::{PresenceBatch, PresenceKind};
+use serde_json::json;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Rooms or areas one events filter may name.
+pub const FILTER_IDS_MAX: usize = 256;
+/// Default page sizes of the HTTP API.
+pub const ROOM_PAGE_DEFAULT: usize = 100;
+pub const TOP_DEFAULT: usize = 10;
+pub const EVENTS_PAGE_DEFAULT: usize = 1_000;
+
+/// What a heartbeat did to an edge's lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// Renewed, or the node does not report presence.
+    Ok,
+    /// The lease expired while the link stayed up: cut the link so the edge re-reports.
+    Lost,
+}
+
+struct Inner {
+    presence: Presence,
+    /// Nodes that reported presence at least once (their lease may have expired since).
+    reporting: HashSet<EdgeId>,
+}
+
+/// Counters of the wiring (the state machine's own are in [`presence::Stats`]).
+#[derive(Default)]
+struct Counters {
+    frames: AtomicU64,
+    enters: AtomicU64,
+    exits: AtomicU64,
+    refused_frames: AtomicU64,
+    leases_lost: AtomicU64,
+    queries: AtomicU64,
+    query_errors: AtomicU64,
+    narrowed_batches: AtomicU64,
+}
+
+/// The broker's presence. See the module docs.
+pub struct Roster {
+    inner: Mutex<Inner>,
+    counters: Counters,
+}
+
+impl Roster {
+    pub fn new(config: &Config) -> Roster {
+        let limits = Limits {
+            grace_ms: config.presence_grace_ms,
+            lease_ms: config.presence_lease_ms(),
+            records_max: config.presence_records_max,
+            edges_max: config.presence_edges_max,
+            pending_exits_max: config.presence_pending_exits_max,
+            events_max: config.presence_events_max,
+        };
+        Roster {
+            inner: Mutex::new(Inner {
+                presence: Presence::new(limits),
+                reporting: HashSet::new(),
+            }),
+            counters: Counters::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves consistent enough state to read.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One PRESENCE frame from node `node`.
+    pub fn on_report(&self, node: &str, batch: PresenceBatch, now: Instant) {
+        self.counters.frames.fetch_add(1, Relaxed);
+        let reports: Vec<Report> = batch
+            .events
+            .into_iter()
+            .map(|e| match e.kind {
+                PresenceKind::Enter => Report::Enter(Enter {
+                    conn: presence::ConnId(e.conn),
+                    uid: e.uid,
+                    device: e.device,
+                    room: e.room,
+                    area: e.area,
+                    transport: transport(e.transport),
+                }),
+                PresenceKind::Exit => Report::Exit(presence::ConnId(e.conn)),
+            })
+            .collect();
+        let edge = EdgeId(node.to_string());
+        let mut inner = self.lock();
+        match inner
+            .presence
+            .apply(&edge, Incarnation(batch.incarnation), &reports, now)
+        {
+            Ok(Applied {
+                entered, exited, ..
+            }) => {
+                self.counters.enters.fetch_add(u64::from(entered), Relaxed);
+                self.counters.exits.fetch_add(u64::from(exited), Relaxed);
+                inner.reporting.insert(edge);
+            }
+            Err(e) => {
+                self.counters.refused_frames.fetch_add(1, Relaxed);
+                tracing::warn!(node, error = %e, "presence report refused");
+            }
+        }
+    }
+
+    /// A link heartbeat (PING) from node `node`.
+    pub fn on_ping(&self, node: &str, now: Instant) -> Renewal {
+        let edge = EdgeId(node.to_string());
+        let mut inner = self.lock();
+        match inner.presence.incarnation(&edge) {
+            Some(inc) => {
+                let _ = inner.presence.renew(&edge, inc, now);
+                Renewal::Ok
+            }
+            None if inner.reporting.remove(&edge) => {
+                self.counters.leases_lost.fetch_add(1, Relaxed);
+                Renewal::Lost
+            }
+            None => Renewal::Ok,
+        }
+    }
+
+    /// Ends expired leases and held exits past their grace (shard 0's clock).
+    pub fn poll(&self, now: Instant) {
+        self.lock().presence.poll(now);
+    }
+
+    /// When [`Roster::poll`] has work next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.lock().presence.next_deadline()
+    }
+
+    /// Keeps, of `targets` (edge links for a user or device batch), the links of nodes that
+    /// hold that user or device, and those of nodes that do not report presence.
+    pub fn narrow<T>(&self, scope: &Scope, targets: &mut Vec<T>, node_of: impl Fn(&T) -> String) {
+        let inner = self.lock();
+        let holders = match scope {
+            Scope::User(uid) => inner.presence.edges_of_user(*uid),
+            Scope::Device(d) => inner.presence.edges_of_device(d),
+            _ => return,
+        };
+        let before = targets.len();
+        targets.retain(|t| {
+            let node = EdgeId(node_of(t));
+            holders.contains(&node) || !inner.reporting.contains(&node)
+        });
+        if targets.len() < before {
+            self.counters.narrowed_batches.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Appends the presence metrics.
+    pub fn write_metrics(&self, w: &mut net::metrics::Writer) {
+        let (records, edges, rooms, held, stats) = {
+            let inner = self.lock();
+            let p = &inner.presence;
+            (p.records(), p.edges(), p.rooms(), p.held_exits(), p.stats())
+        };
+        let gauge = |w: &mut net::metrics::Writer, name: &str, help: &str, v: f64| {
+            w.family(name, "gauge", help);
+            w.sample(name, &[], v);
+        };
+        gauge(
+            w,
+            "broker_presence_records",
+            "Live connections presence holds (fleet-wide, as edges reported them).",
+            records as f64,
+        );
+        gauge(
+            w,
+            "broker_presence_edges",
+            "Edge nodes with a presence lease.",
+            edges as f64,
+        );
+        gauge(
+            w,
+            "broker_presence_rooms",
+            "Rooms with at least one viewer.",
+            rooms as f64,
+        );
+        gauge(
+            w,
+            "broker_presence_held_exits",
+            "Exits held for flap compensation.",
+            held as f64,
+        );
+        let c = &self.counters;
+        let counter = |w: &mut net::metrics::Writer, name: &str, help: &str, v: u64| {
+            w.family(name, "counter", help);
+            w.sample(name, &[], v as f64);
+        };
+        counter(
+            w,
+            "broker_presence_frames_total",
+            "PRESENCE frames received from edges.",
+            c.frames.load(Relaxed),
+        );
+        counter(
+            w,
+            "broker_presence_frames_refused_total",
+            "PRESENCE frames refused (stale incarnation or presence_edges_max).",
+            c.refused_frames.load(Relaxed),
+        );
+        counter(
+            w,
+            "broker_presence_records_entered_total",
+            "Records created by edge reports.",
+            c.enters.load(Relaxed),
+        );
+        counter(
+            w,
+            "broker_presence_records_exited_total",
+            "Records ended by edge reports.",
+            c.exits.load(Relaxed),
+        );
+        counter(
+            w,
+            "broker_presence_leases_lost_total",
+            "Links cut because their edge's presence lease had expired (the edge re-reports).",
+            c.leases_lost.load(Relaxed),
+        );
+        counter(
+            w,
+            "broker_presence_queries_total",
+            "Presence API requests answered.",
+            c.queries.load(Relaxed),
+        );
+        counter(
+            w,
+            "broker_presence_query_errors_total",
+            "Presence API requests refused (auth, scope, bad parameters).",
+            c.query_errors.load(Relaxed),
+        );
+        counter(
+            w,
+            "broker_presence_narrowed_batches_total",
+            "User and device batches sent to fewer edges thanks to presence.",
+            c.narrowed_batches.load(Relaxed),
+        );
+        for (name, help, v) in [
+            (
+                "broker_presence_duplicate_enters_total",
+                "Enters for a connection already held (ignored).",
+                stats.duplicate_enters,
+            ),
+            (
+                "broker_presence_unknown_exits_total",
+                "Exits for a connection not held (ignored).",
+                stats.unknown_exits,
+            ),
+            (
+                "broker_presence_refused_records_total",
+                "Enters refused at presence_records_max.",
+                stats.refused_records_full,
+            ),
+            (
+                "broker_presence_stale_reports_total",
+                "Reports from an older incarnation of an edge (refused).",
+                stats.stale_reports,
+            ),
+            (
+                "broker_presence_flaps_compensated_total",
+                "Reconnects within presence_grace_ms that made no exit/enter pair.",
+                stats.flaps_compensated,
+            ),
+            (
+                "broker_presence_leases_expired_total",
+                "Edge leases that expired (every record of the edge exited).",
+                stats.leases_expired,
+            ),
+            (
+                "broker_presence_events_evicted_total",
+                "Events pushed out of the log by newer ones.",
+                stats.events_evicted,
+            ),
+        ] {
+            counter(w, name, help, v);
+        }
+    }
+
+    /// Serves `GET /v1/presence/{rest}` (the path after `/v1/presence/`).
+    pub(crate) fn http(&self, shared: &Shared, req: &Request, rest: &str) -> Response {
+        let r = self.query(shared, req, rest);
+        match r {
+            Ok(v) => {
+                self.counters.queries.fetch_add(1, Relaxed);
+                Response::json(200, &v)
+            }
+            Err(resp) => {
+                self.counters.query_errors.fetch_add(1, Relaxed);
+                resp
+            }
+        }
+    }
+
+    fn query(
+        &self,
+        shared: &Shared,
+        req: &Request,
+        rest: &str,
+    ) -> Result<serde_json::Value, Response> {
+        let key = authorize(shared, req)?;
+        if !shared.policy.allows(key, ScopeKind::Presence) {
+            return Err(Response::error(
+                403,
+                "forbidden_scope",
+                "this API key lacks the presence scope",
+            ));
+        }
+        let (what, arg) = rest.split_once('/').unwrap_or((rest, ""));
+        let inner = self.lock();
+        let p = &inner.presence;
+        match (what, arg) {
+            ("room", id) => {
+                let room = RoomId(parse_u64(id, "room")?);
+                let after = match req.query_param("after") {
+                    None | Some("") => None,
+                    Some(a) => Some(UserId(parse_u64(a, "after")?)),
+                };
+                let limit = parse_limit(req, ROOM_PAGE_DEFAULT, presence::PAGE_USERS_MAX)?;
+                let v = p.room(room, after, limit);
+                Ok(json!({
+                    "room": v.room.0,
+                    "viewers": v.viewers,
+                    "connections": v.connections,
+                    "users": v.users.iter().map(|u| u.0).collect::<Vec<_>>(),
+                    "next_after": v.next_after.map(|u| u.0),
+                }))
+            }
+            ("user", id) => {
+                let uid = UserId(parse_u64(id, "uid")?);
+                if uid.0 == 0 {
+                    return Err(bad("uid 0 is every guest; ask by room instead"));
+                }
+                let now = Instant::now();
+                let conns: Vec<serde_json::Value> = p
+                    .user(uid)
+                    .into_iter()
+                    .map(|r| {
+                        json!({
+                            "room": r.room.0,
+                            "area": r.area.0,
+                            "edge": r.edge.0,
+                            "transport": r.transport.label(),
+                            "device": r.device.0,
+                            "connected_ms": now.saturating_duration_since(r.since).as_millis() as u64,
+                        })
+                    })
+                    .collect();
+                Ok(json!({"uid": uid.0, "connections": conns}))
+            }
+            ("top", "") => {
+                let limit = parse_limit(req, TOP_DEFAULT, presence::TOP_ROOMS_MAX)?;
+                let rooms: Vec<serde_json::Value> = p
+                    .top(limit)
+                    .into_iter()
+                    .map(|r| {
+                        json!({"room": r.room.0, "viewers": r.viewers, "connections": r.connections})
+                    })
+                    .collect();
+                Ok(json!({ "rooms": rooms }))
+            }
+            ("events", "") => {
+                let after = match (req.query_param("after"), req.header("last-event-id")) {
+                    (Some(a), _) | (None, Some(a)) => parse_u64(a, "after")?,
+                    (None, None) => 0,
+                };
+                let filter = Filter {
+                    rooms: parse_ids(req.query_param("rooms"), "rooms")?
+                        .into_iter()
+                        .map(RoomId)
+                        .collect(),
+                    areas: parse_ids(req.query_param("areas"), "areas")?
+                        .into_iter()
+                        .map(|a| u32::try_from(a).map(AreaId))
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| bad("area ids are below 2^32"))?,
+                };
+                let limit = parse_limit(req, EVENTS_PAGE_DEFAULT, presence::EVENTS_PAGE_MAX)?;
+                let page = p.events_after(after, &filter, limit);
+                Ok(json!({
+                    "events": page.events.iter().map(event_json).collect::<Vec<_>>(),
+                    "next_after": page.next_after,
+                    "missed": page.missed,
+                    "last_seq": p.last_seq(),
+                }))
+            }
+            _ => Err(Response::error(
+                404,
+                "not_found",
+                "presence endpoints: room/{room}, user/{uid}, top, events",
+            )),
+        }
+    }
+}
+
+fn authorize(shared: &Shared, req: &Request) -> Result<KeyId, Response> {
+    let Some(k) = req.bearer() else {
+        return Err(Response::error(
+            401,
+            "unauthorized",
+            "send Authorization: Bearer <api key>",
+        ));
+    };
+    shared
+        .policy
+        .authenticate(k)
+        .map_err(|_| Response::error(401, "unauthorized", "unknown API key"))
+}
+
+fn bad(message: &str) -> Response {
+    Response::error(400, "invalid", message)
+}
+
+fn parse_u64(s: &str, what: &str) -> Result<u64, Response> {
+    s.parse::<u64>()
+        .map_err(|_| bad(&format!("{what} must be a whole number from 0 to 2^64-1")))
+}
+
+fn parse_limit(req: &Request, default: usize, max: usize) -> Result<usize, Response> {
+    match req.query_param("limit") {
+        None | Some("") => Ok(default),
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(bad(&format!("limit must be from 1 to {max}"))),
+        },
+    }
+}
+
+fn parse_ids(v: Option<&str>, what: &str) -> Result<Vec<u64>, Response> {
+    let Some(v) = v.filter(|v| !v.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let ids: Vec<u64> = v
+        .split(',')
+        .map(|s| parse_u64(s.trim(), what))
+        .collect::<Result<_, _>>()?;
+    if ids.len() > FILTER_IDS_MAX {
+        return Err(bad(&format!("at most {FILTER_IDS_MAX} {what}")));
+    }
+    Ok(ids)
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    json!({
+        "seq": e.seq,
+        "type": e.kind.label(),
+        "uid": e.uid.0,
+        "device": e.device.0,
+        "room": e.room.0,
+        "area": e.area.0,
+        "edge": e.edge.0,
+        "transport": e.transport.label(),
+    })
+}
+
+fn transport(t: proto::link::Transport) -> presence::Transport {
+    match t {
+        proto::link::Transport::Tcp => presence::Transport::Tcp,
+        proto::link::Transport::Ws => presence::Transport::Ws,
+        proto::link::Transport::Wss => presence::Transport::Wss,
+        proto::link::Transport::Udp => presence::Transport::Udp,
+    }
+}
+
+/// The cut reason for a lost lease (a link that must re-link to re-report).
+pub const LEASE_LOST_CUT: Cut = Cut::Dead;

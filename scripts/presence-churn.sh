@@ -1,0 +1,63 @@
+#!/bin/bash
+# Presence cost under churn (docs/benchmarks.md): run from a scratch directory; it writes
+# config files and logs there and binds 127.0.0.1:17000-17480 and :18080.
+# Usage: run.sh on|off  -> churn with the edge's presence on or off; prints the loadtest summary
+# and the edge's CPU seconds over the run.
+set -u
+MODE=$1
+BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release/barrage}
+S=6f1d2c3b4a5968778695a4b3c2d1e0f0112233445566778899aabbccddeeff00
+K=loadtest-api-key-0123456789abcdef0123456789abcdef
+cat > control.toml <<T
+http_addr = "127.0.0.1:18080"
+api_keys = ["$K"]
+token_keys = "1:$S"
+driver = "legacy"
+[http]
+conns_per_addr_max = 4096
+conns_max = 8192
+T
+cat > broker.toml <<T
+shards = 1
+pin = false
+driver = "legacy"
+ingest_addr = "127.0.0.1:17400"
+link_addr = "127.0.0.1:17401"
+http_addr = "127.0.0.1:17480"
+[[api_keys]]
+key = "$K"
+scopes = ["room", "presence"]
+T
+PRES=true; [ "$MODE" = off ] && PRES=false
+cat > edge.toml <<T
+shards = 1
+pin = false
+driver = "legacy"
+node_id = "bench-e1"
+tcp_addr = "127.0.0.1:17000"
+ws_addr = "127.0.0.1:17001"
+admin_addr = "127.0.0.1:17002"
+public_host = "127.0.0.1"
+broker_addrs = ["127.0.0.1:17401"]
+control_addr = "127.0.0.1:18080"
+token_keys = "1:$S"
+presence = $PRES
+T
+$BIN control --config control.toml > c.log 2>&1 & CP=$!
+$BIN broker --config broker.toml > b.log 2>&1 & BP=$!
+sleep 1
+$BIN edge --config edge.toml > e.log 2>&1 & EP=$!
+sleep 3
+cpu() { awk '{print $14+$15}' /proc/$1/stat; }
+T0=$(cpu $EP); B0=$(cpu $BP)
+$BIN loadtest churn --control http://127.0.0.1:18080 --control-key $K --api-key $K \
+  --broker-http 127.0.0.1:17480 --ingest 127.0.0.1:17400 --connects-per-s ${RATE:-500} --hold-ms 1000 \
+  --duration-s ${DUR:-10} --warmup-s 0 --sources 127.0.0.2,127.0.0.3 --json churn-$MODE.json 2>&1 | tail -15
+T1=$(cpu $EP); B1=$(cpu $BP)
+TCK=$(getconf CLK_TCK)
+echo "edge_cpu_s=$(echo "($T1-$T0)/$TCK" | bc -l) broker_cpu_s=$(echo "($B1-$B0)/$TCK" | bc -l)"
+sleep 2.5
+curl -s -H "Authorization: Bearer $K" http://127.0.0.1:17480/v1/presence/room/1000 ; echo
+curl -s http://127.0.0.1:17002/metrics | grep -E "^barrage_edge_connections|^barrage_edge_presence_records"
+curl -s http://127.0.0.1:17480/metrics | grep -E "^broker_presence_(records|frames_total|duplicate|unknown)"
+kill $EP $BP $CP; wait 2>/dev/null
