@@ -59,5 +59,5 @@ echo "edge_cpu_s=$(echo "($T1-$T0)/$TCK" | bc -l) broker_cpu_s=$(echo "($B1-$B0)
 sleep 2.5
 curl -s -H "Authorization: Bearer $K" http://127.0.0.1:17480/v1/presence/room/1000 ; echo
 curl -s http://127.0.0.1:17002/metrics | grep -E "^barrage_edge_connections|^barrage_edge_presence_records"
-curl -s http://127.0.0.1:17480/metrics | grep -E "^broker_presence_(records|frames_total|duplicate|unknown)"
+curl -s http://127.0.0.1:17480/metrics | grep -E "^barrage_broker_presence_(records|frames_total|duplicate|unknown)"
 kill $EP $BP $CP; wait 2>/dev/null

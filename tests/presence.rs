@@ -224,7 +224,7 @@ fn presence_api_refuses_bad_keys_and_bad_ids_with_clear_errors() {
     assert_eq!((s, &v["viewers"]), (200, &serde_json::json!(0)), "{v}");
     let m = procs::metrics(http);
     assert!(
-        procs::metric(&m, "broker_presence_query_errors_total").unwrap_or(0.0) >= 9.0,
+        procs::metric(&m, "barrage_broker_presence_query_errors_total").unwrap_or(0.0) >= 9.0,
         "{m}"
     );
 }
@@ -246,7 +246,7 @@ fn a_flapping_viewer_makes_no_events() {
     assert_eq!(events(http, seq, 200), vec![]);
     let m = procs::metrics(http);
     assert!(
-        procs::metric(&m, "broker_presence_flaps_compensated_total").unwrap_or(0.0) >= 1.0,
+        procs::metric(&m, "barrage_broker_presence_flaps_compensated_total").unwrap_or(0.0) >= 1.0,
         "{m}"
     );
     drop(v);
@@ -297,7 +297,7 @@ fn an_edge_that_relinks_rereports_without_counting_twice() {
         .collect();
     wait_room(http, 400, 3, 3);
     let seq = last_seq(http);
-    let frames = |m: &str| procs::metric(m, "broker_presence_frames_total").unwrap_or(0.0);
+    let frames = |m: &str| procs::metric(m, "barrage_broker_presence_frames_total").unwrap_or(0.0);
     let before = frames(&procs::metrics(http));
 
     let pid = e1.child.id().to_string();
@@ -357,7 +357,7 @@ fn a_user_push_goes_only_to_the_edge_that_holds_the_user() {
     assert!(got.contains("hi 31"), "{got}");
     let m = procs::metrics(http);
     assert_eq!(
-        procs::metric(&m, "broker_presence_narrowed_batches_total"),
+        procs::metric(&m, "barrage_broker_presence_narrowed_batches_total"),
         Some(1.0),
         "the batch skipped the edge without user 31: {m}"
     );

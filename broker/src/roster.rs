@@ -190,25 +190,25 @@ impl Roster {
         };
         gauge(
             w,
-            "broker_presence_records",
+            "barrage_broker_presence_records",
             "Live connections presence holds (fleet-wide, as edges reported them).",
             records as f64,
         );
         gauge(
             w,
-            "broker_presence_edges",
+            "barrage_broker_presence_edges",
             "Edge nodes with a presence lease.",
             edges as f64,
         );
         gauge(
             w,
-            "broker_presence_rooms",
+            "barrage_broker_presence_rooms",
             "Rooms with at least one viewer.",
             rooms as f64,
         );
         gauge(
             w,
-            "broker_presence_held_exits",
+            "barrage_broker_presence_held_exits",
             "Exits held for flap compensation.",
             held as f64,
         );
@@ -219,85 +219,85 @@ impl Roster {
         };
         counter(
             w,
-            "broker_presence_frames_total",
+            "barrage_broker_presence_frames_total",
             "PRESENCE frames received from edges.",
             c.frames.load(Relaxed),
         );
         counter(
             w,
-            "broker_presence_frames_refused_total",
+            "barrage_broker_presence_frames_refused_total",
             "PRESENCE frames refused (stale incarnation or presence_edges_max).",
             c.refused_frames.load(Relaxed),
         );
         counter(
             w,
-            "broker_presence_records_entered_total",
+            "barrage_broker_presence_records_entered_total",
             "Records created by edge reports.",
             c.enters.load(Relaxed),
         );
         counter(
             w,
-            "broker_presence_records_exited_total",
+            "barrage_broker_presence_records_exited_total",
             "Records ended by edge reports.",
             c.exits.load(Relaxed),
         );
         counter(
             w,
-            "broker_presence_leases_lost_total",
+            "barrage_broker_presence_leases_lost_total",
             "Links cut because their edge's presence lease had expired (the edge re-reports).",
             c.leases_lost.load(Relaxed),
         );
         counter(
             w,
-            "broker_presence_queries_total",
+            "barrage_broker_presence_queries_total",
             "Presence API requests answered.",
             c.queries.load(Relaxed),
         );
         counter(
             w,
-            "broker_presence_query_errors_total",
+            "barrage_broker_presence_query_errors_total",
             "Presence API requests refused (auth, scope, bad parameters).",
             c.query_errors.load(Relaxed),
         );
         counter(
             w,
-            "broker_presence_narrowed_batches_total",
+            "barrage_broker_presence_narrowed_batches_total",
             "User and device batches sent to fewer edges thanks to presence.",
             c.narrowed_batches.load(Relaxed),
         );
         for (name, help, v) in [
             (
-                "broker_presence_duplicate_enters_total",
+                "barrage_broker_presence_duplicate_enters_total",
                 "Enters for a connection already held (ignored).",
                 stats.duplicate_enters,
             ),
             (
-                "broker_presence_unknown_exits_total",
+                "barrage_broker_presence_unknown_exits_total",
                 "Exits for a connection not held (ignored).",
                 stats.unknown_exits,
             ),
             (
-                "broker_presence_refused_records_total",
+                "barrage_broker_presence_refused_records_total",
                 "Enters refused at presence_records_max.",
                 stats.refused_records_full,
             ),
             (
-                "broker_presence_stale_reports_total",
+                "barrage_broker_presence_stale_reports_total",
                 "Reports from an older incarnation of an edge (refused).",
                 stats.stale_reports,
             ),
             (
-                "broker_presence_flaps_compensated_total",
+                "barrage_broker_presence_flaps_compensated_total",
                 "Reconnects within presence_grace_ms that made no exit/enter pair.",
                 stats.flaps_compensated,
             ),
             (
-                "broker_presence_leases_expired_total",
+                "barrage_broker_presence_leases_expired_total",
                 "Edge leases that expired (every record of the edge exited).",
                 stats.leases_expired,
             ),
             (
-                "broker_presence_events_evicted_total",
+                "barrage_broker_presence_events_evicted_total",
                 "Events pushed out of the log by newer ones.",
                 stats.events_evicted,
             ),
