@@ -3,6 +3,7 @@
 //! hot path); readers may see a value a moment old, which is all Prometheus needs.
 
 use crate::session::{AuthFail, CloseReason};
+use crate::tls::TlsFail;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A single-writer counter or gauge.
@@ -97,6 +98,14 @@ pub struct ShardMetrics {
     pub pending_handshakes: Counter,
     /// `accept()` failures (EMFILE, ENFILE, ENOBUFS...): the shard backs off accepting.
     pub accept_errors: Counter,
+    /// WSS connections open (also counted in `conns_ws`).
+    pub conns_wss: Counter,
+    /// TLS handshakes in flight (capped by `tls_handshakes_max`).
+    pub tls_handshaking: Counter,
+    /// TLS handshakes completed.
+    pub tls_handshakes: Counter,
+    /// TLS connections failed or refused, by why.
+    pub tls_failed: [Counter; TlsFail::ALL.len()],
 }
 
 impl ShardMetrics {
@@ -111,6 +120,9 @@ impl ShardMetrics {
     }
     pub fn drops_of(&self, r: DropReason) -> u64 {
         self.drops[r.index()].get()
+    }
+    pub fn tls_failed(&self, f: TlsFail) {
+        self.tls_failed[f.index()].inc();
     }
     pub fn closes_of(&self, r: CloseReason) -> u64 {
         self.closes[r.index()].get()
