@@ -193,7 +193,12 @@ pub(crate) fn render(node: &Node) -> String {
         w.sample(
             "barrage_edge_connections",
             &[("shard", &shard_labels[i]), ("transport", "tcp")],
-            m.conns_tcp.get() as f64,
+            m.conns_tcp.get().saturating_sub(m.conns_tls_tcp.get()) as f64,
+        );
+        w.sample(
+            "barrage_edge_connections",
+            &[("shard", &shard_labels[i]), ("transport", "tls_tcp")],
+            m.conns_tls_tcp.get() as f64,
         );
         w.sample(
             "barrage_edge_connections",

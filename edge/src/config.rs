@@ -19,6 +19,9 @@ pub struct Config {
     /// Client WebSocket-over-TLS (WSS) listen address; served only when `tls_cert_path` and
     /// `tls_key_path` are set.
     pub wss_addr: String,
+    /// Client TLS-over-TCP listen address (Bilibili packets in TLS, for app clients); empty (the
+    /// default) turns it off. Needs `tls_cert_path`.
+    pub tls_tcp_addr: String,
     /// PEM certificate chain for WSS; empty turns WSS off. Reloaded by `POST /admin/reload-tls`.
     pub tls_cert_path: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_path`.
@@ -125,6 +128,7 @@ impl Default for Config {
             tcp_addr: "0.0.0.0:2243".into(),
             ws_addr: "0.0.0.0:2244".into(),
             wss_addr: "0.0.0.0:2245".into(),
+            tls_tcp_addr: String::new(),
             tls_cert_path: String::new(),
             tls_key_path: String::new(),
             tls_handshakes_max: 256,

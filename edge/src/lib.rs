@@ -92,6 +92,7 @@ pub struct Handle {
     tcp_addr: SocketAddr,
     ws_addr: SocketAddr,
     wss_addr: Option<SocketAddr>,
+    tls_tcp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     node: Arc<Node>,
     admin_stop: Arc<net::wake::Notify>,
@@ -108,6 +109,10 @@ impl Handle {
     /// The WSS address, when `tls_cert_path` is set.
     pub fn wss_addr(&self) -> Option<SocketAddr> {
         self.wss_addr
+    }
+    /// The TLS-over-TCP address, when `tls_tcp_addr` is set.
+    pub fn tls_tcp_addr(&self) -> Option<SocketAddr> {
+        self.tls_tcp_addr
     }
     /// A handle that reloads the TLS certificate (for SIGHUP), when WSS is on.
     pub fn tls(&self) -> Option<tls::Tls> {
@@ -247,6 +252,18 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
         }
         None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
     };
+    let (tls_tcp, tls_tcp_addr) = match (&tls, config.tls_tcp_addr.is_empty()) {
+        (_, true) => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
+        (None, false) => {
+            return Err(EdgeError::Config(
+                "tls_tcp_addr needs tls_cert_path and tls_key_path".into(),
+            ))
+        }
+        (Some(_), false) => {
+            let (v, a) = bind_all(&config.tls_tcp_addr, n, &config)?;
+            (v.into_iter().map(Some).collect(), Some(a))
+        }
+    };
     let admin_listener = net::sys::listener(resolve(&config.admin_addr)?, false, 128)?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -256,14 +273,15 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
     let node = Arc::new(node);
     let plumbing: Vec<Mutex<Option<Plumbing>>> = rings
         .into_iter()
-        .zip(tcp.into_iter().zip(ws).zip(wss))
-        .map(|((tx, rx), ((tcp, ws), wss))| {
+        .zip(tcp.into_iter().zip(ws).zip(wss.into_iter().zip(tls_tcp)))
+        .map(|((tx, rx), ((tcp, ws), (wss, tls_tcp)))| {
             Mutex::new(Some(Plumbing {
                 tx,
                 rx,
                 tcp,
                 ws,
                 wss,
+                tls_tcp,
             }))
         })
         .collect();
@@ -278,7 +296,7 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
         async move {
             let Some(p) = p else { return };
             let s = shard::Shard::new(i, node, p.tx, p.rx);
-            shard::run(s, p.tcp, p.ws, p.wss).await;
+            shard::run(s, p.tcp, p.ws, p.wss, p.tls_tcp).await;
         }
     })?;
 
@@ -311,11 +329,12 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
                 })
             })?,
     );
-    tracing::info!(%tcp_addr, %ws_addr, ?wss_addr, %admin_addr, "edge listening");
+    tracing::info!(%tcp_addr, %ws_addr, ?wss_addr, ?tls_tcp_addr, %admin_addr, "edge listening");
     Ok(Handle {
         tcp_addr,
         ws_addr,
         wss_addr,
+        tls_tcp_addr,
         admin_addr,
         node,
         admin_stop,

@@ -100,6 +100,8 @@ pub struct ShardMetrics {
     pub accept_errors: Counter,
     /// WSS connections open (also counted in `conns_ws`).
     pub conns_wss: Counter,
+    /// TLS-over-TCP connections open (also counted in `conns_tcp`).
+    pub conns_tls_tcp: Counter,
     /// TLS handshakes in flight (capped by `tls_handshakes_max`).
     pub tls_handshaking: Counter,
     /// TLS handshakes completed.

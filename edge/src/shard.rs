@@ -59,6 +59,8 @@ pub(crate) struct Plumbing {
     pub ws: std::net::TcpListener,
     /// WSS, when a certificate is configured.
     pub wss: Option<std::net::TcpListener>,
+    /// TLS over raw TCP, when `tls_tcp_addr` is set.
+    pub tls_tcp: Option<std::net::TcpListener>,
 }
 
 /// A shard: one core and the I/O around it.
@@ -220,6 +222,7 @@ pub(crate) async fn run(
     tcp: std::net::TcpListener,
     ws: std::net::TcpListener,
     wss: Option<std::net::TcpListener>,
+    tls_tcp: Option<std::net::TcpListener>,
 ) {
     tracing::info!(
         shard = shard.id,
@@ -239,12 +242,15 @@ pub(crate) async fn run(
             return;
         }
     }
-    if let Some(wss) = wss {
-        match monoio::net::TcpListener::from_std(wss) {
+    for (l, transport) in [(wss, Transport::Ws), (tls_tcp, Transport::Tcp)] {
+        let Some(l) = l else { continue };
+        match monoio::net::TcpListener::from_std(l) {
             Ok(l) => {
-                monoio::spawn(accept_loop(shard.clone(), l, Transport::Ws, true));
+                monoio::spawn(accept_loop(shard.clone(), l, transport, true));
             }
-            Err(e) => tracing::error!(shard = shard.id, error = %e, "cannot register the WSS listener"),
+            Err(e) => {
+                tracing::error!(shard = shard.id, error = %e, "cannot register a TLS listener")
+            }
         }
     }
     monoio::spawn(tick_loop(shard.clone()));
@@ -372,7 +378,7 @@ async fn accept_loop(
         match admitted {
             Ok(id) => {
                 let _ = stream.set_nodelay(true);
-                let conn_tls = match tls_conn(&shard, tls) {
+                let conn_tls = match tls_conn(&shard, tls, transport) {
                     Ok(t) => t,
                     Err(()) => {
                         shard.core.borrow_mut().on_closed(id, CloseReason::Tls);
@@ -395,7 +401,11 @@ async fn accept_loop(
 }
 
 /// The TLS state of a new WSS connection (counted), or `None` for a plain one.
-fn tls_conn(shard: &Shard, tls: bool) -> Result<Option<Box<TlsConn>>, ()> {
+fn tls_conn(
+    shard: &Shard,
+    tls: bool,
+    transport: Transport,
+) -> Result<Option<Box<TlsConn>>, ()> {
     if !tls {
         return Ok(None);
     }
@@ -404,9 +414,13 @@ fn tls_conn(shard: &Shard, tls: bool) -> Result<Option<Box<TlsConn>>, ()> {
         return Err(());
     };
     match TlsConn::new(t.config.clone()) {
-        Ok(c) => {
+        Ok(mut c) => {
             m.tls_handshaking.inc();
-            m.conns_wss.inc();
+            c.over_ws = transport == Transport::Ws;
+            match c.over_ws {
+                true => m.conns_wss.inc(),
+                false => m.conns_tls_tcp.inc(),
+            }
             Ok(Some(Box::new(c)))
         }
         Err(f) => {
@@ -510,7 +524,10 @@ impl ConnTask {
             if t.is_handshaking() {
                 m.tls_handshaking.dec();
             }
-            m.conns_wss.dec();
+            match t.over_ws {
+                true => m.conns_wss.dec(),
+                false => m.conns_tls_tcp.dec(),
+            }
         }
         self.shard.core.borrow_mut().on_closed(self.id, reason);
         if let Some(w) = self.shard.tasks.borrow_mut().get_mut(self.id.key()) {

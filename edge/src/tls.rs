@@ -129,6 +129,8 @@ pub struct TlsConn {
     /// Handshake records to send, produced by `on_received`.
     wire: Vec<u8>,
     handshaking: bool,
+    /// WSS (true) or TLS over raw TCP: which connection gauge the shell counts it in.
+    pub over_ws: bool,
 }
 
 impl std::fmt::Debug for TlsConn {
@@ -154,6 +156,7 @@ impl TlsConn {
             incoming: Vec::new(),
             wire: Vec::new(),
             handshaking: true,
+            over_ws: true,
         })
     }
 

@@ -346,3 +346,60 @@ fn bad_tls_input_closes_that_peer_and_is_counted_uring() {
 fn bad_tls_input_closes_that_peer_and_is_counted_legacy() {
     with_driver(Driver::Legacy, bad_input_body);
 }
+
+fn tls_tcp_body(driver: Driver) {
+    let dir = cert_dir(&format!("tcp-{driver:?}"));
+    let mut cfg = wss_config(driver, Vec::new(), &dir);
+    cfg.tls_tcp_addr = "127.0.0.1:0".into();
+    let edge = edge::start(cfg).unwrap();
+    let addr = edge.tls_tcp_addr().expect("TLS-over-TCP listener");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in net::tls::load_certs(&dir.join(net::tls::SELF_SIGNED_CERT_FILE)).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(net::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    // Raw Bilibili packets inside TLS: auth, then a heartbeat.
+    s.write_all(&auth_packet(51, 902, 0, token(51, 902, 2)))
+        .unwrap();
+    let mut reply = vec![0u8; proto::auth::auth_reply(0).len()];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(reply, proto::auth::auth_reply(0));
+    s.write_all(&proto::auth::heartbeat_request()).unwrap();
+    let mut hb = [0u8; 20];
+    s.read_exact(&mut hb).unwrap();
+    assert_eq!(
+        proto::packet::parse_header(&hb).unwrap().op,
+        proto::packet::op::HEARTBEAT_REPLY
+    );
+    let t = edge.metrics_text();
+    assert_eq!(
+        metric(&t, "barrage_edge_connections{shard=\"0\",transport=\"tls_tcp\"}")
+            + metric(
+                &t,
+                "barrage_edge_connections{shard=\"1\",transport=\"tls_tcp\"}"
+            ),
+        1.0
+    );
+    edge.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tls_over_raw_tcp_auth_and_heartbeat_uring() {
+    with_driver(Driver::Uring, tls_tcp_body);
+}
+
+#[test]
+fn tls_over_raw_tcp_auth_and_heartbeat_legacy() {
+    with_driver(Driver::Legacy, tls_tcp_body);
+}
