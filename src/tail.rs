@@ -132,7 +132,11 @@ impl Wire {
     fn socket(&self) -> anyhow::Result<TcpStream> {
         Ok(match self {
             Wire::Plain(s) => s.try_clone()?,
-            Wire::Tls(t) => t.lock().map_err(|_| anyhow!("tls lock"))?.sock.try_clone()?,
+            Wire::Tls(t) => t
+                .lock()
+                .map_err(|_| anyhow!("tls lock"))?
+                .sock
+                .try_clone()?,
         })
     }
 }
@@ -282,7 +286,11 @@ fn ws_handshake(stream: &mut Wire, host: &str, port: u16) -> anyhow::Result<Vec<
 }
 
 impl Conn {
-    fn open(edge: &Edge, transport: Transport, ca: Option<&std::path::Path>) -> anyhow::Result<Conn> {
+    fn open(
+        edge: &Edge,
+        transport: Transport,
+        ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Conn> {
         match transport {
             Transport::Tcp => Ok(Conn::Tcp(Wire::Plain(Arc::new(connect_tcp(
                 &edge.host,
@@ -295,9 +303,9 @@ impl Conn {
                 }
                 let sock = connect_tcp(&edge.host, port)?;
                 let mut stream = match transport {
-                    Transport::Wss => Wire::Tls(Arc::new(Mutex::new(tls_connect(
-                        sock, &edge.host, ca,
-                    )?))),
+                    Transport::Wss => {
+                        Wire::Tls(Arc::new(Mutex::new(tls_connect(sock, &edge.host, ca)?)))
+                    }
                     _ => Wire::Plain(Arc::new(sock)),
                 };
                 let buf = ws_handshake(&mut stream, &edge.host, port)?;

@@ -355,7 +355,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         stack.edge.admin_addr()
     );
     if let Some(wss) = stack.edge.wss_addr() {
-        println!("  wss       wss://localhost:{}/sub   {tls_note}", wss.port());
+        println!(
+            "  wss       wss://localhost:{}/sub   {tls_note}",
+            wss.port()
+        );
     }
     println!("  api key   {api_key}");
     println!("  token keys {token_keys}");

@@ -251,5 +251,6 @@ fn up_tail_push_with_the_real_binary() {
         wait_line(&up_out, Instant::now() + WAIT, &mut seen, |l| l
             == "stopped"),
         "{seen:?}"
-    );    let _ = std::fs::remove_dir_all(&tls_dir);
+    );
+    let _ = std::fs::remove_dir_all(&tls_dir);
 }

@@ -193,7 +193,10 @@ fn bind_all(
 
 /// The WSS certificate, if one is configured (both paths or neither).
 fn load_tls(config: &Config) -> Result<Option<tls::Tls>, EdgeError> {
-    match (config.tls_cert_path.is_empty(), config.tls_key_path.is_empty()) {
+    match (
+        config.tls_cert_path.is_empty(),
+        config.tls_key_path.is_empty(),
+    ) {
         (true, true) => Ok(None),
         (false, false) => {
             let t = tls::Tls::load(

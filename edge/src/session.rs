@@ -239,9 +239,7 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout
             | CloseReason::Shutdown
             | CloseReason::Tls
-            | CloseReason::Io => {
-                ws::close::GOING_AWAY
-            }
+            | CloseReason::Io => ws::close::GOING_AWAY,
             // 1013 "try again later" is only IANA-registered, and strict decoders (ours included)
             // refuse it; 1008 is understood everywhere.
             CloseReason::Overloaded

@@ -391,7 +391,9 @@ async fn accept_loop(
             Err(refused) => {
                 // A refused WSS client cannot be told why in plaintext: it is just closed.
                 if !tls
-                    && !refused.bytes.is_empty() && shard.refusing.get() < REFUSALS_IN_FLIGHT_MAX {
+                    && !refused.bytes.is_empty()
+                    && shard.refusing.get() < REFUSALS_IN_FLIGHT_MAX
+                {
                     shard.refusing.set(shard.refusing.get() + 1);
                     monoio::spawn(refuse(shard.clone(), stream, refused.bytes));
                 }
@@ -401,11 +403,7 @@ async fn accept_loop(
 }
 
 /// The TLS state of a new WSS connection (counted), or `None` for a plain one.
-fn tls_conn(
-    shard: &Shard,
-    tls: bool,
-    transport: Transport,
-) -> Result<Option<Box<TlsConn>>, ()> {
+fn tls_conn(shard: &Shard, tls: bool, transport: Transport) -> Result<Option<Box<TlsConn>>, ()> {
     if !tls {
         return Ok(None);
     }

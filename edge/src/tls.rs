@@ -313,8 +313,7 @@ mod tests {
         // One directory per call: tests run in parallel.
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("barrage-edge-tls-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("barrage-edge-tls-{}-{n}", std::process::id()));
         let made = net::tls::self_signed(&dir).expect("self-signed");
         let tls = Tls::load(&made.cert_path, &made.key_path).expect("load");
         TlsConn::new(tls.config).expect("conn")
@@ -342,7 +341,10 @@ mod tests {
     fn a_partial_client_hello_waits_and_encrypt_before_the_handshake_fails() {
         let mut c = conn();
         let mut plain = Vec::new();
-        assert_eq!(c.on_received(&[0x16, 0x03, 0x01, 0x00, 0x80], &mut plain), Ok(()));
+        assert_eq!(
+            c.on_received(&[0x16, 0x03, 0x01, 0x00, 0x80], &mut plain),
+            Ok(())
+        );
         assert!(c.is_handshaking());
         assert!(c.take_wire().is_none());
         assert_eq!(

@@ -100,7 +100,11 @@ fn viewer(
         let head_end = buf.windows(4).position(|x| x == b"\r\n\r\n").map(|p| p + 4);
         if let Some(end) = head_end {
             if !sent {
-                w.write_all(&ws::encode_client_frame(Opcode::Binary, &auth, [9, 8, 7, 6]))?;
+                w.write_all(&ws::encode_client_frame(
+                    Opcode::Binary,
+                    &auth,
+                    [9, 8, 7, 6],
+                ))?;
                 sent = true;
             }
             if buf.len() >= end + 28 {
@@ -146,7 +150,9 @@ fn wss_viewers_helper() {
     };
     let n = env_usize("VIEWERS_N", 1000);
     let read_mode = std::env::var("VIEWERS_MODE").as_deref() == Ok("read");
-    let tls = std::env::var("VIEWERS_CA").ok().map(|ca| client_config(&ca));
+    let tls = std::env::var("VIEWERS_CA")
+        .ok()
+        .map(|ca| client_config(&ca));
     let _ = net::sys::raise_nofile_limit();
     std::thread::spawn(|| {
         let mut sink = Vec::new();
@@ -298,8 +304,7 @@ fn fanout(wss: bool) {
     let len = bs[0].packet.len();
     let per_send = (len + if len < 126 { 2 } else { 4 }) as f64;
     let deadline = Instant::now() + Duration::from_secs(300);
-    while metric_sum(&edge.metrics_text(), "barrage_edge_bytes_out_total") < sends_want * per_send
-    {
+    while metric_sum(&edge.metrics_text(), "barrage_edge_bytes_out_total") < sends_want * per_send {
         assert!(Instant::now() < deadline, "fan-out did not finish");
         std::thread::sleep(Duration::from_millis(2));
     }

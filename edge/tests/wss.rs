@@ -316,7 +316,8 @@ fn bad_input_body(driver: Driver) {
     assert!(closed_by_server(&mut s));
     // A record header claiming more than TLS allows.
     let mut s = TcpStream::connect(wss).unwrap();
-    s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00]).unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00])
+        .unwrap();
     assert!(closed_by_server(&mut s));
     // A handshake that stalls half-way (a partial ClientHello): the deadline closes it.
     let mut s = TcpStream::connect(wss).unwrap();
@@ -326,8 +327,14 @@ fn bad_input_body(driver: Driver) {
     eventually("tls failures counted", || {
         let t = edge.metrics_text();
         metric(&t, "barrage_edge_tls_failed_total{reason=\"bad_record\"}") >= 1.0
-            && metric(&t, "barrage_edge_tls_failed_total{reason=\"record_too_large\"}") >= 1.0
-            && metric(&t, "barrage_edge_closes_total{reason=\"handshake_timeout\"}") >= 1.0
+            && metric(
+                &t,
+                "barrage_edge_tls_failed_total{reason=\"record_too_large\"}",
+            ) >= 1.0
+            && metric(
+                &t,
+                "barrage_edge_closes_total{reason=\"handshake_timeout\"}",
+            ) >= 1.0
             && metric_sum(&t, "barrage_edge_tls_handshaking") == 0.0
     });
     // The listener still serves a good client.
@@ -383,11 +390,13 @@ fn tls_tcp_body(driver: Driver) {
     );
     let t = edge.metrics_text();
     assert_eq!(
-        metric(&t, "barrage_edge_connections{shard=\"0\",transport=\"tls_tcp\"}")
-            + metric(
-                &t,
-                "barrage_edge_connections{shard=\"1\",transport=\"tls_tcp\"}"
-            ),
+        metric(
+            &t,
+            "barrage_edge_connections{shard=\"0\",transport=\"tls_tcp\"}"
+        ) + metric(
+            &t,
+            "barrage_edge_connections{shard=\"1\",transport=\"tls_tcp\"}"
+        ),
         1.0
     );
     edge.shutdown();
