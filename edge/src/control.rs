@@ -91,3 +91,36 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_advertises_wss_only_when_served() {
+        let node = Node::new(
+            crate::Config::default(),
+            proto::token::KeySet::default(),
+            10,
+        );
+        let off = heartbeat_body(
+            &node,
+            Ports {
+                tcp: 2243,
+                ws: 2244,
+                wss: 0,
+            },
+        );
+        assert_eq!(off["wss_port"], 0);
+        let on = heartbeat_body(
+            &node,
+            Ports {
+                tcp: 2243,
+                ws: 2244,
+                wss: 2245,
+            },
+        );
+        assert_eq!(on["wss_port"], 2245);
+        assert_eq!(on["ws_port"], 2244);
+    }
+}
