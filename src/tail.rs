@@ -36,6 +36,9 @@ const CONTROL_MS_MAX: u64 = 5_000;
 pub enum Transport {
     Tcp,
     Ws,
+    /// WebSocket over TLS (the edge's `wss_port`), verified against the system's roots plus
+    /// `--ca-file`.
+    Wss,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -43,7 +46,7 @@ pub struct TailArgs {
     /// The room to watch (a short id works too).
     #[arg(long)]
     pub room: u64,
-    /// Raw TCP (port 2243) or WebSocket (port 2244, path /sub).
+    /// Raw TCP (port 2243), WebSocket (port 2244, path /sub) or WebSocket over TLS (2245).
     #[arg(long, value_enum, default_value = "tcp")]
     pub transport: Transport,
     /// Control's base URL.
@@ -73,6 +76,10 @@ pub struct TailArgs {
     /// Compression asked for: 3 brotli, 2 zlib, 0 plain.
     #[arg(long, default_value_t = 3)]
     pub protover: u32,
+    /// PEM certificate(s) to trust for `--transport wss`, e.g. the self-signed one
+    /// `barrage up` prints. Without it the certificate must chain to the webpki roots.
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Why tail stopped, for the ones a script may want to tell apart (see `exit` in main.rs).
@@ -117,11 +124,67 @@ fn ticket(args: &TailArgs, device: &str) -> anyhow::Result<Ticket> {
     Ok(t)
 }
 
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// The byte stream under a connection: a socket, or TLS over one. The TLS state is shared
+/// under a lock by the reader and the heartbeat thread (a socket is cloned instead).
+#[derive(Clone)]
+enum Wire {
+    Plain(Arc<TcpStream>),
+    Tls(Arc<Mutex<TlsStream>>),
+}
+
+impl Wire {
+    fn socket(&self) -> anyhow::Result<TcpStream> {
+        Ok(match self {
+            Wire::Plain(s) => s.try_clone()?,
+            Wire::Tls(t) => t
+                .lock()
+                .map_err(|_| anyhow!("tls lock"))?
+                .sock
+                .try_clone()?,
+        })
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(s) => (&**s).read(buf),
+            Wire::Tls(t) => t
+                .lock()
+                .map_err(|_| std::io::Error::other("tls lock"))?
+                .read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(s) => (&**s).write(buf),
+            Wire::Tls(t) => t
+                .lock()
+                .map_err(|_| std::io::Error::other("tls lock"))?
+                .write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Wire::Plain(s) => (&**s).flush(),
+            Wire::Tls(t) => t
+                .lock()
+                .map_err(|_| std::io::Error::other("tls lock"))?
+                .flush(),
+        }
+    }
+}
+
 /// A connected transport: writes whole packets, reads raw bytes that hold whole packets.
 enum Conn {
-    Tcp(TcpStream),
+    Tcp(Wire),
     Ws {
-        stream: TcpStream,
+        stream: Wire,
         frames: FrameDecoder,
         buf: Vec<u8>,
     },
@@ -132,7 +195,7 @@ fn random_mask() -> [u8; 4] {
 }
 
 /// Writes one packet (a binary WebSocket message on WS).
-fn write_packet(stream: &mut TcpStream, ws: bool, packet: &[u8]) -> std::io::Result<()> {
+fn write_packet(stream: &mut impl Write, ws: bool, packet: &[u8]) -> std::io::Result<()> {
     if ws {
         stream.write_all(&proto::ws::encode_client_frame(
             Opcode::Binary,
@@ -142,6 +205,49 @@ fn write_packet(stream: &mut TcpStream, ws: bool, packet: &[u8]) -> std::io::Res
     } else {
         stream.write_all(packet)
     }
+}
+
+/// The edge's port for a transport (0: not served).
+fn port_of(edge: &Edge, transport: Transport) -> u16 {
+    match transport {
+        Transport::Tcp => edge.tcp_port,
+        Transport::Ws => edge.ws_port,
+        Transport::Wss => edge.wss_port,
+    }
+}
+
+/// The TLS handshake over `sock`, for `host`: trusts the system's roots and `ca`.
+fn tls_connect(
+    sock: TcpStream,
+    host: &str,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<TlsStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(ca) = ca {
+        for c in net::tls::load_certs(ca)? {
+            roots
+                .add(c)
+                .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(net::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .with_context(|| format!("{host} is not a TLS server name"))?;
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name)?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.sock
+        .set_read_timeout(Some(Duration::from_millis(CONNECT_MS_MAX)))?;
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .context("TLS handshake with the edge (for a self-signed edge pass --ca-file)")?;
+    }
+    Ok(tls)
 }
 
 fn connect_tcp(host: &str, port: u16) -> anyhow::Result<TcpStream> {
@@ -163,10 +269,12 @@ fn connect_tcp(host: &str, port: u16) -> anyhow::Result<TcpStream> {
 }
 
 /// The client side of the WebSocket upgrade; returns bytes read past the response head.
-fn ws_handshake(stream: &mut TcpStream, host: &str, port: u16) -> anyhow::Result<Vec<u8>> {
+fn ws_handshake(stream: &mut Wire, host: &str, port: u16) -> anyhow::Result<Vec<u8>> {
     let key = client::ws_key(rand::random());
     stream.write_all(client::ws_upgrade_request(&format!("{host}:{port}"), &key).as_bytes())?;
-    stream.set_read_timeout(Some(Duration::from_millis(AUTH_REPLY_MS_MAX)))?;
+    stream
+        .socket()?
+        .set_read_timeout(Some(Duration::from_millis(AUTH_REPLY_MS_MAX)))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
@@ -184,12 +292,29 @@ fn ws_handshake(stream: &mut TcpStream, host: &str, port: u16) -> anyhow::Result
 }
 
 impl Conn {
-    fn open(edge: &Edge, transport: Transport) -> anyhow::Result<Conn> {
+    fn open(
+        edge: &Edge,
+        transport: Transport,
+        ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Conn> {
         match transport {
-            Transport::Tcp => Ok(Conn::Tcp(connect_tcp(&edge.host, edge.tcp_port)?)),
-            Transport::Ws => {
-                let mut stream = connect_tcp(&edge.host, edge.ws_port)?;
-                let buf = ws_handshake(&mut stream, &edge.host, edge.ws_port)?;
+            Transport::Tcp => Ok(Conn::Tcp(Wire::Plain(Arc::new(connect_tcp(
+                &edge.host,
+                edge.tcp_port,
+            )?)))),
+            Transport::Ws | Transport::Wss => {
+                let port = port_of(edge, transport);
+                if port == 0 {
+                    bail!("edge {} serves no {transport:?}", edge.host);
+                }
+                let sock = connect_tcp(&edge.host, port)?;
+                let mut stream = match transport {
+                    Transport::Wss => {
+                        Wire::Tls(Arc::new(Mutex::new(tls_connect(sock, &edge.host, ca)?)))
+                    }
+                    _ => Wire::Plain(Arc::new(sock)),
+                };
+                let buf = ws_handshake(&mut stream, &edge.host, port)?;
                 Ok(Conn::Ws {
                     stream,
                     frames: FrameDecoder::new_client_side(proto::limits::DECOMPRESSED_BYTES_MAX),
@@ -199,7 +324,7 @@ impl Conn {
         }
     }
 
-    fn stream(&self) -> &TcpStream {
+    fn stream(&self) -> &Wire {
         match self {
             Conn::Tcp(s) => s,
             Conn::Ws { stream, .. } => stream,
@@ -316,7 +441,7 @@ fn authenticate(
     body: &AuthBody,
 ) -> anyhow::Result<Vec<OwnedPacket>> {
     let is_ws = conn.is_ws();
-    let mut w = conn.stream().try_clone()?;
+    let mut w = conn.stream().clone();
     write_packet(&mut w, is_ws, &proto::auth::auth_request(body))?;
     let deadline = Instant::now() + Duration::from_millis(AUTH_REPLY_MS_MAX);
     let mut early = Vec::new();
@@ -356,16 +481,12 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let t = ticket(&args, &device)?;
     let mut conn = None;
     for e in &t.edges {
-        match Conn::open(e, args.transport) {
+        match Conn::open(e, args.transport, args.ca_file.as_deref()) {
             Ok(c) => {
                 eprintln!(
                     "connected to {}:{} ({:?}), room {}",
                     e.host,
-                    if args.transport == Transport::Tcp {
-                        e.tcp_port
-                    } else {
-                        e.ws_port
-                    },
+                    port_of(e, args.transport),
                     args.transport,
                     t.room
                 );
@@ -379,6 +500,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         return Err(TailError::NoEdgeAnswered(t.edges.len()).into());
     };
     conn.stream()
+        .socket()?
         .set_read_timeout(Some(Duration::from_millis(READ_POLL_MS)))?;
     let mut packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
     let auth = client::auth_body(args.uid, t.room, args.protover, &t.token, &device);
@@ -386,7 +508,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
 
     // Heartbeats from their own thread; the writer half is shared under a lock with nobody
     // else (the reader only writes WebSocket pongs, which go through the same lock).
-    let writer = Arc::new(Mutex::new(conn.stream().try_clone()?));
+    let writer = Arc::new(Mutex::new(conn.stream().clone()));
     let stop = Arc::new(AtomicBool::new(false));
     let hb = {
         let (writer, stop, ws) = (writer.clone(), stop.clone(), conn.is_ws());
@@ -398,7 +520,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
                     if Instant::now() >= next {
                         let ok = match writer.lock() {
                             Ok(mut w) => {
-                                write_packet(&mut w, ws, &proto::auth::heartbeat_request()).is_ok()
+                                write_packet(&mut *w, ws, &proto::auth::heartbeat_request()).is_ok()
                             }
                             Err(_) => false,
                         };
@@ -444,7 +566,9 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         }
     })();
     stop.store(true, Ordering::Release);
-    let _ = conn.stream().shutdown(std::net::Shutdown::Both);
+    if let Ok(s) = conn.stream().socket() {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
     let _ = hb.join();
     result
 }

@@ -30,6 +30,11 @@ pub struct UpArgs {
     /// Turn off the room page's demo send box (`POST /demo/send`), on by default in `up`.
     #[arg(long)]
     pub no_demo: bool,
+    /// Where `up` keeps the self-signed WSS certificate it makes when `[edge]` names none
+    /// (kept across restarts, so its fingerprint stays the same). Default:
+    /// `$XDG_STATE_HOME/barrage`, else `~/.local/state/barrage`, else `./.barrage`.
+    #[arg(long, env = "BARRAGE_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// The `up` config file: one section per role, each defaulted as that role's own file is.
@@ -47,6 +52,7 @@ impl Default for UpConfig {
         let edge = edge::Config {
             tcp_addr: "127.0.0.1:2243".into(),
             ws_addr: "127.0.0.1:2244".into(),
+            wss_addr: "127.0.0.1:2245".into(),
             ..edge::Config::default()
         };
         UpConfig {
@@ -189,6 +195,7 @@ pub fn wire(mut c: UpConfig, args: &UpArgs) -> anyhow::Result<UpConfig> {
     c.broker.http_addr = offset_addr(c.broker.http_addr, by)?;
     c.edge.tcp_addr = offset_str(&c.edge.tcp_addr, by)?;
     c.edge.ws_addr = offset_str(&c.edge.ws_addr, by)?;
+    c.edge.wss_addr = offset_str(&c.edge.wss_addr, by)?;
     c.edge.admin_addr = offset_str(&c.edge.admin_addr, by)?;
 
     // One API key for both control and the broker, unless the file set them.
@@ -264,6 +271,41 @@ fn wire_pages(c: &mut UpConfig, args: &UpArgs) {
     }
 }
 
+/// The default home of `up`'s self-signed certificate.
+fn default_tls_dir() -> PathBuf {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/state"))
+        });
+    match state {
+        Some(s) => s.join("barrage"),
+        None => PathBuf::from(".barrage"),
+    }
+}
+
+/// WSS for `up`: the certificate the file names, else a self-signed one for `localhost` and
+/// `127.0.0.1` (made once, then reused). Returns what to print about it.
+pub fn ensure_tls(c: &mut UpConfig, args: &UpArgs) -> anyhow::Result<String> {
+    if !c.edge.tls_cert_path.is_empty() || !c.edge.tls_key_path.is_empty() {
+        return Ok(format!("certificate {}", c.edge.tls_cert_path));
+    }
+    let dir = args.tls_dir.clone().unwrap_or_else(default_tls_dir);
+    let made = net::tls::self_signed(&dir)
+        .with_context(|| format!("making a self-signed certificate in {}", dir.display()))?;
+    c.edge.tls_cert_path = made.cert_path.display().to_string();
+    c.edge.tls_key_path = made.key_path.display().to_string();
+    Ok(format!(
+        "self-signed certificate {} ({}), SHA-256 {}",
+        made.cert_path.display(),
+        if made.created { "new" } else { "kept" },
+        made.fingerprint
+    ))
+}
+
 /// The running stack.
 pub struct Stack {
     pub control: control::Handle,
@@ -322,7 +364,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     // Layers as for every role: defaults < file < BARRAGE_UP_<SECTION>__<FIELD>; flags below.
     let base: UpConfig =
         net::config::load(&net::config::Sources::process(args.config.as_deref(), &[]))?;
-    let c = wire(base, &args)?;
+    let mut c = wire(base, &args)?;
+    let tls_note = ensure_tls(&mut c, &args)?;
     let mut signals = Shutdown::register()?;
     let api_key = c.control.api_keys.first().cloned().unwrap_or_default();
     let token_keys = c.control.token_keys.clone();
@@ -345,6 +388,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         stack.edge.ws_addr(),
         stack.edge.admin_addr()
     );
+    if let Some(wss) = stack.edge.wss_addr() {
+        println!(
+            "  wss       wss://localhost:{}/sub   {tls_note}",
+            wss.port()
+        );
+    }
     println!("  api key   {api_key}");
     println!("  token keys {token_keys}");
     println!();

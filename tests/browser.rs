@@ -93,6 +93,11 @@ fn up(kids: &mut Kids, offset: u16) -> Result<usize, Vec<String>> {
     let mut child = Command::new(BIN)
         .args(["up", "--api-key", API_KEY, "--token-secret", TOKEN_SECRET])
         .args(["--ports-offset", &offset.to_string()])
+        // Its self-signed WSS certificate goes to a temporary directory, not the user's state.
+        .env(
+            "BARRAGE_TLS_DIR",
+            std::env::temp_dir().join(format!("barrage-browser-tls-{}", std::process::id())),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

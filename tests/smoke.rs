@@ -1,6 +1,7 @@
 //! The real binary: `barrage up` with a fixed key and a ports offset, `barrage tail` (a TCP
-//! guest and a WebSocket user) and `barrage push` as child processes; the pushed message comes
-//! out of both tails, and SIGTERM stops `up` cleanly.
+//! guest, a WebSocket user and a WSS guest trusting the self-signed certificate `up` made) and
+//! `barrage push` as child processes; the pushed message comes out of every tail, and SIGTERM
+//! stops `up` cleanly.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -96,8 +97,11 @@ fn up_tail_push_with_the_real_binary() {
     // A ports offset far from the defaults; try another if something on this host holds one.
     let base = 12_000 + (std::process::id() % 400) as u16 * 10;
     let mut started = None;
+    // `up` makes its self-signed WSS certificate here (not in the user's state directory).
+    let tls_dir = std::env::temp_dir().join(format!("barrage-smoke-tls-{}", std::process::id()));
+    let ca_file = tls_dir.join("tls-cert.pem");
     for offset in [base, base + 4_000, base + 8_000] {
-        let i = kids.spawn(Command::new(BIN).args([
+        let i = kids.spawn(Command::new(BIN).env("BARRAGE_TLS_DIR", &tls_dir).args([
             "up",
             "--api-key",
             API_KEY,
@@ -151,20 +155,37 @@ fn up_tail_push_with_the_real_binary() {
             ])
             .env("BARRAGE_CONTROL_KEY", API_KEY),
     );
+    let guest_wss = kids.spawn(Command::new(BIN).args([
+        "tail",
+        "--room",
+        room,
+        "--transport",
+        "wss",
+        "--ca-file",
+        &ca_file.display().to_string(),
+        "--control",
+        &control,
+        "--count",
+        "1",
+        "--timeout-s",
+        "30",
+    ]));
     let (tcp_out, tcp_err) = kids.lines(guest_tcp);
     let (ws_out, ws_err) = kids.lines(user_ws);
+    let (wss_out, wss_err) = kids.lines(guest_wss);
 
     // The tails subscribe asynchronously: push until both have printed (each push is the same
     // message, so whichever arrives first is the one asserted on).
     let body = r#"{"cmd":"DANMU_MSG","info":[[0,1,25,16777215],"smoke test",[77,"tester"]]}"#;
     let deadline = Instant::now() + WAIT;
-    let mut got = [None, None];
+    let mut got = [None, None, None];
     while got.iter().any(Option::is_none) {
         assert!(
             Instant::now() < deadline,
-            "tails printed nothing; tcp: {:?} ws: {:?}",
+            "tails printed nothing; tcp: {:?} ws: {:?} wss: {:?}",
             tcp_err.try_iter().collect::<Vec<_>>(),
-            ws_err.try_iter().collect::<Vec<_>>()
+            ws_err.try_iter().collect::<Vec<_>>(),
+            wss_err.try_iter().collect::<Vec<_>>()
         );
         let push = Command::new(BIN)
             .args(["push", "--ingest", &ingest, "--room", room, body])
@@ -181,7 +202,7 @@ fn up_tail_push_with_the_real_binary() {
             id.parse::<u64>().is_ok(),
             "push printed {id:?}, not a msg_id"
         );
-        for (slot, rx) in got.iter_mut().zip([&tcp_out, &ws_out]) {
+        for (slot, rx) in got.iter_mut().zip([&tcp_out, &ws_out, &wss_out]) {
             if slot.is_none() {
                 *slot = rx.recv_timeout(Duration::from_millis(300)).ok();
             }
@@ -189,7 +210,8 @@ fn up_tail_push_with_the_real_binary() {
     }
     assert_eq!(got[0].as_deref(), Some(body), "TCP guest tail");
     assert_eq!(got[1].as_deref(), Some(body), "WS user tail");
-    for i in [guest_tcp, user_ws] {
+    assert_eq!(got[2].as_deref(), Some(body), "WSS guest tail");
+    for i in [guest_tcp, user_ws, guest_wss] {
         let status = kids.wait(i, WAIT).expect("tail exits after --count 1");
         assert!(status.success(), "tail exit {status:?}");
     }
@@ -230,4 +252,5 @@ fn up_tail_push_with_the_real_binary() {
             == "stopped"),
         "{seen:?}"
     );
+    let _ = std::fs::remove_dir_all(&tls_dir);
 }

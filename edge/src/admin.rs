@@ -80,7 +80,19 @@ fn route(node: &Node, http: &net::http::Stats, req: &Request) -> Response {
             drain(node);
             Response::json(200, &serde_json::json!({"ok": true, "draining": true}))
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/drain" | "/admin/reload") => {
+        ("POST", "/admin/reload-tls") => {
+            if let Err(refusal) = admin_allowed(node, req) {
+                return refusal;
+            }
+            match reload_tls(node) {
+                Ok(fp) => Response::json(200, &serde_json::json!({"ok": true, "fingerprint": fp})),
+                Err(crate::EdgeError::TlsOff) => {
+                    Response::error(409, "tls_off", "WSS is off: tls_cert_path is empty")
+                }
+                Err(e) => Response::error(500, "tls_reload_failed", &e.to_string()),
+            }
+        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/drain" | "/admin/reload" | "/admin/reload-tls") => {
             Response::error(405, "method_not_allowed", "wrong method for this endpoint")
         }
         _ => Response::error(404, "not_found", "no such endpoint"),
@@ -166,6 +178,22 @@ pub(crate) fn check_secrets(config: &crate::Config) -> Result<(), crate::EdgeErr
     Ok(())
 }
 
+/// Reloads the WSS certificate and key for new handshakes (open connections keep theirs); on
+/// error the old certificate keeps serving. The hook for SIGHUP and `POST /admin/reload-tls`.
+pub(crate) fn reload_tls(node: &Node) -> Result<String, crate::EdgeError> {
+    let tls = node.tls.as_ref().ok_or(crate::EdgeError::TlsOff)?;
+    match tls.reload() {
+        Ok(fp) => {
+            tracing::info!(fingerprint = %fp, "TLS certificate reloaded");
+            Ok(fp)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "TLS reload failed; the old certificate keeps serving");
+            Err(e.into())
+        }
+    }
+}
+
 /// Stop accepting, tell control (next heartbeat says draining), close clients gradually.
 pub(crate) fn drain(node: &Node) {
     if !node.draining.swap(true, Ordering::AcqRel) {
@@ -196,15 +224,37 @@ pub(crate) fn render(node: &Node) -> String {
         w.sample(
             "barrage_edge_connections",
             &[("shard", &shard_labels[i]), ("transport", "tcp")],
-            m.conns_tcp.get() as f64,
+            m.conns_tcp.get().saturating_sub(m.conns_tls_tcp.get()) as f64,
+        );
+        w.sample(
+            "barrage_edge_connections",
+            &[("shard", &shard_labels[i]), ("transport", "tls_tcp")],
+            m.conns_tls_tcp.get() as f64,
         );
         w.sample(
             "barrage_edge_connections",
             &[("shard", &shard_labels[i]), ("transport", "ws")],
-            m.conns_ws.get() as f64,
+            m.conns_ws.get().saturating_sub(m.conns_wss.get()) as f64,
+        );
+        w.sample(
+            "barrage_edge_connections",
+            &[("shard", &shard_labels[i]), ("transport", "wss")],
+            m.conns_wss.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 16] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 18] = [
+        (
+            "barrage_edge_tls_handshaking",
+            "gauge",
+            "TLS handshakes in flight (capped per shard by tls_handshakes_max).",
+            |m| m.tls_handshaking.get(),
+        ),
+        (
+            "barrage_edge_tls_handshakes_total",
+            "counter",
+            "TLS handshakes completed.",
+            |m| m.tls_handshakes.get(),
+        ),
         (
             "barrage_edge_accepted_total",
             "counter",
@@ -332,6 +382,23 @@ pub(crate) fn render(node: &Node) -> String {
         w.sample(
             "barrage_edge_closes_total",
             &[("reason", r.label())],
+            v as f64,
+        );
+    }
+    w.family(
+        "barrage_edge_tls_failed_total",
+        "counter",
+        "TLS connections closed or refused, by why (bad_record: not TLS; overloaded: over tls_handshakes_max).",
+    );
+    for f in crate::tls::TlsFail::ALL {
+        let v: u64 = node
+            .metrics
+            .iter()
+            .map(|m| m.tls_failed[f.index()].get())
+            .sum();
+        w.sample(
+            "barrage_edge_tls_failed_total",
+            &[("reason", f.label())],
             v as f64,
         );
     }

@@ -16,6 +16,18 @@ pub struct Config {
     pub tcp_addr: String,
     /// Client WebSocket listen address.
     pub ws_addr: String,
+    /// Client WebSocket-over-TLS (WSS) listen address; served only when `tls_cert_path` and
+    /// `tls_key_path` are set.
+    pub wss_addr: String,
+    /// Client TLS-over-TCP listen address (Bilibili packets in TLS, for app clients); empty (the
+    /// default) turns it off. Needs `tls_cert_path`.
+    pub tls_tcp_addr: String,
+    /// PEM certificate chain for WSS; empty turns WSS off. Reloaded by `POST /admin/reload-tls`.
+    pub tls_cert_path: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_path`.
+    pub tls_key_path: String,
+    /// TLS handshakes in flight per shard; past it new WSS clients are closed at accept.
+    pub tls_handshakes_max: usize,
     /// The only WebSocket path served; other paths get 404.
     pub ws_path: String,
     /// Admin HTTP address (`/healthz`, `/metrics`, `/admin/drain`).
@@ -122,6 +134,11 @@ impl Default for Config {
             shards: net::runtime::cores(),
             tcp_addr: "0.0.0.0:2243".into(),
             ws_addr: "0.0.0.0:2244".into(),
+            wss_addr: "0.0.0.0:2245".into(),
+            tls_tcp_addr: String::new(),
+            tls_cert_path: String::new(),
+            tls_key_path: String::new(),
+            tls_handshakes_max: 256,
             ws_path: "/sub".into(),
             admin_addr: "127.0.0.1:9243".into(),
             broker_addrs: Vec::new(),

@@ -12,15 +12,23 @@ use std::time::Duration;
 /// One heartbeat request may take this long.
 const CONTROL_REQUEST_MS_MAX: u64 = 2_000;
 
+/// The client ports this edge serves; 0 for a transport it does not serve.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ports {
+    pub tcp: u16,
+    pub ws: u16,
+    pub wss: u16,
+}
+
 /// The heartbeat body.
-pub(crate) fn heartbeat_body(node: &Node, tcp_port: u16, ws_port: u16) -> serde_json::Value {
+pub(crate) fn heartbeat_body(node: &Node, ports: Ports) -> serde_json::Value {
     serde_json::json!({
         "node_id": node.config.node_id,
         "region": node.config.region,
         "host": node.config.public_host,
-        "tcp_port": tcp_port,
-        "ws_port": ws_port,
-        "wss_port": 0,
+        "tcp_port": ports.tcp,
+        "ws_port": ports.ws,
+        "wss_port": ports.wss,
         "connections": node.connections(),
         "capacity": node.capacity,
         "draining": node.draining.load(Ordering::Relaxed),
@@ -28,7 +36,7 @@ pub(crate) fn heartbeat_body(node: &Node, tcp_port: u16, ws_port: u16) -> serde_
 }
 
 /// Sends heartbeats until the node stops.
-pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, tcp_port: u16, ws_port: u16) {
+pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) {
     let every = Duration::from_millis(node.config.control_heartbeat_ms.max(100));
     let mut failing = false;
     // Control's `edge_key`: without it control takes heartbeats from loopback peers only.
@@ -41,7 +49,7 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, tcp_port: u16,
         if node.stop.load(Ordering::Acquire) {
             return;
         }
-        let body = heartbeat_body(&node, tcp_port, ws_port).to_string();
+        let body = heartbeat_body(&node, ports).to_string();
         let res = net::http::request(
             &addr,
             "POST",
@@ -81,5 +89,38 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, tcp_port: u16,
             monoio::time::sleep(step).await;
             left -= step;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_advertises_wss_only_when_served() {
+        let node = Node::new(
+            crate::Config::default(),
+            proto::token::KeySet::default(),
+            10,
+        );
+        let off = heartbeat_body(
+            &node,
+            Ports {
+                tcp: 2243,
+                ws: 2244,
+                wss: 0,
+            },
+        );
+        assert_eq!(off["wss_port"], 0);
+        let on = heartbeat_body(
+            &node,
+            Ports {
+                tcp: 2243,
+                ws: 2244,
+                wss: 2245,
+            },
+        );
+        assert_eq!(on["wss_port"], 2245);
+        assert_eq!(on["ws_port"], 2244);
     }
 }

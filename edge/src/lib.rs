@@ -40,6 +40,7 @@ pub mod node;
 pub mod presence;
 pub mod reach;
 pub mod session;
+pub mod tls;
 pub mod wheel;
 
 mod admin;
@@ -76,6 +77,12 @@ pub enum EdgeError {
     /// Binding a listener or spawning a thread failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS certificate or key could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] net::tls::TlsError),
+    /// WSS is off (no `tls_cert_path`).
+    #[error("tls: WSS is off (tls_cert_path is empty)")]
+    TlsOff,
     /// The token key spec did not parse.
     #[error("token_keys: {0}")]
     Keys(#[from] proto::token::TokenError),
@@ -85,6 +92,8 @@ pub enum EdgeError {
 pub struct Handle {
     tcp_addr: SocketAddr,
     ws_addr: SocketAddr,
+    wss_addr: Option<SocketAddr>,
+    tls_tcp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     node: Arc<Node>,
     admin_stop: Arc<net::wake::Notify>,
@@ -97,6 +106,23 @@ impl Handle {
     }
     pub fn ws_addr(&self) -> SocketAddr {
         self.ws_addr
+    }
+    /// The WSS address, when `tls_cert_path` is set.
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        self.wss_addr
+    }
+    /// The TLS-over-TCP address, when `tls_tcp_addr` is set.
+    pub fn tls_tcp_addr(&self) -> Option<SocketAddr> {
+        self.tls_tcp_addr
+    }
+    /// A handle that reloads the TLS certificate (for SIGHUP), when WSS is on.
+    pub fn tls(&self) -> Option<tls::Tls> {
+        self.node.tls.clone()
+    }
+    /// Same as `POST /admin/reload-tls`: reads the certificate and key again for new
+    /// handshakes (open connections keep theirs). Returns the new fingerprint.
+    pub fn reload_tls(&self) -> Result<String, EdgeError> {
+        admin::reload_tls(&self.node)
     }
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
@@ -199,6 +225,27 @@ fn bind_all(
     Ok((v, bound))
 }
 
+/// The WSS certificate, if one is configured (both paths or neither).
+fn load_tls(config: &Config) -> Result<Option<tls::Tls>, EdgeError> {
+    match (
+        config.tls_cert_path.is_empty(),
+        config.tls_key_path.is_empty(),
+    ) {
+        (true, true) => Ok(None),
+        (false, false) => {
+            let t = tls::Tls::load(
+                std::path::Path::new(&config.tls_cert_path),
+                std::path::Path::new(&config.tls_key_path),
+            )?;
+            tracing::info!(cert = %config.tls_cert_path, fingerprint = %t.fingerprint(), "WSS certificate loaded");
+            Ok(Some(t))
+        }
+        _ => Err(EdgeError::Config(
+            "tls_cert_path and tls_key_path must be set together".into(),
+        )),
+    }
+}
+
 /// Starts the edge: binds every listener, spawns the shards and the admin thread, and returns
 /// once all of them listen.
 pub fn start(config: Config) -> Result<Handle, EdgeError> {
@@ -234,15 +281,56 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
 
     let (tcp, tcp_addr) = bind_all(&config.tcp_addr, n, &config)?;
     let (ws, ws_addr) = bind_all(&config.ws_addr, n, &config)?;
+    let tls = load_tls(&config)?;
+    let (wss, wss_addr) = match tls {
+        Some(_) => {
+            let (v, a) = bind_all(&config.wss_addr, n, &config)?;
+            (v.into_iter().map(Some).collect(), Some(a))
+        }
+        None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
+    };
+    let (tls_tcp, tls_tcp_addr) = match (&tls, config.tls_tcp_addr.is_empty()) {
+        (_, true) => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
+        (None, false) => {
+            return Err(EdgeError::Config(
+                "tls_tcp_addr needs tls_cert_path and tls_key_path".into(),
+            ))
+        }
+        (Some(_), false) => {
+            let (v, a) = bind_all(&config.tls_tcp_addr, n, &config)?;
+            (v.into_iter().map(Some).collect(), Some(a))
+        }
+    };
     let admin_listener = net::sys::listener(resolve(&config.admin_addr)?, false, 128)?;
     let admin_addr = admin_listener.local_addr()?;
 
     let rings = node::rings(n, config.ring_entries);
-    let node = Arc::new(Node::new(config, keys, capacity));
+    let mut node = Node::new(config, keys, capacity);
+    if let Some(t) = &tls {
+        // SIGHUP and `POST /admin/reload` read the certificate again too, as
+        // `POST /admin/reload-tls` does; open connections keep theirs.
+        let t = t.clone();
+        node.hooks.register("tls", move || {
+            t.reload()
+                .map(|fp| format!("certificate reloaded, fingerprint {fp}"))
+                .map_err(|e| e.to_string())
+        });
+    }
+    node.tls = tls;
+    let node = Arc::new(node);
     let plumbing: Vec<Mutex<Option<Plumbing>>> = rings
         .into_iter()
-        .zip(tcp.into_iter().zip(ws))
-        .map(|((tx, rx), (tcp, ws))| Mutex::new(Some(Plumbing { tx, rx, tcp, ws })))
+        .zip(tcp.into_iter().zip(ws).zip(wss.into_iter().zip(tls_tcp)))
+        .map(|((tx, rx), ((tcp, ws), (wss, tls_tcp)))| {
+            Mutex::new(Some(Plumbing {
+                tx,
+                rx,
+                tcp,
+                ws,
+                wss,
+                tls_tcp,
+            }))
+        })
         .collect();
     let plumbing = Arc::new(plumbing);
     let node2 = node.clone();
@@ -255,13 +343,17 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
         async move {
             let Some(p) = p else { return };
             let s = shard::Shard::new(i, node, p.tx, p.rx);
-            shard::run(s, p.tcp, p.ws).await;
+            shard::run(s, p.tcp, p.ws, p.wss, p.tls_tcp).await;
         }
     })?;
 
     let admin_stop = net::wake::Notify::new();
     let (node3, stop3) = (node.clone(), admin_stop.clone());
-    let (tcp_port, ws_port) = (tcp_addr.port(), ws_addr.port());
+    let ports = control::Ports {
+        tcp: tcp_addr.port(),
+        ws: ws_addr.port(),
+        wss: wss_addr.map_or(0, |a| a.port()),
+    };
     threads.push(
         std::thread::Builder::new()
             .name("edge-admin".into())
@@ -275,7 +367,7 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
                         }
                     };
                     if let Some(c) = node3.config.control_addr.clone() {
-                        monoio::spawn(control::heartbeat_loop(node3.clone(), c, tcp_port, ws_port));
+                        monoio::spawn(control::heartbeat_loop(node3.clone(), c, ports));
                     }
                     let stop = async move { stop3.notified().await };
                     let cfg = admin::serve_config(&node3);
@@ -284,10 +376,12 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
                 })
             })?,
     );
-    tracing::info!(%tcp_addr, %ws_addr, %admin_addr, "edge listening");
+    tracing::info!(%tcp_addr, %ws_addr, ?wss_addr, ?tls_tcp_addr, %admin_addr, "edge listening");
     Ok(Handle {
         tcp_addr,
         ws_addr,
+        wss_addr,
+        tls_tcp_addr,
         admin_addr,
         node,
         admin_stop,

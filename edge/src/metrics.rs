@@ -4,6 +4,7 @@
 
 use crate::session::{AuthFail, CloseReason};
 use net::metrics::Histogram;
+use crate::tls::TlsFail;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A single-writer counter or gauge.
@@ -110,6 +111,16 @@ pub struct ShardMetrics {
     pub presence_frames: Counter,
     /// Link shard only: full re-reports (each re-link, or an overflowing pending list).
     pub presence_rereports: Counter,
+    /// WSS connections open (also counted in `conns_ws`).
+    pub conns_wss: Counter,
+    /// TLS-over-TCP connections open (also counted in `conns_tcp`).
+    pub conns_tls_tcp: Counter,
+    /// TLS handshakes in flight (capped by `tls_handshakes_max`).
+    pub tls_handshaking: Counter,
+    /// TLS handshakes completed.
+    pub tls_handshakes: Counter,
+    /// TLS connections failed or refused, by why.
+    pub tls_failed: [Counter; TlsFail::ALL.len()],
 }
 
 impl ShardMetrics {
@@ -124,6 +135,9 @@ impl ShardMetrics {
     }
     pub fn drops_of(&self, r: DropReason) -> u64 {
         self.drops[r.index()].get()
+    }
+    pub fn tls_failed(&self, f: TlsFail) {
+        self.tls_failed[f.index()].inc();
     }
     pub fn closes_of(&self, r: CloseReason) -> u64 {
         self.closes[r.index()].get()

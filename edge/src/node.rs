@@ -80,6 +80,8 @@ pub struct Node {
     /// admin and control (or `conns_max` when lower). Viewers past it are refused.
     pub capacity: u64,
     pub started: Instant,
+    /// Certificates and server config for WSS; `None` when WSS is off.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Node {
@@ -108,6 +110,7 @@ impl Node {
             links: Mutex::new(Vec::new()),
             capacity,
             started: Instant::now(),
+            tls: None,
             config,
         }
     }

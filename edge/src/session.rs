@@ -157,12 +157,14 @@ pub enum CloseReason {
     AddrLimit,
     /// Drain or shutdown.
     Shutdown,
+    /// TLS failure (bad record, handshake refused, decrypt error; see `tls_failed`).
+    Tls,
     /// Socket error.
     Io,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 21] = [
+    pub const ALL: [CloseReason; 22] = [
         CloseReason::PeerClosed,
         CloseReason::BadPacket,
         CloseReason::PacketTooLong,
@@ -183,6 +185,7 @@ impl CloseReason {
         CloseReason::Capacity,
         CloseReason::AddrLimit,
         CloseReason::Shutdown,
+        CloseReason::Tls,
         CloseReason::Io,
     ];
 
@@ -208,6 +211,7 @@ impl CloseReason {
             CloseReason::Capacity => "capacity",
             CloseReason::AddrLimit => "addr_limit",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Tls => "tls",
             CloseReason::Io => "io",
         }
     }
@@ -232,9 +236,10 @@ impl CloseReason {
             | CloseReason::BadPath
             | CloseReason::HandshakeTooLarge
             | CloseReason::HandshakeTimeout => ws::close::POLICY_VIOLATION,
-            CloseReason::HeartbeatTimeout | CloseReason::Shutdown | CloseReason::Io => {
-                ws::close::GOING_AWAY
-            }
+            CloseReason::HeartbeatTimeout
+            | CloseReason::Shutdown
+            | CloseReason::Tls
+            | CloseReason::Io => ws::close::GOING_AWAY,
             // 1013 "try again later" is only IANA-registered, and strict decoders (ours included)
             // refuse it; 1008 is understood everywhere.
             CloseReason::Overloaded

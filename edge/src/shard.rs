@@ -19,6 +19,7 @@
 use crate::core::{ConnId, ShardCore, Transmit};
 use crate::link::Hub;
 use crate::session::{CloseReason, Transport};
+use crate::tls::{TlsConn, TlsFail};
 use bytes::Bytes;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
@@ -56,6 +57,10 @@ pub(crate) struct Plumbing {
     pub rx: Vec<rtrb::Consumer<Msg>>,
     pub tcp: std::net::TcpListener,
     pub ws: std::net::TcpListener,
+    /// WSS, when a certificate is configured.
+    pub wss: Option<std::net::TcpListener>,
+    /// TLS over raw TCP, when `tls_tcp_addr` is set.
+    pub tls_tcp: Option<std::net::TcpListener>,
 }
 
 /// A shard: one core and the I/O around it.
@@ -212,7 +217,13 @@ pub fn conn_entry_bytes() -> usize {
 // ---- tasks ----
 
 /// Runs one shard until the node stops.
-pub(crate) async fn run(shard: Rc<Shard>, tcp: std::net::TcpListener, ws: std::net::TcpListener) {
+pub(crate) async fn run(
+    shard: Rc<Shard>,
+    tcp: std::net::TcpListener,
+    ws: std::net::TcpListener,
+    wss: Option<std::net::TcpListener>,
+    tls_tcp: Option<std::net::TcpListener>,
+) {
     tracing::info!(
         shard = shard.id,
         driver = net::runtime::driver_in_use(),
@@ -223,12 +234,23 @@ pub(crate) async fn run(shard: Rc<Shard>, tcp: std::net::TcpListener, ws: std::n
         monoio::net::TcpListener::from_std(ws),
     ) {
         (Ok(t), Ok(w)) => {
-            monoio::spawn(accept_loop(shard.clone(), t, Transport::Tcp));
-            monoio::spawn(accept_loop(shard.clone(), w, Transport::Ws));
+            monoio::spawn(accept_loop(shard.clone(), t, Transport::Tcp, false));
+            monoio::spawn(accept_loop(shard.clone(), w, Transport::Ws, false));
         }
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(shard = shard.id, error = %e, "cannot register listeners");
             return;
+        }
+    }
+    for (l, transport) in [(wss, Transport::Ws), (tls_tcp, Transport::Tcp)] {
+        let Some(l) = l else { continue };
+        match monoio::net::TcpListener::from_std(l) {
+            Ok(l) => {
+                monoio::spawn(accept_loop(shard.clone(), l, transport, true));
+            }
+            Err(e) => {
+                tracing::error!(shard = shard.id, error = %e, "cannot register a TLS listener")
+            }
         }
     }
     monoio::spawn(tick_loop(shard.clone()));
@@ -313,7 +335,13 @@ impl AcceptBackoff {
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, transport: Transport) {
+/// Accepts clients of one listener; `tls`: each connection starts with a TLS handshake (WSS).
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: monoio::net::TcpListener,
+    transport: Transport,
+    tls: bool,
+) {
     let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = monoio::select! {
@@ -338,18 +366,64 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, trans
             }
         };
         backoff.succeeded();
+        let m = &shard.node.metrics[shard.id];
+        if tls && m.tls_handshaking.get() as usize >= shard.cfg().tls_handshakes_max {
+            // Handshakes cost CPU: past the cap a new client is closed at once (it retries).
+            m.tls_failed(TlsFail::Overloaded);
+            m.closed(CloseReason::Overloaded);
+            drop(stream);
+            continue;
+        }
         let admitted = shard.core.borrow_mut().on_accept(transport, peer.ip(), now);
         match admitted {
             Ok(id) => {
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(ConnTask::new(shard.clone(), id, stream));
+                let conn_tls = match tls_conn(&shard, tls, transport) {
+                    Ok(t) => t,
+                    Err(()) => {
+                        shard.core.borrow_mut().on_closed(id, CloseReason::Tls);
+                        shard.pump();
+                        continue;
+                    }
+                };
+                monoio::spawn(ConnTask::new(shard.clone(), id, stream, conn_tls));
             }
             Err(refused) => {
-                if !refused.bytes.is_empty() && shard.refusing.get() < REFUSALS_IN_FLIGHT_MAX {
+                // A refused WSS client cannot be told why in plaintext: it is just closed.
+                if !tls
+                    && !refused.bytes.is_empty()
+                    && shard.refusing.get() < REFUSALS_IN_FLIGHT_MAX
+                {
                     shard.refusing.set(shard.refusing.get() + 1);
                     monoio::spawn(refuse(shard.clone(), stream, refused.bytes));
                 }
             }
+        }
+    }
+}
+
+/// The TLS state of a new WSS connection (counted), or `None` for a plain one.
+fn tls_conn(shard: &Shard, tls: bool, transport: Transport) -> Result<Option<Box<TlsConn>>, ()> {
+    if !tls {
+        return Ok(None);
+    }
+    let m = &shard.node.metrics[shard.id];
+    let Some(t) = shard.node.tls.as_ref() else {
+        return Err(());
+    };
+    match TlsConn::new(t.config.clone()) {
+        Ok(mut c) => {
+            m.tls_handshaking.inc();
+            c.over_ws = transport == Transport::Ws;
+            match c.over_ws {
+                true => m.conns_wss.inc(),
+                false => m.conns_tls_tcp.inc(),
+            }
+            Ok(Some(Box::new(c)))
+        }
+        Err(f) => {
+            m.tls_failed(f);
+            Err(())
         }
     }
 }
@@ -395,10 +469,15 @@ struct ConnTask {
     id: ConnId,
     read: Option<ReadFut>,
     writer: Writer,
+    /// WSS: the TLS state (boxed: a plain connection pays one pointer).
+    tls: Option<Box<TlsConn>>,
+    /// WSS: plaintext bytes the write in flight carries (what the core queued), reported to
+    /// the core instead of the wire bytes.
+    busy_plain: usize,
 }
 
 impl ConnTask {
-    fn new(shard: Rc<Shard>, id: ConnId, stream: TcpStream) -> ConnTask {
+    fn new(shard: Rc<Shard>, id: ConnId, stream: TcpStream, tls: Option<Box<TlsConn>>) -> ConnTask {
         let (rd, wr) = stream.into_split();
         let buf = Vec::with_capacity(shard.cfg().handshake_read_buffer_bytes);
         ConnTask {
@@ -406,13 +485,48 @@ impl ConnTask {
             id,
             read: Some(read_owned(rd, buf)),
             writer: Writer::Idle(wr),
+            tls,
+            busy_plain: 0,
         }
+    }
+
+    /// WSS: feeds wire bytes to TLS and the plaintext to the core.
+    fn on_tls_bytes(&mut self, input: &[u8], now: Instant, unix_s: u64) -> Result<(), TlsFail> {
+        let Some(t) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        let was = t.is_handshaking();
+        let mut plain = Vec::new();
+        let res = t.on_received(input, &mut plain);
+        if was && !t.is_handshaking() {
+            let m = &self.shard.node.metrics[self.shard.id];
+            m.tls_handshaking.dec();
+            m.tls_handshakes.inc();
+        }
+        if !plain.is_empty() {
+            self.shard
+                .core
+                .borrow_mut()
+                .on_bytes(self.id, &plain, now, unix_s);
+            self.shard.pump();
+        }
+        res
     }
 
     fn finish(&mut self, reason: CloseReason) -> Poll<()> {
         // Dropping in-flight ops cancels them (monoio async-cancel); the socket is done anyway.
         self.read = None;
         self.writer = Writer::Gone;
+        if let Some(t) = self.tls.take() {
+            let m = &self.shard.node.metrics[self.shard.id];
+            if t.is_handshaking() {
+                m.tls_handshaking.dec();
+            }
+            match t.over_ws {
+                true => m.conns_wss.dec(),
+                false => m.conns_tls_tcp.dec(),
+            }
+        }
         self.shard.core.borrow_mut().on_closed(self.id, reason);
         if let Some(w) = self.shard.tasks.borrow_mut().get_mut(self.id.key()) {
             *w = None;
@@ -438,16 +552,48 @@ impl Future for ConnTask {
                 if let Poll::Ready((half, res)) = f.as_mut().poll(cx) {
                     this.writer = Writer::Idle(half);
                     match res {
-                        Ok(n) => shard.core.borrow_mut().on_written(id, n),
+                        Ok(n) => {
+                            let n = match this.tls {
+                                Some(_) => std::mem::take(&mut this.busy_plain),
+                                None => n,
+                            };
+                            if n > 0 || this.tls.is_none() {
+                                shard.core.borrow_mut().on_written(id, n);
+                            }
+                        }
                         Err(_) => return this.finish(CloseReason::Io),
                     }
                 }
             }
             if matches!(this.writer, Writer::Idle(_)) {
+                // WSS: handshake records go first (the core has nothing to say before them).
+                if let Some(wire) = this.tls.as_mut().and_then(|t| t.take_wire()) {
+                    if let Writer::Idle(half) = std::mem::replace(&mut this.writer, Writer::Gone) {
+                        this.busy_plain = 0;
+                        this.writer = Writer::Busy(write_owned(half, vec![Bytes::from(wire)]));
+                    }
+                    continue;
+                }
                 let mut bufs = Vec::new();
                 let t = shard.core.borrow_mut().take_transmit(id, &mut bufs);
                 match t {
                     Transmit::Write => {
+                        if let Some(tls) = this.tls.as_mut() {
+                            if tls.is_handshaking() {
+                                // The core closes a stalled handshake (its deadline covers TLS
+                                // and the upgrade) and counted why; there is no key to send
+                                // its reply with.
+                                return this.finish(CloseReason::HandshakeTimeout);
+                            }
+                            this.busy_plain = bufs.iter().map(Bytes::len).sum();
+                            match tls.encrypt(&bufs) {
+                                Ok(wire) => bufs = vec![Bytes::from(wire)],
+                                Err(f) => {
+                                    shard.node.metrics[shard.id].tls_failed(f);
+                                    return this.finish(CloseReason::Tls);
+                                }
+                            }
+                        }
                         if let Writer::Idle(half) =
                             std::mem::replace(&mut this.writer, Writer::Gone)
                         {
@@ -477,13 +623,28 @@ impl Future for ConnTask {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            shard
-                .core
-                .borrow_mut()
-                .on_bytes(id, &buf[..n.min(buf.len())], Instant::now(), unix_s);
-            shard.pump();
+            let input = &buf[..n.min(buf.len())];
+            if this.tls.is_some() {
+                if let Err(f) = this.on_tls_bytes(input, Instant::now(), unix_s) {
+                    shard.node.metrics[shard.id].tls_failed(f);
+                    let reason = match f {
+                        TlsFail::PeerClosed => CloseReason::PeerClosed,
+                        _ => CloseReason::Tls,
+                    };
+                    return this.finish(reason);
+                }
+            } else {
+                shard
+                    .core
+                    .borrow_mut()
+                    .on_bytes(id, input, Instant::now(), unix_s);
+                shard.pump();
+            }
             buf.clear();
-            let small = shard.cfg().read_buffer_bytes;
+            let mut small = shard.cfg().read_buffer_bytes;
+            if this.tls.is_some() {
+                small = small.max(crate::tls::TLS_READ_BUFFER_BYTES_MIN);
+            }
             if buf.capacity() > small && shard.core.borrow().is_live(id) {
                 // Idle cost: once authenticated, clients only send heartbeats.
                 buf = Vec::with_capacity(small);

@@ -79,6 +79,9 @@ pub struct Edge {
     #[serde(alias = "port")]
     pub tcp_port: u16,
     pub ws_port: u16,
+    /// WebSocket over TLS; 0 when the edge serves no WSS.
+    #[serde(default)]
+    pub wss_port: u16,
 }
 
 impl Edge {
