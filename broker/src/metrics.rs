@@ -98,7 +98,22 @@ pub struct ShardMetrics {
     pub edges: AtomicU64,
     pub rooms_watched: AtomicU64,
     pub pending_messages: AtomicU64,
+    /// Resume: REPLAY answers by outcome (`REPLAY_OUTCOMES`) and batches replayed.
+    pub replays: [AtomicU64; 6],
+    pub replayed_batches: AtomicU64,
+    /// Bytes the resume history holds.
+    pub history_bytes: AtomicU64,
 }
+
+/// Labels of `broker_replays_total`, indexed like [`ShardMetrics::replays`].
+pub const REPLAY_OUTCOMES: [&str; 6] = [
+    "fresh",
+    "recovered",
+    "partial",
+    "other_epoch",
+    "ahead",
+    "malformed",
+];
 
 impl ShardMetrics {
     pub fn encoded(&self, e: Encoding, in_bytes: usize, out_bytes: usize) {
@@ -106,6 +121,20 @@ impl ShardMetrics {
         self.encoded[i].fetch_add(1, Relaxed);
         self.encoded_in_bytes[i].fetch_add(in_bytes as u64, Relaxed);
         self.encoded_out_bytes[i].fetch_add(out_bytes as u64, Relaxed);
+    }
+
+    pub fn replay(&self, o: crate::history::Outcome, batches: u64) {
+        use crate::history::Outcome;
+        let i = match o {
+            Outcome::Fresh => 0,
+            Outcome::Recovered => 1,
+            Outcome::Partial => 2,
+            Outcome::OtherEpoch => 3,
+            Outcome::Ahead => 4,
+            Outcome::Malformed => 5,
+        };
+        self.replays[i].fetch_add(1, Relaxed);
+        self.replayed_batches.fetch_add(batches, Relaxed);
     }
 
     pub fn cut(&self, c: Cut) {
@@ -239,6 +268,34 @@ pub fn render(
         &[],
         sum(&|s| &s.batches_unrouted),
     );
+    w.family(
+        "broker_replays_total",
+        "counter",
+        "Edge REPLAY requests (resume) answered, by outcome.",
+    );
+    for (i, o) in REPLAY_OUTCOMES.iter().enumerate() {
+        w.sample(
+            "broker_replays_total",
+            &[("outcome", o)],
+            sum(&|s| &s.replays[i]),
+        );
+    }
+    w.family(
+        "broker_replayed_batches_total",
+        "counter",
+        "Batches sent to edges in REPLAYED answers.",
+    );
+    w.sample(
+        "broker_replayed_batches_total",
+        &[],
+        sum(&|s| &s.replayed_batches),
+    );
+    w.family(
+        "broker_history_bytes",
+        "gauge",
+        "Bytes the resume history holds (all shards).",
+    );
+    w.sample("broker_history_bytes", &[], sum(&|s| &s.history_bytes));
     w.family(
         "broker_encoded_batches_total",
         "counter",
