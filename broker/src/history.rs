@@ -672,4 +672,43 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_skipped_batch_drops_the_run_and_counts_as_missed() {
+        let t0 = Instant::now();
+        let mut h = filled(Limits::default(), 3, t0);
+        assert_ne!(h.encodings_held(ROOM), 0);
+        let epoch = h.current(ROOM).0;
+        h.skip(ROOM, 4, t0);
+        assert_eq!(h.encodings_held(ROOM), 0);
+        assert_eq!(h.current(ROOM), (epoch, 4), "a skip continues the epoch");
+        let r = h.replay_after(ROOM, &resume(&h, ROOM, 1), Encoding::Brotli, t0);
+        assert!(r.batches.is_empty());
+        assert_eq!((r.sync.recovered, r.sync.missed), (false, 3));
+    }
+
+    #[test]
+    fn an_answer_keeps_the_newest_batches_that_fit_a_frame() {
+        let t0 = Instant::now();
+        let mut h = filled(Limits::default(), 5, t0);
+        let req = proto::link::replay::Request {
+            req: 1,
+            room: ROOM,
+            encoding: Encoding::Brotli,
+            resume: resume(&h, ROOM, 0),
+        };
+        let (all, o) = h.answer(&req, 1 << 20, t0);
+        assert_eq!((all.batches.len(), o), (5, Outcome::Recovered));
+        let epoch = h.current(ROOM).0;
+        let room_for_two = proto::link::replay::answer_overhead_bytes(&epoch) + 2 * (8 + 10);
+        let (two, o) = h.answer(&req, room_for_two, t0);
+        assert_eq!(
+            two.batches.iter().map(|b| b.0).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        assert_eq!(
+            (two.sync.recovered, two.sync.missed, o),
+            (false, 3, Outcome::Partial)
+        );
+    }
 }

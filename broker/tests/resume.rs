@@ -58,7 +58,10 @@ fn replay_answers_exactly_the_missed_batches_then_live_continues() {
 
     // No resume: the current epoch and seq, nothing replayed.
     let fresh = replay(&mut edge, 1, ResumeField::Absent);
-    assert_eq!((fresh.sync.seq, fresh.sync.recovered, fresh.sync.missed), (6, true, 0));
+    assert_eq!(
+        (fresh.sync.seq, fresh.sync.recovered, fresh.sync.missed),
+        (6, true, 0)
+    );
     assert!(fresh.batches.is_empty());
     let epoch = fresh.sync.epoch.clone();
 
@@ -66,25 +69,40 @@ fn replay_answers_exactly_the_missed_batches_then_live_continues() {
     let a = replay(
         &mut edge,
         2,
-        ResumeField::Valid(Resume { epoch: epoch.clone(), seq: 4 }),
+        ResumeField::Valid(Resume {
+            epoch: epoch.clone(),
+            seq: 4,
+        }),
     );
-    assert_eq!(a.batches.iter().map(|b| b.0).collect::<Vec<_>>(), vec![5, 6]);
+    assert_eq!(
+        a.batches.iter().map(|b| b.0).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
     assert_eq!((a.sync.seq, a.sync.recovered, a.sync.missed), (6, true, 0));
 
     // Beyond history (4 held: 3..=6): from 1, seq 2 is missed.
     let b = replay(
         &mut edge,
         3,
-        ResumeField::Valid(Resume { epoch: epoch.clone(), seq: 1 }),
+        ResumeField::Valid(Resume {
+            epoch: epoch.clone(),
+            seq: 1,
+        }),
     );
-    assert_eq!(b.batches.iter().map(|b| b.0).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+    assert_eq!(
+        b.batches.iter().map(|b| b.0).collect::<Vec<_>>(),
+        vec![3, 4, 5, 6]
+    );
     assert_eq!((b.sync.recovered, b.sync.missed), (false, 1));
 
     // Another epoch (a previous broker run): not recovered, every unheld batch missed.
     let c = replay(
         &mut edge,
         4,
-        ResumeField::Valid(Resume { epoch: Epoch::new("0000000000000000-0").unwrap(), seq: 6 }),
+        ResumeField::Valid(Resume {
+            epoch: Epoch::new("0000000000000000-0").unwrap(),
+            seq: 6,
+        }),
     );
     assert_eq!((c.sync.recovered, c.sync.missed), (false, 2));
     assert_ne!(c.sync.epoch.as_str(), "0000000000000000-0");
@@ -93,21 +111,34 @@ fn replay_answers_exactly_the_missed_batches_then_live_continues() {
     let d = replay(
         &mut edge,
         5,
-        ResumeField::Valid(Resume { epoch: epoch.clone(), seq: 99 }),
+        ResumeField::Valid(Resume {
+            epoch: epoch.clone(),
+            seq: 99,
+        }),
     );
     assert!(d.batches.is_empty() && !d.sync.recovered);
     let e = replay(&mut edge, 6, ResumeField::Malformed(ResumeError::Seq));
     assert!(e.batches.is_empty() && !e.sync.recovered);
 
     // The next live batch continues right after the answer's seq.
-    client.push_many(&[Message::room(ROOM, danmu(ROOM, 99))]).unwrap();
-    let (_, _, live) = edge.next_batch(Duration::from_secs(10)).expect("live batch");
+    client
+        .push_many(&[Message::room(ROOM, danmu(ROOM, 99))])
+        .unwrap();
+    let (_, _, live) = edge
+        .next_batch(Duration::from_secs(10))
+        .expect("live batch");
     assert_eq!(live.seq, 7);
 
     let m = broker.metrics_text();
-    assert_eq!(metric(&m, "broker_replays_total{outcome=\"recovered\"}"), 1.0);
+    assert_eq!(
+        metric(&m, "broker_replays_total{outcome=\"recovered\"}"),
+        1.0
+    );
     assert_eq!(metric(&m, "broker_replays_total{outcome=\"partial\"}"), 1.0);
-    assert_eq!(metric(&m, "broker_replays_total{outcome=\"malformed\"}"), 1.0);
+    assert_eq!(
+        metric(&m, "broker_replays_total{outcome=\"malformed\"}"),
+        1.0
+    );
     broker.shutdown();
 }
 
@@ -120,14 +151,19 @@ fn a_room_left_a_moment_ago_keeps_its_history() {
     push_batches(&mut edge, &mut client, 2);
     // The last viewer left: the edge unsubscribes, pushes go on.
     edge.unsub(Interest::Room(RoomId(ROOM)));
-    client.push_many(&[Message::room(ROOM, danmu(ROOM, 3))]).unwrap();
+    client
+        .push_many(&[Message::room(ROOM, danmu(ROOM, 3))])
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     edge.sub_room(ROOM);
     let now = replay(&mut edge, 1, ResumeField::Absent);
     let a = replay(
         &mut edge,
         2,
-        ResumeField::Valid(Resume { epoch: now.sync.epoch, seq: 2 }),
+        ResumeField::Valid(Resume {
+            epoch: now.sync.epoch,
+            seq: 2,
+        }),
     );
     assert_eq!(a.batches.iter().map(|b| b.0).collect::<Vec<_>>(), vec![3]);
     assert!(a.sync.recovered);

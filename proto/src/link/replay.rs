@@ -200,7 +200,10 @@ mod tests {
                 recovered: false,
                 missed: 3,
             },
-            batches: vec![(10, Bytes::from_static(b"abc")), (11, Bytes::from_static(b"d"))],
+            batches: vec![
+                (10, Bytes::from_static(b"abc")),
+                (11, Bytes::from_static(b"d")),
+            ],
         }));
     }
 
