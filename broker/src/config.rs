@@ -224,6 +224,12 @@ pub struct Config {
     /// edges re-linked and re-sent interest are routed instead of lost as unrouted. Pushes past
     /// the queue bound meanwhile are refused `overloaded`. 0 = off.
     pub startup_hold_ms: u64,
+    /// Resume history: batches kept per room (issue 9).
+    pub history_batches_max: usize,
+    /// Resume history: a batch older than this is dropped.
+    pub history_ms_max: u64,
+    /// Resume history: bytes of all held batches of one broker shard together.
+    pub history_bytes_max: usize,
     /// How long an idempotency key is remembered: a push retried with the same key within it
     /// is answered with the first msg id and not delivered twice.
     pub idempotency_window_ms: u64,
@@ -286,6 +292,9 @@ impl Default for Config {
             http_batch_messages_max: 1_000,
             idempotency_window_ms: 60_000,
             startup_hold_ms: 0,
+            history_batches_max: crate::history::HISTORY_BATCHES_MAX,
+            history_ms_max: crate::history::HISTORY_MS_MAX,
+            history_bytes_max: crate::history::HISTORY_BYTES_MAX,
             idempotency_keys_max: 100_000,
             http: net::http::Limits::default(),
         }

@@ -88,7 +88,8 @@ pub enum Outcome {
 /// The answer to a resume: the outer packets to send after op 8, in order, then `sync`.
 #[derive(Clone, Debug)]
 pub struct Replay {
-    pub batches: Vec<Bytes>,
+    /// (outer header seq, packet), oldest first.
+    pub batches: Vec<(u32, Bytes)>,
     pub sync: Sync,
     pub outcome: Outcome,
 }
@@ -179,6 +180,76 @@ impl History {
         }
     }
 
+    /// Notes batch `seq` of `room` that is not kept (nobody watched it and the room held
+    /// nothing to resume): the room's seq moves on, and what it held is dropped so that what
+    /// it holds stays one run of consecutive seqs ending at the last. A client resuming
+    /// across it is told `missed`, never handed a gap.
+    pub fn skip(&mut self, room: RoomId, seq: u32, now: Instant) {
+        self.expire(now);
+        let r = self.rooms.entry(room).or_default();
+        let seq = seq & ROOM_SEQ_MAX;
+        if seq == 0 || seq != r.last + 1 {
+            r.generation += 1;
+            r.base = seq.saturating_sub(1);
+        }
+        r.last = seq;
+        for h in r.held.drain(..) {
+            self.bytes -= h.bytes;
+        }
+    }
+
+    /// The encodings (a set of [`Encoding::bit`]) of the room's newest held batch, 0 when it
+    /// holds none. The shell encodes an unwatched room's batch in these while the room still
+    /// holds history (a viewer that left a moment ago may resume), and skips it otherwise.
+    pub fn encodings_held(&self, room: RoomId) -> u8 {
+        let Some(h) = self.rooms.get(&room).and_then(|r| r.held.back()) else {
+            return 0;
+        };
+        [Encoding::Brotli, Encoding::Zlib, Encoding::Plain]
+            .into_iter()
+            .filter(|&e| h.encoded.get(e).is_some())
+            .fold(0, |acc, e| acc | e.bit())
+    }
+
+    /// The link answer to a REPLAY: [`History::replay_after`], keeping only the newest
+    /// batches that fit in a frame of `frame_bytes_max` (the older ones count as missed).
+    pub fn answer(
+        &mut self,
+        req: &proto::link::replay::Request,
+        frame_bytes_max: usize,
+        now: Instant,
+    ) -> (proto::link::replay::Answer, Outcome) {
+        use proto::link::replay::{answer_batch_bytes, answer_overhead_bytes, Answer};
+        let mut r = self.replay_after(req.room, &req.resume, req.encoding, now);
+        let mut bytes = answer_overhead_bytes(&r.sync.epoch);
+        let mut keep = 0;
+        for (_, b) in r.batches.iter().rev() {
+            let n = answer_batch_bytes(b);
+            if bytes + n > frame_bytes_max {
+                break;
+            }
+            bytes += n;
+            keep += 1;
+        }
+        let cut = r.batches.len() - keep;
+        if cut > 0 {
+            r.batches.drain(..cut);
+            r.sync.missed += cut as u64;
+            r.sync.recovered = false;
+            r.outcome = Outcome::Partial;
+        }
+        (
+            Answer {
+                req: req.req,
+                room: req.room,
+                encoding: req.encoding,
+                sync: r.sync,
+                batches: r.batches,
+            },
+            r.outcome,
+        )
+    }
+
     /// The room's epoch and last seq (what a client without `resume` is told).
     pub fn current(&self, room: RoomId) -> (Epoch, u32) {
         match self.rooms.get(&room) {
@@ -221,14 +292,14 @@ impl History {
             // A seq below the epoch's base names batches this epoch never had.
             (r.seq.max(base), Outcome::Recovered)
         };
-        let batches: Vec<Bytes> = self
+        let batches: Vec<(u32, Bytes)> = self
             .rooms
             .get(&room)
             .map(|rm| {
                 rm.held
                     .iter()
                     .filter(|h| h.seq > from)
-                    .filter_map(|h| h.encoded.get(encoding).cloned())
+                    .filter_map(|h| h.encoded.get(encoding).map(|b| (h.seq, b.clone())))
                     .collect()
             })
             .unwrap_or_default();
@@ -324,7 +395,7 @@ mod tests {
     }
 
     fn seqs(r: &Replay) -> Vec<u32> {
-        r.batches.iter().map(seq_of).collect()
+        r.batches.iter().map(|(_, b)| seq_of(b)).collect()
     }
 
     #[test]
@@ -600,5 +671,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_skipped_batch_drops_the_run_and_counts_as_missed() {
+        let t0 = Instant::now();
+        let mut h = filled(Limits::default(), 3, t0);
+        assert_ne!(h.encodings_held(ROOM), 0);
+        let epoch = h.current(ROOM).0;
+        h.skip(ROOM, 4, t0);
+        assert_eq!(h.encodings_held(ROOM), 0);
+        assert_eq!(h.current(ROOM), (epoch, 4), "a skip continues the epoch");
+        let r = h.replay_after(ROOM, &resume(&h, ROOM, 1), Encoding::Brotli, t0);
+        assert!(r.batches.is_empty());
+        assert_eq!((r.sync.recovered, r.sync.missed), (false, 3));
+    }
+
+    #[test]
+    fn an_answer_keeps_the_newest_batches_that_fit_a_frame() {
+        let t0 = Instant::now();
+        let mut h = filled(Limits::default(), 5, t0);
+        let req = proto::link::replay::Request {
+            req: 1,
+            room: ROOM,
+            encoding: Encoding::Brotli,
+            resume: resume(&h, ROOM, 0),
+        };
+        let (all, o) = h.answer(&req, 1 << 20, t0);
+        assert_eq!((all.batches.len(), o), (5, Outcome::Recovered));
+        let epoch = h.current(ROOM).0;
+        let room_for_two = proto::link::replay::answer_overhead_bytes(&epoch) + 2 * (8 + 10);
+        let (two, o) = h.answer(&req, room_for_two, t0);
+        assert_eq!(
+            two.batches.iter().map(|b| b.0).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        assert_eq!(
+            (two.sync.recovered, two.sync.missed, o),
+            (false, 3, Outcome::Partial)
+        );
     }
 }

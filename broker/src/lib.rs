@@ -22,8 +22,10 @@
 //! - [`client`]: [`IngestClient`], a blocking pipelined client of the ingest socket.
 //! - [`shard`]: one shard's event loop (queues -> batcher -> compress -> links).
 //! - [`metrics`]: counters and their Prometheus rendering.
-//! - [`reach`], [`history`], [`store`]: issue 9's delivery building blocks (sans-io high-reach
-//!   tracker, per-room resume history, durable log); not yet wired into the data path.
+//! - [`history`]: per-room resume history (sans-io); each shard records its rooms' batches
+//!   and answers the edges' REPLAY frames from it.
+//! - [`reach`], [`store`]: issue 9's high-reach building blocks (sans-io tracker, durable log);
+//!   not yet wired into the data path.
 //! - [`stop`]: a shard-local stop latch.
 //!
 //! # Threads and invariants
@@ -113,6 +115,9 @@ pub(crate) struct Shared {
     /// The per-target rate buckets, one per owning shard (taken by pushes to that shard only).
     pub rates: Vec<Mutex<policy::Rates>>,
     pub next_msg_id: AtomicU64,
+    /// Names this broker run in every room epoch (random per start): a restart is visible to
+    /// clients as a new epoch.
+    pub boot: u64,
     pub inboxes: Vec<Inbox>,
     pub ingest_metrics: metrics::IngestMetrics,
     pub shard_metrics: Vec<metrics::ShardMetrics>,
@@ -343,6 +348,7 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             .collect(),
         shards: n as u16,
         next_msg_id: AtomicU64::new(first_msg_id()),
+        boot: rand::random(),
         inboxes,
         ingest_metrics: Default::default(),
         shard_metrics: (0..n).map(|_| Default::default()).collect(),

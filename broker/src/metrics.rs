@@ -105,6 +105,11 @@ pub struct ShardMetrics {
     pub batch_bytes: Histogram,
     /// Time brotli took to encode one batch, µs.
     pub brotli_encode_us: Histogram,
+    /// Resume: REPLAY answers by outcome (`REPLAY_OUTCOMES`) and batches replayed.
+    pub replays: [AtomicU64; 6],
+    pub replayed_batches: AtomicU64,
+    /// Bytes the resume history holds.
+    pub history_bytes: AtomicU64,
 }
 
 impl Default for ShardMetrics {
@@ -129,9 +134,22 @@ impl Default for ShardMetrics {
             batch_messages: Histogram::new(&net::metrics::MESSAGES_BOUNDS),
             batch_bytes: Histogram::new(&net::metrics::BYTES_BOUNDS),
             brotli_encode_us: Histogram::latency(),
+            replays: Default::default(),
+            replayed_batches: Default::default(),
+            history_bytes: Default::default(),
         }
     }
 }
+
+/// Labels of `barrage_broker_replays_total`, indexed like [`ShardMetrics::replays`].
+pub const REPLAY_OUTCOMES: [&str; 6] = [
+    "fresh",
+    "recovered",
+    "partial",
+    "other_epoch",
+    "ahead",
+    "malformed",
+];
 
 impl ShardMetrics {
     pub fn encoded(&self, e: Encoding, in_bytes: usize, out_bytes: usize) {
@@ -148,6 +166,20 @@ impl ShardMetrics {
         }
         self.batch_messages.observe(flush.msg_ids.len() as u64);
         self.batch_bytes.observe(flush.body_bytes() as u64);
+    }
+
+    pub fn replay(&self, o: crate::history::Outcome, batches: u64) {
+        use crate::history::Outcome;
+        let i = match o {
+            Outcome::Fresh => 0,
+            Outcome::Recovered => 1,
+            Outcome::Partial => 2,
+            Outcome::OtherEpoch => 3,
+            Outcome::Ahead => 4,
+            Outcome::Malformed => 5,
+        };
+        self.replays[i].fetch_add(1, Relaxed);
+        self.replayed_batches.fetch_add(batches, Relaxed);
     }
 
     pub fn cut(&self, c: Cut) {
@@ -297,6 +329,34 @@ pub fn render(
         &[],
         sum(&|s| &s.batches_unrouted),
     );
+    w.family(
+        "barrage_broker_replays_total",
+        "counter",
+        "Edge REPLAY requests (resume) answered, by outcome.",
+    );
+    for (i, o) in REPLAY_OUTCOMES.iter().enumerate() {
+        w.sample(
+            "barrage_broker_replays_total",
+            &[("outcome", o)],
+            sum(&|s| &s.replays[i]),
+        );
+    }
+    w.family(
+        "barrage_broker_replayed_batches_total",
+        "counter",
+        "Batches sent to edges in REPLAYED answers.",
+    );
+    w.sample(
+        "barrage_broker_replayed_batches_total",
+        &[],
+        sum(&|s| &s.replayed_batches),
+    );
+    w.family(
+        "barrage_broker_history_bytes",
+        "gauge",
+        "Bytes the resume history holds (all shards).",
+    );
+    w.sample("barrage_broker_history_bytes", &[], sum(&|s| &s.history_bytes));
     w.family(
         "barrage_broker_encoded_batches_total",
         "counter",

@@ -295,9 +295,7 @@ impl Policy {
 
     /// Whether `key` holds `kind` (for [`ScopeKind::Presence`], which no push checks).
     pub fn allows(&self, key: KeyId, kind: ScopeKind) -> bool {
-        self.keys
-            .get(key.0)
-            .is_some_and(|k| k.scopes & kind.bit() != 0)
+        self.key(key).is_some_and(|k| k.scopes & kind.bit() != 0)
     }
 
     /// The stateless checks, in order: key, scope, size, JSON shape. Any thread, no lock.

@@ -328,7 +328,7 @@ impl Roster {
         rest: &str,
     ) -> Result<serde_json::Value, Response> {
         let key = authorize(shared, req)?;
-        if !shared.policy.allows(key, ScopeKind::Presence) {
+        if !shared.policy.load().allows(key, ScopeKind::Presence) {
             return Err(Response::error(
                 403,
                 "forbidden_scope",
@@ -432,6 +432,7 @@ fn authorize(shared: &Shared, req: &Request) -> Result<KeyId, Response> {
     };
     shared
         .policy
+        .load()
         .authenticate(k)
         .map_err(|_| Response::error(401, "unauthorized", "unknown API key"))
 }

@@ -7,7 +7,8 @@
 //! sent (its seq still advances, so edges that join later see consecutive seqs from then on).
 
 use crate::batcher::{Batcher, Flush, Limits};
-use crate::compress::{Compressor, Settings};
+use crate::compress::{outer_seq, Compressor, Settings};
+use crate::history::History;
 use crate::link::{self, Conn, LinkQueue, Out};
 use crate::metrics::Cut;
 use crate::route::{LinkId, Route, Target};
@@ -37,6 +38,8 @@ pub(crate) struct State {
     shared: Arc<Shared>,
     batcher: Batcher,
     route: Route,
+    /// Resume history of this shard's rooms (low-priority room batches).
+    history: History,
     compressor: Compressor,
     links: HashMap<LinkId, Rc<Conn>>,
     next_link: LinkId,
@@ -69,6 +72,14 @@ impl State {
                 messages_max: c.batch_messages_max,
             }),
             route: Route::new(),
+            history: History::new(
+                crate::history::Limits {
+                    batches_max: c.history_batches_max,
+                    ms_max: c.history_ms_max,
+                    bytes_max: c.history_bytes_max,
+                },
+                shared.boot,
+            ),
             compressor: Compressor::new(Settings {
                 quality: c.brotli_quality,
                 quality_small: c.brotli_quality_small,
@@ -165,7 +176,7 @@ impl State {
         }
         self.batcher.poll(now, &mut flushes);
         for f in flushes.drain(..) {
-            self.deliver(f);
+            self.deliver(f, now);
         }
         self.flushes = flushes;
         self.metrics()
@@ -175,7 +186,7 @@ impl State {
     }
 
     /// Encodes one batch for the encodings its edges want and queues it on their links.
-    fn deliver(&mut self, flush: Flush) {
+    fn deliver(&mut self, flush: Flush, now: Instant) {
         let m = &self.shared.shard_metrics[self.index as usize];
         m.batches.fetch_add(1, Relaxed);
         m.messages_batched
@@ -195,14 +206,40 @@ impl State {
                         .unwrap_or_default()
                 });
         }
-        let encodings = self.targets.iter().fold(0u8, |acc, t| acc | t.encodings);
-        if encodings == 0 {
+        let mut encodings = self.targets.iter().fold(0u8, |acc, t| acc | t.encodings);
+        if self.targets.is_empty() {
             m.batches_unrouted.fetch_add(1, Relaxed);
+        }
+        // Low-priority room batches are kept for resume; a room nobody watches is still
+        // encoded while it holds history (a viewer that just left may come back).
+        let resumable = match (&flush.scope, flush.priority) {
+            (Scope::Room(r), Priority::Low) => Some(*r),
+            _ => None,
+        };
+        if let Some(room) = resumable {
+            encodings |= self.history.encodings_held(room);
+        }
+        if encodings == 0 {
+            if let Some(room) = resumable {
+                self.history
+                    .skip(room, outer_seq(flush.priority, flush.seq), now);
+            }
             return;
         }
         let encoded = self.compressor.encode(&flush, encodings);
         if let Some(us) = self.compressor.last_brotli_us {
             m.brotli_encode_us.observe(us);
+        }
+        if let Some(room) = resumable {
+            self.history.record(
+                room,
+                outer_seq(flush.priority, flush.seq),
+                encoded.clone(),
+                now,
+            );
+            self.metrics()
+                .history_bytes
+                .store(self.history.bytes() as u64, Relaxed);
         }
         let mut frames: [Option<(Bytes, Bytes)>; 3] = [None, None, None];
         let mut header = Vec::with_capacity(64);
@@ -294,8 +331,10 @@ impl State {
             // High-reach ACKs are not handled by this version; they are accepted (edges may
             // send them) and counted as frames.
             LinkFrame::Ack { .. } => {}
+            LinkFrame::Replay(req) => self.replay(id, &req),
             LinkFrame::Hello(_)
             | LinkFrame::Batch(_)
+            | LinkFrame::Replayed(_)
             | LinkFrame::Challenge { .. }
             | LinkFrame::Proof { .. } => return Err(Cut::Protocol),
         }
@@ -310,6 +349,19 @@ impl State {
             }
             _ => crate::roster::Renewal::Ok,
         }
+    }
+
+    /// Answers an edge's REPLAY on the link it came on. Same turn as the batch routing, same
+    /// link as the room's live batches: the answer sits between the batches it covers and
+    /// the ones after it (proto::link::replay).
+    fn replay(&mut self, id: LinkId, req: &proto::link::replay::Request) {
+        let frame_max = self.shared.config.link_frame_bytes_max as usize;
+        let (answer, outcome) = self.history.answer(req, frame_max, Instant::now());
+        self.metrics().replay(outcome, answer.batches.len() as u64);
+        self.send(
+            id,
+            Out::Frame(link::frame_bytes(&LinkFrame::Replayed(answer))),
+        );
     }
 
     /// Periodic work: fleet counts to edges, pings, dead links, gauges.

@@ -38,6 +38,7 @@ use crate::id::{AreaId, DeviceId, Encoding, MsgId, Priority, RoomId, Scope, User
 use bytes::Bytes;
 
 pub mod handshake;
+pub mod replay;
 
 /// Link protocol version carried in every frame.
 pub const LINK_VERSION: u8 = 1;
@@ -182,6 +183,10 @@ pub enum LinkFrame {
     Proof {
         mac: [u8; handshake::MAC_BYTES],
     },
+    /// Edge -> broker: send what a room sent after a seq ([`replay`]).
+    Replay(replay::Request),
+    /// Broker -> edge: the answer to a `Replay` ([`replay`]).
+    Replayed(replay::Answer),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -211,6 +216,8 @@ pub mod kind {
     pub const PONG: u8 = 9;
     pub const CHALLENGE: u8 = 10;
     pub const PROOF: u8 = 11;
+    pub const REPLAY: u8 = 16;
+    pub const REPLAYED: u8 = 17;
 }
 
 /// Bytes before the payload: u32 frame_len, u8 version, u8 kind.
@@ -283,6 +290,8 @@ pub fn encode(frame: &LinkFrame, out: &mut Vec<u8>) {
         }
         LinkFrame::Challenge { nonce } => out.extend_from_slice(nonce),
         LinkFrame::Proof { mac } => out.extend_from_slice(mac),
+        LinkFrame::Replay(r) => replay::encode_request(r, out),
+        LinkFrame::Replayed(a) => replay::encode_answer(a, out),
     }
     wire::end(out, start);
 }
@@ -393,6 +402,8 @@ pub fn decode(buf: &Bytes, frame_bytes_max: u32) -> Result<(LinkFrame, usize), L
         kind::PONG => LinkFrame::Pong { nonce: r.u64()? },
         kind::CHALLENGE => LinkFrame::Challenge { nonce: r.array()? },
         kind::PROOF => LinkFrame::Proof { mac: r.array()? },
+        kind::REPLAY => LinkFrame::Replay(replay::decode_request(&mut r)?),
+        kind::REPLAYED => LinkFrame::Replayed(replay::decode_answer(&mut r)?),
         _ => return Err(LinkError::Kind),
     };
     r.finish()?;
@@ -445,6 +456,8 @@ fn frame_kind(frame: &LinkFrame) -> u8 {
         LinkFrame::Pong { .. } => kind::PONG,
         LinkFrame::Challenge { .. } => kind::CHALLENGE,
         LinkFrame::Proof { .. } => kind::PROOF,
+        LinkFrame::Replay(_) => kind::REPLAY,
+        LinkFrame::Replayed(_) => kind::REPLAYED,
     }
 }
 

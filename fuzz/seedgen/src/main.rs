@@ -250,6 +250,8 @@ fn name_of(f: &LinkFrame) -> &'static str {
         LinkFrame::Pong { .. } => "pong",
         LinkFrame::Challenge { .. } => "challenge",
         LinkFrame::Proof { .. } => "proof",
+        LinkFrame::Replay(_) => "replay",
+        LinkFrame::Replayed(_) => "replayed",
     }
 }
 
