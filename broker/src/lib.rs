@@ -24,6 +24,8 @@
 //! - [`reach`], [`history`], [`store`]: issue 9's delivery building blocks (sans-io high-reach
 //!   tracker, per-room resume history, durable log); not yet wired into the data path.
 //! - [`stop`]: a shard-local stop latch.
+//! - [`cluster`]: cluster mode (`backbone` set): publish to NATS JetStream before answering,
+//!   consume the partitions this broker leases into the same shard queues, ack after hand-off.
 //!
 //! # Threads and invariants
 //! - `shards` monoio runtime threads. Shard `i` owns the rooms with `shard_of_room(r) == i`, the
@@ -41,6 +43,7 @@
 
 pub mod batcher;
 pub mod client;
+pub mod cluster;
 pub mod compress;
 pub mod config;
 pub mod dedup;
@@ -126,6 +129,8 @@ pub(crate) struct Shared {
     pub auth_failures: Mutex<ingest::AuthFailures>,
     /// Keyed pushes remembered, per owning shard (taken only by keyed pushes).
     pub dedup: Vec<Mutex<dedup::Dedup>>,
+    /// Cluster mode's backbone (`None`: embedded mode).
+    pub cluster: Option<cluster::Cluster>,
 }
 
 impl Shared {
@@ -155,6 +160,9 @@ impl Shared {
                 &[("reason", r)],
                 self.link_refused[i].load(Ordering::Relaxed) as f64,
             );
+        }
+        if let Some(c) = &self.cluster {
+            c.metrics_text(&mut w);
         }
         text.push_str(&w.out);
         text
@@ -207,6 +215,11 @@ impl Handle {
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // Cluster mode: release the leases now, so the other brokers take this one's partitions
+        // at once. What its shards had not handed to the links is unacked and goes to them.
+        if let Some(c) = &self.shared.cluster {
+            c.shutdown();
         }
     }
 }
@@ -272,6 +285,12 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
     let http_addr = addr_of(&http[0], "http")?;
     let link_addr = addr_of(&link_listener, "link")?;
 
+    let (cluster, deliveries) = if config.cluster_mode() {
+        let (c, rx) = cluster::Cluster::start(&config, n)?;
+        (Some(c), Some(rx))
+    } else {
+        (None, None)
+    };
     let inboxes = (0..n)
         .map(|_| {
             let (high_tx, high_rx) = crossbeam_channel::bounded(config.queue_messages_max);
@@ -314,6 +333,7 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
                 ))
             })
             .collect(),
+        cluster,
         config,
     });
 
@@ -324,6 +344,17 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             source,
         })?;
     threads.push(acceptor);
+    if let Some(rx) = deliveries {
+        let s = shared.clone();
+        let feeder = std::thread::Builder::new()
+            .name("broker-feeder".into())
+            .spawn(move || cluster::feeder(s, rx))
+            .map_err(|source| BrokerError::Io {
+                what: "spawn backbone feeder".into(),
+                source,
+            })?;
+        threads.push(feeder);
+    }
 
     let listeners: Mutex<Vec<Option<(std::net::TcpListener, std::net::TcpListener)>>> =
         Mutex::new(ingest.into_iter().zip(http).map(Some).collect());

@@ -79,6 +79,11 @@ impl Bucket {
 pub struct KeyId(usize);
 
 impl KeyId {
+    /// The key's position in `api_keys` (alike on every broker of a cluster sharing the list).
+    pub(crate) fn index(self) -> usize {
+        self.0
+    }
+
     /// A key id for unit tests of tables keyed by it.
     #[cfg(test)]
     pub(crate) fn for_tests(n: usize) -> KeyId {
