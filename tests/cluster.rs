@@ -142,6 +142,15 @@ fn push_numbered(http: SocketAddr, room: u64, from: u64, n: u64) -> Vec<u64> {
     accepted
 }
 
+fn get_text(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 #[test]
 fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
     let dir = std::env::temp_dir().join(format!("barrage-cluster-{}", std::process::id()));
@@ -156,6 +165,19 @@ fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
     let mut ec = edge_config("edge-1", KEYS_V1, a.link, control.http_addr());
     ec.broker_addrs = vec![a.link.to_string(), b.link.to_string()];
     let _edge = edge::start(ec).expect("edge starts");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = http_json(control.http_addr(), "GET", "/v1/edges", &[], "").1;
+        let up = v["edges"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e["node_id"] == "edge-1" && e["state"] == "up")
+        });
+        if up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "edge never registered: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Viewers in several rooms, so both brokers own some of them.
     let rooms: Vec<u64> = (1..=6).map(|r| 7000 + r).collect();
@@ -205,6 +227,17 @@ fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
         let missing: Vec<_> = want.difference(&got).collect();
         assert!(missing.is_empty(), "room {}: missing {missing:?}", rooms[i]);
     }
+    // The survivor took over every partition (so the dead broker's rooms were delivered by it).
+    let metrics = get_text(b.http, "/metrics");
+    assert!(
+        metrics.contains("broker_backbone_partitions_held 8"),
+        "survivor holds every partition:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("broker_backbone"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     drop(b);
     control.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
