@@ -41,7 +41,10 @@ fn wait_listening(addr: SocketAddr) {
 
 /// `nats-server -js` on a free port (None: not installed and not required).
 fn nats(dir: &std::path::Path) -> Option<(Proc, SocketAddr)> {
-    let port = free_port();
+    nats_at(dir, free_port())
+}
+
+fn nats_at(dir: &std::path::Path, port: u16) -> Option<(Proc, SocketAddr)> {
     let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
         "/usr/sbin/nats-server"
     } else {
@@ -81,7 +84,11 @@ struct Broker {
 fn broker(name: &str, nats: SocketAddr) -> Broker {
     let (ingest, link, http) = (free_port(), free_port(), free_port());
     let set = |kv: String| ["--set".to_string(), kv];
-    let mut args = vec!["broker".to_string(), "--backbone".into(), format!("nats://{nats}")];
+    let mut args = vec![
+        "broker".to_string(),
+        "--backbone".into(),
+        format!("nats://{nats}"),
+    ];
     for kv in [
         format!("node_id=\"{name}\""),
         "shards=1".into(),
@@ -145,7 +152,11 @@ fn push_numbered(http: SocketAddr, room: u64, from: u64, n: u64) -> Vec<u64> {
 fn get_text(addr: SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -240,5 +251,43 @@ fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
     );
     drop(b);
     control.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_backbone_that_is_down_is_answered_503_then_recovers() {
+    let dir = std::env::temp_dir().join(format!("barrage-cluster-down-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let Some((nats_proc, nats_addr)) = nats(&dir) else {
+        return;
+    };
+    let b = broker("b-down", nats_addr);
+    let auth = format!("Bearer {API_KEY}");
+    let push = || {
+        http_json(
+            b.http,
+            "POST",
+            "/v1/push/room/1",
+            &[("Authorization", auth.as_str())],
+            r#"{"cmd":"X"}"#,
+        )
+    };
+    assert_eq!(push().0, 202);
+    drop(nats_proc);
+    let (status, v) = push();
+    assert_eq!(status, 503, "backbone down: overloaded, not accepted: {v}");
+    assert_eq!(v["error"], "overloaded", "{v}");
+    let (_nats, _) = nats_at(&dir, nats_addr.port()).expect("nats restarts");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, v) = push();
+        if status == 202 {
+            break;
+        }
+        assert_eq!(status, 503, "{v}");
+        assert!(Instant::now() < deadline, "never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }

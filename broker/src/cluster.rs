@@ -121,7 +121,9 @@ impl Cluster {
                 backbone,
                 key_prefix: format!("{}.{start_us}.", config.node_id),
                 next_key: AtomicU64::new(1),
-                tokens: (0..shards).map(|_| crossbeam_channel::unbounded()).collect(),
+                tokens: (0..shards)
+                    .map(|_| crossbeam_channel::unbounded())
+                    .collect(),
                 metrics: ClusterMetrics::default(),
             },
             rx,
@@ -134,11 +136,7 @@ impl Cluster {
         let partition = backbone::partition_of(&push.scope, self.backbone.partitions());
         let key = match idem {
             Some((key_index, idem)) => dedup_key(key_index, idem),
-            None => format!(
-                "{}{}",
-                self.key_prefix,
-                self.next_key.fetch_add(1, Relaxed)
-            ),
+            None => format!("{}{}", self.key_prefix, self.next_key.fetch_add(1, Relaxed)),
         };
         let mut payload = Vec::with_capacity(push.body.len() + 64);
         proto::ingest::encode(&IngestFrame::Push(push), &mut payload);

@@ -305,7 +305,8 @@ async fn push_batch(shared: &Shared, req: &Request) -> Response {
         results.push(match ingest::finish(shared, a, Via::Http).await {
             Ok(id) => json!({"msg_id": id.0.to_string()}),
             Err(e) => {
-                let mut v = json!({"error": e.label(), "message": e.to_string(), "status": status_of(&e)});
+                let mut v =
+                    json!({"error": e.label(), "message": e.to_string(), "status": status_of(&e)});
                 if let PushError::RateLimited { retry_after_ms } = e {
                     v["retry_after_ms"] = json!(retry_after_ms);
                 }
