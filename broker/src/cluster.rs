@@ -51,6 +51,9 @@ use std::time::Duration;
 /// How often the feeder looks at the stop flag while it waits.
 const FEEDER_POLL_MS: u64 = 100;
 
+/// A consumed message's ack token on its way to the shard that owns its scope.
+type Token = (MsgId, AckToken);
+
 /// Counters of cluster mode (rendered under `broker_backbone_*`).
 #[derive(Debug, Default)]
 pub struct ClusterMetrics {
@@ -85,7 +88,7 @@ pub(crate) struct Cluster {
     key_prefix: String,
     next_key: AtomicU64,
     /// Per shard: (msg id, token) of consumed messages on their way to that shard.
-    tokens: Vec<(Sender<(MsgId, AckToken)>, Receiver<(MsgId, AckToken)>)>,
+    tokens: Vec<(Sender<Token>, Receiver<Token>)>,
     pub metrics: ClusterMetrics,
 }
 
