@@ -43,7 +43,7 @@ enum Command {
     /// Run an edge (client connections).
     Edge(RoleArgs),
     /// Run a broker (ingest, aggregation, distribution).
-    Broker(RoleArgs),
+    Broker(BrokerArgs),
     /// Run control (tokens, edge registry, discovery).
     Control(RoleArgs),
     /// Print a role's complete default config, or check a config file.
@@ -66,6 +66,27 @@ struct RoleArgs {
     /// Overrides one field, above the file and the environment (repeatable): `--set shards=4`.
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     set: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct BrokerArgs {
+    #[command(flatten)]
+    role: RoleArgs,
+    /// Cluster mode: the NATS JetStream servers, `nats://host:port[,host:port...]` (the
+    /// config's `backbone`; above every other layer).
+    #[arg(long)]
+    backbone: Option<String>,
+}
+
+impl BrokerArgs {
+    /// The role args with `--backbone` as one more `--set` (the last, so it wins).
+    fn into_role(mut self) -> anyhow::Result<RoleArgs> {
+        if let Some(b) = self.backbone {
+            let quoted = serde_json::to_string(&b)?;
+            self.role.set.push(format!("backbone={quoted}"));
+        }
+        Ok(self.role)
+    }
 }
 
 fn init_logging() {
@@ -137,7 +158,7 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
             };
             Ok((h, banner, edge::Handle::shutdown, Some(drain), Some(reload)))
         })?,
-        Command::Broker(args) => serve::<broker::Config, _>(&args, |c| {
+        Command::Broker(args) => serve::<broker::Config, _>(&args.into_role()?, |c| {
             let h = broker::start(c).context("starting the broker")?;
             let reload = Reload {
                 hooks: h.reload_hooks(),

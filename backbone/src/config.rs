@@ -1,14 +1,16 @@
-//! The backbone's config: the `[backbone]` table of the broker's config file (not yet read by
-//! the broker: see docs/operations-broker.md). Every field has a default; times are in ms.
+//! The backbone's config: the `[cluster]` table of the broker's config file (the servers come
+//! from the broker's `backbone` field). Every field has a default; times are in ms.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Cluster mode settings. `servers` empty means embedded mode (no backbone).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// NATS servers, `nats://host:port[,host:port...]`.
+    /// NATS servers, `nats://host:port[,host:port...]`. Not read from the `[cluster]` table: the
+    /// broker fills it from its `backbone` field (`--backbone`).
+    #[serde(skip)]
     pub servers: String,
     /// JetStream stream of accepted pushes.
     pub stream: String,

@@ -236,6 +236,7 @@ pub struct Backbone {
     tx: mpsc::UnboundedSender<Command>,
     permits: Arc<Semaphore>,
     partitions: u16,
+    id_base: u64,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -252,7 +253,7 @@ impl Backbone {
             return Err(BackboneError::Config("no sink".into()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u64, BackboneError>>();
         let partitions = config.partitions;
         let permits = Arc::new(Semaphore::new(config.publish_pending_max));
         let thread = std::thread::Builder::new()
@@ -271,7 +272,7 @@ impl Backbone {
                 rt.block_on(async move {
                     match Shell::connect(config, me, sinks).await {
                         Ok(shell) => {
-                            let _ = ready_tx.send(Ok(()));
+                            let _ = ready_tx.send(Ok(shell.id_base()));
                             shell.run(rx).await;
                         }
                         Err(e) => {
@@ -281,10 +282,11 @@ impl Backbone {
                 });
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Backbone {
+            Ok(Ok(id_base)) => Ok(Backbone {
                 tx,
                 permits,
                 partitions,
+                id_base,
                 thread: Some(thread),
             }),
             Ok(Err(e)) => {
@@ -303,6 +305,14 @@ impl Backbone {
     /// The number of partitions (for [`crate::partition::partition_of`]).
     pub fn partitions(&self) -> u16 {
         self.partitions
+    }
+
+    /// A number every broker of the cluster reads alike and that grows when the stream is made
+    /// again: the stream's creation time in microseconds since the epoch. `id_base + sequence`
+    /// names a message uniquely across the cluster (and across a re-made stream, as long as
+    /// the old one stored fewer than a million messages a second on average).
+    pub fn id_base(&self) -> u64 {
+        self.id_base
     }
 
     /// Publishes `payload` to `partition` with `key` as its `Nats-Msg-Id`. The answer comes
@@ -350,12 +360,18 @@ impl Backbone {
     /// Stops consuming, releases every lease (so others take over at once, not after
     /// `lease_ms`), and ends the thread.
     pub fn close(mut self) {
+        self.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// [`Backbone::close`] through a shared reference: stops consuming, releases every lease
+    /// and ends the thread (later calls answer `Closed`). Returns once the leases are released.
+    pub fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Close(tx)).is_ok() {
             let _ = rx.blocking_recv();
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }
@@ -464,6 +480,11 @@ impl Shell {
             leases,
             consumers: HashMap::new(),
         })
+    }
+
+    fn id_base(&self) -> u64 {
+        let created = self.stream.cached_info().created.unix_timestamp_nanos() / 1_000;
+        u64::try_from(created).unwrap_or(0)
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {

@@ -240,6 +240,14 @@ pub struct Config {
     pub http_batch_messages_max: usize,
     /// HTTP admission: deadlines, per-address cap, reserved slots (`[http]`, see `net::http::Limits`).
     pub http: net::http::Limits,
+    /// Cluster mode: the NATS servers of the JetStream backbone, `nats://host:port[,...]`
+    /// (`--backbone`). Empty (the default): embedded mode, no NATS at all. With it set, every
+    /// accepted push is stored in JetStream before it is answered, and `node_id` must be unique
+    /// among the brokers (see docs/operations.md, "Cluster mode").
+    pub backbone: String,
+    /// Cluster mode settings (`[cluster]`: stream, partitions, replicas, leases, acks); read
+    /// only when `backbone` is set.
+    pub cluster: backbone::Config,
 }
 
 impl Default for Config {
@@ -297,6 +305,8 @@ impl Default for Config {
             history_bytes_max: crate::history::HISTORY_BYTES_MAX,
             idempotency_keys_max: 100_000,
             http: net::http::Limits::default(),
+            backbone: String::new(),
+            cluster: backbone::Config::default(),
         }
     }
 }
@@ -361,6 +371,11 @@ impl Config {
         if self.presence_events_max == 0 || self.presence_edges_max == 0 {
             return bad("presence_events_max and presence_edges_max must be at least 1");
         }
+        if self.cluster_mode() {
+            self.cluster
+                .check()
+                .map_err(|m| BrokerError::Config(format!("cluster: {m}")))?;
+        }
         Ok(())
     }
 
@@ -395,6 +410,11 @@ impl Config {
             tracing::warn!(link_addr = %self.link_addr, "link_keys is empty: edge links are unauthenticated and only loopback peers may link");
         }
         proto::link::handshake::KeyTable::parse(&self.link_keys).map_err(BrokerError::Config)
+    }
+
+    /// True when `backbone` names NATS servers (cluster mode).
+    pub fn cluster_mode(&self) -> bool {
+        !self.backbone.trim().is_empty()
     }
 
     /// The shard count actually used (`shards`, or the core count when 0).

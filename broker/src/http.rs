@@ -28,8 +28,8 @@ use crate::policy::KeyId;
 use crate::stop::Stop;
 use crate::Shared;
 use net::http::{Request, Response};
-use proto::id::{AreaId, DeviceId, Priority, RoomId, Scope, UserId};
-use proto::ingest::PushError;
+use proto::id::{AreaId, DeviceId, Priority, Reach, RoomId, Scope, UserId};
+use proto::ingest::{Push, PushError};
 use serde::Deserialize;
 use serde_json::json;
 use std::rc::Rc;
@@ -52,8 +52,8 @@ pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, 
     cfg.reserved_paths = RESERVED_PATHS.iter().map(|p| p.to_string()).collect();
     cfg.stats = shared.http_stats.clone();
     let handler: net::http::Handler = Rc::new(move |req: Request| {
-        let resp = handle(&shared, &req);
-        Box::pin(async move { resp })
+        let shared = shared.clone();
+        Box::pin(async move { handle(&shared, &req).await })
     });
     net::http::serve_with(listener, handler, cfg, stop.wait()).await;
 }
@@ -87,7 +87,7 @@ fn fail(e: PushError) -> Response {
 }
 
 /// Routes one request.
-pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
+pub(crate) async fn handle(shared: &Shared, req: &Request) -> Response {
     let path = req.path.trim_end_matches('/');
     match (req.method.as_str(), path) {
         ("GET", "/healthz") => Response::json(
@@ -107,14 +107,16 @@ pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
             Err(refusal) => refusal,
         },
         ("GET", "/v1/rooms/top") => rooms_top(shared, req),
-        ("POST", "/v1/push/batch") => push_batch(shared, req),
+        ("POST", "/v1/push/batch") => push_batch(shared, req).await,
         ("GET", p) if p.starts_with("/v1/presence/") => {
             shared.roster.http(shared, req, &p["/v1/presence/".len()..])
         }
         (_, p) if p.starts_with("/v1/presence/") => {
             Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")
         }
-        ("POST", p) if p.starts_with("/v1/push/") => push_one(shared, req, &p["/v1/push/".len()..]),
+        ("POST", p) if p.starts_with("/v1/push/") => {
+            push_one(shared, req, &p["/v1/push/".len()..]).await
+        }
         (_, "/v1/rooms/top") => {
             Response::error(405, "method_not_allowed", "use GET").with_header("allow", "GET")
         }
@@ -239,24 +241,29 @@ fn parse_priority(p: Option<&str>) -> Result<Priority, PushError> {
     }
 }
 
-fn parse_query(req: &Request) -> Result<Priority, PushError> {
-    let priority = parse_priority(req.query_param("priority"))?;
-    match req.query_param("reach") {
-        None | Some("high" | "best_effort") => {}
-        Some(other) => {
-            return Err(invalid(format!(
-                "reach must be high or best_effort, not {other:?}"
-            )))
-        }
+fn parse_reach(r: Option<&str>) -> Result<Reach, PushError> {
+    match r {
+        None | Some("best_effort") => Ok(Reach::BestEffort),
+        Some("high") => Ok(Reach::High),
+        Some(other) => Err(invalid(format!(
+            "reach must be high or best_effort, not {other:?}"
+        ))),
     }
-    if let Some(t) = req.query_param("ttl_ms") {
-        t.parse::<u32>()
-            .map_err(|_| invalid("ttl_ms must be a u32"))?;
-    }
-    Ok(priority)
 }
 
-fn push_one(shared: &Shared, req: &Request, rest: &str) -> Response {
+fn parse_query(req: &Request) -> Result<(Priority, Reach, u32), PushError> {
+    let priority = parse_priority(req.query_param("priority"))?;
+    let reach = parse_reach(req.query_param("reach"))?;
+    let ttl_ms = match req.query_param("ttl_ms") {
+        Some(t) => t
+            .parse::<u32>()
+            .map_err(|_| invalid("ttl_ms must be a u32"))?,
+        None => 0,
+    };
+    Ok((priority, reach, ttl_ms))
+}
+
+async fn push_one(shared: &Shared, req: &Request, rest: &str) -> Response {
     let key = match key_of(shared, req) {
         Ok(k) => k,
         Err(e) => return fail(e),
@@ -266,18 +273,26 @@ fn push_one(shared: &Shared, req: &Request, rest: &str) -> Response {
         None => (rest, None),
     };
     let parsed = parse_scope(kind, target).and_then(|s| parse_query(req).map(|p| (s, p)));
-    let (scope, priority) = match parsed {
+    let (scope, (priority, reach, ttl_ms)) = match parsed {
         Ok(v) => v,
         Err(e) => {
             shared.ingest_metrics.reject(&e);
             return fail(e);
         }
     };
-    let body = req.body.clone();
-    let result = match req.header("idempotency-key") {
-        Some(idem) => ingest::accept_keyed(shared, key, idem, scope, priority, body, Via::Http),
-        None => ingest::accept(shared, key, scope, priority, body, Via::Http),
+    let push = Push {
+        req_id: 0,
+        scope,
+        priority,
+        reach,
+        ttl_ms,
+        body: req.body.clone(),
     };
+    let accepting = match req.header("idempotency-key") {
+        Some(idem) => ingest::accept_keyed(shared, key, idem, push, Via::Http),
+        None => ingest::accept(shared, key, push, None, Via::Http),
+    };
+    let result = ingest::finish(shared, accepting, Via::Http).await;
     match result {
         Ok(id) => Response::json(202, &json!({"msg_id": id.0.to_string()})),
         Err(PushError::TooLarge) => Response::error(
@@ -316,7 +331,7 @@ struct BatchItem<'a> {
     body: &'a serde_json::value::RawValue,
 }
 
-fn push_batch(shared: &Shared, req: &Request) -> Response {
+async fn push_batch(shared: &Shared, req: &Request) -> Response {
     let key = match key_of(shared, req) {
         Ok(k) => k,
         Err(e) => return fail(e),
@@ -337,7 +352,9 @@ fn push_batch(shared: &Shared, req: &Request) -> Response {
         shared.ingest_metrics.reject(&e);
         return fail(e);
     }
-    let results: Vec<serde_json::Value> = batch
+    // Every item is checked and handed on first (cluster mode: all published at once), then
+    // the answers are awaited in request order.
+    let accepting: Vec<ingest::Accepting> = batch
         .messages
         .iter()
         .map(|item| {
@@ -349,31 +366,38 @@ fn push_batch(shared: &Shared, req: &Request) -> Response {
             };
             let checked = parse_scope(&item.scope, target.as_deref()).and_then(|scope| {
                 let priority = parse_priority(item.priority.as_deref())?;
-                match item.reach.as_deref() {
-                    None | Some("high" | "best_effort") => {}
-                    Some(other) => return Err(invalid(format!("reach must be high or best_effort, not {other:?}"))),
-                }
-                let _ = item.ttl_ms;
-                Ok((scope, priority))
+                let reach = parse_reach(item.reach.as_deref())?;
+                Ok(Push {
+                    req_id: 0,
+                    scope,
+                    priority,
+                    reach,
+                    ttl_ms: item.ttl_ms.unwrap_or(0),
+                    body: item.body.get().as_bytes().to_vec(),
+                })
             });
-            let result = match checked {
-                Ok((scope, priority)) => ingest::accept(shared, key, scope, priority, item.body.get().as_bytes().to_vec(), Via::Http),
+            match checked {
+                Ok(push) => ingest::accept(shared, key, push, None, Via::Http),
                 Err(e) => {
                     shared.ingest_metrics.reject(&e);
-                    Err(e)
-                }
-            };
-            match result {
-                Ok(id) => json!({"msg_id": id.0.to_string()}),
-                Err(e) => {
-                    let mut v = json!({"error": e.label(), "message": e.to_string(), "status": status_of(&e)});
-                    if let PushError::RateLimited { retry_after_ms } = e {
-                        v["retry_after_ms"] = json!(retry_after_ms);
-                    }
-                    v
+                    ingest::Accepting::Now(Err(e))
                 }
             }
         })
         .collect();
+    let mut results: Vec<serde_json::Value> = Vec::with_capacity(accepting.len());
+    for a in accepting {
+        results.push(match ingest::finish(shared, a, Via::Http).await {
+            Ok(id) => json!({"msg_id": id.0.to_string()}),
+            Err(e) => {
+                let mut v =
+                    json!({"error": e.label(), "message": e.to_string(), "status": status_of(&e)});
+                if let PushError::RateLimited { retry_after_ms } = e {
+                    v["retry_after_ms"] = json!(retry_after_ms);
+                }
+                v
+            }
+        });
+    }
     Response::json(200, &json!({ "results": results }))
 }

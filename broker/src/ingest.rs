@@ -87,24 +87,74 @@ pub fn owner(scope: &Scope, shards: u16) -> u16 {
     }
 }
 
-/// Checks a push against the policy and queues it on its owning shard. On success the
-/// message is in the queue and will be batched.
+/// A push past the policy: answered at once (embedded mode, or refused), or waiting for the
+/// backbone's publish ack (cluster mode). Resolve it with [`finish`].
+pub(crate) enum Accepting {
+    Now(Result<MsgId, PushError>),
+    Publishing(crate::cluster::Publishing),
+}
+
+/// The answer to an [`Accepting`]: in cluster mode, after JetStream's publish ack (counted as
+/// accepted then, or as `Overloaded`).
+pub(crate) async fn finish(shared: &Shared, a: Accepting, via: Via) -> Result<MsgId, PushError> {
+    match a {
+        Accepting::Now(r) => r,
+        Accepting::Publishing(p) => {
+            let r = match &shared.cluster {
+                Some(c) => c.finish(p).await,
+                None => Err(PushError::Overloaded),
+            };
+            match &r {
+                Ok(_) => {
+                    shared.ingest_metrics.accepted[via as usize].fetch_add(1, Relaxed);
+                }
+                Err(e) => shared.ingest_metrics.reject(e),
+            }
+            r
+        }
+    }
+}
+
+/// Checks a push against the policy and queues it on its owning shard (embedded mode) or
+/// publishes it to the backbone (cluster mode). On success the message is in the queue (or
+/// stored in JetStream) and will be batched.
 pub(crate) fn accept(
     shared: &Shared,
     key: KeyId,
-    scope: Scope,
-    priority: Priority,
-    body: Vec<u8>,
+    push: Push,
+    idem: Option<&str>,
     via: Via,
-) -> Result<MsgId, PushError> {
-    let result = accept_inner(shared, key, scope, priority, body);
+) -> Accepting {
+    if let Some(c) = &shared.cluster {
+        if let Err(e) = admit(shared, key, &push.scope, &push.body) {
+            shared.ingest_metrics.reject(&e);
+            return Accepting::Now(Err(e));
+        }
+        return Accepting::Publishing(c.publish(idem.map(|i| (key.index(), i)), push));
+    }
+    let result = accept_inner(shared, key, push.scope, push.priority, push.body);
     match &result {
         Ok(_) => {
             shared.ingest_metrics.accepted[via as usize].fetch_add(1, Relaxed);
         }
         Err(e) => shared.ingest_metrics.reject(e),
     }
-    result
+    Accepting::Now(result)
+}
+
+/// The policy: the stateless checks on this thread, then the rates (the key's lock-free, the
+/// target's under its owning shard's lock only).
+fn admit(shared: &Shared, key: KeyId, scope: &Scope, body: &[u8]) -> Result<usize, PushError> {
+    // Stateless checks on this thread, no lock.
+    let policy = shared.policy.load();
+    policy.check(key, scope, body)?;
+    let shard = owner(scope, shared.shards) as usize;
+    let Some(rates) = shared.rates.get(shard) else {
+        return Err(PushError::Overloaded);
+    };
+    // The rates: the key's lock-free, the target's under its owning shard's lock only.
+    policy.spend(&mut lock(rates), key, scope, Instant::now())?;
+    Ok(shard)
 }
 
 fn accept_inner(
@@ -114,15 +164,10 @@ fn accept_inner(
     priority: Priority,
     body: Vec<u8>,
 ) -> Result<MsgId, PushError> {
-    // Stateless checks on this thread, no lock.
-    let policy = shared.policy.load();
-    policy.check(key, &scope, &body)?;
-    let shard = owner(&scope, shared.shards) as usize;
-    let (Some(inbox), Some(rates)) = (shared.inboxes.get(shard), shared.rates.get(shard)) else {
+    let shard = admit(shared, key, &scope, &body)?;
+    let Some(inbox) = shared.inboxes.get(shard) else {
         return Err(PushError::Overloaded);
     };
-    // The rates: the key's lock-free, the target's under its owning shard's lock only.
-    policy.spend(&mut lock(rates), key, &scope, Instant::now())?;
     let msg_id = MsgId(shared.next_msg_id.fetch_add(1, Relaxed));
     let tx = match priority {
         Priority::High => &inbox.high_tx,
@@ -141,31 +186,34 @@ fn accept_inner(
 }
 
 /// [`accept`] for a push that carries an idempotency key: a retry within the window gets the
-/// first push's msg id and queues nothing (see [`crate::dedup`]).
+/// first push's msg id and queues nothing (see [`crate::dedup`]). In cluster mode the key goes
+/// to JetStream as the message's `Nats-Msg-Id` instead, so a retry through any broker of the
+/// cluster is deduplicated (within `cluster.dedup_window_ms`).
 pub(crate) fn accept_keyed(
     shared: &Shared,
     key: KeyId,
     idem: &str,
-    scope: Scope,
-    priority: Priority,
-    body: Vec<u8>,
+    push: Push,
     via: Via,
-) -> Result<MsgId, PushError> {
+) -> Accepting {
     if idem.is_empty() || idem.len() > proto::ingest::IDEMPOTENCY_KEY_BYTES_MAX {
         let e = PushError::Invalid(format!(
             "idempotency key must be 1..={} bytes",
             proto::ingest::IDEMPOTENCY_KEY_BYTES_MAX
         ));
         shared.ingest_metrics.reject(&e);
-        return Err(e);
+        return Accepting::Now(Err(e));
     }
-    let Some(table) = shared.dedup.get(owner(&scope, shared.shards) as usize) else {
-        return Err(PushError::Overloaded);
+    if shared.cluster.is_some() {
+        return accept(shared, key, push, Some(idem), via);
+    }
+    let Some(table) = shared.dedup.get(owner(&push.scope, shared.shards) as usize) else {
+        return Accepting::Now(Err(PushError::Overloaded));
     };
     let now = Instant::now();
     // Held across the accept so two copies of one push racing on two threads queue once.
     let mut d = lock(table);
-    match d.check(key, idem, now) {
+    Accepting::Now(match d.check(key, idem, now) {
         crate::dedup::Seen::Before(id) => {
             shared.ingest_metrics.deduplicated.fetch_add(1, Relaxed);
             Ok(id)
@@ -174,12 +222,16 @@ pub(crate) fn accept_keyed(
             shared.ingest_metrics.reject(&PushError::Overloaded);
             Err(PushError::Overloaded)
         }
-        crate::dedup::Seen::New => {
-            let id = accept(shared, key, scope, priority, body, via)?;
-            d.remember(key, idem, id, now);
-            Ok(id)
-        }
-    }
+        crate::dedup::Seen::New => match accept(shared, key, push, None, via) {
+            Accepting::Now(Ok(id)) => {
+                d.remember(key, idem, id, now);
+                Ok(id)
+            }
+            Accepting::Now(Err(e)) => Err(e),
+            // Embedded mode: accept answers at once.
+            Accepting::Publishing(_) => Err(PushError::Overloaded),
+        },
+    })
 }
 
 /// Authenticates an API key (counted as a rejection when unknown).
@@ -245,6 +297,14 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+/// Encodes the answers of the pushes in `answers`, in order, waiting for each publish ack.
+async fn answer(shared: &Shared, answers: &mut Vec<(u64, Accepting)>, out: &mut Vec<u8>) {
+    for (req_id, a) in answers.drain(..) {
+        let result = finish(shared, a, Via::Socket).await;
+        proto::ingest::encode(&IngestFrame::Status { req_id, result }, out);
+    }
+}
+
 /// Read buffer growth step; frames larger than this grow the buffer up to the frame limit.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -267,6 +327,7 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
     };
     let mut frames = FramedRead::new(stream, decoder, READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let mut answers: Vec<(u64, Accepting)> = Vec::new();
     loop {
         // Until authenticated, the read is stopped (cancelled, not dropped) at the deadline.
         let authed = key.is_some();
@@ -325,6 +386,7 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
                             };
                             if blocked || auth_failures >= shared.config.ingest_auth_failures_max {
                                 // Answer, then close: no more guesses on this connection.
+                                answer(shared, &mut answers, &mut out).await;
                                 proto::ingest::encode(&status, &mut out);
                                 shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
                                 let _ = frames.get_mut().write_all(std::mem::take(&mut out)).await;
@@ -332,56 +394,41 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
                             }
                             status
                         }
-                        IngestFrame::Push(Push {
-                            req_id,
-                            scope,
-                            priority,
-                            reach: _,
-                            ttl_ms: _,
-                            body,
-                        }) => {
-                            let result = match key {
-                                Some(k) => accept(shared, k, scope, priority, body, Via::Socket),
+                        IngestFrame::Push(push) => {
+                            let req_id = push.req_id;
+                            let a = match key {
+                                Some(k) => accept(shared, k, push, None, Via::Socket),
                                 None => {
                                     shared.ingest_metrics.reject(&PushError::Unauthorized);
-                                    Err(PushError::Unauthorized)
+                                    Accepting::Now(Err(PushError::Unauthorized))
                                 }
                             };
-                            IngestFrame::Status { req_id, result }
+                            answers.push((req_id, a));
+                            continue;
                         }
                         IngestFrame::KeyedPush {
                             idempotency_key,
-                            push:
-                                Push {
-                                    req_id,
-                                    scope,
-                                    priority,
-                                    body,
-                                    ..
-                                },
+                            push,
                         } => {
-                            let result = match key {
-                                Some(k) => accept_keyed(
-                                    shared,
-                                    k,
-                                    &idempotency_key,
-                                    scope,
-                                    priority,
-                                    body,
-                                    Via::Socket,
-                                ),
+                            let req_id = push.req_id;
+                            let a = match key {
+                                Some(k) => {
+                                    accept_keyed(shared, k, &idempotency_key, push, Via::Socket)
+                                }
                                 None => {
                                     shared.ingest_metrics.reject(&PushError::Unauthorized);
-                                    Err(PushError::Unauthorized)
+                                    Accepting::Now(Err(PushError::Unauthorized))
                                 }
                             };
-                            IngestFrame::Status { req_id, result }
+                            answers.push((req_id, a));
+                            continue;
                         }
                         IngestFrame::Status { .. } => {
                             shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
                             return;
                         }
                     };
+                    answer(shared, &mut answers, &mut out).await;
                     proto::ingest::encode(&status, &mut out);
                 }
                 Err(ReadError::Closed | ReadError::Io(_)) => return,
@@ -393,11 +440,15 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
                 Err(ReadError::Frame(_)) => {
                     shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
                     // Answer what was already decoded, then close.
+                    answer(shared, &mut answers, &mut out).await;
                     let _ = frames.get_mut().write_all(std::mem::take(&mut out)).await;
                     return;
                 }
             }
         }
+        // Every push decoded from this read is in flight (cluster mode: published, acks
+        // awaited together); answered in request order.
+        answer(shared, &mut answers, &mut out).await;
         if !out.is_empty() {
             let (res, o) = frames.get_mut().write_all(std::mem::take(&mut out)).await;
             if res.is_err() {

@@ -27,6 +27,8 @@
 //! - [`reach`], [`store`]: issue 9's high-reach building blocks (sans-io tracker, durable log);
 //!   not yet wired into the data path.
 //! - [`stop`]: a shard-local stop latch.
+//! - [`cluster`]: cluster mode (`backbone` set): publish to NATS JetStream before answering,
+//!   consume the partitions this broker leases into the same shard queues, ack after hand-off.
 //!
 //! # Threads and invariants
 //! - `shards` monoio runtime threads. Shard `i` owns the rooms with `shard_of_room(r) == i`, the
@@ -44,6 +46,7 @@
 
 pub mod batcher;
 pub mod client;
+pub mod cluster;
 pub mod compress;
 pub mod config;
 pub mod dedup;
@@ -141,6 +144,8 @@ pub(crate) struct Shared {
     pub top_rooms: Vec<Mutex<Vec<(proto::id::RoomId, u64)>>>,
     /// Presence: edges' records, leases, the event log (one per broker, behind its own lock).
     pub roster: roster::Roster,
+    /// Cluster mode's backbone (`None`: embedded mode).
+    pub cluster: Option<cluster::Cluster>,
 }
 
 /// Rooms each shard keeps in its busiest-rooms snapshot (and the most `/v1/rooms/top` lists).
@@ -182,6 +187,9 @@ impl Shared {
             );
         }
         self.roster.write_metrics(&mut w);
+        if let Some(c) = &self.cluster {
+            c.metrics_text(&mut w);
+        }
         text.push_str(&w.finish());
         text
     }
@@ -260,6 +268,11 @@ impl Handle {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Cluster mode: release the leases now, so the other brokers take this one's partitions
+        // at once. What its shards had not handed to the links is unacked and goes to them.
+        if let Some(c) = &self.shared.cluster {
+            c.shutdown();
+        }
     }
 }
 
@@ -324,6 +337,12 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
     let http_addr = addr_of(&http[0], "http")?;
     let link_addr = addr_of(&link_listener, "link")?;
 
+    let (cluster, deliveries) = if config.cluster_mode() {
+        let (c, rx) = cluster::Cluster::start(&config, n)?;
+        (Some(c), Some(rx))
+    } else {
+        (None, None)
+    };
     let inboxes = (0..n)
         .map(|_| {
             let (high_tx, high_rx) = crossbeam_channel::bounded(config.queue_messages_max);
@@ -370,6 +389,7 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             })
             .collect(),
         roster: roster::Roster::new(&config),
+        cluster,
         config,
     });
 
@@ -380,6 +400,17 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             source,
         })?;
     threads.push(acceptor);
+    if let Some(rx) = deliveries {
+        let s = shared.clone();
+        let feeder = std::thread::Builder::new()
+            .name("broker-feeder".into())
+            .spawn(move || cluster::feeder(s, rx))
+            .map_err(|source| BrokerError::Io {
+                what: "spawn backbone feeder".into(),
+                source,
+            })?;
+        threads.push(feeder);
+    }
 
     let listeners: Mutex<Vec<Option<(std::net::TcpListener, std::net::TcpListener)>>> =
         Mutex::new(ingest.into_iter().zip(http).map(Some).collect());

@@ -84,6 +84,11 @@ pub struct KeyId {
 }
 
 impl KeyId {
+    /// The key's position in `api_keys` (alike on every broker of a cluster sharing the list).
+    pub(crate) fn index(self) -> usize {
+        self.index
+    }
+
     /// A key id for unit tests of tables keyed by it.
     #[cfg(test)]
     pub(crate) fn for_tests(n: usize) -> KeyId {

@@ -55,6 +55,10 @@ pub(crate) struct State {
     hold_until: Option<Instant>,
     /// When the first edge link came up on this shard.
     first_link_at: Option<Instant>,
+    /// Cluster mode: ack tokens of consumed messages not yet handed to the links.
+    acks: crate::cluster::Acks,
+    /// Msg ids of the batches handed on in this drain (cluster mode only).
+    handed: Vec<proto::id::MsgId>,
 }
 
 /// After the first edge link of a held shard, how long it waits for that edge's interest
@@ -97,6 +101,8 @@ impl State {
             hold_until: (c.startup_hold_ms > 0)
                 .then(|| now + Duration::from_millis(c.startup_hold_ms)),
             first_link_at: None,
+            acks: Default::default(),
+            handed: Vec::new(),
             shared,
         }
     }
@@ -159,6 +165,11 @@ impl State {
     /// Returns true when the budget ran out with messages still queued.
     fn drain(&mut self, inbox: &Inbox, now: Instant) -> bool {
         let mut flushes = std::mem::take(&mut self.flushes);
+        let cluster = self.shared.clone();
+        let cluster = cluster.cluster.as_ref();
+        if let Some(c) = cluster {
+            c.take_tokens(usize::from(self.index), &mut self.acks);
+        }
         let mut budget = DRAIN_MESSAGES_MAX;
         while budget > 0 {
             let Ok(m) = inbox.high_rx.try_recv() else {
@@ -176,9 +187,20 @@ impl State {
         }
         self.batcher.poll(now, &mut flushes);
         for f in flushes.drain(..) {
+            if cluster.is_some() {
+                self.handed.extend_from_slice(&f.msg_ids);
+            }
             self.deliver(f, now);
         }
         self.flushes = flushes;
+        // Cluster mode: the batches are on the links' queues (or watched by nobody); ack them
+        // to JetStream. The one place a consumed message is acked (see crate::cluster, Acks).
+        if let Some(c) = cluster {
+            let handed = std::mem::take(&mut self.handed);
+            self.acks.handed(c, &handed);
+            self.handed = handed;
+            self.handed.clear();
+        }
         self.metrics()
             .pending_messages
             .store(self.batcher.pending_messages() as u64, Relaxed);

@@ -131,12 +131,12 @@ fn replay_answers_exactly_the_missed_batches_then_live_continues() {
 
     let m = broker.metrics_text();
     assert_eq!(
-        metric(&m, "broker_replays_total{outcome=\"recovered\"}"),
+        metric(&m, "barrage_broker_replays_total{outcome=\"recovered\"}"),
         1.0
     );
-    assert_eq!(metric(&m, "broker_replays_total{outcome=\"partial\"}"), 1.0);
+    assert_eq!(metric(&m, "barrage_broker_replays_total{outcome=\"partial\"}"), 1.0);
     assert_eq!(
-        metric(&m, "broker_replays_total{outcome=\"malformed\"}"),
+        metric(&m, "barrage_broker_replays_total{outcome=\"malformed\"}"),
         1.0
     );
     broker.shutdown();

@@ -1,0 +1,387 @@
+//! Cluster mode (issue 12, DESIGN §10): the broker on the NATS JetStream backbone.
+//!
+//! With `backbone = "nats://..."` set, an accepted push is not queued on this broker's shard:
+//! it is published to the backbone stream (partition by scope, [`backbone::partition_of`]) and
+//! answered only after JetStream's publish ack. Whichever broker holds the partition's lease
+//! consumes it: the [`feeder`] thread decodes each delivery and puts it on the owning shard's
+//! queue exactly as an embedded-mode push is queued, so aggregation, compression and routing are
+//! the same code in both modes. The shard acknowledges a message to JetStream once the batch
+//! that holds it has been handed to the edge links ([`Acks`]).
+//!
+//! # Ids and keys
+//! - `msg_id = id_base + stream sequence` ([`backbone::Backbone::id_base`]): unique across the
+//!   cluster without coordination, and a retried publish that JetStream reports a duplicate
+//!   gets the first one's sequence, so the same msg id.
+//! - `Nats-Msg-Id`: `k<key index>.<idempotency key>` for a keyed push (so a caller retrying on
+//!   another broker is deduplicated by JetStream within `cluster.dedup_window_ms`), otherwise
+//!   `<node id>.<process start µs>.<counter>` (unique per process life, so a restarted broker
+//!   never collides with its previous life's keys inside the window).
+//! - The payload is the push re-encoded as a `proto::ingest` Push frame (req id 0), so scope,
+//!   priority, reach and ttl travel with the body in a format that is already specified.
+//!
+//! # Acks (the hook for high reach)
+//! Every delivery's [`AckToken`] travels to the shard that owns the scope before the message
+//! itself (its own channel, drained first), and waits in that shard's [`Acks`] until the
+//! message's batch was handed to the links (or found nobody watching): then the shard calls
+//! [`Acks::handed`], which acks it. That is the low-priority rule. High reach (issue 9) needs a
+//! message acked only when a client ACKs it or it expires: the reach wiring should take the
+//! token out with [`Acks::take`] instead, send [`AckKind::Progress`] through [`Cluster::ack`]
+//! within every `cluster.ack_wait_ms` while it waits, and [`AckKind::Ack`] when done. Until
+//! that lands, high-reach messages are acked like the others, on hand-off.
+//!
+//! # Invariants
+//! - A push is answered with a msg id only after JetStream stored it; a backbone that is down,
+//!   busy or slow is answered `Overloaded` (503 with Retry-After): accepted means stored.
+//! - A message is acked only after its batch went to the links: a broker killed before that
+//!   leaves it unacked, and the partition's next owner gets it again (counted as
+//!   `barrage_broker_backbone_redelivered_total`).
+
+use crate::batcher::Message;
+use crate::ingest::owner;
+use crate::Shared;
+use backbone::{AckKind, AckToken, Backbone, BrokerId, Event, PublishError};
+use crossbeam_channel::{Receiver, Sender};
+use proto::id::{MsgId, Priority};
+use proto::ingest::{IngestFrame, Push, PushError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the feeder looks at the stop flag while it waits.
+const FEEDER_POLL_MS: u64 = 100;
+
+/// A consumed message's ack token on its way to the shard that owns its scope.
+type Token = (MsgId, AckToken);
+
+/// Counters of cluster mode (rendered under `barrage_broker_backbone_*`).
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// Publishes JetStream stored (including ones it reported as duplicates).
+    pub published: AtomicU64,
+    /// Publishes JetStream reported as duplicates of a stored message (a retry).
+    pub duplicates: AtomicU64,
+    /// Publishes refused, by reason: down, busy, timeout, refused, closed.
+    pub publish_failed: [AtomicU64; 5],
+    /// Messages consumed from held partitions.
+    pub consumed: AtomicU64,
+    /// Of those, messages that may have been delivered before (a takeover or an expired ack).
+    pub redelivered: AtomicU64,
+    /// Messages acked to JetStream.
+    pub acked: AtomicU64,
+    /// Consumed messages that did not decode (acked and dropped; only a foreign publisher on
+    /// the stream's subjects makes them).
+    pub bad_payload: AtomicU64,
+    /// Partitions this broker holds now.
+    pub partitions_held: AtomicI64,
+    /// Partitions taken (a lease won), over the broker's life.
+    pub partitions_taken: AtomicU64,
+}
+
+/// Reasons of `publish_failed`, in index order.
+pub const PUBLISH_FAILED_REASONS: [&str; 5] = ["down", "busy", "timeout", "refused", "closed"];
+
+/// The backbone as the broker uses it: publish, ack, and the per-shard ack-token channels.
+pub(crate) struct Cluster {
+    backbone: Backbone,
+    /// `Nats-Msg-Id` prefix of unkeyed pushes: `<node id>.<process start µs>.`.
+    key_prefix: String,
+    next_key: AtomicU64,
+    /// Per shard: (msg id, token) of consumed messages on their way to that shard.
+    tokens: Vec<(Sender<Token>, Receiver<Token>)>,
+    pub metrics: ClusterMetrics,
+}
+
+/// A publish on its way: resolve it with [`Cluster::finish`].
+pub(crate) struct Publishing(backbone::Publish);
+
+impl Cluster {
+    /// Connects to the backbone (creating the stream and the lease bucket when absent) and
+    /// starts leasing. The returned receiver is the feeder's: hand it to [`feeder`].
+    pub fn start(
+        config: &crate::Config,
+        shards: usize,
+    ) -> Result<(Cluster, Receiver<Event>), crate::BrokerError> {
+        let bad = |m: String| crate::BrokerError::Config(m);
+        let me = BrokerId::new(&config.node_id).ok_or_else(|| {
+            bad(format!(
+                "node_id {:?}: in cluster mode it names the broker in the lease bucket, so it \
+                 must be 1..=64 bytes of [A-Za-z0-9_-] and unique in the cluster",
+                config.node_id
+            ))
+        })?;
+        let mut c = config.cluster.clone();
+        c.servers = config.backbone.clone();
+        let (sink, rx, _notify) = backbone::Sink::new(c.delivery_queue_max);
+        let backbone = Backbone::start(c, me, vec![sink])
+            .map_err(|e| bad(format!("{e} (backbone = {:?})", config.backbone)))?;
+        let start_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0);
+        Ok((
+            Cluster {
+                backbone,
+                key_prefix: format!("{}.{start_us}.", config.node_id),
+                next_key: AtomicU64::new(1),
+                tokens: (0..shards)
+                    .map(|_| crossbeam_channel::unbounded())
+                    .collect(),
+                metrics: ClusterMetrics::default(),
+            },
+            rx,
+        ))
+    }
+
+    /// Publishes an accepted push. `idem` is the caller's idempotency key (with its API key's
+    /// index), when it gave one.
+    pub fn publish(&self, idem: Option<(usize, &str)>, push: Push) -> Publishing {
+        let partition = backbone::partition_of(&push.scope, self.backbone.partitions());
+        let key = match idem {
+            Some((key_index, idem)) => dedup_key(key_index, idem),
+            None => format!("{}{}", self.key_prefix, self.next_key.fetch_add(1, Relaxed)),
+        };
+        let mut payload = Vec::with_capacity(push.body.len() + 64);
+        proto::ingest::encode(&IngestFrame::Push(push), &mut payload);
+        Publishing(self.backbone.publish(partition, &key, payload.into()))
+    }
+
+    /// Waits for JetStream's answer: the msg id, or `Overloaded` (a retry is safe).
+    pub async fn finish(&self, p: Publishing) -> Result<MsgId, PushError> {
+        let m = &self.metrics;
+        match p.0.await {
+            Ok(a) => {
+                m.published.fetch_add(1, Relaxed);
+                if a.duplicate {
+                    m.duplicates.fetch_add(1, Relaxed);
+                }
+                Ok(MsgId(self.backbone.id_base().wrapping_add(a.sequence)))
+            }
+            Err(e) => {
+                let i = match e {
+                    PublishError::Down => 0,
+                    PublishError::Full => 1,
+                    PublishError::Timeout => 2,
+                    PublishError::Refused(_) | PublishError::BadKey => 3,
+                    PublishError::Closed => 4,
+                };
+                m.publish_failed[i].fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "backbone publish refused: answered overloaded");
+                Err(PushError::Overloaded)
+            }
+        }
+    }
+
+    /// Acknowledges a delivery (any thread).
+    pub fn ack(&self, token: AckToken, kind: AckKind) {
+        if kind == AckKind::Ack {
+            self.metrics.acked.fetch_add(1, Relaxed);
+        }
+        self.backbone.ack(token, kind);
+    }
+
+    /// Moves the ack tokens sent to shard `index` into its table (before it drains its queues,
+    /// so every queued message it takes has its token there).
+    pub fn take_tokens(&self, index: usize, acks: &mut Acks) {
+        if let Some((_, rx)) = self.tokens.get(index) {
+            while let Ok((id, token)) = rx.try_recv() {
+                acks.pending.insert(id, token);
+            }
+        }
+    }
+
+    /// Stops consuming and releases this broker's leases, so the others take its partitions
+    /// at once rather than after `lease_ms`. Unacked messages go to the next owners.
+    pub fn shutdown(&self) {
+        self.backbone.shutdown();
+    }
+
+    pub fn metrics_text(&self, w: &mut net::metrics::Writer) {
+        let m = &self.metrics;
+        let counters: [(&str, &str, &AtomicU64); 6] = [
+            (
+                "barrage_broker_backbone_published_total",
+                "Pushes JetStream stored (answered with a msg id).",
+                &m.published,
+            ),
+            (
+                "barrage_broker_backbone_duplicates_total",
+                "Publishes JetStream reported as duplicates of a stored one (retries).",
+                &m.duplicates,
+            ),
+            (
+                "barrage_broker_backbone_consumed_total",
+                "Messages consumed from the partitions this broker held.",
+                &m.consumed,
+            ),
+            (
+                "barrage_broker_backbone_redelivered_total",
+                "Consumed messages that may have been delivered before (takeover, expired ack).",
+                &m.redelivered,
+            ),
+            (
+                "barrage_broker_backbone_acked_total",
+                "Messages acked to JetStream after their batch went to the links.",
+                &m.acked,
+            ),
+            (
+                "barrage_broker_backbone_bad_payload_total",
+                "Consumed messages that did not decode (acked and dropped).",
+                &m.bad_payload,
+            ),
+        ];
+        for (name, help, v) in counters {
+            w.family(name, "counter", help);
+            w.sample(name, &[], v.load(Relaxed) as f64);
+        }
+        w.family(
+            "barrage_broker_backbone_publish_failed_total",
+            "counter",
+            "Publishes answered overloaded, by reason (down, busy, timeout, refused, closed).",
+        );
+        for (i, r) in PUBLISH_FAILED_REASONS.iter().enumerate() {
+            w.sample(
+                "barrage_broker_backbone_publish_failed_total",
+                &[("reason", r)],
+                m.publish_failed[i].load(Relaxed) as f64,
+            );
+        }
+        w.family(
+            "barrage_broker_backbone_partitions_held",
+            "gauge",
+            "Backbone partitions this broker holds the lease of.",
+        );
+        w.sample(
+            "barrage_broker_backbone_partitions_held",
+            &[],
+            m.partitions_held.load(Relaxed) as f64,
+        );
+        w.family(
+            "barrage_broker_backbone_partitions_taken_total",
+            "counter",
+            "Partition leases this broker won (start, rebalance, takeover).",
+        );
+        w.sample(
+            "barrage_broker_backbone_partitions_taken_total",
+            &[],
+            m.partitions_taken.load(Relaxed) as f64,
+        );
+    }
+}
+
+/// The `Nats-Msg-Id` of a keyed push: scoped by API key, the caller's key verbatim when it is
+/// printable ASCII, otherwise a hash of it (JetStream header values are ASCII).
+fn dedup_key(key_index: usize, idem: &str) -> String {
+    if idem.bytes().all(|b| b.is_ascii_graphic()) {
+        format!("k{key_index}.{idem}")
+    } else {
+        let h1 = backbone::partition::hash(idem.as_bytes());
+        let h2 = backbone::partition::hash(&[idem.as_bytes(), b"#"].concat());
+        format!("k{key_index}.h{h1:016x}{h2:016x}")
+    }
+}
+
+/// One shard's ack tokens of consumed messages not yet handed to the links.
+#[derive(Default)]
+pub(crate) struct Acks {
+    pending: HashMap<MsgId, AckToken>,
+}
+
+impl Acks {
+    /// The batch holding `ids` was handed to the edge links (or found nobody watching): acks
+    /// every one of them. The low-priority rule; see the module doc for high reach.
+    pub fn handed(&mut self, cluster: &Cluster, ids: &[MsgId]) {
+        for id in ids {
+            if let Some(token) = self.pending.remove(id) {
+                cluster.ack(token, AckKind::Ack);
+            }
+        }
+    }
+
+    /// Takes a message's token out, for a caller that acks it later itself (high reach).
+    #[allow(dead_code)]
+    pub fn take(&mut self, id: MsgId) -> Option<AckToken> {
+        self.pending.remove(&id)
+    }
+}
+
+/// The feeder thread: takes the backbone's deliveries and queues each on the shard that owns
+/// its scope, as an embedded-mode push is queued. Waits (does not drop) while that queue is
+/// full: JetStream holds the rest (`cluster.ack_pending_max` per partition).
+pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
+    let Some(cluster) = shared.cluster.as_ref() else {
+        return;
+    };
+    let m = &cluster.metrics;
+    let poll = Duration::from_millis(FEEDER_POLL_MS);
+    loop {
+        if shared.stop.load(Relaxed) {
+            return;
+        }
+        let event = match rx.recv_timeout(poll) {
+            Ok(e) => e,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        let d = match event {
+            Event::Owned(p) => {
+                m.partitions_held.fetch_add(1, Relaxed);
+                m.partitions_taken.fetch_add(1, Relaxed);
+                tracing::info!(partition = p.0, "backbone partition taken");
+                continue;
+            }
+            Event::Released(p) => {
+                m.partitions_held.fetch_sub(1, Relaxed);
+                tracing::info!(partition = p.0, "backbone partition released");
+                continue;
+            }
+            Event::Message(d) => d,
+        };
+        m.consumed.fetch_add(1, Relaxed);
+        if d.redelivered {
+            m.redelivered.fetch_add(1, Relaxed);
+        }
+        let push = match proto::ingest::decode(&d.payload, u32::MAX) {
+            Ok((IngestFrame::Push(p), _)) => p,
+            _ => {
+                m.bad_payload.fetch_add(1, Relaxed);
+                cluster.ack(d.ack, AckKind::Ack);
+                continue;
+            }
+        };
+        let msg_id = MsgId(cluster.backbone.id_base().wrapping_add(d.sequence));
+        let shard = usize::from(owner(&push.scope, shared.shards));
+        let (Some(inbox), Some((tokens, _))) =
+            (shared.inboxes.get(shard), cluster.tokens.get(shard))
+        else {
+            continue;
+        };
+        let _ = tokens.send((msg_id, d.ack));
+        let mut msg = Message {
+            scope: push.scope,
+            priority: push.priority,
+            msg_id,
+            body: push.body,
+            // This broker's clock starts here: the accepting broker's is not on the wire.
+            accepted: Instant::now(),
+        };
+        let tx = match msg.priority {
+            Priority::High => &inbox.high_tx,
+            Priority::Low => &inbox.low_tx,
+        };
+        loop {
+            match tx.send_timeout(msg, poll) {
+                Ok(()) => break,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
+                    inbox.notify.notify();
+                    if shared.stop.load(Relaxed) {
+                        return;
+                    }
+                    msg = back;
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
+            }
+        }
+        inbox.notify.notify();
+    }
+}
