@@ -71,16 +71,58 @@ pub enum Started {
 
 /// Starts `barrage <role> --config <toml>` and waits for its address line (or its exit).
 pub fn start(role: &str, toml: &str) -> Started {
+    start_in(role, toml, &Env::default())
+}
+
+/// Where and how a role process runs: in a network namespace the test made, under a small
+/// fd limit. Both are applied in the child between fork and exec, so the pid is barrage's own
+/// (SIGSTOP, kill -9 and /proc reach it, not a wrapper).
+#[derive(Clone, Default)]
+pub struct Env {
+    /// `/var/run/netns/<name>`, entered with setns(2).
+    pub netns: Option<String>,
+    /// RLIMIT_NOFILE, soft and hard.
+    pub nofile: Option<u64>,
+}
+
+/// Starts a role under `env` (see [`start`]).
+pub fn start_in(role: &str, toml: &str, env: &Env) -> Started {
+    use std::os::unix::process::CommandExt;
     let config = temp_file(&format!("{role}.toml"), toml);
-    let mut child = Command::new(BIN)
-        .args([role, "--config"])
+    let mut cmd = Command::new(BIN);
+    cmd.args([role, "--config"])
         .arg(&config.0)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn barrage");
+        .stderr(Stdio::piped());
+    let netns = env.netns.as_ref().map(|n| {
+        let path = format!("/var/run/netns/{n}");
+        std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    });
+    let nofile = env.nofile;
+    // SAFETY: only async-signal-safe calls (setns, setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if let Some(f) = &netns {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(n) = nofile {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn barrage");
     let out = lines(child.stdout.take().expect("stdout"));
     let err = lines(child.stderr.take().expect("stderr"));
     let deadline = Instant::now() + WAIT;
@@ -109,7 +151,11 @@ pub fn start(role: &str, toml: &str) -> Started {
 }
 
 pub fn start_ok(role: &str, toml: &str) -> Role {
-    match start(role, toml) {
+    start_ok_in(role, toml, &Env::default())
+}
+
+pub fn start_ok_in(role: &str, toml: &str, env: &Env) -> Role {
+    match start_in(role, toml, env) {
         Started::Up(r) => r,
         Started::Exited(s, err) => panic!("{role} exited ({s}): {err}"),
     }

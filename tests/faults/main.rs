@@ -13,7 +13,9 @@
 //!   exhaustion.
 //! - [`secrets`]: weak secrets refused off loopback, warned about on it.
 
+mod cluster;
 mod common;
+mod crash;
 mod http;
 mod link;
 mod secrets;
