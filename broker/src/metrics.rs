@@ -356,7 +356,11 @@ pub fn render(
         "gauge",
         "Bytes the resume history holds (all shards).",
     );
-    w.sample("barrage_broker_history_bytes", &[], sum(&|s| &s.history_bytes));
+    w.sample(
+        "barrage_broker_history_bytes",
+        &[],
+        sum(&|s| &s.history_bytes),
+    );
     w.family(
         "barrage_broker_encoded_batches_total",
         "counter",

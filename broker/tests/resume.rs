@@ -134,7 +134,10 @@ fn replay_answers_exactly_the_missed_batches_then_live_continues() {
         metric(&m, "barrage_broker_replays_total{outcome=\"recovered\"}"),
         1.0
     );
-    assert_eq!(metric(&m, "barrage_broker_replays_total{outcome=\"partial\"}"), 1.0);
+    assert_eq!(
+        metric(&m, "barrage_broker_replays_total{outcome=\"partial\"}"),
+        1.0
+    );
     assert_eq!(
         metric(&m, "barrage_broker_replays_total{outcome=\"malformed\"}"),
         1.0

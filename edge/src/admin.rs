@@ -92,9 +92,11 @@ fn route(node: &Node, http: &net::http::Stats, req: &Request) -> Response {
                 Err(e) => Response::error(500, "tls_reload_failed", &e.to_string()),
             }
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/drain" | "/admin/reload" | "/admin/reload-tls") => {
-            Response::error(405, "method_not_allowed", "wrong method for this endpoint")
-        }
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/admin/drain" | "/admin/reload"
+            | "/admin/reload-tls",
+        ) => Response::error(405, "method_not_allowed", "wrong method for this endpoint"),
         _ => Response::error(404, "not_found", "no such endpoint"),
     }
 }

@@ -3,8 +3,8 @@
 //! hot path); readers may see a value a moment old, which is all Prometheus needs.
 
 use crate::session::{AuthFail, CloseReason};
-use net::metrics::Histogram;
 use crate::tls::TlsFail;
+use net::metrics::Histogram;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A single-writer counter or gauge.
