@@ -245,7 +245,7 @@ fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
         "survivor holds every partition:\n{}",
         metrics
             .lines()
-            .filter(|l| l.starts_with("broker_backbone"))
+            .filter(|l| l.starts_with("barrage_broker_backbone"))
             .collect::<Vec<_>>()
             .join("\n")
     );

@@ -25,7 +25,7 @@ const WAIT: Duration = Duration::from_secs(20);
 fn broker(lease_ms: u64) -> Role {
     let toml = format!(
         "link_ping_ms = 200\nlink_dead_ms = 1000\ncounts_interval_ms = 100\n\
-         presence_grace_ms = {GRACE_MS}\npresence_lease_ms = {lease_ms}\n\
+         presence_grace_ms = {GRACE_MS}\npresence_lease_ms = {lease_ms}\nroute_by_presence = true\n\
          [[api_keys]]\nkey = \"{READER}\"\nscopes = [\"room\", \"presence\"]\n\
          [[api_keys]]\nkey = \"{PUSHER}\"\nscopes = [\"room\", \"user\"]\n"
     );
@@ -314,7 +314,7 @@ fn an_edge_that_relinks_rereports_without_counting_twice() {
     signal("-CONT");
     let m = procs::metrics(http);
     assert!(
-        procs::metric(&m, "broker_link_cuts_total{reason=\"dead\"}").unwrap_or(0.0) >= 1.0,
+        procs::metric(&m, "barrage_broker_link_cuts_total{reason=\"dead\"}").unwrap_or(0.0) >= 1.0,
         "{m}"
     );
     // The re-report arrives (a new PRESENCE frame), the room stays at 3 and, past the grace,

@@ -197,6 +197,10 @@ pub struct Config {
     /// An edge's presence records end (with exits) this long after its last link heartbeat or
     /// report; 0 means three `link_ping_ms`.
     pub presence_lease_ms: u64,
+    /// User and device batches go only to the edges presence says hold that user or device.
+    /// Off by default: a connection younger than one presence report (`presence_batch_ms` on
+    /// the edge plus a round trip) is not known yet and would miss a best-effort push.
+    pub route_by_presence: bool,
     /// Connections presence holds fleet-wide; enters past it are refused and counted.
     pub presence_records_max: usize,
     /// Edge nodes with a presence lease at once.
@@ -285,6 +289,7 @@ impl Default for Config {
             link_ping_ms: 5_000,
             link_dead_ms: 15_000,
             counts_interval_ms: 1_000,
+            route_by_presence: false,
             presence_grace_ms: crate::presence::PRESENCE_GRACE_MS,
             presence_lease_ms: 0,
             presence_records_max: crate::presence::PRESENCE_RECORDS_MAX,

@@ -217,7 +217,9 @@ impl State {
         self.targets.clear();
         self.route
             .targets(&flush.scope, flush.priority, &mut self.targets);
-        if matches!(flush.scope, Scope::User(_) | Scope::Device(_)) {
+        if self.shared.config.route_by_presence
+            && matches!(flush.scope, Scope::User(_) | Scope::Device(_))
+        {
             let links = &self.links;
             self.shared
                 .roster
