@@ -170,27 +170,8 @@ fn rooms_top(shared: &Shared, req: &Request) -> Response {
 /// Whether `req` may use an admin endpoint: the bearer must be `admin_key`; without one set,
 /// only when the HTTP API listens on loopback.
 fn admin_allowed(shared: &Shared, req: &Request) -> Result<(), Response> {
-    let key = shared.config.admin_key.as_bytes();
-    if key.is_empty() {
-        if !shared.config.http_addr.ip().to_canonical().is_loopback() {
-            return Err(Response::error(
-                403,
-                "forbidden",
-                "http_addr is not loopback: set admin_key to use admin endpoints",
-            ));
-        }
-        return Ok(());
-    }
-    let given = req.bearer().unwrap_or("").as_bytes();
-    if net::secret::ct_eq(given, key) {
-        Ok(())
-    } else {
-        Err(Response::error(
-            401,
-            "unauthorized",
-            "a valid admin key is needed (Authorization: Bearer <admin_key>)",
-        ))
-    }
+    let public = !shared.config.http_addr.ip().to_canonical().is_loopback();
+    net::http::admin_allowed(req, &shared.config.admin_key, public, "http_addr")
 }
 
 fn key_of(shared: &Shared, req: &Request) -> Result<KeyId, PushError> {

@@ -115,27 +115,8 @@ pub(crate) fn not_ready(node: &Node) -> Option<&'static str> {
 
 /// Whether `req` may use a mutating endpoint (see the module invariants).
 fn admin_allowed(node: &Node, req: &Request) -> Result<(), Response> {
-    let key = node.config.admin_key.as_bytes();
-    if key.is_empty() {
-        if admin_is_public(&node.config) {
-            return Err(Response::error(
-                403,
-                "forbidden",
-                "admin_addr is not loopback: set admin_key to use mutating admin endpoints",
-            ));
-        }
-        return Ok(());
-    }
-    let given = req.bearer().unwrap_or("").as_bytes();
-    if net::secret::ct_eq(given, key) {
-        Ok(())
-    } else {
-        Err(Response::error(
-            401,
-            "unauthorized",
-            "a valid admin key is needed (Authorization: Bearer <admin_key>)",
-        ))
-    }
+    let public = admin_is_public(&node.config);
+    net::http::admin_allowed(req, &node.config.admin_key, public, "admin_addr")
 }
 
 fn admin_is_public(config: &crate::Config) -> bool {

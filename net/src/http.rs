@@ -127,6 +127,37 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// Whether `req` may use an admin endpoint: its bearer must be `admin_key`; with no key set,
+/// only while the admin listener (`addr_field`, named in the refusal) is not public.
+pub fn admin_allowed(
+    req: &Request,
+    admin_key: &str,
+    public: bool,
+    addr_field: &str,
+) -> Result<(), Response> {
+    let key = admin_key.as_bytes();
+    if key.is_empty() {
+        if public {
+            return Err(Response::error(
+                403,
+                "forbidden",
+                &format!("{addr_field} is not loopback: set admin_key to use admin endpoints"),
+            ));
+        }
+        return Ok(());
+    }
+    let given = req.bearer().unwrap_or("").as_bytes();
+    if crate::secret::ct_eq(given, key) {
+        Ok(())
+    } else {
+        Err(Response::error(
+            401,
+            "unauthorized",
+            "a valid admin key is needed (Authorization: Bearer <admin_key>)",
+        ))
+    }
+}
+
 impl Response {
     /// JSON response with `Content-Type: application/json`.
     pub fn json(status: u16, value: &serde_json::Value) -> Response {
