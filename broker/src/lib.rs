@@ -14,7 +14,8 @@
 //! - [`route`]: edge links, their interest, fleet-wide counts (sans-io).
 //! - [`presence`]: who is in which room: records, leases, flap grace, the event log (sans-io).
 //! - [`roster`]: presence wired: edges' PRESENCE frames and heartbeats in, lease expiry on
-//!   shard 0, the `/v1/presence/...` API, user/device routing to the edges that hold them.
+//!   shard 0, the `/v1/presence/...` API, user/device routing to the edges that hold them
+//!   (with `route_by_presence`).
 //! - [`link`]: the edge link server: a handshake thread, then per-link reader/writer tasks on
 //!   the owning shard with a bounded queue.
 //! - [`ingest`]: the ingest socket server and the accept path shared with HTTP.
