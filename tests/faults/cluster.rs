@@ -58,6 +58,9 @@ pub struct Opts {
     pub broker_link_host: String,
     /// Edge `public_host`/bind host and namespace, per edge index.
     pub edge_env: Vec<(String, Env)>,
+    /// The host address edges in a network namespace dial for control and the broker's link
+    /// port (then control and the link port listen on every address, not only loopback).
+    pub host_for_edges: Option<String>,
 }
 
 impl Default for Opts {
@@ -72,6 +75,7 @@ impl Default for Opts {
             broker_link_for_edges: None,
             broker_link_host: "127.0.0.1".into(),
             edge_env: Vec::new(),
+            host_for_edges: None,
         }
     }
 }
@@ -93,8 +97,13 @@ pub struct Cluster {
 impl Cluster {
     pub fn start(opts: Opts) -> Cluster {
         let control_port = free_port();
+        let any = if opts.host_for_edges.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         let control_toml = format!(
-            "http_addr = \"127.0.0.1:{control_port}\"\ntoken_keys = \"1:{STRONG}\"\ndriver = \"legacy\"\n\
+            "http_addr = \"{any}:{control_port}\"\ntoken_keys = \"1:{STRONG}\"\ndriver = \"legacy\"\n\
              edge_key = \"{STRONG}\"\nedge_ttl_ms = 1000\nedge_forget_ms = 2000\n"
         );
         let control = start_ok("control", &control_toml);
@@ -103,11 +112,15 @@ impl Cluster {
             .map(|i| format!("\"edge-{i}:{STRONG}\""))
             .collect();
         let broker_toml = format!(
-            "shards = 1\npin_cores = false\ndriver = \"legacy\"\ningest_addr = \"127.0.0.1:{ingest}\"\n\
+            "shards = 1\npin = false\ndriver = \"legacy\"\ningest_addr = \"127.0.0.1:{ingest}\"\n\
              link_addr = \"{}:{link_port}\"\nhttp_addr = \"127.0.0.1:{http}\"\n\
              link_keys = [{}]\nlink_ping_ms = {}\nlink_dead_ms = {}\nstartup_hold_ms = {}\n{}\n\
              [[api_keys]]\nkey = \"{API}\"\n",
-            opts.broker_link_host,
+            if opts.host_for_edges.is_some() {
+                any
+            } else {
+                &opts.broker_link_host
+            },
             link_keys.join(", "),
             opts.link_ping_ms,
             opts.link_dead_ms,
@@ -116,7 +129,7 @@ impl Cluster {
         );
         let broker = start_ok("broker", &broker_toml);
         let mut c = Cluster {
-            control_addr: control.addrs[0],
+            control_addr: SocketAddr::from(([127, 0, 0, 1], control_port)),
             ingest: broker.addrs[0],
             link_port,
             broker_http: broker.addrs[2],
@@ -131,7 +144,9 @@ impl Cluster {
             let e = c.start_edge(i);
             c.edges.push(Some(e));
         }
-        c.wait_listed(c.opts.edges);
+        if c.opts.edges > 0 {
+            c.wait_listed(c.opts.edges);
+        }
         c
     }
 
@@ -142,11 +157,17 @@ impl Cluster {
             .get(i)
             .cloned()
             .unwrap_or(("127.0.0.1".into(), Env::default()));
+        let home = self
+            .opts
+            .host_for_edges
+            .clone()
+            .unwrap_or("127.0.0.1".into());
         let link = self
             .opts
             .broker_link_for_edges
             .clone()
-            .unwrap_or(format!("127.0.0.1:{}", self.link_port));
+            .unwrap_or(format!("{home}:{}", self.link_port));
+        let control = format!("{home}:{}", self.control_addr.port());
         format!(
             "shards = 1\npin = false\ndriver = \"legacy\"\nnode_id = \"edge-{}\"\n\
              tcp_addr = \"{host}:0\"\nws_addr = \"{host}:0\"\nadmin_addr = \"{host}:0\"\npublic_host = \"{host}\"\n\
@@ -154,7 +175,7 @@ impl Cluster {
              broker_addrs = [\"{link}\"]\ncontrol_addr = \"{}\"\ncontrol_heartbeat_ms = 100\n\
              link_ping_ms = {}\nlink_dead_ms = {}\nlink_backoff_ms_min = 50\nlink_backoff_ms_max = 500\n{}\n",
             i + 1,
-            self.control_addr,
+            control,
             self.opts.link_ping_ms,
             self.opts.link_dead_ms,
             self.opts.edge_extra,
@@ -175,6 +196,12 @@ impl Cluster {
     pub fn edge_addrs(&self, i: usize) -> (SocketAddr, SocketAddr) {
         let e = self.edges[i].as_ref().expect("edge running");
         (e.addrs[0], e.addrs[2])
+    }
+
+    /// The edge's `/metrics` text (read from any address: the edge may be in a namespace).
+    pub fn edge_metrics(&self, i: usize) -> String {
+        let (_, admin) = self.edge_addrs(i);
+        metrics_at(admin)
     }
 
     /// Kills the broker with SIGKILL (no goodbye on any socket beyond the kernel's).
