@@ -58,6 +58,8 @@ fn fd_limit_serves_existing_refuses_new_and_keeps_links() {
     c.edges.push(Some(e));
     c.wait_listed(1);
     let (tcp, admin) = c.edge_addrs(0);
+    // A ticket while the edge has room (control stops handing out a full edge).
+    let ticket = c.ticket().expect("ticket");
     let (vs, p, from) = viewers_and_load(&c, 20, 200);
     let m = metrics(admin);
     assert_eq!(metric(&m, "barrage_edge_capacity "), Some(20.0), "{m}");
@@ -67,16 +69,17 @@ fn fd_limit_serves_existing_refuses_new_and_keeps_links() {
         .map(|i| connect_from([127, 0, 1, 1 + i % 10], tcp))
         .collect();
     // 40 new viewers: each refused promptly with a reconnect hint.
-    let ticket = c.ticket().expect("ticket");
     let t = Instant::now();
     let codes: Vec<Option<i64>> = (0..40)
-        .map(|i| auth_code(tcp, &ticket.token, &format!("late-{i}")))
+        .map(|_| auth_code(tcp, &ticket.token, "probe"))
         .collect();
     let refusing = t.elapsed();
     let refused = codes.iter().filter(|c| **c == Some(-503)).count();
-    // Health and control still reach the edge.
+    // Health answers, and the edge's heartbeats still reach control (listed as full).
     let health = request_from([127, 0, 0, 1], admin, &get("/healthz")).map(|(h, _)| status(&h));
-    c.wait_listed(1);
+    let fleet = request_from([127, 0, 0, 1], c.control_addr, &get("/v1/edges"))
+        .map(|(_, b)| String::from_utf8_lossy(&b).to_string())
+        .unwrap_or_default();
     drop(idle);
 
     // The broker goes away and comes back: the link must find an fd to reconnect with.
@@ -97,6 +100,10 @@ fn fd_limit_serves_existing_refuses_new_and_keeps_links() {
     );
     assert_eq!(refused, 40, "late viewers not refused cleanly: {codes:?}");
     assert_eq!(health, Some(200));
+    assert!(
+        fleet.contains("\"node_id\":\"edge-1\"") && fleet.contains("\"connections\":20"),
+        "control lost the full edge: {fleet}"
+    );
     assert!(
         capacity_closes >= 40.0 + 150.0,
         "refusals not counted: {capacity_closes}"
@@ -123,7 +130,8 @@ fn mass_reconnect(n: usize) {
         // One client address for every viewer: control must take the burst from it.
         ..Opts::default()
     });
-    let vs: Vec<Viewer> = (0..n).map(|i| Viewer::spawn(c.control_addr, i)).collect();
+    let t0 = Instant::now();
+    let mut vs: Vec<Viewer> = (0..n).map(|i| Viewer::spawn(c.control_addr, i)).collect();
     let deadline = Instant::now() + WAIT * 3;
     while vs.iter().any(|v| v.conns() == 0) {
         assert!(
@@ -133,6 +141,7 @@ fn mass_reconnect(n: usize) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let connected = t0.elapsed();
     let (doomed, _) = c.edge_addrs(0);
     let on: Vec<bool> = vs
         .iter()
@@ -167,8 +176,11 @@ fn mass_reconnect(n: usize) {
         .filter_map(|(v, _)| v.log.lock().unwrap().connects.get(1).copied())
         .collect();
     times.sort();
+    let t1 = Instant::now();
+    stop_all(&mut vs);
+    let stopped = t1.elapsed();
     println!(
-        "mass reconnect: {moving} of {n} viewers on the killed edge, all back in {all:?}; \
+        "mass reconnect ({n} connected in {connected:?}, stopped in {stopped:?}): {moving} of {n} viewers on the killed edge, all back in {all:?}; \
          time to reconnected p50 {:?}, p99 {:?}, max {:?}; {undisturbed} of {} on the other edge undisturbed",
         pct(&times, 0.5),
         pct(&times, 0.99),
@@ -247,7 +259,7 @@ fn soak() {
     let mut churn: Vec<Viewer> = Vec::new();
     let mut round = 0usize;
     while t.elapsed() < Duration::from_secs(secs) {
-        churn.iter_mut().for_each(Viewer::stop);
+        stop_all(&mut churn);
         churn = (0..40)
             .map(|i| Viewer::spawn(c.control_addr, 10_000 + round * 40 + i))
             .collect();
@@ -257,7 +269,7 @@ fn soak() {
         eprintln!("soak {:?}: {s:?}", t.elapsed());
         samples.push((t.elapsed(), s));
     }
-    churn.iter_mut().for_each(Viewer::stop);
+    stop_all(&mut churn);
     let v = finish(vs, p, from);
     let third = (samples.len() / 3).max(1);
     let avg = |w: &[(Duration, Vec<(usize, u64)>)], i: usize| -> (f64, f64, f64) {

@@ -333,6 +333,11 @@ impl Viewer {
         self.log.lock().unwrap().last_n
     }
 
+    /// Tells the thread to end, without waiting (stop many at once, then join each).
+    pub fn signal_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Closes the connection and ends the thread.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -585,6 +590,12 @@ impl Drop for Publisher {
     }
 }
 
+/// Stops every viewer: all are told first, so each join waits at most one read timeout in all.
+pub fn stop_all(vs: &mut [Viewer]) {
+    vs.iter().for_each(Viewer::signal_stop);
+    vs.iter_mut().for_each(Viewer::stop);
+}
+
 /// Waits until every viewer has seen some message at or past `n`.
 pub fn wait_all_seen(viewers: &[Viewer], n: u64, within: Duration) -> bool {
     let deadline = Instant::now() + within;
@@ -632,7 +643,7 @@ pub fn finish(mut vs: Vec<Viewer>, mut p: Publisher, from: u64) -> Verdict {
     if let Some(&last) = accepted.last() {
         wait_all_seen(&vs, last, WAIT);
     }
-    vs.iter_mut().for_each(Viewer::stop);
+    stop_all(&mut vs);
     let logs: Vec<ViewerLog> = vs
         .iter()
         .map(|v| std::mem::take(&mut *v.log.lock().unwrap()))
