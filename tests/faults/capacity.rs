@@ -191,10 +191,10 @@ fn mass_reconnect(n: usize) {
     assert!(moving > 0, "no viewer was on edge 0");
 }
 
-/// 1,000 viewers (about half on the killed edge); a few seconds.
+/// 2,000 viewers (about half on the killed edge); a few seconds.
 #[test]
 fn mass_reconnect_after_an_edge_crash() {
-    mass_reconnect(1_000);
+    mass_reconnect(2_000);
 }
 
 /// The same with `BARRAGE_MASS_VIEWERS` (default 5,000) viewers:

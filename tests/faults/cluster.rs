@@ -384,6 +384,7 @@ fn connect(
     device: &str,
     stop: &AtomicBool,
 ) -> Option<(TcpStream, SocketAddr)> {
+    let mut attempt = 0u32;
     while !stop.load(Ordering::Relaxed) {
         if let Ok(t) = fetch_blocking(
             &control.to_string(),
@@ -401,9 +402,21 @@ fn connect(
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Back off as a real client does (a burst of thousands retrying every 20 ms would
+        // be our own flood): 20 ms doubling to 1 s, with jitter in [d/2, d].
+        let d = 20u64 << attempt.min(6);
+        attempt += 1;
+        std::thread::sleep(Duration::from_millis(d.min(1_000) / 2 + jitter(d.min(1_000) / 2)));
     }
     None
+}
+
+/// A random number in [0, n] (std's hasher keys are random per process).
+fn jitter(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() % (n + 1)
 }
 
 fn authenticate(addr: SocketAddr, token: &str, device: &str) -> Option<TcpStream> {
