@@ -68,6 +68,8 @@ fn fd_limit_serves_existing_refuses_new_and_keeps_links() {
     let idle: Vec<TcpStream> = (0..150u8)
         .map(|i| connect_from([127, 0, 1, 1 + i % 10], tcp))
         .collect();
+    // Their refusals linger up to 200 ms each (64 at a time) before the late viewers come.
+    std::thread::sleep(Duration::from_millis(600));
     // 40 new viewers: each refused promptly with a reconnect hint.
     let t = Instant::now();
     let codes: Vec<Option<i64>> = (0..40)
