@@ -723,7 +723,10 @@ mod tests {
         assert_eq!(s.see(&a, 5), SeqStep::Gap(2));
         assert_eq!(s.see(&a, 1), SeqStep::Restart);
         assert_eq!(s.see(&a, 2), SeqStep::InOrder);
-        assert_eq!(s.see(&Scope::User(proto::id::UserId(3)), 0), SeqStep::InOrder);
+        assert_eq!(
+            s.see(&Scope::User(proto::id::UserId(3)), 0),
+            SeqStep::InOrder
+        );
     }
 
     #[test]

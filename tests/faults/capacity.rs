@@ -159,7 +159,10 @@ fn mass_reconnect(n: usize) {
         assert!(
             Instant::now() < deadline,
             "{} of {moving} viewers never reconnected",
-            vs.iter().zip(&on).filter(|(v, &o)| o && v.conns() < 2).count()
+            vs.iter()
+                .zip(&on)
+                .filter(|(v, &o)| o && v.conns() < 2)
+                .count()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -189,7 +192,11 @@ fn mass_reconnect(n: usize) {
         pct(&times, 1.0),
         n - moving
     );
-    assert_eq!(undisturbed, n - moving, "viewers of the other edge were cut");
+    assert_eq!(
+        undisturbed,
+        n - moving,
+        "viewers of the other edge were cut"
+    );
     assert!(moving > 0, "no viewer was on edge 0");
 }
 
@@ -247,7 +254,10 @@ fn soak() {
     let (vs, p, from) = viewers_and_load(&c, 20, 200);
     let pids = |c: &Cluster| -> Vec<(String, u32)> {
         let mut v = vec![
-            ("control".to_string(), c.control.as_ref().unwrap().child.id()),
+            (
+                "control".to_string(),
+                c.control.as_ref().unwrap().child.id(),
+            ),
             ("broker".to_string(), c.broker.as_ref().unwrap().child.id()),
         ];
         for (i, e) in c.edges.iter().enumerate() {

@@ -406,7 +406,9 @@ fn connect(
         // be our own flood): 20 ms doubling to 1 s, with jitter in [d/2, d].
         let d = 20u64 << attempt.min(6);
         attempt += 1;
-        std::thread::sleep(Duration::from_millis(d.min(1_000) / 2 + jitter(d.min(1_000) / 2)));
+        std::thread::sleep(Duration::from_millis(
+            d.min(1_000) / 2 + jitter(d.min(1_000) / 2),
+        ));
     }
     None
 }

@@ -259,7 +259,8 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
 pub fn metrics_at(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect metrics");
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    s.write_all(get("/metrics").as_bytes()).expect("metrics request");
+    s.write_all(get("/metrics").as_bytes())
+        .expect("metrics request");
     let (_, body) = read_response(&mut s).expect("metrics");
     String::from_utf8_lossy(&body).to_string()
 }

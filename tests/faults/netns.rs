@@ -129,8 +129,11 @@ impl Netns {
 
     /// Loads an nftables script inside the namespace.
     pub fn nft(&self, script: &str) {
-        run(&["ip", "netns", "exec", &self.name, "nft", "-f", "-"], Some(script))
-            .unwrap_or_else(|e| panic!("nft: {e}"));
+        run(
+            &["ip", "netns", "exec", &self.name, "nft", "-f", "-"],
+            Some(script),
+        )
+        .unwrap_or_else(|e| panic!("nft: {e}"));
     }
 
     /// Drops every TCP segment to or from `port` (both ways, as seen from inside): a partition

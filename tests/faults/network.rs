@@ -55,9 +55,11 @@ fn partition_is_detected_healed_and_its_loss_is_visible() {
     let t = Instant::now();
     ns.partition(c.link_port);
     // The link is declared dead within link_dead_ms (1 s) plus a ping period.
-    wait_link(&c, "the partitioned link was never declared down", |(d, _)| {
-        d >= 1.0
-    });
+    wait_link(
+        &c,
+        "the partitioned link was never declared down",
+        |(d, _)| d >= 1.0,
+    );
     let detected = t.elapsed();
     // Stay partitioned a little past detection so the broker drops the edge's interest too.
     std::thread::sleep(Duration::from_millis(800));
