@@ -716,7 +716,7 @@ mod tests {
     fn stream_seqs_count_gaps_and_restarts() {
         use proto::id::Scope;
         let mut s = StreamSeqs::default();
-        let (a, b) = (Scope::Room(1), Scope::Room(2));
+        let (a, b) = (Scope::Room(RoomId(1)), Scope::Room(RoomId(2)));
         assert_eq!(s.see(&a, 1), SeqStep::InOrder);
         assert_eq!(s.see(&a, 2), SeqStep::InOrder);
         assert_eq!(s.see(&b, 7), SeqStep::InOrder, "first seen");
