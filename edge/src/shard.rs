@@ -61,6 +61,8 @@ pub(crate) struct Plumbing {
     pub wss: Option<std::net::TcpListener>,
     /// TLS over raw TCP, when `tls_tcp_addr` is set.
     pub tls_tcp: Option<std::net::TcpListener>,
+    /// This shard's UDP socket, when `udp_addr` is set.
+    pub udp: Option<std::net::UdpSocket>,
 }
 
 /// A shard: one core and the I/O around it.
@@ -77,6 +79,8 @@ pub(crate) struct Shard {
     accepting: Cell<bool>,
     accept_wakers: RefCell<Vec<Waker>>,
     refusing: Cell<usize>,
+    /// The UDP sender task, parked until the core has datagrams.
+    udp_sender: RefCell<Option<Waker>>,
 }
 
 type ReadHalf = OwnedReadHalf<TcpStream>;
@@ -109,6 +113,7 @@ impl Shard {
             accepting: Cell::new(true),
             accept_wakers: RefCell::new(Vec::new()),
             refusing: Cell::new(0),
+            udp_sender: RefCell::new(None),
             node,
         })
     }
@@ -140,6 +145,11 @@ impl Shard {
                     more = true;
                 }
             }
+            if self.core.borrow().has_datagrams() {
+                if let Some(w) = self.udp_sender.borrow_mut().take() {
+                    w.wake();
+                }
+            }
             if !more {
                 return;
             }
@@ -169,9 +179,14 @@ impl Shard {
     }
 
     fn deliver(&self, msg: Msg) {
-        match &self.hub {
-            Some(h) if msg.is_for_hub() => h.on_msg(msg),
-            _ => self.core.borrow_mut().on_msg(msg, Instant::now()),
+        match (&self.hub, msg) {
+            (Some(h), msg) if msg.is_for_hub() => h.on_msg(msg),
+            (_, Msg::Datagram { from, bytes }) => {
+                self.core
+                    .borrow_mut()
+                    .on_datagram(&bytes, from, Instant::now(), unix_s(), true);
+            }
+            (_, msg) => self.core.borrow_mut().on_msg(msg, Instant::now()),
         }
     }
 
@@ -214,6 +229,80 @@ pub fn conn_entry_bytes() -> usize {
     crate::core::conn_entry_bytes()
 }
 
+/// Wall-clock seconds (token expiry, UDP cookies).
+fn unix_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---- UDP ----
+
+/// Receives this shard's datagrams into one buffer and hands each to the core. The buffer is
+/// one byte larger than `udp_payload_bytes_max`, so a larger datagram shows as oversized.
+async fn udp_recv_loop(shard: Rc<Shard>, sock: Rc<monoio::net::udp::UdpSocket>) {
+    let mut buf = vec![0u8; shard.cfg().udp_payload_bytes_max + 1];
+    loop {
+        let (res, b) = sock.recv_from(buf).await;
+        buf = b;
+        match res {
+            Ok((n, from)) => {
+                let input = &buf[..n.min(buf.len())];
+                shard
+                    .core
+                    .borrow_mut()
+                    .on_datagram(input, from, Instant::now(), unix_s(), false);
+                shard.pump();
+            }
+            Err(e) => {
+                // ICMP errors of earlier sends surface here (ECONNREFUSED); nothing to close.
+                tracing::debug!(shard = shard.id, error = %e, "udp recv");
+                shard.node.metrics[shard.id].udp_send_errors.inc();
+            }
+        }
+        if shard.node.stop.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+/// Sends what the core queued for the UDP socket, one datagram at a time, parked while the
+/// outbox is empty.
+async fn udp_send_loop(shard: Rc<Shard>, sock: Rc<monoio::net::udp::UdpSocket>) {
+    loop {
+        let next = shard.core.borrow_mut().poll_datagram();
+        match next {
+            Some((to, bytes)) => {
+                let (res, _) = sock.send_to(bytes, to).await;
+                if res.is_err() {
+                    shard.node.metrics[shard.id].udp_send_errors.inc();
+                }
+            }
+            None => {
+                if shard.node.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                UdpParked(&shard).await;
+            }
+        }
+    }
+}
+
+/// Waits until the core has datagrams (woken by `Shard::pump`).
+struct UdpParked<'a>(&'a Shard);
+
+impl Future for UdpParked<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.core.borrow().has_datagrams() || self.0.node.stop.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        *self.0.udp_sender.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
 // ---- tasks ----
 
 /// Runs one shard until the node stops.
@@ -223,6 +312,7 @@ pub(crate) async fn run(
     ws: std::net::TcpListener,
     wss: Option<std::net::TcpListener>,
     tls_tcp: Option<std::net::TcpListener>,
+    udp: Option<std::net::UdpSocket>,
 ) {
     tracing::info!(
         shard = shard.id,
@@ -250,6 +340,18 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 tracing::error!(shard = shard.id, error = %e, "cannot register a TLS listener")
+            }
+        }
+    }
+    if let Some(u) = udp {
+        match monoio::net::udp::UdpSocket::from_std(u) {
+            Ok(u) => {
+                let u = Rc::new(u);
+                monoio::spawn(udp_recv_loop(shard.clone(), u.clone()));
+                monoio::spawn(udp_send_loop(shard.clone(), u));
+            }
+            Err(e) => {
+                tracing::error!(shard = shard.id, error = %e, "cannot register the UDP socket")
             }
         }
     }
@@ -619,10 +721,7 @@ impl Future for ConnTask {
                 Err(_) => return this.finish(CloseReason::Io),
                 Ok(n) => n,
             };
-            let unix_s = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let unix_s = unix_s();
             let input = &buf[..n.min(buf.len())];
             if this.tls.is_some() {
                 if let Err(f) = this.on_tls_bytes(input, Instant::now(), unix_s) {
