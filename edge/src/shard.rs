@@ -21,7 +21,9 @@ use crate::link::Hub;
 use crate::session::{CloseReason, Transport};
 use crate::tls::{TlsConn, TlsFail};
 use bytes::Bytes;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -541,6 +543,18 @@ async fn refuse(shard: Rc<Shard>, mut stream: TcpStream, hint: Vec<u8>) {
     shard.refusing.set(shard.refusing.get().saturating_sub(1));
 }
 
+/// Writes a TLS alert on a failed connection's write half (bounded in time), then drops it.
+async fn write_alert(shard: Rc<Shard>, mut half: WriteHalf, alert: Vec<u8>) {
+    let _ = monoio::time::timeout(
+        Duration::from_millis(REFUSE_WRITE_MS_MAX),
+        half.write_all(alert),
+    )
+    .await;
+    let _ = half.shutdown().await;
+    drop(half);
+    shard.refusing.set(shard.refusing.get().saturating_sub(1));
+}
+
 /// Reads into `buf` with the read half moved in, so the future owns everything it needs and
 /// can live in a box next to the task (no self-reference).
 fn read_owned(mut rd: ReadHalf, buf: Vec<u8>) -> ReadFut {
@@ -613,6 +627,21 @@ impl ConnTask {
             self.shard.pump();
         }
         res
+    }
+
+    /// TLS failed: writes the alert rustls queued (if any) from a task of its own, bounded in
+    /// time like a refusal hint, so the peer learns why before the close.
+    fn send_alert(&mut self) {
+        let Some(alert) = self.tls.as_mut().and_then(|t| t.take_wire()) else {
+            return;
+        };
+        if self.shard.refusing.get() >= REFUSALS_IN_FLIGHT_MAX {
+            return;
+        }
+        if let Writer::Idle(half) = std::mem::replace(&mut self.writer, Writer::Gone) {
+            self.shard.refusing.set(self.shard.refusing.get() + 1);
+            monoio::spawn(write_alert(self.shard.clone(), half, alert));
+        }
     }
 
     fn finish(&mut self, reason: CloseReason) -> Poll<()> {
@@ -730,6 +759,7 @@ impl Future for ConnTask {
                         TlsFail::PeerClosed => CloseReason::PeerClosed,
                         _ => CloseReason::Tls,
                     };
+                    this.send_alert();
                     return this.finish(reason);
                 }
             } else {
