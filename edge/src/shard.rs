@@ -49,6 +49,8 @@ const ACCEPT_BACKOFF_MS_MIN: u64 = 10;
 const ACCEPT_BACKOFF_MS_MAX: u64 = 1_000;
 /// At most one "accept failed" log line per listener per this long (the rest are counted).
 const ACCEPT_LOG_MS_MIN: u64 = 10_000;
+/// The UDP sender waits this long when the socket's send buffer is full.
+const UDP_BLOCKED_MS: u64 = 1;
 /// Shutdown waits this long for close frames to go out.
 const SHUTDOWN_FLUSH_MS_MAX: u64 = 200;
 
@@ -269,25 +271,45 @@ async fn udp_recv_loop(shard: Rc<Shard>, sock: Rc<monoio::net::udp::UdpSocket>) 
     }
 }
 
-/// Sends what the core queued for the UDP socket, one datagram at a time, parked while the
-/// outbox is empty.
+/// Sends what the core queued for the UDP socket, up to `SEND_DATAGRAMS_MAX` datagrams per
+/// `sendmmsg`, parked while the outbox is empty. The socket is non-blocking: a full socket
+/// buffer (`WouldBlock`) waits a moment and tries again; any other error loses that datagram
+/// (counted), as the network would.
 async fn udp_send_loop(shard: Rc<Shard>, sock: Rc<monoio::net::udp::UdpSocket>) {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let mut batch: Vec<(std::net::SocketAddr, Bytes)> = Vec::new();
     loop {
-        let next = shard.core.borrow_mut().poll_datagram();
-        match next {
-            Some((to, bytes)) => {
-                let (res, _) = sock.send_to(bytes, to).await;
-                if res.is_err() {
-                    shard.node.metrics[shard.id].udp_send_errors.inc();
+        {
+            let mut core = shard.core.borrow_mut();
+            while batch.len() < net::sys::SEND_DATAGRAMS_MAX {
+                match core.poll_datagram() {
+                    Some(d) => batch.push(d),
+                    None => break,
                 }
-            }
-            None => {
-                if shard.node.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                UdpParked(&shard).await;
             }
         }
+        if batch.is_empty() {
+            if shard.node.stop.load(Ordering::Acquire) {
+                return;
+            }
+            UdpParked(&shard).await;
+            continue;
+        }
+        let mut sent = 0;
+        while sent < batch.len() {
+            match net::sys::send_datagrams(fd, &batch[sent..]) {
+                Ok(n) => sent += n.max(1),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    monoio::time::sleep(Duration::from_millis(UDP_BLOCKED_MS)).await;
+                }
+                Err(_) => {
+                    shard.node.metrics[shard.id].udp_send_errors.inc();
+                    sent += 1;
+                }
+            }
+        }
+        batch.clear();
     }
 }
 

@@ -26,8 +26,10 @@ use std::net::{IpAddr, SocketAddr};
 /// hash to one slot share it until one of them goes quiet; the table never grows.
 pub const RATE_SLOTS: usize = 4_096;
 /// Datagrams waiting for the shard's socket; past it low-priority batch datagrams are dropped
-/// (the viewer sees the gap) and, at [`UDP_OUTBOX_HIGH_FACTOR`] times it, everything.
-pub const UDP_OUTBOX_DATAGRAMS_MAX: usize = 16_384;
+/// (the viewer sees the gap) and, at [`UDP_OUTBOX_HIGH_FACTOR`] times it, everything. An entry
+/// is an address and a shared `Bytes` (64 B; the datagram itself is built once per batch per
+/// shard), so this is at most 16 MiB of entries: a burst of 100 batches to 2,500 viewers.
+pub const UDP_OUTBOX_DATAGRAMS_MAX: usize = 262_144;
 /// High-priority datagrams and replies may fill the outbox up to this factor of the bound.
 pub const UDP_OUTBOX_HIGH_FACTOR: usize = 4;
 
