@@ -65,6 +65,9 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) 
                     tracing::info!(control = %addr, "control heartbeats accepted again");
                 }
                 failing = false;
+                if node.config.brokers_from_control {
+                    take_brokers(&node, &r.body);
+                }
             }
             Ok(r) => {
                 if !failing {
@@ -92,8 +95,47 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) 
     }
 }
 
+/// Cluster mode: hands the broker set of control's heartbeat answer to the link hub. An empty
+/// or missing list (control just restarted, or no broker heartbeats it) changes nothing: the
+/// edge keeps the links it has rather than drop every broker on a control's word.
+fn take_brokers(node: &Node, body: &[u8]) {
+    let Some(set) = brokers_of(body) else { return };
+    if let Ok(mut s) = node.broker_set.lock() {
+        *s = Some(set);
+    }
+    node.notify[0].notify();
+}
+
+/// The `brokers[].link` addresses of a heartbeat answer, sorted; `None` when absent or empty.
+fn brokers_of(body: &[u8]) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut set: Vec<String> = v
+        .get("brokers")?
+        .as_array()?
+        .iter()
+        .filter_map(|b| b.get("link")?.as_str())
+        .filter(|l| !l.is_empty() && l.len() <= 300)
+        .map(str::to_string)
+        .collect();
+    set.sort();
+    set.dedup();
+    (!set.is_empty()).then_some(set)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_broker_set_comes_from_the_answer_and_empty_changes_nothing() {
+        let b = br#"{"ok":true,"brokers":[{"node_id":"b2","link":"h:2"},{"node_id":"b1","link":"h:1"}]}"#;
+        assert_eq!(
+            super::brokers_of(b),
+            Some(vec!["h:1".to_string(), "h:2".to_string()])
+        );
+        assert_eq!(super::brokers_of(br#"{"ok":true,"brokers":[]}"#), None);
+        assert_eq!(super::brokers_of(br#"{"ok":true}"#), None);
+        assert_eq!(super::brokers_of(b"not json"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -82,6 +82,9 @@ pub struct Node {
     pub started: Instant,
     /// Certificates and server config for WSS; `None` when WSS is off.
     pub tls: Option<crate::tls::Tls>,
+    /// Cluster mode: the broker link addresses control listed last, not yet taken by the link
+    /// hub (`brokers_from_control`; the heartbeat thread puts, the link shard takes).
+    pub broker_set: Mutex<Option<Vec<String>>>,
 }
 
 impl Node {
@@ -111,6 +114,7 @@ impl Node {
             capacity,
             started: Instant::now(),
             tls: None,
+            broker_set: Mutex::new(None),
             config,
         }
     }
