@@ -32,6 +32,9 @@ pub struct ClusterArgs {
     /// Edges, each linked to every broker.
     #[arg(long, default_value_t = 2)]
     pub edges: usize,
+    /// Control replicas (soft state: every edge and broker heartbeats each of them).
+    #[arg(long, default_value_t = 1)]
+    pub controls: usize,
     /// Backbone partitions (`cluster.partitions`).
     #[arg(long, default_value_t = 64)]
     pub partitions: u16,
@@ -191,8 +194,8 @@ fn sets(pairs: &[(&str, String)]) -> Vec<String> {
 }
 
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    if args.brokers == 0 || args.edges == 0 {
-        bail!("--brokers and --edges must be at least 1");
+    if args.brokers == 0 || args.edges == 0 || args.controls == 0 {
+        bail!("--brokers, --edges and --controls must be at least 1");
     }
     let nats = nats_bin()?;
     let exe = std::env::current_exe().context("finding this binary")?;
@@ -241,26 +244,42 @@ fn run_in(
         TcpStream::connect_timeout(&nats_addr, Duration::from_millis(100)).is_ok()
     })?;
 
-    let control_addr = loopback(free_port()?);
-    procs.push(spawn(
-        exe,
-        Role {
-            name: "control".into(),
-            args: [vec!["control".to_string()], sets(&[
-                ("http_addr", q(&control_addr.to_string())),
-                ("api_keys", format!("[{}]", q(&api_key))),
-                ("token_keys", q(&token_keys)),
-                ("edge_key", q(&edge_key)),
-                ("edge_ttl_ms", TTL_MS.to_string()),
-                ("edge_forget_ms", (TTL_MS * 30).to_string()),
-            ])]
-            .concat(),
-        },
-        true,
-    )?);
-    wait_for(deadline, "control", &mut procs, || {
-        http_status(control_addr, "/healthz") == Some(200)
-    })?;
+    let mut controls = Vec::new();
+    for i in 1..=args.controls {
+        let addr = loopback(free_port()?);
+        procs.push(spawn(
+            exe,
+            Role {
+                name: format!("control-{i}"),
+                args: [
+                    vec!["control".to_string()],
+                    sets(&[
+                        ("http_addr", q(&addr.to_string())),
+                        ("api_keys", format!("[{}]", q(&api_key))),
+                        ("token_keys", q(&token_keys)),
+                        ("edge_key", q(&edge_key)),
+                        ("edge_ttl_ms", TTL_MS.to_string()),
+                        ("edge_forget_ms", (TTL_MS * 30).to_string()),
+                    ]),
+                ]
+                .concat(),
+            },
+            true,
+        )?);
+        controls.push((addr, procs.last().map_or(0, Proc::pid)));
+    }
+    for (addr, _) in &controls {
+        let addr = *addr;
+        wait_for(deadline, "control", &mut procs, || {
+            http_status(addr, "/healthz") == Some(200)
+        })?;
+    }
+    // Edges and brokers heartbeat every replica.
+    let control_list = controls
+        .iter()
+        .map(|c| c.0.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
 
     // One link key per edge, bound to its node id, known to every broker.
     let edge_ids: Vec<String> = (1..=args.edges).map(|i| format!("edge-{i}")).collect();
@@ -294,7 +313,7 @@ fn run_in(
             ("http_addr", q(&http.to_string())),
             ("api_keys", format!("[{{key={}}}]", q(&api_key))),
             ("link_keys", link_keys_toml.clone()),
-            ("control_addr", q(&control_addr.to_string())),
+            ("control_addr", q(&control_list)),
             ("control_key", q(&edge_key)),
             ("control_heartbeat_ms", HEARTBEAT_MS.to_string()),
             ("link_ping_ms", "500".into()),
@@ -319,10 +338,12 @@ fn run_in(
             http_status(http, "/healthz") == Some(200)
         })?;
     }
-    // Every broker in control's registry before the edges ask for it.
+    // Every broker in every control's registry before the edges ask for it.
     wait_for(deadline, "broker registration", &mut procs, || {
-        http_get(control_addr, "/v1/brokers").is_some_and(|(s, body)| {
-            s == 200 && body.matches("\"alive\":true").count() == args.brokers
+        controls.iter().all(|c| {
+            http_get(c.0, "/v1/brokers").is_some_and(|(s, body)| {
+                s == 200 && body.matches("\"alive\":true").count() == args.brokers
+            })
         })
     })?;
 
@@ -344,7 +365,7 @@ fn run_in(
                 ("admin_addr", q(&admin.to_string())),
                 ("public_host", q("127.0.0.1")),
                 ("token_keys", q(&token_keys)),
-                ("control_addr", q(&control_addr.to_string())),
+                ("control_addr", q(&control_list)),
                 ("control_heartbeat_ms", HEARTBEAT_MS.to_string()),
                 ("edge_key", q(&edge_key)),
                 ("link_key", q(key)),
@@ -375,16 +396,22 @@ fn run_in(
         })?;
     }
     wait_for(deadline, "edge registration", &mut procs, || {
-        http_get(control_addr, "/v1/edges").is_some_and(|(s, body)| {
-            s == 200 && body.matches("\"state\":\"up\"").count() == args.edges
+        controls.iter().all(|c| {
+            http_get(c.0, "/v1/edges").is_some_and(|(s, body)| {
+                s == 200 && body.matches("\"state\":\"up\"").count() == args.edges
+            })
         })
     })?;
 
     let out = serde_json::json!({
         "regions": [{
             "name": "local",
-            "control": format!("http://{control_addr}"),
-            "control_pid": procs[1].pid(),
+            "control": format!("http://{}", controls[0].0),
+            "control_pid": controls[0].1,
+            "controls": controls.iter().map(|(a, pid)| serde_json::json!({
+                "http": format!("http://{a}"),
+                "pid": pid,
+            })).collect::<Vec<_>>(),
             "brokers": brokers.iter().enumerate().map(|(i, (ingest, link, http, pid))| serde_json::json!({
                 "node_id": format!("broker-{}", i + 1),
                 "http": format!("http://{http}"),
@@ -407,7 +434,9 @@ fn run_in(
         println!("{out}");
     } else {
         println!("barrage cluster: {} brokers, {} edges on NATS JetStream (nats://{nats_addr})", args.brokers, args.edges);
-        println!("  control  http://{control_addr}  (POST /v1/connect, GET /v1/brokers, GET /v1/edges)");
+        for (i, (a, pid)) in controls.iter().enumerate() {
+            println!("  control-{}  http://{a}  pid {pid}  (POST /v1/connect, GET /v1/brokers, GET /v1/edges)", i + 1);
+        }
         for (i, (ingest, _, http, pid)) in brokers.iter().enumerate() {
             println!("  broker-{}  http://{http}  ingest {ingest}  pid {pid}", i + 1);
         }

@@ -327,8 +327,9 @@ fn addr_of(v: &serde_json::Value) -> SocketAddr {
 /// The whole of cluster mode through the real binary: `barrage cluster` starts NATS, control,
 /// two brokers and an edge with no static broker list; the edge learns both brokers from
 /// control, a viewer receives pushes, a broker is killed with SIGKILL, the ingest client fails
-/// over to the other broker with nothing lost or doubled, the edge drops its links to the dead
-/// broker once control stops listing it, and SIGTERM stops every process.
+/// over to the other broker with nothing lost, the edge drops its links to the dead broker once
+/// control stops listing it, a second control replica serves viewers when the first is killed,
+/// and SIGTERM stops every process.
 #[test]
 fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
     if nats(&std::env::temp_dir()).is_none() {
@@ -341,6 +342,8 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
             "2",
             "--edges",
             "1",
+            "--controls",
+            "2",
             "--partitions",
             "8",
             "--lease-ms",
@@ -374,10 +377,10 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
     let brokers = region["brokers"].as_array().unwrap().clone();
     assert_eq!(brokers.len(), 2, "{v}");
     assert_eq!(region["edges"].as_array().unwrap().len(), 1, "{v}");
-    let mut pids: Vec<u64> = vec![
-        region["control_pid"].as_u64().unwrap(),
-        region["nats"][0]["pid"].as_u64().unwrap(),
-    ];
+    let controls = region["controls"].as_array().unwrap().clone();
+    assert_eq!(controls.len(), 2, "{v}");
+    let mut pids: Vec<u64> = controls.iter().map(|c| c["pid"].as_u64().unwrap()).collect();
+    pids.push(region["nats"][0]["pid"].as_u64().unwrap());
     pids.extend(brokers.iter().map(|b| b["pid"].as_u64().unwrap()));
     pids.push(region["edges"][0]["pid"].as_u64().unwrap());
     assert!(pids.iter().all(|&p| alive(p)), "{v}");
@@ -487,6 +490,27 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(link_up(&links[1]));
+
+    // Control replicas: with the first one killed, the second still hands out tickets to the
+    // edge (every edge heartbeats both), and a viewer connects and receives.
+    let _ = Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status();
+    let second = addr_of(&controls[1]["http"]);
+    let t = connect_ticket(second, 9200, 9200);
+    assert_eq!(t.edges.len(), 1, "the second control knows the edge");
+    let e = &t.edges[0];
+    let addr: SocketAddr = format!(
+        "{}:{}",
+        e["host"].as_str().unwrap(),
+        e["tcp_port"].as_u64().unwrap()
+    )
+    .parse()
+    .unwrap();
+    let mut late = Viewer::tcp(addr);
+    assert_eq!(late.auth(&auth_body(9200, 9200, &t.token)), 0);
+    warm_up(ingest[1], 9200, &mut [&mut late]);
+    pids.remove(0);
 
     // SIGTERM stops every process the cluster started.
     drop(cluster);

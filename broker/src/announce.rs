@@ -55,20 +55,30 @@ pub(crate) fn body(config: &crate::Config, a: &Addrs, draining: bool) -> serde_j
     })
 }
 
-/// Spawns the heartbeat thread when `control_addr` is set.
+/// Spawns one heartbeat thread per control replica `control_addr` lists (comma-separated):
+/// control is soft state, each replica must know every broker.
 pub(crate) fn spawn(
     shared: Arc<Shared>,
     addrs: Addrs,
-) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
-    let Some(control) = shared.config.control_addr.clone() else {
-        return Ok(None);
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let Some(controls) = shared.config.control_addr.clone() else {
+        return Ok(Vec::new());
     };
-    std::thread::Builder::new()
-        .name("broker-control".into())
-        .spawn(move || {
-            net::runtime::block_on(net::runtime::Driver::Legacy, run(shared, control, addrs))
-        })
-        .map(Some)
+    let mut threads = Vec::new();
+    for control in controls.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let (shared, addrs, control) = (shared.clone(), addrs.clone(), control.to_string());
+        threads.push(
+            std::thread::Builder::new()
+                .name("broker-control".into())
+                .spawn(move || {
+                    net::runtime::block_on(
+                        net::runtime::Driver::Legacy,
+                        run(shared, control, addrs),
+                    )
+                })?,
+        );
+    }
+    Ok(threads)
 }
 
 async fn run(shared: Arc<Shared>, control: String, addrs: Addrs) {

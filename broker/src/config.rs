@@ -257,6 +257,7 @@ pub struct Config {
     /// Control's HTTP address (`host:port`): when set, the broker heartbeats
     /// `POST /v1/brokers/heartbeat` there every `control_heartbeat_ms`, and edges with
     /// `brokers_from_control` link to it without a static `broker_addrs` (cluster mode).
+    /// Several control replicas, comma-separated: the broker heartbeats each.
     pub control_addr: Option<String>,
     /// Heartbeat interval to control (control forgets a broker silent for its `edge_ttl_ms`).
     pub control_heartbeat_ms: u64,

@@ -665,7 +665,7 @@ impl Api {
             }
         };
         let node = hb.node_id.clone();
-        // The edge links to exactly the live brokers of its region (cluster mode; empty
+        // The edge links to exactly the live brokers of its region (cluster mode; absent
         // when no broker heartbeats here, and then the edge keeps its `broker_addrs`).
         let brokers = self.brokers.links(&hb.region, now);
         match self.registry.heartbeat(hb, now) {
@@ -674,10 +674,11 @@ impl Api {
                     tracing::info!(node = %node, "edge registered");
                 }
                 self.counters.heartbeats_accepted += 1;
-                json(
-                    200,
-                    &serde_json::json!({"ok": true, "brokers": brokers}),
-                )
+                if brokers.is_empty() {
+                    json(200, &serde_json::json!({"ok": true}))
+                } else {
+                    json(200, &serde_json::json!({"ok": true, "brokers": brokers}))
+                }
             }
             Err(e) => {
                 self.counters.heartbeats_refused += 1;
@@ -824,7 +825,7 @@ mod tests {
     use super::*;
     use crate::config::{RegionRule, RoomEntry};
     use proto::token::KeySet;
-    use serde_json::Value;
+    use serde_json::{json, Value};
 
     const KEYS: &str = "1:0123456789abcdef0123,2:fedcba9876543210fedc";
 
@@ -949,6 +950,51 @@ mod tests {
             now,
             0,
         )
+    }
+
+    #[test]
+    fn edges_are_told_the_live_brokers_of_their_region() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        let broker = |id: &str, region: &str| {
+            format!(
+                r#"{{"node_id":"{id}","region":"{region}","link":"10.0.0.1:7401","ingest":"10.0.0.1:7400","http":"http://10.0.0.1:7480"}}"#
+            )
+        };
+        // No broker heartbeats: the answer is as before (the edge keeps broker_addrs).
+        assert_eq!(body(&beat(&mut api, "e1", "eu", 0, false, t0)), json!({"ok": true}));
+        let r = api.handle(
+            &req("POST", "/v1/brokers/heartbeat", &[], &broker("b1", "eu"), LOOP),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 200);
+        api.handle(
+            &req("POST", "/v1/brokers/heartbeat", &[], &broker("b2", "us"), LOOP),
+            t0,
+            0,
+        );
+        let a = body(&beat(&mut api, "e1", "eu", 0, false, t0));
+        assert_eq!(a["brokers"], json!([{"node_id": "b1", "link": "10.0.0.1:7401"}]));
+        // Bad input is refused and counted; off loopback without the edge key, 403.
+        let r = api.handle(
+            &req("POST", "/v1/brokers/heartbeat", &[], "{\"node_id\":1}", LOOP),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 400);
+        let r = api.handle(
+            &req("POST", "/v1/brokers/heartbeat", &[], &broker("b3", "eu"), "10.9.9.9:5000"),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 403);
+        let listed = body(&api.handle(&req("GET", "/v1/brokers", &[], "", LOOP), t0, 0));
+        assert_eq!(listed["brokers"].as_array().unwrap().len(), 2);
+        // Silent past edge_ttl_ms: no longer handed to edges.
+        let later = t0 + Duration::from_millis(config().edge_ttl_ms + 1);
+        let a = body(&beat(&mut api, "e1", "eu", 0, false, later));
+        assert!(a.get("brokers").is_none(), "{a}");
     }
 
     #[test]

@@ -34,7 +34,8 @@ pub struct Config {
     pub admin_addr: String,
     /// Broker edge-link addresses (`host:port`); empty runs the edge without a broker.
     pub broker_addrs: Vec<String>,
-    /// Control HTTP address for registration heartbeats; `None` disables them.
+    /// Control HTTP address for registration heartbeats; `None` disables them. Several
+    /// replicas, comma-separated (`host:port,host:port`): the edge heartbeats each.
     pub control_addr: Option<String>,
     /// Interval between heartbeats to control.
     pub control_heartbeat_ms: u64,

@@ -1,4 +1,6 @@
 //! Control client: registers this edge and reports load every `control_heartbeat_ms`
+//! (to every control replica `control_addr` lists, comma-separated: control is soft state, so
+//! each replica knows every edge and losing one stops no new viewer from connecting)
 //! (`POST /v1/edges/heartbeat`, see notes/roles.md). Control drops an edge whose heartbeats
 //! stop, so a failed heartbeat is only logged and retried on the next interval. Heartbeats
 //! carry `Authorization: Bearer <edge_key>` when the edge has one: control refuses heartbeats
@@ -36,7 +38,8 @@ pub(crate) fn heartbeat_body(node: &Node, ports: Ports) -> serde_json::Value {
 }
 
 /// Sends heartbeats until the node stops.
-pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) {
+/// `index` is this control replica's place in `control_addr` (one loop per replica).
+pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, index: usize, ports: Ports) {
     let every = Duration::from_millis(node.config.control_heartbeat_ms.max(100));
     let mut failing = false;
     // Control's `edge_key`: without it control takes heartbeats from loopback peers only.
@@ -66,7 +69,7 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) 
                 }
                 failing = false;
                 if node.config.brokers_from_control {
-                    take_brokers(&node, &r.body);
+                    take_brokers(&node, index, &r.body);
                 }
             }
             Ok(r) => {
@@ -98,10 +101,10 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) 
 /// Cluster mode: hands the broker set of control's heartbeat answer to the link hub. An empty
 /// or missing list (control just restarted, or no broker heartbeats it) changes nothing: the
 /// edge keeps the links it has rather than drop every broker on a control's word.
-fn take_brokers(node: &Node, body: &[u8]) {
+fn take_brokers(node: &Node, index: usize, body: &[u8]) {
     let Some(set) = brokers_of(body) else { return };
     if let Ok(mut s) = node.broker_set.lock() {
-        *s = Some(set);
+        s.put(index, set, std::time::Instant::now());
     }
     node.notify[0].notify();
 }

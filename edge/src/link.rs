@@ -239,8 +239,10 @@ impl Hub {
     /// `Node::broker_set`). New addresses get a link (and the full interest on connect);
     /// unlisted ones are unlinked; one listed again is linked afresh under its old index.
     pub fn follow_control(self: &Rc<Self>) {
+        // A replica's list counts for three of its heartbeats.
+        let fresh = Duration::from_millis(self.node.config.control_heartbeat_ms.max(100) * 3);
         let set = match self.node.broker_set.lock() {
-            Ok(mut s) => s.take(),
+            Ok(mut s) => s.take(Instant::now(), fresh),
             Err(_) => None,
         };
         let Some(set) = set else { return };
