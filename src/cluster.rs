@@ -114,14 +114,22 @@ fn secret() -> String {
 }
 
 /// Waits until `ok()` or the deadline; the error names `what`.
-fn wait_for(deadline: Instant, what: &str, procs: &mut [Proc], ok: impl Fn() -> bool) -> anyhow::Result<()> {
+fn wait_for(
+    deadline: Instant,
+    what: &str,
+    procs: &mut [Proc],
+    ok: impl Fn() -> bool,
+) -> anyhow::Result<()> {
     loop {
         if ok() {
             return Ok(());
         }
         for p in procs.iter_mut() {
             if let Ok(Some(status)) = p.child.try_wait() {
-                bail!("{} exited while starting ({status}); its log is above", p.name);
+                bail!(
+                    "{} exited while starting ({status}); its log is above",
+                    p.name
+                );
             }
         }
         if Instant::now() >= deadline {
@@ -140,11 +148,18 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     let status = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -172,7 +187,11 @@ fn spawn(exe: &Path, role: Role, quiet_stdout: bool) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(exe);
     cmd.args(&role.args)
         .stdin(Stdio::null())
-        .stdout(if quiet_stdout { Stdio::null() } else { Stdio::inherit() })
+        .stdout(if quiet_stdout {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        })
         .stderr(Stdio::inherit());
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "warn");
@@ -229,7 +248,14 @@ fn run_in(
     let nats_addr = loopback(nats_port);
     let nats_dir = dir.join("nats");
     let child = Command::new(nats)
-        .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-sd",
+        ])
         .arg(&nats_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -433,19 +459,34 @@ fn run_in(
     if args.json {
         println!("{out}");
     } else {
-        println!("barrage cluster: {} brokers, {} edges on NATS JetStream (nats://{nats_addr})", args.brokers, args.edges);
+        println!(
+            "barrage cluster: {} brokers, {} edges on NATS JetStream (nats://{nats_addr})",
+            args.brokers, args.edges
+        );
         for (i, (a, pid)) in controls.iter().enumerate() {
             println!("  control-{}  http://{a}  pid {pid}  (POST /v1/connect, GET /v1/brokers, GET /v1/edges)", i + 1);
         }
         for (i, (ingest, _, http, pid)) in brokers.iter().enumerate() {
-            println!("  broker-{}  http://{http}  ingest {ingest}  pid {pid}", i + 1);
+            println!(
+                "  broker-{}  http://{http}  ingest {ingest}  pid {pid}",
+                i + 1
+            );
         }
         for (i, (tcp, ws, admin, pid)) in edges.iter().enumerate() {
-            println!("  edge-{}    tcp {tcp}  ws ws://{ws}/sub  admin http://{admin}  pid {pid}", i + 1);
+            println!(
+                "  edge-{}    tcp {tcp}  ws ws://{ws}/sub  admin http://{admin}  pid {pid}",
+                i + 1
+            );
         }
         println!("  api key  {api_key}");
-        println!("  try: barrage push --ingest {} --api-key {api_key} --room 1 '{{\"cmd\":\"HI\"}}'",
-            brokers.iter().map(|b| b.0.to_string()).collect::<Vec<_>>().join(","));
+        println!(
+            "  try: barrage push --ingest {} --api-key {api_key} --room 1 '{{\"cmd\":\"HI\"}}'",
+            brokers
+                .iter()
+                .map(|b| b.0.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         println!("Ctrl-C stops every process.");
     }
     use std::io::Write;
@@ -474,7 +515,11 @@ fn watch(procs: &mut [Proc], reported: &mut [bool], shutdown: &mut crate::up::Sh
             }
             if let Ok(Some(status)) = p.child.try_wait() {
                 reported[i] = true;
-                eprintln!("barrage cluster: {} (pid {}) exited: {status}", p.name, p.pid());
+                eprintln!(
+                    "barrage cluster: {} (pid {}) exited: {status}",
+                    p.name,
+                    p.pid()
+                );
             }
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -379,7 +379,10 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
     assert_eq!(region["edges"].as_array().unwrap().len(), 1, "{v}");
     let controls = region["controls"].as_array().unwrap().clone();
     assert_eq!(controls.len(), 2, "{v}");
-    let mut pids: Vec<u64> = controls.iter().map(|c| c["pid"].as_u64().unwrap()).collect();
+    let mut pids: Vec<u64> = controls
+        .iter()
+        .map(|c| c["pid"].as_u64().unwrap())
+        .collect();
     pids.push(region["nats"][0]["pid"].as_u64().unwrap());
     pids.extend(brokers.iter().map(|b| b["pid"].as_u64().unwrap()));
     pids.push(region["edges"][0]["pid"].as_u64().unwrap());
@@ -393,17 +396,18 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
 
     // The edge links to both brokers, learned from control (it has no broker_addrs).
     let link_up = |link: &str| {
-        get_text(edge_admin, "/metrics")
-            .lines()
-            .any(|l| {
-                l.starts_with("barrage_edge_link_up")
-                    && l.contains(link)
-                    && l.rsplit(' ').next().and_then(|x| x.parse::<f64>().ok()) == Some(1.0)
-            })
+        get_text(edge_admin, "/metrics").lines().any(|l| {
+            l.starts_with("barrage_edge_link_up")
+                && l.contains(link)
+                && l.rsplit(' ').next().and_then(|x| x.parse::<f64>().ok()) == Some(1.0)
+        })
     };
     let deadline = Instant::now() + WAIT;
     while !links.iter().all(|l| link_up(l)) {
-        assert!(Instant::now() < deadline, "edge never linked to both brokers");
+        assert!(
+            Instant::now() < deadline,
+            "edge never linked to both brokers"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -516,7 +520,10 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
     drop(cluster);
     let deadline = Instant::now() + WAIT;
     while pids.iter().any(|&p| alive(p)) {
-        assert!(Instant::now() < deadline, "children outlived barrage cluster");
+        assert!(
+            Instant::now() < deadline,
+            "children outlived barrage cluster"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -613,9 +620,9 @@ fn failover_run() {
         .map(|b| b["ingest"].as_str().unwrap().to_string())
         .collect();
     let rooms: Vec<u64> = (1..=100).map(|r| 20_000 + r).collect();
-    // Per room: (n, received at) of every message.
-    let got: Arc<Mutex<Vec<Vec<(u64, Instant)>>>> =
-        Arc::new(Mutex::new(vec![Vec::new(); rooms.len()]));
+    /// Per room: (n, received at) of every message.
+    type Received = Vec<Vec<(u64, Instant)>>;
+    let got: Arc<Mutex<Received>> = Arc::new(Mutex::new(vec![Vec::new(); rooms.len()]));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut readers = Vec::new();
     for (i, &room) in rooms.iter().enumerate() {
@@ -661,7 +668,9 @@ fn failover_run() {
     while Instant::now() < end {
         if killed.is_none() && Instant::now() >= kill_at {
             let pid = brokers[0]["pid"].as_u64().unwrap();
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
             killed = Some(Instant::now());
         }
         let i = (n % rooms.len() as u64) as usize;

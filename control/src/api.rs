@@ -776,8 +776,14 @@ impl Api {
             "counter",
             "Broker heartbeats (cluster mode), by outcome.",
             &[
-                (&[("outcome", "accepted")], c.broker_heartbeats_accepted as f64),
-                (&[("outcome", "refused")], c.broker_heartbeats_refused as f64),
+                (
+                    &[("outcome", "accepted")],
+                    c.broker_heartbeats_accepted as f64,
+                ),
+                (
+                    &[("outcome", "refused")],
+                    c.broker_heartbeats_refused as f64,
+                ),
             ],
         );
         let (alive, dead) = self.brokers.counts(now);
@@ -962,29 +968,59 @@ mod tests {
             )
         };
         // No broker heartbeats: the answer is as before (the edge keeps broker_addrs).
-        assert_eq!(body(&beat(&mut api, "e1", "eu", 0, false, t0)), json!({"ok": true}));
+        assert_eq!(
+            body(&beat(&mut api, "e1", "eu", 0, false, t0)),
+            json!({"ok": true})
+        );
         let r = api.handle(
-            &req("POST", "/v1/brokers/heartbeat", &[], &broker("b1", "eu"), LOOP),
+            &req(
+                "POST",
+                "/v1/brokers/heartbeat",
+                &[],
+                &broker("b1", "eu"),
+                LOOP,
+            ),
             t0,
             0,
         );
         assert_eq!(r.status, 200);
         api.handle(
-            &req("POST", "/v1/brokers/heartbeat", &[], &broker("b2", "us"), LOOP),
+            &req(
+                "POST",
+                "/v1/brokers/heartbeat",
+                &[],
+                &broker("b2", "us"),
+                LOOP,
+            ),
             t0,
             0,
         );
         let a = body(&beat(&mut api, "e1", "eu", 0, false, t0));
-        assert_eq!(a["brokers"], json!([{"node_id": "b1", "link": "10.0.0.1:7401"}]));
+        assert_eq!(
+            a["brokers"],
+            json!([{"node_id": "b1", "link": "10.0.0.1:7401"}])
+        );
         // Bad input is refused and counted; off loopback without the edge key, 403.
         let r = api.handle(
-            &req("POST", "/v1/brokers/heartbeat", &[], "{\"node_id\":1}", LOOP),
+            &req(
+                "POST",
+                "/v1/brokers/heartbeat",
+                &[],
+                "{\"node_id\":1}",
+                LOOP,
+            ),
             t0,
             0,
         );
         assert_eq!(r.status, 400);
         let r = api.handle(
-            &req("POST", "/v1/brokers/heartbeat", &[], &broker("b3", "eu"), "10.9.9.9:5000"),
+            &req(
+                "POST",
+                "/v1/brokers/heartbeat",
+                &[],
+                &broker("b3", "eu"),
+                "10.9.9.9:5000",
+            ),
             t0,
             0,
         );

@@ -123,7 +123,9 @@ impl Brokers {
         let mut out: Vec<BrokerLink> = self
             .entries
             .values()
-            .filter(|(b, seen)| b.region == region && now.saturating_duration_since(*seen) < self.ttl)
+            .filter(|(b, seen)| {
+                b.region == region && now.saturating_duration_since(*seen) < self.ttl
+            })
             .map(|(b, _)| BrokerLink {
                 node_id: b.node_id.clone(),
                 link: b.link.clone(),
@@ -189,7 +191,9 @@ mod tests {
         assert_eq!(ids(r.links("eu", t0)), ["b1", "b2"]);
         // b1 keeps beating, b2 goes silent past the ttl: edges stop being told about it.
         let t1 = t0 + Duration::from_secs(4);
-        assert!(!r.heartbeat(beat("b1", "eu"), t1 - Duration::from_secs(2)).unwrap());
+        assert!(!r
+            .heartbeat(beat("b1", "eu"), t1 - Duration::from_secs(2))
+            .unwrap());
         assert_eq!(ids(r.links("eu", t1)), ["b1"]);
         assert_eq!(r.counts(t1), (1, 2));
         // Back from the dead is reported as new; forgotten after edge_forget.
