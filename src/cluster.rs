@@ -528,12 +528,18 @@ fn watch(procs: &mut [Proc], reported: &mut [bool], shutdown: &mut crate::up::Sh
 
 /// SIGTERM to every child in reverse start order, SIGKILL after [`STOP_MS_MAX`].
 fn stop_all(procs: &mut Vec<Proc>) {
-    for p in procs.iter().rev() {
-        let _ = Command::new("kill")
+    for p in procs.iter_mut().rev() {
+        // kill(1) for SIGTERM (this crate forbids unsafe code, so no kill(2)); without it, the
+        // child is killed outright.
+        let termed = Command::new("kill")
             .args(["-TERM", &p.pid().to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        if !termed {
+            let _ = p.child.kill();
+        }
     }
     let deadline = Instant::now() + Duration::from_millis(STOP_MS_MAX);
     while Instant::now() < deadline

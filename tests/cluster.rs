@@ -292,14 +292,21 @@ fn a_backbone_that_is_down_is_answered_503_then_recovers() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Sends `sig` to process `pid` (a child of this test or of the cluster it started).
+fn signal(pid: u64, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
 /// `barrage cluster --json` as a child; SIGTERM on drop (it stops its own children).
 struct ClusterProc(Child);
 
 impl Drop for ClusterProc {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
+        signal(u64::from(self.0.id()), libc::SIGTERM);
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(50));
@@ -455,9 +462,7 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
         }
     }
     let first = brokers[0]["pid"].as_u64().unwrap();
-    let _ = Command::new("kill")
-        .args(["-KILL", &first.to_string()])
-        .status();
+    signal(first, libc::SIGKILL);
     for (i, &room) in rooms.iter().enumerate() {
         for n in 5..10 {
             push(&mut client, room, (i as u64) * 100 + n);
@@ -497,9 +502,7 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
 
     // Control replicas: with the first one killed, the second still hands out tickets to the
     // edge (every edge heartbeats both), and a viewer connects and receives.
-    let _ = Command::new("kill")
-        .args(["-KILL", &pids[0].to_string()])
-        .status();
+    signal(pids[0], libc::SIGKILL);
     let second = addr_of(&controls[1]["http"]);
     let t = connect_ticket(second, 9200, 9200);
     assert_eq!(t.edges.len(), 1, "the second control knows the edge");
@@ -668,9 +671,7 @@ fn failover_run() {
     while Instant::now() < end {
         if killed.is_none() && Instant::now() >= kill_at {
             let pid = brokers[0]["pid"].as_u64().unwrap();
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            signal(pid, libc::SIGKILL);
             killed = Some(Instant::now());
         }
         let i = (n % rooms.len() as u64) as usize;
