@@ -433,7 +433,7 @@ pub(crate) fn render(node: &Node) -> String {
     );
     w.sample("barrage_edge_capacity", &[], node.capacity as f64);
     let links = node.links.lock().map(|l| l.clone()).unwrap_or_default();
-    let fams: [Family<crate::metrics::LinkMetrics>; 5] = [
+    let fams: [Family<crate::metrics::LinkMetrics>; 8] = [
         (
             "barrage_edge_link_up",
             "gauge",
@@ -463,6 +463,24 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "Frames sent on the link.",
             |l| l.frames_out.get(),
+        ),
+        (
+            "barrage_edge_link_downs_total",
+            "counter",
+            "Times the link went down after being up (dead past link_dead_ms, closed, reset).",
+            |l| l.downs.get(),
+        ),
+        (
+            "barrage_edge_link_seq_gaps_total",
+            "counter",
+            "Batches missing from a stream on this link (a jump in the broker's seq: lost while the link was down).",
+            |l| l.seq_gaps.get(),
+        ),
+        (
+            "barrage_edge_link_seq_restarts_total",
+            "counter",
+            "Streams whose seq went back on this link (a restarted broker).",
+            |l| l.seq_restarts.get(),
         ),
     ];
     for (name, kind, help, get) in fams {

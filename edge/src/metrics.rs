@@ -155,4 +155,11 @@ pub struct LinkMetrics {
     pub batches_in: Counter,
     pub bytes_in: Counter,
     pub frames_out: Counter,
+    /// The link was up and went down (dead, closed, reset, cut for backlog).
+    pub downs: Counter,
+    /// Batches the broker's stream seq skipped on this link (sent while the link was down or
+    /// lost with it): the loss a viewer sees as a seq gap, counted where it happens.
+    pub seq_gaps: Counter,
+    /// A stream's seq went back (a restarted broker: a new epoch).
+    pub seq_restarts: Counter,
 }

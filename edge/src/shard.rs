@@ -41,6 +41,9 @@ const INBOX_POLL_MS: u64 = 100;
 const REFUSALS_IN_FLIGHT_MAX: usize = 64;
 /// A refusal hint may take this long to write.
 const REFUSE_WRITE_MS_MAX: u64 = 500;
+/// After the hint and a FIN, what the refused client sends is read and dropped until it
+/// closes, at most this long (so the close is not an RST that could take the hint with it).
+const REFUSE_LINGER_MS_MAX: u64 = 200;
 /// Accept back-off after an error (EMFILE, ENFILE, ENOBUFS): from this...
 const ACCEPT_BACKOFF_MS_MIN: u64 = 10;
 /// ...doubling up to this, reset by the next successful accept.
@@ -428,13 +431,30 @@ fn tls_conn(shard: &Shard, tls: bool, transport: Transport) -> Result<Option<Box
     }
 }
 
-/// Writes a refused client its reconnect hint (bounded in time), then closes.
+/// Writes a refused client its reconnect hint (bounded in time), then closes the lingering
+/// way: FIN after the hint, then what the client sent is read and dropped until it closes
+/// (bounded). Closing with its auth request unread would send an RST, and a client whose
+/// stack takes the RST before its read drops the hint with it (seen in tests/faults).
 async fn refuse(shard: Rc<Shard>, mut stream: TcpStream, hint: Vec<u8>) {
-    let _ = monoio::time::timeout(
-        Duration::from_millis(REFUSE_WRITE_MS_MAX),
-        stream.write_all(hint),
-    )
+    use monoio::io::AsyncWriteRent;
+    let written = monoio::time::timeout(Duration::from_millis(REFUSE_WRITE_MS_MAX), async {
+        stream.write_all(hint).await.0?;
+        stream.shutdown().await
+    })
     .await;
+    if matches!(written, Ok(Ok(()))) {
+        let _ = monoio::time::timeout(Duration::from_millis(REFUSE_LINGER_MS_MAX), async {
+            let mut buf = vec![0u8; 512];
+            loop {
+                let (res, b) = stream.read(buf).await;
+                buf = b;
+                if !matches!(res, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
     drop(stream);
     shard.refusing.set(shard.refusing.get().saturating_sub(1));
 }
