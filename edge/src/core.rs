@@ -174,6 +174,8 @@ pub struct ShardCore {
     next_gen: u32,
     index: RoomIndex,
     reach: ReachIndex,
+    /// High-reach ACK state (opted-in connections, ACKs for the brokers).
+    acks: crate::acks::Acks,
     wheel: Wheel<Timer>,
     /// Fleet-wide online counts (from the brokers' COUNTS) for rooms with viewers here.
     fleet: HashMap<RoomId, u32>,
@@ -206,6 +208,7 @@ impl ShardCore {
             next_gen: 1,
             index: RoomIndex::new(),
             reach: ReachIndex::new(),
+            acks: Default::default(),
             wheel: Wheel::new(now, tick),
             fleet: HashMap::new(),
             node_counts: HashMap::new(),
@@ -440,7 +443,11 @@ impl ShardCore {
                     let reply = c.session.frame(&auth::heartbeat_reply(online));
                     self.reply(id, reply, now);
                 }
-                Action::Ack(_) => self.m().acks.inc(),
+                Action::Ack(msg) => match self.acks.on_ack(id.key, msg, now_ms.0) {
+                    crate::acks::Outcome::Forwarded => self.m().acks.inc(),
+                    crate::acks::Outcome::NotOptedIn => self.m().acks_not_opted_in.inc(),
+                    crate::acks::Outcome::RateLimited => self.m().acks_rate_limited.inc(),
+                },
                 Action::Close {
                     reason,
                     auth_fail,
@@ -638,6 +645,7 @@ impl ShardCore {
         let Some(seat) = seat else { return };
         self.report_presence(crate::presence::exit(crate::presence::conn_id(self.id, id)));
         self.reach.leave(id.key);
+        self.acks.leave(id.key);
         if let Some(c) = self.index.leave(id.key, seat.room, seat.lane) {
             self.emit_change(seat.room, c);
         }
@@ -711,6 +719,7 @@ impl ShardCore {
         let change = self.index.join(id.key, a.room, a.area, lane);
         self.emit_change(a.room, change);
         self.reach.join(id.key, a.uid.0, &a.device.0);
+        self.acks.join(id.key, a.uid, &a.device, a.ack);
         if let Some(c) = self.get(id) {
             let t = crate::presence::transport(c.session.transport());
             let conn = crate::presence::conn_id(self.id, id);
@@ -734,7 +743,7 @@ impl ShardCore {
             Msg::FleetCounts(c) => keep_counts(&self.index, &mut self.fleet, &c),
             Msg::NodeCounts(c) => keep_counts(&self.index, &mut self.node_counts, &c),
             // The link hub's business; the shell routes them there.
-            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) => {}
+            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) | Msg::Acks(_) => {}
         }
     }
 
@@ -742,6 +751,11 @@ impl ShardCore {
     pub fn poll_msg(&mut self) -> Option<(ShardIdx, Msg)> {
         if self.outbox.is_empty() && !self.presence.is_empty() {
             return Some((0, Msg::Presence(std::mem::take(&mut self.presence))));
+        }
+        if self.outbox.is_empty() && !self.node.config.broker_addrs.is_empty() {
+            if let Some(acks) = self.acks.take() {
+                return Some((0, Msg::Acks(acks)));
+            }
         }
         self.outbox.pop_front()
     }
@@ -789,9 +803,12 @@ impl ShardCore {
         crate::fanout::targets(&self.index, &self.reach, batch, &mut targets);
         let mut frames = Frames::new(&batch.packet);
         let mut sends = 0u64;
+        let resend = crate::acks::is_resend(batch);
         for t in &targets {
             let (key, lane) = match *t {
                 Target::Lane(k, lane) => (k, lane),
+                // A high-reach resend: only for connections that ACK (crate::acks).
+                Target::Reach(k) if resend && !self.acks.gets_resends(k) => continue,
                 Target::Reach(k) => {
                     let lane = self
                         .conns
