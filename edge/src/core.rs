@@ -143,6 +143,11 @@ struct Conn {
     stuck_since_ms: u64,
     session: Session,
     queue: VecDeque<Bytes>,
+    /// High-priority batches at the front of `queue`: a new one goes after them and ahead of
+    /// every queued low-priority batch (issue 9, priority isolation). Each queued buffer is a
+    /// whole packet (or WS frame) never partly written, so reordering them is safe; the two
+    /// priorities have their own seq spaces, so clients see no false gap.
+    high_front: u16,
 }
 
 /// Why a connection was refused at accept, and what to tell it before closing.
@@ -321,6 +326,7 @@ impl ShardCore {
             stuck_since_ms: 0,
             session: Session::new(transport, &self.node.limits),
             queue: VecDeque::new(),
+            high_front: 0,
         };
         let id = ConnId {
             key: self.conns.insert(conn) as u32,
@@ -523,6 +529,7 @@ impl ShardCore {
             bytes += b.len();
             if let Some(b) = c.queue.pop_front() {
                 bufs.push(b);
+                c.high_front = c.high_front.saturating_sub(1);
             }
         }
         c.in_flight = true;
@@ -583,7 +590,14 @@ impl ShardCore {
             return false;
         }
         c.queued_bytes = c.queued_bytes.saturating_add(bytes.len() as u32);
-        c.queue.push_back(bytes);
+        if bounded && priority == Priority::High && c.high_front < u16::MAX {
+            // The high lane: ahead of queued low-priority batches, behind earlier high ones.
+            let at = usize::from(c.high_front).min(c.queue.len());
+            c.queue.insert(at, bytes);
+            c.high_front += 1;
+        } else {
+            c.queue.push_back(bytes);
+        }
         self.mark_ready(id);
         true
     }
@@ -631,6 +645,7 @@ impl ShardCore {
             if reason == CloseReason::Stuck {
                 // The peer is not reading: a close frame would only queue behind the rest.
                 c.queue.clear();
+                c.high_front = 0;
                 c.queued_bytes = 0;
                 c.session.close(reason);
                 Vec::new()
