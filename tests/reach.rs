@@ -405,3 +405,77 @@ fn a_target_past_its_bound_is_refused_overloaded_not_dropped() {
         1.0
     );
 }
+
+/// `barrage up` as its own process, killed with SIGKILL on drop.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `barrage up` with a data dir and waits for its "ready" line.
+fn up(offset: u16, data: &std::path::Path, tls: &std::path::Path) -> Up {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(procs::BIN)
+        .env("BARRAGE_TLS_DIR", tls)
+        .env("RUST_LOG", "warn")
+        .args(["up", "--api-key", KEY, "--token-secret", STRONG, "--ports-offset"])
+        .arg(offset.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn up");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l == "ready" => return Up(child),
+            _ if Instant::now() > deadline => panic!("up never became ready"),
+            _ => {}
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("up exited: {s}");
+        }
+    }
+}
+
+#[test]
+fn up_with_a_data_dir_keeps_a_message_across_kill_9_and_tail_ack_acks_it() {
+    let offset = 21_000 + (std::process::id() % 300) as u16 * 10;
+    let tmp = std::env::temp_dir().join(format!("barrage-reach-up-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (data, tls) = (tmp.join("data"), tmp.join("tls"));
+    let api: SocketAddr = ([127, 0, 0, 1], 7480 + offset).into();
+    let first = up(offset, &data, &tls);
+    let msg = push_high(api, 7, None, 1);
+    drop(first); // SIGKILL
+    let _again = up(offset, &data, &tls);
+    assert_eq!(state(api, msg)["state"], "pending", "reloaded after kill -9");
+    let tail = std::process::Command::new(procs::BIN)
+        .env("BARRAGE_CONTROL_KEY", KEY)
+        .args(["tail", "--room", "1", "--uid", "7", "--ack", "--count", "1"])
+        .args(["--timeout-s", "20", "--control"])
+        .arg(format!("http://127.0.0.1:{}", 8080 + offset))
+        .output()
+        .expect("run tail");
+    let out = String::from_utf8_lossy(&tail.stdout);
+    assert!(tail.status.success(), "{out} {}", String::from_utf8_lossy(&tail.stderr));
+    assert!(out.contains(&format!("\"msg_id\":\"{msg}\"")), "{out}");
+    wait_state(api, msg, "acked");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
