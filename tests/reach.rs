@@ -185,7 +185,10 @@ fn an_unacked_message_follows_the_user_to_a_new_connection_and_an_ack_ends_it() 
     let msg = push_high(api, 7, None, 1);
     let (got, body) = next_reach(&mut first);
     assert_eq!(got, msg);
-    assert_eq!(body["cmd"], "GIFT_RECEIPT", "the rest of the body is verbatim");
+    assert_eq!(
+        body["cmd"], "GIFT_RECEIPT",
+        "the rest of the body is verbatim"
+    );
     assert_eq!(body["n"], 1);
     // Closed without an ACK; the user comes back on the other edge and gets it again.
     drop(first);
@@ -332,8 +335,14 @@ fn bad_acks_and_bad_pushes_are_refused_or_ignored_and_counted() {
     ack(&mut mine, 1);
     wait_for("bad ACKs counted", || {
         let m = procs::metrics(api);
-        let nope = procs::metric(&m, "barrage_broker_reach_acks_ignored_total{reason=\"not_yours\"}");
-        let unknown = procs::metric(&m, "barrage_broker_reach_acks_ignored_total{reason=\"unknown\"}");
+        let nope = procs::metric(
+            &m,
+            "barrage_broker_reach_acks_ignored_total{reason=\"not_yours\"}",
+        );
+        let unknown = procs::metric(
+            &m,
+            "barrage_broker_reach_acks_ignored_total{reason=\"unknown\"}",
+        );
         if nope == Some(1.0) && unknown == Some(1.0) {
             Ok(())
         } else {
@@ -342,7 +351,12 @@ fn bad_acks_and_bad_pushes_are_refused_or_ignored_and_counted() {
     });
     assert_eq!(state(api, msg)["state"], "pending");
     // A malformed ACK (3 bytes) and one from a client that did not opt in: ignored.
-    mine.send_packet(&proto::packet::encode_vec(1, proto::packet::op::ACK, 1, &[1, 2, 3]));
+    mine.send_packet(&proto::packet::encode_vec(
+        1,
+        proto::packet::op::ACK,
+        1,
+        &[1, 2, 3],
+    ));
     ack(&mut plain, msg);
     // A flood: far past the per-connection rate; the excess is dropped at the edge.
     for i in 0..500u64 {
@@ -359,14 +373,19 @@ fn bad_acks_and_bad_pushes_are_refused_or_ignored_and_counted() {
         }
     });
     // Every connection is still served, and the message still ends with its owner's ACK.
-    assert!(messages_before_heartbeat(&mut other).iter().all(|m| !m.contains("GIFT")));
+    assert!(messages_before_heartbeat(&mut other)
+        .iter()
+        .all(|m| !m.contains("GIFT")));
     let _ = messages_before_heartbeat(&mut plain);
     ack(&mut mine, msg);
     wait_state(api, msg, "acked");
     // A huge op 1000 is a packet past the edge's limit: that connection alone is closed.
     let huge = proto::packet::encode_vec(1, proto::packet::op::ACK, 1, &vec![0u8; 1 << 20]);
     plain.send_packet(&huge);
-    assert!(plain.closed_by(Instant::now() + WAIT), "oversized packet closes its sender");
+    assert!(
+        plain.closed_by(Instant::now() + WAIT),
+        "oversized packet closes its sender"
+    );
     let _ = messages_before_heartbeat(&mut mine);
     // Pushes high reach does not apply to, or that already carry a msg_id.
     for (path, body) in [
@@ -423,7 +442,14 @@ fn up(offset: u16, data: &std::path::Path, tls: &std::path::Path) -> Up {
     let mut child = Command::new(procs::BIN)
         .env("BARRAGE_TLS_DIR", tls)
         .env("RUST_LOG", "warn")
-        .args(["up", "--api-key", KEY, "--token-secret", STRONG, "--ports-offset"])
+        .args([
+            "up",
+            "--api-key",
+            KEY,
+            "--token-secret",
+            STRONG,
+            "--ports-offset",
+        ])
         .arg(offset.to_string())
         .arg("--data-dir")
         .arg(data)
@@ -465,7 +491,11 @@ fn up_with_a_data_dir_keeps_a_message_across_kill_9_and_tail_ack_acks_it() {
     let msg = push_high(api, 7, None, 1);
     drop(first); // SIGKILL
     let _again = up(offset, &data, &tls);
-    assert_eq!(state(api, msg)["state"], "pending", "reloaded after kill -9");
+    assert_eq!(
+        state(api, msg)["state"],
+        "pending",
+        "reloaded after kill -9"
+    );
     let tail = std::process::Command::new(procs::BIN)
         .env("BARRAGE_CONTROL_KEY", KEY)
         .args(["tail", "--room", "1", "--uid", "7", "--ack", "--count", "1"])
@@ -474,7 +504,11 @@ fn up_with_a_data_dir_keeps_a_message_across_kill_9_and_tail_ack_acks_it() {
         .output()
         .expect("run tail");
     let out = String::from_utf8_lossy(&tail.stdout);
-    assert!(tail.status.success(), "{out} {}", String::from_utf8_lossy(&tail.stderr));
+    assert!(
+        tail.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&tail.stderr)
+    );
     assert!(out.contains(&format!("\"msg_id\":\"{msg}\"")), "{out}");
     wait_state(api, msg, "acked");
     let _ = std::fs::remove_dir_all(&tmp);

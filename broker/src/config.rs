@@ -370,8 +370,11 @@ impl Config {
         if !(10..=24).contains(&self.brotli_lgwin) {
             return bad("brotli_lgwin must be 10..=24");
         }
-        if self.reach_retry_ms == 0 || self.reach_ttl_ms_default == 0 || self.reach_ttl_ms_max == 0 {
-            return bad("reach_retry_ms, reach_ttl_ms_default and reach_ttl_ms_max must be at least 1");
+        if self.reach_retry_ms == 0 || self.reach_ttl_ms_default == 0 || self.reach_ttl_ms_max == 0
+        {
+            return bad(
+                "reach_retry_ms, reach_ttl_ms_default and reach_ttl_ms_max must be at least 1",
+            );
         }
         if self.batch_messages_max == 0 || self.batch_bytes_max == 0 {
             return bad("batch_messages_max and batch_bytes_max must be at least 1");

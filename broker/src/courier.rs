@@ -19,7 +19,7 @@
 //! enters and exits change nothing; a new presence incarnation of an edge forgets all its
 //! connections first (the edge re-reports every live one).
 
-use crate::reach::{Action, AckOutcome, EdgeId, End, Limits, Target, Tracker};
+use crate::reach::{AckOutcome, Action, EdgeId, End, Limits, Target, Tracker};
 use crate::store::{Accept, Store};
 use bytes::Bytes;
 use proto::id::{DeviceId, MsgId, Scope, UserId};
@@ -41,7 +41,9 @@ pub const REACH_CONNS_MAX: usize = 4_000_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
     /// Tracked: sent `attempts` times so far (0: waiting for the target to connect).
-    Pending { attempts: u32 },
+    Pending {
+        attempts: u32,
+    },
     Acked,
     Expired,
     /// Every try went unacknowledged.
@@ -206,10 +208,14 @@ impl Courier {
         let mut g = self.lock();
         let inner = &mut *g;
         let mark = inner.out.len();
-        if let Err(e) = inner
-            .tracker
-            .track(msg, target.clone(), body.clone(), ttl_ms, now, &mut inner.out)
-        {
+        if let Err(e) = inner.tracker.track(
+            msg,
+            target.clone(),
+            body.clone(),
+            ttl_ms,
+            now,
+            &mut inner.out,
+        ) {
             match e {
                 crate::reach::Refused::TargetFull => &self.metrics.refused_target,
                 _ => &self.metrics.refused_shard,
@@ -433,7 +439,12 @@ impl Courier {
         let c = |w: &mut net::metrics::Writer, name: &str, help: &str, v: &AtomicU64| {
             w.metric(name, "counter", help, &[(&[], v.load(Relaxed) as f64)]);
         };
-        c(w, "barrage_broker_reach_accepted_total", "High-reach pushes accepted (tracked, and logged when data_dir is set).", &m.accepted);
+        c(
+            w,
+            "barrage_broker_reach_accepted_total",
+            "High-reach pushes accepted (tracked, and logged when data_dir is set).",
+            &m.accepted,
+        );
         w.family(
             "barrage_broker_reach_refused_total",
             "counter",
@@ -444,27 +455,89 @@ impl Courier {
             ("shard", &m.refused_shard),
             ("store", &m.refused_store),
         ] {
-            w.sample("barrage_broker_reach_refused_total", &[("bound", r)], v.load(Relaxed) as f64);
+            w.sample(
+                "barrage_broker_reach_refused_total",
+                &[("bound", r)],
+                v.load(Relaxed) as f64,
+            );
         }
-        c(w, "barrage_broker_reach_sends_total", "First tries of high-reach messages sent to the edges holding the target.", &m.first_sends);
+        c(
+            w,
+            "barrage_broker_reach_sends_total",
+            "First tries of high-reach messages sent to the edges holding the target.",
+            &m.first_sends,
+        );
         c(w, "barrage_broker_reach_resends_total", "Resends of unacknowledged high-reach messages (every reach_retry_ms, at most reach_retries).", &m.resends);
-        c(w, "barrage_broker_reach_acked_total", "High-reach messages a client of their target ACKed.", &m.acked);
-        c(w, "barrage_broker_reach_expired_total", "High-reach messages whose ttl ended before an ACK.", &m.expired);
-        c(w, "barrage_broker_reach_exhausted_total", "High-reach messages with every try unacknowledged.", &m.exhausted);
+        c(
+            w,
+            "barrage_broker_reach_acked_total",
+            "High-reach messages a client of their target ACKed.",
+            &m.acked,
+        );
+        c(
+            w,
+            "barrage_broker_reach_expired_total",
+            "High-reach messages whose ttl ended before an ACK.",
+            &m.expired,
+        );
+        c(
+            w,
+            "barrage_broker_reach_exhausted_total",
+            "High-reach messages with every try unacknowledged.",
+            &m.exhausted,
+        );
         w.family(
             "barrage_broker_reach_acks_ignored_total",
             "counter",
             "ACKs ignored: unknown (not tracked, ended, never sent) or not_yours (another user's or device's message).",
         );
-        w.sample("barrage_broker_reach_acks_ignored_total", &[("reason", "unknown")], m.ack_unknown.load(Relaxed) as f64);
-        w.sample("barrage_broker_reach_acks_ignored_total", &[("reason", "not_yours")], m.ack_not_yours.load(Relaxed) as f64);
-        c(w, "barrage_broker_reach_reloaded_total", "High-reach messages reloaded from the log at start.", &m.reloaded);
-        c(w, "barrage_broker_reach_store_errors_total", "Failed appends or syncs of the reach log.", &m.store_errors);
-        c(w, "barrage_broker_reach_conns_untracked_total", "Presence enters not tracked for high reach (REACH_CONNS_MAX reached).", &m.conns_untracked);
+        w.sample(
+            "barrage_broker_reach_acks_ignored_total",
+            &[("reason", "unknown")],
+            m.ack_unknown.load(Relaxed) as f64,
+        );
+        w.sample(
+            "barrage_broker_reach_acks_ignored_total",
+            &[("reason", "not_yours")],
+            m.ack_not_yours.load(Relaxed) as f64,
+        );
+        c(
+            w,
+            "barrage_broker_reach_reloaded_total",
+            "High-reach messages reloaded from the log at start.",
+            &m.reloaded,
+        );
+        c(
+            w,
+            "barrage_broker_reach_store_errors_total",
+            "Failed appends or syncs of the reach log.",
+            &m.store_errors,
+        );
+        c(
+            w,
+            "barrage_broker_reach_conns_untracked_total",
+            "Presence enters not tracked for high reach (REACH_CONNS_MAX reached).",
+            &m.conns_untracked,
+        );
         let (len, bytes, log) = self.gauges();
-        w.metric("barrage_broker_reach_tracked_messages", "gauge", "High-reach messages tracked (waiting for a connect included).", &[(&[], len as f64)]);
-        w.metric("barrage_broker_reach_tracked_bytes", "gauge", "Body bytes of the tracked high-reach messages.", &[(&[], bytes as f64)]);
-        w.metric("barrage_broker_reach_log_bytes", "gauge", "Bytes in the reach log files (0: memory only).", &[(&[], log as f64)]);
+        w.metric(
+            "barrage_broker_reach_tracked_messages",
+            "gauge",
+            "High-reach messages tracked (waiting for a connect included).",
+            &[(&[], len as f64)],
+        );
+        w.metric(
+            "barrage_broker_reach_tracked_bytes",
+            "gauge",
+            "Body bytes of the tracked high-reach messages.",
+            &[(&[], bytes as f64)],
+        );
+        w.metric(
+            "barrage_broker_reach_log_bytes",
+            "gauge",
+            "Bytes in the reach log files (0: memory only).",
+            &[(&[], log as f64)],
+        );
     }
 }
 
@@ -591,8 +664,13 @@ mod tests {
             None,
         )
         .unwrap();
-        c.accept(MsgId(9), Target::User(UserId(5)), Bytes::from_static(b"{}"), 10_000)
-            .unwrap();
+        c.accept(
+            MsgId(9),
+            Target::User(UserId(5)),
+            Bytes::from_static(b"{}"),
+            10_000,
+        )
+        .unwrap();
         let mut out = Vec::new();
         c.poll(Instant::now(), &mut out);
         assert!(out.is_empty(), "offline: waits");

@@ -111,7 +111,9 @@ pub(crate) async fn handle(shared: &Shared, req: &Request) -> Response {
             Err(refusal) => refusal,
         },
         ("GET", "/v1/rooms/top") => rooms_top(shared, req),
-        ("GET", p) if p.starts_with("/v1/reach/") => reach_status(shared, req, &p["/v1/reach/".len()..]),
+        ("GET", p) if p.starts_with("/v1/reach/") => {
+            reach_status(shared, req, &p["/v1/reach/".len()..])
+        }
         ("POST", "/v1/push/batch") => push_batch(shared, req).await,
         ("GET", p) if p.starts_with("/v1/presence/") => {
             shared.roster.http(shared, req, &p["/v1/presence/".len()..])

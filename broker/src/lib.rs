@@ -349,9 +349,11 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
     } else {
         (None, None)
     };
-    let data_dir = (!config.data_dir.is_empty()).then(|| std::path::PathBuf::from(&config.data_dir));
-    let (courier, logged_id_max) = courier::Courier::open(config.reach_limits(), data_dir.as_deref())
-        .map_err(|e| BrokerError::Config(format!("data_dir {}: {e}", config.data_dir)))?;
+    let data_dir =
+        (!config.data_dir.is_empty()).then(|| std::path::PathBuf::from(&config.data_dir));
+    let (courier, logged_id_max) =
+        courier::Courier::open(config.reach_limits(), data_dir.as_deref())
+            .map_err(|e| BrokerError::Config(format!("data_dir {}: {e}", config.data_dir)))?;
     let inboxes = (0..n)
         .map(|_| {
             let (high_tx, high_rx) = crossbeam_channel::bounded(config.queue_messages_max);

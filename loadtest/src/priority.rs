@@ -221,7 +221,10 @@ pub fn run(args: &PriorityArgs) -> anyhow::Result<()> {
             push(
                 &mut ingest,
                 Priority::Low,
-                format!(r#"{{"cmd":"DANMU_MSG","p":"l","t":{},"x":"{pad}"}}"#, unix_us()),
+                format!(
+                    r#"{{"cmd":"DANMU_MSG","p":"l","t":{},"x":"{pad}"}}"#,
+                    unix_us()
+                ),
             );
             low_sent += 1;
             inflight += 1;

@@ -13,11 +13,11 @@
 //! Blocking threads, one per viewer: the point is the broker's resend logic, not edge load.
 
 use crate::client::{self, Ticket};
+use crate::corpus::SplitMix64;
 use crate::publisher::IngestConn;
 use proto::id::{Priority, Reach, Scope, UserId};
 use proto::ingest::Push;
 use proto::packet::{op, StreamDecoder};
-use crate::corpus::SplitMix64;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -247,7 +247,11 @@ pub fn run(args: &ReachArgs) -> anyhow::Result<()> {
     for t in threads {
         let _ = t.join();
     }
-    let processed = tally.processed.lock().map(|p| p.clone()).unwrap_or_default();
+    let processed = tally
+        .processed
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
     let delivered = pushed.keys().filter(|id| processed.contains(id)).count();
     let total = pushed.len().max(1);
     let rate = delivered as f64 / total as f64;
