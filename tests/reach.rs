@@ -455,9 +455,10 @@ fn up(offset: u16, data: &std::path::Path, tls: &std::path::Path) -> Up {
         .arg(data)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn up");
+    let mut err = child.stderr.take().expect("stderr");
     let out = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -475,14 +476,17 @@ fn up(offset: u16, data: &std::path::Path, tls: &std::path::Path) -> Up {
             _ => {}
         }
         if let Ok(Some(s)) = child.try_wait() {
-            panic!("up exited: {s}");
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut text);
+            panic!("up exited: {s}: {text}");
         }
     }
 }
 
 #[test]
 fn up_with_a_data_dir_keeps_a_message_across_kill_9_and_tail_ack_acks_it() {
-    let offset = 21_000 + (std::process::id() % 300) as u16 * 10;
+    // Below the ephemeral port range for every port `up` opens (admin 9243 + offset < 32768).
+    let offset = 16_000 + (std::process::id() % 300) as u16 * 10;
     let tmp = std::env::temp_dir().join(format!("barrage-reach-up-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let (data, tls) = (tmp.join("data"), tmp.join("tls"));
@@ -490,6 +494,10 @@ fn up_with_a_data_dir_keeps_a_message_across_kill_9_and_tail_ack_acks_it() {
     let first = up(offset, &data, &tls);
     let msg = push_high(api, 7, None, 1);
     drop(first); // SIGKILL
+                 // Other ports for the second life: the killed process's accepted connections leave
+                 // TIME_WAIT entries on control's port, which control cannot bind over (no SO_REUSEADDR).
+    let offset = offset + 5;
+    let api: SocketAddr = ([127, 0, 0, 1], 7480 + offset).into();
     let _again = up(offset, &data, &tls);
     assert_eq!(
         state(api, msg)["state"],
