@@ -80,6 +80,11 @@ struct BrokerArgs {
     /// config's `backbone`; above every other layer).
     #[arg(long)]
     backbone: Option<String>,
+    /// Directory of the durable high-reach log (the config's `data_dir`): accepted high-reach
+    /// pushes survive a crash and are delivered after a restart on the same directory. Without
+    /// it (and without `data_dir`), high reach is memory only.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 impl BrokerArgs {
@@ -88,6 +93,10 @@ impl BrokerArgs {
         if let Some(b) = self.backbone {
             let quoted = serde_json::to_string(&b)?;
             self.role.set.push(format!("backbone={quoted}"));
+        }
+        if let Some(d) = self.data_dir {
+            let quoted = serde_json::to_string(&d.to_string_lossy())?;
+            self.role.set.push(format!("data_dir={quoted}"));
         }
         Ok(self.role)
     }

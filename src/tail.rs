@@ -85,6 +85,56 @@ pub struct TailArgs {
     /// `barrage up` prints. Without it the certificate must chain to the webpki roots.
     #[arg(long)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Opt in to high reach (`"ack": true`): ACK every message that carries a `msg_id` with
+    /// op 1000, and print each msg id once (resends are dropped).
+    #[arg(long)]
+    pub ack: bool,
+}
+
+/// Msg ids `tail --ack` remembers to drop resends (a resend comes within the sender's retry
+/// window, seconds; this covers thousands of messages).
+const ACKED_IDS_MAX: usize = 4_096;
+
+/// `tail --ack`: ACKs high-reach messages and drops their duplicates by msg id.
+struct Acker {
+    writer: Arc<Mutex<Wire>>,
+    ws: bool,
+    seen: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl Acker {
+    /// ACKs `body` if it carries a `msg_id`; false when it is a duplicate to drop.
+    fn take(&mut self, body: &[u8]) -> anyhow::Result<bool> {
+        #[derive(serde::Deserialize)]
+        struct Id {
+            msg_id: Option<String>,
+        }
+        let Some(id) = serde_json::from_slice::<Id>(body)
+            .ok()
+            .and_then(|i| i.msg_id)
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return Ok(true);
+        };
+        // ACK every copy: the first ACK may have been lost with a dropped connection.
+        let mut w = self
+            .writer
+            .lock()
+            .map_err(|_| anyhow!("writer lock poisoned"))?;
+        write_packet(&mut *w, self.ws, &proto::auth::ack_request(id))?;
+        drop(w);
+        if !self.seen.insert(id) {
+            return Ok(false);
+        }
+        self.order.push_back(id);
+        if self.order.len() > ACKED_IDS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Why tail stopped, for the ones a script may want to tell apart (see `exit` in main.rs).
@@ -411,7 +461,12 @@ fn print_body(out: &mut impl Write, body: &[u8]) -> std::io::Result<()> {
 }
 
 /// What one top-level packet means to tail.
-fn on_packet(p: &OwnedPacket, out: &mut impl Write, printed: &mut u64) -> anyhow::Result<()> {
+fn on_packet(
+    p: &OwnedPacket,
+    out: &mut impl Write,
+    printed: &mut u64,
+    acker: &mut Option<Acker>,
+) -> anyhow::Result<()> {
     match p.op {
         op::HEARTBEAT_REPLY => {
             let online = p
@@ -431,6 +486,11 @@ fn on_packet(p: &OwnedPacket, out: &mut impl Write, printed: &mut u64) -> anyhow
             )
             .map_err(|e| anyhow!("bad container from the edge: {e}"))?;
             for i in inner.iter().filter(|i| i.op == op::NOTIFICATION) {
+                if let Some(a) = acker {
+                    if !a.take(&i.body)? {
+                        continue;
+                    }
+                }
                 print_body(out, &i.body)?;
                 *printed += 1;
             }
@@ -513,7 +573,8 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         .socket()?
         .set_read_timeout(Some(Duration::from_millis(READ_POLL_MS)))?;
     let mut packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
-    let auth = client::auth_body(args.uid, t.room, args.protover, &t.token, &device);
+    let mut auth = client::auth_body(args.uid, t.room, args.protover, &t.token, &device);
+    auth.ack = args.ack;
     let early = authenticate(&mut conn, &mut packets, &auth)?;
 
     // Heartbeats from their own thread; the writer half is shared under a lock with nobody
@@ -544,19 +605,25 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
             })?
     };
 
+    let mut acker = args.ack.then(|| Acker {
+        writer: writer.clone(),
+        ws: conn.is_ws(),
+        seen: Default::default(),
+        order: Default::default(),
+    });
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut printed = 0u64;
     let result = (|| -> anyhow::Result<()> {
         for p in &early {
-            on_packet(p, &mut out, &mut printed)?;
+            on_packet(p, &mut out, &mut printed, &mut acker)?;
         }
         loop {
             while let Some(p) = packets
                 .next_packet()
                 .map_err(|e| anyhow!("bad packet from the edge: {e}"))?
             {
-                on_packet(&p, &mut out, &mut printed)?;
+                on_packet(&p, &mut out, &mut printed, &mut acker)?;
                 if args.count.is_some_and(|n| printed >= n) {
                     return Ok(());
                 }

@@ -35,6 +35,12 @@ pub struct UpArgs {
     /// `$XDG_STATE_HOME/barrage`, else `~/.local/state/barrage`, else `./.barrage`.
     #[arg(long, env = "BARRAGE_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Directory of the broker's durable high-reach log (`[broker] data_dir`): accepted
+    /// high-reach pushes survive `kill -9` and are delivered after `up` starts again with the
+    /// same directory. Default: memory only (a restart forgets messages in flight), so several
+    /// `up` stacks on one host never share a log.
+    #[arg(long, env = "BARRAGE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// The `up` config file: one section per role, each defaulted as that role's own file is.
@@ -246,6 +252,9 @@ pub fn wire(mut c: UpConfig, args: &UpArgs) -> anyhow::Result<UpConfig> {
         let k = random_secret(32);
         c.control.edge_key = k.clone();
         c.edge.edge_key = k;
+    }
+    if let Some(d) = &args.data_dir {
+        c.broker.data_dir = d.to_string_lossy().into_owned();
     }
     wire_pages(&mut c, args);
     Ok(c)

@@ -234,6 +234,28 @@ pub struct Config {
     pub history_ms_max: u64,
     /// Resume history: bytes of all held batches of one broker shard together.
     pub history_bytes_max: usize,
+    /// High reach: how long a message without `ttl_ms` is kept (resent, or waiting for its
+    /// user to connect), ms.
+    pub reach_ttl_ms_default: u64,
+    /// High reach: the cap on a push's `ttl_ms`.
+    pub reach_ttl_ms_max: u64,
+    /// High reach: the wait for a client ACK before a resend, ms.
+    pub reach_retry_ms: u64,
+    /// High reach: resends after the first try (the `n` of `1-(1-r)^(n+1)`).
+    pub reach_retries: u32,
+    /// High reach: messages in flight or waiting per user or device; past it a push to that
+    /// target is refused `overloaded` (the oldest are never dropped for newer ones).
+    pub reach_target_entries_max: usize,
+    /// High reach: body bytes in flight or waiting per user or device.
+    pub reach_target_bytes_max: usize,
+    /// High reach: messages in flight or waiting per broker.
+    pub reach_entries_max: usize,
+    /// High reach: body bytes in flight or waiting per broker.
+    pub reach_bytes_max: usize,
+    /// Directory of the durable high-reach log (`--data-dir`): an accepted high-reach push is
+    /// synced there before it is answered and reloaded after a restart. Empty: memory only (a
+    /// restart loses the messages in flight).
+    pub data_dir: String,
     /// How long an idempotency key is remembered: a push retried with the same key within it
     /// is answered with the first msg id and not delivered twice.
     pub idempotency_window_ms: u64,
@@ -324,6 +346,15 @@ impl Default for Config {
             history_ms_max: crate::history::HISTORY_MS_MAX,
             history_bytes_max: crate::history::HISTORY_BYTES_MAX,
             idempotency_keys_max: 100_000,
+            reach_ttl_ms_default: crate::reach::REACH_TTL_MS_DEFAULT,
+            reach_ttl_ms_max: crate::reach::REACH_TTL_MS_MAX,
+            reach_retry_ms: crate::reach::REACH_RETRY_MS,
+            reach_retries: crate::reach::REACH_RETRIES,
+            reach_target_entries_max: crate::reach::REACH_TARGET_ENTRIES_MAX,
+            reach_target_bytes_max: crate::reach::REACH_TARGET_BYTES_MAX,
+            reach_entries_max: crate::reach::REACH_ENTRIES_MAX,
+            reach_bytes_max: crate::reach::REACH_BYTES_MAX,
+            data_dir: String::new(),
             http: net::http::Limits::default(),
             backbone: String::new(),
             cluster: backbone::Config::default(),
@@ -358,6 +389,12 @@ impl Config {
         }
         if !(10..=24).contains(&self.brotli_lgwin) {
             return bad("brotli_lgwin must be 10..=24");
+        }
+        if self.reach_retry_ms == 0 || self.reach_ttl_ms_default == 0 || self.reach_ttl_ms_max == 0
+        {
+            return bad(
+                "reach_retry_ms, reach_ttl_ms_default and reach_ttl_ms_max must be at least 1",
+            );
         }
         if self.batch_messages_max == 0 || self.batch_bytes_max == 0 {
             return bad("batch_messages_max and batch_bytes_max must be at least 1");
@@ -440,6 +477,20 @@ impl Config {
     /// True when `backbone` names NATS servers (cluster mode).
     pub fn cluster_mode(&self) -> bool {
         !self.backbone.trim().is_empty()
+    }
+
+    /// The high-reach tracker's limits from the `reach_*` fields.
+    pub fn reach_limits(&self) -> crate::reach::Limits {
+        crate::reach::Limits {
+            ttl_ms_default: self.reach_ttl_ms_default,
+            ttl_ms_max: self.reach_ttl_ms_max,
+            retry_ms: self.reach_retry_ms,
+            retries: self.reach_retries,
+            target_entries_max: self.reach_target_entries_max,
+            target_bytes_max: self.reach_target_bytes_max,
+            entries_max: self.reach_entries_max,
+            bytes_max: self.reach_bytes_max,
+        }
     }
 
     /// The shard count actually used (`shards`, or the core count when 0).

@@ -20,7 +20,11 @@
 //!   as SIGHUP does: 200 {"ok":true,"reloaded":[...]} | 500 with each hook's outcome
 //! GET /v1/presence/room/{room} | user/{uid} | top | events  (a key with the `presence`
 //!      scope; see crate::roster and docs/api.md)
+//! GET /v1/reach/{msg_id}  Authorization: Bearer <api key>
+//!   -> 200 {"msg_id":"..","state":"pending|acked|expired|exhausted|unknown","attempts":N}
+//!      (high reach: where a message stands; see crate::courier)
 //! ```
+//!
 //! `msg_id` is a decimal string: it can exceed 2^53, where JSON numbers lose precision.
 
 use crate::ingest::{self, Via};
@@ -107,6 +111,9 @@ pub(crate) async fn handle(shared: &Shared, req: &Request) -> Response {
             Err(refusal) => refusal,
         },
         ("GET", "/v1/rooms/top") => rooms_top(shared, req),
+        ("GET", p) if p.starts_with("/v1/reach/") => {
+            reach_status(shared, req, &p["/v1/reach/".len()..])
+        }
         ("POST", "/v1/push/batch") => push_batch(shared, req).await,
         ("GET", p) if p.starts_with("/v1/presence/") => {
             shared.roster.http(shared, req, &p["/v1/presence/".len()..])
@@ -165,6 +172,24 @@ fn rooms_top(shared: &Shared, req: &Request) -> Response {
         .map(|(r, n)| json!({"room": r.0, "viewers": n}))
         .collect();
     Response::json(200, &json!({ "rooms": rooms }))
+}
+
+/// Where a high-reach message stands: `{"msg_id":"..","state":"pending"|"acked"|"expired"|
+/// "exhausted"|"unknown","attempts":N}` (`attempts` while pending; 0 = waiting for a connect).
+/// Ended messages are remembered for the last `courier::REACH_OUTCOMES_MAX` endings.
+fn reach_status(shared: &Shared, req: &Request, id: &str) -> Response {
+    if let Err(e) = key_of(shared, req) {
+        return fail(e);
+    }
+    let Ok(msg) = id.parse::<u64>() else {
+        return fail(invalid("msg_id must be a decimal u64"));
+    };
+    let status = shared.courier.status(proto::id::MsgId(msg));
+    let mut body = json!({"msg_id": msg.to_string(), "state": status.label()});
+    if let crate::courier::Status::Pending { attempts } = status {
+        body["attempts"] = json!(attempts);
+    }
+    Response::json(200, &body)
 }
 
 /// Whether `req` may use an admin endpoint: the bearer must be `admin_key`; without one set,

@@ -132,7 +132,11 @@ pub(crate) fn accept(
         }
         return Accepting::Publishing(c.publish(idem.map(|i| (key.index(), i)), push));
     }
-    let result = accept_inner(shared, key, push.scope, push.priority, push.body);
+    let result = if push.reach == proto::id::Reach::High {
+        accept_high(shared, key, push)
+    } else {
+        accept_inner(shared, key, push.scope, push.priority, push.body)
+    };
     match &result {
         Ok(_) => {
             shared.ingest_metrics.accepted[via as usize].fetch_add(1, Relaxed);
@@ -182,6 +186,28 @@ fn accept_inner(
     })
     .map_err(|_| PushError::Overloaded)?;
     inbox.notify.notify();
+    Ok(msg_id)
+}
+
+/// A high-reach push (embedded mode): past the policy, it gets its msg id, the `msg_id` field
+/// in its body, and is tracked and logged by the [`crate::courier`] before it is answered;
+/// shard 0 (the owner of user and device scopes) sends it.
+fn accept_high(shared: &Shared, key: KeyId, push: Push) -> Result<MsgId, PushError> {
+    let Some(target) = crate::courier::target_of(&push.scope) else {
+        return Err(PushError::Invalid(
+            "reach=high applies to user (uid != 0) and device scopes".into(),
+        ));
+    };
+    admit(shared, key, &push.scope, &push.body)?;
+    let msg_id = MsgId(shared.next_msg_id.fetch_add(1, Relaxed));
+    let body = crate::courier::with_msg_id(&push.body, msg_id)?;
+    let ttl_ms = shared.courier.ttl_ms(push.ttl_ms);
+    shared
+        .courier
+        .accept(msg_id, target, bytes::Bytes::from(body), ttl_ms)?;
+    if let Some(inbox) = shared.inboxes.first() {
+        inbox.notify.notify();
+    }
     Ok(msg_id)
 }
 

@@ -25,8 +25,9 @@
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`history`]: per-room resume history (sans-io); each shard records its rooms' batches
 //!   and answers the edges' REPLAY frames from it.
-//! - [`reach`], [`store`]: issue 9's high-reach building blocks (sans-io tracker, durable log);
-//!   not yet wired into the data path.
+//! - [`reach`], [`store`]: issue 9's high-reach building blocks (sans-io tracker, durable log).
+//! - [`courier`]: high reach wired: tracker and log behind one lock, fed by the push path,
+//!   the edges' presence and ACKs, drained by shard 0 (which owns user and device scopes).
 //! - [`stop`]: a shard-local stop latch.
 //! - [`announce`]: heartbeats to control (`control_addr`), so edges learn the brokers.
 //! - [`cluster`]: cluster mode (`backbone` set): publish to NATS JetStream before answering,
@@ -52,6 +53,7 @@ pub mod client;
 pub mod cluster;
 pub mod compress;
 pub mod config;
+pub mod courier;
 pub mod dedup;
 pub mod history;
 pub mod http;
@@ -149,6 +151,8 @@ pub(crate) struct Shared {
     pub roster: roster::Roster,
     /// Cluster mode's backbone (`None`: embedded mode).
     pub cluster: Option<cluster::Cluster>,
+    /// High reach: tracker and durable log (see [`courier`]).
+    pub courier: courier::Courier,
 }
 
 /// Rooms each shard keeps in its busiest-rooms snapshot (and the most `/v1/rooms/top` lists).
@@ -190,6 +194,7 @@ impl Shared {
             );
         }
         self.roster.write_metrics(&mut w);
+        self.courier.write_metrics(&mut w);
         if let Some(c) = &self.cluster {
             c.metrics_text(&mut w);
         }
@@ -346,6 +351,11 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
     } else {
         (None, None)
     };
+    let data_dir =
+        (!config.data_dir.is_empty()).then(|| std::path::PathBuf::from(&config.data_dir));
+    let (courier, logged_id_max) =
+        courier::Courier::open(config.reach_limits(), data_dir.as_deref())
+            .map_err(|e| BrokerError::Config(format!("data_dir {}: {e}", config.data_dir)))?;
     let inboxes = (0..n)
         .map(|_| {
             let (high_tx, high_rx) = crossbeam_channel::bounded(config.queue_messages_max);
@@ -369,7 +379,8 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             .map(|_| Mutex::new(policy::Rates::new(&config)))
             .collect(),
         shards: n as u16,
-        next_msg_id: AtomicU64::new(first_msg_id()),
+        // Above every id the reach log has seen, so a reloaded message's id is never reused.
+        next_msg_id: AtomicU64::new(first_msg_id().max(logged_id_max.map_or(0, |m| m.0 + 1))),
         boot: rand::random(),
         inboxes,
         ingest_metrics: Default::default(),
@@ -393,6 +404,7 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             .collect(),
         roster: roster::Roster::new(&config),
         cluster,
+        courier,
         config,
     });
 

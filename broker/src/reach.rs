@@ -370,6 +370,20 @@ impl Tracker {
         self.timers.peek().map(|Reverse((at, _))| *at)
     }
 
+    /// Drops a message just tracked whose acceptance failed later (its log append), without
+    /// counting an end. Unknown ids are ignored.
+    pub fn forget(&mut self, msg: MsgId) {
+        if self.entries.contains_key(&msg) {
+            self.remove(msg);
+            self.stats.tracked = self.stats.tracked.saturating_sub(1);
+        }
+    }
+
+    /// Tries made so far for a tracked message (`None`: not tracked).
+    pub fn attempts(&self, msg: MsgId) -> Option<u32> {
+        self.entries.get(&msg).map(|e| e.attempts)
+    }
+
     /// Messages tracked (waiting ones included).
     pub fn len(&self) -> usize {
         self.entries.len()

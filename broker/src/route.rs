@@ -298,6 +298,12 @@ impl Route {
         }
     }
 
+    /// The link of edge node `node_id` for `priority` (the Low link while its High one is down).
+    pub fn node_link(&self, node_id: &str, priority: Priority) -> Option<LinkId> {
+        let e = self.by_node.get(node_id)?;
+        self.edges.get(*e)?.link(priority)
+    }
+
     /// Edge nodes with at least one link to this shard.
     pub fn edges(&self) -> usize {
         self.edges.len()

@@ -117,6 +117,10 @@ impl State {
             return;
         };
         self.route.link_down(id);
+        if self.index == 0 && conn.priority == Priority::Low {
+            // The presence link: none of the node's connections is reachable through us now.
+            self.shared.courier.edge_down(&conn.node_id);
+        }
         conn.stop.fire();
         let m = &self.shared.shard_metrics[self.index as usize];
         m.cut(reason);
@@ -349,12 +353,29 @@ impl State {
             LinkFrame::Presence(batch) => {
                 if let Some(conn) = self.links.get(&id) {
                     let node = conn.node_id.clone();
+                    if self.index == 0 {
+                        self.shared.courier.on_presence(&node, &batch);
+                    }
                     self.shared.roster.on_report(&node, batch, Instant::now());
                 }
             }
-            // High-reach ACKs are not handled by this version; they are accepted (edges may
-            // send them) and counted as frames.
-            LinkFrame::Ack { .. } => {}
+            // High-reach ACKs go to shard 0 (the owner of user and device scopes); one on
+            // another shard is ignored like an unknown msg id.
+            LinkFrame::Ack {
+                uid,
+                device,
+                msg_id,
+            } => {
+                if self.index == 0 {
+                    self.shared.courier.ack(msg_id, uid, &device);
+                } else {
+                    self.shared
+                        .courier
+                        .metrics
+                        .ack_unknown
+                        .fetch_add(1, Relaxed);
+                }
+            }
             LinkFrame::Replay(req) => self.replay(id, &req),
             LinkFrame::Hello(_)
             | LinkFrame::Batch(_)
@@ -363,6 +384,58 @@ impl State {
             | LinkFrame::Proof { .. } => return Err(Cut::Protocol),
         }
         Ok(())
+    }
+
+    /// High reach (shard 0): runs the courier's timers and writes its sends, each a
+    /// one-message user/device batch in every encoding, on the High link of each edge that
+    /// holds the target. The link `seq` is the try number (crate::courier).
+    fn reach(&mut self, now: Instant) {
+        let mut sends = Vec::new();
+        self.shared.courier.poll(now, &mut sends);
+        let all = Encoding::Plain.bit() | Encoding::Zlib.bit() | Encoding::Brotli.bit();
+        for s in sends {
+            let flush = crate::batcher::Flush {
+                scope: s.scope.clone(),
+                priority: Priority::High,
+                seq: 0,
+                msg_ids: vec![s.msg],
+                bodies: vec![s.body.to_vec()],
+                oldest: None,
+            };
+            let encoded = self.compressor.encode(&flush, all);
+            let mut frames = Vec::with_capacity(3);
+            for e in [Encoding::Plain, Encoding::Zlib, Encoding::Brotli] {
+                let Some(packet) = encoded.get(e) else {
+                    continue;
+                };
+                let batch = Batch {
+                    scope: s.scope.clone(),
+                    priority: Priority::High,
+                    seq: u64::from(s.attempt),
+                    first_msg_id: s.msg,
+                    msg_count: 1,
+                    encoding: e,
+                    packet: packet.clone(),
+                };
+                let mut header = Vec::with_capacity(64);
+                proto::link::encode_batch_header(&batch, &mut header);
+                frames.push((Bytes::from(header), packet.clone()));
+            }
+            for node in &s.nodes {
+                let Some(link) = self.route.node_link(node, Priority::High) else {
+                    continue;
+                };
+                for (header, packet) in &frames {
+                    self.send(
+                        link,
+                        Out::Batch {
+                            header: header.clone(),
+                            packet: packet.clone(),
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// A PING renews the presence lease of the node on its presence link (shard 0, Low).
@@ -432,6 +505,7 @@ impl State {
         }
         if self.index == 0 {
             self.shared.roster.poll(now);
+            self.reach(now);
         }
         let m = &self.shared.shard_metrics[self.index as usize];
         m.edges.store(self.route.edges() as u64, Relaxed);
@@ -443,6 +517,9 @@ impl State {
         let mut t = self.next_counts.min(self.next_ping);
         if self.index == 0 {
             if let Some(d) = self.shared.roster.next_deadline() {
+                t = t.min(d);
+            }
+            if let Some(d) = self.shared.courier.next_deadline() {
                 t = t.min(d);
             }
         }

@@ -230,7 +230,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_udp.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 23] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 25] = [
         (
             "barrage_edge_udp_datagrams_in_total",
             "counter",
@@ -305,6 +305,18 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "Client ACKs of high-reach messages.",
             |m| m.acks.get(),
+        ),
+        (
+            "barrage_edge_acks_not_opted_in_total",
+            "counter",
+            "op 1000 ACKs from connections whose auth did not say \"ack\": true (ignored).",
+            |m| m.acks_not_opted_in.get(),
+        ),
+        (
+            "barrage_edge_acks_rate_limited_total",
+            "counter",
+            "op 1000 ACKs past the connection's rate (64 per second) or the shard's pending bound (dropped).",
+            |m| m.acks_rate_limited.get(),
         ),
         (
             "barrage_edge_batches_in_total",

@@ -143,6 +143,11 @@ struct Conn {
     stuck_since_ms: u64,
     session: Session,
     queue: VecDeque<Bytes>,
+    /// High-priority batches at the front of `queue`: a new one goes after them and ahead of
+    /// every queued low-priority batch (issue 9, priority isolation). Each queued buffer is a
+    /// whole packet (or WS frame) never partly written, so reordering them is safe; the two
+    /// priorities have their own seq spaces, so clients see no false gap.
+    high_front: u16,
 }
 
 /// Why a connection was refused at accept, and what to tell it before closing.
@@ -174,6 +179,8 @@ pub struct ShardCore {
     next_gen: u32,
     index: RoomIndex,
     reach: ReachIndex,
+    /// High-reach ACK state (opted-in connections, ACKs for the brokers).
+    acks: crate::acks::Acks,
     wheel: Wheel<Timer>,
     /// Fleet-wide online counts (from the brokers' COUNTS) for rooms with viewers here.
     fleet: HashMap<RoomId, u32>,
@@ -215,6 +222,7 @@ impl ShardCore {
             next_gen: 1,
             index: RoomIndex::new(),
             reach: ReachIndex::new(),
+            acks: Default::default(),
             wheel: Wheel::new(now, tick),
             fleet: HashMap::new(),
             node_counts: HashMap::new(),
@@ -340,6 +348,7 @@ impl ShardCore {
             stuck_since_ms: 0,
             session: Session::new(transport, &self.node.limits),
             queue: VecDeque::new(),
+            high_front: 0,
         };
         let id = ConnId {
             key: self.conns.insert(conn) as u32,
@@ -467,7 +476,11 @@ impl ShardCore {
                     let reply = c.session.frame(&auth::heartbeat_reply(online));
                     self.reply(id, reply, now);
                 }
-                Action::Ack(_) => self.m().acks.inc(),
+                Action::Ack(msg) => match self.acks.on_ack(id.key, msg, now_ms.0) {
+                    crate::acks::Outcome::Forwarded => self.m().acks.inc(),
+                    crate::acks::Outcome::NotOptedIn => self.m().acks_not_opted_in.inc(),
+                    crate::acks::Outcome::RateLimited => self.m().acks_rate_limited.inc(),
+                },
                 Action::Close {
                     reason,
                     auth_fail,
@@ -543,6 +556,7 @@ impl ShardCore {
             bytes += b.len();
             if let Some(b) = c.queue.pop_front() {
                 bufs.push(b);
+                c.high_front = c.high_front.saturating_sub(1);
             }
         }
         c.in_flight = true;
@@ -607,7 +621,14 @@ impl ShardCore {
             return false;
         }
         c.queued_bytes = c.queued_bytes.saturating_add(bytes.len() as u32);
-        c.queue.push_back(bytes);
+        if bounded && priority == Priority::High && c.high_front < u16::MAX {
+            // The high lane: ahead of queued low-priority batches, behind earlier high ones.
+            let at = usize::from(c.high_front).min(c.queue.len());
+            c.queue.insert(at, bytes);
+            c.high_front += 1;
+        } else {
+            c.queue.push_back(bytes);
+        }
         self.mark_ready(id);
         true
     }
@@ -661,6 +682,7 @@ impl ShardCore {
             if reason == CloseReason::Stuck {
                 // The peer is not reading: a close frame would only queue behind the rest.
                 c.queue.clear();
+                c.high_front = 0;
                 c.queued_bytes = 0;
                 c.session.close(reason);
                 Vec::new()
@@ -675,6 +697,7 @@ impl ShardCore {
         let Some(seat) = seat else { return };
         self.report_presence(crate::presence::exit(crate::presence::conn_id(self.id, id)));
         self.reach.leave(id.key);
+        self.acks.leave(id.key);
         if let Some(c) = self.index.leave(id.key, seat.room, seat.lane) {
             self.emit_change(seat.room, c);
         }
@@ -753,6 +776,7 @@ impl ShardCore {
         let change = self.index.join(id.key, a.room, a.area, lane);
         self.emit_change(a.room, change);
         self.reach.join(id.key, a.uid.0, &a.device.0);
+        self.acks.join(id.key, a.uid, &a.device, a.ack);
         if let Some(c) = self.get(id) {
             let t = crate::presence::transport(c.session.transport());
             let conn = crate::presence::conn_id(self.id, id);
@@ -958,7 +982,7 @@ impl ShardCore {
             // Needs the wall clock (cookies): the shell calls `on_datagram` for these.
             Msg::Datagram { .. } => {}
             // The link hub's business; the shell routes them there.
-            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) => {}
+            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) | Msg::Acks(_) => {}
         }
     }
 
@@ -966,6 +990,11 @@ impl ShardCore {
     pub fn poll_msg(&mut self) -> Option<(ShardIdx, Msg)> {
         if self.outbox.is_empty() && !self.presence.is_empty() {
             return Some((0, Msg::Presence(std::mem::take(&mut self.presence))));
+        }
+        if self.outbox.is_empty() && !self.node.config.broker_addrs.is_empty() {
+            if let Some(acks) = self.acks.take() {
+                return Some((0, Msg::Acks(acks)));
+            }
         }
         self.outbox.pop_front()
     }
@@ -1014,9 +1043,12 @@ impl ShardCore {
         let mut frames = Frames::new(&batch.packet);
         let payload_max = self.node.config.udp_payload_bytes_max;
         let mut sends = 0u64;
+        let resend = crate::acks::is_resend(batch);
         for t in &targets {
             let (key, lane) = match *t {
                 Target::Lane(k, lane) => (k, lane),
+                // A high-reach resend: only for connections that ACK (crate::acks).
+                Target::Reach(k) if resend && !self.acks.gets_resends(k) => continue,
                 Target::Reach(k) => {
                     let lane = self
                         .conns

@@ -18,6 +18,8 @@
 //!   the shared bytes per transport (one WS frame per shard).
 //! - `shard`: the monoio shell per core around one `ShardCore`: listeners, connection tasks,
 //!   rings, the clock.
+//! - [`acks`]: high-reach op 1000 ACKs: who opted in, the per-connection rate, resends only
+//!   to those (sans-io).
 //! - [`link`]: broker link client (HELLO, PING, reconnect with backoff, SUB/UNSUB/COUNTS); its
 //!   hub talks to the shards through an outbox.
 //! - `admin`: `/healthz`, `/metrics`, `/admin/drain` on its own thread.
@@ -29,6 +31,7 @@
 //! ordered pair) woken by `net::wake::Notify`; nothing on the data path is shared mutably.
 #![forbid(unsafe_code)]
 
+pub mod acks;
 pub mod config;
 pub mod core;
 pub mod fanout;

@@ -256,7 +256,24 @@ impl Hub {
             } => self.on_interest(from, interest, set),
             Msg::Counts { from, counts } => self.interest.borrow_mut().set_counts(from, counts),
             Msg::Presence(events) => self.presence.borrow_mut().on_events(events),
+            Msg::Acks(acks) => self.send_acks(&acks),
             _ => {}
+        }
+    }
+
+    /// High-reach ACKs to every broker's presence link (shard 0, the owner of user and device
+    /// scopes), one frame each, written together. Lost if that link is down: the broker then
+    /// resends, and the client ACKs again.
+    fn send_acks(&self, acks: &[(proto::id::UserId, proto::id::DeviceId, proto::id::MsgId)]) {
+        for b in &self.brokers {
+            let Some(slot) = b.low_slot(0) else { continue };
+            for (uid, device, msg_id) in acks {
+                slot.send(&LinkFrame::Ack {
+                    uid: *uid,
+                    device: device.clone(),
+                    msg_id: *msg_id,
+                });
+            }
         }
     }
 

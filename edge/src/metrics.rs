@@ -83,6 +83,10 @@ pub struct ShardMetrics {
     pub closes: [Counter; CloseReason::ALL.len()],
     pub heartbeats: Counter,
     pub acks: Counter,
+    /// op 1000 from connections that did not send `"ack": true` (ignored).
+    pub acks_not_opted_in: Counter,
+    /// op 1000 past the connection's ACK rate (dropped, crate::acks).
+    pub acks_rate_limited: Counter,
     /// Batches this shard fanned out.
     pub batches_in: Counter,
     /// Bytes of batches received (once per batch per shard).

@@ -42,6 +42,9 @@ pub enum Msg {
     },
     /// Viewer shard -> link shard: presence enters and exits, in order (crate::presence).
     Presence(Vec<proto::link::PresenceEvent>),
+    /// Viewer shard -> link shard: high-reach ACKs (uid, device, msg id) for the brokers
+    /// (crate::acks).
+    Acks(Vec<(proto::id::UserId, proto::id::DeviceId, proto::id::MsgId)>),
     /// Link shard -> viewer shards: fleet-wide online counts from the brokers.
     FleetCounts(Arc<Vec<(RoomId, u32)>>),
     /// Link shard -> every shard: this node's viewer count per room (heartbeat replies use it
@@ -60,7 +63,7 @@ impl Msg {
     pub fn is_for_hub(&self) -> bool {
         matches!(
             self,
-            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_)
+            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) | Msg::Acks(_)
         )
     }
 }

@@ -28,9 +28,12 @@ fn login(c: &mut Client, uid: u64, room: u64, protover: u32, device: &str) {
     assert_eq!(r, auth::auth_reply(0), "auth of uid {uid}");
 }
 
-fn scoped(scope: Scope, seq: u64, encoding: Encoding) -> Batch {
-    let mut b = room_batch(0, seq, encoding, 40 + seq as usize);
+/// A user/device batch as the broker sends a best-effort one: link seq 0 (a seq of 2 or more
+/// marks a high-reach resend, for opted-in connections only); `n` tells the packets apart.
+fn scoped(scope: Scope, n: u64, encoding: Encoding) -> Batch {
+    let mut b = room_batch(0, n, encoding, 40 + n as usize);
     b.scope = scope;
+    b.seq = 0;
     b
 }
 

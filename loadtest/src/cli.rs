@@ -24,6 +24,12 @@ pub enum Scenario {
     Compress(CompressArgs),
     /// Prints corpus messages (one JSON object per line) and their average size.
     Corpus(CorpusArgs),
+    /// High reach: users that ignore a copy with probability 1-r; the final delivery rate
+    /// against 1-(1-r)^(n+1), duplicates, messages never delivered.
+    Reach(crate::reach::ReachArgs),
+    /// A low-priority flood and a steady high-priority stream to one room: p50/p99 of each
+    /// (run again with --no-flood for the baseline).
+    Priority(crate::priority::PriorityArgs),
     /// Cores and hosts a fleet needs for a target audience, from measured per-core figures.
     Plan(crate::plan::PlanArgs),
     /// Internal: a child process running its share of viewers (spawned when N exceeds one

@@ -37,9 +37,11 @@ pub mod client;
 pub mod compress;
 pub mod corpus;
 pub mod plan;
+pub mod priority;
 pub mod procstat;
 pub mod progress;
 pub mod publisher;
+pub mod reach;
 pub mod report;
 pub mod run;
 pub mod stats;
@@ -105,6 +107,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             run::run(&a.common, kind, "churn", json).map(|_| ())
         }
         Scenario::Plan(a) => plan::run(&a),
+        Scenario::Reach(a) => reach::run(&a),
+        Scenario::Priority(a) => priority::run(&a),
         Scenario::Worker => run::worker(),
     }
 }

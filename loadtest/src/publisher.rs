@@ -128,7 +128,7 @@ impl Drop for Publisher {
 }
 
 /// A pipelined ingest connection: frames are buffered and written once per tick.
-struct IngestConn {
+pub(crate) struct IngestConn {
     stream: std::net::TcpStream,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
@@ -136,7 +136,7 @@ struct IngestConn {
 }
 
 impl IngestConn {
-    fn connect(addr: &str, api_key: &str) -> anyhow::Result<IngestConn> {
+    pub(crate) fn connect(addr: &str, api_key: &str) -> anyhow::Result<IngestConn> {
         use std::net::ToSocketAddrs;
         let a = addr
             .to_socket_addrs()?
@@ -182,14 +182,22 @@ impl IngestConn {
         req_id
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
+    /// Buffers one push as given (its `req_id` replaced); returns the request id.
+    pub(crate) fn send_push(&mut self, mut push: Push) -> u64 {
+        push.req_id = self.next_req;
+        self.next_req += 1;
+        proto::ingest::encode(&IngestFrame::Push(push), &mut self.wbuf);
+        self.next_req - 1
+    }
+
+    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
         use std::io::Write;
         let r = self.stream.write_all(&self.wbuf);
         self.wbuf.clear();
         r
     }
 
-    fn recv(&mut self) -> anyhow::Result<(u64, Result<MsgId, PushError>)> {
+    pub(crate) fn recv(&mut self) -> anyhow::Result<(u64, Result<MsgId, PushError>)> {
         use std::io::Read;
         loop {
             match proto::ingest::decode(&self.rbuf, proto::limits::INGEST_FRAME_BYTES_MAX) {

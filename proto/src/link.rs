@@ -81,7 +81,8 @@ pub struct Batch {
     pub scope: Scope,
     pub priority: Priority,
     /// Sequence number of this batch in its scope's stream (room/area/global), from 1.
-    /// For user/device scopes, 0.
+    /// For user/device scopes, 0, except a high-reach try: 1 for the first, 2.. for resends
+    /// (which an edge gives only to connections that opted in with `"ack": true`).
     pub seq: u64,
     /// First msg id in the batch; the batch holds `msg_count` consecutive-in-batch messages.
     pub first_msg_id: MsgId,

@@ -259,3 +259,30 @@ fn poll_timeout_is_never_later_than_the_next_tick_with_timers() {
     let at = h.core.poll_timeout();
     assert!(at <= h.now + Duration::from_millis(TICK_MS));
 }
+
+/// Issue 9, priority isolation: a high-priority batch goes ahead of the low-priority batches
+/// already queued for a connection (behind earlier high ones), never into a write in flight.
+#[test]
+fn high_priority_batches_overtake_queued_low_priority_ones() {
+    let mut h = Harness::new(config());
+    let id = h.viewer(1, 7);
+    h.flush(id);
+    h.core
+        .on_msg(Msg::Batch(Arc::new(room_batch(7, 1, 100))), h.now);
+    // The writer takes batch 1 and has not finished it when the rest arrives.
+    let mut bufs = Vec::new();
+    assert_eq!(h.core.take_transmit(id, &mut bufs), Transmit::Write);
+    let in_flight: usize = bufs.iter().map(|b| b.len()).sum();
+    for seq in 2..=4 {
+        h.core
+            .on_msg(Msg::Batch(Arc::new(room_batch(7, seq, 100))), h.now);
+    }
+    for seq in [101, 102] {
+        let mut b = room_batch(7, seq, 10);
+        b.priority = Priority::High;
+        h.core.on_msg(Msg::Batch(Arc::new(b)), h.now);
+    }
+    h.core.on_written(id, in_flight);
+    let seqs: Vec<u32> = packets(&h.flush(id).bytes).iter().map(|p| p.1).collect();
+    assert_eq!(seqs, [101, 102, 2, 3, 4]);
+}

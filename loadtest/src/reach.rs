@@ -1,0 +1,282 @@
+//! `barrage loadtest reach` (issue 9): the measured final delivery rate of high-reach messages
+//! against `1-(1-r)^(n+1)`.
+//!
+//! N viewers log in as users 1..N (`POST /v1/connect` with the control key) with `"ack": true`.
+//! The publisher sends `--messages` high-reach pushes to each user over the ingest socket. Each
+//! viewer **ignores** a received copy (neither processes nor ACKs it) with probability `1 - r`
+//! (`--reach-success`), processes and ACKs it otherwise, and drops duplicates by msg id
+//! (counted). With `--reconnect-per-s`, viewers drop their connection and open a new one at that
+//! total rate. After the last push it waits `--settle-s` (at least the retry window) and reports,
+//! per message, whether some copy was processed: the delivery rate, the messages never
+//! delivered, duplicates seen.
+//!
+//! Blocking threads, one per viewer: the point is the broker's resend logic, not edge load.
+
+use crate::client::{self, Ticket};
+use crate::corpus::SplitMix64;
+use crate::publisher::IngestConn;
+use proto::id::{Priority, Reach, Scope, UserId};
+use proto::ingest::Push;
+use proto::packet::{op, StreamDecoder};
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Most viewers (one thread each).
+pub const REACH_VIEWERS_MAX: u32 = 2_000;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReachArgs {
+    /// Control's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub control: String,
+    /// Control's API key (viewers log in as users).
+    #[arg(long, env = "BARRAGE_CONTROL_KEY", hide_env_values = true)]
+    pub control_key: String,
+    /// The broker's ingest socket.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub ingest: String,
+    /// The broker's API key.
+    #[arg(long, env = "BARRAGE_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+    /// Viewers (users 1..N).
+    #[arg(long, default_value_t = 200)]
+    pub viewers: u32,
+    /// High-reach pushes per user.
+    #[arg(long, default_value_t = 20)]
+    pub messages: u32,
+    /// Probability that a viewer processes (and ACKs) a received copy.
+    #[arg(long, default_value_t = 0.9)]
+    pub reach_success: f64,
+    /// The broker's `reach_retries` (for the expected rate only).
+    #[arg(long, default_value_t = 2)]
+    pub retries: u32,
+    /// Connection drops per second over all viewers (each reconnects at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub reconnect_per_s: f64,
+    /// Pushes per second (all users together).
+    #[arg(long, default_value_t = 500)]
+    pub rate: u32,
+    /// Wait after the last push before counting (>= the broker's retry window,
+    /// `reach_retry_ms * (reach_retries + 1)`).
+    #[arg(long, default_value_t = 10)]
+    pub settle_s: u64,
+    /// The room viewers sit in.
+    #[arg(long, default_value_t = 1000)]
+    pub room: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Default)]
+struct Tally {
+    /// msg ids processed at least once.
+    processed: Mutex<HashSet<u64>>,
+    copies: AtomicU64,
+    duplicates: AtomicU64,
+    ignored: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+fn connect(t: &Ticket, uid: u64, device: &str) -> anyhow::Result<TcpStream> {
+    let e = t
+        .edges
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no edge in the ticket"))?;
+    let addr = e
+        .addr(false)
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", e.host))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut body = client::auth_body(uid, t.room, 0, &t.token, device);
+    body.ack = true;
+    s.write_all(&proto::auth::auth_request(&body))?;
+    Ok(s)
+}
+
+fn viewer(
+    args: &ReachArgs,
+    uid: u64,
+    drop_p: f64,
+    tally: &Tally,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let device = format!("reach-{uid}");
+    let t = client::fetch_blocking(
+        &args.control,
+        args.room,
+        uid,
+        &device,
+        Some(&args.control_key),
+        false,
+        Duration::from_secs(5),
+    )?;
+    let mut rng = SplitMix64::new(args.seed ^ uid.wrapping_mul(0x9e37_79b9));
+    let mut seen = HashSet::new();
+    let mut s = connect(&t, uid, &device)?;
+    let mut packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut next_hb = Instant::now();
+    let mut next_drop = Instant::now() + Duration::from_millis(200);
+    while !stop.load(Relaxed) {
+        if Instant::now() >= next_hb {
+            s.write_all(&proto::auth::heartbeat_request())?;
+            next_hb = Instant::now() + Duration::from_secs(20);
+        }
+        if drop_p > 0.0 && Instant::now() >= next_drop {
+            next_drop = Instant::now() + Duration::from_millis(200);
+            if rng.unit() < drop_p {
+                tally.reconnects.fetch_add(1, Relaxed);
+                s = connect(&t, uid, &device)?;
+                packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => s = connect(&t, uid, &device)?,
+            Ok(n) => packets.feed(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => s = connect(&t, uid, &device)?,
+        }
+        while let Ok(Some(p)) = packets.next_packet() {
+            if p.op != op::NOTIFICATION {
+                continue;
+            }
+            let Ok(inner) = proto::container::unpack(
+                p.ver,
+                p.op,
+                p.seq,
+                &p.body,
+                proto::limits::DECOMPRESSED_BYTES_MAX,
+            ) else {
+                continue;
+            };
+            for i in inner {
+                #[derive(serde::Deserialize)]
+                struct Id {
+                    msg_id: Option<String>,
+                }
+                let Some(id) = serde_json::from_slice::<Id>(&i.body)
+                    .ok()
+                    .and_then(|x| x.msg_id)
+                    .and_then(|x| x.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                tally.copies.fetch_add(1, Relaxed);
+                if seen.contains(&id) {
+                    // Processed before: a duplicate, dropped (ACKed again, the first ACK may
+                    // have been lost).
+                    tally.duplicates.fetch_add(1, Relaxed);
+                    s.write_all(&proto::auth::ack_request(id))?;
+                    continue;
+                }
+                if rng.unit() >= args.reach_success {
+                    tally.ignored.fetch_add(1, Relaxed);
+                    continue;
+                }
+                seen.insert(id);
+                if let Ok(mut p) = tally.processed.lock() {
+                    p.insert(id);
+                }
+                s.write_all(&proto::auth::ack_request(id))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: &ReachArgs) -> anyhow::Result<()> {
+    let n = args.viewers.clamp(1, REACH_VIEWERS_MAX);
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    // Per viewer, per 200 ms tick.
+    let drop_p = args.reconnect_per_s / f64::from(n) / 5.0;
+    let mut threads = Vec::new();
+    for uid in 1..=u64::from(n) {
+        let (a, t, s) = (args.clone(), tally.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            if let Err(e) = viewer(&a, uid, drop_p, &t, &s) {
+                eprintln!("viewer {uid}: {e:#}");
+            }
+        }));
+    }
+    // Let every viewer connect and its presence reach the broker.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut ingest = IngestConn::connect(&args.ingest, &args.api_key)?;
+    let mut pushed: HashMap<u64, u64> = HashMap::new();
+    let mut refused = 0u64;
+    let gap = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let started = Instant::now();
+    let mut k = 0u64;
+    for m in 0..args.messages {
+        for uid in 1..=u64::from(n) {
+            let body = format!(r#"{{"cmd":"REACH_TEST","m":{m},"uid":{uid}}}"#);
+            ingest.send_push(Push {
+                req_id: 0,
+                scope: Scope::User(UserId(uid)),
+                priority: Priority::High,
+                reach: Reach::High,
+                ttl_ms: 0,
+                body: body.into_bytes(),
+            });
+            ingest.flush()?;
+            match ingest.recv()?.1 {
+                Ok(id) => {
+                    pushed.insert(id.0, uid);
+                }
+                Err(_) => refused += 1,
+            }
+            k += 1;
+            let due = started + gap.mul_f64(k as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let push_s = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(args.settle_s));
+    stop.store(true, Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let processed = tally
+        .processed
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    let delivered = pushed.keys().filter(|id| processed.contains(id)).count();
+    let total = pushed.len().max(1);
+    let rate = delivered as f64 / total as f64;
+    let r = args.reach_success;
+    let want = 1.0 - (1.0 - r).powi(args.retries as i32 + 1);
+    let sd = (want * (1.0 - want) / total as f64).sqrt();
+    let report = serde_json::json!({
+        "scenario": "reach",
+        "viewers": n,
+        "messages": pushed.len(),
+        "refused": refused,
+        "push_s": push_s,
+        "reach_success": r,
+        "retries": args.retries,
+        "reconnect_per_s": args.reconnect_per_s,
+        "reconnects": tally.reconnects.load(Relaxed),
+        "delivered": delivered,
+        "never_delivered": pushed.len() - delivered,
+        "delivery_rate": rate,
+        "expected_rate": want,
+        "expected_sd": sd,
+        "copies_seen": tally.copies.load(Relaxed),
+        "copies_ignored": tally.ignored.load(Relaxed),
+        "duplicates_dropped": tally.duplicates.load(Relaxed),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
