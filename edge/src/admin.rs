@@ -308,6 +308,12 @@ pub(crate) fn render(node: &Node) -> String {
             |m| m.accept_errors.get(),
         ),
         (
+            "barrage_edge_resume_replayed_batches_total",
+            "counter",
+            "Batches replayed to resuming connections.",
+            |m| m.resume_replayed.get(),
+        ),
+        (
             "barrage_edge_presence_records",
             "gauge",
             "Connections the presence reporter holds (link shard only).",
@@ -386,6 +392,15 @@ pub(crate) fn render(node: &Node) -> String {
         );
     }
     w.family(
+        "barrage_edge_resumes_total",
+        "counter",
+        "BARRAGE_SYNCs sent, by outcome (fresh: ack only; malformed: resume ignored; timeout, overflow, full, unlinked: fallbacks without the broker's answer).",
+    );
+    for o in crate::resume::Outcome::ALL {
+        let v: u64 = node.metrics.iter().map(|m| m.resumes[o.index()].get()).sum();
+        w.sample("barrage_edge_resumes_total", &[("outcome", o.label())], v as f64);
+    }
+    w.family(
         "barrage_edge_drops_total",
         "counter",
         "Batches not delivered, by reason.",
@@ -398,7 +413,7 @@ pub(crate) fn render(node: &Node) -> String {
             v as f64,
         );
     }
-    let hist: [HistogramFamily; 2] = [
+    let hist: [HistogramFamily; 3] = [
         (
             "barrage_edge_fanout_seconds",
             "One batch's fan-out on one shard: taken from the ring to every viewer's bytes queued.",
@@ -408,6 +423,11 @@ pub(crate) fn render(node: &Node) -> String {
             "barrage_edge_auth_seconds",
             "Processing of the bytes that authenticated a connection (token check included).",
             |m| &m.auth_us,
+        ),
+        (
+            "barrage_edge_resume_seconds",
+            "From a resuming connection's auth to its BARRAGE_SYNC queued (the broker's answer included).",
+            |m| &m.resume_us,
         ),
     ];
     for (name, help, get) in hist {

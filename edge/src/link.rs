@@ -150,7 +150,24 @@ pub(crate) struct Hub {
     presence: RefCell<crate::presence::Reporter>,
     next_counts: Cell<Instant>,
     stopped: Cell<bool>,
+    /// REPLAY requests sent and not yet answered by every broker asked (crate::resume).
+    replays: RefCell<std::collections::HashMap<u64, Replaying>>,
 }
+
+/// One REPLAY asked of one or more brokers (cluster mode links every broker).
+struct Replaying {
+    /// The shard that asked.
+    shard: ShardIdx,
+    /// Brokers still to answer.
+    waiting: usize,
+    /// The answer of the broker that holds the room (the one furthest along).
+    best: Option<wire::replay::Answer>,
+    sent: Instant,
+}
+
+/// Unanswered REPLAYs the hub remembers; past it (or past twice `resume_ms_max`: the shard
+/// has fallen back long since) the oldest are forgotten.
+pub const HUB_REPLAYS_MAX: usize = 65_536;
 
 impl Hub {
     pub fn new(node: Arc<Node>, shard: ShardIdx) -> Hub {
@@ -179,6 +196,7 @@ impl Hub {
             shard,
             brokers,
             stopped: Cell::new(false),
+            replays: RefCell::new(std::collections::HashMap::new()),
             node,
         }
     }
@@ -207,6 +225,7 @@ impl Hub {
             } => self.on_interest(from, interest, set),
             Msg::Counts { from, counts } => self.interest.borrow_mut().set_counts(from, counts),
             Msg::Presence(events) => self.presence.borrow_mut().on_events(events),
+            Msg::Replay { from, request } => self.replay(from, request),
             _ => {}
         }
     }
@@ -224,6 +243,10 @@ impl Hub {
         }
         let every = Duration::from_millis(self.node.config.counts_interval_ms.max(1));
         self.next_counts.set(now + every);
+        let stale = Duration::from_millis(self.node.config.resume_ms_max.saturating_mul(2));
+        self.replays
+            .borrow_mut()
+            .retain(|_, r| now.saturating_duration_since(r.sent) <= stale);
         let node = Arc::new(self.interest.borrow().node_counts());
         for t in 0..self.node.shards {
             self.post(t, Msg::NodeCounts(node.clone()));
@@ -272,6 +295,71 @@ impl Hub {
                 slot.send(&frame);
             }
         }
+    }
+
+    /// Sends a shard's REPLAY on the Low link of the room's broker shard of every broker that
+    /// is up: the link that carries the room's live batches, so the answer sits between the
+    /// batches it covers and the later ones (proto::link::replay). No link up: answered
+    /// `None` at once (the shard falls back).
+    fn replay(&self, from: ShardIdx, request: wire::replay::Request) {
+        let interest = Interest::Room(request.room);
+        let frame = LinkFrame::Replay(request.clone());
+        let mut waiting = 0;
+        for b in &self.brokers {
+            if let Some(slot) = b.low_slot(b.owner(&interest)).filter(|s| s.up.get()) {
+                slot.send(&frame);
+                waiting += 1;
+            }
+        }
+        let mut replays = self.replays.borrow_mut();
+        if waiting == 0 || replays.len() >= HUB_REPLAYS_MAX {
+            drop(replays);
+            self.post(
+                from,
+                Msg::Replayed {
+                    req: request.req,
+                    answer: None,
+                },
+            );
+            return;
+        }
+        replays.insert(
+            request.req,
+            Replaying {
+                shard: from,
+                waiting,
+                best: None,
+                sent: Instant::now(),
+            },
+        );
+    }
+
+    /// A broker's REPLAYED: once every broker asked has answered, the asking shard gets the
+    /// answer with the highest seq (the broker that owns the room; others know it at seq 0).
+    fn on_replayed(&self, a: wire::replay::Answer) {
+        let mut replays = self.replays.borrow_mut();
+        let Some(r) = replays.get_mut(&a.req) else {
+            return;
+        };
+        let req = a.req;
+        r.waiting = r.waiting.saturating_sub(1);
+        if r.best.as_ref().is_none_or(|b| a.sync.seq > b.sync.seq) {
+            r.best = Some(a);
+        }
+        if r.waiting > 0 {
+            return;
+        }
+        let Some(r) = replays.remove(&req) else {
+            return;
+        };
+        drop(replays);
+        self.post(
+            r.shard,
+            Msg::Replayed {
+                req,
+                answer: r.best.map(Box::new),
+            },
+        );
     }
 
     /// Routes a batch to the shards with viewers wanting it.
@@ -595,8 +683,7 @@ fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
         | LinkFrame::Presence(_)
         | LinkFrame::Ack { .. }
         | LinkFrame::Replay(_) => {}
-        // This edge does not send REPLAY yet (issue 9: the edge side of resume is not wired).
-        LinkFrame::Replayed(_) => {}
+        LinkFrame::Replayed(a) => hub.on_replayed(a),
     }
 }
 

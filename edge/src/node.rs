@@ -47,6 +47,17 @@ pub enum Msg {
     /// Link shard -> every shard: this node's viewer count per room (heartbeat replies use it
     /// until, or without, the brokers' fleet-wide counts).
     NodeCounts(Arc<Vec<(RoomId, u32)>>),
+    /// Viewer shard -> link shard: ask the brokers for a resuming connection's missed batches
+    /// (crate::resume).
+    Replay {
+        from: ShardIdx,
+        request: proto::link::replay::Request,
+    },
+    /// Link shard -> the asking shard: the answer to `req` (`None`: no broker link took it).
+    Replayed {
+        req: u64,
+        answer: Option<Box<proto::link::replay::Answer>>,
+    },
 }
 
 impl Msg {
@@ -54,7 +65,7 @@ impl Msg {
     pub fn is_for_hub(&self) -> bool {
         matches!(
             self,
-            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_)
+            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) | Msg::Replay { .. }
         )
     }
 }
