@@ -308,6 +308,12 @@ pub(crate) fn render(node: &Node) -> String {
             |m| m.accept_errors.get(),
         ),
         (
+            "barrage_edge_epoch_syncs_total",
+            "counter",
+            "BARRAGE_SYNCs sent to connected clients after a broker link came back and named the room's epoch.",
+            |m| m.epoch_syncs.get(),
+        ),
+        (
             "barrage_edge_resume_replayed_batches_total",
             "counter",
             "Batches replayed to resuming connections.",

@@ -729,7 +729,7 @@ impl ShardCore {
             self.report_presence(ev);
         }
         self.reply(id, reply, now);
-        if a.ack || a.resume != proto::sync::ResumeField::Absent {
+        if a.sync {
             self.begin_resume(id, a.room, a.encoding, a.resume, now);
         }
         self.arm(
@@ -747,6 +747,7 @@ impl ShardCore {
             Msg::Batch(b) => self.fan_out(&b, now),
             Msg::FleetCounts(c) => keep_counts(&self.index, &mut self.fleet, &c),
             Msg::NodeCounts(c) => keep_counts(&self.index, &mut self.node_counts, &c),
+            Msg::Epoch { room, sync } => self.tell_epoch(room, &sync, now),
             Msg::Replayed { req, answer } => {
                 if let Some(f) = self.resumes.on_answer(req, answer.map(|a| *a), now) {
                     self.finish_resume(f, now);
@@ -1003,6 +1004,23 @@ impl ShardCore {
                 self.post(0, Msg::Replay { from, request });
             }
             crate::resume::Begin::Now(f) => self.finish_resume(f, now),
+        }
+    }
+
+    /// A broker link came back: every connection of `room` that asked for syncs learns the
+    /// room's epoch before the room's next batch (crate::resume).
+    fn tell_epoch(&mut self, room: RoomId, sync: &proto::sync::Sync, now: Instant) {
+        let mut keys = Vec::new();
+        self.resumes.on_epoch(room, &sync.epoch, &mut keys);
+        let packet = proto::sync::sync_packet(sync);
+        for key in keys {
+            let Some(c) = self.conns.get(key as usize) else {
+                continue;
+            };
+            let id = ConnId { key, gen: c.gen };
+            let bytes = c.session.frame(&packet);
+            self.reply(id, bytes, now);
+            self.m().epoch_syncs.inc();
         }
     }
 

@@ -152,7 +152,24 @@ pub(crate) struct Hub {
     stopped: Cell<bool>,
     /// REPLAY requests sent and not yet answered by every broker asked (crate::resume).
     replays: RefCell<std::collections::HashMap<u64, Replaying>>,
+    /// Rooms whose broker link just came up: their batches wait here until the broker names
+    /// the room's epoch (issue 17 defect 2), so clients get the sync before the batches.
+    relinking: RefCell<std::collections::HashMap<RoomId, Relinking>>,
+    next_req: Cell<u64>,
 }
+
+/// A room waiting for its epoch after a (re)link.
+struct Relinking {
+    req: u64,
+    held: Vec<Batch>,
+    since: Instant,
+}
+
+/// Request ids of the hub's own REPLAYs (shard requests carry the shard in bits 48..64, and
+/// shards are far fewer than this).
+const HUB_REQ_BASE: u64 = 0xFFFF << 48;
+/// Batches held per relinking room; past it the room is released without its epoch.
+pub const RELINK_HOLD_BATCHES_MAX: usize = 1_024;
 
 /// One REPLAY asked of one or more brokers (cluster mode links every broker).
 struct Replaying {
@@ -197,6 +214,8 @@ impl Hub {
             brokers,
             stopped: Cell::new(false),
             replays: RefCell::new(std::collections::HashMap::new()),
+            relinking: RefCell::new(std::collections::HashMap::new()),
+            next_req: Cell::new(0),
             node,
         }
     }
@@ -247,6 +266,16 @@ impl Hub {
         self.replays
             .borrow_mut()
             .retain(|_, r| now.saturating_duration_since(r.sent) <= stale);
+        let late: Vec<RoomId> = self
+            .relinking
+            .borrow()
+            .iter()
+            .filter(|(_, r)| now.saturating_duration_since(r.since) > stale / 2)
+            .map(|(room, _)| *room)
+            .collect();
+        for room in late {
+            self.release(room, None);
+        }
         let node = Arc::new(self.interest.borrow().node_counts());
         for t in 0..self.node.shards {
             self.post(t, Msg::NodeCounts(node.clone()));
@@ -337,6 +366,17 @@ impl Hub {
     /// A broker's REPLAYED: once every broker asked has answered, the asking shard gets the
     /// answer with the highest seq (the broker that owns the room; others know it at seq 0).
     fn on_replayed(&self, a: wire::replay::Answer) {
+        if a.req >= HUB_REQ_BASE {
+            let ours = self
+                .relinking
+                .borrow()
+                .get(&a.room)
+                .is_some_and(|r| r.req == a.req);
+            if ours {
+                self.release(a.room, Some(a.sync));
+            }
+            return;
+        }
         let mut replays = self.replays.borrow_mut();
         let Some(r) = replays.get_mut(&a.req) else {
             return;
@@ -362,8 +402,88 @@ impl Hub {
         );
     }
 
+    /// A Low link came up and re-sent its interest: ask for the epoch of each of its rooms,
+    /// holding their batches until the answer (one broker only: with several, each names its
+    /// own epoch and the owner's is not known here).
+    fn relinked(&self, slot: &Slot, rooms: &[RoomId]) {
+        if self.brokers.len() != 1 {
+            return;
+        }
+        let now = Instant::now();
+        for room in rooms {
+            let n = self.next_req.get().wrapping_add(1);
+            self.next_req.set(n);
+            let req = HUB_REQ_BASE | (n & ((1 << 48) - 1));
+            slot.send(&LinkFrame::Replay(wire::replay::Request {
+                req,
+                room: *room,
+                encoding: proto::id::Encoding::Plain,
+                resume: proto::sync::ResumeField::Absent,
+            }));
+            let old = self.relinking.borrow_mut().insert(
+                *room,
+                Relinking {
+                    req,
+                    held: Vec::new(),
+                    since: now,
+                },
+            );
+            if let Some(old) = old {
+                for b in old.held {
+                    self.dispatch(b);
+                }
+            }
+        }
+    }
+
+    /// Ends a room's relink: every shard learns its epoch (when the broker named it), then
+    /// gets the held batches. The sync's seq is the one before the first held batch, so a
+    /// client's position continues exactly there.
+    fn release(&self, room: RoomId, sync: Option<proto::sync::Sync>) {
+        let Some(r) = self.relinking.borrow_mut().remove(&room) else {
+            return;
+        };
+        if let Some(mut sync) = sync {
+            if let Some(first) = r
+                .held
+                .iter()
+                .find(|b| b.priority == Priority::Low)
+                .map(|b| (b.seq & u64::from(proto::sync::ROOM_SEQ_MAX)) as u32)
+            {
+                sync.seq = first.saturating_sub(1);
+            }
+            sync.recovered = false;
+            sync.missed = 0;
+            let sync = Arc::new(sync);
+            for t in 0..self.node.shards {
+                self.post(
+                    t,
+                    Msg::Epoch {
+                        room,
+                        sync: sync.clone(),
+                    },
+                );
+            }
+        }
+        for b in r.held {
+            self.dispatch(b);
+        }
+    }
+
     /// Routes a batch to the shards with viewers wanting it.
     fn dispatch(&self, batch: Batch) {
+        if let (Scope::Room(room), false) = (&batch.scope, self.relinking.borrow().is_empty()) {
+            let room = *room;
+            let mut relinking = self.relinking.borrow_mut();
+            if let Some(r) = relinking.get_mut(&room) {
+                if r.held.len() < RELINK_HOLD_BATCHES_MAX {
+                    r.held.push(batch);
+                    return;
+                }
+                drop(relinking);
+                self.release(room, None);
+            }
+        }
         let e = batch.encoding;
         let targets: Vec<usize> = match &batch.scope {
             Scope::Room(r) => self
@@ -595,6 +715,17 @@ async fn serve_link(
         for f in &frames {
             slot.send(f);
         }
+        let rooms: Vec<RoomId> = frames
+            .iter()
+            .filter_map(|f| match f {
+                LinkFrame::Sub {
+                    interest: Interest::Room(r),
+                    ..
+                } => Some(*r),
+                _ => None,
+            })
+            .collect();
+        hub.relinked(slot, &rooms);
     }
     if is_presence_link(&slot.id) && cfg.presence {
         // Every live record again, under a new incarnation (crate::presence).

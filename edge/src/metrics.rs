@@ -107,6 +107,8 @@ pub struct ShardMetrics {
     pub auth_us: Histogram,
     /// Resumes and syncs by outcome (`crate::resume::Outcome`).
     pub resumes: [Counter; crate::resume::Outcome::ALL.len()],
+    /// `BARRAGE_SYNC`s sent to connected clients when a broker link came back (new epoch).
+    pub epoch_syncs: Counter,
     /// Batches replayed to resuming connections.
     pub resume_replayed: Counter,
     /// From a resuming connection's auth to its `BARRAGE_SYNC` queued, µs.

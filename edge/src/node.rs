@@ -53,6 +53,12 @@ pub enum Msg {
         from: ShardIdx,
         request: proto::link::replay::Request,
     },
+    /// Link shard -> every shard: a broker link came back and named `room`'s epoch; clients
+    /// that asked for syncs get this one before the room's next batch (crate::resume).
+    Epoch {
+        room: RoomId,
+        sync: Arc<proto::sync::Sync>,
+    },
     /// Link shard -> the asking shard: the answer to `req` (`None`: no broker link took it).
     Replayed {
         req: u64,

@@ -31,7 +31,7 @@ use proto::id::{Encoding, Priority, RoomId, Scope};
 use proto::link::replay::{Answer, Request};
 use proto::link::Batch;
 use proto::sync::{Epoch, ResumeField, Sync};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// Default of `resume_ms_max`: a broker answers in one shard turn, so this only bites when
@@ -162,6 +162,10 @@ pub struct Resumes {
     reqs: HashMap<u64, u32>,
     /// The last epoch a broker named for each room (what a fallback sync says).
     epochs: HashMap<RoomId, Epoch>,
+    /// Connections that asked for syncs, by room: told again when a broker link comes back
+    /// and names the room's epoch (issue 17 defect 2).
+    syncing: HashMap<RoomId, HashSet<u32>>,
+    sync_room: HashMap<u32, RoomId>,
 }
 
 /// What [`Resumes::begin`] decided.
@@ -182,6 +186,8 @@ impl Resumes {
             pending: HashMap::new(),
             reqs: HashMap::new(),
             epochs: HashMap::new(),
+            syncing: HashMap::new(),
+            sync_room: HashMap::new(),
         }
     }
 
@@ -211,6 +217,8 @@ impl Resumes {
         now: Instant,
     ) -> Begin {
         self.forget(id.key() as u32);
+        self.syncing.entry(room).or_default().insert(id.key() as u32);
+        self.sync_room.insert(id.key() as u32, room);
         let p = Pending {
             id,
             req: 0,
@@ -332,6 +340,23 @@ impl Resumes {
     /// ignored.
     pub fn forget(&mut self, key: u32) {
         self.take(key);
+        if let Some(room) = self.sync_room.remove(&key) {
+            if let Some(set) = self.syncing.get_mut(&room) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.syncing.remove(&room);
+                }
+            }
+        }
+    }
+
+    /// A broker link came back and named `room`'s epoch: the slab keys of the connections
+    /// in the room to tell (those still waiting for their own answer get it there).
+    pub fn on_epoch(&mut self, room: RoomId, epoch: &Epoch, out: &mut Vec<u32>) {
+        self.learn(room, epoch);
+        if let Some(set) = self.syncing.get(&room) {
+            out.extend(set.iter().filter(|k| !self.pending.contains_key(k)));
+        }
     }
 
     fn take(&mut self, key: u32) -> Option<Pending> {

@@ -263,6 +263,8 @@ pub struct Authed {
     /// The `resume` extension as parsed (DESIGN §11); malformed ones are answered by
     /// `crate::resume`, the auth stays valid.
     pub resume: proto::sync::ResumeField,
+    /// The client gets a `BARRAGE_SYNC` after op 8 (`ack`, `sync` or `resume`).
+    pub sync: bool,
 }
 
 /// What the shell must do.
@@ -578,6 +580,7 @@ pub fn verify(body: &[u8], ctx: &Ctx<'_>) -> Result<Authed, AuthFail> {
     let ext = auth::parse_auth_ext(body, ctx.limits.auth_bytes_max).map_err(|e| match e {
         AuthError::Malformed | AuthError::TooLarge => AuthFail::Malformed,
     })?;
+    let sync = ext.wants_sync();
     let b = ext.body;
     let t = ctx
         .keys
@@ -604,6 +607,7 @@ pub fn verify(body: &[u8], ctx: &Ctx<'_>) -> Result<Authed, AuthFail> {
         encoding: Encoding::from_protover(b.protover),
         ack: b.ack,
         resume: ext.resume,
+        sync,
     })
 }
 
