@@ -542,9 +542,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
                     ),
                     None => eprintln!("connection lost ({why}); reconnecting (no position yet)"),
                 }
-                std::thread::sleep(Duration::from_millis(
-                    RECONNECT_MS_MIN << attempts.min(5),
-                ));
+                std::thread::sleep(Duration::from_millis(RECONNECT_MS_MIN << attempts.min(5)));
             }
             Ok(End::Dropped(why)) => return Err(anyhow!("{why}")),
             Err(e) => return Err(e),
@@ -603,7 +601,10 @@ fn session(
     }
     let Some(mut conn) = conn else {
         if state.printed > 0 || state.position.epoch().is_some() {
-            return Ok(End::Dropped(format!("no edge answered (tried {})", t.edges.len())));
+            return Ok(End::Dropped(format!(
+                "no edge answered (tried {})",
+                t.edges.len()
+            )));
         }
         return Err(TailError::NoEdgeAnswered(t.edges.len()).into());
     };
@@ -617,7 +618,13 @@ fn session(
     } else {
         state.position.resume()
     };
-    let early = match authenticate(&mut conn, &mut packets, &auth, resume.as_ref(), !args.no_resume) {
+    let early = match authenticate(
+        &mut conn,
+        &mut packets,
+        &auth,
+        resume.as_ref(),
+        !args.no_resume,
+    ) {
         Ok(early) => early,
         Err(e) if e.downcast_ref::<TailError>().is_none() && state.position.epoch().is_some() => {
             return Ok(End::Dropped(format!("{e:#}")))

@@ -85,9 +85,8 @@ impl Client {
                         self.events.push_back(Ev::Sync(s));
                     }
                     op::NOTIFICATION => {
-                        let inner =
-                            proto::container::unpack(p.ver, p.op, p.seq, &p.body, 1 << 24)
-                                .expect("unpacks");
+                        let inner = proto::container::unpack(p.ver, p.op, p.seq, &p.body, 1 << 24)
+                            .expect("unpacks");
                         let bodies = inner
                             .into_iter()
                             .map(|i| String::from_utf8_lossy(&i.body).into_owned())
@@ -233,7 +232,9 @@ fn resume_replays_exactly_the_missed_batches_then_live_without_dup() {
         assert_eq!(pos.on_batch(seq), Seen::New);
     }
     drop(a);
-    let missed_seqs: Vec<u32> = (4..=6).map(|i| push_seen(&stack, room, i, &mut w)).collect();
+    let missed_seqs: Vec<u32> = (4..=6)
+        .map(|i| push_seen(&stack, room, i, &mut w))
+        .collect();
 
     let mut b = Client::connect(addr, &body, pos.resume().as_ref());
     let (code, replayed, sync) = b.auth_and_sync();
@@ -285,7 +286,15 @@ fn resume_during_a_steady_stream_has_no_gap_and_no_dup() {
     let mut seen: Vec<usize> = Vec::new();
     let note = |bodies: &[String], seen: &mut Vec<usize>| {
         for b in bodies {
-            let i: usize = b.split("\"m").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+            let i: usize = b
+                .split("\"m")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
             seen.push(i);
         }
     };
@@ -294,7 +303,11 @@ fn resume_during_a_steady_stream_has_no_gap_and_no_dup() {
         let (code, replayed, sync) = c.auth_and_sync();
         assert_eq!(code, 0);
         for (seq, b) in &replayed {
-            assert_eq!(pos.on_batch(*seq), Seen::New, "round {round}: replayed {seq}");
+            assert_eq!(
+                pos.on_batch(*seq),
+                Seen::New,
+                "round {round}: replayed {seq}"
+            );
             note(b, &mut seen);
         }
         if round > 0 {
@@ -326,7 +339,9 @@ fn resume_beyond_history_says_what_was_missed() {
     let first = push_seen(&stack, room, 1, &mut w);
     assert_eq!(a.batch().0, first);
     drop(a);
-    let seqs: Vec<u32> = (2..=9).map(|i| push_seen(&stack, room, i, &mut w)).collect();
+    let seqs: Vec<u32> = (2..=9)
+        .map(|i| push_seen(&stack, room, i, &mut w))
+        .collect();
     let resume = Resume {
         epoch: sync.epoch.clone(),
         seq: first,
@@ -380,7 +395,10 @@ fn malformed_or_absurd_resume_is_ignored_answered_and_harms_no_one() {
     push_seen(&stack, room, 1, &mut w);
     let metrics = http_get_text(&stack);
     assert!(
-        metric_value(&metrics, "barrage_edge_resumes_total{outcome=\"malformed\"}") >= 6.0,
+        metric_value(
+            &metrics,
+            "barrage_edge_resumes_total{outcome=\"malformed\"}"
+        ) >= 6.0,
         "{metrics}"
     );
 }
@@ -427,7 +445,10 @@ fn resume_across_a_broker_restart_names_the_new_epoch() {
         if sync.epoch != before.epoch {
             break sync;
         }
-        assert!(Instant::now() < deadline, "the new epoch never reached the client");
+        assert!(
+            Instant::now() < deadline,
+            "the new epoch never reached the client"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_ne!(sync.epoch, before.epoch);

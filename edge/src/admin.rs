@@ -403,8 +403,16 @@ pub(crate) fn render(node: &Node) -> String {
         "BARRAGE_SYNCs sent, by outcome (fresh: ack only; malformed: resume ignored; timeout, overflow, full, unlinked: fallbacks without the broker's answer).",
     );
     for o in crate::resume::Outcome::ALL {
-        let v: u64 = node.metrics.iter().map(|m| m.resumes[o.index()].get()).sum();
-        w.sample("barrage_edge_resumes_total", &[("outcome", o.label())], v as f64);
+        let v: u64 = node
+            .metrics
+            .iter()
+            .map(|m| m.resumes[o.index()].get())
+            .sum();
+        w.sample(
+            "barrage_edge_resumes_total",
+            &[("outcome", o.label())],
+            v as f64,
+        );
     }
     w.family(
         "barrage_edge_drops_total",

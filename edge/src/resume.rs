@@ -217,7 +217,10 @@ impl Resumes {
         now: Instant,
     ) -> Begin {
         self.forget(id.key() as u32);
-        self.syncing.entry(room).or_default().insert(id.key() as u32);
+        self.syncing
+            .entry(room)
+            .or_default()
+            .insert(id.key() as u32);
         self.sync_room.insert(id.key() as u32, room);
         let p = Pending {
             id,
@@ -267,12 +270,7 @@ impl Resumes {
     }
 
     /// The hub's answer to request `req` (`None`: no broker link could take it).
-    pub fn on_answer(
-        &mut self,
-        req: u64,
-        answer: Option<Answer>,
-        now: Instant,
-    ) -> Option<Finish> {
+    pub fn on_answer(&mut self, req: u64, answer: Option<Answer>, now: Instant) -> Option<Finish> {
         let key = self.reqs.get(&req).copied()?;
         let p = self.take(key)?;
         let Some(a) = answer else {
@@ -497,9 +495,7 @@ mod tests {
             (1, Priority::High, "hi"),
             (8, Priority::Low, "h8"),
         ] {
-            assert!(r
-                .hold(1, &batch(seq, p), Bytes::from(tag), now)
-                .is_none());
+            assert!(r.hold(1, &batch(seq, p), Bytes::from(tag), now).is_none());
         }
         let f = r
             .on_answer(req, Some(answer(req, "e-1", 7, &[5, 6, 7], true)), now)
@@ -511,7 +507,9 @@ mod tests {
         assert_eq!(f.outcome, Outcome::Recovered);
         assert!(r.is_empty());
         // A late duplicate answer is ignored.
-        assert!(r.on_answer(req, Some(answer(req, "e-1", 7, &[], true)), now).is_none());
+        assert!(r
+            .on_answer(req, Some(answer(req, "e-1", 7, &[], true)), now)
+            .is_none());
     }
 
     #[test]
@@ -547,13 +545,20 @@ mod tests {
         assert_eq!(f.outcome, Outcome::Timeout);
         // 3, 4 and 5 are gone: said, not hidden.
         assert_eq!(
-            (f.sync.epoch.as_str(), f.sync.seq, f.sync.recovered, f.sync.missed),
+            (
+                f.sync.epoch.as_str(),
+                f.sync.seq,
+                f.sync.recovered,
+                f.sync.missed
+            ),
             ("e-1", 5, false, 3)
         );
         assert_eq!(names(&f.after), ["h6"]);
 
         ask(&mut r, 2, resume("e-1", 2), t0);
-        assert!(r.hold(2, &batch(3, Priority::Low), Bytes::from("123456"), t0).is_none());
+        assert!(r
+            .hold(2, &batch(3, Priority::Low), Bytes::from("123456"), t0)
+            .is_none());
         let f = r
             .hold(2, &batch(4, Priority::Low), Bytes::from("123456"), t0)
             .unwrap();
@@ -563,7 +568,13 @@ mod tests {
 
         ask(&mut r, 3, ResumeField::Absent, t0);
         ask(&mut r, 4, ResumeField::Absent, t0);
-        match r.begin(ConnId::for_test(5, 1), ROOM, Encoding::Plain, resume("x", 1), t0) {
+        match r.begin(
+            ConnId::for_test(5, 1),
+            ROOM,
+            Encoding::Plain,
+            resume("x", 1),
+            t0,
+        ) {
             Begin::Now(f) => {
                 assert_eq!(f.outcome, Outcome::Full);
                 assert!(!f.sync.recovered);
