@@ -225,7 +225,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_wss.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 18] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 20] = [
         (
             "barrage_edge_tls_handshaking",
             "gauge",
