@@ -540,6 +540,14 @@ fn resume_figures() {
                 let mut t = Tally::default();
                 let mut pos = Position::default();
                 for round in 0..=ROUNDS {
+                    if round > 0 {
+                        // The baseline, under the same load: a fresh connect asking for a sync.
+                        let started = Instant::now();
+                        let p = proto::auth::auth_request_ext(&body, None, true);
+                        let (code, _, _) = Client::raw(addr, &p[16..]).auth_and_sync();
+                        assert_eq!(code, 0);
+                        t.fresh_us.push(started.elapsed().as_micros() as u64);
+                    }
                     let resume = pos.resume();
                     let started = Instant::now();
                     let p = proto::auth::auth_request_ext(&body, resume.as_ref(), true);
@@ -547,9 +555,7 @@ fn resume_figures() {
                     let (code, replayed, sync) = c.auth_and_sync();
                     let us = started.elapsed().as_micros() as u64;
                     assert_eq!(code, 0);
-                    if round == 0 {
-                        t.fresh_us.push(us);
-                    } else {
+                    if round > 0 {
                         t.resume_us.push(us);
                         t.resumes += 1;
                         t.recovered += u64::from(sync.recovered);
