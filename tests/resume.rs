@@ -614,3 +614,105 @@ fn resume_figures() {
     assert_eq!((all.gaps, all.dups), (0, 0));
     assert_eq!(all.recovered, all.resumes);
 }
+
+/// `barrage tail` (the real binary) resumes by itself when its edge goes away: every message
+/// once, in order, across a restart of the edge, and it says on stderr that nothing was missed.
+#[test]
+fn tail_resumes_across_an_edge_restart() {
+    use std::io::BufRead;
+    let mut stack = start(64);
+    let room = 7106;
+    let control = format!("http://{}", stack.control_addr());
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .args([
+            "tail",
+            "--room",
+            &room.to_string(),
+            "--control",
+            &control,
+            "--uid",
+            "31",
+            "--timeout-s",
+            "60",
+        ])
+        .env("BARRAGE_CONTROL_KEY", API_KEY)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn barrage tail");
+    let lines = |r: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let out = lines(Box::new(tail.stdout.take().unwrap()));
+    let err = lines(Box::new(tail.stderr.take().unwrap()));
+    let next_msg = |deadline: Instant| -> String {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = out.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "tail printed nothing more; stderr: {:?}",
+                    err.try_iter().collect::<Vec<_>>()
+                )
+            });
+            // Warm-up and fence pushes (several may be in flight) are not counted.
+            if l != msg(0) && l != msg(999_999) {
+                return l;
+            }
+        }
+    };
+    // Warm up: push until tail prints, then a fence.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        push(&stack, room, 0);
+        if let Ok(l) = out.recv_timeout(Duration::from_millis(300)) {
+            assert_eq!(l, msg(0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "tail never subscribed");
+    }
+    push(&stack, room, 999_999);
+    for i in 1..=3 {
+        push(&stack, room, i);
+        assert_eq!(next_msg(Instant::now() + WAIT), msg(i));
+    }
+    // The edge goes away; what is pushed meanwhile waits in the broker's history.
+    stack.edge.take().expect("edge running").shutdown();
+    for i in 4..=6 {
+        push(&stack, room, i);
+    }
+    stack.edge = Some(
+        edge::start(edge_config(
+            "edge-1",
+            KEYS_V1,
+            stack.link_addr(),
+            stack.control_addr(),
+        ))
+        .expect("edge restarts"),
+    );
+    for i in 4..=6 {
+        assert_eq!(next_msg(Instant::now() + WAIT), msg(i));
+    }
+    push(&stack, room, 7);
+    assert_eq!(next_msg(Instant::now() + WAIT), msg(7));
+    let _ = tail.kill();
+    let _ = tail.wait();
+    let mut stderr = Vec::new();
+    while let Ok(l) = err.recv_timeout(Duration::from_secs(5)) {
+        stderr.push(l);
+    }
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.starts_with("resumed: nothing missed")),
+        "{stderr:?}"
+    );
+}
