@@ -326,7 +326,7 @@ mod tests {
         );
         let got = parse_auth_ext(pk.body, 4096).unwrap();
         assert_eq!(got.body, a);
-        assert_eq!(got.resume, ResumeField::Valid(r));
+        assert_eq!(got.resume, ResumeField::Valid(r.clone()));
         assert!(got.wants_sync());
 
         let bad = br#"{"roomid":9,"resume":{"epoch":"e","seq":-4}}"#;
