@@ -64,6 +64,12 @@ pub enum Msg {
         req: u64,
         answer: Option<Box<proto::link::replay::Answer>>,
     },
+    /// A datagram of a UDP session another shard owns (the session id names it): after a NAT
+    /// rebinding the kernel's 4-tuple hash may deliver it to any shard's socket.
+    Datagram {
+        from: std::net::SocketAddr,
+        bytes: Box<[u8]>,
+    },
 }
 
 impl Msg {
@@ -99,6 +105,9 @@ pub struct Node {
     pub started: Instant,
     /// Certificates and server config for WSS; `None` when WSS is off.
     pub tls: Option<crate::tls::Tls>,
+    /// The UDP cookie and session-id secret: one per node (random at start), so any shard
+    /// verifies a cookie another one minted.
+    pub udp_key: proto::udp::CookieKey,
 }
 
 impl Node {
@@ -128,6 +137,7 @@ impl Node {
             capacity,
             started: Instant::now(),
             tls: None,
+            udp_key: proto::udp::CookieKey::new(&rand::random::<[u8; 32]>()),
             config,
         }
     }
@@ -136,7 +146,7 @@ impl Node {
     pub fn connections(&self) -> u64 {
         self.metrics
             .iter()
-            .map(|m| m.conns_tcp.get() + m.conns_ws.get())
+            .map(|m| m.conns_tcp.get() + m.conns_ws.get() + m.conns_udp.get())
             .sum()
     }
 }
