@@ -28,6 +28,7 @@
 //! - [`reach`], [`store`]: issue 9's high-reach building blocks (sans-io tracker, durable log);
 //!   not yet wired into the data path.
 //! - [`stop`]: a shard-local stop latch.
+//! - [`announce`]: heartbeats to control (`control_addr`), so edges learn the brokers.
 //! - [`cluster`]: cluster mode (`backbone` set): publish to NATS JetStream before answering,
 //!   consume the partitions this broker leases into the same shard queues, ack after hand-off.
 //!
@@ -45,6 +46,7 @@
 //!   shard the Hello names.
 #![forbid(unsafe_code)]
 
+mod announce;
 pub mod batcher;
 pub mod client;
 pub mod cluster;
@@ -412,6 +414,17 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             })?;
         threads.push(feeder);
     }
+
+    let addrs = announce::Addrs {
+        link: link_addr,
+        ingest: ingest_addr,
+        http: http_addr,
+    };
+    let announcer = announce::spawn(shared.clone(), addrs).map_err(|source| BrokerError::Io {
+        what: "spawn control heartbeat".into(),
+        source,
+    })?;
+    threads.extend(announcer);
 
     let listeners: Mutex<Vec<Option<(std::net::TcpListener, std::net::TcpListener)>>> =
         Mutex::new(ingest.into_iter().zip(http).map(Some).collect());

@@ -168,7 +168,7 @@ impl State {
         let cluster = self.shared.clone();
         let cluster = cluster.cluster.as_ref();
         if let Some(c) = cluster {
-            c.take_tokens(usize::from(self.index), &mut self.acks);
+            c.take_tokens(usize::from(self.index), &mut self.acks, &mut self.history);
         }
         let mut budget = DRAIN_MESSAGES_MAX;
         while budget > 0 {

@@ -107,7 +107,7 @@ pub(crate) fn not_ready(node: &Node) -> Option<&'static str> {
     if node.draining.load(Ordering::Relaxed) {
         return Some("draining");
     }
-    if !node.config.broker_addrs.is_empty() && !node.linked.load(Ordering::Acquire) {
+    if node.config.links_brokers() && !node.linked.load(Ordering::Acquire) {
         return Some("no broker link up yet");
     }
     None

@@ -44,10 +44,15 @@ pub struct Config {
     pub admin_addr: String,
     /// Broker edge-link addresses (`host:port`); empty runs the edge without a broker.
     pub broker_addrs: Vec<String>,
-    /// Control HTTP address for registration heartbeats; `None` disables them.
+    /// Control HTTP address for registration heartbeats; `None` disables them. Several
+    /// replicas, comma-separated (`host:port,host:port`): the edge heartbeats each.
     pub control_addr: Option<String>,
     /// Interval between heartbeats to control.
     pub control_heartbeat_ms: u64,
+    /// Cluster mode: link to the live brokers control lists in its heartbeat answers
+    /// (brokers heartbeat control), following joins and departures; `broker_addrs` are only
+    /// the links until control lists any.
+    pub brokers_from_control: bool,
     /// This node's id (in link HELLO and control heartbeats).
     pub node_id: String,
     /// This node's region (in link HELLO and control heartbeats).
@@ -165,6 +170,7 @@ impl Default for Config {
             broker_addrs: Vec::new(),
             control_addr: None,
             control_heartbeat_ms: 2_000,
+            brokers_from_control: false,
             node_id: "edge-1".into(),
             region: "local".into(),
             public_host: "127.0.0.1".into(),
@@ -223,6 +229,11 @@ impl Config {
     pub fn from_toml_str(text: &str) -> Result<Config, EdgeError> {
         net::config::load(&net::config::Sources::text(text))
             .map_err(|e| EdgeError::Config(e.to_string()))
+    }
+
+    /// Whether this edge links to brokers at all (a static list, or control's in cluster mode).
+    pub fn links_brokers(&self) -> bool {
+        !self.broker_addrs.is_empty() || (self.brokers_from_control && self.control_addr.is_some())
     }
 
     /// Shard count with 0 resolved to the core count.

@@ -706,7 +706,7 @@ impl ShardCore {
     }
 
     fn tell_link(&mut self, interest: Interest, set: EncodingSet) {
-        if self.node.config.broker_addrs.is_empty() {
+        if !self.node.config.links_brokers() {
             return;
         }
         let from = self.id;
@@ -992,7 +992,7 @@ impl ShardCore {
 
     /// Queues a presence event for the link hub (when presence is on and there is a broker).
     fn report_presence(&mut self, ev: proto::link::PresenceEvent) {
-        if self.node.config.presence && !self.node.config.broker_addrs.is_empty() {
+        if self.node.config.presence && self.node.config.links_brokers() {
             self.presence.push(ev);
         }
     }

@@ -391,7 +391,15 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
                         }
                     };
                     if let Some(c) = node3.config.control_addr.clone() {
-                        monoio::spawn(control::heartbeat_loop(node3.clone(), c, ports));
+                        let replicas = c.split(',').map(str::trim).filter(|a| !a.is_empty());
+                        for (i, a) in replicas.enumerate() {
+                            monoio::spawn(control::heartbeat_loop(
+                                node3.clone(),
+                                a.to_string(),
+                                i,
+                                ports,
+                            ));
+                        }
                     }
                     let stop = async move { stop3.notified().await };
                     let cfg = admin::serve_config(&node3);

@@ -7,6 +7,10 @@
 //! priority) runs. SUB/UNSUB/COUNTS for a room go on the Low link of the broker shard that owns
 //! the room (`proto::link::shard_of_room`).
 //!
+//! In cluster mode (`brokers_from_control`) the set of brokers follows control's list
+//! ([`Hub::follow_control`]): a broker control lists is linked, one it stops listing is
+//! unlinked (its tasks end, its link metrics go), and one that comes back gets fresh links.
+//!
 //! Invariants:
 //! - On every (re)connect of a Low link, the full interest it owns is re-sent before anything
 //!   else, so a broker that lost us never misses a room silently.
@@ -152,8 +156,11 @@ impl Slot {
 }
 
 struct Broker {
+    /// Stable per address for the edge's life (the presence reporter's index).
     index: u16,
     addr: String,
+    /// Control stopped listing it: its link tasks end and do not reconnect.
+    gone: Cell<bool>,
     /// The broker's shard count (0 until its first HELLO).
     shards: Cell<u16>,
     slots: RefCell<Vec<Rc<Slot>>>,
@@ -183,7 +190,8 @@ pub(crate) struct Hub {
     node: Arc<Node>,
     /// The link shard's index.
     shard: ShardIdx,
-    brokers: Vec<Rc<Broker>>,
+    /// Every broker linked now, and (`gone`) the ones unlinked, each at its `index`.
+    brokers: RefCell<Vec<Rc<Broker>>>,
     interest: RefCell<NodeInterest>,
     outbox: RefCell<VecDeque<(ShardIdx, Msg)>>,
     /// The node's live presence records and what each broker has not been told yet.
@@ -237,6 +245,7 @@ impl Hub {
                 Rc::new(Broker {
                     index: i as u16,
                     addr: a.clone(),
+                    gone: Cell::new(false),
                     shards: Cell::new(0),
                     slots: RefCell::new(Vec::new()),
                 })
@@ -251,7 +260,7 @@ impl Hub {
             outbox: RefCell::new(VecDeque::new()),
             next_counts: Cell::new(Instant::now()),
             shard,
-            brokers,
+            brokers: RefCell::new(brokers),
             stopped: Cell::new(false),
             replays: RefCell::new(std::collections::HashMap::new()),
             relinking: RefCell::new(std::collections::HashMap::new()),
@@ -262,11 +271,11 @@ impl Hub {
 
     /// Spawns the first link of each broker and the COUNTS task (on the link shard's runtime).
     pub fn start(self: &Rc<Self>) {
-        for b in &self.brokers {
-            let slot = new_slot(&self.node, b, 0, Priority::Low);
-            monoio::spawn(run_link(self.clone(), b.clone(), slot));
+        for b in self.live_brokers() {
+            let slot = new_slot(&self.node, &b, 0, Priority::Low);
+            monoio::spawn(run_link(self.clone(), b, slot));
         }
-        if !self.brokers.is_empty() {
+        if self.node.config.links_brokers() {
             monoio::spawn(counts_loop(self.clone()));
             if self.node.config.presence {
                 monoio::spawn(presence_loop(self.clone()));
@@ -292,6 +301,86 @@ impl Hub {
     /// The next message for a shard (the link shard's shell moves it to the ring).
     pub fn poll_msg(&self) -> Option<(ShardIdx, Msg)> {
         self.outbox.borrow_mut().pop_front()
+    }
+
+    /// The brokers linked now (not `gone`).
+    fn live_brokers(&self) -> Vec<Rc<Broker>> {
+        self.brokers
+            .borrow()
+            .iter()
+            .filter(|b| !b.gone.get())
+            .cloned()
+            .collect()
+    }
+
+    /// Cluster mode: makes the linked brokers exactly the set control listed last (taken from
+    /// `Node::broker_set`). New addresses get a link (and the full interest on connect);
+    /// unlisted ones are unlinked; one listed again is linked afresh under its old index.
+    pub fn follow_control(self: &Rc<Self>) {
+        // A replica's list counts for three of its heartbeats.
+        let fresh = Duration::from_millis(self.node.config.control_heartbeat_ms.max(100) * 3);
+        let set = match self.node.broker_set.lock() {
+            Ok(mut s) => s.take(Instant::now(), fresh),
+            Err(_) => None,
+        };
+        let Some(set) = set else { return };
+        let mut added = Vec::new();
+        {
+            let mut brokers = self.brokers.borrow_mut();
+            for b in brokers.iter() {
+                if !b.gone.get() && !set.contains(&b.addr) {
+                    tracing::info!(broker = %b.addr, "control no longer lists the broker: unlinking");
+                    b.gone.set(true);
+                    for s in b.slots.borrow().iter() {
+                        s.wake.notify();
+                    }
+                    self.presence.borrow_mut().down(b.index as usize);
+                }
+            }
+            for addr in &set {
+                let known = brokers.iter().position(|b| &b.addr == addr);
+                if known.is_some_and(|i| !brokers[i].gone.get()) {
+                    continue;
+                }
+                let index = match known {
+                    Some(i) => i,
+                    None => {
+                        if brokers.len() >= usize::from(u16::MAX) {
+                            tracing::warn!(broker = %addr, "too many distinct broker addresses; not linking");
+                            continue;
+                        }
+                        let i = self
+                            .presence
+                            .borrow_mut()
+                            .add_broker(crate::presence::unix_us());
+                        debug_assert_eq!(i, brokers.len());
+                        brokers.push(Rc::new(Broker {
+                            index: i as u16,
+                            addr: addr.clone(),
+                            gone: Cell::new(true),
+                            shards: Cell::new(0),
+                            slots: RefCell::new(Vec::new()),
+                        }));
+                        i
+                    }
+                };
+                // A fresh Broker: the old one's tasks (if any) still see theirs `gone`.
+                let b = Rc::new(Broker {
+                    index: index as u16,
+                    addr: addr.clone(),
+                    gone: Cell::new(false),
+                    shards: Cell::new(0),
+                    slots: RefCell::new(Vec::new()),
+                });
+                tracing::info!(broker = %addr, "control lists a broker: linking");
+                brokers[index] = b.clone();
+                added.push(b);
+            }
+        }
+        for b in added {
+            let slot = new_slot(&self.node, &b, 0, Priority::Low);
+            monoio::spawn(run_link(self.clone(), b, slot));
+        }
     }
 
     /// Every `counts_interval_ms`: tells every shard the node's viewer counts (heartbeat
@@ -336,7 +425,7 @@ impl Hub {
 
     pub fn stop(&self) {
         self.stopped.set(true);
-        for b in &self.brokers {
+        for b in self.brokers.borrow().iter() {
             for s in b.slots.borrow().iter() {
                 s.wake.notify();
             }
@@ -359,7 +448,7 @@ impl Hub {
                 interest: interest.clone(),
             },
         };
-        for b in &self.brokers {
+        for b in self.live_brokers() {
             if let Some(slot) = b.low_slot(b.owner(&interest)) {
                 slot.send(&frame);
             }
@@ -608,6 +697,14 @@ async fn run_link(hub: Rc<Hub>, broker: Rc<Broker>, slot: Rc<Slot>) {
         if stopped(&hub) {
             return;
         }
+        if broker.gone.get() {
+            // Unlinked (control no longer lists it): this task ends, its metrics go.
+            broker.slots.borrow_mut().retain(|s| !Rc::ptr_eq(s, &slot));
+            if let Ok(mut l) = hub.node.links.lock() {
+                l.retain(|m| !Arc::ptr_eq(m, &slot.metrics));
+            }
+            return;
+        }
         slot.metrics.connects.inc();
         match serve_link(&hub, &broker, &slot, &mut backoff).await {
             Ok(()) => {
@@ -623,11 +720,14 @@ async fn run_link(hub: Rc<Hub>, broker: Rc<Broker>, slot: Rc<Slot>) {
         }
         slot.metrics.up.set(0);
         slot.out.borrow_mut().clear();
-        if is_presence_link(&slot.id) {
+        if is_presence_link(&slot.id) && !broker.gone.get() {
             hub.presence.borrow_mut().down(broker.index as usize);
         }
         if stopped(&hub) {
             return;
+        }
+        if broker.gone.get() {
+            continue;
         }
         let d = backoff.next_delay(rand::random());
         monoio::time::sleep(d).await;
@@ -801,7 +901,7 @@ async fn serve_link(
             }
             let out = std::mem::take(&mut *slot.out.borrow_mut());
             if out.is_empty() {
-                if stopped(hub) {
+                if stopped(hub) || broker.gone.get() {
                     return Ok::<(), LinkFail>(());
                 }
                 slot.wake.notified().await;
@@ -822,7 +922,7 @@ async fn serve_link(
         let mut nonce = 0u64;
         loop {
             monoio::time::sleep(ping_every.min(dead / 2)).await;
-            if stopped(hub) {
+            if stopped(hub) || broker.gone.get() {
                 return Ok::<(), LinkFail>(());
             }
             if last_rx.get().elapsed() > dead {
@@ -880,7 +980,7 @@ async fn presence_loop(hub: Rc<Hub>) {
         if stopped(&hub) {
             return;
         }
-        for b in &hub.brokers {
+        for b in hub.live_brokers() {
             let Some(slot) = b.low_slot(0) else { continue };
             let batches = hub
                 .presence
@@ -907,7 +1007,7 @@ async fn counts_loop(hub: Rc<Hub>) {
             return;
         }
         let counts = hub.interest.borrow().node_counts();
-        for b in &hub.brokers {
+        for b in hub.live_brokers() {
             let n = b.shards.get();
             if n == 0 {
                 continue;

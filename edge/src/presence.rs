@@ -133,6 +133,16 @@ impl Reporter {
         }
     }
 
+    /// One more broker (cluster mode: control listed a new one); returns its index. It starts
+    /// down: its first link's `relinked` sends it every live record.
+    pub fn add_broker(&mut self, start_us: u64) -> usize {
+        self.brokers.push(Outgoing {
+            incarnation: start_us,
+            ..Outgoing::default()
+        });
+        self.brokers.len() - 1
+    }
+
     /// Events from a shard core, in its order.
     pub fn on_events(&mut self, events: Vec<PresenceEvent>) {
         for ev in events {

@@ -839,6 +839,9 @@ async fn tick_loop(shard: Rc<Shard>) {
         let now = Instant::now();
         shard.core.borrow_mut().on_timeout(now);
         if let Some(h) = &shard.hub {
+            if shard.node.config.brokers_from_control {
+                h.follow_control();
+            }
             h.on_tick(now);
         }
         shard.pump();
