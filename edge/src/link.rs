@@ -463,7 +463,7 @@ impl Hub {
         let interest = Interest::Room(request.room);
         let frame = LinkFrame::Replay(request.clone());
         let mut waiting = 0;
-        for b in &self.brokers {
+        for b in self.brokers.borrow().iter() {
             if let Some(slot) = b.low_slot(b.owner(&interest)).filter(|s| s.up.get()) {
                 slot.send(&frame);
                 waiting += 1;
@@ -535,7 +535,7 @@ impl Hub {
     /// holding their batches until the answer (one broker only: with several, each names its
     /// own epoch and the owner's is not known here).
     fn relinked(&self, slot: &Slot, rooms: &[RoomId]) {
-        if self.brokers.len() != 1 {
+        if self.brokers.borrow().len() != 1 {
             return;
         }
         let now = Instant::now();
