@@ -11,7 +11,7 @@
 //! so both feed the same packet decoder.
 
 use anyhow::{anyhow, bail, Context};
-use loadtest::client::{self, Edge, Ticket};
+use loadtest::client::{self, Edge, Seen, Ticket};
 use proto::auth::{AuthBody, AUTH_OK};
 use proto::packet::{op, OwnedPacket, StreamDecoder};
 use proto::ws::{FrameDecoder, Message as WsMessage, Opcode};
@@ -89,6 +89,11 @@ pub struct TailArgs {
     /// op 1000, and print each msg id once (resends are dropped).
     #[arg(long)]
     pub ack: bool,
+    /// Exit when the connection drops. By default tail reconnects and resumes where it was
+    /// (`"resume"` in the auth body), drops replayed duplicates by (epoch, seq), and says on
+    /// stderr what could not be recovered.
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
 /// Msg ids `tail --ack` remembers to drop resends (a resend comes within the sender's retry
@@ -460,12 +465,14 @@ fn print_body(out: &mut impl Write, body: &[u8]) -> std::io::Result<()> {
     out.flush()
 }
 
-/// What one top-level packet means to tail.
+/// What one top-level packet means to tail. `BARRAGE_SYNC` goes to stderr (it is ours, not the
+/// room's); room batches at or before the position are duplicates of what was printed and
+/// are dropped, a hole in the seq is reported.
 fn on_packet(
     p: &OwnedPacket,
     out: &mut impl Write,
-    printed: &mut u64,
-    acker: &mut Option<Acker>,
+    state: &mut Tailed,
+    resumed: bool,
 ) -> anyhow::Result<()> {
     match p.op {
         op::HEARTBEAT_REPLY => {
@@ -476,7 +483,34 @@ fn on_packet(
                 .unwrap_or(0);
             eprintln!("online {online}");
         }
+        op::NOTIFICATION if p.ver == proto::packet::ver::PLAIN => {
+            if let Some(sync) = proto::sync::parse_sync(&p.body) {
+                let had = state.position.epoch().cloned();
+                let changed = state.position.on_sync(&sync);
+                state.synced = true;
+                match had {
+                    Some(old) if changed => eprintln!(
+                        "new epoch {} (was {old}): the room's stream started over; seqs before it are not comparable",
+                        sync.epoch
+                    ),
+                    _ if resumed && !sync.recovered => eprintln!(
+                        "resume could not recover {} batch(es) (epoch {}, continuing after seq {})",
+                        sync.missed, sync.epoch, sync.seq
+                    ),
+                    _ if resumed => eprintln!("resumed: nothing missed (epoch {}, seq {})", sync.epoch, sync.seq),
+                    _ => {}
+                }
+                return Ok(());
+            }
+            print_body(out, &p.body)?;
+            state.printed += 1;
+        }
         op::NOTIFICATION => {
+            match state.position.on_batch(p.seq) {
+                Seen::Duplicate => return Ok(()),
+                Seen::Gap(n) => eprintln!("gap: {n} batch(es) missing before seq {}", p.seq),
+                Seen::New => {}
+            }
             let inner = proto::container::unpack(
                 p.ver,
                 p.op,
@@ -486,13 +520,13 @@ fn on_packet(
             )
             .map_err(|e| anyhow!("bad container from the edge: {e}"))?;
             for i in inner.iter().filter(|i| i.op == op::NOTIFICATION) {
-                if let Some(a) = acker {
+                if let Some(a) = &mut state.acker {
                     if !a.take(&i.body)? {
                         continue;
                     }
                 }
                 print_body(out, &i.body)?;
-                *printed += 1;
+                state.printed += 1;
             }
         }
         op::AUTH_REPLY => {}
@@ -506,10 +540,16 @@ fn authenticate(
     conn: &mut Conn,
     packets: &mut StreamDecoder,
     body: &AuthBody,
+    resume: Option<&proto::sync::Resume>,
+    sync: bool,
 ) -> anyhow::Result<Vec<OwnedPacket>> {
     let is_ws = conn.is_ws();
     let mut w = conn.stream().clone();
-    write_packet(&mut w, is_ws, &proto::auth::auth_request(body))?;
+    write_packet(
+        &mut w,
+        is_ws,
+        &proto::auth::auth_request_ext(body, resume, sync),
+    )?;
     let deadline = Instant::now() + Duration::from_millis(AUTH_REPLY_MS_MAX);
     let mut early = Vec::new();
     loop {
@@ -545,10 +585,72 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         .device
         .clone()
         .unwrap_or_else(|| format!("tail-{:016x}", rand::random::<u64>()));
-    let t = ticket(&args, &device)?;
     if args.transport == Transport::Udp {
+        // Datagrams have no connection to lose: nothing to resume.
+        let t = ticket(&args, &device)?;
         return run_udp(&args, &t, &device, deadline);
     }
+    let mut state = Tailed::default();
+    let mut attempts = 0u32;
+    loop {
+        let t = ticket(&args, &device)?;
+        match session(&args, &t, &device, deadline, &mut state) {
+            Ok(End::Done) => return Ok(()),
+            Ok(End::Dropped(why)) if !args.no_resume && attempts < RECONNECTS_MAX => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(anyhow!("{why}"));
+                }
+                attempts = if state.synced { 0 } else { attempts + 1 };
+                state.synced = false;
+                match state.position.resume() {
+                    Some(r) => eprintln!(
+                        "connection lost ({why}); resuming at epoch {} seq {}",
+                        r.epoch, r.seq
+                    ),
+                    None => eprintln!("connection lost ({why}); reconnecting (no position yet)"),
+                }
+                std::thread::sleep(Duration::from_millis(RECONNECT_MS_MIN << attempts.min(5)));
+            }
+            Ok(End::Dropped(why)) => return Err(anyhow!("{why}")),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reconnects in a row without a sync before tail gives up.
+const RECONNECTS_MAX: u32 = 8;
+/// First reconnect delay (doubled per failed attempt, up to 32 times this).
+const RECONNECT_MS_MIN: u64 = 200;
+
+/// What tail keeps across connections.
+#[derive(Default)]
+struct Tailed {
+    /// The room position: what to resume from, and which batches are duplicates.
+    position: client::Position,
+    printed: u64,
+    /// This connection got its `BARRAGE_SYNC`.
+    synced: bool,
+    /// `--ack`: ACKs high-reach messages, drops their resends.
+    acker: Option<Acker>,
+}
+
+/// How one connection ended.
+enum End {
+    /// `--count` or `--timeout-s` reached.
+    Done,
+    /// The connection dropped: resume.
+    Dropped(String),
+}
+
+/// One connection: connect, authenticate (resuming from `state.position` when it has one),
+/// print until the end.
+fn session(
+    args: &TailArgs,
+    t: &Ticket,
+    device: &str,
+    deadline: Option<Instant>,
+    state: &mut Tailed,
+) -> anyhow::Result<End> {
     let mut conn = None;
     for e in &t.edges {
         match Conn::open(e, args.transport, args.ca_file.as_deref()) {
@@ -567,15 +669,38 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         }
     }
     let Some(mut conn) = conn else {
+        if state.printed > 0 || state.position.epoch().is_some() {
+            return Ok(End::Dropped(format!(
+                "no edge answered (tried {})",
+                t.edges.len()
+            )));
+        }
         return Err(TailError::NoEdgeAnswered(t.edges.len()).into());
     };
     conn.stream()
         .socket()?
         .set_read_timeout(Some(Duration::from_millis(READ_POLL_MS)))?;
     let mut packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
-    let mut auth = client::auth_body(args.uid, t.room, args.protover, &t.token, &device);
+    let mut auth = client::auth_body(args.uid, t.room, args.protover, &t.token, device);
     auth.ack = args.ack;
-    let early = authenticate(&mut conn, &mut packets, &auth)?;
+    let resume = if args.no_resume {
+        None
+    } else {
+        state.position.resume()
+    };
+    let early = match authenticate(
+        &mut conn,
+        &mut packets,
+        &auth,
+        resume.as_ref(),
+        !args.no_resume,
+    ) {
+        Ok(early) => early,
+        Err(e) if e.downcast_ref::<TailError>().is_none() && state.position.epoch().is_some() => {
+            return Ok(End::Dropped(format!("{e:#}")))
+        }
+        Err(e) => return Err(e),
+    };
 
     // Heartbeats from their own thread; the writer half is shared under a lock with nobody
     // else (the reader only writes WebSocket pongs, which go through the same lock).
@@ -605,40 +730,48 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
             })?
     };
 
-    let mut acker = args.ack.then(|| Acker {
-        writer: writer.clone(),
-        ws: conn.is_ws(),
-        seen: Default::default(),
-        order: Default::default(),
-    });
+    if args.ack {
+        // The msg ids seen stay across reconnects (a resend may follow the user to the new
+        // connection); only the writer is this connection's.
+        let acker = state.acker.get_or_insert_with(|| Acker {
+            writer: writer.clone(),
+            ws: conn.is_ws(),
+            seen: Default::default(),
+            order: Default::default(),
+        });
+        acker.writer = writer.clone();
+        acker.ws = conn.is_ws();
+    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut printed = 0u64;
-    let result = (|| -> anyhow::Result<()> {
+    let resumed = resume.is_some();
+    let result = (|| -> anyhow::Result<End> {
         for p in &early {
-            on_packet(p, &mut out, &mut printed, &mut acker)?;
+            on_packet(p, &mut out, state, resumed)?;
         }
         loop {
             while let Some(p) = packets
                 .next_packet()
                 .map_err(|e| anyhow!("bad packet from the edge: {e}"))?
             {
-                on_packet(&p, &mut out, &mut printed, &mut acker)?;
-                if args.count.is_some_and(|n| printed >= n) {
-                    return Ok(());
+                on_packet(&p, &mut out, state, resumed)?;
+                if args.count.is_some_and(|n| state.printed >= n) {
+                    return Ok(End::Done);
                 }
             }
-            if args.count.is_some_and(|n| printed >= n) {
-                return Ok(());
+            if args.count.is_some_and(|n| state.printed >= n) {
+                return Ok(End::Done);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return match args.count {
-                    Some(n) => Err(anyhow!("timed out after {printed} of {n} messages")),
-                    None => Ok(()),
+                    Some(n) => Err(anyhow!("timed out after {} of {n} messages", state.printed)),
+                    None => Ok(End::Done),
                 };
             }
-            if !conn.read_into(&mut packets)? {
-                bail!("the edge closed the connection");
+            match conn.read_into(&mut packets) {
+                Ok(true) => {}
+                Ok(false) => return Ok(End::Dropped("the edge closed the connection".into())),
+                Err(e) => return Ok(End::Dropped(format!("{e:#}"))),
             }
         }
     })();

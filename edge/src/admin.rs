@@ -230,7 +230,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_udp.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 25] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 27] = [
         (
             "barrage_edge_udp_datagrams_in_total",
             "counter",
@@ -355,6 +355,18 @@ pub(crate) fn render(node: &Node) -> String {
             |m| m.accept_errors.get(),
         ),
         (
+            "barrage_edge_epoch_syncs_total",
+            "counter",
+            "BARRAGE_SYNCs sent to connected clients after a broker link came back and named the room's epoch.",
+            |m| m.epoch_syncs.get(),
+        ),
+        (
+            "barrage_edge_resume_replayed_batches_total",
+            "counter",
+            "Batches replayed to resuming connections.",
+            |m| m.resume_replayed.get(),
+        ),
+        (
             "barrage_edge_presence_records",
             "gauge",
             "Connections the presence reporter holds (link shard only).",
@@ -433,6 +445,23 @@ pub(crate) fn render(node: &Node) -> String {
         );
     }
     w.family(
+        "barrage_edge_resumes_total",
+        "counter",
+        "BARRAGE_SYNCs sent, by outcome (fresh: ack only; malformed: resume ignored; timeout, overflow, full, unlinked: fallbacks without the broker's answer).",
+    );
+    for o in crate::resume::Outcome::ALL {
+        let v: u64 = node
+            .metrics
+            .iter()
+            .map(|m| m.resumes[o.index()].get())
+            .sum();
+        w.sample(
+            "barrage_edge_resumes_total",
+            &[("outcome", o.label())],
+            v as f64,
+        );
+    }
+    w.family(
         "barrage_edge_udp_dropped_total",
         "counter",
         "Client datagrams dropped unanswered, by why (docs/protocol-udp.md#errors).",
@@ -458,7 +487,7 @@ pub(crate) fn render(node: &Node) -> String {
             v as f64,
         );
     }
-    let hist: [HistogramFamily; 2] = [
+    let hist: [HistogramFamily; 3] = [
         (
             "barrage_edge_fanout_seconds",
             "One batch's fan-out on one shard: taken from the ring to every viewer's bytes queued.",
@@ -468,6 +497,11 @@ pub(crate) fn render(node: &Node) -> String {
             "barrage_edge_auth_seconds",
             "Processing of the bytes that authenticated a connection (token check included).",
             |m| &m.auth_us,
+        ),
+        (
+            "barrage_edge_resume_seconds",
+            "From a resuming connection's auth to its BARRAGE_SYNC queued (the broker's answer included).",
+            |m| &m.resume_us,
         ),
     ];
     for (name, help, get) in hist {

@@ -79,6 +79,14 @@ pub struct Config {
     pub send_queue_bytes_max: usize,
     /// A connection whose queue stays over the bound this long is closed.
     pub stuck_ms_max: u64,
+    /// Resume (DESIGN §11): how long the broker's answer may take; past it the client gets
+    /// a `BARRAGE_SYNC` with `recovered:false` and its held live batches.
+    pub resume_ms_max: u64,
+    /// Resume: live batches held for one resuming connection; past it the resume falls back
+    /// as on a timeout.
+    pub resume_hold_bytes_max: usize,
+    /// Resume: answers outstanding per shard; a resume past it falls back at once.
+    pub resumes_pending_max: usize,
     /// Client connections the node holds at most; 0 means the fd limit minus the reserve kept
     /// for links, admin and control. Past it new clients are refused with a reconnect hint.
     pub conns_max: u64,
@@ -176,6 +184,9 @@ impl Default for Config {
             ws_handshake_bytes_max: proto::limits::WS_HANDSHAKE_BYTES_MAX,
             send_queue_bytes_max: 256 * 1024,
             stuck_ms_max: 10_000,
+            resume_ms_max: crate::resume::RESUME_MS_MAX,
+            resume_hold_bytes_max: crate::resume::RESUME_HOLD_BYTES_MAX,
+            resumes_pending_max: crate::resume::RESUMES_PENDING_MAX,
             conns_max: 0,
             conns_per_addr_max: 0,
             pending_handshakes_max: 4_096,

@@ -200,6 +200,8 @@ pub struct ShardCore {
     next_counts: Millis,
     actions: Vec<Action>,
     targets: Vec<Target>,
+    /// Resuming connections whose live batches are held (crate::resume).
+    resumes: crate::resume::Resumes,
     /// UDP: sessions, the per-address rate limit and the datagrams waiting for the socket.
     udp: UdpState,
 }
@@ -236,6 +238,14 @@ impl ShardCore {
             next_counts: Millis(node.config.counts_interval_ms.max(1)),
             actions: Vec::new(),
             targets: Vec::new(),
+            resumes: crate::resume::Resumes::new(
+                id,
+                crate::resume::Limits {
+                    ms_max: node.config.resume_ms_max,
+                    hold_bytes_max: node.config.resume_hold_bytes_max,
+                    pending_max: node.config.resumes_pending_max,
+                },
+            ),
             udp: UdpState {
                 sessions: Default::default(),
                 limit: crate::udp::RateLimit::new(
@@ -695,6 +705,7 @@ impl ShardCore {
 
     fn unseat(&mut self, id: ConnId, seat: Option<Seat>) {
         let Some(seat) = seat else { return };
+        self.resumes.forget(id.key);
         self.report_presence(crate::presence::exit(crate::presence::conn_id(self.id, id)));
         self.reach.leave(id.key);
         self.acks.leave(id.key);
@@ -784,6 +795,9 @@ impl ShardCore {
             self.report_presence(ev);
         }
         self.reply(id, reply, now);
+        if a.sync {
+            self.begin_resume(id, a.room, a.encoding, a.resume, now);
+        }
         self.arm(
             id,
             TimerKind::Heartbeat,
@@ -979,10 +993,20 @@ impl ShardCore {
             Msg::Batch(b) => self.fan_out(&b, now),
             Msg::FleetCounts(c) => keep_counts(&self.index, &mut self.fleet, &c),
             Msg::NodeCounts(c) => keep_counts(&self.index, &mut self.node_counts, &c),
+            Msg::Epoch { room, sync } => self.tell_epoch(room, &sync, now),
+            Msg::Replayed { req, answer } => {
+                if let Some(f) = self.resumes.on_answer(req, answer.map(|a| *a), now) {
+                    self.finish_resume(f, now);
+                }
+            }
             // Needs the wall clock (cookies): the shell calls `on_datagram` for these.
             Msg::Datagram { .. } => {}
             // The link hub's business; the shell routes them there.
-            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) | Msg::Acks(_) => {}
+            Msg::Interest { .. }
+            | Msg::Counts { .. }
+            | Msg::Presence(_)
+            | Msg::Acks(_)
+            | Msg::Replay { .. } => {}
         }
     }
 
@@ -1081,6 +1105,12 @@ impl ShardCore {
             } else {
                 frames.tcp.clone()
             };
+            if self.resumes.holds(key) {
+                if let Some(f) = self.resumes.hold(key, batch, bytes, now) {
+                    self.finish_resume(f, now);
+                }
+                continue;
+            }
             if self.enqueue(ConnId { key, gen }, bytes, batch.priority, true, now) {
                 sends += 1;
             }
@@ -1124,6 +1154,13 @@ impl ShardCore {
         }
         for (to, msg) in std::mem::take(&mut self.retry) {
             self.outbox.push_back((to, msg));
+        }
+        if !self.resumes.is_empty() {
+            let mut done = Vec::new();
+            self.resumes.expire(now, &mut done);
+            for f in done {
+                self.finish_resume(f, now);
+            }
         }
         if now_ms >= self.next_counts {
             let every = self.node.config.counts_interval_ms.max(1);
@@ -1214,6 +1251,84 @@ impl ShardCore {
             .iter()
             .filter(|(_, c)| c.closing == Closing::Open)
             .count()
+    }
+
+    // ---- resume (crate::resume) ----
+
+    /// A connection that sent `ack` or `resume` was seated: hold its live batches and ask the
+    /// brokers what it missed (or answer at once when there is no broker or no room).
+    fn begin_resume(
+        &mut self,
+        id: ConnId,
+        room: RoomId,
+        encoding: proto::id::Encoding,
+        resume: proto::sync::ResumeField,
+        now: Instant,
+    ) {
+        match self.resumes.begin(id, room, encoding, resume, now) {
+            crate::resume::Begin::Ask(request) => {
+                if self.node.config.broker_addrs.is_empty() {
+                    if let Some(f) = self.resumes.on_answer(request.req, None, now) {
+                        self.finish_resume(f, now);
+                    }
+                    return;
+                }
+                let from = self.id;
+                self.post(0, Msg::Replay { from, request });
+            }
+            crate::resume::Begin::Now(f) => self.finish_resume(f, now),
+        }
+    }
+
+    /// A broker link came back: every connection of `room` that asked for syncs learns the
+    /// room's epoch before the room's next batch (crate::resume).
+    fn tell_epoch(&mut self, room: RoomId, sync: &proto::sync::Sync, now: Instant) {
+        let mut keys = Vec::new();
+        self.resumes.on_epoch(room, &sync.epoch, &mut keys);
+        let packet = proto::sync::sync_packet(sync);
+        for key in keys {
+            let Some(c) = self.conns.get(key as usize) else {
+                continue;
+            };
+            let id = ConnId { key, gen: c.gen };
+            let bytes = c.session.frame(&packet);
+            self.reply(id, bytes, now);
+            self.m().epoch_syncs.inc();
+        }
+    }
+
+    /// Queues what an ended resume sends: replayed batches, uncovered held ones, the sync,
+    /// the newer held ones (crate::resume::Finish).
+    fn finish_resume(&mut self, mut f: crate::resume::Finish, now: Instant) {
+        let Some(c) = self.get(f.id) else { return };
+        let replayed: Vec<Bytes> = f
+            .replayed
+            .iter()
+            .map(|p| Bytes::from(c.session.frame(p)))
+            .collect();
+        let mut sent = 0u64;
+        for b in replayed {
+            // Past the reply bound a replayed batch is missed, and the sync says so.
+            if self.enqueue(f.id, b, Priority::Low, false, now) {
+                sent += 1;
+            } else {
+                f.lost_one();
+            }
+        }
+        for b in std::mem::take(&mut f.before) {
+            self.enqueue(f.id, b, Priority::Low, true, now);
+        }
+        let Some(c) = self.get(f.id) else { return };
+        let sync = c.session.frame(&proto::sync::sync_packet(&f.sync));
+        self.reply(f.id, sync, now);
+        for b in std::mem::take(&mut f.after) {
+            self.enqueue(f.id, b, Priority::Low, true, now);
+        }
+        let m = self.m();
+        m.resumes[f.outcome.index()].inc();
+        m.resume_replayed.add(sent);
+        m.resume_us
+            .observe(f.took.as_micros().min(u128::from(u64::MAX)) as u64);
     }
 
     /// Sends this shard's viewer counts to the link shard.

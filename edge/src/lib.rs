@@ -10,6 +10,8 @@
 //! - [`node`]: what the shards of a node share (`Node`, `Msg`, the rings).
 //! - [`core`]: the sans-io shard core: admission, sessions, seating, queues, timers, drain,
 //!   fan-out; inputs with `now`, outputs polled. Every decision a shard makes is here.
+//! - [`resume`]: sans-io resume after reconnect: hold a resuming connection's live batches,
+//!   then replay, `BARRAGE_SYNC`, held batches (or a fallback sync on timeout).
 //! - [`session`]: sans-io per-connection state machine (handshake -> auth -> live -> closed).
 //! - [`wheel`]: sans-io hashed timing wheel (auth, handshake, heartbeat, stuck deadlines).
 //! - [`index`]: per-shard room -> members (lanes per encoding and transport), area -> rooms.
@@ -42,6 +44,7 @@ pub mod metrics;
 pub mod node;
 pub mod presence;
 pub mod reach;
+pub mod resume;
 pub mod session;
 pub mod tls;
 pub mod udp;

@@ -198,7 +198,41 @@ pub(crate) struct Hub {
     presence: RefCell<crate::presence::Reporter>,
     next_counts: Cell<Instant>,
     stopped: Cell<bool>,
+    /// REPLAY requests sent and not yet answered by every broker asked (crate::resume).
+    replays: RefCell<std::collections::HashMap<u64, Replaying>>,
+    /// Rooms whose broker link just came up: their batches wait here until the broker names
+    /// the room's epoch (issue 17 defect 2), so clients get the sync before the batches.
+    relinking: RefCell<std::collections::HashMap<RoomId, Relinking>>,
+    next_req: Cell<u64>,
 }
+
+/// A room waiting for its epoch after a (re)link.
+struct Relinking {
+    req: u64,
+    held: Vec<Batch>,
+    since: Instant,
+}
+
+/// Request ids of the hub's own REPLAYs (shard requests carry the shard in bits 48..64, and
+/// shards are far fewer than this).
+const HUB_REQ_BASE: u64 = 0xFFFF << 48;
+/// Batches held per relinking room; past it the room is released without its epoch.
+pub const RELINK_HOLD_BATCHES_MAX: usize = 1_024;
+
+/// One REPLAY asked of one or more brokers (cluster mode links every broker).
+struct Replaying {
+    /// The shard that asked.
+    shard: ShardIdx,
+    /// Brokers still to answer.
+    waiting: usize,
+    /// The answer of the broker that holds the room (the one furthest along).
+    best: Option<wire::replay::Answer>,
+    sent: Instant,
+}
+
+/// Unanswered REPLAYs the hub remembers; past it (or past twice `resume_ms_max`: the shard
+/// has fallen back long since) the oldest are forgotten.
+pub const HUB_REPLAYS_MAX: usize = 65_536;
 
 impl Hub {
     pub fn new(node: Arc<Node>, shard: ShardIdx) -> Hub {
@@ -228,6 +262,9 @@ impl Hub {
             shard,
             brokers: RefCell::new(brokers),
             stopped: Cell::new(false),
+            replays: RefCell::new(std::collections::HashMap::new()),
+            relinking: RefCell::new(std::collections::HashMap::new()),
+            next_req: Cell::new(0),
             node,
         }
     }
@@ -257,6 +294,7 @@ impl Hub {
             Msg::Counts { from, counts } => self.interest.borrow_mut().set_counts(from, counts),
             Msg::Presence(events) => self.presence.borrow_mut().on_events(events),
             Msg::Acks(acks) => self.send_acks(&acks),
+            Msg::Replay { from, request } => self.replay(from, request),
             _ => {}
         }
     }
@@ -265,7 +303,7 @@ impl Hub {
     /// scopes), one frame each, written together. Lost if that link is down: the broker then
     /// resends, and the client ACKs again.
     fn send_acks(&self, acks: &[(proto::id::UserId, proto::id::DeviceId, proto::id::MsgId)]) {
-        for b in &self.brokers {
+        for b in self.brokers.borrow().iter() {
             let Some(slot) = b.low_slot(0) else { continue };
             for (uid, device, msg_id) in acks {
                 slot.send(&LinkFrame::Ack {
@@ -370,6 +408,20 @@ impl Hub {
         }
         let every = Duration::from_millis(self.node.config.counts_interval_ms.max(1));
         self.next_counts.set(now + every);
+        let stale = Duration::from_millis(self.node.config.resume_ms_max.saturating_mul(2));
+        self.replays
+            .borrow_mut()
+            .retain(|_, r| now.saturating_duration_since(r.sent) <= stale);
+        let late: Vec<RoomId> = self
+            .relinking
+            .borrow()
+            .iter()
+            .filter(|(_, r)| now.saturating_duration_since(r.since) > stale / 2)
+            .map(|(room, _)| *room)
+            .collect();
+        for room in late {
+            self.release(room, None);
+        }
         let node = Arc::new(self.interest.borrow().node_counts());
         for t in 0..self.node.shards {
             self.post(t, Msg::NodeCounts(node.clone()));
@@ -420,8 +472,164 @@ impl Hub {
         }
     }
 
+    /// Sends a shard's REPLAY on the Low link of the room's broker shard of every broker that
+    /// is up: the link that carries the room's live batches, so the answer sits between the
+    /// batches it covers and the later ones (proto::link::replay). No link up: answered
+    /// `None` at once (the shard falls back).
+    fn replay(&self, from: ShardIdx, request: wire::replay::Request) {
+        let interest = Interest::Room(request.room);
+        let frame = LinkFrame::Replay(request.clone());
+        let mut waiting = 0;
+        for b in self.brokers.borrow().iter() {
+            if let Some(slot) = b.low_slot(b.owner(&interest)).filter(|s| s.up.get()) {
+                slot.send(&frame);
+                waiting += 1;
+            }
+        }
+        let mut replays = self.replays.borrow_mut();
+        if waiting == 0 || replays.len() >= HUB_REPLAYS_MAX {
+            drop(replays);
+            self.post(
+                from,
+                Msg::Replayed {
+                    req: request.req,
+                    answer: None,
+                },
+            );
+            return;
+        }
+        replays.insert(
+            request.req,
+            Replaying {
+                shard: from,
+                waiting,
+                best: None,
+                sent: Instant::now(),
+            },
+        );
+    }
+
+    /// A broker's REPLAYED: once every broker asked has answered, the asking shard gets the
+    /// answer with the highest seq (the broker that owns the room; others know it at seq 0).
+    fn on_replayed(&self, a: wire::replay::Answer) {
+        if a.req >= HUB_REQ_BASE {
+            let ours = self
+                .relinking
+                .borrow()
+                .get(&a.room)
+                .is_some_and(|r| r.req == a.req);
+            if ours {
+                self.release(a.room, Some(a.sync));
+            }
+            return;
+        }
+        let mut replays = self.replays.borrow_mut();
+        let Some(r) = replays.get_mut(&a.req) else {
+            return;
+        };
+        let req = a.req;
+        r.waiting = r.waiting.saturating_sub(1);
+        if r.best.as_ref().is_none_or(|b| a.sync.seq > b.sync.seq) {
+            r.best = Some(a);
+        }
+        if r.waiting > 0 {
+            return;
+        }
+        let Some(r) = replays.remove(&req) else {
+            return;
+        };
+        drop(replays);
+        self.post(
+            r.shard,
+            Msg::Replayed {
+                req,
+                answer: r.best.map(Box::new),
+            },
+        );
+    }
+
+    /// A Low link came up and re-sent its interest: ask for the epoch of each of its rooms,
+    /// holding their batches until the answer (one broker only: with several, each names its
+    /// own epoch and the owner's is not known here).
+    fn relinked(&self, slot: &Slot, rooms: &[RoomId]) {
+        if self.brokers.borrow().len() != 1 {
+            return;
+        }
+        let now = Instant::now();
+        for room in rooms {
+            let n = self.next_req.get().wrapping_add(1);
+            self.next_req.set(n);
+            let req = HUB_REQ_BASE | (n & ((1 << 48) - 1));
+            slot.send(&LinkFrame::Replay(wire::replay::Request {
+                req,
+                room: *room,
+                encoding: proto::id::Encoding::Plain,
+                resume: proto::sync::ResumeField::Absent,
+            }));
+            let old = self.relinking.borrow_mut().insert(
+                *room,
+                Relinking {
+                    req,
+                    held: Vec::new(),
+                    since: now,
+                },
+            );
+            if let Some(old) = old {
+                for b in old.held {
+                    self.dispatch(b);
+                }
+            }
+        }
+    }
+
+    /// Ends a room's relink: every shard learns its epoch (when the broker named it), then
+    /// gets the held batches. The sync's seq is the one before the first held batch, so a
+    /// client's position continues exactly there.
+    fn release(&self, room: RoomId, sync: Option<proto::sync::Sync>) {
+        let Some(r) = self.relinking.borrow_mut().remove(&room) else {
+            return;
+        };
+        if let Some(mut sync) = sync {
+            if let Some(first) = r
+                .held
+                .iter()
+                .find(|b| b.priority == Priority::Low)
+                .map(|b| (b.seq & u64::from(proto::sync::ROOM_SEQ_MAX)) as u32)
+            {
+                sync.seq = first.saturating_sub(1);
+            }
+            sync.recovered = false;
+            sync.missed = 0;
+            let sync = Arc::new(sync);
+            for t in 0..self.node.shards {
+                self.post(
+                    t,
+                    Msg::Epoch {
+                        room,
+                        sync: sync.clone(),
+                    },
+                );
+            }
+        }
+        for b in r.held {
+            self.dispatch(b);
+        }
+    }
+
     /// Routes a batch to the shards with viewers wanting it.
     fn dispatch(&self, batch: Batch) {
+        if let (Scope::Room(room), false) = (&batch.scope, self.relinking.borrow().is_empty()) {
+            let room = *room;
+            let mut relinking = self.relinking.borrow_mut();
+            if let Some(r) = relinking.get_mut(&room) {
+                if r.held.len() < RELINK_HOLD_BATCHES_MAX {
+                    r.held.push(batch);
+                    return;
+                }
+                drop(relinking);
+                self.release(room, None);
+            }
+        }
         let e = batch.encoding;
         let targets: Vec<usize> = match &batch.scope {
             Scope::Room(r) => self
@@ -668,6 +876,17 @@ async fn serve_link(
         for f in &frames {
             slot.send(f);
         }
+        let rooms: Vec<RoomId> = frames
+            .iter()
+            .filter_map(|f| match f {
+                LinkFrame::Sub {
+                    interest: Interest::Room(r),
+                    ..
+                } => Some(*r),
+                _ => None,
+            })
+            .collect();
+        hub.relinked(slot, &rooms);
     }
     if is_presence_link(&slot.id) && cfg.presence {
         // Every live record again, under a new incarnation (crate::presence).
@@ -761,8 +980,7 @@ fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
         | LinkFrame::Presence(_)
         | LinkFrame::Ack { .. }
         | LinkFrame::Replay(_) => {}
-        // This edge does not send REPLAY yet (issue 9: the edge side of resume is not wired).
-        LinkFrame::Replayed(_) => {}
+        LinkFrame::Replayed(a) => hub.on_replayed(a),
     }
 }
 

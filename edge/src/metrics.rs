@@ -109,6 +109,14 @@ pub struct ShardMetrics {
     pub fanout_us: Histogram,
     /// Processing of the bytes that authenticated a connection (token check included), µs.
     pub auth_us: Histogram,
+    /// Resumes and syncs by outcome (`crate::resume::Outcome`).
+    pub resumes: [Counter; crate::resume::Outcome::ALL.len()],
+    /// `BARRAGE_SYNC`s sent to connected clients when a broker link came back (new epoch).
+    pub epoch_syncs: Counter,
+    /// Batches replayed to resuming connections.
+    pub resume_replayed: Counter,
+    /// From a resuming connection's auth to its `BARRAGE_SYNC` queued, µs.
+    pub resume_us: Histogram,
     /// Link shard only: connections the presence reporter holds (crate::presence).
     pub presence_records: Counter,
     /// Link shard only: PRESENCE frames queued to brokers.

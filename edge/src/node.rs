@@ -50,6 +50,23 @@ pub enum Msg {
     /// Link shard -> every shard: this node's viewer count per room (heartbeat replies use it
     /// until, or without, the brokers' fleet-wide counts).
     NodeCounts(Arc<Vec<(RoomId, u32)>>),
+    /// Viewer shard -> link shard: ask the brokers for a resuming connection's missed batches
+    /// (crate::resume).
+    Replay {
+        from: ShardIdx,
+        request: proto::link::replay::Request,
+    },
+    /// Link shard -> every shard: a broker link came back and named `room`'s epoch; clients
+    /// that asked for syncs get this one before the room's next batch (crate::resume).
+    Epoch {
+        room: RoomId,
+        sync: Arc<proto::sync::Sync>,
+    },
+    /// Link shard -> the asking shard: the answer to `req` (`None`: no broker link took it).
+    Replayed {
+        req: u64,
+        answer: Option<Box<proto::link::replay::Answer>>,
+    },
     /// A datagram of a UDP session another shard owns (the session id names it): after a NAT
     /// rebinding the kernel's 4-tuple hash may deliver it to any shard's socket.
     Datagram {
@@ -63,7 +80,11 @@ impl Msg {
     pub fn is_for_hub(&self) -> bool {
         matches!(
             self,
-            Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) | Msg::Acks(_)
+            Msg::Interest { .. }
+                | Msg::Counts { .. }
+                | Msg::Presence(_)
+                | Msg::Acks(_)
+                | Msg::Replay { .. }
         )
     }
 }

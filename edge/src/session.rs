@@ -263,6 +263,11 @@ pub struct Authed {
     pub encoding: Encoding,
     /// The client ACKs high-reach messages.
     pub ack: bool,
+    /// The `resume` extension as parsed (DESIGN §11); malformed ones are answered by
+    /// `crate::resume`, the auth stays valid.
+    pub resume: proto::sync::ResumeField,
+    /// The client gets a `BARRAGE_SYNC` after op 8 (`ack`, `sync` or `resume`).
+    pub sync: bool,
 }
 
 /// What the shell must do.
@@ -581,9 +586,11 @@ impl Session {
 /// Verifies an op 7 body: the token, and that the body's room (and uid, for non-guest
 /// tokens) matches the token's claims.
 pub fn verify(body: &[u8], ctx: &Ctx<'_>) -> Result<Authed, AuthFail> {
-    let b = auth::parse_auth(body, ctx.limits.auth_bytes_max).map_err(|e| match e {
+    let ext = auth::parse_auth_ext(body, ctx.limits.auth_bytes_max).map_err(|e| match e {
         AuthError::Malformed | AuthError::TooLarge => AuthFail::Malformed,
     })?;
+    let sync = ext.wants_sync();
+    let b = ext.body;
     let t = ctx
         .keys
         .verify(&b.key, ctx.now_s)
@@ -608,6 +615,8 @@ pub fn verify(body: &[u8], ctx: &Ctx<'_>) -> Result<Authed, AuthFail> {
         area: c.area,
         encoding: Encoding::from_protover(b.protover),
         ack: b.ack,
+        resume: ext.resume,
+        sync,
     })
 }
 

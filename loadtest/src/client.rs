@@ -438,3 +438,111 @@ mod tests {
         );
     }
 }
+
+/// Where a client is in a room's stream, for resume and duplicate dropping (DESIGN §11):
+/// the epoch the last `BARRAGE_SYNC` named and the last low-priority room seq seen in it.
+/// `barrage tail`, the loadtest's viewers and the tests keep one per room.
+///
+/// Invariant: a batch is new iff its `(epoch, seq)` is after the position; seqs compare only
+/// within one epoch, and a sync naming another epoch starts the position over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    epoch: Option<proto::sync::Epoch>,
+    seq: u32,
+}
+
+/// What [`Position::on_batch`] made of a room batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// The next batch (or a high-priority one, which has no place in the low seq).
+    New,
+    /// At or before the position: drop it.
+    Duplicate,
+    /// After a hole of this many batches (lost; the sync said so, or a fault did).
+    Gap(u32),
+}
+
+impl Position {
+    /// The `resume` field to send on the next connect (`None` before any sync).
+    pub fn resume(&self) -> Option<proto::sync::Resume> {
+        self.epoch.as_ref().map(|epoch| proto::sync::Resume {
+            epoch: epoch.clone(),
+            seq: self.seq,
+        })
+    }
+
+    pub fn epoch(&self) -> Option<&proto::sync::Epoch> {
+        self.epoch.as_ref()
+    }
+
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// A `BARRAGE_SYNC`: the stream continues after `sync.seq` in `sync.epoch`. Returns true
+    /// when the epoch changed (what came before is not comparable).
+    pub fn on_sync(&mut self, sync: &proto::sync::Sync) -> bool {
+        let changed = self.epoch.as_ref() != Some(&sync.epoch);
+        if changed || sync.seq > self.seq {
+            self.seq = sync.seq;
+        }
+        self.epoch = Some(sync.epoch.clone());
+        changed
+    }
+
+    /// An op 5 outer packet with header seq `outer_seq` (a room batch).
+    pub fn on_batch(&mut self, outer_seq: u32) -> Seen {
+        if outer_seq & !proto::sync::ROOM_SEQ_MAX != 0 || outer_seq == 0 {
+            // High priority, or a packet that is not a room batch.
+            return Seen::New;
+        }
+        if self.epoch.is_some() && outer_seq <= self.seq {
+            return Seen::Duplicate;
+        }
+        let gap = if self.epoch.is_some() {
+            outer_seq - self.seq - 1
+        } else {
+            0
+        };
+        self.seq = outer_seq;
+        if gap == 0 {
+            Seen::New
+        } else {
+            Seen::Gap(gap)
+        }
+    }
+}
+
+#[cfg(test)]
+mod position_tests {
+    use super::*;
+    use proto::sync::{Epoch, Sync};
+
+    fn sync(e: &str, seq: u32) -> Sync {
+        Sync {
+            epoch: Epoch::new(e).unwrap(),
+            seq,
+            recovered: true,
+            missed: 0,
+        }
+    }
+
+    #[test]
+    fn dedups_within_an_epoch_and_starts_over_in_a_new_one() {
+        let mut p = Position::default();
+        assert!(p.resume().is_none());
+        assert_eq!(p.on_batch(3), Seen::New);
+        assert!(p.on_sync(&sync("a-1", 3)));
+        assert_eq!(p.on_batch(3), Seen::Duplicate);
+        assert_eq!(p.on_batch(4), Seen::New);
+        assert_eq!(p.on_batch(0x8000_0009), Seen::New);
+        assert_eq!(p.on_batch(7), Seen::Gap(2));
+        assert_eq!(p.resume().unwrap().seq, 7);
+        assert!(!p.on_sync(&sync("a-1", 5)));
+        assert_eq!(p.seq(), 7);
+        assert!(p.on_sync(&sync("b-1", 2)));
+        assert_eq!(p.on_batch(2), Seen::Duplicate);
+        assert_eq!(p.on_batch(3), Seen::New);
+        assert_eq!(p.epoch().unwrap().as_str(), "b-1");
+    }
+}

@@ -68,6 +68,9 @@ struct WireAuth {
     /// Interpreted apart ([`ResumeField::from_json`]) so a malformed value leaves the auth valid.
     #[serde(default)]
     resume: Option<serde_json::Value>,
+    /// Anything but `true` is "no".
+    #[serde(default)]
+    sync: Option<serde_json::Value>,
 }
 
 /// A JSON number or a string holding one.
@@ -127,12 +130,16 @@ pub struct AuthExt {
     /// `Malformed` when present but unusable: the auth stays valid, the edge counts it and
     /// answers `BARRAGE_SYNC` with `recovered:false`.
     pub resume: ResumeField,
+    /// `"sync": true`: a `BARRAGE_SYNC` without high reach or a position yet (how a client
+    /// that will resume later learns the epoch on its first connection).
+    pub sync: bool,
 }
 
 impl AuthExt {
-    /// True if the client gets a `BARRAGE_SYNC` after op 8: it sent `"ack":true` or any `resume`.
+    /// True if the client gets a `BARRAGE_SYNC` after op 8: it sent `"ack":true`,
+    /// `"sync":true` or any `resume`.
     pub fn wants_sync(&self) -> bool {
-        self.body.ack || !matches!(self.resume, ResumeField::Absent)
+        self.body.ack || self.sync || !matches!(self.resume, ResumeField::Absent)
     }
 }
 
@@ -145,6 +152,7 @@ pub fn parse_auth_ext(body: &[u8], auth_bytes_max: u32) -> Result<AuthExt, AuthE
     let w: WireAuth = serde_json::from_slice(body).map_err(|_| AuthError::Malformed)?;
     Ok(AuthExt {
         resume: ResumeField::from_json(w.resume.as_ref()),
+        sync: w.sync == Some(serde_json::Value::Bool(true)),
         body: AuthBody {
             uid: w.uid,
             roomid: w.roomid,
@@ -199,8 +207,18 @@ pub fn auth_request(body: &AuthBody) -> Vec<u8> {
 
 /// The complete op 7 packet with a `resume` request appended to the body's fields.
 pub fn auth_request_with_resume(body: &AuthBody, resume: Option<&Resume>) -> Vec<u8> {
+    auth_request_ext(body, resume, false)
+}
+
+/// The complete op 7 packet with `"sync":true` (when `sync`) and a `resume` request (when
+/// given) appended to the body's fields: what a resuming client (`barrage tail`) sends.
+pub fn auth_request_ext(body: &AuthBody, resume: Option<&Resume>, sync: bool) -> Vec<u8> {
     // Serializing a struct of strings, numbers and bools into a Vec cannot fail.
     let mut json = serde_json::to_vec(body).unwrap_or_default();
+    if sync && json.last() == Some(&b'}') {
+        json.pop();
+        json.extend_from_slice(b",\"sync\":true}");
+    }
     if let (Some(r), Some(b'}')) = (resume, json.last()) {
         json.pop();
         // The epoch's alphabet needs no escaping (crate::sync invariants).
@@ -308,7 +326,7 @@ mod tests {
         );
         let got = parse_auth_ext(pk.body, 4096).unwrap();
         assert_eq!(got.body, a);
-        assert_eq!(got.resume, ResumeField::Valid(r));
+        assert_eq!(got.resume, ResumeField::Valid(r.clone()));
         assert!(got.wants_sync());
 
         let bad = br#"{"roomid":9,"resume":{"epoch":"e","seq":-4}}"#;
@@ -318,8 +336,18 @@ mod tests {
         assert!(got.wants_sync());
         assert_eq!(parse_auth(bad, 4096).unwrap().roomid, 9);
 
-        let plain = parse_auth_ext(br#"{"roomid":9,"resume":null}"#, 4096).unwrap();
+        let plain = parse_auth_ext(br#"{"roomid":9,"resume":null,"sync":1}"#, 4096).unwrap();
         assert_eq!(plain.resume, ResumeField::Absent);
         assert!(!plain.wants_sync());
+
+        let b = AuthBody {
+            roomid: 9,
+            ..Default::default()
+        };
+        let p = auth_request_ext(&b, Some(&r), true);
+        let (pk, _) = packet::decode(&p, 65536).unwrap();
+        let got = parse_auth_ext(pk.body, 4096).unwrap();
+        assert!(got.sync && got.wants_sync());
+        assert_eq!(got.resume, ResumeField::Valid(r));
     }
 }

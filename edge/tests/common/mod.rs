@@ -337,6 +337,26 @@ fn serve_link(mut s: TcpStream, st: Arc<(Mutex<BrokerState>, Condvar)>, shards: 
                 let _ = s.write_all(&out);
                 continue;
             }
+            // A broker that keeps no history: every resume (and the edge's own epoch question
+            // after a re-link) is answered at once, nothing replayed.
+            LinkFrame::Replay(r) => {
+                let answer = proto::link::replay::Answer {
+                    req: r.req,
+                    room: r.room,
+                    encoding: r.encoding,
+                    sync: proto::sync::Sync {
+                        epoch: proto::sync::Epoch::from_parts(0, 0),
+                        seq: 0,
+                        recovered: !matches!(r.resume, proto::sync::ResumeField::Malformed(_)),
+                        missed: 0,
+                    },
+                    batches: Vec::new(),
+                };
+                let mut out = Vec::new();
+                link::encode(&LinkFrame::Replayed(answer), &mut out);
+                let _ = s.write_all(&out);
+                continue;
+            }
             other => Seen::Other(format!("{other:?}")),
         };
         let (m, cv) = &*st;
