@@ -231,7 +231,9 @@ pub struct Streamed {
 /// Decides, before the role's [`Handler`], whether a request is answered by a stream:
 /// `None` for an ordinary request, `Some(Err(response))` for a refused stream.
 #[derive(Clone)]
-pub struct StreamRoute(pub Rc<dyn Fn(&Request) -> Option<Result<Streamed, Response>>>);
+pub struct StreamRoute(
+    pub std::sync::Arc<dyn Fn(&Request) -> Option<Result<Streamed, Response>> + Send + Sync>,
+);
 
 impl std::fmt::Debug for StreamRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
