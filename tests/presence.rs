@@ -692,3 +692,60 @@ fn online_rank_count_is_pushed_to_a_listed_room_when_it_changes() {
         None
     );
 }
+
+/// `barrage loadtest churn --presence-check`: after churning, with connections still open
+/// (a hold longer than the run), the broker's presence equals the connections open.
+#[test]
+fn a_churn_run_ends_with_presence_equal_to_the_connections_open() {
+    let control = start_ok(
+        "control",
+        &procs::control_toml(&format!("api_keys = [\"{READER}\"]"), HEAD_MS),
+    );
+    let chttp = control.addrs[0];
+    let b = broker(LEASE_MS);
+    let (ingest, links, http) = (b.addrs[0], b.addrs[1], b.addrs[2]);
+    let _e = edge(
+        "p-churn",
+        links,
+        &format!("control_addr = \"{chttp}\"\npublic_host = \"127.0.0.1\"\ncontrol_heartbeat_ms = 200"),
+    );
+    wait_for("control lists the edge", || {
+        let (head, body) = request_from(
+            [127, 0, 0, 1],
+            chttp,
+            &procs::get("/xlive/web-room/v1/index/getDanmuInfo?id=1000&type=0"),
+        )
+        .ok_or("no answer")?;
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        match v["data"]["host_list"].as_array() {
+            Some(l) if !l.is_empty() => Ok(()),
+            _ => Err(format!("{head} {v}")),
+        }
+    });
+    let json = procs::temp_file("churn.json", "");
+    let out = std::process::Command::new(procs::BIN)
+        .args(["loadtest", "churn", "--control"])
+        .arg(format!("http://{chttp}"))
+        .arg("--broker-http")
+        .arg(http.to_string())
+        .arg("--ingest")
+        .arg(ingest.to_string())
+        .args(["--api-key", READER, "--rooms", "3", "--connects-per-s", "100"])
+        .args(["--hold-ms", "60000", "--duration-s", "2", "--warmup-s", "0"])
+        .args(["--threads", "1", "--presence-check", "--json"])
+        .arg(&json.0)
+        .output()
+        .expect("run loadtest");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json.0).unwrap_or_default()).unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = &report["presence"];
+    assert_eq!(p["equal"], true, "{p}");
+    assert!(p["open_connections"].as_u64().unwrap_or(0) >= 50, "{p}");
+    assert_eq!(p["open_connections"], p["presence_connections"], "{p}");
+}
