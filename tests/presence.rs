@@ -424,7 +424,9 @@ impl Sse {
             let body = String::from_utf8_lossy(&sse.raw).to_string();
             let json = body
                 .find('{')
-                .and_then(|i| serde_json::from_str(body[i..].trim_end_matches(['\r', '\n', '0'])).ok())
+                .and_then(|i| {
+                    serde_json::from_str(body[i..].trim_end_matches(['\r', '\n', '0'])).ok()
+                })
                 .unwrap_or(Value::Null);
             return Err((code, json));
         }
@@ -552,7 +554,11 @@ fn sse_events_resume_with_last_event_id_without_a_gap_and_say_when_they_cannot()
         (PUSHER, "/v1/presence/events", 403),
         ("nope", "/v1/presence/events", 401),
         (READER, "/v1/presence/events?rooms=-1", 400),
-        (READER, "/v1/presence/events?after=99999999999999999999999", 400),
+        (
+            READER,
+            "/v1/presence/events?after=99999999999999999999999",
+            400,
+        ),
     ] {
         let (code, body) = Sse::open(http, path, key, None).err().expect("refused");
         assert_eq!(code, want, "{path} with {key}: {body}");
@@ -572,7 +578,7 @@ fn an_ingest_subscriber_gets_the_same_events_filtered_by_area() {
     let e1 = edge("p-ing", links, "");
     // A key without the presence scope is refused.
     let mut pusher = broker::IngestClient::connect(ingest, PUSHER).expect("connect");
-    let refused = pusher.subscribe(None, &[], &[3]).err().expect("refused");
+    let refused = pusher.subscribe(None, &[], &[3]).expect_err("refused");
     assert!(
         matches!(
             refused.push_error(),
@@ -582,7 +588,11 @@ fn an_ingest_subscriber_gets_the_same_events_filtered_by_area() {
     );
     let mut sub = broker::IngestClient::connect(ingest, READER).expect("connect");
     let start = sub.subscribe(None, &[], &[3]).expect("subscribe");
-    assert_eq!(start, last_seq(http), "the stream starts at the newest event");
+    assert_eq!(
+        start,
+        last_seq(http),
+        "the stream starts at the newest event"
+    );
     // Viewers are in area 3 (see `viewer`): both rooms match the area filter.
     let _a = viewer(e1.addrs[0], 51, "dev-51", 800);
     let _b = viewer(e1.addrs[0], 52, "dev-52", 801);
@@ -621,9 +631,8 @@ fn a_stalled_sse_consumer_is_cut_at_its_bound_and_counted() {
         );
         stalled.write_all(req.as_bytes()).expect("request");
     }
-    let stalled_count = |m: &str| {
-        procs::metric(m, "barrage_broker_presence_streams_stalled_total").unwrap_or(0.0)
-    };
+    let stalled_count =
+        |m: &str| procs::metric(m, "barrage_broker_presence_streams_stalled_total").unwrap_or(0.0);
     wait_for("the stream is open", || {
         let m = procs::metrics(http);
         match procs::metric(&m, "barrage_broker_presence_streams") {
@@ -707,7 +716,9 @@ fn a_churn_run_ends_with_presence_equal_to_the_connections_open() {
     let _e = edge(
         "p-churn",
         links,
-        &format!("control_addr = \"{chttp}\"\npublic_host = \"127.0.0.1\"\ncontrol_heartbeat_ms = 200"),
+        &format!(
+            "control_addr = \"{chttp}\"\npublic_host = \"127.0.0.1\"\ncontrol_heartbeat_ms = 200"
+        ),
     );
     wait_for("control lists the edge", || {
         let (head, body) = request_from(
@@ -730,7 +741,14 @@ fn a_churn_run_ends_with_presence_equal_to_the_connections_open() {
         .arg(http.to_string())
         .arg("--ingest")
         .arg(ingest.to_string())
-        .args(["--api-key", READER, "--rooms", "3", "--connects-per-s", "100"])
+        .args([
+            "--api-key",
+            READER,
+            "--rooms",
+            "3",
+            "--connects-per-s",
+            "100",
+        ])
         .args(["--hold-ms", "60000", "--duration-s", "2", "--warmup-s", "0"])
         .args(["--threads", "1", "--presence-check", "--json"])
         .arg(&json.0)

@@ -100,6 +100,9 @@ impl Message {
     }
 }
 
+/// A status as read: the request it answers and its result.
+type Answer = (u64, Result<MsgId, PushError>);
+
 struct Conn {
     stream: TcpStream,
     rbuf: Vec<u8>,
@@ -316,7 +319,7 @@ impl IngestClient {
     }
 
     /// Reads one frame: a status is returned, a presence event queued (`None`).
-    fn read_frame(&mut self) -> Result<Option<(u64, Result<MsgId, PushError>)>, ClientError> {
+    fn read_frame(&mut self) -> Result<Option<Answer>, ClientError> {
         let Some(c) = self.conn.as_mut() else {
             return Err(ClientError::Io(std::io::ErrorKind::NotConnected.into()));
         };

@@ -17,7 +17,7 @@
 //!   the HTTP server's idle deadline leave it open and a dead consumer is found by TCP.
 
 use crate::presence::{Event, Filter};
-use crate::roster::{self, Follower, FollowError};
+use crate::roster::{self, FollowError, Follower};
 use crate::Shared;
 use net::http::{Request, Response, Streamed};
 use std::future::Future;
@@ -39,7 +39,10 @@ pub const SSE_RETRY_MS: u64 = 1_000;
 pub enum Item {
     /// Events after `after` and before `oldest` were evicted (or came from before a broker
     /// restart): the stream continues from `oldest`; re-read the rooms' state.
-    Missed { after: u64, oldest: u64 },
+    Missed {
+        after: u64,
+        oldest: u64,
+    },
     Event(Event),
 }
 

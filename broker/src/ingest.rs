@@ -12,8 +12,8 @@
 //!   the last [`AUTH_FAILURE_WINDOW_MS`] has every `Auth` refused unchecked until the window
 //!   passes (the table of addresses is bounded by [`AUTH_FAILURE_ADDRS_MAX`]).
 
-use crate::feed::Feed;
 use crate::batcher::Message;
+use crate::feed::Feed;
 use crate::policy::KeyId;
 use crate::stop::Stop;
 use crate::Shared;
@@ -316,11 +316,7 @@ fn subscribe(
 ) -> Result<Feed, PushError> {
     let r = (|| {
         let key = key.ok_or(PushError::Unauthorized)?;
-        if !shared
-            .policy
-            .load()
-            .allows(key, crate::ScopeKind::Presence)
-        {
+        if !shared.policy.load().allows(key, crate::ScopeKind::Presence) {
             return Err(PushError::ForbiddenScope);
         }
         let filter = crate::roster::filter_of(
@@ -491,12 +487,11 @@ async fn connection(
                         } => {
                             // The old stream (if any) ends first, so it does not hold a slot.
                             feed = None;
-                            let result = subscribe(shared, key, after, rooms, areas)
-                                .map(|f| {
-                                    let at = f.position();
-                                    feed = Some(f);
-                                    MsgId(at)
-                                });
+                            let result = subscribe(shared, key, after, rooms, areas).map(|f| {
+                                let at = f.position();
+                                feed = Some(f);
+                                MsgId(at)
+                            });
                             IngestFrame::Status { req_id, result }
                         }
                         IngestFrame::Status { .. } | IngestFrame::PresenceEvent { .. } => {

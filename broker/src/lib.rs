@@ -48,12 +48,14 @@
 //!   shard the Hello names.
 #![forbid(unsafe_code)]
 
+pub mod announce;
 pub mod batcher;
 pub mod client;
 pub mod cluster;
 pub mod compress;
 pub mod config;
 pub mod dedup;
+pub mod feed;
 pub mod history;
 pub mod http;
 pub mod ingest;
@@ -63,8 +65,6 @@ pub mod policy;
 pub mod presence;
 pub mod reach;
 pub mod roster;
-pub mod feed;
-pub mod announce;
 pub mod route;
 pub mod shard;
 pub mod stop;

@@ -217,7 +217,11 @@ impl Roster {
                 f.wake.notify();
                 f.cut_signal.notify();
                 self.counters.streams_stalled.fetch_add(1, Relaxed);
-                tracing::info!(follower = f.id, behind = last - read, "presence stream cut: consumer too slow");
+                tracing::info!(
+                    follower = f.id,
+                    behind = last - read,
+                    "presence stream cut: consumer too slow"
+                );
                 false
             } else {
                 f.wake.notify();
@@ -257,7 +261,12 @@ impl Roster {
     }
 
     /// A page of the log for a stream (see [`Presence::events_after`]) and the oldest seq held.
-    pub(crate) fn read(&self, after: u64, filter: &Filter, limit: usize) -> (presence::EventsPage, u64) {
+    pub(crate) fn read(
+        &self,
+        after: u64,
+        filter: &Filter,
+        limit: usize,
+    ) -> (presence::EventsPage, u64) {
         let inner = self.lock();
         let page = inner.presence.events_after(after, filter, limit);
         (page, inner.presence.first_seq())

@@ -298,9 +298,7 @@ pub fn render(r: &Report) -> String {
                 .map_or("unknown".into(), |n| n.to_string()),
             if p.equal { "equal" } else { "DIFFERENT" },
             p.settle_ms,
-            p.error
-                .as_ref()
-                .map_or(String::new(), |e| format!(": {e}"))
+            p.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
         );
     }
     let _ = writeln!(s, "stop: {}", r.stop_reason);

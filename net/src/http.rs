@@ -231,9 +231,10 @@ pub struct Streamed {
 /// Decides, before the role's [`Handler`], whether a request is answered by a stream:
 /// `None` for an ordinary request, `Some(Err(response))` for a refused stream.
 #[derive(Clone)]
-pub struct StreamRoute(
-    pub std::sync::Arc<dyn Fn(&Request) -> Option<Result<Streamed, Response>> + Send + Sync>,
-);
+pub struct StreamRoute(pub std::sync::Arc<RouteStream>);
+
+/// What a [`StreamRoute`] calls (see there).
+pub type RouteStream = dyn Fn(&Request) -> Option<Result<Streamed, Response>> + Send + Sync;
 
 impl std::fmt::Debug for StreamRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -453,12 +454,10 @@ async fn read_request(req: hyper::Request<Incoming>, ctx: &Ctx) -> Result<Reques
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                return Err(Response::error(
-                    400,
-                    "bad_request",
-                    &format!("bad request body: {e}"),
+                return Err(
+                    Response::error(400, "bad_request", &format!("bad request body: {e}"))
+                        .with_header("connection", "close"),
                 )
-                .with_header("connection", "close"))
             }
         };
         let Ok(data) = frame.into_data() else {
