@@ -352,7 +352,7 @@ fn ingest_bad_version() {
 
 #[test]
 fn ingest_unknown_kind() {
-    for k in [0u8, 5, 255] {
+    for k in [0u8, 7, 255] {
         let mut bytes = enc(&sample_push());
         bytes[5] = k;
         assert_eq!(dec(&bytes), Err(IngestError::Kind), "kind {k}");
