@@ -1,6 +1,7 @@
 //! `barrage`: one binary for every role.
 //!
 //! - `up`: control, broker and one edge in one process on loopback (the quick start).
+//! - `cluster`: NATS JetStream, control, brokers and edges as separate processes on loopback.
 //! - `edge | broker | control [--config FILE] [--set FIELD=VALUE]...`: one role alone, for real
 //!   deployments; config layers are defaults < file < `BARRAGE_<ROLE>_<FIELD>` < `--set`.
 //! - `config defaults ROLE | config check ROLE FILE`: a complete commented config; a check.
@@ -12,6 +13,7 @@
 //! Exit codes (scripts rely on them; docs/operations.md lists them): see [`exit::Exit`].
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod config;
 mod doctor;
 mod exit;
@@ -40,6 +42,8 @@ struct Cli {
 enum Command {
     /// Run control, broker and one edge in this process, on loopback.
     Up(up::UpArgs),
+    /// Run a local cluster: NATS JetStream, control, N brokers, M edges as separate processes.
+    Cluster(cluster::ClusterArgs),
     /// Run an edge (client connections).
     Edge(RoleArgs),
     /// Run a broker (ingest, aggregation, distribution).
@@ -138,6 +142,7 @@ fn main() -> std::process::ExitCode {
 fn run(command: Command) -> anyhow::Result<exit::Exit> {
     match command {
         Command::Up(args) => up::run(args)?,
+        Command::Cluster(args) => cluster::run(args)?,
         Command::Edge(args) => serve::<edge::Config, _>(&args, |c| {
             let rate_per_s = c.drain_close_per_s.max(1);
             let h = edge::start(c).context("starting the edge")?;

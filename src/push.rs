@@ -32,7 +32,8 @@ pub struct PushArgs {
     /// Time to live for high-reach resends, ms (0: the broker's default).
     #[arg(long, default_value_t = 0)]
     ttl_ms: u32,
-    /// The broker's ingest socket.
+    /// The broker's ingest socket; several, comma-separated, to fail over between brokers
+    /// (cluster mode: the push is re-sent under the same idempotency key, never doubled).
     #[arg(long, default_value = "127.0.0.1:7400")]
     ingest: String,
     /// API key (broker `api_keys`).
@@ -90,7 +91,7 @@ pub fn run(args: PushArgs) -> anyhow::Result<()> {
             Reach::BestEffort
         })
         .ttl_ms(args.ttl_ms);
-    let mut client = IngestClient::connect(args.ingest.as_str(), &args.api_key)
+    let mut client = IngestClient::connect_any(&args.ingest, &args.api_key)
         .with_context(|| format!("connecting to ingest {}", args.ingest))?;
     // The error already says "refused: <why>"; a context would say it twice.
     let id = client.push(&msg)?;

@@ -1,96 +1,138 @@
-//! Online counts pushed to viewers (issue 10): for the rooms that ask for it, the shard that
-//! owns a room pushes `{"cmd":"ONLINE_RANK_COUNT","data":{"count":N}}` to it every
-//! `count_push_ms`, when the count changed since the last push. Sans-io: `now` and the
-//! shard's fleet-wide counts in, the pushes to make out.
+//! The broker in control's registry (cluster mode, issue 12): with `control_addr` set, one
+//! thread heartbeats `POST /v1/brokers/heartbeat` every `control_heartbeat_ms`, saying where
+//! edges link to this broker. Control lists the live brokers of a region to its edges, which
+//! link to every one of them (edge `link.rs`); a broker that stops heartbeating (killed,
+//! partitioned from control) drops out of that list after control's `edge_ttl_ms`.
 //!
-//! # Rules
-//! - The count is the one op 3 heartbeat replies carry: the room's connections fleet-wide, as
-//!   the edges last reported them (`crate::route`).
-//! - A room is announced when its count differs from the last one announced (the first time:
-//!   when it has a count above 0). A room nobody watches any more is forgotten, not announced
-//!   (nobody would receive it); if it fills again it is announced afresh.
-//! - Which rooms: `count_push_rooms`, or every room with `count_push_all_rooms`. Off (no
-//!   timer at all) when neither names a room or `count_push_ms` is 0.
+//! A failed heartbeat is logged once and retried on the next interval; it never stops the
+//! broker (pushes and links do not depend on control).
 
-use proto::id::RoomId;
-use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use crate::Shared;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Default `count_push_ms`.
-pub const COUNT_PUSH_MS: u64 = 5_000;
+/// One heartbeat request may take this long.
+const CONTROL_REQUEST_MS_MAX: u64 = 2_000;
+/// The thread looks at the stop flag at least this often.
+const STOP_POLL_MS: u64 = 100;
 
-/// The body of one count push.
-pub fn body(count: u64) -> Vec<u8> {
-    format!(r#"{{"cmd":"ONLINE_RANK_COUNT","data":{{"count":{count}}}}}"#).into_bytes()
+/// Where this broker is reached, as told to control.
+#[derive(Clone, Debug)]
+pub(crate) struct Addrs {
+    pub link: SocketAddr,
+    pub ingest: SocketAddr,
+    pub http: SocketAddr,
 }
 
-/// Which rooms get count pushes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Rooms {
-    All,
-    Listed(HashSet<RoomId>),
-}
-
-/// One shard's count pushes.
-#[derive(Debug)]
-pub struct Announcer {
-    every: Duration,
-    rooms: Rooms,
-    /// The count last announced per room.
-    sent: HashMap<RoomId, u64>,
-    next: Instant,
-}
-
-impl Announcer {
-    /// `None` when count pushes are off.
-    pub fn new(every_ms: u64, rooms: Rooms, now: Instant) -> Option<Announcer> {
-        let off = every_ms == 0 || matches!(&rooms, Rooms::Listed(r) if r.is_empty());
-        if off {
-            return None;
-        }
-        let every = Duration::from_millis(every_ms);
-        Some(Announcer {
-            every,
-            rooms,
-            sent: HashMap::new(),
-            next: now + every,
-        })
+/// The host to advertise: `advertise_host`, else the bound IP (loopback for a wildcard bind).
+fn host(config: &crate::Config, bound: SocketAddr) -> String {
+    if !config.advertise_host.is_empty() {
+        return config.advertise_host.clone();
     }
-
-    /// When [`Announcer::poll`] has work next.
-    pub fn next_deadline(&self) -> Instant {
-        self.next
+    let ip = bound.ip();
+    if ip.is_unspecified() {
+        "127.0.0.1".into()
+    } else {
+        match ip {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        }
     }
+}
 
-    /// Past the deadline: the (room, count) pushes to make now, in room order. `counts` lists
-    /// the shard's rooms with their fleet-wide counts (rooms without viewers may be absent).
-    pub fn poll(
-        &mut self,
-        now: Instant,
-        counts: impl Iterator<Item = (RoomId, u64)>,
-    ) -> Vec<(RoomId, u64)> {
-        if now < self.next {
-            return Vec::new();
+/// The heartbeat body (control's `brokers::BrokerBeat`).
+pub(crate) fn body(config: &crate::Config, a: &Addrs, draining: bool) -> serde_json::Value {
+    let h = |addr: SocketAddr| format!("{}:{}", host(config, addr), addr.port());
+    serde_json::json!({
+        "node_id": config.node_id,
+        "region": config.region,
+        "link": h(a.link),
+        "ingest": h(a.ingest),
+        "http": format!("http://{}", h(a.http)),
+        "draining": draining,
+    })
+}
+
+/// Spawns one heartbeat thread per control replica `control_addr` lists (comma-separated):
+/// control is soft state, each replica must know every broker.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    addrs: Addrs,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let Some(controls) = shared.config.control_addr.clone() else {
+        return Ok(Vec::new());
+    };
+    let mut threads = Vec::new();
+    for control in controls.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let (shared, addrs, control) = (shared.clone(), addrs.clone(), control.to_string());
+        threads.push(
+            std::thread::Builder::new()
+                .name("broker-control".into())
+                .spawn(move || {
+                    net::runtime::block_on(
+                        net::runtime::Driver::Legacy,
+                        run(shared, control, addrs),
+                    )
+                })?,
+        );
+    }
+    Ok(threads)
+}
+
+async fn run(shared: Arc<Shared>, control: String, addrs: Addrs) {
+    let c = &shared.config;
+    let every = Duration::from_millis(c.control_heartbeat_ms.max(100));
+    let bearer = format!("Bearer {}", c.control_key);
+    let mut headers = vec![("content-type", "application/json")];
+    if !c.control_key.is_empty() {
+        headers.push(("authorization", bearer.as_str()));
+    }
+    let mut failing = false;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
         }
-        self.next = now + self.every;
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for (room, n) in counts {
-            let wanted = match &self.rooms {
-                Rooms::All => true,
-                Rooms::Listed(r) => r.contains(&room),
-            };
-            if !wanted || n == 0 {
-                continue;
+        let b = body(c, &addrs, false).to_string();
+        let res = net::http::request(
+            &control,
+            "POST",
+            "/v1/brokers/heartbeat",
+            &headers,
+            b.as_bytes(),
+            Duration::from_millis(CONTROL_REQUEST_MS_MAX),
+        )
+        .await;
+        match res {
+            Ok(r) if r.status == 200 => {
+                if failing {
+                    tracing::info!(%control, "control takes broker heartbeats again");
+                }
+                failing = false;
             }
-            seen.insert(room);
-            if self.sent.insert(room, n) != Some(n) {
-                out.push((room, n));
+            Ok(r) => {
+                if !failing {
+                    tracing::warn!(%control, status = r.status, "control refused the broker heartbeat");
+                }
+                failing = true;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(%control, error = %e, "broker heartbeat to control failed");
+                }
+                failing = true;
             }
         }
-        self.sent.retain(|r, _| seen.contains(r));
-        out.sort_unstable();
-        out
+        let mut left = every;
+        while !left.is_zero() {
+            if shared.stop.load(Ordering::Acquire) {
+                break;
+            }
+            let step = left.min(Duration::from_millis(STOP_POLL_MS));
+            monoio::time::sleep(step).await;
+            left -= step;
+        }
     }
 }
 
@@ -98,53 +140,21 @@ impl Announcer {
 mod tests {
     use super::*;
 
-    fn rooms(ids: &[u64]) -> Rooms {
-        Rooms::Listed(ids.iter().copied().map(RoomId).collect())
-    }
-
     #[test]
-    fn announces_changes_only_at_the_interval() {
-        let t0 = Instant::now();
-        let mut a = Announcer::new(1_000, rooms(&[1, 2]), t0).expect("on");
-        let counts = |v: &[(u64, u64)]| {
-            v.iter()
-                .map(|(r, n)| (RoomId(*r), *n))
-                .collect::<Vec<_>>()
-                .into_iter()
+    fn advertises_the_bound_ip_or_the_configured_host() {
+        let mut c = crate::Config::default();
+        let a = Addrs {
+            link: "0.0.0.0:7401".parse().unwrap(),
+            ingest: "10.1.2.3:7400".parse().unwrap(),
+            http: "[::1]:7480".parse().unwrap(),
         };
-        // Before the first deadline: nothing.
-        assert_eq!(a.poll(t0, counts(&[(1, 5)])), vec![]);
-        let t1 = t0 + Duration::from_millis(1_000);
-        // Room 3 is not listed.
-        assert_eq!(
-            a.poll(t1, counts(&[(1, 5), (2, 7), (3, 9)])),
-            vec![(RoomId(1), 5), (RoomId(2), 7)]
-        );
-        assert_eq!(a.next_deadline(), t1 + Duration::from_millis(1_000));
-        // Unchanged: nothing; changed: once.
-        let t2 = t1 + Duration::from_millis(1_000);
-        assert_eq!(a.poll(t2, counts(&[(1, 5), (2, 8)])), vec![(RoomId(2), 8)]);
-        // Room 1 emptied: forgotten, not announced; it is announced again when it fills.
-        let t3 = t2 + Duration::from_millis(1_000);
-        assert_eq!(a.poll(t3, counts(&[(2, 8)])), vec![]);
-        let t4 = t3 + Duration::from_millis(1_000);
-        assert_eq!(a.poll(t4, counts(&[(1, 5), (2, 8)])), vec![(RoomId(1), 5)]);
-    }
-
-    #[test]
-    fn all_rooms_and_off() {
-        let t0 = Instant::now();
-        assert!(Announcer::new(0, Rooms::All, t0).is_none());
-        assert!(Announcer::new(1_000, rooms(&[]), t0).is_none());
-        let mut a = Announcer::new(10, Rooms::All, t0).expect("on");
-        let t1 = t0 + Duration::from_millis(10);
-        assert_eq!(
-            a.poll(t1, [(RoomId(9), 1), (RoomId(4), 0)].into_iter()),
-            vec![(RoomId(9), 1)]
-        );
-        assert_eq!(
-            body(12),
-            br#"{"cmd":"ONLINE_RANK_COUNT","data":{"count":12}}"#.to_vec()
-        );
+        let b = body(&c, &a, false);
+        assert_eq!(b["link"], "127.0.0.1:7401");
+        assert_eq!(b["ingest"], "10.1.2.3:7400");
+        assert_eq!(b["http"], "http://[::1]:7480");
+        c.advertise_host = "broker-3.internal".into();
+        let b = body(&c, &a, true);
+        assert_eq!(b["link"], "broker-3.internal:7401");
+        assert_eq!(b["draining"], true);
     }
 }

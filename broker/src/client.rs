@@ -3,11 +3,22 @@
 //! It authenticates on connect, pipelines requests (send many, then read their statuses by
 //! `req_id`), and reconnects when the connection breaks.
 //!
-//! Delivery note: [`IngestClient::push`] retries once, on a fresh connection, when the
-//! connection breaks before the status arrives. If the broker had already accepted the first
-//! attempt (it crashed or the network failed between acceptance and the status), the message
-//! is queued twice; callers that cannot tolerate that use [`IngestClient::send`]/[`IngestClient::recv`],
-//! which never retry.
+//! # Failover (cluster mode, issue 12)
+//! A client may hold several broker addresses ([`IngestClient::connect_any`], `barrage push
+//! --ingest a,b,c`). When a connection breaks or a status does not come in time, the client
+//! moves to the next address (round robin from the one that failed) and re-sends what was
+//! unanswered **with the same idempotency key** (ingest `KeyedPush`): a broker that had
+//! accepted the first attempt answers the retry with the first msg id (in cluster mode
+//! JetStream deduplicates by `Nats-Msg-Id` across brokers, within `cluster.dedup_window_ms`;
+//! embedded, the broker's own table within `idempotency_window_ms`), so a retry is not a
+//! duplicate.
+//!
+//! - [`IngestClient::push`] always sends a key (generated: a random client prefix and a
+//!   counter) and tries every address once more before giving up.
+//! - [`IngestClient::push_many`] keys its messages and fails over only when the client has
+//!   more than one address; with one, an I/O failure fails the call as before (a keyed flood
+//!   would fill an embedded broker's dedup table).
+//! - [`IngestClient::send`]/[`IngestClient::recv`] never retry.
 
 use proto::id::{AreaId, DeviceId, MsgId, Priority, Reach, RoomId, Scope, UserId};
 use proto::ingest::{IngestError, IngestFrame, Push, PushError};
@@ -118,6 +129,11 @@ struct Conn {
 /// A pipelined, authenticated connection to a broker's ingest socket.
 pub struct IngestClient {
     addrs: Vec<SocketAddr>,
+    /// The address tried first on the next connect (the one after a failed one).
+    current: usize,
+    /// Generated idempotency keys: `<key_prefix><counter>`.
+    key_prefix: String,
+    next_key: u64,
     api_key: String,
     timeout: Duration,
     next_req_id: u64,
@@ -129,6 +145,20 @@ impl IngestClient {
     /// `Err(ClientError::Rejected(PushError::Unauthorized))`.
     pub fn connect(addr: impl ToSocketAddrs, api_key: &str) -> Result<IngestClient, ClientError> {
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+        IngestClient::connect_addrs(addrs, api_key)
+    }
+
+    /// Connects to the first broker of `addrs` (`host:port`, comma-separated) that answers,
+    /// and fails over between them (see the module doc).
+    pub fn connect_any(addrs: &str, api_key: &str) -> Result<IngestClient, ClientError> {
+        let mut all = Vec::new();
+        for a in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            all.extend(a.to_socket_addrs()?);
+        }
+        IngestClient::connect_addrs(all, api_key)
+    }
+
+    fn connect_addrs(addrs: Vec<SocketAddr>, api_key: &str) -> Result<IngestClient, ClientError> {
         if addrs.is_empty() {
             return Err(ClientError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -137,6 +167,9 @@ impl IngestClient {
         }
         let mut c = IngestClient {
             addrs,
+            current: 0,
+            key_prefix: format!("c{:016x}.", rand::random::<u64>()),
+            next_key: 1,
             api_key: api_key.to_string(),
             timeout: Duration::from_millis(CLIENT_TIMEOUT_MS),
             next_req_id: 1,
@@ -155,13 +188,22 @@ impl IngestClient {
         }
     }
 
+    /// Drops the connection and makes the next connect start at the next address.
+    fn fail_over(&mut self) {
+        self.conn = None;
+        self.current = (self.current + 1) % self.addrs.len().max(1);
+    }
+
     fn reconnect(&mut self) -> Result<(), ClientError> {
         self.conn = None;
         let mut last = None;
-        for a in &self.addrs {
-            match TcpStream::connect_timeout(a, self.timeout) {
+        let n = self.addrs.len();
+        for i in 0..n {
+            let at = (self.current + i) % n;
+            match TcpStream::connect_timeout(&self.addrs[at], self.timeout) {
                 Ok(s) => {
                     last = None;
+                    self.current = at;
                     s.set_nodelay(true)?;
                     s.set_read_timeout(Some(self.timeout))?;
                     s.set_write_timeout(Some(self.timeout))?;
@@ -279,20 +321,40 @@ impl IngestClient {
     /// Sends one push without waiting; returns its `req_id` (read its status with [`IngestClient::recv`]).
     /// Reconnects first if the connection is broken (statuses still owed by the old one are lost).
     pub fn send(&mut self, msg: &Message) -> Result<u64, ClientError> {
+        self.send_keyed(msg, None)
+    }
+
+    /// [`IngestClient::send`] with an idempotency key (1..=`IDEMPOTENCY_KEY_BYTES_MAX` bytes):
+    /// a second push with the same key within the dedup window gets the first one's msg id.
+    pub fn send_keyed(&mut self, msg: &Message, key: Option<&str>) -> Result<u64, ClientError> {
         if self.conn.is_none() {
             self.reconnect()?;
         }
         let req_id = self.take_req_id();
-        let frame = IngestFrame::Push(Push {
+        let push = Push {
             req_id,
             scope: msg.scope.clone(),
             priority: msg.priority,
             reach: msg.reach,
             ttl_ms: msg.ttl_ms,
             body: msg.body.clone(),
-        });
+        };
+        let frame = match key {
+            Some(k) => IngestFrame::KeyedPush {
+                idempotency_key: k.to_string(),
+                push,
+            },
+            None => IngestFrame::Push(push),
+        };
         self.write_frame(&frame)?;
         Ok(req_id)
+    }
+
+    /// A fresh generated idempotency key.
+    fn new_key(&mut self) -> String {
+        let k = format!("{}{}", self.key_prefix, self.next_key);
+        self.next_key += 1;
+        k
     }
 
     /// Reads the next status: `(req_id, msg id or refusal)`.
@@ -383,17 +445,26 @@ impl IngestClient {
         }
     }
 
-    /// Pushes one message and waits for its `msg_id`. Retries once on a fresh connection if the
-    /// connection breaks first (see the module doc).
+    /// Pushes one message and waits for its `msg_id`, under a generated idempotency key. When
+    /// the connection breaks or times out first, re-sends it with the same key to the next
+    /// address (each address once more, at least one retry; see the module doc).
     pub fn push(&mut self, msg: &Message) -> Result<MsgId, ClientError> {
-        let mut tried = false;
+        let key = self.new_key();
+        self.push_keyed(msg, &key)
+    }
+
+    /// [`IngestClient::push`] under the caller's idempotency key.
+    pub fn push_keyed(&mut self, msg: &Message, key: &str) -> Result<MsgId, ClientError> {
+        let mut retries = self.addrs.len().max(2);
         loop {
-            let attempt = self.send(msg).and_then(|id| self.wait_for(id));
+            let attempt = self
+                .send_keyed(msg, Some(key))
+                .and_then(|id| self.wait_for(id));
             match attempt {
                 Ok(r) => return r.map_err(ClientError::Rejected),
-                Err(ClientError::Io(_)) if !tried => {
-                    tried = true;
-                    self.conn = None;
+                Err(ClientError::Io(_) | ClientError::Timeout) if retries > 0 => {
+                    retries -= 1;
+                    self.fail_over();
                 }
                 Err(e) => return Err(e),
             }
@@ -401,25 +472,53 @@ impl IngestClient {
     }
 
     /// Pushes many messages pipelined ([`PIPELINE_DEPTH`] in flight); results in input order.
-    /// An I/O failure fails the whole call (some of the messages may have been accepted).
+    /// With one address an I/O failure fails the whole call (some of the messages may have
+    /// been accepted); with several, the unanswered ones are re-sent under their keys to the
+    /// next broker (see the module doc), up to once per address in a row without progress.
     pub fn push_many(
         &mut self,
         msgs: &[Message],
     ) -> Result<Vec<Result<MsgId, PushError>>, ClientError> {
+        let failover = self.addrs.len() > 1;
+        let keys: Vec<String> = if failover {
+            msgs.iter().map(|_| self.new_key()).collect()
+        } else {
+            Vec::new()
+        };
         let mut results: Vec<Option<Result<MsgId, PushError>>> = vec![None; msgs.len()];
         let mut index_of: HashMap<u64, usize> = HashMap::new();
-        let mut next = 0;
+        // Messages to (re-)send, in order; the unanswered ones go back here on a failover.
+        let mut todo: std::collections::VecDeque<usize> = (0..msgs.len()).collect();
         let mut done = 0;
+        let mut retries = self.addrs.len();
         while done < msgs.len() {
-            while next < msgs.len() && index_of.len() < PIPELINE_DEPTH {
-                let id = self.send(&msgs[next])?;
-                index_of.insert(id, next);
-                next += 1;
-            }
-            let (id, r) = self.recv()?;
-            if let Some(i) = index_of.remove(&id) {
-                results[i] = Some(r);
-                done += 1;
+            let step = (|| {
+                while index_of.len() < PIPELINE_DEPTH {
+                    let Some(&i) = todo.front() else { break };
+                    let id = self.send_keyed(&msgs[i], keys.get(i).map(String::as_str))?;
+                    todo.pop_front();
+                    index_of.insert(id, i);
+                }
+                self.recv()
+            })();
+            match step {
+                Ok((id, r)) => {
+                    if let Some(i) = index_of.remove(&id) {
+                        results[i] = Some(r);
+                        done += 1;
+                        retries = self.addrs.len();
+                    }
+                }
+                Err(ClientError::Io(_) | ClientError::Timeout) if failover && retries > 0 => {
+                    retries -= 1;
+                    self.fail_over();
+                    let mut lost: Vec<usize> = index_of.drain().map(|(_, i)| i).collect();
+                    lost.sort_unstable();
+                    for i in lost.into_iter().rev() {
+                        todo.push_front(i);
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(results

@@ -29,6 +29,16 @@
 //! within every `cluster.ack_wait_ms` while it waits, and [`AckKind::Ack`] when done. Until
 //! that lands, high-reach messages are acked like the others, on hand-off.
 //!
+//! # Epochs on owner change
+//! When this broker takes a partition's lease, every room of it that this broker had seen
+//! (it owned the room before) starts a new epoch in its history ([`crate::history::History::new_owner`]);
+//! a room it never had is new here anyway (the epoch names this broker's `boot`). So a room's
+//! epoch changes whenever its owner does, and a resuming client is never told "recovered"
+//! across batches another broker sent. The seq goes on from this broker's last one for the
+//! room (1 for a room new here). The notice reaches each shard before any message of the
+//! partition (the feeder sends it first; the shard takes it with the ack tokens, before its
+//! queues).
+//!
 //! # Invariants
 //! - A push is answered with a msg id only after JetStream stored it; a backbone that is down,
 //!   busy or slow is answered `Overloaded` (503 with Retry-After): accepted means stored.
@@ -76,6 +86,8 @@ pub struct ClusterMetrics {
     pub partitions_held: AtomicI64,
     /// Partitions taken (a lease won), over the broker's life.
     pub partitions_taken: AtomicU64,
+    /// Rooms that started a new epoch because this broker took them over.
+    pub epochs_started: AtomicU64,
 }
 
 /// Reasons of `publish_failed`, in index order.
@@ -89,6 +101,8 @@ pub(crate) struct Cluster {
     next_key: AtomicU64,
     /// Per shard: (msg id, token) of consumed messages on their way to that shard.
     tokens: Vec<(Sender<Token>, Receiver<Token>)>,
+    /// Per shard: partitions this broker just took (their rooms start a new epoch).
+    taken: Vec<(Sender<backbone::Partition>, Receiver<backbone::Partition>)>,
     pub metrics: ClusterMetrics,
 }
 
@@ -125,6 +139,9 @@ impl Cluster {
                 key_prefix: format!("{}.{start_us}.", config.node_id),
                 next_key: AtomicU64::new(1),
                 tokens: (0..shards)
+                    .map(|_| crossbeam_channel::unbounded())
+                    .collect(),
+                taken: (0..shards)
                     .map(|_| crossbeam_channel::unbounded())
                     .collect(),
                 metrics: ClusterMetrics::default(),
@@ -181,8 +198,29 @@ impl Cluster {
     }
 
     /// Moves the ack tokens sent to shard `index` into its table (before it drains its queues,
-    /// so every queued message it takes has its token there).
-    pub fn take_tokens(&self, index: usize, acks: &mut Acks) {
+    /// so every queued message it takes has its token there), and starts a new epoch for the
+    /// rooms of partitions this broker just took (see the module doc).
+    pub fn take_tokens(
+        &self,
+        index: usize,
+        acks: &mut Acks,
+        history: &mut crate::history::History,
+    ) {
+        if let Some((_, rx)) = self.taken.get(index) {
+            let mut moved = Vec::new();
+            while let Ok(p) = rx.try_recv() {
+                moved.push(p);
+            }
+            if !moved.is_empty() {
+                let n = self.backbone.partitions();
+                let started = history.new_owner(|room| {
+                    moved.contains(&backbone::partition_of(&proto::id::Scope::Room(room), n))
+                });
+                self.metrics
+                    .epochs_started
+                    .fetch_add(started as u64, Relaxed);
+            }
+        }
         if let Some((_, rx)) = self.tokens.get(index) {
             while let Ok((id, token)) = rx.try_recv() {
                 acks.pending.insert(id, token);
@@ -198,7 +236,12 @@ impl Cluster {
 
     pub fn metrics_text(&self, w: &mut net::metrics::Writer) {
         let m = &self.metrics;
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        let counters: [(&str, &str, &AtomicU64); 7] = [
+            (
+                "barrage_broker_backbone_epochs_started_total",
+                "Rooms that started a new epoch because this broker took their partition over.",
+                &m.epochs_started,
+            ),
             (
                 "barrage_broker_backbone_published_total",
                 "Pushes JetStream stored (answered with a msg id).",
@@ -325,6 +368,13 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
         };
         let d = match event {
             Event::Owned(p) => {
+                // Before any message of it: the shards start its rooms' new epoch first.
+                for (tx, _) in &cluster.taken {
+                    let _ = tx.send(p);
+                }
+                for inbox in &shared.inboxes {
+                    inbox.notify.notify();
+                }
                 m.partitions_held.fetch_add(1, Relaxed);
                 m.partitions_taken.fetch_add(1, Relaxed);
                 tracing::info!(partition = p.0, "backbone partition taken");

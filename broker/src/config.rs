@@ -264,6 +264,21 @@ pub struct Config {
     /// Cluster mode settings (`[cluster]`: stream, partitions, replicas, leases, acks); read
     /// only when `backbone` is set.
     pub cluster: backbone::Config,
+    /// This broker's region (control lists it to the edges of the same region).
+    pub region: String,
+    /// Control's HTTP address (`host:port`): when set, the broker heartbeats
+    /// `POST /v1/brokers/heartbeat` there every `control_heartbeat_ms`, and edges with
+    /// `brokers_from_control` link to it without a static `broker_addrs` (cluster mode).
+    /// Several control replicas, comma-separated: the broker heartbeats each.
+    pub control_addr: Option<String>,
+    /// Heartbeat interval to control (control forgets a broker silent for its `edge_ttl_ms`).
+    pub control_heartbeat_ms: u64,
+    /// Control's `edge_key`, sent as the heartbeat's bearer (empty: control must see a
+    /// loopback peer).
+    pub control_key: String,
+    /// The host edges and ingest clients reach this broker at, as told to control; empty:
+    /// the IP `link_addr` is bound to (127.0.0.1 when that is the unspecified address).
+    pub advertise_host: String,
 }
 
 impl Default for Config {
@@ -304,7 +319,7 @@ impl Default for Config {
             route_by_presence: false,
             count_push_rooms: Vec::new(),
             count_push_all_rooms: false,
-            count_push_ms: crate::announce::COUNT_PUSH_MS,
+            count_push_ms: crate::online::COUNT_PUSH_MS,
             presence_grace_ms: crate::presence::PRESENCE_GRACE_MS,
             presence_lease_ms: 0,
             presence_records_max: crate::presence::PRESENCE_RECORDS_MAX,
@@ -329,6 +344,11 @@ impl Default for Config {
             http: net::http::Limits::default(),
             backbone: String::new(),
             cluster: backbone::Config::default(),
+            region: "local".into(),
+            control_addr: None,
+            control_heartbeat_ms: 1_000,
+            control_key: String::new(),
+            advertise_host: String::new(),
         }
     }
 }

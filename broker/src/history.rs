@@ -318,6 +318,27 @@ impl History {
         self.bytes
     }
 
+    /// Cluster mode: this broker just took over the rooms `moved` says (their backbone
+    /// partition's lease). Each such room starts a new epoch here: what it held is from before
+    /// another broker owned it, so a client resuming in the old epoch is told what it may have
+    /// missed rather than "recovered". The seq goes on from this broker's last one. Returns
+    /// how many rooms changed epoch.
+    pub fn new_owner(&mut self, moved: impl Fn(RoomId) -> bool) -> usize {
+        let mut n = 0;
+        for (room, r) in self.rooms.iter_mut() {
+            if !moved(*room) {
+                continue;
+            }
+            for h in r.held.drain(..) {
+                self.bytes -= h.bytes;
+            }
+            r.generation += 1;
+            r.base = r.last;
+            n += 1;
+        }
+        n
+    }
+
     /// Batches held, all rooms.
     pub fn batches(&self) -> usize {
         self.rooms.values().map(|r| r.held.len()).sum()
@@ -485,6 +506,30 @@ mod tests {
         assert_eq!(seqs(&r), [1, 2, 3]);
         assert_eq!((r.sync.recovered, r.sync.missed, r.sync.seq), (false, 0, 3));
         assert_eq!(r.outcome, Outcome::OtherEpoch);
+    }
+
+    #[test]
+    fn a_room_taken_over_starts_a_new_epoch_and_its_seq_goes_on() {
+        let t0 = Instant::now();
+        let mut h = filled(Limits::default(), 3, t0);
+        let stays = RoomId(8);
+        h.record(stays, 1, enc(1, 10), t0);
+        let before = h.current(ROOM).0;
+        let stays_before = h.current(stays).0;
+        assert_eq!(h.new_owner(|r| r == ROOM), 1);
+        let (after, last) = h.current(ROOM);
+        assert_ne!(after, before, "the owner changed: a new epoch");
+        assert_eq!(last, 3, "the seq goes on");
+        assert_eq!(h.current(stays).0, stays_before);
+        // The new epoch continues at 4; a client of the old epoch is not told "recovered".
+        h.record(ROOM, 4, enc(4, 10), t0);
+        assert_eq!(h.current(ROOM), (after, 4));
+        let asked = ResumeField::Valid(Resume {
+            epoch: before,
+            seq: 3,
+        });
+        let r = h.replay_after(ROOM, &asked, Encoding::Brotli, t0);
+        assert_eq!((seqs(&r), r.outcome), (vec![4], Outcome::OtherEpoch));
     }
 
     #[test]

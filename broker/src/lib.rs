@@ -16,7 +16,7 @@
 //! - [`roster`]: presence wired: edges' PRESENCE frames and heartbeats in, lease expiry on
 //!   shard 0, the `/v1/presence/...` API, user/device routing to the edges that hold them
 //!   (with `route_by_presence`).
-//! - [`announce`]: `ONLINE_RANK_COUNT` pushes to the rooms that ask for them (sans-io).
+//! - [`online`]: `ONLINE_RANK_COUNT` pushes to the rooms that ask for them (sans-io).
 //! - [`feed`]: presence event streams for consumers: Server-Sent Events and ingest
 //!   subscriptions, resumable by seq, cut when a consumer stalls.
 //! - [`link`]: the edge link server: a handshake thread, then per-link reader/writer tasks on
@@ -31,6 +31,7 @@
 //! - [`reach`], [`store`]: issue 9's high-reach building blocks (sans-io tracker, durable log);
 //!   not yet wired into the data path.
 //! - [`stop`]: a shard-local stop latch.
+//! - [`announce`]: heartbeats to control (`control_addr`), so edges learn the brokers.
 //! - [`cluster`]: cluster mode (`backbone` set): publish to NATS JetStream before answering,
 //!   consume the partitions this broker leases into the same shard queues, ack after hand-off.
 //!
@@ -48,7 +49,7 @@
 //!   shard the Hello names.
 #![forbid(unsafe_code)]
 
-pub mod announce;
+mod announce;
 pub mod batcher;
 pub mod client;
 pub mod cluster;
@@ -61,6 +62,7 @@ pub mod http;
 pub mod ingest;
 pub mod link;
 pub mod metrics;
+pub mod online;
 pub mod policy;
 pub mod presence;
 pub mod reach;
@@ -417,6 +419,17 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             })?;
         threads.push(feeder);
     }
+
+    let addrs = announce::Addrs {
+        link: link_addr,
+        ingest: ingest_addr,
+        http: http_addr,
+    };
+    let announcer = announce::spawn(shared.clone(), addrs).map_err(|source| BrokerError::Io {
+        what: "spawn control heartbeat".into(),
+        source,
+    })?;
+    threads.extend(announcer);
 
     let listeners: Mutex<Vec<Option<(std::net::TcpListener, std::net::TcpListener)>>> =
         Mutex::new(ingest.into_iter().zip(http).map(Some).collect());

@@ -557,7 +557,7 @@ impl Roster {
 }
 
 impl Roster {
-    /// Counts `ONLINE_RANK_COUNT` messages pushed (see crate::announce).
+    /// Counts `ONLINE_RANK_COUNT` messages pushed (see crate::online).
     pub(crate) fn count_pushes(&self, n: usize) {
         self.counters.count_pushes.fetch_add(n as u64, Relaxed);
     }

@@ -60,7 +60,7 @@ pub(crate) struct State {
     /// Msg ids of the batches handed on in this drain (cluster mode only).
     handed: Vec<proto::id::MsgId>,
     /// `ONLINE_RANK_COUNT` pushes (`None`: off).
-    announcer: Option<crate::announce::Announcer>,
+    announcer: Option<crate::online::Announcer>,
 }
 
 /// After the first edge link of a held shard, how long it waits for that edge's interest
@@ -105,12 +105,12 @@ impl State {
             first_link_at: None,
             acks: Default::default(),
             handed: Vec::new(),
-            announcer: crate::announce::Announcer::new(
+            announcer: crate::online::Announcer::new(
                 c.count_push_ms,
                 if c.count_push_all_rooms {
-                    crate::announce::Rooms::All
+                    crate::online::Rooms::All
                 } else {
-                    crate::announce::Rooms::Listed(
+                    crate::online::Rooms::Listed(
                         c.count_push_rooms.iter().copied().map(RoomId).collect(),
                     )
                 },
@@ -181,7 +181,7 @@ impl State {
         let cluster = self.shared.clone();
         let cluster = cluster.cluster.as_ref();
         if let Some(c) = cluster {
-            c.take_tokens(usize::from(self.index), &mut self.acks);
+            c.take_tokens(usize::from(self.index), &mut self.acks, &mut self.history);
         }
         let mut budget = DRAIN_MESSAGES_MAX;
         while budget > 0 {
@@ -453,7 +453,7 @@ impl State {
             .store(self.route.rooms_watched() as u64, Relaxed);
     }
 
-    /// Pushes the rooms' changed online counts into their batches (see crate::announce).
+    /// Pushes the rooms' changed online counts into their batches (see crate::online).
     fn announce(&mut self, now: Instant) {
         let Some(a) = self.announcer.as_mut() else {
             return;
@@ -469,7 +469,7 @@ impl State {
                 scope: Scope::Room(room),
                 priority: Priority::Low,
                 msg_id: MsgId(self.shared.next_msg_id.fetch_add(1, Relaxed)),
-                body: crate::announce::body(count),
+                body: crate::online::body(count),
                 accepted: now,
             };
             self.batcher.push(msg, now, &mut flushes);

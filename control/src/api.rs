@@ -19,7 +19,13 @@ use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// Paths served on the HTTP server's reserved slots when the public side is full.
-pub const RESERVED_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/v1/edges/heartbeat"];
+pub const RESERVED_PATHS: [&str; 5] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/edges/heartbeat",
+    "/v1/brokers/heartbeat",
+];
 
 /// The header a trusted front proxy sets to the client's region.
 pub const REGION_HEADER: &str = "x-client-region";
@@ -33,12 +39,15 @@ pub struct Counters {
     pub unauthorized: u64,
     pub heartbeats_accepted: u64,
     pub heartbeats_refused: u64,
+    /// Broker heartbeats (cluster mode), accepted and refused.
+    pub broker_heartbeats_accepted: u64,
+    pub broker_heartbeats_refused: u64,
     /// Token requests answered with an empty edge list (no edge alive anywhere).
     pub assignments_empty: u64,
 }
 
 /// Route labels for the request counter, in `Counters::requests` order.
-pub const ROUTES: [&str; 11] = [
+pub const ROUTES: [&str; 13] = [
     "connect",
     "danmu_info",
     "room_info",
@@ -50,6 +59,8 @@ pub const ROUTES: [&str; 11] = [
     "reload",
     "metrics",
     "other",
+    "broker_heartbeat",
+    "brokers",
 ];
 
 #[derive(Clone, Copy)]
@@ -65,6 +76,8 @@ enum Route {
     Reload,
     Metrics,
     Other,
+    BrokerHeartbeat,
+    Brokers,
 }
 
 /// What a reload (SIGHUP, `POST /admin/reload`) swaps: the API keys and the token signer.
@@ -106,6 +119,8 @@ pub struct Api {
     regions: RegionTable,
     rooms: RoomTable,
     registry: Registry,
+    /// Live brokers (cluster mode), handed to edges in heartbeat answers.
+    brokers: crate::brokers::Brokers,
     counters: Counters,
     http_stats: std::sync::Arc<net::http::Stats>,
     /// Request durations by (route, status): bounded by the routes times the statuses
@@ -129,7 +144,17 @@ struct EdgeOut<'a> {
     tcp_port: u16,
     ws_port: u16,
     wss_port: u16,
+    /// Ours: listed only for edges that serve it.
+    #[serde(skip_serializing_if = "is_zero")]
+    tls_tcp_port: u16,
+    /// Ours (docs/protocol-udp.md): listed only for edges that serve it.
+    #[serde(skip_serializing_if = "is_zero")]
+    udp_port: u16,
     region: &'a str,
+}
+
+fn is_zero(p: &u16) -> bool {
+    *p == 0
 }
 
 #[derive(Serialize)]
@@ -155,6 +180,12 @@ struct HostOut<'a> {
     port: u16,
     wss_port: u16,
     ws_port: u16,
+    /// Fields of ours after Bilibili's, only for edges that serve them (clients ignore
+    /// fields they do not know).
+    #[serde(skip_serializing_if = "is_zero")]
+    tls_tcp_port: u16,
+    #[serde(skip_serializing_if = "is_zero")]
+    udp_port: u16,
 }
 
 #[derive(Serialize)]
@@ -286,6 +317,10 @@ impl Api {
                 Duration::from_millis(config.edge_forget_ms),
                 config.edges_max,
             ),
+            brokers: crate::brokers::Brokers::new(
+                Duration::from_millis(config.edge_ttl_ms),
+                Duration::from_millis(config.edge_forget_ms),
+            ),
             counters: Counters::default(),
             http_stats: Default::default(),
             durations: Default::default(),
@@ -332,6 +367,8 @@ impl Api {
             "/room/v1/Room/get_info" => Route::RoomGetInfo,
             "/v1/edges/heartbeat" => Route::Heartbeat,
             "/v1/edges" => Route::Edges,
+            "/v1/brokers/heartbeat" => Route::BrokerHeartbeat,
+            "/v1/brokers" => Route::Brokers,
             "/healthz" => Route::Healthz,
             "/readyz" => Route::Readyz,
             "/admin/reload" => Route::Reload,
@@ -343,7 +380,7 @@ impl Api {
     fn handle_route(&mut self, route: Route, req: &Request, now: Instant, now_s: u64) -> Response {
         self.counters.requests[route as usize] += 1;
         let want = match route {
-            Route::Connect | Route::Heartbeat | Route::Reload => "POST",
+            Route::Connect | Route::Heartbeat | Route::BrokerHeartbeat | Route::Reload => "POST",
             _ => "GET",
         };
         if !matches!(route, Route::Other)
@@ -359,6 +396,8 @@ impl Api {
             Route::RoomGetInfo => self.room_info(req, false),
             Route::Heartbeat => self.heartbeat(req, now),
             Route::Edges => self.edges(req, now),
+            Route::BrokerHeartbeat => self.broker_heartbeat(req, now),
+            Route::Brokers => self.list_brokers(req, now),
             Route::Healthz => Response {
                 status: 200,
                 headers: vec![("content-type".into(), "text/plain".into())],
@@ -462,6 +501,8 @@ impl Api {
                         tcp_port: e.tcp_port,
                         ws_port: e.ws_port,
                         wss_port: e.wss_port,
+                        tls_tcp_port: e.tls_tcp_port,
+                        udp_port: e.udp_port,
                         region: &e.region,
                     })
                     .collect(),
@@ -506,6 +547,8 @@ impl Api {
                     port: e.tcp_port,
                     wss_port: e.wss_port,
                     ws_port: e.ws_port,
+                    tls_tcp_port: e.tls_tcp_port,
+                    udp_port: e.udp_port,
                 })
                 .collect(),
         };
@@ -558,6 +601,31 @@ impl Api {
     /// The fleet list (hosts, load): operators' data, not the public's. A valid API key or the
     /// edge key opens it; without a bearer only a loopback peer gets it; a wrong key is 401.
     fn edges(&mut self, req: &Request, now: Instant) -> Response {
+        if let Err(r) = self.fleet_allowed(req) {
+            return r;
+        }
+        json(
+            200,
+            &EdgesOut {
+                edges: self.registry.list(now),
+            },
+        )
+    }
+
+    /// `GET /v1/brokers`: the broker registry, under the fleet list's rule.
+    fn list_brokers(&mut self, req: &Request, now: Instant) -> Response {
+        if let Err(r) = self.fleet_allowed(req) {
+            return r;
+        }
+        json(
+            200,
+            &serde_json::json!({ "brokers": self.brokers.list(now) }),
+        )
+    }
+
+    /// A valid API key or the edge key opens the fleet lists; without a bearer only a loopback
+    /// peer gets them; a wrong key is 401.
+    fn fleet_allowed(&mut self, req: &Request) -> Result<(), Response> {
         let mut keys = self.keys.load().api_keys.clone();
         if !self.edge_key.is_empty() {
             keys.push(self.edge_key.clone());
@@ -571,20 +639,16 @@ impl Api {
         };
         if !allowed {
             self.counters.unauthorized += 1;
-            return error(
+            return Err(error(
                 401,
                 "the fleet list needs an API key (Authorization: Bearer <key>)",
-            );
+            ));
         }
-        json(
-            200,
-            &EdgesOut {
-                edges: self.registry.list(now),
-            },
-        )
+        Ok(())
     }
 
-    fn heartbeat(&mut self, req: &Request, now: Instant) -> Response {
+    /// Edge and broker heartbeats need the `edge_key` bearer, or a loopback peer without one.
+    fn heartbeat_allowed(&mut self, req: &Request) -> Result<(), Response> {
         let allowed = if self.edge_key.is_empty() {
             req.peer
                 .is_some_and(|p| p.ip().to_canonical().is_loopback())
@@ -595,16 +659,23 @@ impl Api {
             )
         };
         if !allowed {
-            self.counters.heartbeats_refused += 1;
             self.counters.unauthorized += 1;
-            return if self.edge_key.is_empty() {
+            return Err(if self.edge_key.is_empty() {
                 error(
                     403,
                     "heartbeats from non-loopback peers need edge_key configured",
                 )
             } else {
                 error(401, "bad edge key")
-            };
+            });
+        }
+        Ok(())
+    }
+
+    fn heartbeat(&mut self, req: &Request, now: Instant) -> Response {
+        if let Err(r) = self.heartbeat_allowed(req) {
+            self.counters.heartbeats_refused += 1;
+            return r;
         }
         let hb: Heartbeat = match serde_json::from_slice(&req.body) {
             Ok(h) => h,
@@ -614,19 +685,60 @@ impl Api {
             }
         };
         let node = hb.node_id.clone();
+        // The edge links to exactly the live brokers of its region (cluster mode; absent
+        // when no broker heartbeats here, and then the edge keeps its `broker_addrs`).
+        let brokers = self.brokers.links(&hb.region, now);
         match self.registry.heartbeat(hb, now) {
             Ok(fresh) => {
                 if fresh {
                     tracing::info!(node = %node, "edge registered");
                 }
                 self.counters.heartbeats_accepted += 1;
-                json(200, &serde_json::json!({"ok": true}))
+                if brokers.is_empty() {
+                    json(200, &serde_json::json!({"ok": true}))
+                } else {
+                    json(200, &serde_json::json!({"ok": true, "brokers": brokers}))
+                }
             }
             Err(e) => {
                 self.counters.heartbeats_refused += 1;
                 let status = match e {
                     HeartbeatError::BadField(_) => 400,
                     HeartbeatError::Full => 503,
+                };
+                error(status, &e.to_string())
+            }
+        }
+    }
+
+    /// `POST /v1/brokers/heartbeat` (cluster mode): a broker says it is alive and where edges
+    /// link to it.
+    fn broker_heartbeat(&mut self, req: &Request, now: Instant) -> Response {
+        if let Err(r) = self.heartbeat_allowed(req) {
+            self.counters.broker_heartbeats_refused += 1;
+            return r;
+        }
+        let beat: crate::brokers::BrokerBeat = match serde_json::from_slice(&req.body) {
+            Ok(b) => b,
+            Err(e) => {
+                self.counters.broker_heartbeats_refused += 1;
+                return error(400, &format!("bad broker heartbeat: {e}"));
+            }
+        };
+        let node = beat.node_id.clone();
+        match self.brokers.heartbeat(beat, now) {
+            Ok(fresh) => {
+                if fresh {
+                    tracing::info!(node = %node, "broker registered");
+                }
+                self.counters.broker_heartbeats_accepted += 1;
+                json(200, &serde_json::json!({"ok": true}))
+            }
+            Err(e) => {
+                self.counters.broker_heartbeats_refused += 1;
+                let status = match e {
+                    crate::brokers::BrokerBeatError::BadField(_) => 400,
+                    crate::brokers::BrokerBeatError::Full => 503,
                 };
                 error(status, &e.to_string())
             }
@@ -679,6 +791,31 @@ impl Api {
             "Token answers with no edge to offer.",
             &[(&[], c.assignments_empty as f64)],
         );
+        w.metric(
+            "barrage_control_broker_heartbeats_total",
+            "counter",
+            "Broker heartbeats (cluster mode), by outcome.",
+            &[
+                (
+                    &[("outcome", "accepted")],
+                    c.broker_heartbeats_accepted as f64,
+                ),
+                (
+                    &[("outcome", "refused")],
+                    c.broker_heartbeats_refused as f64,
+                ),
+            ],
+        );
+        let (alive, dead) = self.brokers.counts(now);
+        w.metric(
+            "barrage_control_brokers",
+            "gauge",
+            "Known brokers (cluster mode) by state.",
+            &[
+                (&[("state", "up")], alive as f64),
+                (&[("state", "dead")], dead as f64),
+            ],
+        );
         w.family("barrage_control_edges", "gauge", "Known edges by state.");
         for (state, n) in self.registry.counts(now) {
             let label = match state {
@@ -714,7 +851,7 @@ mod tests {
     use super::*;
     use crate::config::{RegionRule, RoomEntry};
     use proto::token::KeySet;
-    use serde_json::Value;
+    use serde_json::{json, Value};
 
     const KEYS: &str = "1:0123456789abcdef0123,2:fedcba9876543210fedc";
 
@@ -839,6 +976,81 @@ mod tests {
             now,
             0,
         )
+    }
+
+    #[test]
+    fn edges_are_told_the_live_brokers_of_their_region() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        let broker = |id: &str, region: &str| {
+            format!(
+                r#"{{"node_id":"{id}","region":"{region}","link":"10.0.0.1:7401","ingest":"10.0.0.1:7400","http":"http://10.0.0.1:7480"}}"#
+            )
+        };
+        // No broker heartbeats: the answer is as before (the edge keeps broker_addrs).
+        assert_eq!(
+            body(&beat(&mut api, "e1", "eu", 0, false, t0)),
+            json!({"ok": true})
+        );
+        let r = api.handle(
+            &req(
+                "POST",
+                "/v1/brokers/heartbeat",
+                &[],
+                &broker("b1", "eu"),
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 200);
+        api.handle(
+            &req(
+                "POST",
+                "/v1/brokers/heartbeat",
+                &[],
+                &broker("b2", "us"),
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        let a = body(&beat(&mut api, "e1", "eu", 0, false, t0));
+        assert_eq!(
+            a["brokers"],
+            json!([{"node_id": "b1", "link": "10.0.0.1:7401"}])
+        );
+        // Bad input is refused and counted; off loopback without the edge key, 403.
+        let r = api.handle(
+            &req(
+                "POST",
+                "/v1/brokers/heartbeat",
+                &[],
+                "{\"node_id\":1}",
+                LOOP,
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 400);
+        let r = api.handle(
+            &req(
+                "POST",
+                "/v1/brokers/heartbeat",
+                &[],
+                &broker("b3", "eu"),
+                "10.9.9.9:5000",
+            ),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 403);
+        let listed = body(&api.handle(&req("GET", "/v1/brokers", &[], "", LOOP), t0, 0));
+        assert_eq!(listed["brokers"].as_array().unwrap().len(), 2);
+        // Silent past edge_ttl_ms: no longer handed to edges.
+        let later = t0 + Duration::from_millis(config().edge_ttl_ms + 1);
+        let a = body(&beat(&mut api, "e1", "eu", 0, false, later));
+        assert!(a.get("brokers").is_none(), "{a}");
     }
 
     #[test]
@@ -1110,6 +1322,51 @@ mod tests {
         assert_eq!(api.handle(&keyed, t0, 0).status, 200);
         let wrong = with_header(remote, "authorization", "Bearer ek2");
         assert_eq!(api.handle(&wrong, t0, 0).status, 401);
+    }
+
+    /// Issue 11: the UDP and TLS-over-TCP ports are listed (fields of ours) only for edges
+    /// that serve them; the Bilibili fields stay as they are.
+    #[test]
+    fn discovery_lists_udp_and_tls_tcp_only_when_served() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        let served = r#"{"node_id":"u","region":"local","host":"u.host","tcp_port":2243,"ws_port":2244,"wss_port":2245,"tls_tcp_port":2247,"udp_port":2246,"connections":0,"capacity":1000,"draining":false}"#;
+        let r = api.handle(
+            &req("POST", "/v1/edges/heartbeat", &[], served, LOOP),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 200);
+        let info = |api: &mut Api| {
+            let r = api.handle(
+                &req(
+                    "GET",
+                    "/xlive/web-room/v1/index/getDanmuInfo",
+                    &[("id", "5"), ("type", "0")],
+                    "",
+                    LOOP,
+                ),
+                t0,
+                50,
+            );
+            body(&r)["data"]["host_list"][0].clone()
+        };
+        let h = info(&mut api);
+        assert_eq!(
+            (
+                h["udp_port"].as_u64(),
+                h["tls_tcp_port"].as_u64(),
+                h["wss_port"].as_u64()
+            ),
+            (Some(2246), Some(2247), Some(2245))
+        );
+        let mut api = Api::new(&config()).unwrap();
+        beat(&mut api, "a", "local", 0, false, t0);
+        let h = info(&mut api);
+        assert!(
+            h.get("udp_port").is_none() && h.get("tls_tcp_port").is_none(),
+            "{h}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod brokers;
 pub mod config;
 pub mod issuer;
 pub mod pages;

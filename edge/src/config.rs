@@ -28,16 +28,31 @@ pub struct Config {
     pub tls_key_path: String,
     /// TLS handshakes in flight per shard; past it new WSS clients are closed at accept.
     pub tls_handshakes_max: usize,
+    /// Client UDP address (docs/protocol-udp.md), one `SO_REUSEPORT` socket per shard; empty
+    /// (the library default) turns UDP off. 2246 is its port: `barrage up` and
+    /// `examples/edge.toml` serve `0.0.0.0:2246` / `127.0.0.1:2246`.
+    pub udp_addr: String,
+    /// Largest datagram either side sends (1200 fits the smallest IPv6 path MTU, so nothing
+    /// fragments); a client datagram above it is dropped (`oversized`).
+    pub udp_payload_bytes_max: usize,
+    /// Datagrams a second one source IP may send to a shard (bursts of twice that), checked
+    /// before anything is parsed or allocated; 0 turns the limit off.
+    pub udp_datagrams_per_addr_per_s: u32,
     /// The only WebSocket path served; other paths get 404.
     pub ws_path: String,
     /// Admin HTTP address (`/healthz`, `/metrics`, `/admin/drain`).
     pub admin_addr: String,
     /// Broker edge-link addresses (`host:port`); empty runs the edge without a broker.
     pub broker_addrs: Vec<String>,
-    /// Control HTTP address for registration heartbeats; `None` disables them.
+    /// Control HTTP address for registration heartbeats; `None` disables them. Several
+    /// replicas, comma-separated (`host:port,host:port`): the edge heartbeats each.
     pub control_addr: Option<String>,
     /// Interval between heartbeats to control.
     pub control_heartbeat_ms: u64,
+    /// Cluster mode: link to the live brokers control lists in its heartbeat answers
+    /// (brokers heartbeat control), following joins and departures; `broker_addrs` are only
+    /// the links until control lists any.
+    pub brokers_from_control: bool,
     /// This node's id (in link HELLO and control heartbeats).
     pub node_id: String,
     /// This node's region (in link HELLO and control heartbeats).
@@ -139,11 +154,15 @@ impl Default for Config {
             tls_cert_path: String::new(),
             tls_key_path: String::new(),
             tls_handshakes_max: 256,
+            udp_addr: String::new(),
+            udp_payload_bytes_max: proto::udp::UDP_PAYLOAD_BYTES_MAX,
+            udp_datagrams_per_addr_per_s: 200,
             ws_path: "/sub".into(),
             admin_addr: "127.0.0.1:9243".into(),
             broker_addrs: Vec::new(),
             control_addr: None,
             control_heartbeat_ms: 2_000,
+            brokers_from_control: false,
             node_id: "edge-1".into(),
             region: "local".into(),
             public_host: "127.0.0.1".into(),
@@ -201,6 +220,11 @@ impl Config {
             .map_err(|e| EdgeError::Config(e.to_string()))
     }
 
+    /// Whether this edge links to brokers at all (a static list, or control's in cluster mode).
+    pub fn links_brokers(&self) -> bool {
+        !self.broker_addrs.is_empty() || (self.brokers_from_control && self.control_addr.is_some())
+    }
+
     /// Shard count with 0 resolved to the core count.
     pub fn shard_count(&self) -> usize {
         if self.shards == 0 {
@@ -227,6 +251,9 @@ impl Config {
         }
         if self.link_backoff_ms_min == 0 || self.link_backoff_ms_max < self.link_backoff_ms_min {
             return bad("link backoff must satisfy 0 < min <= max");
+        }
+        if self.udp_payload_bytes_max < 256 || self.udp_payload_bytes_max > 65_507 {
+            return bad("udp_payload_bytes_max must be within 256..=65507");
         }
         if self.send_queue_bytes_max == 0 {
             return bad("send_queue_bytes_max must be > 0");

@@ -1,4 +1,6 @@
 //! Control client: registers this edge and reports load every `control_heartbeat_ms`
+//! (to every control replica `control_addr` lists, comma-separated: control is soft state, so
+//! each replica knows every edge and losing one stops no new viewer from connecting)
 //! (`POST /v1/edges/heartbeat`, see notes/roles.md). Control drops an edge whose heartbeats
 //! stop, so a failed heartbeat is only logged and retried on the next interval. Heartbeats
 //! carry `Authorization: Bearer <edge_key>` when the edge has one: control refuses heartbeats
@@ -18,6 +20,10 @@ pub(crate) struct Ports {
     pub tcp: u16,
     pub ws: u16,
     pub wss: u16,
+    /// TLS over raw TCP (`tls_tcp_addr`).
+    pub tls_tcp: u16,
+    /// UDP (`udp_addr`).
+    pub udp: u16,
 }
 
 /// The heartbeat body.
@@ -29,6 +35,8 @@ pub(crate) fn heartbeat_body(node: &Node, ports: Ports) -> serde_json::Value {
         "tcp_port": ports.tcp,
         "ws_port": ports.ws,
         "wss_port": ports.wss,
+        "tls_tcp_port": ports.tls_tcp,
+        "udp_port": ports.udp,
         "connections": node.connections(),
         "capacity": node.capacity,
         "draining": node.draining.load(Ordering::Relaxed),
@@ -36,7 +44,8 @@ pub(crate) fn heartbeat_body(node: &Node, ports: Ports) -> serde_json::Value {
 }
 
 /// Sends heartbeats until the node stops.
-pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) {
+/// `index` is this control replica's place in `control_addr` (one loop per replica).
+pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, index: usize, ports: Ports) {
     let every = Duration::from_millis(node.config.control_heartbeat_ms.max(100));
     let mut failing = false;
     // Control's `edge_key`: without it control takes heartbeats from loopback peers only.
@@ -65,6 +74,9 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) 
                     tracing::info!(control = %addr, "control heartbeats accepted again");
                 }
                 failing = false;
+                if node.config.brokers_from_control {
+                    take_brokers(&node, index, &r.body);
+                }
             }
             Ok(r) => {
                 if !failing {
@@ -92,8 +104,47 @@ pub(crate) async fn heartbeat_loop(node: Arc<Node>, addr: String, ports: Ports) 
     }
 }
 
+/// Cluster mode: hands the broker set of control's heartbeat answer to the link hub. An empty
+/// or missing list (control just restarted, or no broker heartbeats it) changes nothing: the
+/// edge keeps the links it has rather than drop every broker on a control's word.
+fn take_brokers(node: &Node, index: usize, body: &[u8]) {
+    let Some(set) = brokers_of(body) else { return };
+    if let Ok(mut s) = node.broker_set.lock() {
+        s.put(index, set, std::time::Instant::now());
+    }
+    node.notify[0].notify();
+}
+
+/// The `brokers[].link` addresses of a heartbeat answer, sorted; `None` when absent or empty.
+fn brokers_of(body: &[u8]) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut set: Vec<String> = v
+        .get("brokers")?
+        .as_array()?
+        .iter()
+        .filter_map(|b| b.get("link")?.as_str())
+        .filter(|l| !l.is_empty() && l.len() <= 300)
+        .map(str::to_string)
+        .collect();
+    set.sort();
+    set.dedup();
+    (!set.is_empty()).then_some(set)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_broker_set_comes_from_the_answer_and_empty_changes_nothing() {
+        let b = br#"{"ok":true,"brokers":[{"node_id":"b2","link":"h:2"},{"node_id":"b1","link":"h:1"}]}"#;
+        assert_eq!(
+            super::brokers_of(b),
+            Some(vec!["h:1".to_string(), "h:2".to_string()])
+        );
+        assert_eq!(super::brokers_of(br#"{"ok":true,"brokers":[]}"#), None);
+        assert_eq!(super::brokers_of(br#"{"ok":true}"#), None);
+        assert_eq!(super::brokers_of(b"not json"), None);
+    }
+
     use super::*;
 
     #[test]
@@ -109,6 +160,8 @@ mod tests {
                 tcp: 2243,
                 ws: 2244,
                 wss: 0,
+                tls_tcp: 0,
+                udp: 0,
             },
         );
         assert_eq!(off["wss_port"], 0);
@@ -118,9 +171,19 @@ mod tests {
                 tcp: 2243,
                 ws: 2244,
                 wss: 2245,
+                tls_tcp: 2247,
+                udp: 2246,
             },
         );
         assert_eq!(on["wss_port"], 2245);
         assert_eq!(on["ws_port"], 2244);
+        assert_eq!(
+            (on["udp_port"].as_u64(), on["tls_tcp_port"].as_u64()),
+            (Some(2246), Some(2247))
+        );
+        assert_eq!(
+            (off["udp_port"].as_u64(), off["tls_tcp_port"].as_u64()),
+            (Some(0), Some(0))
+        );
     }
 }

@@ -7,6 +7,10 @@
 //! priority) runs. SUB/UNSUB/COUNTS for a room go on the Low link of the broker shard that owns
 //! the room (`proto::link::shard_of_room`).
 //!
+//! In cluster mode (`brokers_from_control`) the set of brokers follows control's list
+//! ([`Hub::follow_control`]): a broker control lists is linked, one it stops listing is
+//! unlinked (its tasks end, its link metrics go), and one that comes back gets fresh links.
+//!
 //! Invariants:
 //! - On every (re)connect of a Low link, the full interest it owns is re-sent before anything
 //!   else, so a broker that lost us never misses a room silently.
@@ -89,6 +93,46 @@ pub(crate) struct Slot {
     wake: Arc<Notify>,
     up: Cell<bool>,
     metrics: Arc<LinkMetrics>,
+    /// The last seq of each stream seen on this link, kept across reconnects.
+    seqs: RefCell<StreamSeqs>,
+}
+
+/// What a stream's next seq says about the batches before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqStep {
+    /// The next one (or the first seen, or a scope without a stream seq).
+    InOrder,
+    /// This many batches never arrived on the link.
+    Gap(u64),
+    /// The seq went back: the broker restarted (a new epoch).
+    Restart,
+}
+
+/// Streams whose last seq is remembered; past it the memory starts over (a gap in a stream
+/// dropped from it then goes uncounted here; the viewer still sees it).
+pub const STREAM_SEQS_MAX: usize = 65_536;
+
+/// The last seq per stream on one link, so the loss across a link outage is counted where it
+/// happens (sans-io).
+#[derive(Debug, Default)]
+pub struct StreamSeqs {
+    last: std::collections::HashMap<proto::id::Scope, u64>,
+}
+
+impl StreamSeqs {
+    pub fn see(&mut self, scope: &proto::id::Scope, seq: u64) -> SeqStep {
+        if seq == 0 {
+            return SeqStep::InOrder;
+        }
+        if self.last.len() >= STREAM_SEQS_MAX && !self.last.contains_key(scope) {
+            self.last.clear();
+        }
+        match self.last.insert(scope.clone(), seq) {
+            Some(prev) if seq <= prev => SeqStep::Restart,
+            Some(prev) if seq > prev + 1 => SeqStep::Gap(seq - prev - 1),
+            _ => SeqStep::InOrder,
+        }
+    }
 }
 
 impl Slot {
@@ -112,8 +156,11 @@ impl Slot {
 }
 
 struct Broker {
+    /// Stable per address for the edge's life (the presence reporter's index).
     index: u16,
     addr: String,
+    /// Control stopped listing it: its link tasks end and do not reconnect.
+    gone: Cell<bool>,
     /// The broker's shard count (0 until its first HELLO).
     shards: Cell<u16>,
     slots: RefCell<Vec<Rc<Slot>>>,
@@ -143,7 +190,8 @@ pub(crate) struct Hub {
     node: Arc<Node>,
     /// The link shard's index.
     shard: ShardIdx,
-    brokers: Vec<Rc<Broker>>,
+    /// Every broker linked now, and (`gone`) the ones unlinked, each at its `index`.
+    brokers: RefCell<Vec<Rc<Broker>>>,
     interest: RefCell<NodeInterest>,
     outbox: RefCell<VecDeque<(ShardIdx, Msg)>>,
     /// The node's live presence records and what each broker has not been told yet.
@@ -163,6 +211,7 @@ impl Hub {
                 Rc::new(Broker {
                     index: i as u16,
                     addr: a.clone(),
+                    gone: Cell::new(false),
                     shards: Cell::new(0),
                     slots: RefCell::new(Vec::new()),
                 })
@@ -177,7 +226,7 @@ impl Hub {
             outbox: RefCell::new(VecDeque::new()),
             next_counts: Cell::new(Instant::now()),
             shard,
-            brokers,
+            brokers: RefCell::new(brokers),
             stopped: Cell::new(false),
             node,
         }
@@ -185,11 +234,11 @@ impl Hub {
 
     /// Spawns the first link of each broker and the COUNTS task (on the link shard's runtime).
     pub fn start(self: &Rc<Self>) {
-        for b in &self.brokers {
-            let slot = new_slot(&self.node, b, 0, Priority::Low);
-            monoio::spawn(run_link(self.clone(), b.clone(), slot));
+        for b in self.live_brokers() {
+            let slot = new_slot(&self.node, &b, 0, Priority::Low);
+            monoio::spawn(run_link(self.clone(), b, slot));
         }
-        if !self.brokers.is_empty() {
+        if self.node.config.links_brokers() {
             monoio::spawn(counts_loop(self.clone()));
             if self.node.config.presence {
                 monoio::spawn(presence_loop(self.clone()));
@@ -214,6 +263,86 @@ impl Hub {
     /// The next message for a shard (the link shard's shell moves it to the ring).
     pub fn poll_msg(&self) -> Option<(ShardIdx, Msg)> {
         self.outbox.borrow_mut().pop_front()
+    }
+
+    /// The brokers linked now (not `gone`).
+    fn live_brokers(&self) -> Vec<Rc<Broker>> {
+        self.brokers
+            .borrow()
+            .iter()
+            .filter(|b| !b.gone.get())
+            .cloned()
+            .collect()
+    }
+
+    /// Cluster mode: makes the linked brokers exactly the set control listed last (taken from
+    /// `Node::broker_set`). New addresses get a link (and the full interest on connect);
+    /// unlisted ones are unlinked; one listed again is linked afresh under its old index.
+    pub fn follow_control(self: &Rc<Self>) {
+        // A replica's list counts for three of its heartbeats.
+        let fresh = Duration::from_millis(self.node.config.control_heartbeat_ms.max(100) * 3);
+        let set = match self.node.broker_set.lock() {
+            Ok(mut s) => s.take(Instant::now(), fresh),
+            Err(_) => None,
+        };
+        let Some(set) = set else { return };
+        let mut added = Vec::new();
+        {
+            let mut brokers = self.brokers.borrow_mut();
+            for b in brokers.iter() {
+                if !b.gone.get() && !set.contains(&b.addr) {
+                    tracing::info!(broker = %b.addr, "control no longer lists the broker: unlinking");
+                    b.gone.set(true);
+                    for s in b.slots.borrow().iter() {
+                        s.wake.notify();
+                    }
+                    self.presence.borrow_mut().down(b.index as usize);
+                }
+            }
+            for addr in &set {
+                let known = brokers.iter().position(|b| &b.addr == addr);
+                if known.is_some_and(|i| !brokers[i].gone.get()) {
+                    continue;
+                }
+                let index = match known {
+                    Some(i) => i,
+                    None => {
+                        if brokers.len() >= usize::from(u16::MAX) {
+                            tracing::warn!(broker = %addr, "too many distinct broker addresses; not linking");
+                            continue;
+                        }
+                        let i = self
+                            .presence
+                            .borrow_mut()
+                            .add_broker(crate::presence::unix_us());
+                        debug_assert_eq!(i, brokers.len());
+                        brokers.push(Rc::new(Broker {
+                            index: i as u16,
+                            addr: addr.clone(),
+                            gone: Cell::new(true),
+                            shards: Cell::new(0),
+                            slots: RefCell::new(Vec::new()),
+                        }));
+                        i
+                    }
+                };
+                // A fresh Broker: the old one's tasks (if any) still see theirs `gone`.
+                let b = Rc::new(Broker {
+                    index: index as u16,
+                    addr: addr.clone(),
+                    gone: Cell::new(false),
+                    shards: Cell::new(0),
+                    slots: RefCell::new(Vec::new()),
+                });
+                tracing::info!(broker = %addr, "control lists a broker: linking");
+                brokers[index] = b.clone();
+                added.push(b);
+            }
+        }
+        for b in added {
+            let slot = new_slot(&self.node, &b, 0, Priority::Low);
+            monoio::spawn(run_link(self.clone(), b, slot));
+        }
     }
 
     /// Every `counts_interval_ms`: tells every shard the node's viewer counts (heartbeat
@@ -244,7 +373,7 @@ impl Hub {
 
     pub fn stop(&self) {
         self.stopped.set(true);
-        for b in &self.brokers {
+        for b in self.brokers.borrow().iter() {
             for s in b.slots.borrow().iter() {
                 s.wake.notify();
             }
@@ -267,7 +396,7 @@ impl Hub {
                 interest: interest.clone(),
             },
         };
-        for b in &self.brokers {
+        for b in self.live_brokers() {
             if let Some(slot) = b.low_slot(b.owner(&interest)) {
                 slot.send(&frame);
             }
@@ -330,6 +459,7 @@ fn new_slot(node: &Node, b: &Broker, broker_shard: u16, priority: Priority) -> R
         wake: Notify::new(),
         up: Cell::new(false),
         metrics,
+        seqs: RefCell::new(StreamSeqs::default()),
     });
     b.slots.borrow_mut().push(slot.clone());
     slot
@@ -359,6 +489,14 @@ async fn run_link(hub: Rc<Hub>, broker: Rc<Broker>, slot: Rc<Slot>) {
         if stopped(&hub) {
             return;
         }
+        if broker.gone.get() {
+            // Unlinked (control no longer lists it): this task ends, its metrics go.
+            broker.slots.borrow_mut().retain(|s| !Rc::ptr_eq(s, &slot));
+            if let Ok(mut l) = hub.node.links.lock() {
+                l.retain(|m| !Arc::ptr_eq(m, &slot.metrics));
+            }
+            return;
+        }
         slot.metrics.connects.inc();
         match serve_link(&hub, &broker, &slot, &mut backoff).await {
             Ok(()) => {
@@ -369,13 +507,19 @@ async fn run_link(hub: Rc<Hub>, broker: Rc<Broker>, slot: Rc<Slot>) {
             }
         }
         slot.up.set(false);
+        if slot.metrics.up.get() == 1 {
+            slot.metrics.downs.inc();
+        }
         slot.metrics.up.set(0);
         slot.out.borrow_mut().clear();
-        if is_presence_link(&slot.id) {
+        if is_presence_link(&slot.id) && !broker.gone.get() {
             hub.presence.borrow_mut().down(broker.index as usize);
         }
         if stopped(&hub) {
             return;
+        }
+        if broker.gone.get() {
+            continue;
         }
         let d = backoff.next_delay(rand::random());
         monoio::time::sleep(d).await;
@@ -538,7 +682,7 @@ async fn serve_link(
             }
             let out = std::mem::take(&mut *slot.out.borrow_mut());
             if out.is_empty() {
-                if stopped(hub) {
+                if stopped(hub) || broker.gone.get() {
                     return Ok::<(), LinkFail>(());
                 }
                 slot.wake.notified().await;
@@ -559,7 +703,7 @@ async fn serve_link(
         let mut nonce = 0u64;
         loop {
             monoio::time::sleep(ping_every.min(dead / 2)).await;
-            if stopped(hub) {
+            if stopped(hub) || broker.gone.get() {
                 return Ok::<(), LinkFail>(());
             }
             if last_rx.get().elapsed() > dead {
@@ -581,6 +725,11 @@ fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
         LinkFrame::Batch(b) => {
             slot.metrics.batches_in.inc();
             slot.metrics.bytes_in.add(b.packet.len() as u64);
+            match slot.seqs.borrow_mut().see(&b.scope, b.seq) {
+                SeqStep::InOrder => {}
+                SeqStep::Gap(n) => slot.metrics.seq_gaps.add(n),
+                SeqStep::Restart => slot.metrics.seq_restarts.inc(),
+            }
             hub.dispatch(b);
         }
         LinkFrame::Counts(c) => hub.broadcast_counts(c),
@@ -613,7 +762,7 @@ async fn presence_loop(hub: Rc<Hub>) {
         if stopped(&hub) {
             return;
         }
-        for b in &hub.brokers {
+        for b in hub.live_brokers() {
             let Some(slot) = b.low_slot(0) else { continue };
             let batches = hub
                 .presence
@@ -640,7 +789,7 @@ async fn counts_loop(hub: Rc<Hub>) {
             return;
         }
         let counts = hub.interest.borrow().node_counts();
-        for b in &hub.brokers {
+        for b in hub.live_brokers() {
             let n = b.shards.get();
             if n == 0 {
                 continue;
@@ -662,6 +811,23 @@ async fn counts_loop(hub: Rc<Hub>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_seqs_count_gaps_and_restarts() {
+        use proto::id::Scope;
+        let mut s = StreamSeqs::default();
+        let (a, b) = (Scope::Room(RoomId(1)), Scope::Room(RoomId(2)));
+        assert_eq!(s.see(&a, 1), SeqStep::InOrder);
+        assert_eq!(s.see(&a, 2), SeqStep::InOrder);
+        assert_eq!(s.see(&b, 7), SeqStep::InOrder, "first seen");
+        assert_eq!(s.see(&a, 5), SeqStep::Gap(2));
+        assert_eq!(s.see(&a, 1), SeqStep::Restart);
+        assert_eq!(s.see(&a, 2), SeqStep::InOrder);
+        assert_eq!(
+            s.see(&Scope::User(proto::id::UserId(3)), 0),
+            SeqStep::InOrder
+        );
+    }
 
     #[test]
     fn backoff_grows_caps_and_resets() {

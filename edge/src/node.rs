@@ -47,6 +47,12 @@ pub enum Msg {
     /// Link shard -> every shard: this node's viewer count per room (heartbeat replies use it
     /// until, or without, the brokers' fleet-wide counts).
     NodeCounts(Arc<Vec<(RoomId, u32)>>),
+    /// A datagram of a UDP session another shard owns (the session id names it): after a NAT
+    /// rebinding the kernel's 4-tuple hash may deliver it to any shard's socket.
+    Datagram {
+        from: std::net::SocketAddr,
+        bytes: Box<[u8]>,
+    },
 }
 
 impl Msg {
@@ -82,6 +88,50 @@ pub struct Node {
     pub started: Instant,
     /// Certificates and server config for WSS; `None` when WSS is off.
     pub tls: Option<crate::tls::Tls>,
+    /// The UDP cookie and session-id secret: one per node (random at start), so any shard
+    /// verifies a cookie another one minted.
+    pub udp_key: proto::udp::CookieKey,
+    /// Cluster mode: the broker sets control replicas listed (`brokers_from_control`; the
+    /// heartbeat loops put, the link shard takes the union of the fresh ones).
+    pub broker_set: Mutex<BrokerSets>,
+}
+
+/// The broker sets control replicas answered with, one slot per `control_addr` entry.
+#[derive(Debug, Default)]
+pub struct BrokerSets {
+    /// Per control replica: when it answered, and its non-empty list.
+    lists: Vec<Option<(Instant, Vec<String>)>>,
+    changed: bool,
+}
+
+impl BrokerSets {
+    /// Control replica `control` listed `set` (non-empty) at `now`.
+    pub fn put(&mut self, control: usize, set: Vec<String>, now: Instant) {
+        if self.lists.len() <= control {
+            self.lists.resize(control + 1, None);
+        }
+        self.lists[control] = Some((now, set));
+        self.changed = true;
+    }
+
+    /// When something new arrived: the union of the lists no older than `fresh` (a replica
+    /// that just restarted lists only part of the brokers; a dead one's list goes stale),
+    /// sorted; `None` when nothing changed or nothing is fresh.
+    pub fn take(&mut self, now: Instant, fresh: std::time::Duration) -> Option<Vec<String>> {
+        if !std::mem::take(&mut self.changed) {
+            return None;
+        }
+        let mut all: Vec<String> = self
+            .lists
+            .iter()
+            .flatten()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= fresh)
+            .flat_map(|(_, l)| l.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        (!all.is_empty()).then_some(all)
+    }
 }
 
 impl Node {
@@ -111,6 +161,8 @@ impl Node {
             capacity,
             started: Instant::now(),
             tls: None,
+            udp_key: proto::udp::CookieKey::new(&rand::random::<[u8; 32]>()),
+            broker_set: Mutex::new(BrokerSets::default()),
             config,
         }
     }
@@ -119,7 +171,7 @@ impl Node {
     pub fn connections(&self) -> u64 {
         self.metrics
             .iter()
-            .map(|m| m.conns_tcp.get() + m.conns_ws.get())
+            .map(|m| m.conns_tcp.get() + m.conns_ws.get() + m.conns_udp.get())
             .sum()
     }
 }
@@ -142,4 +194,33 @@ pub fn rings(n: usize, entries: usize) -> Vec<RingEnds> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn broker_sets_union_fresh_replicas_and_forget_stale_ones() {
+        let t0 = Instant::now();
+        let fresh = Duration::from_secs(3);
+        let mut s = BrokerSets::default();
+        assert_eq!(s.take(t0, fresh), None, "nothing heard");
+        s.put(0, vec!["a:1".into(), "b:1".into()], t0);
+        // A replica that just restarted knows only part of the brokers: the union counts.
+        s.put(1, vec!["b:1".into()], t0);
+        assert_eq!(
+            s.take(t0, fresh),
+            Some(vec!["a:1".to_string(), "b:1".to_string()])
+        );
+        assert_eq!(s.take(t0, fresh), None, "taken once per change");
+        // Replica 0 died: its list goes stale and only replica 1's counts.
+        let t1 = t0 + Duration::from_secs(5);
+        s.put(1, vec!["b:1".into(), "c:1".into()], t1);
+        assert_eq!(
+            s.take(t1, fresh),
+            Some(vec!["b:1".to_string(), "c:1".to_string()])
+        );
+    }
 }

@@ -53,6 +53,7 @@ pub fn transport(t: crate::session::Transport) -> Transport {
     match t {
         crate::session::Transport::Tcp => Transport::Tcp,
         crate::session::Transport::Ws => Transport::Ws,
+        crate::session::Transport::Udp => Transport::Udp,
     }
 }
 
@@ -130,6 +131,16 @@ impl Reporter {
                 .collect(),
             stats: Stats::default(),
         }
+    }
+
+    /// One more broker (cluster mode: control listed a new one); returns its index. It starts
+    /// down: its first link's `relinked` sends it every live record.
+    pub fn add_broker(&mut self, start_us: u64) -> usize {
+        self.brokers.push(Outgoing {
+            incarnation: start_us,
+            ..Outgoing::default()
+        });
+        self.brokers.len() - 1
     }
 
     /// Events from a shard core, in its order.

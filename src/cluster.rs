@@ -1,0 +1,556 @@
+//! `barrage cluster`: a local cluster on loopback, every part its own process (issue 12).
+//!
+//! Starts `nats-server -js` (from PATH or /usr/sbin) in a temporary directory, control, N
+//! brokers on the JetStream backbone (heartbeating control) and M edges that link to every
+//! broker control lists (`brokers_from_control`), each a child process of this binary. Prints
+//! every endpoint once all are healthy (with `--json`: exactly one JSON line), then waits for
+//! SIGINT/SIGTERM and stops them all (edges, brokers, control, NATS), removing the directory.
+//!
+//! A child that dies meanwhile (a failover run kills brokers with SIGKILL on purpose) is
+//! logged, not restarted. Ports are free loopback ports picked at start.
+
+use anyhow::{bail, Context};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the cluster may take to become healthy.
+const READY_MS_MAX: u64 = 30_000;
+/// How long children get to stop after SIGTERM before SIGKILL.
+const STOP_MS_MAX: u64 = 5_000;
+/// Heartbeat interval of brokers and edges to control (fast, so joins and deaths show quickly).
+const HEARTBEAT_MS: u64 = 500;
+/// Control's liveness window for edges and brokers.
+const TTL_MS: u64 = 2_000;
+
+#[derive(clap::Args, Debug)]
+pub struct ClusterArgs {
+    /// Brokers on the backbone.
+    #[arg(long, default_value_t = 3)]
+    pub brokers: usize,
+    /// Edges, each linked to every broker.
+    #[arg(long, default_value_t = 2)]
+    pub edges: usize,
+    /// Control replicas (soft state: every edge and broker heartbeats each of them).
+    #[arg(long, default_value_t = 1)]
+    pub controls: usize,
+    /// Backbone partitions (`cluster.partitions`).
+    #[arg(long, default_value_t = 64)]
+    pub partitions: u16,
+    /// Broker lease time, ms (`cluster.lease_ms`): how long a killed broker's rooms wait.
+    #[arg(long, default_value_t = 3_000)]
+    pub lease_ms: u64,
+    /// Shards per broker and per edge.
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    /// Print one JSON line with every endpoint once all are healthy (for scripts).
+    #[arg(long)]
+    pub json: bool,
+    /// API key for control and the brokers; random when not given.
+    #[arg(long, env = "BARRAGE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Token secret, or a key set `ID:SECRET,ID:SECRET`; random when not given.
+    #[arg(long, env = "BARRAGE_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+}
+
+/// A child process, SIGKILLed on drop if still running.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("picking a free loopback port")?
+        .port())
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn nats_bin() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin")]) {
+        let p = dir.join("nats-server");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "nats-server is not installed (cluster mode runs on NATS JetStream): \
+         `apt-get install nats-server` (Debian/Ubuntu), or put nats-server 2.9+ on PATH"
+    )
+}
+
+/// `--set` pairs for a role, string values quoted as TOML basic strings.
+fn q(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn secret() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Waits until `ok()` or the deadline; the error names `what`.
+fn wait_for(
+    deadline: Instant,
+    what: &str,
+    procs: &mut [Proc],
+    ok: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    loop {
+        if ok() {
+            return Ok(());
+        }
+        for p in procs.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                bail!(
+                    "{} exited while starting ({status}); its log is above",
+                    p.name
+                );
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("{what} not ready within {READY_MS_MAX} ms");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET path` on `addr`: the status code, or None.
+fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    http_get(addr, path).map(|(s, _)| s)
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Whether the edge's `/metrics` shows a link up to each of `links` (`barrage_edge_link_up`).
+fn linked_to_all(admin: SocketAddr, links: &[String]) -> bool {
+    let Some((200, text)) = http_get(admin, "/metrics") else {
+        return false;
+    };
+    links.iter().all(|link| {
+        let quoted = format!("\"{link}\"");
+        text.lines().any(|l| {
+            l.starts_with("barrage_edge_link_up")
+                && l.contains(&quoted)
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) == Some(1.0)
+        })
+    })
+}
+
+struct Role {
+    args: Vec<String>,
+    name: String,
+}
+
+fn spawn(exe: &Path, role: Role, quiet_stdout: bool) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(exe);
+    cmd.args(&role.args)
+        .stdin(Stdio::null())
+        .stdout(if quiet_stdout {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        })
+        .stderr(Stdio::inherit());
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", role.name))?;
+    Ok(Proc {
+        name: role.name,
+        child,
+    })
+}
+
+fn sets(pairs: &[(&str, String)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(k, v)| ["--set".to_string(), format!("{k}={v}")])
+        .collect()
+}
+
+pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    if args.brokers == 0 || args.edges == 0 || args.controls == 0 {
+        bail!("--brokers, --edges and --controls must be at least 1");
+    }
+    let nats = nats_bin()?;
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let mut shutdown = crate::up::Shutdown::register()?;
+    let dir = std::env::temp_dir().join(format!("barrage-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = run_in(&args, &nats, &exe, &dir, &mut shutdown);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(
+    args: &ClusterArgs,
+    nats: &Path,
+    exe: &Path,
+    dir: &Path,
+    shutdown: &mut crate::up::Shutdown,
+) -> anyhow::Result<()> {
+    let api_key = args.api_key.clone().unwrap_or_else(secret);
+    let token_keys = args
+        .token_secret
+        .clone()
+        .map(|s| if s.contains(':') { s } else { format!("1:{s}") })
+        .unwrap_or_else(|| format!("1:{}", secret()));
+    let edge_key = secret();
+    let deadline = Instant::now() + Duration::from_millis(READY_MS_MAX);
+    // Started in this order, stopped in the reverse one.
+    let mut procs: Vec<Proc> = Vec::new();
+
+    let nats_port = free_port()?;
+    let nats_addr = loopback(nats_port);
+    let nats_dir = dir.join("nats");
+    let child = Command::new(nats)
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-sd",
+        ])
+        .arg(&nats_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", nats.display()))?;
+    procs.push(Proc {
+        name: "nats-server".into(),
+        child,
+    });
+    wait_for(deadline, "nats-server", &mut procs, || {
+        TcpStream::connect_timeout(&nats_addr, Duration::from_millis(100)).is_ok()
+    })?;
+
+    let mut controls = Vec::new();
+    for i in 1..=args.controls {
+        let addr = loopback(free_port()?);
+        procs.push(spawn(
+            exe,
+            Role {
+                name: format!("control-{i}"),
+                args: [
+                    vec!["control".to_string()],
+                    sets(&[
+                        ("http_addr", q(&addr.to_string())),
+                        ("api_keys", format!("[{}]", q(&api_key))),
+                        ("token_keys", q(&token_keys)),
+                        ("edge_key", q(&edge_key)),
+                        ("edge_ttl_ms", TTL_MS.to_string()),
+                        ("edge_forget_ms", (TTL_MS * 30).to_string()),
+                    ]),
+                ]
+                .concat(),
+            },
+            true,
+        )?);
+        controls.push((addr, procs.last().map_or(0, Proc::pid)));
+    }
+    for (addr, _) in &controls {
+        let addr = *addr;
+        wait_for(deadline, "control", &mut procs, || {
+            http_status(addr, "/healthz") == Some(200)
+        })?;
+    }
+    // Edges and brokers heartbeat every replica.
+    let control_list = controls
+        .iter()
+        .map(|c| c.0.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+
+    // One link key per edge, bound to its node id, known to every broker.
+    let edge_ids: Vec<String> = (1..=args.edges).map(|i| format!("edge-{i}")).collect();
+    let link_keys: Vec<(String, String)> = edge_ids.iter().map(|e| (e.clone(), secret())).collect();
+    let link_keys_toml = format!(
+        "[{}]",
+        link_keys
+            .iter()
+            .map(|(e, k)| q(&format!("{e}:{k}")))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut brokers = Vec::new();
+    for i in 1..=args.brokers {
+        let (ingest, link, http) = (
+            loopback(free_port()?),
+            loopback(free_port()?),
+            loopback(free_port()?),
+        );
+        let mut a = vec![
+            "broker".to_string(),
+            "--backbone".into(),
+            format!("nats://{nats_addr}"),
+        ];
+        a.extend(sets(&[
+            ("node_id", q(&format!("broker-{i}"))),
+            ("shards", args.shards.to_string()),
+            ("pin", "false".into()),
+            ("ingest_addr", q(&ingest.to_string())),
+            ("link_addr", q(&link.to_string())),
+            ("http_addr", q(&http.to_string())),
+            ("api_keys", format!("[{{key={}}}]", q(&api_key))),
+            ("link_keys", link_keys_toml.clone()),
+            ("control_addr", q(&control_list)),
+            ("control_key", q(&edge_key)),
+            ("control_heartbeat_ms", HEARTBEAT_MS.to_string()),
+            ("link_ping_ms", "500".into()),
+            ("link_dead_ms", "2000".into()),
+            ("cluster.partitions", args.partitions.to_string()),
+            ("cluster.lease_ms", args.lease_ms.to_string()),
+        ]));
+        procs.push(spawn(
+            exe,
+            Role {
+                name: format!("broker-{i}"),
+                args: a,
+            },
+            true,
+        )?);
+        let pid = procs.last().map_or(0, Proc::pid);
+        brokers.push((ingest, link, http, pid));
+    }
+    for (i, b) in brokers.iter().enumerate() {
+        let http = b.2;
+        wait_for(deadline, &format!("broker-{}", i + 1), &mut procs, || {
+            http_status(http, "/healthz") == Some(200)
+        })?;
+    }
+    // Every broker in every control's registry before the edges ask for it.
+    wait_for(deadline, "broker registration", &mut procs, || {
+        controls.iter().all(|c| {
+            http_get(c.0, "/v1/brokers").is_some_and(|(s, body)| {
+                s == 200 && body.matches("\"alive\":true").count() == args.brokers
+            })
+        })
+    })?;
+
+    let mut edges = Vec::new();
+    for (id, key) in &link_keys {
+        let (tcp, ws, admin) = (
+            loopback(free_port()?),
+            loopback(free_port()?),
+            loopback(free_port()?),
+        );
+        let a = [
+            vec!["edge".to_string()],
+            sets(&[
+                ("node_id", q(id)),
+                ("shards", args.shards.to_string()),
+                ("pin", "false".into()),
+                ("tcp_addr", q(&tcp.to_string())),
+                ("ws_addr", q(&ws.to_string())),
+                ("admin_addr", q(&admin.to_string())),
+                ("public_host", q("127.0.0.1")),
+                ("token_keys", q(&token_keys)),
+                ("control_addr", q(&control_list)),
+                ("control_heartbeat_ms", HEARTBEAT_MS.to_string()),
+                ("edge_key", q(&edge_key)),
+                ("link_key", q(key)),
+                ("brokers_from_control", "true".into()),
+                ("link_ping_ms", "500".into()),
+                ("link_dead_ms", "2000".into()),
+                ("link_backoff_ms_max", "1000".into()),
+            ]),
+        ]
+        .concat();
+        procs.push(spawn(
+            exe,
+            Role {
+                name: id.clone(),
+                args: a,
+            },
+            true,
+        )?);
+        let pid = procs.last().map_or(0, Proc::pid);
+        edges.push((tcp, ws, admin, pid));
+    }
+    for (i, e) in edges.iter().enumerate() {
+        let admin = e.2;
+        // Ready = linked to every broker (learned from control) and registered with control.
+        let links: Vec<String> = brokers.iter().map(|b| b.1.to_string()).collect();
+        wait_for(deadline, &format!("edge-{}", i + 1), &mut procs, || {
+            http_status(admin, "/readyz") == Some(200) && linked_to_all(admin, &links)
+        })?;
+    }
+    wait_for(deadline, "edge registration", &mut procs, || {
+        controls.iter().all(|c| {
+            http_get(c.0, "/v1/edges").is_some_and(|(s, body)| {
+                s == 200 && body.matches("\"state\":\"up\"").count() == args.edges
+            })
+        })
+    })?;
+
+    let out = serde_json::json!({
+        "regions": [{
+            "name": "local",
+            "control": format!("http://{}", controls[0].0),
+            "control_pid": controls[0].1,
+            "controls": controls.iter().map(|(a, pid)| serde_json::json!({
+                "http": format!("http://{a}"),
+                "pid": pid,
+            })).collect::<Vec<_>>(),
+            "brokers": brokers.iter().enumerate().map(|(i, (ingest, link, http, pid))| serde_json::json!({
+                "node_id": format!("broker-{}", i + 1),
+                "http": format!("http://{http}"),
+                "ingest": ingest.to_string(),
+                "link": link.to_string(),
+                "pid": pid,
+            })).collect::<Vec<_>>(),
+            "edges": edges.iter().enumerate().map(|(i, (tcp, ws, admin, pid))| serde_json::json!({
+                "node_id": format!("edge-{}", i + 1),
+                "tcp": tcp.to_string(),
+                "ws": ws.to_string(),
+                "wss": null,
+                "admin": format!("http://{admin}"),
+                "pid": pid,
+            })).collect::<Vec<_>>(),
+            "nats": [{"url": format!("nats://{nats_addr}"), "pid": procs[0].pid()}],
+        }]
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "barrage cluster: {} brokers, {} edges on NATS JetStream (nats://{nats_addr})",
+            args.brokers, args.edges
+        );
+        for (i, (a, pid)) in controls.iter().enumerate() {
+            println!("  control-{}  http://{a}  pid {pid}  (POST /v1/connect, GET /v1/brokers, GET /v1/edges)", i + 1);
+        }
+        for (i, (ingest, _, http, pid)) in brokers.iter().enumerate() {
+            println!(
+                "  broker-{}  http://{http}  ingest {ingest}  pid {pid}",
+                i + 1
+            );
+        }
+        for (i, (tcp, ws, admin, pid)) in edges.iter().enumerate() {
+            println!(
+                "  edge-{}    tcp {tcp}  ws ws://{ws}/sub  admin http://{admin}  pid {pid}",
+                i + 1
+            );
+        }
+        println!("  api key  {api_key}");
+        println!(
+            "  try: barrage push --ingest {} --api-key {api_key} --room 1 '{{\"cmd\":\"HI\"}}'",
+            brokers
+                .iter()
+                .map(|b| b.0.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        println!("Ctrl-C stops every process.");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    // Report children that die (a failover run kills brokers on purpose) until a signal.
+    let mut reported = vec![false; procs.len()];
+    watch(&mut procs, &mut reported, shutdown);
+    stop_all(&mut procs);
+    Ok(())
+}
+
+/// Waits for SIGINT/SIGTERM, logging each child that exits meanwhile.
+fn watch(procs: &mut [Proc], reported: &mut [bool], shutdown: &mut crate::up::Shutdown) {
+    loop {
+        // A pending SIGINT/SIGTERM ends the wait at once (SIGHUP is not caught here).
+        if matches!(
+            shutdown.drain_until(Instant::now(), || 1),
+            crate::up::Drained::Interrupted(_)
+        ) {
+            return;
+        }
+        for (i, p) in procs.iter_mut().enumerate() {
+            if reported[i] {
+                continue;
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                reported[i] = true;
+                eprintln!(
+                    "barrage cluster: {} (pid {}) exited: {status}",
+                    p.name,
+                    p.pid()
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM to every child in reverse start order, SIGKILL after [`STOP_MS_MAX`].
+fn stop_all(procs: &mut Vec<Proc>) {
+    for p in procs.iter_mut().rev() {
+        // kill(1) for SIGTERM (this crate forbids unsafe code, so no kill(2)); without it, the
+        // child is killed outright.
+        let termed = Command::new("kill")
+            .args(["-TERM", &p.pid().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !termed {
+            let _ = p.child.kill();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(STOP_MS_MAX);
+    while Instant::now() < deadline
+        && procs
+            .iter_mut()
+            .any(|p| matches!(p.child.try_wait(), Ok(None)))
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Drop SIGKILLs what is left.
+    while let Some(p) = procs.pop() {
+        drop(p);
+    }
+}
