@@ -10,9 +10,9 @@
 //!   stream says so first (a `missed` item: the events after `after` and before `oldest` are
 //!   gone) and continues from the oldest event held.
 //! - **Bounded per consumer.** A stream holds one page and one position in the shared log; the
-//!   roster cuts (and counts) a stream whose consumer falls more than
-//!   `presence_stream_lag_events_max` events behind the newest, not counting the backlog it
-//!   asked for. A cut SSE connection is closed at once, even while its socket is full.
+//!   roster cuts (and counts) a stream whose consumer made no progress between two new-event
+//!   notifications while more than `presence_stream_lag_events_max` events behind, not
+//!   counting the backlog it asked for. A cut SSE connection is closed at once, even while its socket is full.
 //! - **Alive.** An idle SSE stream writes a comment every [`SSE_KEEPALIVE_MS`], so proxies and
 //!   the HTTP server's idle deadline leave it open and a dead consumer is found by TCP.
 

@@ -67,6 +67,8 @@ pub struct Follower {
     start: u64,
     /// The last seq the consumer has taken or skipped (published by the consumer).
     pub(crate) cursor: AtomicU64,
+    /// `cursor` as the roster saw it when it last told this follower (under the roster's lock).
+    seen: AtomicU64,
     /// Set once when the roster cuts the stream (it fell `lag_max` events behind).
     pub(crate) cut: AtomicBool,
     /// Wakes the consumer: new events, or the cut.
@@ -201,18 +203,22 @@ impl Roster {
         self.tell(&mut inner);
     }
 
-    /// Tells every follower of new events; cuts (and counts) those more than `lag_max` events
-    /// behind the newest, past their backlog.
+    /// Tells every follower of new events; cuts (and counts) those that made no progress
+    /// since the last time they were told while more than `lag_max` events behind what they
+    /// were told then, past their backlog. A consumer that keeps reading is never cut, however
+    /// large a burst (an edge's lease ending logs all its exits at once).
     fn tell(&self, inner: &mut Inner) {
         let last = inner.presence.last_seq();
         if last == inner.told {
             return;
         }
-        inner.told = last;
+        let told = std::mem::replace(&mut inner.told, last);
         let lag_max = self.lag_max;
         inner.followers.retain(|f| {
-            let read = f.cursor.load(Relaxed).max(f.start);
-            if last.saturating_sub(read) > lag_max {
+            let cursor = f.cursor.load(Relaxed);
+            let read = cursor.max(f.start);
+            let stuck = f.seen.swap(cursor, Relaxed) == cursor;
+            if stuck && told.saturating_sub(read) > lag_max {
                 f.cut.store(true, Relaxed);
                 f.wake.notify();
                 f.cut_signal.notify();
@@ -243,6 +249,7 @@ impl Roster {
             id: self.counters.next_follower.fetch_add(1, Relaxed),
             start: last,
             cursor: AtomicU64::new(after.unwrap_or(last)),
+            seen: AtomicU64::new(u64::MAX),
             cut: AtomicBool::new(false),
             wake: net::wake::Notify::new(),
             cut_signal: net::wake::Notify::new(),
