@@ -111,6 +111,9 @@ impl Message {
     }
 }
 
+/// A status as read: the request it answers and its result.
+type Answer = (u64, Result<MsgId, PushError>);
+
 struct Conn {
     stream: TcpStream,
     rbuf: Vec<u8>,
@@ -119,6 +122,8 @@ struct Conn {
     in_flight: usize,
     /// Statuses read while looking for another `req_id`.
     early: HashMap<u64, Result<MsgId, PushError>>,
+    /// Presence events read while looking for a status (after a `subscribe`).
+    events: std::collections::VecDeque<Vec<u8>>,
 }
 
 /// A pipelined, authenticated connection to a broker's ingest socket.
@@ -208,6 +213,7 @@ impl IngestClient {
                         wbuf: Vec::new(),
                         in_flight: 0,
                         early: HashMap::new(),
+                        events: Default::default(),
                     });
                     break;
                 }
@@ -254,6 +260,60 @@ impl IngestClient {
             Err(e) => {
                 self.conn = None;
                 Err(e.into())
+            }
+        }
+    }
+
+    /// Subscribes this connection to presence events (a key with the `presence` scope) of
+    /// `rooms` or `areas` (both empty: all), after seq `after` (`None`: from the newest on).
+    /// Returns the seq the stream starts after; read the events with
+    /// [`IngestClient::next_event`]. The subscription lives on this connection: after an
+    /// error, subscribe again with the last seq seen.
+    pub fn subscribe(
+        &mut self,
+        after: Option<u64>,
+        rooms: &[u64],
+        areas: &[u32],
+    ) -> Result<u64, ClientError> {
+        if self.conn.is_none() {
+            self.reconnect()?;
+        }
+        let req_id = self.take_req_id();
+        self.write_frame(&IngestFrame::Subscribe {
+            req_id,
+            after,
+            rooms: rooms.iter().copied().map(RoomId).collect(),
+            areas: areas.iter().copied().map(AreaId).collect(),
+        })?;
+        match self.wait_for(req_id)? {
+            Ok(MsgId(at)) => Ok(at),
+            Err(e) => Err(ClientError::Rejected(e)),
+        }
+    }
+
+    /// The next presence event of the subscription (one JSON object), waiting up to the
+    /// client's timeout ([`ClientError::Timeout`]; the connection stays usable then).
+    pub fn next_event(&mut self) -> Result<Vec<u8>, ClientError> {
+        loop {
+            let Some(c) = self.conn.as_mut() else {
+                return Err(ClientError::Io(std::io::ErrorKind::NotConnected.into()));
+            };
+            if let Some(e) = c.events.pop_front() {
+                return Ok(e);
+            }
+            // Any status that comes first is kept for `recv`.
+            match self.read_frame() {
+                Ok(Some((id, r))) => {
+                    if let Some(c) = self.conn.as_mut() {
+                        c.early.insert(id, r);
+                    }
+                }
+                Ok(None) => {}
+                Err(ClientError::Timeout) => return Err(ClientError::Timeout),
+                Err(e) => {
+                    self.conn = None;
+                    return Err(e);
+                }
             }
         }
     }
@@ -313,6 +373,15 @@ impl IngestClient {
     }
 
     fn read_status(&mut self) -> Result<(u64, Result<MsgId, PushError>), ClientError> {
+        loop {
+            if let Some(status) = self.read_frame()? {
+                return Ok(status);
+            }
+        }
+    }
+
+    /// Reads one frame: a status is returned, a presence event queued (`None`).
+    fn read_frame(&mut self) -> Result<Option<Answer>, ClientError> {
         let Some(c) = self.conn.as_mut() else {
             return Err(ClientError::Io(std::io::ErrorKind::NotConnected.into()));
         };
@@ -323,7 +392,11 @@ impl IngestClient {
                     return match frame {
                         IngestFrame::Status { req_id, result } => {
                             c.in_flight = c.in_flight.saturating_sub(1);
-                            Ok((req_id, result))
+                            Ok(Some((req_id, result)))
+                        }
+                        IngestFrame::PresenceEvent { json } => {
+                            c.events.push_back(json);
+                            Ok(None)
                         }
                         other => Err(ClientError::Protocol(format!(
                             "unexpected frame from broker: {other:?}"

@@ -191,6 +191,13 @@ pub struct Config {
     pub link_dead_ms: u64,
     /// Fleet-wide online counts go back to edges this often.
     pub counts_interval_ms: u64,
+    /// Rooms that get `{"cmd":"ONLINE_RANK_COUNT","data":{"count":N}}` pushed every
+    /// `count_push_ms` when their fleet-wide count changed.
+    pub count_push_rooms: Vec<u64>,
+    /// Every room gets the count pushes (not only `count_push_rooms`).
+    pub count_push_all_rooms: bool,
+    /// How often count pushes are considered; 0 turns them off.
+    pub count_push_ms: u64,
     /// A viewer whose last connection to a room ends and who comes back from the same device
     /// within this long makes no exit/enter pair (presence flap compensation).
     pub presence_grace_ms: u64,
@@ -209,6 +216,11 @@ pub struct Config {
     pub presence_pending_exits_max: usize,
     /// Presence events kept for readers that resume (`/v1/presence/events?after=`).
     pub presence_events_max: usize,
+    /// Presence event streams (SSE and ingest subscriptions) open at once; more are refused.
+    pub presence_streams_max: usize,
+    /// A presence stream whose consumer falls this many events behind the newest (not counting
+    /// the backlog it asked for) is cut and counted: a stalled consumer costs a bounded amount.
+    pub presence_stream_lag_events_max: u64,
     /// Largest ingest frame accepted.
     pub ingest_frame_bytes_max: u32,
     /// Ingest connections open at once per shard; more are closed at once.
@@ -327,12 +339,17 @@ impl Default for Config {
             link_dead_ms: 15_000,
             counts_interval_ms: 1_000,
             route_by_presence: false,
+            count_push_rooms: Vec::new(),
+            count_push_all_rooms: false,
+            count_push_ms: crate::online::COUNT_PUSH_MS,
             presence_grace_ms: crate::presence::PRESENCE_GRACE_MS,
             presence_lease_ms: 0,
             presence_records_max: crate::presence::PRESENCE_RECORDS_MAX,
             presence_edges_max: crate::presence::PRESENCE_EDGES_MAX,
             presence_pending_exits_max: crate::presence::PRESENCE_PENDING_EXITS_MAX,
             presence_events_max: crate::presence::PRESENCE_EVENTS_MAX,
+            presence_streams_max: crate::roster::PRESENCE_STREAMS_MAX,
+            presence_stream_lag_events_max: crate::roster::PRESENCE_STREAM_LAG_EVENTS_MAX,
             ingest_frame_bytes_max: proto::limits::INGEST_FRAME_BYTES_MAX,
             ingest_connections_max: 4_096,
             ingest_auth_ms_max: 5_000,

@@ -55,6 +55,10 @@ pub(crate) async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, 
     cfg.limits = shared.config.http;
     cfg.reserved_paths = RESERVED_PATHS.iter().map(|p| p.to_string()).collect();
     cfg.stats = shared.http_stats.clone();
+    let sse_shared = shared.clone();
+    cfg.stream = Some(net::http::StreamRoute(Arc::new(move |req: &Request| {
+        crate::feed::sse_route(&sse_shared, req)
+    })));
     let handler: net::http::Handler = Rc::new(move |req: Request| {
         let shared = shared.clone();
         Box::pin(async move { handle(&shared, &req).await })

@@ -13,6 +13,7 @@
 //!   passes (the table of addresses is bounded by [`AUTH_FAILURE_ADDRS_MAX`]).
 
 use crate::batcher::Message;
+use crate::feed::Feed;
 use crate::policy::KeyId;
 use crate::stop::Stop;
 use crate::Shared;
@@ -331,10 +332,59 @@ async fn answer(shared: &Shared, answers: &mut Vec<(u64, Accepting)>, out: &mut 
     }
 }
 
+/// Opens the presence stream a `SUBSCRIBE` asks for.
+fn subscribe(
+    shared: &Arc<Shared>,
+    key: Option<KeyId>,
+    after: Option<u64>,
+    rooms: Vec<proto::id::RoomId>,
+    areas: Vec<proto::id::AreaId>,
+) -> Result<Feed, PushError> {
+    let r = (|| {
+        let key = key.ok_or(PushError::Unauthorized)?;
+        if !shared.policy.load().allows(key, crate::ScopeKind::Presence) {
+            return Err(PushError::ForbiddenScope);
+        }
+        let filter = crate::roster::filter_of(
+            rooms.into_iter().map(|r| r.0).collect(),
+            areas.into_iter().map(|a| u64::from(a.0)).collect(),
+        )
+        .map_err(PushError::Invalid)?;
+        Feed::open(shared, after, filter).map_err(|_| PushError::Overloaded)
+    })();
+    shared.roster.count_query(r.is_ok());
+    r
+}
+
+/// Appends what `feed` has to send as `PRESENCE_EVENT` frames, up to a few pages (the rest
+/// goes after this write); `Err` when the roster cut the stream.
+fn presence_events(feed: &mut Feed, out: &mut Vec<u8>) -> Result<(), crate::feed::Cut> {
+    for _ in 0..PRESENCE_PAGES_PER_WRITE {
+        let items = feed.take(crate::feed::PAGE_EVENTS)?;
+        if items.is_empty() {
+            return Ok(());
+        }
+        for item in &items {
+            let json = item.json().to_string().into_bytes();
+            proto::ingest::encode(&IngestFrame::PresenceEvent { json }, out);
+        }
+    }
+    // More may be waiting: wake ourselves so the next read is stopped for it at once.
+    feed.wake().notify();
+    Ok(())
+}
+
+/// Pages of presence events written at once on a subscribed ingest connection.
+const PRESENCE_PAGES_PER_WRITE: usize = 4;
+
 /// Read buffer growth step; frames larger than this grow the buffer up to the frame limit.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, shared: &Shared) {
+async fn connection(
+    stream: monoio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    shared: &Arc<Shared>,
+) {
     use net::framed::{FramedRead, ReadError};
     let frame_max = shared.config.ingest_frame_bytes_max;
     let ip = peer.ip().to_canonical();
@@ -354,11 +404,17 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
     let mut frames = FramedRead::new(stream, decoder, READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut answers: Vec<(u64, Accepting)> = Vec::new();
+    // The presence event stream this connection subscribed to (`SUBSCRIBE`).
+    let mut feed: Option<Feed> = None;
     loop {
-        // Until authenticated, the read is stopped (cancelled, not dropped) at the deadline.
+        // Until authenticated, the read is stopped (cancelled, not dropped) at the deadline;
+        // with a subscription, also when presence events are there to send.
         let authed = key.is_some();
+        let wake = feed.as_ref().map(Feed::wake);
         let stop = async move {
-            if authed {
+            if let Some(w) = wake {
+                w.notified().await
+            } else if authed {
                 std::future::pending::<()>().await
             } else {
                 monoio::time::sleep(auth_deadline.saturating_duration_since(Instant::now())).await
@@ -449,7 +505,22 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
                             answers.push((req_id, a));
                             continue;
                         }
-                        IngestFrame::Status { .. } => {
+                        IngestFrame::Subscribe {
+                            req_id,
+                            after,
+                            rooms,
+                            areas,
+                        } => {
+                            // The old stream (if any) ends first, so it does not hold a slot.
+                            feed = None;
+                            let result = subscribe(shared, key, after, rooms, areas).map(|f| {
+                                let at = f.position();
+                                feed = Some(f);
+                                MsgId(at)
+                            });
+                            IngestFrame::Status { req_id, result }
+                        }
+                        IngestFrame::Status { .. } | IngestFrame::PresenceEvent { .. } => {
                             shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
                             return;
                         }
@@ -458,6 +529,8 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
                     proto::ingest::encode(&status, &mut out);
                 }
                 Err(ReadError::Closed | ReadError::Io(_)) => return,
+                // Presence events to send: below, after this read's answers.
+                Err(ReadError::Stopped) if feed.is_some() => break,
                 Err(ReadError::Stopped) => {
                     // No AUTH within ingest_auth_ms_max.
                     shared.ingest_metrics.protocol_errors.fetch_add(1, Relaxed);
@@ -475,8 +548,22 @@ async fn connection(stream: monoio::net::TcpStream, peer: std::net::SocketAddr, 
         // Every push decoded from this read is in flight (cluster mode: published, acks
         // awaited together); answered in request order.
         answer(shared, &mut answers, &mut out).await;
+        if let Some(f) = feed.as_mut() {
+            if presence_events(f, &mut out).is_err() {
+                // Cut for falling behind: what was taken is not worth a blocked write.
+                return;
+            }
+        }
         if !out.is_empty() {
-            let (res, o) = frames.get_mut().write_all(std::mem::take(&mut out)).await;
+            let write = frames.get_mut().write_all(std::mem::take(&mut out));
+            let (res, o) = match feed.as_ref().map(Feed::cut) {
+                // A subscriber that stops reading is cut by the roster: stop waiting on it.
+                Some(cut) => monoio::select! {
+                    r = write => r,
+                    _ = cut => return,
+                },
+                None => write.await,
+            };
             if res.is_err() {
                 return;
             }

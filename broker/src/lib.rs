@@ -16,6 +16,9 @@
 //! - [`roster`]: presence wired: edges' PRESENCE frames and heartbeats in, lease expiry on
 //!   shard 0, the `/v1/presence/...` API, user/device routing to the edges that hold them
 //!   (with `route_by_presence`).
+//! - [`online`]: `ONLINE_RANK_COUNT` pushes to the rooms that ask for them (sans-io).
+//! - [`feed`]: presence event streams for consumers: Server-Sent Events and ingest
+//!   subscriptions, resumable by seq, cut when a consumer stalls.
 //! - [`link`]: the edge link server: a handshake thread, then per-link reader/writer tasks on
 //!   the owning shard with a bounded queue.
 //! - [`ingest`]: the ingest socket server and the accept path shared with HTTP.
@@ -55,11 +58,13 @@ pub mod compress;
 pub mod config;
 pub mod courier;
 pub mod dedup;
+pub mod feed;
 pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod link;
 pub mod metrics;
+pub mod online;
 pub mod policy;
 pub mod presence;
 pub mod reach;

@@ -747,6 +747,11 @@ impl Presence {
         }
     }
 
+    /// The seq of the oldest event held (`last_seq() + 1` when none is).
+    pub fn first_seq(&self) -> u64 {
+        self.log.front().map_or(self.next_seq, |e| e.seq)
+    }
+
     /// The seq of the newest event (0 before the first).
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1

@@ -24,10 +24,14 @@ use proto::id::{AreaId, RoomId, Scope, UserId};
 use proto::link::{PresenceBatch, PresenceKind};
 use serde_json::json;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// Default `presence_streams_max`: event streams open at once.
+pub const PRESENCE_STREAMS_MAX: usize = 64;
+/// Default `presence_stream_lag_events_max`: how far behind a stream's consumer may fall.
+pub const PRESENCE_STREAM_LAG_EVENTS_MAX: u64 = 10_000;
 /// Rooms or areas one events filter may name.
 pub const FILTER_IDS_MAX: usize = 256;
 /// Default page sizes of the HTTP API.
@@ -48,6 +52,36 @@ struct Inner {
     presence: Presence,
     /// Nodes that reported presence at least once (their lease may have expired since).
     reporting: HashSet<EdgeId>,
+    /// Open event streams (SSE and ingest subscriptions), told of new events.
+    followers: Vec<Arc<Follower>>,
+    /// The last seq followers were told of.
+    told: u64,
+}
+
+/// One open event stream as the roster sees it: how far its consumer has read, and how to
+/// wake it or cut it. The consumer side is [`crate::feed::Feed`].
+pub struct Follower {
+    id: u64,
+    /// The seq the stream was opened at; events up to it are a backlog read from the log and
+    /// do not count against the lag.
+    start: u64,
+    /// The last seq the consumer has taken or skipped (published by the consumer).
+    pub(crate) cursor: AtomicU64,
+    /// `cursor` as the roster saw it when it last told this follower (under the roster's lock).
+    seen: AtomicU64,
+    /// Set once when the roster cuts the stream (it fell `lag_max` events behind).
+    pub(crate) cut: AtomicBool,
+    /// Wakes the consumer: new events, or the cut.
+    pub(crate) wake: Arc<net::wake::Notify>,
+    /// Wakes the connection's watcher on a cut (SSE: the HTTP connection task).
+    pub(crate) cut_signal: Arc<net::wake::Notify>,
+}
+
+/// Why a stream could not be opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FollowError {
+    /// `presence_streams_max` streams are open.
+    Full,
 }
 
 /// Counters of the wiring (the state machine's own are in [`presence::Stats`]).
@@ -61,12 +95,20 @@ struct Counters {
     queries: AtomicU64,
     query_errors: AtomicU64,
     narrowed_batches: AtomicU64,
+    streams_opened: AtomicU64,
+    streams_refused: AtomicU64,
+    streams_stalled: AtomicU64,
+    streams_open: AtomicU64,
+    next_follower: AtomicU64,
+    count_pushes: AtomicU64,
 }
 
 /// The broker's presence. See the module docs.
 pub struct Roster {
     inner: Mutex<Inner>,
     counters: Counters,
+    streams_max: usize,
+    lag_max: u64,
 }
 
 impl Roster {
@@ -83,8 +125,12 @@ impl Roster {
             inner: Mutex::new(Inner {
                 presence: Presence::new(limits),
                 reporting: HashSet::new(),
+                followers: Vec::new(),
+                told: 0,
             }),
             counters: Counters::default(),
+            streams_max: config.presence_streams_max,
+            lag_max: config.presence_stream_lag_events_max,
         }
     }
 
@@ -129,6 +175,7 @@ impl Roster {
                 tracing::warn!(node, error = %e, "presence report refused");
             }
         }
+        self.tell(&mut inner);
     }
 
     /// A link heartbeat (PING) from node `node`.
@@ -138,6 +185,7 @@ impl Roster {
         match inner.presence.incarnation(&edge) {
             Some(inc) => {
                 let _ = inner.presence.renew(&edge, inc, now);
+                self.tell(&mut inner);
                 Renewal::Ok
             }
             None if inner.reporting.remove(&edge) => {
@@ -150,7 +198,85 @@ impl Roster {
 
     /// Ends expired leases and held exits past their grace (shard 0's clock).
     pub fn poll(&self, now: Instant) {
-        self.lock().presence.poll(now);
+        let mut inner = self.lock();
+        inner.presence.poll(now);
+        self.tell(&mut inner);
+    }
+
+    /// Tells every follower of new events; cuts (and counts) those that made no progress
+    /// since the last time they were told while more than `lag_max` events behind what they
+    /// were told then, past their backlog. A consumer that keeps reading is never cut, however
+    /// large a burst (an edge's lease ending logs all its exits at once).
+    fn tell(&self, inner: &mut Inner) {
+        let last = inner.presence.last_seq();
+        if last == inner.told {
+            return;
+        }
+        let told = std::mem::replace(&mut inner.told, last);
+        let lag_max = self.lag_max;
+        inner.followers.retain(|f| {
+            let cursor = f.cursor.load(Relaxed);
+            let read = cursor.max(f.start);
+            let stuck = f.seen.swap(cursor, Relaxed) == cursor;
+            if stuck && told.saturating_sub(read) > lag_max {
+                f.cut.store(true, Relaxed);
+                f.wake.notify();
+                f.cut_signal.notify();
+                self.counters.streams_stalled.fetch_add(1, Relaxed);
+                tracing::info!(
+                    follower = f.id,
+                    behind = last - read,
+                    "presence stream cut: consumer too slow"
+                );
+                false
+            } else {
+                f.wake.notify();
+                true
+            }
+        });
+    }
+
+    /// Opens an event stream: events with a seq above `after` are read from the log (the
+    /// caller's backlog), later ones as they happen. `None` starts at the newest event.
+    pub(crate) fn follow(&self, after: Option<u64>) -> Result<(Arc<Follower>, u64), FollowError> {
+        let mut inner = self.lock();
+        if inner.followers.len() >= self.streams_max {
+            self.counters.streams_refused.fetch_add(1, Relaxed);
+            return Err(FollowError::Full);
+        }
+        let last = inner.presence.last_seq();
+        let f = Arc::new(Follower {
+            id: self.counters.next_follower.fetch_add(1, Relaxed),
+            start: last,
+            cursor: AtomicU64::new(after.unwrap_or(last)),
+            seen: AtomicU64::new(u64::MAX),
+            cut: AtomicBool::new(false),
+            wake: net::wake::Notify::new(),
+            cut_signal: net::wake::Notify::new(),
+        });
+        inner.followers.push(f.clone());
+        self.counters.streams_opened.fetch_add(1, Relaxed);
+        self.counters.streams_open.fetch_add(1, Relaxed);
+        Ok((f, after.unwrap_or(last)))
+    }
+
+    /// Closes a stream (its consumer left, or it was cut).
+    pub(crate) fn unfollow(&self, f: &Follower) {
+        let mut inner = self.lock();
+        inner.followers.retain(|g| g.id != f.id);
+        self.counters.streams_open.fetch_sub(1, Relaxed);
+    }
+
+    /// A page of the log for a stream (see [`Presence::events_after`]) and the oldest seq held.
+    pub(crate) fn read(
+        &self,
+        after: u64,
+        filter: &Filter,
+        limit: usize,
+    ) -> (presence::EventsPage, u64) {
+        let inner = self.lock();
+        let page = inner.presence.events_after(after, filter, limit);
+        (page, inner.presence.first_seq())
     }
 
     /// When [`Roster::poll`] has work next.
@@ -259,6 +385,36 @@ impl Roster {
             "Presence API requests refused (auth, scope, bad parameters).",
             c.query_errors.load(Relaxed),
         );
+        gauge(
+            w,
+            "barrage_broker_presence_streams",
+            "Presence event streams open (SSE and ingest subscriptions).",
+            c.streams_open.load(Relaxed) as f64,
+        );
+        counter(
+            w,
+            "barrage_broker_presence_streams_opened_total",
+            "Presence event streams opened.",
+            c.streams_opened.load(Relaxed),
+        );
+        counter(
+            w,
+            "barrage_broker_presence_streams_refused_total",
+            "Presence event streams refused at presence_streams_max.",
+            c.streams_refused.load(Relaxed),
+        );
+        counter(
+            w,
+            "barrage_broker_presence_streams_stalled_total",
+            "Presence event streams cut because their consumer fell presence_stream_lag_events_max events behind.",
+            c.streams_stalled.load(Relaxed),
+        );
+        counter(
+            w,
+            "barrage_broker_count_pushes_total",
+            "ONLINE_RANK_COUNT messages pushed to rooms (count_push_rooms, count_push_all_rooms).",
+            c.count_pushes.load(Relaxed),
+        );
         counter(
             w,
             "barrage_broker_presence_narrowed_batches_total",
@@ -327,14 +483,7 @@ impl Roster {
         req: &Request,
         rest: &str,
     ) -> Result<serde_json::Value, Response> {
-        let key = authorize(shared, req)?;
-        if !shared.policy.load().allows(key, ScopeKind::Presence) {
-            return Err(Response::error(
-                403,
-                "forbidden_scope",
-                "this API key lacks the presence scope",
-            ));
-        }
+        check_key(shared, req)?;
         let (what, arg) = rest.split_once('/').unwrap_or((rest, ""));
         let inner = self.lock();
         let p = &inner.presence;
@@ -386,24 +535,16 @@ impl Roster {
                         json!({"room": r.room.0, "viewers": r.viewers, "connections": r.connections})
                     })
                     .collect();
-                Ok(json!({ "rooms": rooms }))
+                // Fleet-wide totals: every live connection, and every room with a viewer.
+                Ok(json!({
+                    "rooms": rooms,
+                    "connections": p.records(),
+                    "rooms_total": p.rooms(),
+                }))
             }
             ("events", "") => {
-                let after = match (req.query_param("after"), req.header("last-event-id")) {
-                    (Some(a), _) | (None, Some(a)) => parse_u64(a, "after")?,
-                    (None, None) => 0,
-                };
-                let filter = Filter {
-                    rooms: parse_ids(req.query_param("rooms"), "rooms")?
-                        .into_iter()
-                        .map(RoomId)
-                        .collect(),
-                    areas: parse_ids(req.query_param("areas"), "areas")?
-                        .into_iter()
-                        .map(|a| u32::try_from(a).map(AreaId))
-                        .collect::<Result<_, _>>()
-                        .map_err(|_| bad("area ids are below 2^32"))?,
-                };
+                let after = parse_after(req)?.unwrap_or(0);
+                let filter = parse_filter(req)?;
                 let limit = parse_limit(req, EVENTS_PAGE_DEFAULT, presence::EVENTS_PAGE_MAX)?;
                 let page = p.events_after(after, &filter, limit);
                 Ok(json!({
@@ -420,6 +561,72 @@ impl Roster {
             )),
         }
     }
+}
+
+impl Roster {
+    /// Counts `ONLINE_RANK_COUNT` messages pushed (see crate::online).
+    pub(crate) fn count_pushes(&self, n: usize) {
+        self.counters.count_pushes.fetch_add(n as u64, Relaxed);
+    }
+
+    /// Counts a presence request answered (`ok`) or refused.
+    pub(crate) fn count_query(&self, ok: bool) {
+        let c = if ok {
+            &self.counters.queries
+        } else {
+            &self.counters.query_errors
+        };
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+/// The request's key must be known and hold the `presence` scope.
+pub(crate) fn check_key(shared: &Shared, req: &Request) -> Result<(), Response> {
+    let key = authorize(shared, req)?;
+    if !shared.policy.load().allows(key, ScopeKind::Presence) {
+        return Err(Response::error(
+            403,
+            "forbidden_scope",
+            "this API key lacks the presence scope",
+        ));
+    }
+    Ok(())
+}
+
+/// Where an events reader resumes: `?after=` or, failing that, `Last-Event-ID`.
+pub(crate) fn parse_after(req: &Request) -> Result<Option<u64>, Response> {
+    match (req.query_param("after"), req.header("last-event-id")) {
+        (Some(a), _) | (None, Some(a)) if !a.trim().is_empty() => {
+            parse_u64(a.trim(), "after").map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `?rooms=1,2&areas=3`.
+pub(crate) fn parse_filter(req: &Request) -> Result<Filter, Response> {
+    filter_of(
+        parse_ids(req.query_param("rooms"), "rooms")?,
+        parse_ids(req.query_param("areas"), "areas")?,
+    )
+    .map_err(|e| bad(&e))
+}
+
+/// A filter from raw ids (HTTP query or ingest `SUBSCRIBE`), checked.
+pub(crate) fn filter_of(rooms: Vec<u64>, areas: Vec<u64>) -> Result<Filter, String> {
+    if rooms.len() > FILTER_IDS_MAX || areas.len() > FILTER_IDS_MAX {
+        return Err(format!(
+            "at most {FILTER_IDS_MAX} rooms and {FILTER_IDS_MAX} areas"
+        ));
+    }
+    Ok(Filter {
+        rooms: rooms.into_iter().map(RoomId).collect(),
+        areas: areas
+            .into_iter()
+            .map(|a| u32::try_from(a).map(AreaId))
+            .collect::<Result<_, _>>()
+            .map_err(|_| "area ids are below 2^32".to_string())?,
+    })
 }
 
 fn authorize(shared: &Shared, req: &Request) -> Result<KeyId, Response> {
@@ -470,7 +677,7 @@ fn parse_ids(v: Option<&str>, what: &str) -> Result<Vec<u64>, Response> {
     Ok(ids)
 }
 
-fn event_json(e: &Event) -> serde_json::Value {
+pub(crate) fn event_json(e: &Event) -> serde_json::Value {
     json!({
         "seq": e.seq,
         "type": e.kind.label(),

@@ -232,6 +232,11 @@ impl Route {
         }
     }
 
+    /// Every room with a fleet-wide count, and the count.
+    pub fn totals(&self) -> impl Iterator<Item = (RoomId, u64)> + '_ {
+        self.totals.iter().map(|(r, n)| (*r, *n))
+    }
+
     /// Fleet-wide viewers of a room as the edges reported them.
     pub fn total(&self, room: RoomId) -> Option<u64> {
         self.totals.get(&room).copied()

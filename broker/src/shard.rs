@@ -16,7 +16,7 @@ use crate::stop::{yield_now, Stop};
 use crate::{Inbox, NewLink, Shared};
 use bytes::Bytes;
 use monoio::io::Splitable;
-use proto::id::{Encoding, Priority, Scope};
+use proto::id::{Encoding, MsgId, Priority, RoomId, Scope};
 use proto::link::{Batch, LinkFrame};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -59,6 +59,8 @@ pub(crate) struct State {
     acks: crate::cluster::Acks,
     /// Msg ids of the batches handed on in this drain (cluster mode only).
     handed: Vec<proto::id::MsgId>,
+    /// `ONLINE_RANK_COUNT` pushes (`None`: off).
+    announcer: Option<crate::online::Announcer>,
 }
 
 /// After the first edge link of a held shard, how long it waits for that edge's interest
@@ -103,6 +105,17 @@ impl State {
             first_link_at: None,
             acks: Default::default(),
             handed: Vec::new(),
+            announcer: crate::online::Announcer::new(
+                c.count_push_ms,
+                if c.count_push_all_rooms {
+                    crate::online::Rooms::All
+                } else {
+                    crate::online::Rooms::Listed(
+                        c.count_push_rooms.iter().copied().map(RoomId).collect(),
+                    )
+                },
+                now,
+            ),
             shared,
         }
     }
@@ -507,14 +520,44 @@ impl State {
             self.shared.roster.poll(now);
             self.reach(now);
         }
+        self.announce(now);
         let m = &self.shared.shard_metrics[self.index as usize];
         m.edges.store(self.route.edges() as u64, Relaxed);
         m.rooms_watched
             .store(self.route.rooms_watched() as u64, Relaxed);
     }
 
+    /// Pushes the rooms' changed online counts into their batches (see crate::online).
+    fn announce(&mut self, now: Instant) {
+        let Some(a) = self.announcer.as_mut() else {
+            return;
+        };
+        let due = a.poll(now, self.route.totals());
+        if due.is_empty() {
+            return;
+        }
+        let mut flushes = Vec::new();
+        self.shared.roster.count_pushes(due.len());
+        for (room, count) in due {
+            let msg = crate::batcher::Message {
+                scope: Scope::Room(room),
+                priority: Priority::Low,
+                msg_id: MsgId(self.shared.next_msg_id.fetch_add(1, Relaxed)),
+                body: crate::online::body(count),
+                accepted: now,
+            };
+            self.batcher.push(msg, now, &mut flushes);
+        }
+        for f in flushes {
+            self.deliver(f, now);
+        }
+    }
+
     fn next_wake(&mut self) -> Instant {
         let mut t = self.next_counts.min(self.next_ping);
+        if let Some(a) = &self.announcer {
+            t = t.min(a.next_deadline());
+        }
         if self.index == 0 {
             if let Some(d) = self.shared.roster.next_deadline() {
                 t = t.min(d);

@@ -131,6 +131,12 @@ pub struct Common {
     /// Write the JSON report here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Churn: at the end, stop opening connections and check that the broker's presence
+    /// (`--broker-http`, an `--api-key` with the `presence` scope) equals the connections
+    /// open; the run fails when it does not.
+    #[arg(long)]
+    #[serde(default)]
+    pub presence_check: bool,
     /// Write SVG charts (latency, deliveries/s, server CPU per million deliveries,
     /// connections, over time by step) and each step's latency histogram (`.hgrm`) here.
     #[arg(long)]

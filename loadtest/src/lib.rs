@@ -104,7 +104,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 connects_per_s: a.connects_per_s,
                 hold_ms: a.hold_ms,
             };
-            run::run(&a.common, kind, "churn", json).map(|_| ())
+            let report = run::run(&a.common, kind, "churn", json)?;
+            match report.presence {
+                Some(p) if !p.equal => anyhow::bail!(
+                    "presence {} != {} connections open{}",
+                    p.presence_connections
+                        .map_or("unknown".into(), |n| n.to_string()),
+                    p.open_connections,
+                    p.error.map_or(String::new(), |e| format!(" ({e})"))
+                ),
+                _ => Ok(()),
+            }
         }
         Scenario::Plan(a) => plan::run(&a),
         Scenario::Reach(a) => reach::run(&a),

@@ -102,6 +102,20 @@ pub struct Totals2 {
     pub disconnects: BTreeMap<String, u64>,
 }
 
+/// After churn stops opening connections: what is open, and what presence says is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PresenceCheck {
+    /// Connections the load generator holds open (authenticated, not yet closed).
+    pub open_connections: u64,
+    /// The broker's fleet-wide presence records (`None`: the query failed).
+    pub presence_connections: Option<u64>,
+    pub equal: bool,
+    /// Why the query failed, if it did.
+    pub error: Option<String>,
+    /// How long the two took to agree (or the check gave up).
+    pub settle_ms: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Connects {
     pub target: u64,
@@ -129,6 +143,9 @@ pub struct Report {
     pub steps: Vec<Step>,
     pub totals: Totals2,
     pub publisher: Option<PubStats>,
+    /// Churn with `--presence-check`: the broker's presence against the connections open.
+    #[serde(default)]
+    pub presence: Option<PresenceCheck>,
     pub server: Server,
     /// Why stepping stopped (fan-out), or "completed".
     pub stop_reason: String,
@@ -271,6 +288,18 @@ pub fn render(r: &Report) -> String {
                 r.connects.connect_ms.p99_ms
             );
         }
+    }
+    if let Some(p) = &r.presence {
+        let _ = writeln!(
+            s,
+            "presence: {} connections open, broker presence {} ({}, after {} ms){}",
+            p.open_connections,
+            p.presence_connections
+                .map_or("unknown".into(), |n| n.to_string()),
+            if p.equal { "equal" } else { "DIFFERENT" },
+            p.settle_ms,
+            p.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+        );
     }
     let _ = writeln!(s, "stop: {}", r.stop_reason);
     s

@@ -220,6 +220,12 @@ impl Fleet {
         self.command(&format!("step {step}"));
     }
 
+    /// Churn stops opening connections (those open stay until their hold ends).
+    fn pause(&mut self) {
+        self.shared.paused.store(true, Ordering::Release);
+        self.command("pause");
+    }
+
     fn set_publishing(&mut self) {
         self.shared.publishing.store(true, Ordering::Release);
         self.command("publishing");
@@ -333,6 +339,41 @@ impl Run<'_> {
     fn set_step(&mut self, step: u32) {
         self.step = step;
         self.fleet.set_step(step);
+    }
+
+    /// Churn's end: stops opening connections, then compares the connections open now with
+    /// the broker's presence (`GET /v1/presence/top`, total `connections`) until two readings
+    /// in a row agree and did not change, or [`PRESENCE_SETTLE_MS`] pass.
+    fn presence_check(&mut self) -> report::PresenceCheck {
+        self.fleet.pause();
+        let started = Instant::now();
+        let mut last: Option<(u64, Option<u64>)> = None;
+        loop {
+            // A window from every thread (they ship every WINDOW_MS) before reading `live`.
+            self.pump(Duration::from_millis(PRESENCE_READ_MS));
+            let open = self.agg.live();
+            let presence = presence_connections(&self.common.broker_http, &self.common.api_key);
+            let now = (open, presence.as_ref().ok().copied());
+            let settled = last == Some(now) && now.1 == Some(open);
+            let out_of_time = started.elapsed() >= Duration::from_millis(PRESENCE_SETTLE_MS);
+            if settled || out_of_time {
+                let check = report::PresenceCheck {
+                    open_connections: open,
+                    presence_connections: now.1,
+                    equal: now.1 == Some(open),
+                    error: presence.err().map(|e| e.to_string()),
+                    settle_ms: started.elapsed().as_millis() as u64,
+                };
+                self.bars.println(&format!(
+                    "presence: {} connections open, broker presence {} -> {}",
+                    open,
+                    now.1.map_or("unknown".into(), |p| p.to_string()),
+                    if check.equal { "equal" } else { "DIFFERENT" }
+                ));
+                return check;
+            }
+            last = Some(now);
+        }
     }
 
     /// Waits until every planned connection has either opened or failed (or the ramp times out).
@@ -660,6 +701,7 @@ pub fn run(
     let mut loaded = Totals::default();
     let mut ramp_s = 0.0;
     let mut pub_stats = None;
+    let mut presence = None;
 
     let result: anyhow::Result<()> = (|| {
         match &kind {
@@ -704,6 +746,9 @@ pub fn run(
                 let mut st = step_of(&s, 1, 0, secs, 0, cpu, has_pids);
                 st.loadtest_cpu_s = lcpu;
                 steps.push(st);
+                if common.presence_check {
+                    presence = Some(run.presence_check());
+                }
             }
             Kind::Publish {
                 steps: rates,
@@ -829,6 +874,7 @@ pub fn run(
         steps,
         totals: Totals2::from_stats(total),
         publisher: pub_stats,
+        presence,
         server: report::Server {
             pids,
             baseline,
@@ -862,6 +908,44 @@ pub fn run(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// How long churn's presence check waits for the open connections and presence to agree.
+pub const PRESENCE_SETTLE_MS: u64 = 15_000;
+/// Between two readings of the presence check (more than a viewer window).
+pub const PRESENCE_READ_MS: u64 = 1_300;
+
+/// The broker's fleet-wide presence connections (`GET /v1/presence/top?limit=1`, a key with
+/// the `presence` scope).
+fn presence_connections(broker_http: &str, api_key: &str) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let addr = broker_http
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let sock = addr
+        .to_socket_addrs()?
+        .next()
+        .context("broker_http resolves to nothing")?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /v1/presence/top?limit=1 HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {api_key}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP head")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "presence query: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    let v: serde_json::Value = serde_json::from_str(body.trim())?;
+    v["connections"]
+        .as_u64()
+        .context("presence answer without connections")
 }
 
 /// The child-process side: `loadtest worker` (plan on the first stdin line, then commands).
@@ -909,6 +993,7 @@ pub fn worker() -> anyhow::Result<()> {
                 }
             }
             Some("publishing") => shared.publishing.store(true, Ordering::Release),
+            Some("pause") => shared.paused.store(true, Ordering::Release),
             Some("stop") => {
                 let issued: Vec<u64> = parts
                     .next()

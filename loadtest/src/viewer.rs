@@ -56,6 +56,8 @@ pub struct Shared {
     pub issued: Vec<AtomicU64>,
     /// Per room index: of those, refused by the broker (never delivered to anyone).
     pub rejected: Vec<AtomicU64>,
+    /// Churn opens no new connection while set (the presence check counts what is open).
+    pub paused: AtomicBool,
 }
 
 impl Shared {
@@ -66,6 +68,7 @@ impl Shared {
             publishing: AtomicBool::new(false),
             issued: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
             rejected: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+            paused: AtomicBool::new(false),
         })
     }
 }
@@ -872,6 +875,10 @@ async fn thread_main(
                     let mut rng = SplitMix64::new(seed ^ (u64::from(thread) << 32));
                     let mut i = 0u64;
                     while !ctx.shared.stop.load(Ordering::Relaxed) {
+                        if ctx.shared.paused.load(Ordering::Relaxed) {
+                            monoio::time::sleep(Duration::from_millis(TICK_MS)).await;
+                            continue;
+                        }
                         let due = start + Duration::from_secs_f64(i as f64 / rate);
                         let now = Instant::now();
                         if due > now {

@@ -28,6 +28,11 @@
 //!   in it is served only for the role's `reserved_paths` (health checks, edge heartbeats) and
 //!   must send its head within [`RESERVED_HEAD_MS_MAX`]; any other path gets 503 + Retry-After.
 //!   So a full public side never locks out liveness probes or the fleet's own heartbeats.
+//! - A streamed response ([`Streamed`], Server-Sent Events) holds its connection until its
+//!   chunks end, the client leaves, its `cut` resolves (the role decided the consumer is too
+//!   slow: the connection is closed at once, whatever hyper was waiting to write) or `serve`
+//!   stops (streams are closed without the graceful wait). It must write something at least
+//!   every `idle_ms` (a comment line for SSE), or the idle deadline closes it.
 //! - Every error this module answers itself is one JSON shape, `{"error":"<label>","message":"..."}`
 //!   ([`Response::error`]), which the roles use for theirs too.
 
@@ -207,6 +212,85 @@ impl Response {
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 pub type Handler = Rc<dyn Fn(Request) -> BoxFuture<Response>>;
 
+/// The chunks of a streamed response body, produced while the connection is open.
+pub trait Chunks {
+    /// The next chunk; `Ready(None)` ends the body (and, with it, the connection).
+    fn poll_chunk(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Vec<u8>>>;
+}
+
+/// A response whose body is written as it is produced (Server-Sent Events).
+pub struct Streamed {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub chunks: Box<dyn Chunks>,
+    /// Resolves when the connection must be closed at once (a consumer that stopped reading:
+    /// hyper would otherwise wait on its full socket until the idle deadline).
+    pub cut: BoxFuture<()>,
+}
+
+/// Decides, before the role's [`Handler`], whether a request is answered by a stream:
+/// `None` for an ordinary request, `Some(Err(response))` for a refused stream.
+#[derive(Clone)]
+pub struct StreamRoute(pub std::sync::Arc<RouteStream>);
+
+/// What a [`StreamRoute`] calls (see there).
+pub type RouteStream = dyn Fn(&Request) -> Option<Result<Streamed, Response>> + Send + Sync;
+
+impl std::fmt::Debug for StreamRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamRoute")
+    }
+}
+
+/// What a request is answered with.
+enum Reply {
+    Full(Response),
+    Stream(Streamed),
+}
+
+impl From<Response> for Reply {
+    fn from(r: Response) -> Reply {
+        Reply::Full(r)
+    }
+}
+
+/// The body type handed to hyper: a whole body, or a stream of chunks.
+enum Out {
+    Full(Full<Bytes>),
+    Stream(Box<dyn Chunks>),
+}
+
+impl hyper::body::Body for Out {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Out::Full(b) => Pin::new(b).poll_frame(cx),
+            Out::Stream(c) => c
+                .poll_chunk(cx)
+                .map(|c| c.map(|v| Ok(hyper::body::Frame::data(Bytes::from(v))))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Out::Full(b) => b.is_end_stream(),
+            Out::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Out::Full(b) => b.size_hint(),
+            Out::Stream(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
 /// Percent-decodes a query component (`+` is a space). Invalid escapes are kept as written;
 /// invalid UTF-8 is replaced, never an error: a bad query is the handler's to judge.
 fn decode_component(s: &str) -> String {
@@ -250,12 +334,20 @@ pub fn parse_query(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn to_hyper(resp: Response) -> hyper::Response<Full<Bytes>> {
-    let mut out = hyper::Response::new(Full::new(Bytes::from(resp.body)));
-    *out.status_mut() = hyper::StatusCode::from_u16(resp.status)
-        .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+fn to_hyper(resp: Response) -> hyper::Response<Out> {
+    with_head(
+        Out::Full(Full::new(Bytes::from(resp.body))),
+        resp.status,
+        resp.headers,
+    )
+}
+
+fn with_head<B>(body: B, status: u16, headers: Vec<(String, String)>) -> hyper::Response<B> {
+    let mut out = hyper::Response::new(body);
+    *out.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     let h = out.headers_mut();
-    for (k, v) in resp.headers {
+    for (k, v) in headers {
         match (
             hyper::header::HeaderName::from_bytes(k.as_bytes()),
             hyper::header::HeaderValue::from_str(&v),
@@ -292,7 +384,22 @@ struct Ctx {
 }
 
 /// Reads the whole request (enforcing the body cap and the body deadline) and runs the handler.
-async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
+async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Reply {
+    let request = match read_request(req, ctx).await {
+        Ok(r) => r,
+        Err(refusal) => return refusal.into(),
+    };
+    if let Some(route) = &ctx.cfg.stream {
+        match (route.0)(&request) {
+            Some(Ok(s)) => return Reply::Stream(s),
+            Some(Err(refusal)) => return refusal.into(),
+            None => {}
+        }
+    }
+    (ctx.handler)(request).await.into()
+}
+
+async fn read_request(req: hyper::Request<Incoming>, ctx: &Ctx) -> Result<Request, Response> {
     let body_bytes_max = ctx.cfg.body_bytes_max;
     if ctx.reserved_only
         && !ctx
@@ -302,7 +409,9 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
             .any(|p| p.as_str() == req.uri().path())
     {
         ctx.cfg.stats.count(&ctx.cfg.stats.refused_reserved);
-        return unavailable("the server is full; only health checks and heartbeats are served");
+        return Err(unavailable(
+            "the server is full; only health checks and heartbeats are served",
+        ));
     }
     let declared = req
         .headers()
@@ -313,7 +422,7 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
     if let Some(n) = declared.filter(|n| *n > drain_limit) {
         // Far too big to be worth reading: answer now and close. The client may see a reset
         // instead of the 413 if it is still writing.
-        return too_large(n, body_bytes_max).with_header("connection", "close");
+        return Err(too_large(n, body_bytes_max).with_header("connection", "close"));
     }
     let (parts, mut body) = req.into_parts();
     let mut buf: Vec<u8> = Vec::new();
@@ -331,7 +440,7 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
             Ok(None) => break,
             Err(_) => {
                 ctx.cfg.stats.count(&ctx.cfg.stats.body_timeouts);
-                return Response::error(
+                return Err(Response::error(
                     408,
                     "body_timeout",
                     &format!(
@@ -339,14 +448,16 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
                         limits.body_grace_ms
                     ),
                 )
-                .with_header("connection", "close");
+                .with_header("connection", "close"));
             }
         };
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                return Response::error(400, "bad_request", &format!("bad request body: {e}"))
-                    .with_header("connection", "close")
+                return Err(
+                    Response::error(400, "bad_request", &format!("bad request body: {e}"))
+                        .with_header("connection", "close"),
+                )
             }
         };
         let Ok(data) = frame.into_data() else {
@@ -354,7 +465,7 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
         };
         seen = seen.saturating_add(data.len() as u64);
         if seen > drain_limit {
-            return too_large(seen, body_bytes_max).with_header("connection", "close");
+            return Err(too_large(seen, body_bytes_max).with_header("connection", "close"));
         }
         if seen <= body_bytes_max as u64 {
             buf.extend_from_slice(&data);
@@ -362,18 +473,17 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
     }
     if seen > body_bytes_max as u64 {
         // Body fully drained: the 413 reaches the client and the connection stays usable.
-        return too_large(seen, body_bytes_max);
+        return Err(too_large(seen, body_bytes_max));
     }
     let body = buf;
-    let request = Request {
+    Ok(Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
         query: parts.uri.query().map(parse_query).unwrap_or_default(),
         headers: header_pairs(&parts.headers),
         body,
         peer: ctx.peer,
-    };
-    (ctx.handler)(request).await
+    })
 }
 
 /// The timing of one connection, shared by its IO wrapper, its service and its watch.
@@ -385,6 +495,39 @@ struct ConnClock {
     /// When the head now being read started: the accept, or the first byte read while no
     /// request was in flight. `None` while a request is handled or the connection is idle.
     head_since: std::cell::Cell<Option<std::time::Instant>>,
+    /// The `cut` of the stream this connection is writing, if any.
+    cut: std::cell::RefCell<Option<BoxFuture<()>>>,
+    /// The connection task's waker, woken when a stream (and its `cut`) starts.
+    cut_waker: std::cell::RefCell<Option<std::task::Waker>>,
+}
+
+impl ConnClock {
+    fn streaming(&self) -> bool {
+        self.cut.borrow().is_some()
+    }
+
+    /// Hands a stream's `cut` to the connection task.
+    fn start_stream(&self, cut: BoxFuture<()>) {
+        *self.cut.borrow_mut() = Some(cut);
+        if let Some(w) = self.cut_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// Resolves when the stream the connection is writing must be cut.
+async fn cut_wait(clock: Rc<ConnClock>) {
+    std::future::poll_fn(|cx| {
+        let mut slot = clock.cut.borrow_mut();
+        match slot.as_mut() {
+            Some(cut) => cut.as_mut().poll(cx),
+            None => {
+                *clock.cut_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 /// A hyper IO that stamps the time of its last read or write, for the deadlines.
@@ -628,6 +771,8 @@ pub struct ServeConfig {
     pub reserved_paths: Vec<String>,
     /// Where admission counts what it refused.
     pub stats: std::sync::Arc<Stats>,
+    /// Requests answered by a stream (see [`StreamRoute`]); none by default.
+    pub stream: Option<StreamRoute>,
 }
 
 impl ServeConfig {
@@ -637,6 +782,7 @@ impl ServeConfig {
             limits: Limits::default(),
             reserved_paths: vec!["/healthz".to_string()],
             stats: Default::default(),
+            stream: None,
         }
     }
 }
@@ -759,18 +905,31 @@ pub async fn serve_with(
                 last_io: std::cell::Cell::new(now),
                 in_flight: std::cell::Cell::new(0),
                 head_since: std::cell::Cell::new(Some(now)),
+                cut: Default::default(),
+                cut_waker: Default::default(),
             });
             let io = Tracked {
                 inner: io,
                 clock: clock.clone(),
             };
             let svc_clock = clock.clone();
+            let cut_clock = clock.clone();
             let stats = ctx.cfg.stats.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
                 let guard = Handling::enter(&svc_clock);
+                let clock = svc_clock.clone();
                 async move {
-                    let resp = to_hyper(handle(req, &ctx).await);
+                    let resp = match handle(req, &ctx).await {
+                        Reply::Full(r) => to_hyper(r),
+                        Reply::Stream(s) => {
+                            clock.start_stream(s.cut);
+                            let mut headers = s.headers;
+                            // One stream per connection: its cut must not outlive it.
+                            headers.push(("connection".to_string(), "close".to_string()));
+                            with_head(Out::Stream(s.chunks), s.status, headers)
+                        }
+                    };
                     drop(guard);
                     Ok::<_, std::convert::Infallible>(resp)
                 }
@@ -787,7 +946,15 @@ pub async fn serve_with(
                     tracing::debug!(%peer, ?why, "closing http connection");
                     Ok(())
                 }
+                _ = cut_wait(cut_clock.clone()) => {
+                    tracing::debug!(%peer, "stream cut");
+                    Ok(())
+                }
                 _ = stop_rx.wait_for(|s| *s) => {
+                    if cut_clock.streaming() {
+                        // A stream never finishes on its own: close it now.
+                        return;
+                    }
                     conn.as_mut().graceful_shutdown();
                     match monoio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), conn.as_mut()).await {
                         Ok(r) => r,

@@ -17,7 +17,7 @@
 //!
 //! CONTRACT: broker and loadtest use these; keep them.
 
-use crate::id::{MsgId, Priority, Reach, Scope};
+use crate::id::{AreaId, MsgId, Priority, Reach, RoomId, Scope};
 use crate::link::wire;
 
 pub const INGEST_VERSION: u8 = 1;
@@ -89,6 +89,18 @@ pub enum IngestFrame {
         req_id: u64,
         result: Result<MsgId, PushError>,
     },
+    /// Caller -> broker (a key with the `presence` scope): stream presence events on this
+    /// connection, those of the listed rooms or areas (both empty: all), after seq `after`
+    /// (`None`: from the newest on). Answered by a `Status` whose msg id is the seq the
+    /// stream starts after; then `PresenceEvent` frames. A second one replaces the first.
+    Subscribe {
+        req_id: u64,
+        after: Option<u64>,
+        rooms: Vec<RoomId>,
+        areas: Vec<AreaId>,
+    },
+    /// Broker -> caller: one presence event, the JSON object of the SSE stream's `data:`.
+    PresenceEvent { json: Vec<u8> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +124,11 @@ pub mod kind {
     pub const STATUS: u8 = 3;
     /// A PUSH payload preceded by the idempotency key (u16 length + UTF-8).
     pub const KEYED_PUSH: u8 = 4;
+    /// u64 req_id | u8 from (0 newest, 1 after) | u64 after | u32 n, n x u64 room |
+    /// u32 n, n x u32 area.
+    pub const SUBSCRIBE: u8 = 5;
+    /// u32 n | n bytes of JSON.
+    pub const PRESENCE_EVENT: u8 = 6;
 }
 
 /// Result codes in a `Status` frame: `OK` is followed by the msg id, the others are
@@ -175,6 +192,32 @@ pub fn encode(frame: &IngestFrame, out: &mut Vec<u8>) {
                 }
                 Err(PushError::Overloaded) => out.push(code::OVERLOADED),
             }
+            wire::end(out, start);
+        }
+        IngestFrame::Subscribe {
+            req_id,
+            after,
+            rooms,
+            areas,
+        } => {
+            let start = wire::begin(out, INGEST_VERSION, kind::SUBSCRIBE);
+            out.extend_from_slice(&req_id.to_be_bytes());
+            out.push(u8::from(after.is_some()));
+            out.extend_from_slice(&after.unwrap_or(0).to_be_bytes());
+            let n = wire::put_count(out, rooms.len());
+            for r in rooms.iter().take(n) {
+                out.extend_from_slice(&r.0.to_be_bytes());
+            }
+            let n = wire::put_count(out, areas.len());
+            for a in areas.iter().take(n) {
+                out.extend_from_slice(&a.0.to_be_bytes());
+            }
+            wire::end(out, start);
+        }
+        IngestFrame::PresenceEvent { json } => {
+            let start = wire::begin(out, INGEST_VERSION, kind::PRESENCE_EVENT);
+            let n = wire::put_count(out, json.len());
+            out.extend_from_slice(&json[..n.min(json.len())]);
             wire::end(out, start);
         }
     }
@@ -254,6 +297,38 @@ pub fn decode(buf: &[u8], frame_bytes_max: u32) -> Result<(IngestFrame, usize), 
                 _ => return Err(IngestError::Malformed),
             };
             IngestFrame::Status { req_id, result }
+        }
+        kind::SUBSCRIBE => {
+            let req_id = r.u64()?;
+            let from = r.u8()?;
+            let after = r.u64()?;
+            let after = match from {
+                0 if after == 0 => None,
+                1 => Some(after),
+                _ => return Err(IngestError::Malformed),
+            };
+            let n = r.count(8)?;
+            let mut rooms = Vec::with_capacity(n);
+            for _ in 0..n {
+                rooms.push(RoomId(r.u64()?));
+            }
+            let n = r.count(4)?;
+            let mut areas = Vec::with_capacity(n);
+            for _ in 0..n {
+                areas.push(AreaId(r.u32()?));
+            }
+            IngestFrame::Subscribe {
+                req_id,
+                after,
+                rooms,
+                areas,
+            }
+        }
+        kind::PRESENCE_EVENT => {
+            let n = r.count(1)?;
+            IngestFrame::PresenceEvent {
+                json: r.bytes(n)?.to_vec(),
+            }
         }
         _ => return Err(IngestError::Kind),
     };

@@ -78,7 +78,54 @@ fn any_frame() -> impl Strategy<Value = IngestFrame> {
                     },
                 }
             }),
+        (
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            proptest::collection::vec(any::<u64>().prop_map(RoomId), 0..5),
+            proptest::collection::vec(any::<u32>().prop_map(AreaId), 0..5),
+        )
+            .prop_map(|(req_id, after, rooms, areas)| IngestFrame::Subscribe {
+                req_id,
+                after,
+                rooms,
+                areas,
+            }),
+        proptest::collection::vec(any::<u8>(), 0..200)
+            .prop_map(|json| IngestFrame::PresenceEvent { json }),
     ]
+}
+
+#[test]
+fn subscribe_golden_and_lying_counts() {
+    let bytes = enc(&IngestFrame::Subscribe {
+        req_id: 9,
+        after: Some(41),
+        rooms: vec![RoomId(100)],
+        areas: vec![AreaId(3)],
+    });
+    let mut want = vec![0, 0, 0, 39, INGEST_VERSION, kind::SUBSCRIBE];
+    want.extend_from_slice(&9u64.to_be_bytes());
+    want.push(1);
+    want.extend_from_slice(&41u64.to_be_bytes());
+    want.extend_from_slice(&1u32.to_be_bytes());
+    want.extend_from_slice(&100u64.to_be_bytes());
+    want.extend_from_slice(&1u32.to_be_bytes());
+    want.extend_from_slice(&3u32.to_be_bytes());
+    assert_eq!(bytes, want);
+    // A room count larger than the frame holds is refused before anything is allocated.
+    let mut lying = want.clone();
+    lying[23..27].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert_eq!(
+        decode(&lying, INGEST_FRAME_BYTES_MAX).map(|(f, _)| f),
+        Err(IngestError::Malformed)
+    );
+    // "From the newest" must carry after = 0; any other `from` byte is malformed.
+    let mut bad_from = want.clone();
+    bad_from[14] = 2;
+    assert_eq!(
+        decode(&bad_from, INGEST_FRAME_BYTES_MAX).map(|(f, _)| f),
+        Err(IngestError::Malformed)
+    );
 }
 
 #[test]
@@ -168,7 +215,7 @@ proptest! {
     }
 
     #[test]
-    fn ingest_random_payload_never_panics(k in 0u8..5, payload in proptest::collection::vec(any::<u8>(), 0..120)) {
+    fn ingest_random_payload_never_panics(k in 0u8..8, payload in proptest::collection::vec(any::<u8>(), 0..120)) {
         let mut bytes = ((payload.len() + 2) as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(&[INGEST_VERSION, k]);
         bytes.extend_from_slice(&payload);
@@ -305,7 +352,7 @@ fn ingest_bad_version() {
 
 #[test]
 fn ingest_unknown_kind() {
-    for k in [0u8, 5, 255] {
+    for k in [0u8, 7, 255] {
         let mut bytes = enc(&sample_push());
         bytes[5] = k;
         assert_eq!(dec(&bytes), Err(IngestError::Kind), "kind {k}");

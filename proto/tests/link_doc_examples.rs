@@ -166,6 +166,15 @@ fn ingest_examples() -> Vec<(&'static str, IngestFrame)> {
                 result: Err(PushError::Overloaded),
             },
         ),
+        (
+            "SUBSCRIBE",
+            IngestFrame::Subscribe {
+                req_id: 9,
+                after: Some(41),
+                rooms: vec![proto::id::RoomId(100)],
+                areas: vec![proto::id::AreaId(3)],
+            },
+        ),
     ]
 }
 
@@ -251,6 +260,8 @@ const INGEST_HEX: &[&str] = &[
     "00 00 00 0f 01 03 00 00 00 00 00 00 00 02 05 00 02 6e 6f",
     // STATUS overloaded
     "00 00 00 0b 01 03 00 00 00 00 00 00 00 02 06",
+    // SUBSCRIBE
+    "00 00 00 27 01 05 00 00 00 00 00 00 00 09 01 00 00 00 00 00 00 00 29 00 00 00 01 00 00 00 00 00 00 00 64 00 00 00 01 00 00 00 03",
 ];
 
 #[test]
