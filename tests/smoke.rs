@@ -133,8 +133,8 @@ fn up_tail_push_with_the_real_binary() {
         &control,
         "--count",
         "1",
-        "--timeout-s",
-        "30",
+        "--timeout-ms",
+        "30000",
     ]));
     let user_ws = kids.spawn(
         Command::new(BIN)
@@ -150,8 +150,8 @@ fn up_tail_push_with_the_real_binary() {
                 &control,
                 "--count",
                 "1",
-                "--timeout-s",
-                "30",
+                "--timeout-ms",
+                "30000",
             ])
             .env("BARRAGE_CONTROL_KEY", API_KEY),
     );
@@ -167,8 +167,8 @@ fn up_tail_push_with_the_real_binary() {
         &control,
         "--count",
         "1",
-        "--timeout-s",
-        "30",
+        "--timeout-ms",
+        "30000",
     ]));
     let (tcp_out, tcp_err) = kids.lines(guest_tcp);
     let (ws_out, ws_err) = kids.lines(user_ws);

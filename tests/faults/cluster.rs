@@ -103,7 +103,7 @@ impl Cluster {
             .map(|i| format!("\"edge-{i}:{STRONG}\""))
             .collect();
         let broker_toml = format!(
-            "shards = 1\npin_cores = false\ndriver = \"legacy\"\ningest_addr = \"127.0.0.1:{ingest}\"\n\
+            "shards = 1\npin = false\ndriver = \"legacy\"\ningest_addr = \"127.0.0.1:{ingest}\"\n\
              link_addr = \"{}:{link_port}\"\nhttp_addr = \"127.0.0.1:{http}\"\n\
              link_keys = [{}]\nlink_ping_ms = {}\nlink_dead_ms = {}\nstartup_hold_ms = {}\n{}\n\
              [[api_keys]]\nkey = \"{API}\"\n",
