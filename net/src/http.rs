@@ -313,6 +313,7 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
     if let Some(n) = declared.filter(|n| *n > drain_limit) {
         // Far too big to be worth reading: answer now and close. The client may see a reset
         // instead of the 413 if it is still writing.
+        ctx.cfg.stats.count(&ctx.cfg.stats.too_large);
         return too_large(n, body_bytes_max).with_header("connection", "close");
     }
     let (parts, mut body) = req.into_parts();
@@ -354,6 +355,7 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
         };
         seen = seen.saturating_add(data.len() as u64);
         if seen > drain_limit {
+            ctx.cfg.stats.count(&ctx.cfg.stats.too_large);
             return too_large(seen, body_bytes_max).with_header("connection", "close");
         }
         if seen <= body_bytes_max as u64 {
@@ -362,6 +364,7 @@ async fn handle(req: hyper::Request<Incoming>, ctx: &Ctx) -> Response {
     }
     if seen > body_bytes_max as u64 {
         // Body fully drained: the 413 reaches the client and the connection stays usable.
+        ctx.cfg.stats.count(&ctx.cfg.stats.too_large);
         return too_large(seen, body_bytes_max);
     }
     let body = buf;
@@ -577,6 +580,8 @@ pub struct Stats {
     pub head_timeouts: std::sync::atomic::AtomicU64,
     /// Requests answered 408 because the body was slower than the minimum rate.
     pub body_timeouts: std::sync::atomic::AtomicU64,
+    /// Requests answered 413 because the body was over `body_bytes_max`.
+    pub too_large: std::sync::atomic::AtomicU64,
 }
 
 impl Stats {
@@ -612,6 +617,10 @@ impl Stats {
                 (
                     &[("reason", "body_timeout")],
                     self.body_timeouts.load(Relaxed) as f64,
+                ),
+                (
+                    &[("reason", "too_large")],
+                    self.too_large.load(Relaxed) as f64,
                 ),
             ],
         );
