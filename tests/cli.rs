@@ -43,6 +43,16 @@ fn config_defaults_and_check() {
     let (code, out, err) = run(barrage().args(["config", "check", "edge"]).arg(&good));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ok: "), "{out}");
+    // With --env, the credentials the unit hands in are checked too, as the edge will at start:
+    // on 0.0.0.0 a weak one stops it, so `config check` says so (naming the field, not the value).
+    let weak = dir.join("weak_link_key");
+    std::fs::write(&weak, "tiny-secret-value\n").unwrap();
+    let (code, _, err) = run(barrage()
+        .args(["config", "check", "edge", "--env"])
+        .arg(&good)
+        .env("BARRAGE_EDGE_LINK_KEY_FILE", &weak));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("link_key") && !err.contains("tiny-secret"), "{err}");
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "shards = 1\nstuck_ms_maxx = 5\n").unwrap();
     let (code, _, err) = run(barrage().args(["config", "check", "edge"]).arg(&bad));

@@ -192,6 +192,12 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Refuses weak secrets when a listener is reachable from outside the host, warns about
+    /// them on loopback (what `start` checks; `barrage config check` runs it too).
+    pub fn check_secrets(&self) -> Result<(), crate::EdgeError> {
+        crate::admin::check_secrets(self)
+    }
+
     /// Reads and checks a TOML file (defaults below it, no environment); unknown fields are an
     /// error. `barrage edge` loads through [`net::config::load`] with every layer.
     pub fn from_toml_file(path: &Path) -> Result<Config, EdgeError> {
