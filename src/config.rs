@@ -101,7 +101,9 @@ impl Secrets for control::Config {
 }
 impl Secrets for crate::up::UpConfig {
     fn secrets(&self) -> Result<(), String> {
-        self.control.secrets().map_err(|e| format!("[control] {e}"))?;
+        self.control
+            .secrets()
+            .map_err(|e| format!("[control] {e}"))?;
         self.broker.secrets().map_err(|e| format!("[broker] {e}"))?;
         self.edge.secrets().map_err(|e| format!("[edge] {e}"))
     }

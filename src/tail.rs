@@ -473,7 +473,9 @@ fn authenticate(
 
 pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let deadline = args.timeout_ms.map(|ms| started + Duration::from_millis(ms));
+    let deadline = args
+        .timeout_ms
+        .map(|ms| started + Duration::from_millis(ms));
     let device = args
         .device
         .clone()

@@ -359,13 +359,10 @@ impl Stack {
         let load = {
             let (args, made) = (args.clone(), made.clone());
             move || -> Result<UpConfig, String> {
-                let base: UpConfig = net::config::load(&net::config::Sources::process(
-                    args.config.as_deref(),
-                    &[],
-                ))
-                .map_err(|e| e.to_string())?;
-                let mut c =
-                    wire(base, &args, &mut made.clone()).map_err(|e| format!("{e:#}"))?;
+                let base: UpConfig =
+                    net::config::load(&net::config::Sources::process(args.config.as_deref(), &[]))
+                        .map_err(|e| e.to_string())?;
+                let mut c = wire(base, &args, &mut made.clone()).map_err(|e| format!("{e:#}"))?;
                 ensure_tls(&mut c, &args).map_err(|e| format!("{e:#}"))?;
                 c.edge.broker_addrs = vec![link.to_string()];
                 c.edge.control_addr = Some(control.to_string());

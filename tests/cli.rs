@@ -52,7 +52,10 @@ fn config_defaults_and_check() {
         .arg(&good)
         .env("BARRAGE_EDGE_LINK_KEY_FILE", &weak));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("link_key") && !err.contains("tiny-secret"), "{err}");
+    assert!(
+        err.contains("link_key") && !err.contains("tiny-secret"),
+        "{err}"
+    );
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "shards = 1\nstuck_ms_maxx = 5\n").unwrap();
     let (code, _, err) = run(barrage().args(["config", "check", "edge"]).arg(&bad));
@@ -74,7 +77,10 @@ fn config_defaults_and_check() {
     // as a flag and as a config field, never ignored.
     let (code, _, err) = run(barrage().args(["tail", "--room", "1", "--timeout-s=5"]));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--timeout-s was renamed --timeout-ms"), "{err}");
+    assert!(
+        err.contains("--timeout-s was renamed --timeout-ms"),
+        "{err}"
+    );
     let (code, _, err) = run(barrage().args(["loadtest", "idle", "--duration-s", "5"]));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--duration-ms"), "{err}");
@@ -82,7 +88,10 @@ fn config_defaults_and_check() {
     std::fs::write(&old, "token_ttl_s = 60\n").unwrap();
     let (code, _, err) = run(barrage().args(["config", "check", "control"]).arg(&old));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("`token_ttl_s` was renamed `token_ttl_ms`"), "{err}");
+    assert!(
+        err.contains("`token_ttl_s` was renamed `token_ttl_ms`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -647,7 +656,10 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
         if count >= 1.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "no flush -> write observed:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "no flush -> write observed:\n{text}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 

@@ -488,7 +488,10 @@ impl Pages {
             p if p.starts_with("/assets/") => "assets",
             _ => "page_other",
         };
-        ROUTES.iter().position(|r| *r == name).unwrap_or(ROUTES.len() - 1)
+        ROUTES
+            .iter()
+            .position(|r| *r == name)
+            .unwrap_or(ROUTES.len() - 1)
     }
 
     pub fn serves(path: &str) -> bool {

@@ -160,7 +160,10 @@ fn tokens_discovery_and_registry_over_http() {
 
     // The pages are timed and counted by route and status like the API.
     assert_eq!(call(&addr, "GET", "/room/5", &[], "").status, 200);
-    assert_eq!(call(&addr, "GET", "/console/api/edges", &[], "").status, 401);
+    assert_eq!(
+        call(&addr, "GET", "/console/api/edges", &[], "").status,
+        401
+    );
     let m = call(&addr, "GET", "/metrics", &[], "");
     let text = String::from_utf8(m.body).unwrap();
     for line in [
