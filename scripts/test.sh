@@ -31,6 +31,17 @@ if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; t
 fi
 export BARRAGE_REQUIRE_NATS=1
 
+# The fault suite (tests/faults/network.rs) makes network namespaces with veth pairs and
+# nftables rules: it needs root, iproute2 and nftables. CI runs as root, so those tests fail
+# here rather than skip when a namespace cannot be made (`cargo test` alone skips them).
+if ! command -v ip >/dev/null 2>&1 || ! command -v nft >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq iproute2 nftables
+fi
+export BARRAGE_REQUIRE_NETNS=1
+
 # The interop tests must not skip here: they run a client we did not write.
 export BARRAGE_REQUIRE_INTEROP=1
 cargo test --workspace --all-targets

@@ -39,6 +39,10 @@ pub enum Transport {
     /// WebSocket over TLS (the edge's `wss_port`), verified against the system's roots plus
     /// `--ca-file`.
     Wss,
+    /// Datagrams (the edge's `udp_port`, docs/protocol-udp.md): cookie handshake, heartbeats
+    /// every 20 s, each batch in self-contained parts; a lost datagram is reported on stderr
+    /// as a gap.
+    Udp,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -46,7 +50,8 @@ pub struct TailArgs {
     /// The room to watch (a short id works too).
     #[arg(long)]
     pub room: u64,
-    /// Raw TCP (port 2243), WebSocket (port 2244, path /sub) or WebSocket over TLS (2245).
+    /// Raw TCP (port 2243), WebSocket (port 2244, path /sub), WebSocket over TLS (2245) or
+    /// UDP (2246).
     #[arg(long, value_enum, default_value = "tcp")]
     pub transport: Transport,
     /// Control's base URL.
@@ -213,6 +218,7 @@ fn port_of(edge: &Edge, transport: Transport) -> u16 {
         Transport::Tcp => edge.tcp_port,
         Transport::Ws => edge.ws_port,
         Transport::Wss => edge.wss_port,
+        Transport::Udp => edge.udp_port,
     }
 }
 
@@ -302,6 +308,7 @@ impl Conn {
                 &edge.host,
                 edge.tcp_port,
             )?)))),
+            Transport::Udp => bail!("UDP is not a stream (run_udp)"),
             Transport::Ws | Transport::Wss => {
                 let port = port_of(edge, transport);
                 if port == 0 {
@@ -481,6 +488,9 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("tail-{:016x}", rand::random::<u64>()));
     let t = ticket(&args, &device)?;
+    if args.transport == Transport::Udp {
+        return run_udp(&args, &t, &device, deadline);
+    }
     let mut conn = None;
     for e in &t.edges {
         match Conn::open(e, args.transport, args.ca_file.as_deref()) {
@@ -573,6 +583,209 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     }
     let _ = hb.join();
     result
+}
+
+/// A hello (or a session datagram) is sent again this often until it is answered...
+const UDP_RETRY_MS: u64 = 1_000;
+/// ...this many times.
+const UDP_TRIES_MAX: u32 = 5;
+
+/// `tail --transport udp`: the handshake of docs/protocol-udp.md, then parts printed as they
+/// come, heartbeats every `UDP_HEARTBEAT_MS`, and every gap (a lost part or a whole lost
+/// batch) reported on stderr.
+fn run_udp(
+    args: &TailArgs,
+    t: &Ticket,
+    device: &str,
+    deadline: Option<Instant>,
+) -> anyhow::Result<()> {
+    use proto::udp::{self as wire, ServerDatagram};
+    let payload_max = wire::UDP_PAYLOAD_BYTES_MAX;
+    let mut last_err = None;
+    let mut sock = None;
+    for e in t.edges.iter().filter(|e| e.udp_port != 0) {
+        let addr = match (e.host.as_str(), e.udp_port).to_socket_addrs() {
+            Ok(mut a) => a.next(),
+            Err(err) => {
+                last_err = Some(anyhow!("resolving {}: {err}", e.host));
+                continue;
+            }
+        };
+        let Some(addr) = addr else { continue };
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let s = std::net::UdpSocket::bind(bind)?;
+        // Connected: the kernel drops datagrams from any other source.
+        s.connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_millis(READ_POLL_MS)))?;
+        eprintln!("udp to {addr} (room {})", t.room);
+        sock = Some(s);
+        break;
+    }
+    let Some(sock) = sock else {
+        return match last_err {
+            Some(e) => Err(e),
+            None => Err(anyhow!("no edge in the ticket serves UDP")),
+        };
+    };
+    let mut buf = vec![0u8; 65_536];
+    let mut recv = |sock: &std::net::UdpSocket| -> anyhow::Result<Option<Vec<u8>>> {
+        match sock.recv(&mut buf) {
+            Ok(n) => Ok(Some(buf[..n].to_vec())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    // Sends `d` until `pick` accepts an answer (bounded tries).
+    let mut exchange = |d: &[u8],
+                        pick: &mut dyn FnMut(ServerDatagram<'_>) -> Option<anyhow::Result<()>>|
+     -> anyhow::Result<()> {
+        for _ in 0..UDP_TRIES_MAX {
+            sock.send(d)?;
+            let until = Instant::now() + Duration::from_millis(UDP_RETRY_MS);
+            while Instant::now() < until {
+                let Some(r) = recv(&sock)? else { continue };
+                if let Ok(sd) = wire::decode_server(&r, payload_max) {
+                    if let Some(done) = pick(sd) {
+                        return done;
+                    }
+                }
+            }
+        }
+        bail!("the edge did not answer over UDP ({UDP_TRIES_MAX} tries)")
+    };
+    let auth = proto::auth::auth_request(&client::auth_body(
+        args.uid,
+        t.room,
+        args.protover,
+        &t.token,
+        device,
+    ));
+    let mut cookie = None;
+    exchange(&auth, &mut |sd| match sd {
+        ServerDatagram::Cookie(c) => {
+            cookie = Some(c);
+            Some(Ok(()))
+        }
+        _ => None,
+    })?;
+    let mut hello = wire::cookie_datagram(&cookie.ok_or_else(|| anyhow!("no cookie"))?);
+    hello.extend_from_slice(&auth);
+    let mut session = None;
+    exchange(&hello, &mut |sd| match sd {
+        ServerDatagram::AuthReply { body, session: s } => {
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            if v["code"].as_i64() != Some(i64::from(AUTH_OK)) {
+                return Some(Err(TailError::TokenRefused(
+                    String::from_utf8_lossy(body).into(),
+                )
+                .into()));
+            }
+            session = s;
+            Some(Ok(()))
+        }
+        _ => None,
+    })?;
+    let session = session.ok_or_else(|| anyhow!("op 8 without a session id"))?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut printed = 0u64;
+    let mut gaps = Gaps::default();
+    let heartbeat = proto::auth::heartbeat_request();
+    let mut next_hb = Instant::now();
+    let mut challenge: Option<wire::Cookie> = None;
+    loop {
+        if Instant::now() >= next_hb || challenge.is_some() {
+            // A cookie from the edge means our address changed (NAT rebinding): prove it.
+            let d = wire::session_datagram(session, challenge.take().as_ref(), &heartbeat);
+            sock.send(&d)?;
+            next_hb = Instant::now() + Duration::from_millis(wire::UDP_HEARTBEAT_MS);
+        }
+        if args.count.is_some_and(|n| printed >= n) {
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return match args.count {
+                Some(n) => Err(anyhow!("timed out after {printed} of {n} messages")),
+                None => Ok(()),
+            };
+        }
+        let Some(d) = recv(&sock)? else { continue };
+        match wire::decode_server(&d, payload_max) {
+            Ok(ServerDatagram::HeartbeatReply(n)) => eprintln!("online {n}"),
+            Ok(ServerDatagram::Cookie(c)) => challenge = Some(c),
+            Ok(ServerDatagram::Data(p)) => {
+                gaps.saw(p.seq, p.part, p.parts);
+                if p.flags & wire::part_flag::TOO_LARGE != 0 {
+                    eprintln!(
+                        "seq {}: part {} holds a message larger than a datagram (not sent over UDP)",
+                        p.seq, p.part
+                    );
+                    continue;
+                }
+                let (h, _) = proto::packet::decode(p.container, u32::MAX)
+                    .map_err(|e| anyhow!("bad part from the edge: {e:?}"))?;
+                let body = if h.ver == proto::packet::ver::PLAIN {
+                    p.container
+                } else {
+                    h.body
+                };
+                let inner = proto::container::unpack_container(
+                    h.ver,
+                    body,
+                    proto::limits::DECOMPRESSED_BYTES_MAX,
+                )
+                .map_err(|e| anyhow!("bad container from the edge: {e}"))?;
+                for i in inner.iter().filter(|i| i.op == op::NOTIFICATION) {
+                    print_body(&mut out, &i.body)?;
+                    printed += 1;
+                }
+            }
+            Ok(ServerDatagram::AuthReply { .. }) => {}
+            Err(e) => eprintln!("ignoring a bad datagram from the edge: {e}"),
+        }
+    }
+}
+
+/// Gap detection over UDP: the room seq of each batch and the parts seen of the current one.
+#[derive(Default)]
+struct Gaps {
+    /// (seq, parts, parts seen) of the batch being received.
+    current: Option<(u32, u16, std::collections::BTreeSet<u16>)>,
+}
+
+impl Gaps {
+    fn saw(&mut self, seq: u32, part: u16, parts: u16) {
+        match &mut self.current {
+            Some((s, _, seen)) if *s == seq => {
+                seen.insert(part);
+                return;
+            }
+            Some((s, n, seen)) => {
+                let missing: Vec<u16> = (0..*n).filter(|i| !seen.contains(i)).collect();
+                if !missing.is_empty() {
+                    eprintln!("gap: seq {s} lost parts {missing:?} of {n}");
+                }
+                // Priority lives in the top bit; compare within one stream only.
+                let (prev, now) = (*s & 0x7FFF_FFFF, seq & 0x7FFF_FFFF);
+                if *s & 0x8000_0000 == seq & 0x8000_0000 && now > prev + 1 {
+                    eprintln!("gap: seqs {}..={} lost", prev + 1, now - 1);
+                }
+            }
+            None => {}
+        }
+        self.current = Some((seq, parts, std::collections::BTreeSet::from([part])));
+    }
 }
 
 /// One read: `Some(n)` bytes (0 on a read timeout, so the caller can heartbeat), `None` when the

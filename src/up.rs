@@ -53,6 +53,7 @@ impl Default for UpConfig {
             tcp_addr: "127.0.0.1:2243".into(),
             ws_addr: "127.0.0.1:2244".into(),
             wss_addr: "127.0.0.1:2245".into(),
+            udp_addr: "127.0.0.1:2246".into(),
             ..edge::Config::default()
         };
         UpConfig {
@@ -207,6 +208,12 @@ pub fn wire(mut c: UpConfig, args: &UpArgs, made: &mut Made) -> anyhow::Result<U
     c.edge.tcp_addr = offset_str(&c.edge.tcp_addr, by)?;
     c.edge.ws_addr = offset_str(&c.edge.ws_addr, by)?;
     c.edge.wss_addr = offset_str(&c.edge.wss_addr, by)?;
+    if !c.edge.tls_tcp_addr.is_empty() {
+        c.edge.tls_tcp_addr = offset_str(&c.edge.tls_tcp_addr, by)?;
+    }
+    if !c.edge.udp_addr.is_empty() {
+        c.edge.udp_addr = offset_str(&c.edge.udp_addr, by)?;
+    }
     c.edge.admin_addr = offset_str(&c.edge.admin_addr, by)?;
 
     // One API key for both control and the broker, unless the file set them.
@@ -462,6 +469,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             wss.port()
         );
     }
+    if let Some(udp) = stack.edge.udp_addr() {
+        println!("  udp       {udp}   (barrage tail --transport udp, docs/protocol-udp.md)");
+    }
     println!("  api key   {api_key}");
     println!("  token keys {token_keys}");
     println!();
@@ -497,6 +507,7 @@ mod tests {
         assert_eq!(c.broker.ingest_addr.port(), 7410);
         assert_eq!(c.edge.tcp_addr, "127.0.0.1:2253");
         assert_eq!(c.edge.ws_addr, "127.0.0.1:2254");
+        assert_eq!(c.edge.udp_addr, "127.0.0.1:2256");
         assert_eq!(c.control.api_keys, ["k"]);
         assert_eq!(c.broker.api_keys[0].key, "k");
         assert_eq!(c.control.token_keys, c.edge.token_keys);

@@ -1,5 +1,6 @@
 //! The real binary: `barrage up` with a fixed key and a ports offset, `barrage tail` (a TCP
-//! guest, a WebSocket user and a WSS guest trusting the self-signed certificate `up` made) and
+//! guest, a WebSocket user, a WSS guest trusting the self-signed certificate `up` made and a
+//! UDP guest) and
 //! `barrage push` as child processes; the pushed message comes out of every tail, and SIGTERM
 //! stops `up` cleanly.
 
@@ -170,7 +171,21 @@ fn up_tail_push_with_the_real_binary() {
         "--timeout-ms",
         "30000",
     ]));
+    let guest_udp = kids.spawn(Command::new(BIN).args([
+        "tail",
+        "--room",
+        room,
+        "--transport",
+        "udp",
+        "--control",
+        &control,
+        "--count",
+        "1",
+        "--timeout-s",
+        "30",
+    ]));
     let (tcp_out, tcp_err) = kids.lines(guest_tcp);
+    let (udp_out, udp_err) = kids.lines(guest_udp);
     let (ws_out, ws_err) = kids.lines(user_ws);
     let (wss_out, wss_err) = kids.lines(guest_wss);
 
@@ -178,14 +193,15 @@ fn up_tail_push_with_the_real_binary() {
     // message, so whichever arrives first is the one asserted on).
     let body = r#"{"cmd":"DANMU_MSG","info":[[0,1,25,16777215],"smoke test",[77,"tester"]]}"#;
     let deadline = Instant::now() + WAIT;
-    let mut got = [None, None, None];
+    let mut got = [None, None, None, None];
     while got.iter().any(Option::is_none) {
         assert!(
             Instant::now() < deadline,
-            "tails printed nothing; tcp: {:?} ws: {:?} wss: {:?}",
+            "tails printed nothing; tcp: {:?} ws: {:?} wss: {:?} udp: {:?}",
             tcp_err.try_iter().collect::<Vec<_>>(),
             ws_err.try_iter().collect::<Vec<_>>(),
-            wss_err.try_iter().collect::<Vec<_>>()
+            wss_err.try_iter().collect::<Vec<_>>(),
+            udp_err.try_iter().collect::<Vec<_>>()
         );
         let push = Command::new(BIN)
             .args(["push", "--ingest", &ingest, "--room", room, body])
@@ -202,7 +218,7 @@ fn up_tail_push_with_the_real_binary() {
             id.parse::<u64>().is_ok(),
             "push printed {id:?}, not a msg_id"
         );
-        for (slot, rx) in got.iter_mut().zip([&tcp_out, &ws_out, &wss_out]) {
+        for (slot, rx) in got.iter_mut().zip([&tcp_out, &ws_out, &wss_out, &udp_out]) {
             if slot.is_none() {
                 *slot = rx.recv_timeout(Duration::from_millis(300)).ok();
             }
@@ -211,7 +227,8 @@ fn up_tail_push_with_the_real_binary() {
     assert_eq!(got[0].as_deref(), Some(body), "TCP guest tail");
     assert_eq!(got[1].as_deref(), Some(body), "WS user tail");
     assert_eq!(got[2].as_deref(), Some(body), "WSS guest tail");
-    for i in [guest_tcp, user_ws, guest_wss] {
+    assert_eq!(got[3].as_deref(), Some(body), "UDP guest tail");
+    for i in [guest_tcp, user_ws, guest_wss, guest_udp] {
         let status = kids.wait(i, WAIT).expect("tail exits after --count 1");
         assert!(status.success(), "tail exit {status:?}");
     }

@@ -131,7 +131,17 @@ struct EdgeOut<'a> {
     tcp_port: u16,
     ws_port: u16,
     wss_port: u16,
+    /// Ours: listed only for edges that serve it.
+    #[serde(skip_serializing_if = "is_zero")]
+    tls_tcp_port: u16,
+    /// Ours (docs/protocol-udp.md): listed only for edges that serve it.
+    #[serde(skip_serializing_if = "is_zero")]
+    udp_port: u16,
     region: &'a str,
+}
+
+fn is_zero(p: &u16) -> bool {
+    *p == 0
 }
 
 #[derive(Serialize)]
@@ -157,6 +167,12 @@ struct HostOut<'a> {
     port: u16,
     wss_port: u16,
     ws_port: u16,
+    /// Fields of ours after Bilibili's, only for edges that serve them (clients ignore
+    /// fields they do not know).
+    #[serde(skip_serializing_if = "is_zero")]
+    tls_tcp_port: u16,
+    #[serde(skip_serializing_if = "is_zero")]
+    udp_port: u16,
 }
 
 #[derive(Serialize)]
@@ -481,6 +497,8 @@ impl Api {
                         tcp_port: e.tcp_port,
                         ws_port: e.ws_port,
                         wss_port: e.wss_port,
+                        tls_tcp_port: e.tls_tcp_port,
+                        udp_port: e.udp_port,
                         region: &e.region,
                     })
                     .collect(),
@@ -525,6 +543,8 @@ impl Api {
                     port: e.tcp_port,
                     wss_port: e.wss_port,
                     ws_port: e.ws_port,
+                    tls_tcp_port: e.tls_tcp_port,
+                    udp_port: e.udp_port,
                 })
                 .collect(),
         };
@@ -1131,6 +1151,51 @@ mod tests {
         assert_eq!(api.handle(&keyed, t0, 0).status, 200);
         let wrong = with_header(remote, "authorization", "Bearer ek2");
         assert_eq!(api.handle(&wrong, t0, 0).status, 401);
+    }
+
+    /// Issue 11: the UDP and TLS-over-TCP ports are listed (fields of ours) only for edges
+    /// that serve them; the Bilibili fields stay as they are.
+    #[test]
+    fn discovery_lists_udp_and_tls_tcp_only_when_served() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        let served = r#"{"node_id":"u","region":"local","host":"u.host","tcp_port":2243,"ws_port":2244,"wss_port":2245,"tls_tcp_port":2247,"udp_port":2246,"connections":0,"capacity":1000,"draining":false}"#;
+        let r = api.handle(
+            &req("POST", "/v1/edges/heartbeat", &[], served, LOOP),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 200);
+        let info = |api: &mut Api| {
+            let r = api.handle(
+                &req(
+                    "GET",
+                    "/xlive/web-room/v1/index/getDanmuInfo",
+                    &[("id", "5"), ("type", "0")],
+                    "",
+                    LOOP,
+                ),
+                t0,
+                50,
+            );
+            body(&r)["data"]["host_list"][0].clone()
+        };
+        let h = info(&mut api);
+        assert_eq!(
+            (
+                h["udp_port"].as_u64(),
+                h["tls_tcp_port"].as_u64(),
+                h["wss_port"].as_u64()
+            ),
+            (Some(2246), Some(2247), Some(2245))
+        );
+        let mut api = Api::new(&config()).unwrap();
+        beat(&mut api, "a", "local", 0, false, t0);
+        let h = info(&mut api);
+        assert!(
+            h.get("udp_port").is_none() && h.get("tls_tcp_port").is_none(),
+            "{h}"
+        );
     }
 
     #[test]

@@ -30,6 +30,12 @@ pub struct Heartbeat {
     /// 0 when the edge has no WSS listener.
     #[serde(default)]
     pub wss_port: u16,
+    /// 0 when the edge serves no TLS over raw TCP (`tls_tcp_addr`).
+    #[serde(default)]
+    pub tls_tcp_port: u16,
+    /// 0 when the edge serves no UDP (`udp_addr`, docs/protocol-udp.md).
+    #[serde(default)]
+    pub udp_port: u16,
     /// Client connections open now.
     pub connections: u64,
     /// Connections the edge can hold in total (from its fd limit and config).
@@ -72,6 +78,10 @@ pub struct Assigned {
     pub tcp_port: u16,
     pub ws_port: u16,
     pub wss_port: u16,
+    /// 0: not served.
+    pub tls_tcp_port: u16,
+    /// 0: not served.
+    pub udp_port: u16,
     pub region: String,
 }
 
@@ -207,6 +217,8 @@ impl Registry {
                 tcp_port: e.hb.tcp_port,
                 ws_port: e.hb.ws_port,
                 wss_port: e.hb.wss_port,
+                tls_tcp_port: e.hb.tls_tcp_port,
+                udp_port: e.hb.udp_port,
                 region: e.hb.region.clone(),
             })
             .collect()
@@ -282,6 +294,8 @@ mod tests {
             tcp_port: 2243,
             ws_port: 2244,
             wss_port: 0,
+            tls_tcp_port: 0,
+            udp_port: 0,
             connections,
             capacity,
             draining: false,

@@ -224,8 +224,43 @@ pub(crate) fn render(node: &Node) -> String {
             &[("shard", &shard_labels[i]), ("transport", "wss")],
             m.conns_wss.get() as f64,
         );
+        w.sample(
+            "barrage_edge_connections",
+            &[("shard", &shard_labels[i]), ("transport", "udp")],
+            m.conns_udp.get() as f64,
+        );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 18] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 23] = [
+        (
+            "barrage_edge_udp_datagrams_in_total",
+            "counter",
+            "Datagrams received on the shard's UDP socket (forwarded ones included).",
+            |m| m.udp_datagrams_in.get(),
+        ),
+        (
+            "barrage_edge_udp_datagrams_out_total",
+            "counter",
+            "Datagrams sent.",
+            |m| m.udp_datagrams_out.get(),
+        ),
+        (
+            "barrage_edge_udp_forwarded_total",
+            "counter",
+            "Datagrams passed to the shard owning their session (after a NAT rebinding).",
+            |m| m.udp_forwarded.get(),
+        ),
+        (
+            "barrage_edge_udp_migrations_total",
+            "counter",
+            "UDP sessions moved to an address the client proved (NAT rebinding).",
+            |m| m.udp_migrations.get(),
+        ),
+        (
+            "barrage_edge_udp_send_errors_total",
+            "counter",
+            "Datagram sends that failed (lost, as on the network).",
+            |m| m.udp_send_errors.get(),
+        ),
         (
             "barrage_edge_tls_handshaking",
             "gauge",
@@ -386,6 +421,19 @@ pub(crate) fn render(node: &Node) -> String {
         );
     }
     w.family(
+        "barrage_edge_udp_dropped_total",
+        "counter",
+        "Client datagrams dropped unanswered, by why (docs/protocol-udp.md#errors).",
+    );
+    for (i, label) in crate::udp::DROP_LABELS.iter().enumerate() {
+        let v: u64 = node.metrics.iter().map(|m| m.udp_dropped[i].get()).sum();
+        w.sample(
+            "barrage_edge_udp_dropped_total",
+            &[("reason", label)],
+            v as f64,
+        );
+    }
+    w.family(
         "barrage_edge_drops_total",
         "counter",
         "Batches not delivered, by reason.",
@@ -438,7 +486,7 @@ pub(crate) fn render(node: &Node) -> String {
     );
     w.sample("barrage_edge_capacity", &[], node.capacity as f64);
     let links = node.links.lock().map(|l| l.clone()).unwrap_or_default();
-    let fams: [Family<crate::metrics::LinkMetrics>; 5] = [
+    let fams: [Family<crate::metrics::LinkMetrics>; 8] = [
         (
             "barrage_edge_link_up",
             "gauge",
@@ -468,6 +516,24 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "Frames sent on the link.",
             |l| l.frames_out.get(),
+        ),
+        (
+            "barrage_edge_link_downs_total",
+            "counter",
+            "Times the link went down after being up (dead past link_dead_ms, closed, reset).",
+            |l| l.downs.get(),
+        ),
+        (
+            "barrage_edge_link_seq_gaps_total",
+            "counter",
+            "Batches missing from a stream on this link (a jump in the broker's seq: lost while the link was down).",
+            |l| l.seq_gaps.get(),
+        ),
+        (
+            "barrage_edge_link_seq_restarts_total",
+            "counter",
+            "Streams whose seq went back on this link (a restarted broker).",
+            |l| l.seq_restarts.get(),
         ),
     ];
     for (name, kind, help, get) in fams {

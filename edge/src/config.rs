@@ -28,6 +28,16 @@ pub struct Config {
     pub tls_key_path: String,
     /// TLS handshakes in flight per shard; past it new WSS clients are closed at accept.
     pub tls_handshakes_max: usize,
+    /// Client UDP address (docs/protocol-udp.md), one `SO_REUSEPORT` socket per shard; empty
+    /// (the library default) turns UDP off. 2246 is its port: `barrage up` and
+    /// `examples/edge.toml` serve `0.0.0.0:2246` / `127.0.0.1:2246`.
+    pub udp_addr: String,
+    /// Largest datagram either side sends (1200 fits the smallest IPv6 path MTU, so nothing
+    /// fragments); a client datagram above it is dropped (`oversized`).
+    pub udp_payload_bytes_max: usize,
+    /// Datagrams a second one source IP may send to a shard (bursts of twice that), checked
+    /// before anything is parsed or allocated; 0 turns the limit off.
+    pub udp_datagrams_per_addr_per_s: u32,
     /// The only WebSocket path served; other paths get 404.
     pub ws_path: String,
     /// Admin HTTP address (`/healthz`, `/metrics`, `/admin/drain`).
@@ -142,6 +152,9 @@ impl Default for Config {
             tls_cert_path: String::new(),
             tls_key_path: String::new(),
             tls_handshakes_max: 256,
+            udp_addr: String::new(),
+            udp_payload_bytes_max: proto::udp::UDP_PAYLOAD_BYTES_MAX,
+            udp_datagrams_per_addr_per_s: 200,
             ws_path: "/sub".into(),
             admin_addr: "127.0.0.1:9243".into(),
             broker_addrs: Vec::new(),
@@ -237,6 +250,9 @@ impl Config {
         }
         if self.link_backoff_ms_min == 0 || self.link_backoff_ms_max < self.link_backoff_ms_min {
             return bad("link backoff must satisfy 0 < min <= max");
+        }
+        if self.udp_payload_bytes_max < 256 || self.udp_payload_bytes_max > 65_507 {
+            return bad("udp_payload_bytes_max must be within 256..=65507");
         }
         if self.send_queue_bytes_max == 0 {
             return bad("send_queue_bytes_max must be > 0");

@@ -18,6 +18,10 @@ pub(crate) struct Ports {
     pub tcp: u16,
     pub ws: u16,
     pub wss: u16,
+    /// TLS over raw TCP (`tls_tcp_addr`).
+    pub tls_tcp: u16,
+    /// UDP (`udp_addr`).
+    pub udp: u16,
 }
 
 /// The heartbeat body.
@@ -29,6 +33,8 @@ pub(crate) fn heartbeat_body(node: &Node, ports: Ports) -> serde_json::Value {
         "tcp_port": ports.tcp,
         "ws_port": ports.ws,
         "wss_port": ports.wss,
+        "tls_tcp_port": ports.tls_tcp,
+        "udp_port": ports.udp,
         "connections": node.connections(),
         "capacity": node.capacity,
         "draining": node.draining.load(Ordering::Relaxed),
@@ -109,6 +115,8 @@ mod tests {
                 tcp: 2243,
                 ws: 2244,
                 wss: 0,
+                tls_tcp: 0,
+                udp: 0,
             },
         );
         assert_eq!(off["wss_port"], 0);
@@ -118,9 +126,19 @@ mod tests {
                 tcp: 2243,
                 ws: 2244,
                 wss: 2245,
+                tls_tcp: 2247,
+                udp: 2246,
             },
         );
         assert_eq!(on["wss_port"], 2245);
         assert_eq!(on["ws_port"], 2244);
+        assert_eq!(
+            (on["udp_port"].as_u64(), on["tls_tcp_port"].as_u64()),
+            (Some(2246), Some(2247))
+        );
+        assert_eq!(
+            (off["udp_port"].as_u64(), off["tls_tcp_port"].as_u64()),
+            (Some(0), Some(0))
+        );
     }
 }

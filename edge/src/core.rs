@@ -41,7 +41,7 @@ use proto::id::{Priority, RoomId};
 use proto::link::{Batch, Interest};
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -193,6 +193,15 @@ pub struct ShardCore {
     next_counts: Millis,
     actions: Vec<Action>,
     targets: Vec<Target>,
+    /// UDP: sessions, the per-address rate limit and the datagrams waiting for the socket.
+    udp: UdpState,
+}
+
+/// One shard's UDP state (see `crate::udp`).
+struct UdpState {
+    sessions: crate::udp::Sessions<ConnId>,
+    limit: crate::udp::RateLimit,
+    out: VecDeque<(SocketAddr, Bytes)>,
 }
 
 impl ShardCore {
@@ -219,6 +228,14 @@ impl ShardCore {
             next_counts: Millis(node.config.counts_interval_ms.max(1)),
             actions: Vec::new(),
             targets: Vec::new(),
+            udp: UdpState {
+                sessions: Default::default(),
+                limit: crate::udp::RateLimit::new(
+                    node.config.udp_datagrams_per_addr_per_s,
+                    node.config.udp_datagrams_per_addr_per_s.saturating_mul(2),
+                ),
+                out: VecDeque::new(),
+            },
             node,
         }
     }
@@ -303,6 +320,11 @@ impl ShardCore {
                 bytes: refusal_bytes(transport, reason),
             });
         }
+        Ok(self.open(transport, peer, now))
+    }
+
+    /// A new connection in the slab (admission already passed).
+    fn open(&mut self, transport: Transport, peer: IpAddr, now: Instant) -> ConnId {
         let gen = self.next_gen;
         self.next_gen = gen.wrapping_add(1).max(1);
         let cap_on = self.node.config.conns_per_addr_max > 0;
@@ -333,6 +355,7 @@ impl ShardCore {
         match transport {
             Transport::Tcp => m.conns_tcp.inc(),
             Transport::Ws => m.conns_ws.inc(),
+            Transport::Udp => m.conns_udp.inc(),
         }
         let cfg = &self.node.config;
         let (auth_at, hs_at) = (
@@ -343,7 +366,7 @@ impl ShardCore {
         if transport == Transport::Ws {
             self.arm(id, TimerKind::Handshake, hs_at);
         }
-        Ok(id)
+        id
     }
 
     /// The admission rules, cheapest first: drain, node capacity (keeps the fd reserve for
@@ -401,6 +424,10 @@ impl ShardCore {
         match conn.session.transport() {
             Transport::Tcp => m.conns_tcp.dec(),
             Transport::Ws => m.conns_ws.dec(),
+            Transport::Udp => {
+                m.conns_udp.dec();
+                self.udp.sessions.remove_key(id.key);
+            }
         }
     }
 
@@ -530,7 +557,8 @@ impl ShardCore {
 
     fn mark_ready(&mut self, id: ConnId) {
         let Some(c) = self.get_mut(id) else { return };
-        if c.ready {
+        // A UDP session has no writer: its bytes went to the datagram outbox.
+        if c.ready || c.session.transport() == Transport::Udp {
             return;
         }
         if c.in_flight && c.closing != Closing::Now {
@@ -560,6 +588,9 @@ impl ShardCore {
         if c.closing != Closing::Open {
             return false;
         }
+        if c.session.transport() == Transport::Udp {
+            return self.udp_enqueue(id, bytes, priority, bounded);
+        }
         let cap = match (bounded, priority) {
             (false, _) => max.saturating_mul(REPLY_QUEUE_FACTOR),
             (true, Priority::High) => max.saturating_mul(HIGH_PRIORITY_QUEUE_FACTOR),
@@ -587,6 +618,12 @@ impl ShardCore {
 
     /// Starts closing: unseat now, flush `bytes` (if any), then close.
     fn begin_close(&mut self, id: ConnId, reason: CloseReason, bytes: Vec<u8>, now: Instant) {
+        if self
+            .get(id)
+            .is_some_and(|c| c.closing == Closing::Open && c.session.transport() == Transport::Udp)
+        {
+            return self.close_udp(id, reason, bytes);
+        }
         let flush = !bytes.is_empty();
         let seat = {
             let Some(c) = self.get_mut(id) else { return };
@@ -693,16 +730,21 @@ impl ShardCore {
             self.begin_close(id, CloseReason::RoomsFull, b, now);
             return;
         }
+        let udp = self.udp.sessions.of_key(id.key);
         let (reply, lane, was_pending) = {
             let Some(c) = self.get_mut(id) else { return };
-            let lane = Lane::new(a.encoding, c.session.transport() == Transport::Ws);
+            let lane = match c.session.transport() {
+                Transport::Udp => Lane::udp(a.encoding),
+                t => Lane::new(a.encoding, t == Transport::Ws),
+            };
             c.seat = Some(Seat { room: a.room, lane });
             let was_pending = std::mem::replace(&mut c.pending, false);
-            (
-                c.session.frame(&auth::auth_reply(auth::AUTH_OK)),
-                lane,
-                was_pending,
-            )
+            let reply = match udp {
+                // Over UDP the op 8 carries the session id the client echoes from now on.
+                Some(s) => proto::udp::hello_ok(s),
+                None => c.session.frame(&auth::auth_reply(auth::AUTH_OK)),
+            };
+            (reply, lane, was_pending)
         };
         if was_pending {
             self.m().pending_handshakes.dec();
@@ -725,6 +767,186 @@ impl ShardCore {
         );
     }
 
+    // ---- UDP ----
+
+    /// A datagram from `from`: received on this shard's socket, or `forwarded` by the shard
+    /// whose socket the kernel picked. `unix_s` is wall-clock seconds (cookies, token expiry).
+    pub fn on_datagram(
+        &mut self,
+        bytes: &[u8],
+        from: SocketAddr,
+        now: Instant,
+        unix_s: u64,
+        forwarded: bool,
+    ) {
+        use proto::udp::Admit;
+        let now_ms = self.ms(now).0;
+        if !forwarded {
+            self.m().udp_datagrams_in.inc();
+            // Before anything is parsed or allocated: a flood costs a hash and a table slot.
+            if !self.udp.limit.allow(from.ip(), now_ms) {
+                self.m().udp_dropped("rate_limited");
+                return;
+            }
+            if let Some(s) = proto::udp::session_of_datagram(bytes) {
+                let owner = usize::from(s.shard());
+                if owner != self.id && owner < self.node.shards {
+                    self.m().udp_forwarded.inc();
+                    self.post(
+                        owner,
+                        Msg::Datagram {
+                            from,
+                            bytes: bytes.into(),
+                        },
+                    );
+                    return;
+                }
+            }
+        }
+        let admitted = {
+            let sessions = &self.udp.sessions;
+            proto::udp::admit(
+                &self.node.udp_key,
+                bytes,
+                from,
+                |s| sessions.addr(s),
+                self.id as u16,
+                unix_s,
+                self.node.config.udp_payload_bytes_max,
+            )
+        };
+        match admitted {
+            // A cookie for an address not yet validated: `admit` made sure it is no larger
+            // than what the address sent.
+            Admit::Reply(b) => self.udp_send(from, Bytes::from(b)),
+            Admit::Drop(d) => self.m().udp_dropped(d.label()),
+            Admit::Auth { session, auth } => {
+                let pkt = proto::packet::encode_vec(auth.ver, auth.op, auth.seq, auth.body);
+                self.udp_hello(session, &pkt, from, now, unix_s);
+            }
+            Admit::Requests { session, requests } => {
+                self.udp_requests(session, &requests, now, unix_s)
+            }
+            Admit::Migrate { session, requests } => {
+                self.m().udp_migrations.inc();
+                self.udp.sessions.move_to(session, from);
+                self.udp_requests(session, &requests, now, unix_s);
+            }
+        }
+    }
+
+    /// A validated hello: a new session (admission, then the auth as on TCP), or a retransmit
+    /// of one whose op 8 was lost (the same cookie names the same session).
+    fn udp_hello(
+        &mut self,
+        session: proto::udp::SessionId,
+        auth_packet: &[u8],
+        from: SocketAddr,
+        now: Instant,
+        unix_s: u64,
+    ) {
+        if let Some(e) = self.udp.sessions.get(session) {
+            if self.is_live(e.conn) {
+                self.udp_send(e.addr, Bytes::from(proto::udp::hello_ok(session)));
+            }
+            return;
+        }
+        if let Err(reason) = self.admit(from.ip()) {
+            self.m().closed(reason);
+            self.udp_send(from, Bytes::from(refusal_bytes(Transport::Udp, reason)));
+            return;
+        }
+        let id = self.open(Transport::Udp, from.ip(), now);
+        self.udp.sessions.insert(session, id.key, id, from);
+        self.on_bytes(id, auth_packet, now, unix_s);
+    }
+
+    /// The requests (heartbeats, ACKs) of a session datagram, fed to its session as on TCP.
+    fn udp_requests(
+        &mut self,
+        session: proto::udp::SessionId,
+        requests: &[proto::packet::Packet<'_>],
+        now: Instant,
+        unix_s: u64,
+    ) {
+        let Some(e) = self.udp.sessions.get(session) else {
+            return;
+        };
+        let mut input = Vec::new();
+        for p in requests {
+            proto::packet::encode(p.ver, p.op, p.seq, p.body, &mut input);
+        }
+        // Even an empty one counts as a sign of life (it keeps the session open).
+        self.on_bytes(e.conn, &input, now, unix_s);
+    }
+
+    /// Queues a datagram for a session (bounded: see `crate::udp::UDP_OUTBOX_DATAGRAMS_MAX`).
+    fn udp_enqueue(&mut self, id: ConnId, bytes: Bytes, priority: Priority, bounded: bool) -> bool {
+        let Some(addr) = self.udp.sessions.addr_of_key(id.key) else {
+            return false;
+        };
+        let max = crate::udp::UDP_OUTBOX_DATAGRAMS_MAX;
+        let cap = match (bounded, priority) {
+            (true, Priority::Low) => max,
+            _ => max * crate::udp::UDP_OUTBOX_HIGH_FACTOR,
+        };
+        if self.udp.out.len() >= cap {
+            self.m().udp_dropped("outbox_full");
+            if bounded {
+                self.m().dropped(DropReason::QueueFull, 1);
+            }
+            return false;
+        }
+        self.udp.out.push_back((addr, bytes));
+        true
+    }
+
+    fn udp_send(&mut self, to: SocketAddr, bytes: Bytes) {
+        let cap = crate::udp::UDP_OUTBOX_DATAGRAMS_MAX * crate::udp::UDP_OUTBOX_HIGH_FACTOR;
+        if self.udp.out.len() >= cap {
+            self.m().udp_dropped("outbox_full");
+            return;
+        }
+        self.udp.out.push_back((to, bytes));
+    }
+
+    /// Closes a UDP session at once (there is no socket to flush): its last bytes (an auth
+    /// refusal) go out as one datagram, then it leaves the slab and the session table.
+    fn close_udp(&mut self, id: ConnId, reason: CloseReason, bytes: Vec<u8>) {
+        let seat = {
+            let Some(c) = self.get_mut(id) else { return };
+            c.closing = Closing::Now;
+            c.seat.take()
+        };
+        if !bytes.is_empty() {
+            if let Some(addr) = self.udp.sessions.addr_of_key(id.key) {
+                self.udp_send(addr, Bytes::from(bytes));
+            }
+        }
+        self.m().closed(reason);
+        self.unseat(id, seat);
+        self.on_closed(id, reason);
+    }
+
+    /// The next datagram for the shard's UDP socket.
+    pub fn poll_datagram(&mut self) -> Option<(SocketAddr, Bytes)> {
+        let d = self.udp.out.pop_front()?;
+        let m = self.m();
+        m.udp_datagrams_out.inc();
+        m.bytes_out.add(d.1.len() as u64);
+        Some(d)
+    }
+
+    /// Whether datagrams wait for the socket.
+    pub fn has_datagrams(&self) -> bool {
+        !self.udp.out.is_empty()
+    }
+
+    /// UDP sessions on this shard.
+    pub fn udp_sessions(&self) -> usize {
+        self.udp.sessions.len()
+    }
+
     // ---- messages ----
 
     /// A message from another shard (or from this shard's link hub).
@@ -733,6 +955,8 @@ impl ShardCore {
             Msg::Batch(b) => self.fan_out(&b, now),
             Msg::FleetCounts(c) => keep_counts(&self.index, &mut self.fleet, &c),
             Msg::NodeCounts(c) => keep_counts(&self.index, &mut self.node_counts, &c),
+            // Needs the wall clock (cookies): the shell calls `on_datagram` for these.
+            Msg::Datagram { .. } => {}
             // The link hub's business; the shell routes them there.
             Msg::Interest { .. } | Msg::Counts { .. } | Msg::Presence(_) => {}
         }
@@ -788,6 +1012,7 @@ impl ShardCore {
         targets.clear();
         crate::fanout::targets(&self.index, &self.reach, batch, &mut targets);
         let mut frames = Frames::new(&batch.packet);
+        let payload_max = self.node.config.udp_payload_bytes_max;
         let mut sends = 0u64;
         for t in &targets {
             let (key, lane) = match *t {
@@ -807,6 +1032,18 @@ impl ShardCore {
             let Some(gen) = self.conns.get(key as usize).map(|c| c.gen) else {
                 continue;
             };
+            if lane.is_udp() {
+                let Some(dgs) = frames.udp(batch.encoding, payload_max) else {
+                    self.m().udp_dropped("unsplittable");
+                    continue;
+                };
+                let mut all = true;
+                for d in dgs {
+                    all &= self.enqueue(ConnId { key, gen }, d.clone(), batch.priority, true, now);
+                }
+                sends += u64::from(all);
+                continue;
+            }
             let bytes = if lane.is_ws() {
                 frames.ws()
             } else {
@@ -985,7 +1222,7 @@ fn refusal_bytes(transport: Transport, reason: CloseReason) -> Vec<u8> {
         _ => 0,
     };
     match transport {
-        Transport::Tcp => {
+        Transport::Tcp | Transport::Udp => {
             let body = format!("{{\"code\":{AUTH_RETRY_LATER},\"retry_after_s\":{retry}}}");
             proto::packet::encode_vec(
                 proto::packet::ver::HEARTBEAT,

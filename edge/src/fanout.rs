@@ -19,6 +19,9 @@ use proto::ws::{self, Opcode};
 pub struct Frames {
     pub tcp: Bytes,
     ws: Option<Bytes>,
+    /// UDP datagrams (`crate::udp::datagrams`), built on first use; `Some(None)`: the batch
+    /// could not be cut (counted once per viewer by the caller).
+    udp: Option<Option<Vec<Bytes>>>,
 }
 
 impl Frames {
@@ -26,7 +29,17 @@ impl Frames {
         Frames {
             tcp: packet.clone(),
             ws: None,
+            udp: None,
         }
+    }
+
+    /// The batch as datagrams of at most `payload_max` bytes, built on first use (once per
+    /// batch per shard, shared by every UDP viewer).
+    pub fn udp(&mut self, encoding: proto::id::Encoding, payload_max: usize) -> Option<&[Bytes]> {
+        let tcp = &self.tcp;
+        self.udp
+            .get_or_insert_with(|| crate::udp::datagrams(tcp, encoding, payload_max).ok())
+            .as_deref()
     }
 
     /// The WS frame, built on first use (a shard without WS viewers of the batch never builds it).

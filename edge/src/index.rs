@@ -61,20 +61,25 @@ impl std::ops::BitOr for EncodingSet {
     }
 }
 
-/// Lanes per room: 3 encodings x 2 transports.
-pub const LANES: usize = 6;
+/// Lanes per room: 3 encodings x 3 kinds of bytes (TCP packets, WS frames, UDP datagrams).
+pub const LANES: usize = 9;
 
-/// Which lane a member sits in.
+/// Which lane a member sits in: encoding * 3 + kind (0 TCP, 1 WS, 2 UDP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Lane(pub u8);
 
 impl Lane {
     pub fn new(encoding: Encoding, ws: bool) -> Lane {
-        Lane(encoding_index(encoding) * 2 + u8::from(ws))
+        Lane(encoding_index(encoding) * 3 + u8::from(ws))
+    }
+
+    /// The UDP lane of an encoding (its members get the batch as datagrams).
+    pub fn udp(encoding: Encoding) -> Lane {
+        Lane(encoding_index(encoding) * 3 + 2)
     }
 
     pub fn encoding(self) -> Encoding {
-        match self.0 / 2 {
+        match self.0 / 3 {
             0 => Encoding::Plain,
             1 => Encoding::Zlib,
             _ => Encoding::Brotli,
@@ -82,7 +87,11 @@ impl Lane {
     }
 
     pub fn is_ws(self) -> bool {
-        self.0 % 2 == 1
+        self.0 % 3 == 1
+    }
+
+    pub fn is_udp(self) -> bool {
+        self.0 % 3 == 2
     }
 }
 
@@ -94,10 +103,10 @@ fn encoding_index(e: Encoding) -> u8 {
     }
 }
 
-/// The two lanes (TCP, WS) carrying an encoding.
-pub fn lanes_of(e: Encoding) -> [Lane; 2] {
-    let i = encoding_index(e) * 2;
-    [Lane(i), Lane(i + 1)]
+/// The three lanes (TCP, WS, UDP) carrying an encoding.
+pub fn lanes_of(e: Encoding) -> [Lane; 3] {
+    let i = encoding_index(e) * 3;
+    [Lane(i), Lane(i + 1), Lane(i + 2)]
 }
 
 #[derive(Debug, Default)]

@@ -41,6 +41,7 @@ pub mod presence;
 pub mod reach;
 pub mod session;
 pub mod tls;
+pub mod udp;
 pub mod wheel;
 
 mod admin;
@@ -94,6 +95,7 @@ pub struct Handle {
     ws_addr: SocketAddr,
     wss_addr: Option<SocketAddr>,
     tls_tcp_addr: Option<SocketAddr>,
+    udp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     node: Arc<Node>,
     admin_stop: Arc<net::wake::Notify>,
@@ -114,6 +116,10 @@ impl Handle {
     /// The TLS-over-TCP address, when `tls_tcp_addr` is set.
     pub fn tls_tcp_addr(&self) -> Option<SocketAddr> {
         self.tls_tcp_addr
+    }
+    /// The UDP address, when `udp_addr` is set.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp_addr
     }
     /// A handle that reloads the TLS certificate (for SIGHUP), when WSS is on.
     pub fn tls(&self) -> Option<tls::Tls> {
@@ -301,6 +307,17 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
             (v.into_iter().map(Some).collect(), Some(a))
         }
     };
+    let (udp, udp_addr) = if config.udp_addr.is_empty() {
+        ((0..n).map(|_| None).collect::<Vec<_>>(), None)
+    } else {
+        let v = udp::bind_sockets(
+            resolve(&config.udp_addr)?,
+            n,
+            config.reuse_port_across_processes,
+        )?;
+        let a = v[0].local_addr()?;
+        (v.into_iter().map(Some).collect(), Some(a))
+    };
     let admin_listener = net::sys::listener(resolve(&config.admin_addr)?, false, 128)?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -321,7 +338,8 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
     let plumbing: Vec<Mutex<Option<Plumbing>>> = rings
         .into_iter()
         .zip(tcp.into_iter().zip(ws).zip(wss.into_iter().zip(tls_tcp)))
-        .map(|((tx, rx), ((tcp, ws), (wss, tls_tcp)))| {
+        .zip(udp)
+        .map(|(((tx, rx), ((tcp, ws), (wss, tls_tcp))), udp)| {
             Mutex::new(Some(Plumbing {
                 tx,
                 rx,
@@ -329,6 +347,7 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
                 ws,
                 wss,
                 tls_tcp,
+                udp,
             }))
         })
         .collect();
@@ -343,7 +362,7 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
         async move {
             let Some(p) = p else { return };
             let s = shard::Shard::new(i, node, p.tx, p.rx);
-            shard::run(s, p.tcp, p.ws, p.wss, p.tls_tcp).await;
+            shard::run(s, p.tcp, p.ws, p.wss, p.tls_tcp, p.udp).await;
         }
     })?;
 
@@ -353,6 +372,8 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
         tcp: tcp_addr.port(),
         ws: ws_addr.port(),
         wss: wss_addr.map_or(0, |a| a.port()),
+        tls_tcp: tls_tcp_addr.map_or(0, |a| a.port()),
+        udp: udp_addr.map_or(0, |a| a.port()),
     };
     threads.push(
         std::thread::Builder::new()
@@ -376,12 +397,13 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
                 })
             })?,
     );
-    tracing::info!(%tcp_addr, %ws_addr, ?wss_addr, ?tls_tcp_addr, %admin_addr, "edge listening");
+    tracing::info!(%tcp_addr, %ws_addr, ?wss_addr, ?tls_tcp_addr, ?udp_addr, %admin_addr, "edge listening");
     Ok(Handle {
         tcp_addr,
         ws_addr,
         wss_addr,
         tls_tcp_addr,
+        udp_addr,
         admin_addr,
         node,
         admin_stop,

@@ -89,6 +89,46 @@ pub(crate) struct Slot {
     wake: Arc<Notify>,
     up: Cell<bool>,
     metrics: Arc<LinkMetrics>,
+    /// The last seq of each stream seen on this link, kept across reconnects.
+    seqs: RefCell<StreamSeqs>,
+}
+
+/// What a stream's next seq says about the batches before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqStep {
+    /// The next one (or the first seen, or a scope without a stream seq).
+    InOrder,
+    /// This many batches never arrived on the link.
+    Gap(u64),
+    /// The seq went back: the broker restarted (a new epoch).
+    Restart,
+}
+
+/// Streams whose last seq is remembered; past it the memory starts over (a gap in a stream
+/// dropped from it then goes uncounted here; the viewer still sees it).
+pub const STREAM_SEQS_MAX: usize = 65_536;
+
+/// The last seq per stream on one link, so the loss across a link outage is counted where it
+/// happens (sans-io).
+#[derive(Debug, Default)]
+pub struct StreamSeqs {
+    last: std::collections::HashMap<proto::id::Scope, u64>,
+}
+
+impl StreamSeqs {
+    pub fn see(&mut self, scope: &proto::id::Scope, seq: u64) -> SeqStep {
+        if seq == 0 {
+            return SeqStep::InOrder;
+        }
+        if self.last.len() >= STREAM_SEQS_MAX && !self.last.contains_key(scope) {
+            self.last.clear();
+        }
+        match self.last.insert(scope.clone(), seq) {
+            Some(prev) if seq <= prev => SeqStep::Restart,
+            Some(prev) if seq > prev + 1 => SeqStep::Gap(seq - prev - 1),
+            _ => SeqStep::InOrder,
+        }
+    }
 }
 
 impl Slot {
@@ -330,6 +370,7 @@ fn new_slot(node: &Node, b: &Broker, broker_shard: u16, priority: Priority) -> R
         wake: Notify::new(),
         up: Cell::new(false),
         metrics,
+        seqs: RefCell::new(StreamSeqs::default()),
     });
     b.slots.borrow_mut().push(slot.clone());
     slot
@@ -369,6 +410,9 @@ async fn run_link(hub: Rc<Hub>, broker: Rc<Broker>, slot: Rc<Slot>) {
             }
         }
         slot.up.set(false);
+        if slot.metrics.up.get() == 1 {
+            slot.metrics.downs.inc();
+        }
         slot.metrics.up.set(0);
         slot.out.borrow_mut().clear();
         if is_presence_link(&slot.id) {
@@ -581,6 +625,11 @@ fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
         LinkFrame::Batch(b) => {
             slot.metrics.batches_in.inc();
             slot.metrics.bytes_in.add(b.packet.len() as u64);
+            match slot.seqs.borrow_mut().see(&b.scope, b.seq) {
+                SeqStep::InOrder => {}
+                SeqStep::Gap(n) => slot.metrics.seq_gaps.add(n),
+                SeqStep::Restart => slot.metrics.seq_restarts.inc(),
+            }
             hub.dispatch(b);
         }
         LinkFrame::Counts(c) => hub.broadcast_counts(c),
@@ -662,6 +711,23 @@ async fn counts_loop(hub: Rc<Hub>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_seqs_count_gaps_and_restarts() {
+        use proto::id::Scope;
+        let mut s = StreamSeqs::default();
+        let (a, b) = (Scope::Room(RoomId(1)), Scope::Room(RoomId(2)));
+        assert_eq!(s.see(&a, 1), SeqStep::InOrder);
+        assert_eq!(s.see(&a, 2), SeqStep::InOrder);
+        assert_eq!(s.see(&b, 7), SeqStep::InOrder, "first seen");
+        assert_eq!(s.see(&a, 5), SeqStep::Gap(2));
+        assert_eq!(s.see(&a, 1), SeqStep::Restart);
+        assert_eq!(s.see(&a, 2), SeqStep::InOrder);
+        assert_eq!(
+            s.see(&Scope::User(proto::id::UserId(3)), 0),
+            SeqStep::InOrder
+        );
+    }
 
     #[test]
     fn backoff_grows_caps_and_resets() {

@@ -125,6 +125,20 @@ pub struct ShardMetrics {
     pub tls_handshakes: Counter,
     /// TLS connections failed or refused, by why.
     pub tls_failed: [Counter; TlsFail::ALL.len()],
+    /// UDP sessions open.
+    pub conns_udp: Counter,
+    /// Datagrams received on this shard's UDP socket (forwarded ones too).
+    pub udp_datagrams_in: Counter,
+    /// Datagrams sent.
+    pub udp_datagrams_out: Counter,
+    /// Datagrams passed to the shard that owns their session.
+    pub udp_forwarded: Counter,
+    /// Sessions moved to a new address the client proved (NAT rebinding).
+    pub udp_migrations: Counter,
+    /// `send_to` failures (the datagram is lost, as on the network).
+    pub udp_send_errors: Counter,
+    /// Datagrams dropped, by `crate::udp::DROP_LABELS`.
+    pub udp_dropped: [Counter; crate::udp::DROP_LABELS.len()],
 }
 
 impl ShardMetrics {
@@ -143,6 +157,9 @@ impl ShardMetrics {
     pub fn tls_failed(&self, f: TlsFail) {
         self.tls_failed[f.index()].inc();
     }
+    pub fn udp_dropped(&self, label: &str) {
+        self.udp_dropped[crate::udp::drop_index(label)].inc();
+    }
     pub fn closes_of(&self, r: CloseReason) -> u64 {
         self.closes[r.index()].get()
     }
@@ -159,4 +176,11 @@ pub struct LinkMetrics {
     pub batches_in: Counter,
     pub bytes_in: Counter,
     pub frames_out: Counter,
+    /// The link was up and went down (dead, closed, reset, cut for backlog).
+    pub downs: Counter,
+    /// Batches the broker's stream seq skipped on this link (sent while the link was down or
+    /// lost with it): the loss a viewer sees as a seq gap, counted where it happens.
+    pub seq_gaps: Counter,
+    /// A stream's seq went back (a restarted broker: a new epoch).
+    pub seq_restarts: Counter,
 }

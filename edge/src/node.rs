@@ -47,6 +47,12 @@ pub enum Msg {
     /// Link shard -> every shard: this node's viewer count per room (heartbeat replies use it
     /// until, or without, the brokers' fleet-wide counts).
     NodeCounts(Arc<Vec<(RoomId, u32)>>),
+    /// A datagram of a UDP session another shard owns (the session id names it): after a NAT
+    /// rebinding the kernel's 4-tuple hash may deliver it to any shard's socket.
+    Datagram {
+        from: std::net::SocketAddr,
+        bytes: Box<[u8]>,
+    },
 }
 
 impl Msg {
@@ -82,6 +88,9 @@ pub struct Node {
     pub started: Instant,
     /// Certificates and server config for WSS; `None` when WSS is off.
     pub tls: Option<crate::tls::Tls>,
+    /// The UDP cookie and session-id secret: one per node (random at start), so any shard
+    /// verifies a cookie another one minted.
+    pub udp_key: proto::udp::CookieKey,
 }
 
 impl Node {
@@ -111,6 +120,7 @@ impl Node {
             capacity,
             started: Instant::now(),
             tls: None,
+            udp_key: proto::udp::CookieKey::new(&rand::random::<[u8; 32]>()),
             config,
         }
     }
@@ -119,7 +129,7 @@ impl Node {
     pub fn connections(&self) -> u64 {
         self.metrics
             .iter()
-            .map(|m| m.conns_tcp.get() + m.conns_ws.get())
+            .map(|m| m.conns_tcp.get() + m.conns_ws.get() + m.conns_udp.get())
             .sum()
     }
 }

@@ -53,6 +53,7 @@ pub fn transport(t: crate::session::Transport) -> Transport {
     match t {
         crate::session::Transport::Tcp => Transport::Tcp,
         crate::session::Transport::Ws => Transport::Ws,
+        crate::session::Transport::Udp => Transport::Udp,
     }
 }
 

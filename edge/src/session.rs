@@ -31,6 +31,8 @@ pub const WS_UNSUPPORTED_DATA: u16 = 1003;
 pub enum Transport {
     Tcp,
     Ws,
+    /// Datagrams (`crate::udp`): packets arrive whole, replies go out as datagrams.
+    Udp,
 }
 
 impl Transport {
@@ -38,6 +40,7 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
+            Transport::Udp => "udp",
         }
     }
 }
@@ -301,6 +304,8 @@ struct WsState {
 #[derive(Debug)]
 pub struct Session {
     state: State,
+    /// A UDP session (in the padding after `state`: TCP sessions pay nothing for it).
+    udp: bool,
     packets: StreamDecoder,
     ws: Option<Box<WsState>>,
 }
@@ -308,13 +313,15 @@ pub struct Session {
 impl Session {
     pub fn new(transport: Transport, limits: &Limits) -> Session {
         match transport {
-            Transport::Tcp => Session {
+            Transport::Tcp | Transport::Udp => Session {
                 state: State::AwaitAuth,
+                udp: transport == Transport::Udp,
                 packets: StreamDecoder::new(limits.frame_bytes_max),
                 ws: None,
             },
             Transport::Ws => Session {
                 state: State::Handshake,
+                udp: false,
                 packets: StreamDecoder::new(limits.frame_bytes_max),
                 ws: Some(Box::new(WsState {
                     raw: Vec::new(),
@@ -327,6 +334,8 @@ impl Session {
     pub fn transport(&self) -> Transport {
         if self.ws.is_some() {
             Transport::Ws
+        } else if self.udp {
+            Transport::Udp
         } else {
             Transport::Tcp
         }

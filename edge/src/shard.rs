@@ -21,7 +21,9 @@ use crate::link::Hub;
 use crate::session::{CloseReason, Transport};
 use crate::tls::{TlsConn, TlsFail};
 use bytes::Bytes;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -41,12 +43,17 @@ const INBOX_POLL_MS: u64 = 100;
 const REFUSALS_IN_FLIGHT_MAX: usize = 64;
 /// A refusal hint may take this long to write.
 const REFUSE_WRITE_MS_MAX: u64 = 500;
+/// After the hint and a FIN, what the refused client sends is read and dropped until it
+/// closes, at most this long (so the close is not an RST that could take the hint with it).
+const REFUSE_LINGER_MS_MAX: u64 = 200;
 /// Accept back-off after an error (EMFILE, ENFILE, ENOBUFS): from this...
 const ACCEPT_BACKOFF_MS_MIN: u64 = 10;
 /// ...doubling up to this, reset by the next successful accept.
 const ACCEPT_BACKOFF_MS_MAX: u64 = 1_000;
 /// At most one "accept failed" log line per listener per this long (the rest are counted).
 const ACCEPT_LOG_MS_MIN: u64 = 10_000;
+/// The UDP sender waits this long when the socket's send buffer is full.
+const UDP_BLOCKED_MS: u64 = 1;
 /// Shutdown waits this long for close frames to go out.
 const SHUTDOWN_FLUSH_MS_MAX: u64 = 200;
 
@@ -61,6 +68,8 @@ pub(crate) struct Plumbing {
     pub wss: Option<std::net::TcpListener>,
     /// TLS over raw TCP, when `tls_tcp_addr` is set.
     pub tls_tcp: Option<std::net::TcpListener>,
+    /// This shard's UDP socket, when `udp_addr` is set.
+    pub udp: Option<std::net::UdpSocket>,
 }
 
 /// A shard: one core and the I/O around it.
@@ -77,6 +86,8 @@ pub(crate) struct Shard {
     accepting: Cell<bool>,
     accept_wakers: RefCell<Vec<Waker>>,
     refusing: Cell<usize>,
+    /// The UDP sender task, parked until the core has datagrams.
+    udp_sender: RefCell<Option<Waker>>,
 }
 
 type ReadHalf = OwnedReadHalf<TcpStream>;
@@ -109,6 +120,7 @@ impl Shard {
             accepting: Cell::new(true),
             accept_wakers: RefCell::new(Vec::new()),
             refusing: Cell::new(0),
+            udp_sender: RefCell::new(None),
             node,
         })
     }
@@ -140,6 +152,11 @@ impl Shard {
                     more = true;
                 }
             }
+            if self.core.borrow().has_datagrams() {
+                if let Some(w) = self.udp_sender.borrow_mut().take() {
+                    w.wake();
+                }
+            }
             if !more {
                 return;
             }
@@ -169,9 +186,14 @@ impl Shard {
     }
 
     fn deliver(&self, msg: Msg) {
-        match &self.hub {
-            Some(h) if msg.is_for_hub() => h.on_msg(msg),
-            _ => self.core.borrow_mut().on_msg(msg, Instant::now()),
+        match (&self.hub, msg) {
+            (Some(h), msg) if msg.is_for_hub() => h.on_msg(msg),
+            (_, Msg::Datagram { from, bytes }) => {
+                self.core
+                    .borrow_mut()
+                    .on_datagram(&bytes, from, Instant::now(), unix_s(), true);
+            }
+            (_, msg) => self.core.borrow_mut().on_msg(msg, Instant::now()),
         }
     }
 
@@ -214,6 +236,100 @@ pub fn conn_entry_bytes() -> usize {
     crate::core::conn_entry_bytes()
 }
 
+/// Wall-clock seconds (token expiry, UDP cookies).
+fn unix_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---- UDP ----
+
+/// Receives this shard's datagrams into one buffer and hands each to the core. The buffer is
+/// one byte larger than `udp_payload_bytes_max`, so a larger datagram shows as oversized.
+async fn udp_recv_loop(shard: Rc<Shard>, sock: Rc<monoio::net::udp::UdpSocket>) {
+    let mut buf = vec![0u8; shard.cfg().udp_payload_bytes_max + 1];
+    loop {
+        let (res, b) = sock.recv_from(buf).await;
+        buf = b;
+        match res {
+            Ok((n, from)) => {
+                let input = &buf[..n.min(buf.len())];
+                shard
+                    .core
+                    .borrow_mut()
+                    .on_datagram(input, from, Instant::now(), unix_s(), false);
+                shard.pump();
+            }
+            Err(e) => {
+                // ICMP errors of earlier sends surface here (ECONNREFUSED); nothing to close.
+                tracing::debug!(shard = shard.id, error = %e, "udp recv");
+                shard.node.metrics[shard.id].udp_send_errors.inc();
+            }
+        }
+        if shard.node.stop.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+/// Sends what the core queued for the UDP socket, up to `SEND_DATAGRAMS_MAX` datagrams per
+/// `sendmmsg`, parked while the outbox is empty. The socket is non-blocking: a full socket
+/// buffer (`WouldBlock`) waits a moment and tries again; any other error loses that datagram
+/// (counted), as the network would.
+async fn udp_send_loop(shard: Rc<Shard>, sock: Rc<monoio::net::udp::UdpSocket>) {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let mut batch: Vec<(std::net::SocketAddr, Bytes)> = Vec::new();
+    loop {
+        {
+            let mut core = shard.core.borrow_mut();
+            while batch.len() < net::sys::SEND_DATAGRAMS_MAX {
+                match core.poll_datagram() {
+                    Some(d) => batch.push(d),
+                    None => break,
+                }
+            }
+        }
+        if batch.is_empty() {
+            if shard.node.stop.load(Ordering::Acquire) {
+                return;
+            }
+            UdpParked(&shard).await;
+            continue;
+        }
+        let mut sent = 0;
+        while sent < batch.len() {
+            match net::sys::send_datagrams(fd, &batch[sent..]) {
+                Ok(n) => sent += n.max(1),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    monoio::time::sleep(Duration::from_millis(UDP_BLOCKED_MS)).await;
+                }
+                Err(_) => {
+                    shard.node.metrics[shard.id].udp_send_errors.inc();
+                    sent += 1;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Waits until the core has datagrams (woken by `Shard::pump`).
+struct UdpParked<'a>(&'a Shard);
+
+impl Future for UdpParked<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.core.borrow().has_datagrams() || self.0.node.stop.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        *self.0.udp_sender.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
 // ---- tasks ----
 
 /// Runs one shard until the node stops.
@@ -223,6 +339,7 @@ pub(crate) async fn run(
     ws: std::net::TcpListener,
     wss: Option<std::net::TcpListener>,
     tls_tcp: Option<std::net::TcpListener>,
+    udp: Option<std::net::UdpSocket>,
 ) {
     tracing::info!(
         shard = shard.id,
@@ -250,6 +367,18 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 tracing::error!(shard = shard.id, error = %e, "cannot register a TLS listener")
+            }
+        }
+    }
+    if let Some(u) = udp {
+        match monoio::net::udp::UdpSocket::from_std(u) {
+            Ok(u) => {
+                let u = Rc::new(u);
+                monoio::spawn(udp_recv_loop(shard.clone(), u.clone()));
+                monoio::spawn(udp_send_loop(shard.clone(), u));
+            }
+            Err(e) => {
+                tracing::error!(shard = shard.id, error = %e, "cannot register the UDP socket")
             }
         }
     }
@@ -428,14 +557,43 @@ fn tls_conn(shard: &Shard, tls: bool, transport: Transport) -> Result<Option<Box
     }
 }
 
-/// Writes a refused client its reconnect hint (bounded in time), then closes.
+/// Writes a refused client its reconnect hint (bounded in time), then closes the lingering
+/// way: FIN after the hint, then what the client sent is read and dropped until it closes
+/// (bounded). Closing with its auth request unread would send an RST, and a client whose
+/// stack takes the RST before its read drops the hint with it (seen in tests/faults).
 async fn refuse(shard: Rc<Shard>, mut stream: TcpStream, hint: Vec<u8>) {
+    use monoio::io::AsyncWriteRent;
+    let written = monoio::time::timeout(Duration::from_millis(REFUSE_WRITE_MS_MAX), async {
+        stream.write_all(hint).await.0?;
+        stream.shutdown().await
+    })
+    .await;
+    if matches!(written, Ok(Ok(()))) {
+        let _ = monoio::time::timeout(Duration::from_millis(REFUSE_LINGER_MS_MAX), async {
+            let mut buf = vec![0u8; 512];
+            loop {
+                let (res, b) = stream.read(buf).await;
+                buf = b;
+                if !matches!(res, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+    drop(stream);
+    shard.refusing.set(shard.refusing.get().saturating_sub(1));
+}
+
+/// Writes a TLS alert on a failed connection's write half (bounded in time), then drops it.
+async fn write_alert(shard: Rc<Shard>, mut half: WriteHalf, alert: Vec<u8>) {
     let _ = monoio::time::timeout(
         Duration::from_millis(REFUSE_WRITE_MS_MAX),
-        stream.write_all(hint),
+        half.write_all(alert),
     )
     .await;
-    drop(stream);
+    let _ = half.shutdown().await;
+    drop(half);
     shard.refusing.set(shard.refusing.get().saturating_sub(1));
 }
 
@@ -511,6 +669,21 @@ impl ConnTask {
             self.shard.pump();
         }
         res
+    }
+
+    /// TLS failed: writes the alert rustls queued (if any) from a task of its own, bounded in
+    /// time like a refusal hint, so the peer learns why before the close.
+    fn send_alert(&mut self) {
+        let Some(alert) = self.tls.as_mut().and_then(|t| t.take_wire()) else {
+            return;
+        };
+        if self.shard.refusing.get() >= REFUSALS_IN_FLIGHT_MAX {
+            return;
+        }
+        if let Writer::Idle(half) = std::mem::replace(&mut self.writer, Writer::Gone) {
+            self.shard.refusing.set(self.shard.refusing.get() + 1);
+            monoio::spawn(write_alert(self.shard.clone(), half, alert));
+        }
     }
 
     fn finish(&mut self, reason: CloseReason) -> Poll<()> {
@@ -619,10 +792,7 @@ impl Future for ConnTask {
                 Err(_) => return this.finish(CloseReason::Io),
                 Ok(n) => n,
             };
-            let unix_s = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let unix_s = unix_s();
             let input = &buf[..n.min(buf.len())];
             if this.tls.is_some() {
                 if let Err(f) = this.on_tls_bytes(input, Instant::now(), unix_s) {
@@ -631,6 +801,7 @@ impl Future for ConnTask {
                         TlsFail::PeerClosed => CloseReason::PeerClosed,
                         _ => CloseReason::Tls,
                     };
+                    this.send_alert();
                     return this.finish(reason);
                 }
             } else {

@@ -121,6 +121,32 @@ impl Tls {
     }
 }
 
+/// Appends what `encode` writes to `wire`, growing it to what rustls asks for.
+fn encode_into(
+    wire: &mut Vec<u8>,
+    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
+) -> Result<(), ()> {
+    let start = wire.len();
+    wire.resize(start + HANDSHAKE_FLIGHT_BYTES, 0);
+    let r = match encode(&mut wire[start..]) {
+        Err(EncodeError::InsufficientSize(s)) => {
+            wire.resize(start + s.required_size, 0);
+            encode(&mut wire[start..])
+        }
+        r => r,
+    };
+    match r {
+        Ok(n) => {
+            wire.truncate(start + n);
+            Ok(())
+        }
+        Err(_) => {
+            wire.truncate(start);
+            Err(())
+        }
+    }
+}
+
 /// One connection's TLS state.
 pub struct TlsConn {
     conn: UnbufferedServerConnection,
@@ -198,24 +224,9 @@ impl TlsConn {
             let step = match state {
                 Err(e) => Step::Fail(TlsFail::of(&e, handshaking)),
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    let start = self.wire.len();
-                    self.wire.resize(start + HANDSHAKE_FLIGHT_BYTES, 0);
-                    let r = match enc.encode(&mut self.wire[start..]) {
-                        Err(EncodeError::InsufficientSize(s)) => {
-                            self.wire.resize(start + s.required_size, 0);
-                            enc.encode(&mut self.wire[start..])
-                        }
-                        r => r,
-                    };
-                    match r {
-                        Ok(n) => {
-                            self.wire.truncate(start + n);
-                            Step::More
-                        }
-                        Err(_) => {
-                            self.wire.truncate(start);
-                            Step::Fail(TlsFail::Encrypt)
-                        }
+                    match encode_into(&mut self.wire, |b| enc.encode(b)) {
+                        Ok(()) => Step::More,
+                        Err(()) => Step::Fail(TlsFail::Encrypt),
                     }
                 }
                 // The shell writes `wire` when its writer is free.
@@ -254,7 +265,32 @@ impl TlsConn {
             match step {
                 Step::More => continue,
                 Step::Stop => return Ok(()),
-                Step::Fail(f) => return Err(f),
+                Step::Fail(f) => {
+                    self.queue_alert();
+                    return Err(f);
+                }
+            }
+        }
+    }
+
+    /// After a failure rustls has queued a fatal alert for most errors (`decode_error`,
+    /// `handshake_failure`, `record_overflow`, `no_application_protocol`...): it goes into
+    /// `wire`, so the shell writes it before closing and the peer learns why.
+    fn queue_alert(&mut self) {
+        // One alert at most; the bound only guards against a state that keeps producing data.
+        for _ in 0..2 {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                    if encode_into(&mut self.wire, |b| enc.encode(b)).is_err() {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => {
+                    t.done();
+                    return;
+                }
+                _ => return,
             }
         }
     }
@@ -326,6 +362,10 @@ mod tests {
         let r = c.on_received(b"GET /sub HTTP/1.1\r\nHost: x\r\n\r\n", &mut plain);
         assert_eq!(r, Err(TlsFail::BadRecord));
         assert!(plain.is_empty());
+        // The peer is told: a fatal alert record (content type 21, level 2) to write before
+        // the close.
+        let alert = c.take_wire().expect("an alert");
+        assert_eq!((alert[0], alert.len(), alert[5]), (21, 7, 2), "{alert:?}");
     }
 
     #[test]

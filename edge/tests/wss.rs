@@ -291,6 +291,26 @@ fn own_client_auth_heartbeat_delivery_and_cert_reload_legacy() {
     with_driver(Driver::Legacy, own_client_body);
 }
 
+/// Reads until EOF; the bytes the server sent before closing (None: no close within `WAIT`).
+fn bytes_before_close(s: &mut TcpStream) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut out = Vec::new();
+    let mut b = [0u8; 1024];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Some(out),
+            Ok(n) => out.extend_from_slice(&b[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return None
+            }
+            Err(_) => return Some(out),
+        }
+    }
+}
+
 /// Reads until EOF or reset; true if the server closed within `WAIT`.
 fn closed_by_server(s: &mut TcpStream) -> bool {
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -310,15 +330,18 @@ fn bad_input_body(driver: Driver) {
     let edge = edge::start(cfg).unwrap();
     let wss = edge.wss_addr().unwrap();
 
-    // Plain HTTP instead of a ClientHello.
+    // Plain HTTP instead of a ClientHello: a fatal alert (record type 21, level 2), then the
+    // close.
     let mut s = TcpStream::connect(wss).unwrap();
     s.write_all(&ws_upgrade_request("/sub")).unwrap();
-    assert!(closed_by_server(&mut s));
-    // A record header claiming more than TLS allows.
+    let got = bytes_before_close(&mut s).expect("closed");
+    assert_eq!((got.first(), got.get(5)), (Some(&21), Some(&2)), "{got:?}");
+    // A record header claiming more than TLS allows: the alert too (record_overflow).
     let mut s = TcpStream::connect(wss).unwrap();
     s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00])
         .unwrap();
-    assert!(closed_by_server(&mut s));
+    let got = bytes_before_close(&mut s).expect("closed");
+    assert_eq!((got.first(), got.get(5)), (Some(&21), Some(&2)), "{got:?}");
     // A handshake that stalls half-way (a partial ClientHello): the deadline closes it.
     let mut s = TcpStream::connect(wss).unwrap();
     s.write_all(&[0x16, 0x03, 0x01, 0x01, 0x00, 0x01]).unwrap();

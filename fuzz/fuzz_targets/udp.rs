@@ -34,6 +34,11 @@ fuzz_target!(|data: &[u8]| {
     let table = |s: SessionId| {
         (s.0 & 1 == 1).then_some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000))
     };
+    // The edge reads the session before anything else (to forward it to its shard).
+    if let Some(s) = udp::session_of_datagram(d) {
+        assert!(d.len() >= 24);
+        let _ = s.shard();
+    }
     match udp::admit(&key, d, from, table, 0, now_s, UDP_PAYLOAD_BYTES_MAX) {
         Admit::Reply(r) => assert!(r.len() <= d.len(), "amplified {} -> {}", d.len(), r.len()),
         Admit::Requests { .. } => assert_eq!(from.port(), 40000),

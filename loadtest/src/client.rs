@@ -82,6 +82,12 @@ pub struct Edge {
     /// WebSocket over TLS; 0 when the edge serves no WSS.
     #[serde(default)]
     pub wss_port: u16,
+    /// Datagrams (docs/protocol-udp.md); 0 (absent) when the edge serves no UDP.
+    #[serde(default)]
+    pub udp_port: u16,
+    /// TLS over raw TCP; 0 (absent) when the edge serves none.
+    #[serde(default)]
+    pub tls_tcp_port: u16,
 }
 
 impl Edge {

@@ -32,6 +32,34 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Counts live heap bytes, so `idle` can tell what rustls keeps per connection (live) from what
+/// the allocator holds around it (RSS growth minus live growth: fragmentation left by the
+/// handshake's temporary allocations).
+struct Counting;
+
+static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's layout contract is passed through.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE_BYTES.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: `p` came from `alloc` with this layout.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live_bytes() -> usize {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 const UPGRADE_REQUEST_BYTES: usize = 200;
 const UPGRADE_RESPONSE_BYTES: usize = 130;
 const BATCH_BYTES: usize = 400;
@@ -116,6 +144,7 @@ fn idle(
     let mut kept_b = Vec::with_capacity(n);
     let mut kept_u = Vec::with_capacity(n);
     let before = rss_anon_bytes();
+    let live_before = live_bytes();
     let t = Instant::now();
     for _ in 0..n {
         let mut c = new_client();
@@ -136,6 +165,12 @@ fn idle(
     }
     let took = t.elapsed();
     let after = rss_anon_bytes();
+    let live = live_bytes().saturating_sub(live_before);
+    println!(
+        "idle {mode}: live heap {:.0} B per connection (the connection kept inline in a Vec: {} B of it)",
+        live as f64 / n as f64,
+        if mode == "unbuffered" { std::mem::size_of::<UnbufferedServerConnection>() } else { 0 },
+    );
     println!(
         "idle {mode}: {n} connections, RssAnon {} -> {} KiB, {:.0} B per connection, {:.0} us per handshake (client + server)",
         before / 1024,

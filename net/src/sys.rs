@@ -187,3 +187,48 @@ mod iovec_tests {
         }
     }
 }
+
+/// Datagrams handed to the kernel per `sendmmsg` call at most.
+pub const SEND_DATAGRAMS_MAX: usize = 64;
+
+/// Sends each `(to, bytes)` as one datagram on the non-blocking UDP socket `fd` with one
+/// `sendmmsg` (up to [`SEND_DATAGRAMS_MAX`] of them): one syscall for a shard's fan-out burst
+/// instead of one per viewer. Returns how many the kernel took (at least one), or the error
+/// of the first datagram (`WouldBlock` when the socket buffer is full).
+pub fn send_datagrams(
+    fd: std::os::fd::RawFd,
+    out: &[(SocketAddr, bytes::Bytes)],
+) -> std::io::Result<usize> {
+    let n = out.len().min(SEND_DATAGRAMS_MAX);
+    if n == 0 {
+        return Ok(0);
+    }
+    let addrs: Vec<socket2::SockAddr> = out[..n]
+        .iter()
+        .map(|(a, _)| socket2::SockAddr::from(*a))
+        .collect();
+    let mut iovs: Vec<libc::iovec> = out[..n]
+        .iter()
+        .map(|(_, b)| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    // SAFETY: an all-zero mmsghdr is a valid value (null pointers, zero lengths).
+    let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for ((m, a), iov) in msgs.iter_mut().zip(&addrs).zip(iovs.iter_mut()) {
+        let h = &mut m.msg_hdr;
+        h.msg_name = a.as_ptr() as *mut libc::c_void;
+        h.msg_namelen = a.len();
+        h.msg_iov = iov;
+        h.msg_iovlen = 1;
+    }
+    // SAFETY: `msgs` holds `n` initialised headers whose name and iovec pointers point into
+    // `addrs`, `iovs` and the `Bytes` of `out`, all alive and unmoved until the call returns;
+    // the kernel only reads them (and writes `msg_len`).
+    let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as libc::c_uint, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}

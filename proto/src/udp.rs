@@ -616,6 +616,28 @@ pub fn decode_server(
     }
 }
 
+/// `[op 1003 part]` for part `part` of `parts` of the batch with room seq `seq`; the container
+/// follows it in the datagram.
+pub fn part_packet(seq: u32, part: u16, parts: u16, flags: u16) -> Vec<u8> {
+    let mut body = [0u8; PART_BODY_BYTES];
+    body[..2].copy_from_slice(&part.to_be_bytes());
+    body[2..4].copy_from_slice(&parts.to_be_bytes());
+    body[4..].copy_from_slice(&flags.to_be_bytes());
+    packet::encode_vec(ver::HEARTBEAT, udp_op::PART, seq, &body)
+}
+
+/// The session a datagram names in its first packet, read from its first 24 bytes without
+/// parsing the rest: the receiving shard forwards a datagram of another shard's session
+/// before deciding anything else about it.
+pub fn session_of_datagram(datagram: &[u8]) -> Option<SessionId> {
+    let h = packet::parse_header(datagram).ok()?;
+    if h.op != udp_op::SESSION || h.packet_len as usize != HEADER_LEN + SESSION_BODY_BYTES {
+        return None;
+    }
+    let b = datagram.get(HEADER_LEN..HEADER_LEN + SESSION_BODY_BYTES)?;
+    Some(SessionId(u64::from_be_bytes(b.try_into().ok()?)))
+}
+
 /// How full the first guess of a compressed part aims to be: a run compresses a little worse
 /// alone than inside the whole batch, so aiming at the budget itself would mostly miss once.
 const SPLIT_FILL: f64 = 0.9;
@@ -723,11 +745,7 @@ pub fn split_batch(
         .enumerate()
         .map(|(i, c)| {
             let flags = if c.is_none() { part_flag::TOO_LARGE } else { 0 };
-            let mut body = [0u8; PART_BODY_BYTES];
-            body[..2].copy_from_slice(&(i as u16).to_be_bytes());
-            body[2..4].copy_from_slice(&count.to_be_bytes());
-            body[4..].copy_from_slice(&flags.to_be_bytes());
-            let mut out = packet::encode_vec(ver::HEARTBEAT, udp_op::PART, seq, &body);
+            let mut out = part_packet(seq, i as u16, count, flags);
             if let Some(c) = c {
                 out.extend_from_slice(&c);
             }

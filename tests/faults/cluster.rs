@@ -58,6 +58,9 @@ pub struct Opts {
     pub broker_link_host: String,
     /// Edge `public_host`/bind host and namespace, per edge index.
     pub edge_env: Vec<(String, Env)>,
+    /// The host address edges in a network namespace dial for control and the broker's link
+    /// port (then control and the link port listen on every address, not only loopback).
+    pub host_for_edges: Option<String>,
 }
 
 impl Default for Opts {
@@ -72,6 +75,7 @@ impl Default for Opts {
             broker_link_for_edges: None,
             broker_link_host: "127.0.0.1".into(),
             edge_env: Vec::new(),
+            host_for_edges: None,
         }
     }
 }
@@ -93,8 +97,13 @@ pub struct Cluster {
 impl Cluster {
     pub fn start(opts: Opts) -> Cluster {
         let control_port = free_port();
+        let any = if opts.host_for_edges.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         let control_toml = format!(
-            "http_addr = \"127.0.0.1:{control_port}\"\ntoken_keys = \"1:{STRONG}\"\ndriver = \"legacy\"\n\
+            "http_addr = \"{any}:{control_port}\"\ntoken_keys = \"1:{STRONG}\"\ndriver = \"legacy\"\n\
              edge_key = \"{STRONG}\"\nedge_ttl_ms = 1000\nedge_forget_ms = 2000\n"
         );
         let control = start_ok("control", &control_toml);
@@ -107,7 +116,11 @@ impl Cluster {
              link_addr = \"{}:{link_port}\"\nhttp_addr = \"127.0.0.1:{http}\"\n\
              link_keys = [{}]\nlink_ping_ms = {}\nlink_dead_ms = {}\nstartup_hold_ms = {}\n{}\n\
              [[api_keys]]\nkey = \"{API}\"\n",
-            opts.broker_link_host,
+            if opts.host_for_edges.is_some() {
+                any
+            } else {
+                &opts.broker_link_host
+            },
             link_keys.join(", "),
             opts.link_ping_ms,
             opts.link_dead_ms,
@@ -116,7 +129,7 @@ impl Cluster {
         );
         let broker = start_ok("broker", &broker_toml);
         let mut c = Cluster {
-            control_addr: control.addrs[0],
+            control_addr: SocketAddr::from(([127, 0, 0, 1], control_port)),
             ingest: broker.addrs[0],
             link_port,
             broker_http: broker.addrs[2],
@@ -131,7 +144,9 @@ impl Cluster {
             let e = c.start_edge(i);
             c.edges.push(Some(e));
         }
-        c.wait_listed(c.opts.edges);
+        if c.opts.edges > 0 {
+            c.wait_listed(c.opts.edges);
+        }
         c
     }
 
@@ -142,11 +157,17 @@ impl Cluster {
             .get(i)
             .cloned()
             .unwrap_or(("127.0.0.1".into(), Env::default()));
+        let home = self
+            .opts
+            .host_for_edges
+            .clone()
+            .unwrap_or("127.0.0.1".into());
         let link = self
             .opts
             .broker_link_for_edges
             .clone()
-            .unwrap_or(format!("127.0.0.1:{}", self.link_port));
+            .unwrap_or(format!("{home}:{}", self.link_port));
+        let control = format!("{home}:{}", self.control_addr.port());
         format!(
             "shards = 1\npin = false\ndriver = \"legacy\"\nnode_id = \"edge-{}\"\n\
              tcp_addr = \"{host}:0\"\nws_addr = \"{host}:0\"\nadmin_addr = \"{host}:0\"\npublic_host = \"{host}\"\n\
@@ -154,7 +175,7 @@ impl Cluster {
              broker_addrs = [\"{link}\"]\ncontrol_addr = \"{}\"\ncontrol_heartbeat_ms = 100\n\
              link_ping_ms = {}\nlink_dead_ms = {}\nlink_backoff_ms_min = 50\nlink_backoff_ms_max = 500\n{}\n",
             i + 1,
-            self.control_addr,
+            control,
             self.opts.link_ping_ms,
             self.opts.link_dead_ms,
             self.opts.edge_extra,
@@ -175,6 +196,12 @@ impl Cluster {
     pub fn edge_addrs(&self, i: usize) -> (SocketAddr, SocketAddr) {
         let e = self.edges[i].as_ref().expect("edge running");
         (e.addrs[0], e.addrs[2])
+    }
+
+    /// The edge's `/metrics` text (read from any address: the edge may be in a namespace).
+    pub fn edge_metrics(&self, i: usize) -> String {
+        let (_, admin) = self.edge_addrs(i);
+        metrics_at(admin)
     }
 
     /// Kills the broker with SIGKILL (no goodbye on any socket beyond the kernel's).
@@ -306,6 +333,11 @@ impl Viewer {
         self.log.lock().unwrap().last_n
     }
 
+    /// Tells the thread to end, without waiting (stop many at once, then join each).
+    pub fn signal_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Closes the connection and ends the thread.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -352,6 +384,7 @@ fn connect(
     device: &str,
     stop: &AtomicBool,
 ) -> Option<(TcpStream, SocketAddr)> {
+    let mut attempt = 0u32;
     while !stop.load(Ordering::Relaxed) {
         if let Ok(t) = fetch_blocking(
             &control.to_string(),
@@ -369,9 +402,23 @@ fn connect(
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Back off as a real client does (a burst of thousands retrying every 20 ms would
+        // be our own flood): 20 ms doubling to 1 s, with jitter in [d/2, d].
+        let d = 20u64 << attempt.min(6);
+        attempt += 1;
+        std::thread::sleep(Duration::from_millis(
+            d.min(1_000) / 2 + jitter(d.min(1_000) / 2),
+        ));
     }
     None
+}
+
+/// A random number in [0, n] (std's hasher keys are random per process).
+fn jitter(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() % (n + 1)
 }
 
 fn authenticate(addr: SocketAddr, token: &str, device: &str) -> Option<TcpStream> {
@@ -558,6 +605,12 @@ impl Drop for Publisher {
     }
 }
 
+/// Stops every viewer: all are told first, so each join waits at most one read timeout in all.
+pub fn stop_all(vs: &mut [Viewer]) {
+    vs.iter().for_each(Viewer::signal_stop);
+    vs.iter_mut().for_each(Viewer::stop);
+}
+
 /// Waits until every viewer has seen some message at or past `n`.
 pub fn wait_all_seen(viewers: &[Viewer], n: u64, within: Duration) -> bool {
     let deadline = Instant::now() + within;
@@ -605,7 +658,7 @@ pub fn finish(mut vs: Vec<Viewer>, mut p: Publisher, from: u64) -> Verdict {
     if let Some(&last) = accepted.last() {
         wait_all_seen(&vs, last, WAIT);
     }
-    vs.iter_mut().for_each(Viewer::stop);
+    stop_all(&mut vs);
     let logs: Vec<ViewerLog> = vs
         .iter()
         .map(|v| std::mem::take(&mut *v.log.lock().unwrap()))

@@ -255,6 +255,28 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
 }
 
+/// `/metrics` of `addr` from whatever source address the route picks.
+pub fn metrics_at(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(get("/metrics").as_bytes())
+        .expect("metrics request");
+    let (_, body) = read_response(&mut s).expect("metrics");
+    String::from_utf8_lossy(&body).to_string()
+}
+
+/// The sum of every sample of a family whose labels contain `with` (a Prometheus text).
+pub fn metric_sum(text: &str, family: &str, with: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .filter(|l| l.contains(with))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
 pub fn metrics(addr: SocketAddr) -> String {
     let (_, body) = request_from([127, 0, 0, 1], addr, &get("/metrics")).expect("metrics");
     String::from_utf8_lossy(&body).to_string()

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 /// accepted message without seeing it (the old broker's unflushed batches show as a seq that
 /// starts again: a new epoch).
 #[test]
-#[ignore = "written at the deadline, not yet run: cargo test --test faults -- --ignored crash::"]
 fn broker_kill9_and_restart_under_load() {
     let mut c = Cluster::start(Opts {
         edges: 2,
@@ -36,7 +35,6 @@ fn broker_kill9_and_restart_under_load() {
 /// kill -9 of an edge: its viewers find another edge through control and get the load there;
 /// what they missed meanwhile is covered by their reconnect.
 #[test]
-#[ignore = "written at the deadline, not yet run: cargo test --test faults -- --ignored crash::"]
 fn edge_kill9_moves_its_viewers_to_another_edge() {
     let mut c = Cluster::start(Opts {
         edges: 2,
@@ -68,9 +66,13 @@ fn edge_kill9_moves_its_viewers_to_another_edge() {
     assert!(v.reconnects >= on_doomed as u64, "{v}");
 }
 
-/// SIGSTOP of `role` for `pause`, then SIGCONT; the model judges the whole run.
-fn stop_and_continue(role: &str, pause: Duration) -> Verdict {
-    let c = Cluster::start(Opts::default());
+/// SIGSTOP of `role` for `pause`, then SIGCONT, with links declared dead after `dead`; the
+/// model judges the whole run.
+fn stop_and_continue(role: &str, pause: Duration, dead: Duration) -> Verdict {
+    let c = Cluster::start(Opts {
+        link_dead_ms: dead.as_millis() as u64,
+        ..Opts::default()
+    });
     let (vs, p, from) = viewers_and_load(&c, 4, 200);
     std::thread::sleep(Duration::from_millis(300));
     signal(c.role_child(role), libc::SIGSTOP);
@@ -83,16 +85,45 @@ fn stop_and_continue(role: &str, pause: Duration) -> Verdict {
     );
     // Control still answers and still lists the edge.
     c.wait_listed(1);
+    let (b, e) = (metrics(c.broker_http), c.edge_metrics(0));
+    let pick = |m: &str, names: &[&str]| -> String {
+        m.lines()
+            .filter(|l| !l.starts_with('#') && names.iter().any(|n| l.starts_with(n)))
+            .filter(|l| !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    eprintln!(
+        "{role} after SIGCONT: broker [{}] edge [{}]",
+        pick(
+            &b,
+            &[
+                "barrage_broker_link_cuts_total",
+                "barrage_broker_batches_unrouted_total",
+                "barrage_broker_links"
+            ]
+        ),
+        pick(
+            &e,
+            &[
+                "barrage_edge_link_downs_total",
+                "barrage_edge_link_seq_gaps_total",
+                "barrage_edge_drops_total",
+                "barrage_edge_closes_total"
+            ]
+        )
+    );
     finish(vs, p, from)
 }
 
-/// Within the link timeout (1 s; pause 400 ms): nothing is lost at all, not even visibly.
+/// Within the link timeout (3 s; pause 400 ms): nothing is lost at all, not even visibly.
+/// The margin is wide on purpose: with a 1 s timeout a loaded 2-core box once let a stopped
+/// broker's link run past it after SIGCONT (a visible seq gap, not a silent loss).
 #[test]
-#[ignore = "written at the deadline, not yet run: cargo test --test faults -- --ignored crash::"]
 fn sigstop_within_the_link_timeout_loses_nothing() {
     for role in ["broker", "edge", "control"] {
-        let v = stop_and_continue(role, Duration::from_millis(400));
-        println!("SIGSTOP {role} 400 ms (link timeout 1 s): {v}");
+        let v = stop_and_continue(role, Duration::from_millis(400), Duration::from_secs(3));
+        println!("SIGSTOP {role} 400 ms (link timeout 3 s): {v}");
         assert_eq!(v.lost, 0, "{role}: {v}");
         assert_eq!(
             v.delivered,
@@ -105,10 +136,9 @@ fn sigstop_within_the_link_timeout_loses_nothing() {
 /// Past the link timeout (2.5 s against 1 s): the links are declared dead and rebuilt; losses
 /// are allowed, silent ones are not.
 #[test]
-#[ignore = "written at the deadline, not yet run: cargo test --test faults -- --ignored crash::"]
 fn sigstop_past_the_link_timeout_loses_nothing_silently() {
     for role in ["broker", "edge", "control"] {
-        let v = stop_and_continue(role, Duration::from_millis(2_500));
+        let v = stop_and_continue(role, Duration::from_millis(2_500), Duration::from_secs(1));
         println!("SIGSTOP {role} 2.5 s (link timeout 1 s): {v}");
         assert_eq!(v.lost, 0, "{role}: {v}");
     }

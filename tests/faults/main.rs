@@ -12,10 +12,19 @@
 //! - [`link`]: link impersonation (no key, wrong key, another node's key) and handshake-slot
 //!   exhaustion.
 //! - [`secrets`]: weak secrets refused off loopback, warned about on it.
+//! - [`crash`]: kill -9 and SIGSTOP/SIGCONT of each role under load (the delivery model of
+//!   [`cluster`] judges every run).
+//! - [`network`]: partitions and random loss in a network namespace (nftables), delay and
+//!   mid-batch resets through a proxy of ours ([`proxy`]).
+//! - [`capacity`]: an edge under a small fd limit, a mass reconnect, the soak.
 
+mod capacity;
 mod cluster;
 mod common;
 mod crash;
 mod http;
 mod link;
+mod netns;
+mod network;
+mod proxy;
 mod secrets;

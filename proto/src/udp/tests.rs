@@ -750,3 +750,30 @@ fn print_doc_examples() {
         println!("```\n");
     }
 }
+
+#[test]
+fn the_session_of_a_datagram_is_read_from_its_first_packet_only() {
+    let s = SessionId(3 << 48 | 0xabc);
+    let d = session_datagram(s, None, &auth::heartbeat_request());
+    assert_eq!(session_of_datagram(&d), Some(s));
+    assert_eq!(session_of_datagram(&d).map(SessionId::shard), Some(3));
+    // Not a session packet first, a wrong length, or too short: none.
+    assert_eq!(session_of_datagram(&auth::heartbeat_request()), None);
+    let mut bad = d.clone();
+    bad[3] = 23;
+    assert_eq!(session_of_datagram(&bad), None);
+    assert_eq!(session_of_datagram(&d[..20]), None);
+    assert_eq!(session_of_datagram(&[]), None);
+    // part_packet is the header split_batch writes.
+    let p = part_packet(42, 1, 3, part_flag::TOO_LARGE);
+    assert_eq!(
+        decode_server(&p, UDP_PAYLOAD_BYTES_MAX),
+        Ok(ServerDatagram::Data(Part {
+            seq: 42,
+            part: 1,
+            parts: 3,
+            flags: part_flag::TOO_LARGE,
+            container: &[],
+        }))
+    );
+}

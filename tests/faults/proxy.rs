@@ -1,0 +1,168 @@
+//! A TCP proxy of our own between the edges and the broker's link port, for faults a kernel
+//! rule cannot make: a fixed delay each way (a delay line: bytes leave `delay` after they came
+//! in, throughput untouched), and a reset in the middle of a batch (half of a read from the
+//! broker is passed on, then both sides get an RST).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub struct LinkProxy {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    /// Resets asked for; each live connection carries it out once per increment.
+    resets_asked: AtomicU64,
+    /// Resets carried out (mid-read, with bytes of the read still held back).
+    resets_done: AtomicU64,
+    /// Connections accepted from edges.
+    accepted: AtomicU64,
+    delay_us: AtomicU64,
+}
+
+impl LinkProxy {
+    /// Listens on 127.0.0.1:0 and forwards each connection to `upstream`.
+    pub fn start(upstream: SocketAddr, delay: Duration) -> LinkProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("proxy addr");
+        let shared = Arc::new(Shared::default());
+        shared
+            .delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((edge, _)) => {
+                        s.accepted.fetch_add(1, Ordering::Relaxed);
+                        let Ok(broker) =
+                            TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
+                        else {
+                            continue;
+                        };
+                        let _ = edge.set_nonblocking(false);
+                        let _ = edge.set_nodelay(true);
+                        let _ = broker.set_nodelay(true);
+                        splice(edge, broker, &s);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        LinkProxy {
+            addr,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Resets every live connection in the middle of its next read from the broker.
+    pub fn reset(&self) {
+        self.shared.resets_asked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn resets_done(&self) -> u64 {
+        self.shared.resets_done.load(Ordering::Relaxed)
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Both directions of one proxied connection, each a reader thread and a delayed writer.
+fn splice(edge: TcpStream, broker: TcpStream, s: &Arc<Shared>) {
+    let (Ok(e2), Ok(b2)) = (edge.try_clone(), broker.try_clone()) else {
+        return;
+    };
+    let up = pump(edge, b2, s.clone(), false);
+    let down = pump(broker, e2, s.clone(), true);
+    std::thread::spawn(move || {
+        let _ = up.join();
+        let _ = down.join();
+    });
+}
+
+/// Reads `from`, writes to `to` after the delay. The broker-to-edge pump (`cuts`) carries out
+/// resets: it passes on half of the read it holds, then aborts both sockets (SO_LINGER 0, so
+/// the close sends RST).
+fn pump(mut from: TcpStream, to: TcpStream, s: Arc<Shared>, cuts: bool) -> JoinHandle<()> {
+    let (tx, rx) = channel::<(Instant, Vec<u8>)>();
+    let resets_seen = s.resets_asked.load(Ordering::Relaxed);
+    let writer_to = to.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || delay_line(rx, writer_to));
+    std::thread::spawn(move || {
+        let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if s.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let n = match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(_) => break,
+            };
+            let due = Instant::now() + Duration::from_micros(s.delay_us.load(Ordering::Relaxed));
+            if cuts && s.resets_asked.load(Ordering::Relaxed) > resets_seen && n >= 2 {
+                // Half of this read goes out, the rest never does: the edge holds a partial
+                // frame when the RST comes.
+                let _ = tx.send((due, buf[..n / 2].to_vec()));
+                drop(tx);
+                let _ = writer.join();
+                for sock in [&from, &to] {
+                    let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
+                    let _ = sock.shutdown(Shutdown::Read);
+                }
+                s.resets_done.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let _ = writer.join();
+        let _ = to.shutdown(Shutdown::Write);
+    })
+}
+
+fn delay_line(rx: Receiver<(Instant, Vec<u8>)>, mut to: TcpStream) {
+    for (due, bytes) in rx {
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        if to.write_all(&bytes).is_err() {
+            return;
+        }
+    }
+}
