@@ -52,7 +52,7 @@ cpu() { awk '{print $14+$15}' /proc/$1/stat; }
 T0=$(cpu $EP); B0=$(cpu $BP)
 $BIN loadtest churn --control http://127.0.0.1:18080 --control-key $K --api-key $K \
   --broker-http 127.0.0.1:17480 --ingest 127.0.0.1:17400 --connects-per-s ${RATE:-500} --hold-ms 1000 \
-  --duration-s ${DUR:-10} --warmup-s 0 --sources 127.0.0.2,127.0.0.3 --json churn-$MODE.json 2>&1 | tail -15
+  --duration-ms ${DUR_MS:-10000} --warmup-ms 0 --sources 127.0.0.2,127.0.0.3 --json churn-$MODE.json 2>&1 | tail -15
 T1=$(cpu $EP); B1=$(cpu $BP)
 TCK=$(getconf CLK_TCK)
 echo "edge_cpu_s=$(echo "($T1-$T0)/$TCK" | bc -l) broker_cpu_s=$(echo "($B1-$B0)/$TCK" | bc -l)"

@@ -72,8 +72,41 @@ pub fn run(args: ConfigArgs) -> anyhow::Result<Exit> {
     }
 }
 
-fn check<C: Layered>(sources: &Sources) -> Result<(), net::config::ConfigError> {
-    net::config::load::<C>(sources).map(|_| ())
+/// Loads the config as the role would, then checks its secrets as the role does at start (a
+/// weak secret on a public address stops the role, so `config check` says so first).
+fn check<C: Secrets>(sources: &Sources) -> Result<(), String> {
+    let c = net::config::load::<C>(sources).map_err(|e| e.to_string())?;
+    c.secrets()
+}
+
+/// A role config's start-time secret check.
+trait Secrets: Layered {
+    fn secrets(&self) -> Result<(), String>;
+}
+
+impl Secrets for edge::Config {
+    fn secrets(&self) -> Result<(), String> {
+        self.check_secrets().map_err(|e| e.to_string())
+    }
+}
+impl Secrets for broker::Config {
+    fn secrets(&self) -> Result<(), String> {
+        self.check_secrets().map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+impl Secrets for control::Config {
+    fn secrets(&self) -> Result<(), String> {
+        self.check_secrets().map_err(|e| e.to_string())
+    }
+}
+impl Secrets for crate::up::UpConfig {
+    fn secrets(&self) -> Result<(), String> {
+        self.control
+            .secrets()
+            .map_err(|e| format!("[control] {e}"))?;
+        self.broker.secrets().map_err(|e| format!("[broker] {e}"))?;
+        self.edge.secrets().map_err(|e| format!("[edge] {e}"))
+    }
 }
 
 /// The complete commented defaults of `role`.
@@ -317,7 +350,10 @@ mod tests {
             .to_string();
         assert!(e.contains("pin"), "{e}");
         let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-        check::<edge::Config>(&Sources::file(&examples.join("edge.toml"))).unwrap();
+        // The example edge binds 0.0.0.0 with `change-me-...` secrets: refused as the edge
+        // itself would refuse to start with them (docs/operations.md, Secrets).
+        let e = check::<edge::Config>(&Sources::file(&examples.join("edge.toml"))).unwrap_err();
+        assert!(e.contains("non-loopback"), "{e}");
         check::<crate::up::UpConfig>(&Sources::file(&examples.join("up.toml"))).unwrap();
     }
 }

@@ -135,6 +135,10 @@ fn init_logging() {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some((old, new)) = loadtest::cli::renamed_flag(std::env::args_os().skip(1)) {
+        eprintln!("error: {old} was renamed {new} (milliseconds: multiply the value by 1000)");
+        return exit::Exit::Usage.into();
+    }
     // clap exits with 2 on a usage error by itself.
     let cli = Cli::parse();
     init_logging();
@@ -153,7 +157,7 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
         Command::Up(args) => up::run(args)?,
         Command::Cluster(args) => cluster::run(args)?,
         Command::Edge(args) => serve::<edge::Config, _>(&args, |c| {
-            let rate_per_s = c.drain_close_per_s.max(1);
+            let (rate_per_s, bound_ms) = (c.drain_close_per_s.max(1), c.drain_ms_max);
             let h = edge::start(c).context("starting the edge")?;
             let reload = Reload {
                 hooks: h.reload_hooks(),
@@ -169,6 +173,7 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
                 start: edge::Handle::drain,
                 remaining: edge::Handle::connections,
                 rate_per_s,
+                bound_ms,
             };
             Ok((h, banner, edge::Handle::shutdown, Some(drain), Some(reload)))
         })?,
@@ -204,9 +209,6 @@ fn run(command: Command) -> anyhow::Result<exit::Exit> {
     Ok(exit::Exit::Ok)
 }
 
-/// Stops a drain waits for at most, whatever the connection count (under the unit's
-/// `TimeoutStopSec=120s`, so systemd never has to SIGKILL a draining edge).
-const DRAIN_MS_MAX: u64 = 110_000;
 /// Added to the time a drain should take at its close rate, for stragglers.
 const DRAIN_MARGIN_MS: u64 = 5_000;
 
@@ -218,6 +220,8 @@ struct Drain<H> {
     remaining: fn(&H) -> u64,
     /// Connections the role closes per second while draining.
     rate_per_s: u64,
+    /// The longest a drain may take, whatever the connection count (`drain_ms_max`).
+    bound_ms: u64,
 }
 
 /// How a role reloads: its hooks (SIGHUP and `POST /admin/reload` run them) and what applies
@@ -291,7 +295,7 @@ fn serve<C: RoleConfig, H>(
     if let Some(d) = drain {
         let open = (d.remaining)(&handle);
         let expected_ms = open.saturating_mul(1000) / d.rate_per_s;
-        let bound_ms = (expected_ms + DRAIN_MARGIN_MS).min(DRAIN_MS_MAX);
+        let bound_ms = (expected_ms + DRAIN_MARGIN_MS).min(d.bound_ms);
         eprintln!(
             "draining {open} connections (at most {} s); a second signal stops at once",
             bound_ms / 1000

@@ -75,9 +75,9 @@ pub struct TailArgs {
     /// Exit after this many messages.
     #[arg(long)]
     pub count: Option<u64>,
-    /// Exit after this many seconds (an error if --count messages have not arrived by then).
+    /// Exit after this long (an error if --count messages have not arrived by then).
     #[arg(long)]
-    pub timeout_s: Option<u64>,
+    pub timeout_ms: Option<u64>,
     /// Compression asked for: 3 brotli, 2 zlib, 0 plain.
     #[arg(long, default_value_t = 3)]
     pub protover: u32,
@@ -580,7 +580,9 @@ fn authenticate(
 
 pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let deadline = args.timeout_s.map(|s| started + Duration::from_secs(s));
+    let deadline = args
+        .timeout_ms
+        .map(|ms| started + Duration::from_millis(ms));
     let device = args
         .device
         .clone()

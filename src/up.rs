@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// How long `up` waits for the edge's first heartbeat to reach control before saying ready.
 const EDGE_REGISTER_MS_MAX: u64 = 10_000;
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Clone, Debug, Default)]
 pub struct UpArgs {
     /// TOML file with [control], [broker] and [edge] sections (see examples/up.toml).
     #[arg(long)]
@@ -193,8 +193,19 @@ fn offset_str(a: &str, by: u16) -> anyhow::Result<String> {
     Ok(offset_addr(parsed, by)?.to_string())
 }
 
-/// Applies flags and fills in what connects the three roles.
-pub fn wire(mut c: UpConfig, args: &UpArgs) -> anyhow::Result<UpConfig> {
+/// Secrets `up` made at random because neither its flags nor its file gave one. A reload wires
+/// the new config with the same ones, so a SIGHUP never rotates a key nobody asked to rotate.
+#[derive(Clone, Debug, Default)]
+pub struct Made {
+    api_key: Option<String>,
+    token_keys: Option<String>,
+    link_key: Option<String>,
+    edge_key: Option<String>,
+}
+
+/// Applies flags and fills in what connects the three roles. Each secret neither gives is taken
+/// from `made` when it holds one, else made at random and kept there.
+pub fn wire(mut c: UpConfig, args: &UpArgs, made: &mut Made) -> anyhow::Result<UpConfig> {
     let by = args.ports_offset;
     c.control.http_addr = offset_addr(c.control.http_addr, by)?;
     c.broker.ingest_addr = offset_addr(c.broker.ingest_addr, by)?;
@@ -214,9 +225,11 @@ pub fn wire(mut c: UpConfig, args: &UpArgs) -> anyhow::Result<UpConfig> {
     // One API key for both control and the broker, unless the file set them.
     let key = match &args.api_key {
         Some(k) => Some(k.clone()),
-        None if c.control.api_keys.is_empty() && c.broker.api_keys.is_empty() => {
-            Some(random_secret(16))
-        }
+        None if c.control.api_keys.is_empty() && c.broker.api_keys.is_empty() => Some(
+            made.api_key
+                .get_or_insert_with(|| random_secret(16))
+                .clone(),
+        ),
         None => None,
     };
     if let Some(k) = key {
@@ -237,19 +250,28 @@ pub fn wire(mut c: UpConfig, args: &UpArgs) -> anyhow::Result<UpConfig> {
         Some(s) => s.clone(),
         None if !c.control.token_keys.is_empty() => c.control.token_keys.clone(),
         None if !c.edge.token_keys.is_empty() => c.edge.token_keys.clone(),
-        None => format!("1:{}", random_secret(32)),
+        None => made
+            .token_keys
+            .get_or_insert_with(|| format!("1:{}", random_secret(32)))
+            .clone(),
     };
     c.control.token_keys = keys.clone();
     c.edge.token_keys = keys;
     // The edge proves itself to the broker with a link key bound to its node id, and to
     // control with the edge key; both are made here unless the file set them.
     if c.broker.link_keys.is_empty() && c.edge.link_key.is_empty() {
-        let k = random_secret(32);
+        let k = made
+            .link_key
+            .get_or_insert_with(|| random_secret(32))
+            .clone();
         c.broker.link_keys = vec![format!("{}:{k}", c.edge.node_id)];
         c.edge.link_key = k;
     }
     if c.control.edge_key.is_empty() && c.edge.edge_key.is_empty() {
-        let k = random_secret(32);
+        let k = made
+            .edge_key
+            .get_or_insert_with(|| random_secret(32))
+            .clone();
         c.control.edge_key = k.clone();
         c.edge.edge_key = k;
     }
@@ -344,6 +366,45 @@ impl Stack {
         })
     }
 
+    /// Registers a "config" hook on each role that reads `up`'s config again (file and
+    /// `BARRAGE_UP_*`), wires it as at start (same flags, the same secrets `made` holds, the
+    /// addresses the roles really listen on) and applies that role's section. SIGHUP runs all
+    /// three; `POST /admin/reload` on one role's port runs that role's. Returns the hooks.
+    pub fn reload_hooks(&self, args: &UpArgs, made: &Made) -> Vec<net::reload::Hooks> {
+        let (link, control) = (self.broker.link_addr(), self.control.http_addr());
+        let load = {
+            let (args, made) = (args.clone(), made.clone());
+            move || -> Result<UpConfig, String> {
+                let base: UpConfig =
+                    net::config::load(&net::config::Sources::process(args.config.as_deref(), &[]))
+                        .map_err(|e| e.to_string())?;
+                let mut c = wire(base, &args, &mut made.clone()).map_err(|e| format!("{e:#}"))?;
+                ensure_tls(&mut c, &args).map_err(|e| format!("{e:#}"))?;
+                c.edge.broker_addrs = vec![link.to_string()];
+                c.edge.control_addr = Some(control.to_string());
+                Ok(c)
+            }
+        };
+        let load = std::sync::Arc::new(load);
+        let (l, apply) = (load.clone(), self.control.reloader());
+        self.control
+            .reload_hooks()
+            .register("config", move || apply(&(*l)()?.control));
+        let (l, apply) = (load.clone(), self.broker.reloader());
+        self.broker
+            .reload_hooks()
+            .register("config", move || apply(&(*l)()?.broker));
+        let (l, apply) = (load, self.edge.reloader());
+        self.edge
+            .reload_hooks()
+            .register("config", move || apply(&(*l)()?.edge));
+        vec![
+            self.control.reload_hooks(),
+            self.broker.reload_hooks(),
+            self.edge.reload_hooks(),
+        ]
+    }
+
     pub fn shutdown(self) {
         self.edge.shutdown();
         self.broker.shutdown();
@@ -380,12 +441,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     // Layers as for every role: defaults < file < BARRAGE_UP_<SECTION>__<FIELD>; flags below.
     let base: UpConfig =
         net::config::load(&net::config::Sources::process(args.config.as_deref(), &[]))?;
-    let mut c = wire(base, &args)?;
+    let mut made = Made::default();
+    let mut c = wire(base, &args, &mut made)?;
     let tls_note = ensure_tls(&mut c, &args)?;
     let mut signals = Shutdown::register()?;
     let api_key = c.control.api_keys.first().cloned().unwrap_or_default();
     let token_keys = c.control.token_keys.clone();
     let stack = Stack::start(c)?;
+    let hooks = stack.reload_hooks(&args, &made);
+    signals.reload_on_hup(move || {
+        for h in &hooks {
+            h.run();
+        }
+    })?;
     let ctl = stack.control.http_addr();
     let ingest = stack.broker.ingest_addr();
     let bhttp = stack.broker.http_addr();
@@ -443,7 +511,7 @@ mod tests {
             ports_offset: 10,
             ..UpArgs::default()
         };
-        let c = wire(UpConfig::default(), &args).unwrap();
+        let c = wire(UpConfig::default(), &args, &mut Made::default()).unwrap();
         assert_eq!(c.control.http_addr.port(), 8090);
         assert_eq!(c.broker.ingest_addr.port(), 7410);
         assert_eq!(c.edge.tcp_addr, "127.0.0.1:2253");
@@ -457,7 +525,8 @@ mod tests {
         assert_eq!(c.control.pages.broker_key, "k");
         assert_eq!(c.control.pages.edge_admins[0].addr, "127.0.0.1:9253");
 
-        let random = wire(UpConfig::default(), &UpArgs::default()).unwrap();
+        let mut made = Made::default();
+        let random = wire(UpConfig::default(), &UpArgs::default(), &mut made).unwrap();
         assert_eq!(random.control.api_keys.len(), 1);
         assert_eq!(random.control.api_keys[0].len(), 32);
         assert_eq!(random.broker.api_keys[0].key, random.control.api_keys[0]);
@@ -471,13 +540,19 @@ mod tests {
         );
         assert_eq!(random.control.edge_key, random.edge.edge_key);
         assert_eq!(random.edge.edge_key.len(), 64);
+        // A reload wires with the same `made`: the same secrets, nothing rotated by accident.
+        let again = wire(UpConfig::default(), &UpArgs::default(), &mut made).unwrap();
+        assert_eq!(
+            serde_json::to_value(&again).unwrap(),
+            serde_json::to_value(&random).unwrap()
+        );
     }
 
     #[test]
     fn up_file_sections_parse() {
         let c: UpConfig =
-            toml::from_str("[control]\ntoken_ttl_s = 60\n[edge]\nshards = 1\n").unwrap();
-        assert_eq!(c.control.token_ttl_s, 60);
+            toml::from_str("[control]\ntoken_ttl_ms = 60000\n[edge]\nshards = 1\n").unwrap();
+        assert_eq!(c.control.token_ttl_ms, 60_000);
         assert_eq!(c.edge.shards, 1);
         assert!(toml::from_str::<UpConfig>("[nope]\n").is_err());
     }

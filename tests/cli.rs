@@ -43,6 +43,19 @@ fn config_defaults_and_check() {
     let (code, out, err) = run(barrage().args(["config", "check", "edge"]).arg(&good));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ok: "), "{out}");
+    // With --env, the credentials the unit hands in are checked too, as the edge will at start:
+    // on 0.0.0.0 a weak one stops it, so `config check` says so (naming the field, not the value).
+    let weak = dir.join("weak_link_key");
+    std::fs::write(&weak, "tiny-secret-value\n").unwrap();
+    let (code, _, err) = run(barrage()
+        .args(["config", "check", "edge", "--env"])
+        .arg(&good)
+        .env("BARRAGE_EDGE_LINK_KEY_FILE", &weak));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("link_key") && !err.contains("tiny-secret"),
+        "{err}"
+    );
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "shards = 1\nstuck_ms_maxx = 5\n").unwrap();
     let (code, _, err) = run(barrage().args(["config", "check", "edge"]).arg(&bad));
@@ -60,6 +73,25 @@ fn config_defaults_and_check() {
     // Usage errors from clap are 2 as well.
     let (code, _, _) = run(barrage().args(["push", "--no-such-flag"]));
     assert_eq!(code, 2);
+    // Durations are in milliseconds everywhere: an old `_s` name is refused naming the new one,
+    // as a flag and as a config field, never ignored.
+    let (code, _, err) = run(barrage().args(["tail", "--room", "1", "--timeout-s=5"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--timeout-s was renamed --timeout-ms"),
+        "{err}"
+    );
+    let (code, _, err) = run(barrage().args(["loadtest", "idle", "--duration-s", "5"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--duration-ms"), "{err}");
+    let old = dir.join("control.toml");
+    std::fs::write(&old, "token_ttl_s = 60\n").unwrap();
+    let (code, _, err) = run(barrage().args(["config", "check", "control"]).arg(&old));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`token_ttl_s` was renamed `token_ttl_ms`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -608,6 +640,28 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     );
     assert_eq!(status, 202, "{v}");
     let _ = common::connect_ticket(chttp, 5, 10);
+    // The viewers get it, and the edge observes broker flush -> queued to them from the stamp
+    // the batch carries on the link.
+    assert!(viewers[0]
+        .next_message(Instant::now() + common::WAIT)
+        .is_some());
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let (_, text, _) = http_text(admin, "/metrics");
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix("barrage_edge_flush_to_write_seconds_count "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if count >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no flush -> write observed:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     // Scrape every role; each answers with one Content-Type.
     let mut live = std::collections::BTreeSet::new();
@@ -633,6 +687,7 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
         "barrage_broker_accept_to_flush_seconds_bucket",
         "barrage_control_request_duration_seconds_bucket",
         "barrage_edge_auth_seconds_count",
+        "barrage_edge_flush_to_write_seconds_bucket",
     ] {
         assert!(live.contains(must), "{must} missing from the scrape");
     }
@@ -759,4 +814,111 @@ fn readyz_waits_for_a_broker_link_and_dashboards_name_live_metrics() {
     assert_eq!(connect(new_key), 200);
     drop(viewers);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `barrage up` reloads on SIGHUP: each role re-reads its section of the file and applies what
+/// can change live, and the secrets `up` made at random at start stay the same.
+#[test]
+fn up_reloads_every_role_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("barrage-up-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("up.toml");
+    let write = |keys: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[control]\nhttp_addr = \"127.0.0.1:0\"\ntoken_keys = \"{keys}\"\n\
+                 [broker]\nshards = 1\npin = false\ningest_addr = \"127.0.0.1:0\"\n\
+                 link_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+                 [edge]\nshards = 1\npin = false\ntcp_addr = \"127.0.0.1:0\"\n\
+                 ws_addr = \"127.0.0.1:0\"\nwss_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n"
+            ),
+        )
+        .unwrap()
+    };
+    let (k1, k2) = ("1:first-secret-0123456789", "2:second-secret-0123456789");
+    write(k1);
+    let mut child = barrage()
+        .arg("up")
+        .arg("--config")
+        .arg(&file)
+        .env("BARRAGE_TLS_DIR", dir.join("tls"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let (mut tcp, mut control, mut api_key) = (None, None, None);
+    let deadline = Instant::now() + common::WAIT;
+    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        match words.as_slice() {
+            ["edge", "tcp", a, ..] => tcp = a.parse::<std::net::SocketAddr>().ok(),
+            ["control", url, ..] => {
+                control = url
+                    .strip_prefix("http://")
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            }
+            ["api", "key", k] => api_key = Some(k.to_string()),
+            ["ready"] => break,
+            _ => {}
+        }
+    }
+    let up = Killed(child);
+    let (tcp, control, api_key) = (
+        tcp.expect("edge tcp in the banner"),
+        control.expect("control in the banner"),
+        api_key.expect("api key in the banner"),
+    );
+    let mut old = common::Viewer::tcp(tcp);
+    assert_eq!(old.auth(&common::auth_body(1, 7, &token(k1, 1, 7))), 0);
+
+    // Rotate in the file: key 2 only. Control signs with it and the edge accepts it once the
+    // reload has run; the random API key `up` printed still works.
+    write(k2);
+    signal(&up.0, "-HUP");
+    let bearer = format!("Bearer {api_key}");
+    let deadline = Instant::now() + common::WAIT;
+    let k2_only = proto::token::KeySet::parse(k2).unwrap();
+    loop {
+        let (status, body) = common::http_json(
+            control,
+            "POST",
+            "/v1/connect",
+            &[("authorization", bearer.as_str())],
+            r#"{"room":7,"uid":5}"#,
+        );
+        assert_eq!(status, 200, "the API key up made survives a reload: {body}");
+        let t = body["token"].as_str().unwrap().to_string();
+        // Signed with key 2 (control reloaded) and accepted by the edge (it reloaded too).
+        if k2_only.verify(&t, common::unix_now_s()).is_ok() {
+            let mut v = common::Viewer::tcp(tcp);
+            if v.auth(&common::auth_body(5, 7, &t)) == 0 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the roles never took key 2");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut stale = common::Viewer::tcp(tcp);
+    assert_ne!(stale.auth(&common::auth_body(3, 7, &token(k1, 3, 7))), 0);
+    // The viewer that came in with key 1 is still connected and answered.
+    old.heartbeat();
+    drop(up);
+}
+
+/// Kills the child when dropped (a failed assertion must not leave `up` running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -145,7 +145,7 @@ fn expired_and_foreign_tokens_are_refused() {
     );
     // Control's tokens expire too: one issued with a 1 s lifetime is refused once it has passed.
     let short = control::start(control::Config {
-        token_ttl_s: 1,
+        token_ttl_ms: 1000,
         ..control_config(KEYS_V1_V2)
     })
     .unwrap();

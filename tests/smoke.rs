@@ -134,8 +134,8 @@ fn up_tail_push_with_the_real_binary() {
         &control,
         "--count",
         "1",
-        "--timeout-s",
-        "30",
+        "--timeout-ms",
+        "30000",
     ]));
     let user_ws = kids.spawn(
         Command::new(BIN)
@@ -151,8 +151,8 @@ fn up_tail_push_with_the_real_binary() {
                 &control,
                 "--count",
                 "1",
-                "--timeout-s",
-                "30",
+                "--timeout-ms",
+                "30000",
             ])
             .env("BARRAGE_CONTROL_KEY", API_KEY),
     );
@@ -168,8 +168,8 @@ fn up_tail_push_with_the_real_binary() {
         &control,
         "--count",
         "1",
-        "--timeout-s",
-        "30",
+        "--timeout-ms",
+        "30000",
     ]));
     let guest_udp = kids.spawn(Command::new(BIN).args([
         "tail",
@@ -181,8 +181,8 @@ fn up_tail_push_with_the_real_binary() {
         &control,
         "--count",
         "1",
-        "--timeout-s",
-        "30",
+        "--timeout-ms",
+        "30000",
     ]));
     let (tcp_out, tcp_err) = kids.lines(guest_tcp);
     let (udp_out, udp_err) = kids.lines(guest_udp);

@@ -310,6 +310,14 @@ fn bind_group(
     })
 }
 
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// The first msg id: microseconds since the epoch, so ids keep increasing across restarts as
 /// long as the broker accepts fewer than a million messages a second on average.
 fn first_msg_id() -> u64 {

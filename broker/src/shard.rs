@@ -284,6 +284,8 @@ impl State {
         }
         let mut frames: [Option<(Bytes, Bytes)>; 3] = [None, None, None];
         let mut header = Vec::with_capacity(64);
+        // Wall-clock, not `now`: the edge subtracts it from its own wall clock.
+        let flushed_at_us = crate::unix_us();
         for (slot, e) in [Encoding::Plain, Encoding::Zlib, Encoding::Brotli]
             .into_iter()
             .enumerate()
@@ -299,6 +301,7 @@ impl State {
                 first_msg_id: flush.msg_ids.first().copied().unwrap_or_default(),
                 msg_count: flush.msg_ids.len() as u32,
                 encoding: e,
+                flushed_at_us,
                 packet: packet.clone(),
             };
             header.clear();

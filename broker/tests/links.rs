@@ -148,6 +148,7 @@ fn bad_handshakes_are_closed_and_counted() {
             first_msg_id: proto::id::MsgId(1),
             msg_count: 1,
             encoding: Encoding::Plain,
+            flushed_at_us: 0,
             packet: Bytes::from_static(b"x"),
         }),
         &mut frame,

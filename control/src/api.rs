@@ -34,6 +34,8 @@ pub const REGION_HEADER: &str = "x-client-region";
 #[derive(Debug, Default)]
 pub struct Counters {
     pub requests: [u64; ROUTES.len()],
+    /// Requests to the pages (room page, demo box, console), in `pages::ROUTES` order.
+    pub page_requests: [u64; crate::pages::ROUTES.len()],
     pub tokens_user: u64,
     pub tokens_guest: u64,
     pub unauthorized: u64,
@@ -91,7 +93,7 @@ impl Keys {
     pub fn new(config: &Config) -> Result<Keys, crate::ControlError> {
         let keys = proto::token::KeySet::parse(&config.token_keys)
             .map_err(|e| crate::ControlError::Config(format!("token_keys: {e}")))?;
-        let issuer = Issuer::new(keys, config.token_ttl_s).ok_or_else(|| {
+        let issuer = Issuer::new(keys, config.token_ttl_ms.div_ceil(1000)).ok_or_else(|| {
             crate::ControlError::Config("token_keys is empty: control cannot sign tokens".into())
         })?;
         Ok(Keys {
@@ -347,11 +349,28 @@ impl Api {
     pub fn handle(&mut self, req: &Request, now: Instant, now_s: u64) -> Response {
         let started = std::time::Instant::now();
         let (route, resp) = self.route(req, now, now_s);
+        self.observe(ROUTES[route as usize], resp.status, started);
+        resp
+    }
+
+    /// Records one answered request: its time by route and status.
+    fn observe(&mut self, route: &'static str, status: u16, started: std::time::Instant) {
         self.durations
-            .entry((ROUTES[route as usize], resp.status))
+            .entry((route, status))
             .or_insert_with(net::metrics::Histogram::latency)
             .observe_since(started);
-        resp
+    }
+
+    /// Records one request the pages answered (`pages::route` index), counted and timed as
+    /// the API's are, so `barrage_control_request_duration_seconds` covers every route.
+    pub fn observe_page(&mut self, route: usize, status: u16, started: std::time::Instant) {
+        let Some(name) = crate::pages::ROUTES.get(route) else {
+            return;
+        };
+        if let Some(n) = self.counters.page_requests.get_mut(route) {
+            *n += 1;
+        }
+        self.observe(name, status, started);
     }
 
     fn route(&mut self, req: &Request, now: Instant, now_s: u64) -> (Route, Response) {
@@ -753,11 +772,13 @@ impl Api {
             "counter",
             "HTTP requests by route.",
         );
-        for (i, route) in ROUTES.iter().enumerate() {
+        let api = ROUTES.iter().zip(self.counters.requests);
+        let pages = crate::pages::ROUTES.iter().zip(self.counters.page_requests);
+        for (route, n) in api.chain(pages) {
             w.sample(
                 "barrage_control_requests_total",
                 &[("route", route)],
-                self.counters.requests[i] as f64,
+                n as f64,
             );
         }
         let c = &self.counters;

@@ -46,8 +46,9 @@ pub struct Config {
     /// Token signing keys, `"ID:SECRET,ID:SECRET"` (or a bare `"SECRET"`, id 1). Control signs with
     /// the highest id; edges must hold every id still in use. Required.
     pub token_keys: String,
-    /// Lifetime of an issued token, seconds. Clients reconnecting after it must ask again.
-    pub token_ttl_s: u64,
+    /// Lifetime of an issued token. Clients reconnecting after it must ask again. Tokens carry
+    /// their expiry in whole seconds, so this is rounded up to one.
+    pub token_ttl_ms: u64,
     /// When non-empty, edges must send `Authorization: Bearer <edge_key>` with heartbeats. When
     /// empty, heartbeats are accepted from loopback peers only.
     pub edge_key: String,
@@ -89,7 +90,7 @@ impl Default for Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_keys: Vec::new(),
             token_keys: String::new(),
-            token_ttl_s: 3600,
+            token_ttl_ms: 3_600_000,
             edge_key: String::new(),
             edge_ttl_ms: 6000,
             edge_forget_ms: 60_000,
@@ -159,8 +160,8 @@ impl Config {
     /// Checks values that parse but would make control misbehave.
     pub fn validate(&self) -> Result<(), ControlError> {
         let bad = |m: &str| Err(ControlError::Config(m.to_string()));
-        if self.token_ttl_s == 0 {
-            return bad("token_ttl_s must be at least 1");
+        if self.token_ttl_ms < 1000 {
+            return bad("token_ttl_ms must be at least 1000 (tokens expire in whole seconds)");
         }
         if self.edge_ttl_ms == 0 || self.edge_forget_ms < self.edge_ttl_ms {
             return bad("edge_forget_ms must be at least edge_ttl_ms > 0");
@@ -194,7 +195,7 @@ mod tests {
     fn defaults_and_full_file() {
         let c = Config::from_toml_str("").unwrap();
         assert_eq!(c.http_addr.port(), 8080);
-        assert_eq!(c.token_ttl_s, 3600);
+        assert_eq!(c.token_ttl_ms, 3_600_000);
         assert_eq!(c.edge_ttl_ms, 6000);
         assert_eq!(c.edges_per_client_max, 3);
         let c = Config::from_toml_str(

@@ -90,7 +90,7 @@ impl Handle {
     }
 
     /// What applies the live part of a newly loaded config (API keys; the token keys control
-    /// signs with, and `token_ttl_s` with them) and says what else changed and needs a restart.
+    /// signs with, and `token_ttl_ms` with them) and says what else changed and needs a restart.
     pub fn reloader(&self) -> impl Fn(&Config) -> Result<String, String> + Send + Sync + 'static {
         let (keys, running) = (self.keys.clone(), self.config.clone());
         move |loaded| {
@@ -183,7 +183,13 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
                 let handler: net::http::Handler = Rc::new(move |req: net::http::Request| {
                     if pages::Pages::serves(&req.path) {
                         let (pages, api) = (pages.clone(), api.clone());
-                        return Box::pin(async move { pages.handle(req, &api).await });
+                        return Box::pin(async move {
+                            let (started, route) =
+                                (std::time::Instant::now(), pages::Pages::route(&req.path));
+                            let resp = pages.handle(req, &api).await;
+                            api.borrow_mut().observe_page(route, resp.status, started);
+                            resp
+                        });
                     }
                     let resp = api.borrow_mut().handle(&req, Instant::now(), unix_now_s());
                     Box::pin(async move { resp }) as net::http::BoxFuture<net::http::Response>

@@ -38,6 +38,22 @@ pub const DEMO_PEERS_MAX: usize = 4096;
 /// Largest metrics page read from an edge admin or the broker.
 pub const SCRAPE_BYTES_MAX: usize = 1024 * 1024;
 
+/// Route labels of the pages in `barrage_control_requests_total` and
+/// `barrage_control_request_duration_seconds` (next to the API's, `api::ROUTES`).
+pub const ROUTES: [&str; 11] = [
+    "page_root",
+    "room_page",
+    "assets",
+    "demo_send",
+    "console",
+    "console_api_edges",
+    "console_api_stats",
+    "console_api_rooms",
+    "console_api_push",
+    "console_api_drain",
+    "page_other",
+];
+
 /// `[pages]` in control's config.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -456,6 +472,28 @@ impl Pages {
     }
 
     /// Whether `path` is one of the pages' routes (the rest is [`Api`]'s).
+    /// The route label of a path [`Pages::serves`], an index into [`ROUTES`] (bounded: ids and
+    /// asset names are not labels).
+    pub fn route(path: &str) -> usize {
+        let name = match path {
+            "/" => "page_root",
+            "/console" => "console",
+            "/demo/send" => "demo_send",
+            "/console/api/edges" => "console_api_edges",
+            "/console/api/stats" => "console_api_stats",
+            "/console/api/rooms" => "console_api_rooms",
+            "/console/api/push" => "console_api_push",
+            "/console/api/drain" => "console_api_drain",
+            p if p.starts_with("/room/") => "room_page",
+            p if p.starts_with("/assets/") => "assets",
+            _ => "page_other",
+        };
+        ROUTES
+            .iter()
+            .position(|r| *r == name)
+            .unwrap_or(ROUTES.len() - 1)
+    }
+
     pub fn serves(path: &str) -> bool {
         // `/room/{digits}` only: `/room/v1/Room/get_info` is Bilibili's room-info endpoint.
         let room_page = path

@@ -158,8 +158,22 @@ fn tokens_discovery_and_registry_over_http() {
     ));
     assert_eq!(v["data"]["host_list"], serde_json::json!([]));
 
+    // The pages are timed and counted by route and status like the API.
+    assert_eq!(call(&addr, "GET", "/room/5", &[], "").status, 200);
+    assert_eq!(
+        call(&addr, "GET", "/console/api/edges", &[], "").status,
+        401
+    );
     let m = call(&addr, "GET", "/metrics", &[], "");
     let text = String::from_utf8(m.body).unwrap();
+    for line in [
+        "barrage_control_request_duration_seconds_count{route=\"room_page\",status=\"200\"} 1",
+        "barrage_control_request_duration_seconds_count{route=\"console_api_edges\",status=\"401\"} 1",
+        "barrage_control_request_duration_seconds_count{route=\"connect\",status=\"200\"}",
+        "barrage_control_requests_total{route=\"room_page\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
     assert!(
         text.contains("barrage_control_edges{state=\"dead\"} 2"),
         "{text}"
@@ -172,6 +186,11 @@ fn tokens_discovery_and_registry_over_http() {
     // Oversized bodies never reach the handler.
     let big = format!(r#"{{"room":1,"device":"{}"}}"#, "x".repeat(32 * 1024));
     assert_eq!(call(&addr, "POST", "/v1/connect", &[], &big).status, 413);
+    let text = String::from_utf8(call(&addr, "GET", "/metrics", &[], "").body).unwrap();
+    assert!(
+        text.contains("barrage_control_http_refused_total{reason=\"too_large\"} 1"),
+        "every refusal is counted: {text}"
+    );
 
     handle.shutdown();
 }

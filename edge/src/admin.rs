@@ -58,7 +58,7 @@ fn route(node: &Node, http: &net::http::Stats, req: &Request) -> Response {
             let draining = node.draining.load(Ordering::Relaxed);
             Response::json(
                 200,
-                &serde_json::json!({"ok": true, "draining": draining, "connections": node.connections(), "capacity": node.capacity, "uptime_s": node.started.elapsed().as_secs()}),
+                &serde_json::json!({"ok": true, "draining": draining, "connections": node.connections(), "capacity": node.capacity, "uptime_ms": node.started.elapsed().as_millis() as u64}),
             )
         }
         ("GET", "/readyz") => match not_ready(node) {
@@ -492,6 +492,11 @@ pub(crate) fn render(node: &Node) -> String {
             "barrage_edge_fanout_seconds",
             "One batch's fan-out on one shard: taken from the ring to every viewer's bytes queued.",
             |m| &m.fanout_us,
+        ),
+        (
+            "barrage_edge_flush_to_write_seconds",
+            "A batch from the broker's flush (its stamp) to queued to every viewer on one shard, by the hosts' wall clocks.",
+            |m| &m.flush_to_write_us,
         ),
         (
             "barrage_edge_auth_seconds",

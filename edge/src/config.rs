@@ -123,6 +123,9 @@ pub struct Config {
     pub presence_batch_ms: u64,
     /// While draining, connections closed per second (across the node).
     pub drain_close_per_s: u64,
+    /// A drain (SIGTERM) ends this long after it started at the latest, closing whoever is left;
+    /// keep it under the unit's `TimeoutStopSec` (120 s) so systemd never has to SIGKILL.
+    pub drain_ms_max: u64,
     /// Listen backlog.
     pub backlog: i32,
     /// Runtime driver; `BARRAGE_DRIVER=uring|legacy|auto` overrides.
@@ -204,6 +207,7 @@ impl Default for Config {
             presence: true,
             presence_batch_ms: crate::presence::PRESENCE_BATCH_MS,
             drain_close_per_s: 2_000,
+            drain_ms_max: 110_000,
             backlog: 4_096,
             driver: Driver::Auto,
             pin: Pin::Cores,
@@ -218,6 +222,12 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Refuses weak secrets when a listener is reachable from outside the host, warns about
+    /// them on loopback (what `start` checks; `barrage config check` runs it too).
+    pub fn check_secrets(&self) -> Result<(), crate::EdgeError> {
+        crate::admin::check_secrets(self)
+    }
+
     /// Reads and checks a TOML file (defaults below it, no environment); unknown fields are an
     /// error. `barrage edge` loads through [`net::config::load`] with every layer.
     pub fn from_toml_file(path: &Path) -> Result<Config, EdgeError> {

@@ -1118,6 +1118,11 @@ impl ShardCore {
         self.targets = targets;
         self.m().sends.add(sends);
         self.m().fanout_us.observe_since(started);
+        if batch.flushed_at_us != 0 {
+            if let Some(us) = crate::presence::unix_us().checked_sub(batch.flushed_at_us) {
+                self.m().flush_to_write_us.observe(us);
+            }
+        }
     }
 
     // ---- time ----

@@ -107,6 +107,10 @@ pub struct ShardMetrics {
     /// queued, µs. Writes follow at once on the same thread, so this is the edge's share of
     /// "flushed by the broker -> written to the viewer" short of the kernel.
     pub fanout_us: Histogram,
+    /// From the broker's flush of a batch (its `flushed_at_us` stamp) to this shard having
+    /// queued it to every viewer, µs, by the two hosts' wall clocks: exact on one host, as
+    /// close as NTP keeps them across hosts. A stamp in the future (clock skew) is not observed.
+    pub flush_to_write_us: Histogram,
     /// Processing of the bytes that authenticated a connection (token check included), µs.
     pub auth_us: Histogram,
     /// Resumes and syncs by outcome (`crate::resume::Outcome`).

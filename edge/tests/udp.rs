@@ -176,6 +176,7 @@ fn danmaku_batch(room: u64, seq: u64, n: u32) -> Batch {
         first_msg_id: MsgId(seq),
         msg_count: n,
         encoding: Encoding::Brotli,
+        flushed_at_us: 0,
         packet: bytes::Bytes::from(pkt),
     }
 }

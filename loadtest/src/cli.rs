@@ -1,5 +1,5 @@
 //! Command-line arguments of `barrage loadtest`: one subcommand per scenario, sharing
-//! [`Common`] flags. Every scenario is bounded by `--duration-s` (and counts) and stops by itself.
+//! [`Common`] flags. Every scenario is bounded by `--duration-ms` (and counts) and stops by itself.
 
 use std::path::PathBuf;
 
@@ -105,14 +105,14 @@ pub struct Common {
     #[arg(long, default_value_t = 2000)]
     pub ramp_per_s: u32,
     /// Measured run time after the ramp and warm-up.
-    #[arg(long, default_value_t = 10)]
-    pub duration_s: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub duration_ms: u64,
     /// Time after the ramp before measuring starts.
-    #[arg(long, default_value_t = 2)]
-    pub warmup_s: u64,
+    #[arg(long, default_value_t = 2_000)]
+    pub warmup_ms: u64,
     /// Heartbeat interval of each viewer.
-    #[arg(long, default_value_t = 30)]
-    pub heartbeat_s: u64,
+    #[arg(long, default_value_t = 30_000)]
+    pub heartbeat_ms: u64,
     /// Viewer threads per process (default: available cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -184,12 +184,12 @@ pub struct IdleArgs {
 pub struct FanoutArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Publish rates (messages/s into the room) to step through; one step per `--step-s`.
+    /// Publish rates (messages/s into the room) to step through; one step per `--step-ms`.
     #[arg(long, value_delimiter = ',', default_value = "100")]
     pub rates: Vec<u32>,
-    /// Seconds per rate step (the first `--warmup-s` of the first step are not measured).
-    #[arg(long, default_value_t = 10)]
-    pub step_s: u64,
+    /// Time per rate step (the first `--warmup-ms` of the first step are not measured).
+    #[arg(long, default_value_t = 10_000)]
+    pub step_ms: u64,
     /// Stop stepping when a step's p99 exceeds this.
     #[arg(long, default_value_t = 1000)]
     pub p99_ms_max: u64,
@@ -257,4 +257,54 @@ pub struct CorpusArgs {
     pub count: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+/// Flags renamed so that every duration is in milliseconds (issue 15), old name first: loadtest's
+/// and `barrage tail`'s (`--timeout-s`), checked by both binaries before clap parses. An old
+/// flag is refused naming the new one: the unit changed with the name, so its number would be
+/// 1000 times too small, and a silent fallback to the default would hide that.
+pub const RENAMED_FLAGS: &[(&str, &str)] = &[
+    ("--duration-s", "--duration-ms"),
+    ("--warmup-s", "--warmup-ms"),
+    ("--heartbeat-s", "--heartbeat-ms"),
+    ("--step-s", "--step-ms"),
+    ("--timeout-s", "--timeout-ms"),
+];
+
+/// The first renamed flag among `args` (up to a `--`), as (old, new).
+pub fn renamed_flag(
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> Option<(&'static str, &'static str)> {
+    args.map(|a| a.to_string_lossy().into_owned())
+        .take_while(|a| a != "--")
+        .find_map(|a| {
+            let name = a.split('=').next().unwrap_or_default().to_string();
+            RENAMED_FLAGS.iter().find(|(old, _)| *old == name).copied()
+        })
+}
+
+#[cfg(test)]
+mod renamed_tests {
+    use super::renamed_flag;
+
+    fn args(a: &[&str]) -> impl Iterator<Item = std::ffi::OsString> {
+        a.iter()
+            .map(std::ffi::OsString::from)
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn old_duration_flags_are_found_in_both_spellings() {
+        assert_eq!(
+            renamed_flag(args(&["idle", "--step-s", "3"])),
+            Some(("--step-s", "--step-ms"))
+        );
+        assert_eq!(
+            renamed_flag(args(&["--warmup-s=1"])),
+            Some(("--warmup-s", "--warmup-ms"))
+        );
+        assert_eq!(renamed_flag(args(&["--duration-ms", "3000"])), None);
+        assert_eq!(renamed_flag(args(&["push", "--", "--step-s"])), None);
+    }
 }

@@ -77,10 +77,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Fanout(a) => {
             let mut common = a.common.clone();
             common.rooms = 1;
-            let json = serde_json::json!({ "common": &common, "rates": &a.rates, "step_s": a.step_s, "p99_ms_max": a.p99_ms_max });
+            let json = serde_json::json!({ "common": &common, "rates": &a.rates, "step_ms": a.step_ms, "p99_ms_max": a.p99_ms_max });
             let kind = run::Kind::Publish {
                 steps: a.rates.clone(),
-                step_s: a.step_s,
+                step_ms: a.step_ms,
                 p99_ms_max: a.p99_ms_max,
                 zipf: 0.0,
                 publish_zipf: false,
@@ -91,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let json = serde_json::json!({ "common": &a.common, "zipf": a.zipf, "rate": a.rate, "publish_uniform": a.publish_uniform });
             let kind = run::Kind::Publish {
                 steps: vec![a.rate],
-                step_s: a.common.duration_s,
+                step_ms: a.common.duration_ms,
                 p99_ms_max: u64::MAX,
                 zipf: a.zipf,
                 publish_zipf: !a.publish_uniform,

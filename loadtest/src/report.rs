@@ -123,8 +123,8 @@ pub struct Connects {
     pub failures: BTreeMap<String, u64>,
     /// Highest number of connections open at once.
     pub open_peak: u64,
-    /// Seconds the ramp took.
-    pub ramp_s: f64,
+    /// How long the ramp took.
+    pub ramp_ms: f64,
     pub connect_ms: LatencySummary,
     pub ticket_ms: LatencySummary,
 }
@@ -205,7 +205,7 @@ pub fn render(r: &Report) -> String {
         // Churn has no fixed target: it opens connections for as long as it runs.
         if c.target > 0 { format!(" of {}", c.target) } else { String::new() },
         c.open_peak,
-        c.ramp_s, c.connect_ms.p50_ms, c.connect_ms.p99_ms, c.ticket_ms.p50_ms, c.ticket_ms.p99_ms
+        c.ramp_ms / 1000.0, c.connect_ms.p50_ms, c.connect_ms.p99_ms, c.ticket_ms.p50_ms, c.ticket_ms.p99_ms
     );
     if !c.failures.is_empty() {
         let _ = writeln!(s, "connect failures: {:?}", c.failures);

@@ -43,10 +43,10 @@ const STEP_FLUSH_MS: u64 = 300;
 #[derive(Clone, Debug)]
 pub enum Kind {
     Idle,
-    /// Publish steps: (rate, seconds) each, stop when p99 > `p99_ms_max` or loss appears.
+    /// Publish steps: a rate each, `step_ms` long, stop when p99 > `p99_ms_max` or loss appears.
     Publish {
         steps: Vec<u32>,
-        step_s: u64,
+        step_ms: u64,
         p99_ms_max: u64,
         zipf: f64,
         publish_zipf: bool,
@@ -439,15 +439,15 @@ impl Run<'_> {
     }
 }
 
-/// About how long a run takes: ramp at `--ramp-per-s`, warm-up, the steps or `--duration-s`,
+/// About how long a run takes: ramp at `--ramp-per-s`, warm-up, the steps or `--duration-ms`,
 /// and the drain (the progress bar's length; it grows if the run takes longer).
 fn planned_s(common: &Common, kind: &Kind, target: u64) -> u64 {
     let ramp = target / u64::from(common.ramp_per_s.max(1));
     let measured = match kind {
-        Kind::Publish { steps, step_s, .. } => steps.len() as u64 * step_s,
-        _ => common.duration_s,
+        Kind::Publish { steps, step_ms, .. } => steps.len() as u64 * step_ms,
+        _ => common.duration_ms,
     };
-    ramp + common.warmup_s + measured + DRAIN_MS / 1000
+    ramp + (common.warmup_ms + measured + DRAIN_MS) / 1000
 }
 
 /// CPU seconds of each pid now.
@@ -652,7 +652,7 @@ pub fn run(
         danmu_info: common.danmu_info,
         ticket_per_room: common.ticket_per_room,
         protover: common.protover,
-        heartbeat_s: common.heartbeat_s,
+        heartbeat_ms: common.heartbeat_ms,
         connect_timeout_ms: common.connect_timeout_ms,
         allow_remote: common.allow_remote,
         decode_cache: !common.no_decode_cache,
@@ -708,13 +708,13 @@ pub fn run(
             Kind::Idle => {
                 ramp_s = run.ramp(common.ramp_per_s);
                 run.phase = "warmup";
-                run.pump(Duration::from_secs(common.warmup_s));
+                run.pump(Duration::from_millis(common.warmup_ms));
                 loaded = run.sampler.now();
                 run.phase = "hold";
                 run.set_step(1);
                 let c0 = run.sampler.now();
                 let t0 = Instant::now();
-                run.pump(Duration::from_secs(common.duration_s));
+                run.pump(Duration::from_millis(common.duration_ms));
                 run.set_step(0);
                 run.pump(Duration::from_millis(STEP_FLUSH_MS));
                 let cpu = run.sampler.now().cpu_s - c0.cpu_s;
@@ -735,7 +735,7 @@ pub fn run(
                 let c0 = run.sampler.now();
                 let l0 = procstat::read(&run.fleet.load_pids()).cpu_s;
                 let t0 = Instant::now();
-                run.pump(Duration::from_secs(common.duration_s));
+                run.pump(Duration::from_millis(common.duration_ms));
                 run.set_step(0);
                 let secs = t0.elapsed().as_secs_f64();
                 let lcpu = procstat::read(&run.fleet.load_pids()).cpu_s - l0;
@@ -752,7 +752,7 @@ pub fn run(
             }
             Kind::Publish {
                 steps: rates,
-                step_s,
+                step_ms,
                 p99_ms_max,
                 ..
             } => {
@@ -776,7 +776,7 @@ pub fn run(
                 let first = rates.first().copied().unwrap_or(0);
                 run.publisher = Some(Publisher::start(pcfg, run.fleet.shared.clone(), first)?);
                 run.phase = "warmup";
-                run.pump(Duration::from_secs(common.warmup_s));
+                run.pump(Duration::from_millis(common.warmup_ms));
                 for (k, &rate) in rates.iter().enumerate() {
                     let step = k as u32 + 1;
                     if let Some(p) = &run.publisher {
@@ -789,7 +789,7 @@ pub fn run(
                     let l0 = procstat::read(&run.fleet.load_pids()).cpu_s;
                     let p0 = run.publisher.as_ref().map_or(0, |p| p.stats().sent);
                     let t0 = Instant::now();
-                    run.pump(Duration::from_secs(*step_s));
+                    run.pump(Duration::from_millis(*step_ms));
                     let secs = t0.elapsed().as_secs_f64();
                     let cpu = run.sampler.now().cpu_s - c0.cpu_s;
                     let lcpu = procstat::read(&run.fleet.load_pids()).cpu_s - l0;
@@ -867,7 +867,7 @@ pub fn run(
             ok: total.connects_ok,
             failures: total.connect_failures.clone(),
             open_peak: run.agg.open_peak,
-            ramp_s,
+            ramp_ms: ramp_s * 1000.0,
             connect_ms: total.connect.summary(),
             ticket_ms: total.ticket.summary(),
         },

@@ -2,7 +2,7 @@
 //!
 //! A connection does what a real client does: ticket from control, TCP connect (from one of the
 //! configured loopback source addresses) or WebSocket upgrade on `/sub`, op 7 auth with
-//! `protover`, heartbeats every `heartbeat_s`, and decoding of every batch. Per message it records
+//! `protover`, heartbeats every `heartbeat_ms`, and decoding of every batch. Per message it records
 //! the latency (publish time in the body's `lt` field to decode here) and the room sequence.
 //!
 //! Layout: [`Receiver`] is the sans-io part (bytes in, events out); [`DecodeCache`] lets all
@@ -83,7 +83,7 @@ pub struct ViewerCfg {
     /// sees the same tokens a shared link would give).
     pub ticket_per_room: bool,
     pub protover: u32,
-    pub heartbeat_s: u64,
+    pub heartbeat_ms: u64,
     pub connect_timeout_ms: u64,
     pub allow_remote: bool,
     pub decode_cache: bool,
@@ -653,7 +653,7 @@ fn apply(ctx: &Ctx, idx: usize, events: &mut Vec<Event>, now_us: u64) {
 
 /// Tells a connection's heartbeat task that the connection is gone, waking it at once (so a
 /// closed connection's write half, and with it the socket, is released now, not at the next
-/// heartbeat: churn would otherwise pile up descriptors for `heartbeat_s`).
+/// heartbeat: churn would otherwise pile up descriptors for `heartbeat_ms`).
 #[derive(Default)]
 struct CloseSignal {
     closed: Cell<bool>,
@@ -699,7 +699,7 @@ async fn hold(ctx: Rc<Ctx>, idx: usize, spec: ConnSpec, o: Open, hold_for: Optio
     {
         let (ctx, closed, ws) = (ctx.clone(), closed.clone(), spec.ws);
         monoio::spawn(async move {
-            let every = Duration::from_secs(ctx.cfg.heartbeat_s.max(1));
+            let every = Duration::from_millis(ctx.cfg.heartbeat_ms.max(1));
             loop {
                 if closed.sleep_or_closed(every).await || ctx.shared.stop.load(Ordering::Relaxed) {
                     return;

@@ -130,12 +130,12 @@ fn common(stack: &Stack, extra: &[&str], json: &std::path::Path) -> Common {
         "2",
         "--ramp-per-s",
         "1000",
-        "--warmup-s",
-        "1",
-        "--duration-s",
-        "3",
-        "--heartbeat-s",
-        "1",
+        "--warmup-ms",
+        "1000",
+        "--duration-ms",
+        "3000",
+        "--heartbeat-ms",
+        "1000",
         "--pids",
         &pid,
         "--json",
@@ -184,7 +184,7 @@ fn fanout_to_a_few_hundred_viewers_loses_nothing() {
         );
         let kind = Kind::Publish {
             steps: vec![100],
-            step_s: 3,
+            step_ms: 3000,
             p99_ms_max: u64::MAX,
             zipf: 0.0,
             publish_zipf: false,
@@ -256,7 +256,7 @@ fn many_rooms_zipf_loses_nothing() {
         );
         let kind = Kind::Publish {
             steps: vec![200],
-            step_s: 3,
+            step_ms: 3000,
             p99_ms_max: u64::MAX,
             zipf: 1.1,
             publish_zipf: true,
@@ -302,7 +302,7 @@ fn viewers_split_over_worker_processes_merge_into_one_report() {
         );
         let kind = Kind::Publish {
             steps: vec![50],
-            step_s: 3,
+            step_ms: 3000,
             p99_ms_max: u64::MAX,
             zipf: 0.0,
             publish_zipf: false,

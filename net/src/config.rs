@@ -37,6 +37,19 @@ use std::path::{Path, PathBuf};
 /// Suffix that turns a field into "read field `X` from this file".
 pub const FILE_SUFFIX: &str = "_file";
 
+/// Fields renamed for one vocabulary across roles (issue 15): old name, new name, what to do with
+/// the value. An old name in any layer is refused with a message naming the new one, never
+/// silently ignored or mapped: for a duration the unit changed with the name, so carrying the
+/// number over would be wrong by a factor of 1000.
+pub const RENAMED: &[(&str, &str, &str)] = &[
+    (
+        "token_ttl_s",
+        "token_ttl_ms",
+        "milliseconds: multiply the value by 1000",
+    ),
+    ("pin_cores", "pin", "same values"),
+];
+
 /// Largest secret file read (a key set or a list of API keys is a few KiB at most).
 pub const SECRET_FILE_BYTES_MAX: u64 = 1024 * 1024;
 
@@ -165,6 +178,12 @@ fn layer_error(e: figment::Error) -> ConfigError {
         e.into_iter()
             .map(|e| {
                 let field = e.path.join(".");
+                let kind = match &e.kind {
+                    figment::error::Kind::UnknownField(name, _) => renamed(name)
+                        .map(|(new, hint)| format!("`{name}` was renamed `{new}` ({hint})"))
+                        .unwrap_or_else(|| e.kind.to_string()),
+                    kind => kind.to_string(),
+                };
                 let from = e
                     .metadata
                     .as_ref()
@@ -182,13 +201,21 @@ fn layer_error(e: figment::Error) -> ConfigError {
                     })
                     .unwrap_or_default();
                 if field.is_empty() {
-                    format!("{}{from}", e.kind)
+                    format!("{kind}{from}")
                 } else {
-                    format!("{field}: {}{from}", e.kind)
+                    format!("{field}: {kind}{from}")
                 }
             })
             .collect(),
     )
+}
+
+/// The new name of a field in [`RENAMED`], and what to do with its value.
+pub fn renamed(old: &str) -> Option<(&'static str, &'static str)> {
+    RENAMED
+        .iter()
+        .find(|(o, _, _)| *o == old)
+        .map(|(_, new, hint)| (*new, *hint))
 }
 
 /// `BARRAGE_<ROLE>_*` variables as a layer.
@@ -530,6 +557,31 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(e, ConfigError::Flag(_)), "{e}");
+    }
+
+    #[test]
+    fn a_renamed_field_is_refused_naming_its_new_name() {
+        for sources in [
+            Sources::text("token_ttl_s = 5"),
+            Sources {
+                env: env(&[("BARRAGE_DEMO_TOKEN_TTL_S", "5")]),
+                ..Sources::default()
+            },
+            Sources {
+                set: vec!["token_ttl_s=5".into()],
+                ..Sources::default()
+            },
+        ] {
+            let e = load::<Demo>(&sources).unwrap_err().to_string();
+            assert!(
+                e.contains("`token_ttl_s` was renamed `token_ttl_ms`"),
+                "{e}"
+            );
+        }
+        let e = load::<Demo>(&Sources::text("[inner]\ntoken_ttl_s = 5"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("renamed `token_ttl_ms`"), "{e}");
     }
 
     #[test]

@@ -422,6 +422,7 @@ async fn read_request(req: hyper::Request<Incoming>, ctx: &Ctx) -> Result<Reques
     if let Some(n) = declared.filter(|n| *n > drain_limit) {
         // Far too big to be worth reading: answer now and close. The client may see a reset
         // instead of the 413 if it is still writing.
+        ctx.cfg.stats.count(&ctx.cfg.stats.too_large);
         return Err(too_large(n, body_bytes_max).with_header("connection", "close"));
     }
     let (parts, mut body) = req.into_parts();
@@ -465,6 +466,7 @@ async fn read_request(req: hyper::Request<Incoming>, ctx: &Ctx) -> Result<Reques
         };
         seen = seen.saturating_add(data.len() as u64);
         if seen > drain_limit {
+            ctx.cfg.stats.count(&ctx.cfg.stats.too_large);
             return Err(too_large(seen, body_bytes_max).with_header("connection", "close"));
         }
         if seen <= body_bytes_max as u64 {
@@ -473,6 +475,7 @@ async fn read_request(req: hyper::Request<Incoming>, ctx: &Ctx) -> Result<Reques
     }
     if seen > body_bytes_max as u64 {
         // Body fully drained: the 413 reaches the client and the connection stays usable.
+        ctx.cfg.stats.count(&ctx.cfg.stats.too_large);
         return Err(too_large(seen, body_bytes_max));
     }
     let body = buf;
@@ -720,6 +723,8 @@ pub struct Stats {
     pub head_timeouts: std::sync::atomic::AtomicU64,
     /// Requests answered 408 because the body was slower than the minimum rate.
     pub body_timeouts: std::sync::atomic::AtomicU64,
+    /// Requests answered 413 because the body was over `body_bytes_max`.
+    pub too_large: std::sync::atomic::AtomicU64,
 }
 
 impl Stats {
@@ -755,6 +760,10 @@ impl Stats {
                 (
                     &[("reason", "body_timeout")],
                     self.body_timeouts.load(Relaxed) as f64,
+                ),
+                (
+                    &[("reason", "too_large")],
+                    self.too_large.load(Relaxed) as f64,
                 ),
             ],
         );

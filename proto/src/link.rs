@@ -89,6 +89,10 @@ pub struct Batch {
     pub msg_count: u32,
     /// Encoding of `packet` (the outer client packet's `ver`).
     pub encoding: Encoding,
+    /// When the broker flushed the batch, microseconds since the Unix epoch (0: unknown). The
+    /// edge observes "flushed -> written" from it, which is only as right as the two hosts'
+    /// clocks agree (exact on one host; NTP-close across hosts).
+    pub flushed_at_us: u64,
     /// The complete client bytes: one outer `op 5` packet (or for plain, the packets back to back).
     pub packet: Bytes,
 }
@@ -308,6 +312,7 @@ pub fn encode_batch_header(batch: &Batch, out: &mut Vec<u8>) {
     out.extend_from_slice(&batch.first_msg_id.0.to_be_bytes());
     out.extend_from_slice(&batch.msg_count.to_be_bytes());
     out.push(batch.encoding as u8);
+    out.extend_from_slice(&batch.flushed_at_us.to_be_bytes());
     // The length field covers the packet bytes the caller writes next. A packet so large the
     // length saturates is rejected by the receiver as TooLong rather than misframed silently.
     let len = (out.len() - start - 4).saturating_add(batch.packet.len());
@@ -348,6 +353,7 @@ pub fn decode(buf: &Bytes, frame_bytes_max: u32) -> Result<(LinkFrame, usize), L
             let first_msg_id = MsgId(r.u64()?);
             let msg_count = r.u32()?;
             let encoding = Encoding::from_u8(r.u8()?).ok_or(wire::Malformed)?;
+            let flushed_at_us = r.u64()?;
             let packet_start = FRAME_HEADER_LEN + r.pos();
             // The packet runs to the end of the frame: take it and leave nothing for `finish`.
             r.rest();
@@ -358,6 +364,7 @@ pub fn decode(buf: &Bytes, frame_bytes_max: u32) -> Result<(LinkFrame, usize), L
                 first_msg_id,
                 msg_count,
                 encoding,
+                flushed_at_us,
                 packet: buf.slice(packet_start..total),
             })
         }

@@ -79,16 +79,18 @@ fn any_batch() -> impl Strategy<Value = Batch> {
         any::<u64>(),
         any::<u32>(),
         any_encoding(),
+        any::<u64>(),
         proptest::collection::vec(any::<u8>(), 0..300),
     )
         .prop_map(
-            |(scope, priority, seq, first, msg_count, encoding, packet)| Batch {
+            |(scope, priority, seq, first, msg_count, encoding, flushed_at_us, packet)| Batch {
                 scope,
                 priority,
                 seq,
                 first_msg_id: MsgId(first),
                 msg_count,
                 encoding,
+                flushed_at_us,
                 packet: Bytes::from(packet),
             },
         )
@@ -164,6 +166,7 @@ fn sample_batch() -> Batch {
         first_msg_id: MsgId(1000),
         msg_count: 3,
         encoding: Encoding::Brotli,
+        flushed_at_us: 1_700_000_000_000_000,
         packet: Bytes::from_static(
             b"\x00\x00\x00\x14\x00\x10\x00\x03\x00\x00\x00\x05\x00\x00\x00\x00abcd",
         ),

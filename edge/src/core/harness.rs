@@ -64,6 +64,7 @@ pub fn room_batch(room: u64, seq: u64, body_bytes: usize) -> Batch {
         first_msg_id: MsgId(seq),
         msg_count: 1,
         encoding: Encoding::Plain,
+        flushed_at_us: 0,
         packet: Bytes::from(pkt),
     }
 }

@@ -384,6 +384,7 @@ pub fn room_batch(room: u64, seq: u64, encoding: Encoding, body_bytes: usize) ->
         first_msg_id: MsgId(seq),
         msg_count: 1,
         encoding,
+        flushed_at_us: 0,
         packet: Bytes::from(pkt),
     }
 }
@@ -406,6 +407,7 @@ pub fn big_plain_batch(room: u64, seq: u64, len: usize) -> Batch {
         first_msg_id: MsgId(seq),
         msg_count: 1,
         encoding: Encoding::Plain,
+        flushed_at_us: 0,
         packet: Bytes::from(pkt),
     }
 }

@@ -198,6 +198,7 @@ fn link_frames(dir: &Path) {
             first_msg_id: MsgId(1000),
             msg_count: 1,
             encoding: Encoding::Plain,
+            flushed_at_us: 0,
             packet: Bytes::from(packet),
         }),
         LinkFrame::Presence(PresenceBatch {

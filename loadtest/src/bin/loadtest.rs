@@ -13,6 +13,10 @@ enum Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    if let Some((old, new)) = loadtest::cli::renamed_flag(std::env::args_os().skip(1)) {
+        eprintln!("error: {old} was renamed {new} (milliseconds: multiply the value by 1000)");
+        std::process::exit(2);
+    }
     let Cli::Loadtest(args) = Cli::parse();
     loadtest::run(args)
 }
