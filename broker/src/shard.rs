@@ -431,6 +431,7 @@ impl State {
                     first_msg_id: s.msg,
                     msg_count: 1,
                     encoding: e,
+                    flushed_at_us: crate::unix_us(),
                     packet: packet.clone(),
                 };
                 let mut header = Vec::with_capacity(64);

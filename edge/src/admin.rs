@@ -487,7 +487,7 @@ pub(crate) fn render(node: &Node) -> String {
             v as f64,
         );
     }
-    let hist: [HistogramFamily; 3] = [
+    let hist: [HistogramFamily; 4] = [
         (
             "barrage_edge_fanout_seconds",
             "One batch's fan-out on one shard: taken from the ring to every viewer's bytes queued.",

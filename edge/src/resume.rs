@@ -439,6 +439,7 @@ mod tests {
             first_msg_id: proto::id::MsgId(0),
             msg_count: 1,
             encoding: Encoding::Plain,
+            flushed_at_us: 0,
             packet: Bytes::from_static(b"p"),
         }
     }
