@@ -20,11 +20,9 @@ const KEY: &str = "reach-test-key-0123456789abcdef0123456789abcdef";
 const RETRY_MS: u64 = 300;
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A free loopback port (for a broker that must come back on the same one).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 struct Ports {
     ingest: u16,
