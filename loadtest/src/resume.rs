@@ -91,6 +91,9 @@ pub struct ResumeReport {
     pub rooms: u32,
     pub rate_per_room: u32,
     pub duration_ms: u64,
+    /// Drops asked per viewer (drops still pending when the run stops are not made).
+    pub resumes_per_viewer: u32,
+    pub down_ms_max: u64,
     pub published: u64,
     pub refused: u64,
     /// Resumes answered with a sync.
@@ -123,11 +126,13 @@ impl ResumeReport {
     /// The human table.
     pub fn render(&self) -> String {
         let mut s = format!(
-            "resume: {} viewers in {} rooms, {} msg/s per room for {} ms, {} published ({} refused)\n",
+            "resume: {} viewers in {} rooms, {} msg/s per room for {} ms, {} drops each (away up to {} ms), {} published ({} refused)\n",
             self.viewers,
             self.rooms,
             self.rate_per_room,
             self.duration_ms,
+            self.resumes_per_viewer,
+            self.down_ms_max,
             self.published,
             self.refused
         );
@@ -548,6 +553,8 @@ pub fn run(args: &ResumeArgs) -> anyhow::Result<ResumeReport> {
         rooms,
         rate_per_room: args.rate,
         duration_ms: args.duration_ms,
+        resumes_per_viewer: args.resumes,
+        down_ms_max: args.down_ms_max,
         published: sent.iter().sum(),
         refused,
         resumes: t.resumes.load(Relaxed),
