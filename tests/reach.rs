@@ -507,7 +507,7 @@ fn up_with_a_data_dir_keeps_a_message_across_kill_9_and_tail_ack_acks_it() {
     let tail = std::process::Command::new(procs::BIN)
         .env("BARRAGE_CONTROL_KEY", KEY)
         .args(["tail", "--room", "1", "--uid", "7", "--ack", "--count", "1"])
-        .args(["--timeout-s", "20", "--control"])
+        .args(["--timeout-ms", "20000", "--control"])
         .arg(format!("http://127.0.0.1:{}", 8080 + offset))
         .output()
         .expect("run tail");
