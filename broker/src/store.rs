@@ -32,8 +32,10 @@
 //! # Durability and recovery
 //!
 //! - Appends go to a buffer; [`Store::commit`] writes the buffer and `fdatasync`s it. Group
-//!   commit: the shell appends every push of an event-loop turn, commits once, then answers
-//!   them. A push is answered only after the commit covering its append returned `Ok`.
+//!   commit without holding the caller's lock across the sync: [`Store::take_staged`] takes the
+//!   buffer, [`Staged::write`] writes and syncs it, [`Store::staged_done`] counts it (the
+//!   broker's commit thread does this, see `crate::courier`). A push is answered only after the
+//!   write covering its append returned `Ok`.
 //! - On open, records are read in segment order until the first that is short, oversized or
 //!   fails its CRC. In the last segment that is a torn tail from a crash mid-append: it is cut
 //!   off (and counted). In an earlier segment it is corruption: [`StoreError::Corrupt`].
@@ -52,6 +54,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Default of `store_record_bytes_max`: the largest record (a message body plus ~100 bytes).
 pub const STORE_RECORD_BYTES_MAX: usize = 128 * 1024;
@@ -133,7 +136,8 @@ pub struct Reload {
 pub struct Store {
     dir: PathBuf,
     limits: Limits,
-    file: File,
+    /// Shared with a [`Staged`] write in flight (the commit thread writes outside the lock).
+    file: Arc<File>,
     path: PathBuf,
     segment: u64,
     /// Older segments (all to be deleted by the next compaction).
@@ -212,7 +216,7 @@ impl Store {
         let store = Store {
             dir: dir.to_path_buf(),
             limits,
-            file,
+            file: Arc::new(file),
             path,
             segment,
             older: segments.into_iter().map(|(_, p)| p).collect(),
@@ -299,11 +303,45 @@ impl Store {
             fs::remove_file(&p).map_err(io("remove", &p))?;
         }
         sync_dir(&self.dir)?;
-        self.file = file;
+        self.file = Arc::new(file);
         self.segment = segment;
         self.log_bytes = out.len() as u64;
         self.live_bytes = self.live.values().map(accept_bytes).sum();
         Ok(())
+    }
+
+    /// Group commit, step 1 (under the caller's lock): takes every append so far as one write
+    /// to make outside the lock ([`Staged::write`]); `None` when nothing is buffered. At most
+    /// one may be in flight, and [`Store::staged_done`] must follow it before the next.
+    pub fn take_staged(&mut self) -> Option<Staged> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        Some(Staged {
+            bytes: std::mem::take(&mut self.buf),
+            file: self.file.clone(),
+            path: self.path.clone(),
+            at: self.log_bytes,
+        })
+    }
+
+    /// Group commit, step 3 (under the lock again): counts a written [`Staged`] and compacts
+    /// when the log has grown past its bounds.
+    pub fn staged_done(&mut self, written: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.log_bytes += written;
+        if self.log_bytes > self.limits.compact_bytes_min
+            && self.log_bytes > STORE_COMPACT_RATIO * self.live_bytes
+        {
+            self.compact(now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets an accepted message whose staged write failed (its push is refused).
+    pub fn discard(&mut self, msg: MsgId) {
+        if let Some(old) = self.live.remove(&msg) {
+            self.live_bytes -= accept_bytes(&old);
+        }
     }
 
     /// Messages logged and neither ACKed nor ended.
@@ -327,7 +365,7 @@ impl Store {
     /// Writes and syncs the buffer.
     fn flush(&mut self) -> Result<(), StoreError> {
         if !self.buf.is_empty() {
-            self.file
+            (&*self.file)
                 .write_all(&self.buf)
                 .map_err(io("write", &self.path))?;
             self.file.sync_data().map_err(io("sync", &self.path))?;
@@ -335,6 +373,30 @@ impl Store {
             self.buf.clear();
         }
         Ok(())
+    }
+}
+
+/// Appends taken by [`Store::take_staged`]: one write and one `fdatasync` for all of them.
+pub struct Staged {
+    bytes: Vec<u8>,
+    file: Arc<File>,
+    path: PathBuf,
+    /// The committed length of the segment before this write.
+    at: u64,
+}
+
+impl Staged {
+    /// Writes and syncs (no lock needed). On failure the segment is cut back to its committed
+    /// length (best effort), so a partial write does not turn later records into a torn tail.
+    pub fn write(&self) -> Result<u64, StoreError> {
+        let r = (&*self.file)
+            .write_all(&self.bytes)
+            .map_err(io("write", &self.path))
+            .and_then(|()| self.file.sync_data().map_err(io("sync", &self.path)));
+        if r.is_err() {
+            let _ = self.file.set_len(self.at);
+        }
+        r.map(|()| self.bytes.len() as u64)
     }
 }
 
