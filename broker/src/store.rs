@@ -44,6 +44,14 @@
 //!   segment, syncs it and the directory, and only then deletes the older segments. A crash in
 //!   between leaves old and new segments whose replay gives the same live set.
 //!
+//! # One broker per directory
+//!
+//! [`Store::open`] takes an exclusive `flock` on `LOCK` in the directory (and writes its pid
+//! there) before it reads anything, and holds it while the store lives; the kernel drops it
+//! when the process ends, even by `kill -9`. A second broker on the same directory (two
+//! writers would interleave appends and compact each other's segments away) fails at start
+//! with [`StoreError::Locked`], which names the directory and the holder's pid.
+//!
 //! Invariants: `live` is exactly what a reload would return (before expiry); no record is
 //! larger than `record_bytes_max`, checked before it is written and before a read allocates.
 
@@ -103,6 +111,9 @@ pub enum StoreError {
     /// The record would exceed `record_bytes_max` (refuse the push).
     #[error("record of {0} bytes exceeds record_bytes_max")]
     TooLarge(usize),
+    /// Another process holds the directory's lock (see the module docs).
+    #[error("{} is in use by another broker ({}): one data directory per broker", dir.display(), holder(*pid))]
+    Locked { dir: PathBuf, pid: Option<u32> },
     /// A device id longer than 255 bytes cannot be logged.
     #[error("device id longer than 255 bytes")]
     DeviceTooLong,
@@ -134,6 +145,8 @@ pub struct Reload {
 
 /// The open log.
 pub struct Store {
+    /// `LOCK`, flocked while the store lives.
+    _lock: File,
     dir: PathBuf,
     limits: Limits,
     /// Shared with a [`Staged`] write in flight (the commit thread writes outside the lock).
@@ -160,6 +173,7 @@ impl Store {
     /// Opens (or creates) the log in `dir` and reloads it; `now_ms` is the unix time in ms.
     pub fn open(dir: &Path, limits: Limits, now_ms: u64) -> Result<(Store, Reload), StoreError> {
         fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let lock = lock_dir(dir)?;
         let mut segments = list_segments(dir)?;
         let mut reload = Reload::default();
         let mut live = HashMap::new();
@@ -214,6 +228,7 @@ impl Store {
         reload.live = sorted;
         reload.msg_id_max = msg_id_max;
         let store = Store {
+            _lock: lock,
             dir: dir.to_path_buf(),
             limits,
             file: Arc::new(file),
@@ -423,6 +438,41 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The lock file's name in a data directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Takes the directory's exclusive lock and records our pid in it.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            return Err(StoreError::Locked {
+                dir: dir.to_path_buf(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io("lock", &path)(e)),
+    }
+    f.set_len(0)
+        .and_then(|()| f.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(io("write", &path))?;
+    Ok(f)
+}
+
+fn holder(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "pid unknown".into(), |p| format!("pid {p}"))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -724,6 +774,22 @@ mod tests {
         assert_eq!(s.live_len(), 0);
         s.commit(0).unwrap();
         assert_eq!(s.log_bytes(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_open_of_a_directory_is_refused_naming_the_holder() {
+        let dir = tmp("lock");
+        let (s, _) = Store::open(&dir, Limits::default(), 0).unwrap();
+        let e = Store::open(&dir, Limits::default(), 0).err().expect("refused");
+        let text = e.to_string();
+        assert!(
+            matches!(e, StoreError::Locked { pid: Some(p), .. } if p == std::process::id()),
+            "{text}"
+        );
+        assert!(text.contains(&dir.display().to_string()), "{text}");
+        drop(s);
+        Store::open(&dir, Limits::default(), 0).expect("free again once closed");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
