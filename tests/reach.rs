@@ -336,10 +336,7 @@ fn a_second_broker_on_the_same_data_dir_fails_at_start_naming_it_and_the_holder(
         Started::Exited(s, err) => {
             assert!(!s.success(), "{err}");
             assert!(err.contains(&dir.display().to_string()), "{err}");
-            assert!(
-                err.contains(&format!("pid {}", first.child.id())),
-                "{err}"
-            );
+            assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
         }
     }
     // The lock dies with its holder, even by kill -9: the directory is usable again.

@@ -781,7 +781,9 @@ mod tests {
     fn a_second_open_of_a_directory_is_refused_naming_the_holder() {
         let dir = tmp("lock");
         let (s, _) = Store::open(&dir, Limits::default(), 0).unwrap();
-        let e = Store::open(&dir, Limits::default(), 0).err().expect("refused");
+        let e = Store::open(&dir, Limits::default(), 0)
+            .err()
+            .expect("refused");
         let text = e.to_string();
         assert!(
             matches!(e, StoreError::Locked { pid: Some(p), .. } if p == std::process::id()),
