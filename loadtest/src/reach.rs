@@ -6,7 +6,7 @@
 //! viewer **ignores** a received copy (neither processes nor ACKs it) with probability `1 - r`
 //! (`--reach-success`), processes and ACKs it otherwise, and drops duplicates by msg id
 //! (counted). With `--reconnect-per-s`, viewers drop their connection and open a new one at that
-//! total rate. After the last push it waits `--settle-s` (at least the retry window) and reports,
+//! total rate. After the last push it waits `--settle-ms` (at least the retry window) and reports,
 //! per message, whether some copy was processed: the delivery rate, the messages never
 //! delivered, duplicates seen.
 //!
@@ -66,10 +66,10 @@ pub struct ReachArgs {
     /// Pushes each ingest connection sends before reading their answers (1: one at a time).
     #[arg(long, default_value_t = 1)]
     pub pipeline: u32,
-    /// Wait after the last push before counting (>= the broker's retry window,
+    /// Wait after the last push before counting in milliseconds (>= the broker's retry window,
     /// `reach_retry_ms * (reach_retries + 1)`).
-    #[arg(long, default_value_t = 10)]
-    pub settle_s: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub settle_ms: u64,
     /// The room viewers sit in.
     #[arg(long, default_value_t = 1000)]
     pub room: u64,
@@ -290,7 +290,7 @@ pub fn run(args: &ReachArgs) -> anyhow::Result<()> {
         refused += r;
     }
     let push_s = started.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(args.settle_s));
+    std::thread::sleep(Duration::from_millis(args.settle_ms));
     stop.store(true, Relaxed);
     for t in threads {
         let _ = t.join();
