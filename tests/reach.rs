@@ -9,7 +9,9 @@ mod common;
 mod procs;
 
 use common::{Event, Viewer};
-use procs::{edge_toml, http_table, request_from, start_ok, status, Role, HEAD_MS, STRONG};
+use procs::{
+    edge_toml, http_table, request_from, start, start_ok, status, Role, Started, HEAD_MS, STRONG,
+};
 use proto::id::{AreaId, DeviceId, RoomId, UserId};
 use proto::token::{Claims, KeySet};
 use serde_json::Value;
@@ -313,6 +315,31 @@ fn an_offline_user_receives_on_connect_and_after_a_broker_kill_and_restart() {
     ack(&mut w, kept);
     wait_state(api, kept, "acked");
     drop((e, b2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_broker_on_the_same_data_dir_fails_at_start_naming_it_and_the_holder() {
+    let dir = std::env::temp_dir().join(format!("barrage-reach-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = format!("data_dir = \"{}\"", dir.display());
+    let first = broker_with(None, &data);
+    let toml = format!(
+        "shards = 1\npin = false\ningest_addr = \"127.0.0.1:0\"\nlink_addr = \"127.0.0.1:0\"\n\
+         http_addr = \"127.0.0.1:0\"\n{data}\n[[api_keys]]\nkey = \"{KEY}\"\n\n{}",
+        http_table(HEAD_MS)
+    );
+    match start("broker", &toml) {
+        Started::Up(_) => panic!("a second broker started on a data_dir in use"),
+        Started::Exited(s, err) => {
+            assert!(!s.success(), "{err}");
+            assert!(err.contains(&dir.display().to_string()), "{err}");
+            assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
+        }
+    }
+    // The lock dies with its holder, even by kill -9: the directory is usable again.
+    drop(first);
+    drop(broker_with(None, &data));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
