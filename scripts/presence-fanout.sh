@@ -51,7 +51,7 @@ cpu() { awk '{print $14+$15}' /proc/$1/stat; }
 T0=$(cpu $EP); B0=$(cpu $BP)
 $BIN loadtest fanout --control http://127.0.0.1:18080 --control-key $K --api-key $K \
   --broker-http 127.0.0.1:17480 --ingest 127.0.0.1:17400 --viewers ${VIEWERS:-2000} --rooms 1 \
-  --rates ${RATE:-200} --step-s ${DUR:-10} --warmup-s 2 --ramp-per-s 2000 --pids $EP --json fanout-$MODE.json 2>&1 | tail -15
+  --rates ${RATE:-200} --step-ms $(( ${DUR:-10} * 1000 )) --warmup-ms 2000 --ramp-per-s 2000 --pids $EP --json fanout-$MODE.json 2>&1 | tail -15
 T1=$(cpu $EP); B1=$(cpu $BP)
 TCK=$(getconf CLK_TCK)
 echo "edge_cpu_s=$(echo "($T1-$T0)/$TCK" | bc -l) broker_cpu_s=$(echo "($B1-$B0)/$TCK" | bc -l)"

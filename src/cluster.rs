@@ -76,11 +76,23 @@ impl Drop for Proc {
     }
 }
 
+/// A port free right now on every local address, from below the kernel's ephemeral range
+/// (32768-60999 by default): a port asked of the kernel with port 0 comes from that range, where
+/// any outgoing connection on the host may take it before the child binds it.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("picking a free loopback port")?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 97) * 123;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 fn loopback(port: u16) -> SocketAddr {

@@ -638,7 +638,7 @@ struct Tailed {
 
 /// How one connection ended.
 enum End {
-    /// `--count` or `--timeout-s` reached.
+    /// `--count` or `--timeout-ms` reached.
     Done,
     /// The connection dropped: resume.
     Dropped(String),

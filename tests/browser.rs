@@ -81,12 +81,9 @@ fn browser() -> (PathBuf, PathBuf) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 /// Starts `barrage up` on `offset`; returns once it printed `ready`.
 fn up(kids: &mut Kids, offset: u16) -> Result<usize, Vec<String>> {

@@ -756,7 +756,14 @@ fn a_churn_run_ends_with_presence_equal_to_the_connections_open() {
             "--connects-per-s",
             "100",
         ])
-        .args(["--hold-ms", "60000", "--duration-s", "2", "--warmup-s", "0"])
+        .args([
+            "--hold-ms",
+            "60000",
+            "--duration-ms",
+            "2000",
+            "--warmup-ms",
+            "0",
+        ])
         .args(["--threads", "1", "--presence-check", "--json"])
         .arg(&json.0)
         .output()

@@ -9,7 +9,9 @@ mod common;
 mod procs;
 
 use common::{Event, Viewer};
-use procs::{edge_toml, http_table, request_from, start_ok, status, Role, HEAD_MS, STRONG};
+use procs::{
+    edge_toml, http_table, request_from, start, start_ok, status, Role, Started, HEAD_MS, STRONG,
+};
 use proto::id::{AreaId, DeviceId, RoomId, UserId};
 use proto::token::{Claims, KeySet};
 use serde_json::Value;
@@ -20,11 +22,9 @@ const KEY: &str = "reach-test-key-0123456789abcdef0123456789abcdef";
 const RETRY_MS: u64 = 300;
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A free loopback port (for a broker that must come back on the same one).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 struct Ports {
     ingest: u16,
@@ -319,6 +319,31 @@ fn an_offline_user_receives_on_connect_and_after_a_broker_kill_and_restart() {
 }
 
 #[test]
+fn a_second_broker_on_the_same_data_dir_fails_at_start_naming_it_and_the_holder() {
+    let dir = std::env::temp_dir().join(format!("barrage-reach-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = format!("data_dir = \"{}\"", dir.display());
+    let first = broker_with(None, &data);
+    let toml = format!(
+        "shards = 1\npin = false\ningest_addr = \"127.0.0.1:0\"\nlink_addr = \"127.0.0.1:0\"\n\
+         http_addr = \"127.0.0.1:0\"\n{data}\n[[api_keys]]\nkey = \"{KEY}\"\n\n{}",
+        http_table(HEAD_MS)
+    );
+    match start("broker", &toml) {
+        Started::Up(_) => panic!("a second broker started on a data_dir in use"),
+        Started::Exited(s, err) => {
+            assert!(!s.success(), "{err}");
+            assert!(err.contains(&dir.display().to_string()), "{err}");
+            assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
+        }
+    }
+    // The lock dies with its holder, even by kill -9: the directory is usable again.
+    drop(first);
+    drop(broker_with(None, &data));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bad_acks_and_bad_pushes_are_refused_or_ignored_and_counted() {
     let b = broker_with(None, "reach_retries = 20");
     let (links, api) = (b.addrs[1], b.addrs[2]);
@@ -507,7 +532,7 @@ fn up_with_a_data_dir_keeps_a_message_across_kill_9_and_tail_ack_acks_it() {
     let tail = std::process::Command::new(procs::BIN)
         .env("BARRAGE_CONTROL_KEY", KEY)
         .args(["tail", "--room", "1", "--uid", "7", "--ack", "--count", "1"])
-        .args(["--timeout-s", "20", "--control"])
+        .args(["--timeout-ms", "20000", "--control"])
         .arg(format!("http://127.0.0.1:{}", 8080 + offset))
         .output()
         .expect("run tail");

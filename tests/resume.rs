@@ -171,9 +171,22 @@ fn msg(i: usize) -> String {
     format!(r#"{{"cmd":"DANMU_MSG","info":[[0],"m{i}",[1,"u"]]}}"#)
 }
 
+/// Pushes `msg(i)`, waiting out a room rate limit the way a real caller does (the per-room
+/// bucket refuses a burst of pushes with `rate_limited` and the time to wait).
 fn push(stack: &Stack, room: u64, i: usize) {
     let mut c = broker::IngestClient::connect(stack.ingest_addr(), API_KEY).unwrap();
-    c.push(&broker::Message::room(room, msg(i))).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match c.push(&broker::Message::room(room, msg(i))) {
+            Ok(_) => return,
+            Err(broker::ClientError::Rejected(proto::ingest::PushError::RateLimited {
+                retry_after_ms,
+            })) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(u64::from(retry_after_ms.max(1))));
+            }
+            Err(e) => panic!("push {i} to room {room}: {e}"),
+        }
+    }
 }
 
 /// Pushes until `watcher` (a viewer that stays) receives `msg(i)`: the room is subscribed and
@@ -632,8 +645,8 @@ fn tail_resumes_across_an_edge_restart() {
             &control,
             "--uid",
             "31",
-            "--timeout-s",
-            "60",
+            "--timeout-ms",
+            "60000",
         ])
         .env("BARRAGE_CONTROL_KEY", API_KEY)
         .stdin(std::process::Stdio::null())

@@ -32,6 +32,11 @@ pub struct Config {
     pub lease_ms: u64,
     /// How long a delivered, unacked message waits before JetStream redelivers it.
     pub ack_wait_ms: u64,
+    /// Longest a consumed message is kept from redelivery by in-progress acks (`+WPI`, sent
+    /// every `ack_wait_ms / 3` while it waits behind a backlog to be handed to the links);
+    /// past it the broker lets it go (counted) and JetStream redelivers it after `ack_wait_ms`.
+    /// 0 sends no in-progress acks.
+    pub progress_ms_max: u64,
     /// Unacked messages a partition's consumer may have out at once.
     pub ack_pending_max: i64,
     /// Longest wait for JetStream's publish ack before answering `Overloaded`.
@@ -57,6 +62,7 @@ impl Default for Config {
             lease_bucket: "barrage_leases".into(),
             lease_ms: 3_000,
             ack_wait_ms: 3_000,
+            progress_ms_max: 60_000,
             ack_pending_max: 10_000,
             publish_ms_max: 2_000,
             publish_pending_max: 10_000,

@@ -40,5 +40,5 @@ pub use config::Config;
 pub use partition::{partition_of, BrokerId, Partition};
 pub use thread::{
     Accepted, AckKind, AckToken, Backbone, BackboneError, Delivery, Event, Publish, PublishError,
-    Sink,
+    Sink, Stats,
 };

@@ -10,6 +10,14 @@
 //!   update by revision, delete by revision) and the bucket's watch of live brokers.
 //! - One consumer task per held partition: a durable pull consumer `p<n>` with explicit acks,
 //!   forwarding each message, in stream order, to the partition's sink.
+//! - In-progress acks: every message forwarded and not yet acked (or nak'd) is in the
+//!   [`Working`] table; every `ack_wait_ms / 4` the thread sends `+WPI` for each one that waited
+//!   at least that long, so a message queued behind a backlog (sink, the broker's shard queues,
+//!   the aggregation window) is not redelivered while it is still on its way. One that waited
+//!   `progress_ms_max` is let go (dropped from the table, counted in [`Stats`]): JetStream
+//!   redelivers it after `ack_wait_ms`, so a message the broker lost track of is not held
+//!   forever. Not covered: messages the client has pulled but this thread has not yet taken from
+//!   the consumer (at most one pull batch per partition, while its sink is full).
 //!
 //! # Invariants
 //! - A caller is answered `Ok` only after JetStream stored the message (or reported it a
@@ -34,7 +42,8 @@ use net::wake::Notify;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -47,6 +56,19 @@ const CONSUMER_RETRY_MS: u64 = 200;
 
 /// Wait between tries to hand an event to a full sink.
 const SINK_FULL_RETRY_MS: u64 = 1;
+
+/// Consumed messages not yet acked: reply subject -> (partition, when it was forwarded).
+type Working = Arc<Mutex<HashMap<String, (Partition, Instant)>>>;
+
+/// Counters of the backbone thread (read them through [`Backbone::stats`]).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// In-progress acks (`+WPI`) sent for messages waiting to be handed off.
+    pub progress_sent: AtomicU64,
+    /// Messages that waited longer than `progress_ms_max`: no more in-progress acks, so
+    /// JetStream redelivers them after `ack_wait_ms`.
+    pub progress_expired: AtomicU64,
+}
 
 /// Why the backbone could not start.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +259,7 @@ pub struct Backbone {
     permits: Arc<Semaphore>,
     partitions: u16,
     id_base: u64,
+    stats: Arc<Stats>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -256,6 +279,8 @@ impl Backbone {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u64, BackboneError>>();
         let partitions = config.partitions;
         let permits = Arc::new(Semaphore::new(config.publish_pending_max));
+        let stats = Arc::new(Stats::default());
+        let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("backbone".into())
             .spawn(move || {
@@ -270,7 +295,7 @@ impl Backbone {
                     }
                 };
                 rt.block_on(async move {
-                    match Shell::connect(config, me, sinks).await {
+                    match Shell::connect(config, me, sinks, thread_stats).await {
                         Ok(shell) => {
                             let _ = ready_tx.send(Ok(shell.id_base()));
                             shell.run(rx).await;
@@ -287,6 +312,7 @@ impl Backbone {
                 permits,
                 partitions,
                 id_base,
+                stats,
                 thread: Some(thread),
             }),
             Ok(Err(e)) => {
@@ -313,6 +339,11 @@ impl Backbone {
     /// the old one stored fewer than a million messages a second on average).
     pub fn id_base(&self) -> u64 {
         self.id_base
+    }
+
+    /// The backbone thread's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// Publishes `payload` to `partition` with `key` as its `Nats-Msg-Id`. The answer comes
@@ -398,6 +429,8 @@ struct Shell {
     kv: kv::Store,
     leases: Leases,
     consumers: HashMap<Partition, tokio::task::JoinHandle<()>>,
+    working: Working,
+    stats: Arc<Stats>,
 }
 
 impl Shell {
@@ -405,6 +438,7 @@ impl Shell {
         config: Config,
         me: BrokerId,
         sinks: Vec<Sink>,
+        stats: Arc<Stats>,
     ) -> Result<Shell, BackboneError> {
         let servers: Vec<&str> = config
             .servers
@@ -479,6 +513,8 @@ impl Shell {
             kv,
             leases,
             consumers: HashMap::new(),
+            working: Arc::default(),
+            stats,
         })
     }
 
@@ -489,6 +525,9 @@ impl Shell {
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut watch = self.kv.watch("b.>").await.ok();
+        let progress_on = self.config.progress_ms_max > 0;
+        let mut progress = tokio::time::interval(self.progress_every());
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.leases.next_deadline(Instant::now());
             let sleep = tokio::time::sleep_until(deadline.into());
@@ -522,6 +561,7 @@ impl Shell {
                         watch = self.kv.watch("b.>").await.ok();
                     }
                 },
+                _ = progress.tick(), if progress_on => self.progress().await,
                 _ = sleep => {}
             }
             let acts = self.leases.poll(Instant::now());
@@ -568,6 +608,9 @@ impl Shell {
                 });
             }
             Command::Ack(token, kind) => {
+                if kind != AckKind::Progress {
+                    lock(&self.working).remove(token.0.as_str());
+                }
                 let body: Bytes = match kind {
                     AckKind::Ack => Bytes::from_static(b"+ACK"),
                     AckKind::Progress => Bytes::from_static(b"+WPI"),
@@ -585,6 +628,47 @@ impl Shell {
                 let _ = done.send(());
             }
             Command::Close(_) => {}
+        }
+    }
+
+    /// The period of in-progress acks: a quarter of `ack_wait_ms`, so a message gets its first
+    /// one at most half `ack_wait_ms` after it was forwarded, with room for a late tick.
+    fn progress_every(&self) -> Duration {
+        Duration::from_millis((self.config.ack_wait_ms / 4).max(10))
+    }
+
+    /// Sends `+WPI` for every forwarded, unacked message that waited at least one period, and
+    /// lets go of those that waited `progress_ms_max` (see the module doc).
+    async fn progress(&mut self) {
+        let now = Instant::now();
+        let due = self.progress_every();
+        let max = Duration::from_millis(self.config.progress_ms_max);
+        let mut expired = 0;
+        let mut send = Vec::new();
+        lock(&self.working).retain(|subject, (_, since)| {
+            let age = now.saturating_duration_since(*since);
+            if age >= max {
+                expired += 1;
+                return false;
+            }
+            if age >= due {
+                send.push(subject.clone());
+            }
+            true
+        });
+        self.stats.progress_expired.fetch_add(expired, Relaxed);
+        if expired > 0 {
+            tracing::warn!(
+                messages = expired,
+                "backbone messages waited progress_ms_max; JetStream will redeliver them"
+            );
+        }
+        for subject in send {
+            let body = Bytes::from_static(b"+WPI");
+            if self.client.publish(subject, body).await.is_err() {
+                break;
+            }
+            self.stats.progress_sent.fetch_add(1, Relaxed);
         }
     }
 
@@ -643,7 +727,8 @@ impl Shell {
                 Action::Start(p) => {
                     let sink = self.sink(p);
                     send(&sink, Event::Owned(p)).await;
-                    let task = consume(self.stream.clone(), self.config.clone(), p, sink);
+                    let working = self.working.clone();
+                    let task = consume(self.stream.clone(), self.config.clone(), p, sink, working);
                     self.consumers.insert(p, tokio::spawn(task));
                 }
                 Action::Stop(p) => {
@@ -651,6 +736,8 @@ impl Shell {
                         task.abort();
                         let _ = task.await;
                     }
+                    // Its next owner gets what is left; in-progress acks would not reach it.
+                    lock(&self.working).retain(|_, (q, _)| *q != p);
                     send(&self.sink(p), Event::Released(p)).await;
                 }
             }
@@ -660,6 +747,11 @@ impl Shell {
     fn sink(&self, p: Partition) -> Sink {
         self.sinks[usize::from(p.0) % self.sinks.len()].clone()
     }
+}
+
+/// The working table, even if a thread panicked holding it (its entries stay valid).
+fn lock(w: &Working) -> std::sync::MutexGuard<'_, HashMap<String, (Partition, Instant)>> {
+    w.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn lease_key(p: Partition) -> String {
@@ -707,11 +799,17 @@ async fn send(sink: &Sink, mut event: Event) {
 /// Reusing the old consumer would also work but redelivers only after each message's
 /// `ack_wait_ms`, in the order those expire. The lease invariant makes the delete safe: the
 /// previous owner has stopped before this one starts.
-async fn consume(stream: stream::Stream, config: Config, p: Partition, sink: Sink) {
+async fn consume(
+    stream: stream::Stream,
+    config: Config,
+    p: Partition,
+    sink: Sink,
+    working: Working,
+) {
     // Messages up to this sequence may have reached a previous owner.
     let mut seen_before = None;
     loop {
-        let r = consume_once(&stream, &config, p, &sink, &mut seen_before).await;
+        let r = consume_once(&stream, &config, p, &sink, &working, &mut seen_before).await;
         if let Err(e) = r {
             tracing::warn!(partition = p.0, error = %e, "backbone consumer failed; retrying");
         }
@@ -724,6 +822,7 @@ async fn consume_once(
     config: &Config,
     p: Partition,
     sink: &Sink,
+    working: &Working,
     seen_before: &mut Option<u64>,
 ) -> Result<(), String> {
     let name = format!("p{}", p.0);
@@ -787,6 +886,9 @@ async fn consume_once(
             .as_ref()
             .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
             .map(|v| v.as_str().to_owned());
+        if config.progress_ms_max > 0 {
+            lock(working).insert(reply.as_str().to_owned(), (p, Instant::now()));
+        }
         let delivery = Delivery {
             partition: p,
             sequence,

@@ -334,7 +334,12 @@ fn backbone_down_is_refused_then_recovers() {
 #[test]
 fn takeover_resumes_from_the_ack_floor() {
     let Some(nats) = Nats::start() else { return };
-    let mut a = Broker::owning_all(config(&nats), "a");
+    // The backbone's own in-progress acks off: this test sends them by hand.
+    let no_progress = Config {
+        progress_ms_max: 0,
+        ..config(&nats)
+    };
+    let mut a = Broker::owning_all(no_progress.clone(), "a");
     let p = Partition(6);
     let mut seqs = Vec::new();
     for i in 0..10 {
@@ -366,7 +371,7 @@ fn takeover_resumes_from_the_ack_floor() {
     assert_eq!(again, BTreeSet::from([seqs[6], seqs[9]]));
     drop(a.backbone.take());
 
-    let mut b = Broker::start(config(&nats), "b");
+    let mut b = Broker::start(no_progress, "b");
     let started = Instant::now();
     assert!(b.pump_until(Duration::from_secs(8), |b| b.messages.len() >= 4));
     // It waited for A's lease, not a fixed ack_wait.
@@ -393,6 +398,41 @@ fn takeover_resumes_from_the_ack_floor() {
             .len()
             > 4)
     );
+}
+
+/// A delivered message nobody acks is kept from redelivery by the backbone's own in-progress
+/// acks (past `ack_wait_ms`) until `progress_ms_max`; then it is let go, counted, and JetStream
+/// redelivers it.
+#[test]
+fn an_unacked_message_is_kept_until_progress_ms_max_then_let_go() {
+    let Some(nats) = Nats::start() else { return };
+    let c = Config {
+        progress_ms_max: 3 * ACK_WAIT_MS,
+        ..config(&nats)
+    };
+    let mut a = Broker::owning_all(c, "a");
+    let p = Partition(3);
+    a.bb()
+        .publish(p, "slow", Bytes::from_static(b"x"))
+        .wait()
+        .unwrap();
+    assert!(a.pump_until(Duration::from_secs(5), |b| b.messages.len() == 1));
+    // Twice the ack wait, unacked: in-progress acks hold it.
+    assert!(
+        !a.pump_until(Duration::from_millis(2 * ACK_WAIT_MS), |b| b.messages.len()
+            > 1),
+        "redelivered while in-progress acks were due"
+    );
+    assert!(a.bb().stats().progress_sent.load(Ordering::Relaxed) >= 1);
+    assert_eq!(a.bb().stats().progress_expired.load(Ordering::Relaxed), 0);
+    // Past progress_ms_max it is let go: redelivered (the second delivery) and counted.
+    assert!(a.pump_until(Duration::from_secs(5), |b| b.messages.len() == 2));
+    assert_eq!(a.messages[1].sequence, a.messages[0].sequence);
+    assert_eq!(a.messages[1].delivered, 2);
+    assert_eq!(a.bb().stats().progress_expired.load(Ordering::Relaxed), 1);
+    let d = a.messages[1].clone();
+    a.bb().ack(d.ack, AckKind::Ack);
+    a.bb().flush();
 }
 
 /// Two brokers split the partitions by rendezvous hash; one dies without releasing; the other

@@ -25,9 +25,16 @@
 //! message's batch was handed to the links (or found nobody watching): then the shard calls
 //! [`Acks::handed`], which acks it. That is the low-priority rule. High reach (issue 9) needs a
 //! message acked only when a client ACKs it or it expires: the reach wiring should take the
-//! token out with [`Acks::take`] instead, send [`AckKind::Progress`] through [`Cluster::ack`]
-//! within every `cluster.ack_wait_ms` while it waits, and [`AckKind::Ack`] when done. Until
+//! token out with [`Acks::take`] instead and send [`AckKind::Ack`] when done. Until
 //! that lands, high-reach messages are acked like the others, on hand-off.
+//!
+//! While a message waits (backbone sink, feeder, shard queue, aggregation window, or a taken
+//! token awaiting a client ACK), the backbone thread sends JetStream in-progress acks for it
+//! every `cluster.ack_wait_ms / 4` (see `backbone::thread`), so a backlog longer than
+//! `ack_wait_ms` does not make JetStream redeliver it; after `cluster.progress_ms_max` it is
+//! let go and counted (`barrage_broker_backbone_progress_expired_total`). That is the choice
+//! the issue asks for (in-progress acks rather than a per-partition checkpoint): JetStream keeps
+//! exact per-message ack state, so a takeover redelivers only what was not finished.
 //!
 //! # Epochs on owner change
 //! When this broker takes a partition's lease, every room of it that this broker had seen
@@ -273,7 +280,22 @@ impl Cluster {
                 &m.bad_payload,
             ),
         ];
-        for (name, help, v) in counters {
+        let stats = self.backbone.stats();
+        let progress: [(&str, &str, &AtomicU64); 2] = [
+            (
+                "barrage_broker_backbone_progress_acks_total",
+                "In-progress acks sent for consumed messages still waiting to be handed to the \
+                 links (they keep JetStream from redelivering them after cluster.ack_wait_ms).",
+                &stats.progress_sent,
+            ),
+            (
+                "barrage_broker_backbone_progress_expired_total",
+                "Consumed messages that waited longer than cluster.progress_ms_max: let go, so \
+                 JetStream redelivers them.",
+                &stats.progress_expired,
+            ),
+        ];
+        for (name, help, v) in counters.into_iter().chain(progress) {
             w.family(name, "counter", help);
             w.sample(name, &[], v.load(Relaxed) as f64);
         }

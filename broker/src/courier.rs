@@ -2,8 +2,15 @@
 //! broker, behind one lock, between the push path, the edges' presence and ACKs, and shard 0.
 //!
 //! - **Accept** ([`Courier::accept`], on whichever thread took the push): the bounds are checked
-//!   by the tracker, the message is appended to the log and the log synced, and only then does
-//!   the caller get its msg id. A refusal at any step leaves nothing behind.
+//!   by the tracker and the message is appended to the log's buffer; with a log, the caller
+//!   gets a [`Ticket`] and answers the push only once [`Courier::logged`] says the group holding
+//!   it is synced. A refusal at any step (or a failed sync) leaves nothing behind.
+//! - **Group commit** ([`Courier::run_log`], the `broker-reach-log` thread): takes everything
+//!   appended since its last write (every push accepted meanwhile, on any thread and
+//!   connection, plus ACK and end records), writes and `fdatasync`s it outside the lock, then
+//!   wakes the pushes of that group. One sync covers every push that arrived during the
+//!   previous one, so the rate follows the number of concurrent pushes, not the sync latency.
+//!   The first sends of a group's messages are held until the group is synced.
 //! - **Where the user is**: shard 0 passes every PRESENCE batch of an edge's presence link
 //!   ([`Courier::on_presence`]) and the loss of that link ([`Courier::edge_down`]); a connection
 //!   counts for its user (uid != 0) and for its device (non-empty id).
@@ -27,8 +34,9 @@ use proto::ingest::PushError;
 use proto::link::{PresenceBatch, PresenceKind};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Outcomes of ended messages remembered for `GET /v1/reach/{msg_id}` (oldest forgotten first).
@@ -92,15 +100,34 @@ pub struct Metrics {
     pub reloaded: AtomicU64,
     pub store_errors: AtomicU64,
     pub conns_untracked: AtomicU64,
+    pub log_syncs: AtomicU64,
 }
+
+/// A push's place in the log's group commit: wait for it with [`Courier::logged`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket(u64);
+
+/// Failed groups remembered for their waiters (a failure is rare; older ones are forgotten).
+const FAILED_GROUPS_MAX: usize = 1024;
 
 struct Inner {
     tracker: Tracker,
     store: Option<Store>,
     /// Tracker actions not yet taken by shard 0.
     out: Vec<Action>,
-    /// Ends logged since the last commit.
-    uncommitted: bool,
+    /// Group commit (with a log): the open group (what is appended now is written with it),
+    /// the last group written (or failed), failed groups, who waits, and the open group's
+    /// messages and held first sends.
+    group: u64,
+    done: u64,
+    failed: VecDeque<u64>,
+    waiters: Vec<(u64, Arc<net::wake::Notify>)>,
+    group_msgs: Vec<MsgId>,
+    held: Vec<Action>,
+    /// Something was appended since the commit thread last took the buffer.
+    dirty: bool,
+    /// The commit thread has ended: nothing is written any more.
+    log_stopped: bool,
     names: Vec<String>,
     by_name: HashMap<String, EdgeId>,
     incarnations: HashMap<EdgeId, u64>,
@@ -112,6 +139,8 @@ struct Inner {
 /// One broker's high-reach state. See the module docs.
 pub struct Courier {
     inner: Mutex<Inner>,
+    /// Wakes the commit thread.
+    log_cv: Condvar,
     pub metrics: Metrics,
     /// `Instant` and unix ms at start, to turn one into the other.
     t0: Instant,
@@ -169,7 +198,14 @@ impl Courier {
                     tracker,
                     store,
                     out,
-                    uncommitted: false,
+                    group: 1,
+                    done: 0,
+                    failed: VecDeque::new(),
+                    waiters: Vec::new(),
+                    group_msgs: Vec::new(),
+                    held: Vec::new(),
+                    dirty: false,
+                    log_stopped: false,
                     names: Vec::new(),
                     by_name: HashMap::new(),
                     incarnations: HashMap::new(),
@@ -178,6 +214,7 @@ impl Courier {
                     outcome_order: VecDeque::new(),
                 }),
                 metrics,
+                log_cv: Condvar::new(),
                 t0,
                 unix0_ms,
             },
@@ -195,27 +232,31 @@ impl Courier {
         l.ttl_ms((requested > 0).then_some(u64::from(requested)))
     }
 
-    /// Accepts a high-reach push whose `body` already carries its `msg_id` field: tracked,
-    /// logged and synced, or refused with nothing kept.
+    /// Accepts a high-reach push whose `body` already carries its `msg_id` field: tracked and
+    /// appended to the log, or refused with nothing kept. With a log the push may be answered
+    /// only after [`Courier::logged`] of the returned ticket says `Ok`.
     pub fn accept(
         &self,
         msg: MsgId,
         target: Target,
         body: Bytes,
         ttl_ms: u64,
-    ) -> Result<(), PushError> {
+    ) -> Result<Option<Ticket>, PushError> {
         let now = Instant::now();
         let mut g = self.lock();
         let inner = &mut *g;
-        let mark = inner.out.len();
-        if let Err(e) = inner.tracker.track(
-            msg,
-            target.clone(),
-            body.clone(),
-            ttl_ms,
-            now,
-            &mut inner.out,
-        ) {
+        let logged = inner.store.is_some();
+        // With a log, first sends wait for the group's sync.
+        let actions = if logged {
+            &mut inner.held
+        } else {
+            &mut inner.out
+        };
+        let mark = actions.len();
+        if let Err(e) = inner
+            .tracker
+            .track(msg, target.clone(), body.clone(), ttl_ms, now, actions)
+        {
             match e {
                 crate::reach::Refused::TargetFull => &self.metrics.refused_target,
                 _ => &self.metrics.refused_shard,
@@ -223,28 +264,123 @@ impl Courier {
             .fetch_add(1, Relaxed);
             return Err(PushError::Overloaded);
         }
+        let mut ticket = None;
         if let Some(store) = &mut inner.store {
-            let now_ms = unix_ms();
-            let logged = store
-                .append_accept(Accept {
-                    msg,
-                    target,
-                    expires_at_ms: now_ms + ttl_ms,
-                    body,
-                })
-                .and_then(|()| store.commit(now_ms));
-            if let Err(e) = logged {
+            let appended = store.append_accept(Accept {
+                msg,
+                target,
+                expires_at_ms: unix_ms() + ttl_ms,
+                body,
+            });
+            if let Err(e) = appended {
                 tracing::error!(error = %e, "reach log: append failed; push refused");
                 inner.tracker.forget(msg);
-                inner.out.truncate(mark);
+                inner.held.truncate(mark);
                 self.metrics.refused_store.fetch_add(1, Relaxed);
                 self.metrics.store_errors.fetch_add(1, Relaxed);
                 return Err(PushError::Overloaded);
             }
-            inner.uncommitted = false;
+            inner.group_msgs.push(msg);
+            inner.dirty = true;
+            ticket = Some(Ticket(inner.group));
+            self.log_cv.notify_one();
         }
         self.metrics.accepted.fetch_add(1, Relaxed);
-        Ok(())
+        Ok(ticket)
+    }
+
+    /// Resolves once the group holding a push is synced (`Ok`), or its write failed or the log
+    /// stopped (`Overloaded`: the message was forgotten).
+    pub async fn logged(&self, t: Ticket) -> Result<(), PushError> {
+        let wake = net::wake::Notify::new();
+        loop {
+            {
+                let mut g = self.lock();
+                if g.done >= t.0 {
+                    return match g.failed.contains(&t.0) {
+                        true => Err(PushError::Overloaded),
+                        false => Ok(()),
+                    };
+                }
+                if g.log_stopped {
+                    return Err(PushError::Overloaded);
+                }
+                g.waiters.push((t.0, wake.clone()));
+            }
+            wake.notified().await;
+        }
+    }
+
+    /// The commit thread's loop (only with a log): until `stop`, writes and syncs each group
+    /// outside the lock, then releases its held sends (`wake_sends` wakes shard 0) and its
+    /// waiters. See the module docs.
+    pub fn run_log(&self, stop: &AtomicBool, wake_sends: impl Fn()) {
+        loop {
+            let mut g = self.lock();
+            while !g.dirty && !stop.load(Relaxed) {
+                g = self
+                    .log_cv
+                    .wait_timeout(g, std::time::Duration::from_millis(100))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if !g.dirty {
+                // Stopping with nothing left to write.
+                g.log_stopped = true;
+                wake_waiters(&mut g.waiters, u64::MAX);
+                return;
+            }
+            let inner = &mut *g;
+            inner.dirty = false;
+            let group = inner.group;
+            inner.group += 1;
+            let msgs = std::mem::take(&mut inner.group_msgs);
+            let held = std::mem::take(&mut inner.held);
+            let staged = inner.store.as_mut().and_then(Store::take_staged);
+            drop(g);
+            let written = staged.as_ref().map_or(Ok(0), |s| s.write());
+            self.metrics.log_syncs.fetch_add(1, Relaxed);
+            let mut g = self.lock();
+            let inner = &mut *g;
+            match written {
+                Ok(n) => {
+                    if let Some(store) = &mut inner.store {
+                        if let Err(e) = store.staged_done(n, unix_ms()) {
+                            self.metrics.store_errors.fetch_add(1, Relaxed);
+                            tracing::warn!(error = %e, "reach log: compaction failed");
+                        }
+                    }
+                    inner.out.extend(held);
+                }
+                Err(e) => {
+                    // Nothing of the group is durable: its pushes are refused and forgotten.
+                    // Its ACK/end records are lost, so a restart may resend those messages
+                    // (at least once, never lost).
+                    tracing::error!(error = %e, pushes = msgs.len(), "reach log: write failed; the group's pushes are refused");
+                    self.metrics.store_errors.fetch_add(1, Relaxed);
+                    self.metrics
+                        .refused_store
+                        .fetch_add(msgs.len() as u64, Relaxed);
+                    for m in &msgs {
+                        inner.tracker.forget(*m);
+                        if let Some(store) = &mut inner.store {
+                            store.discard(*m);
+                        }
+                    }
+                    if inner.failed.len() >= FAILED_GROUPS_MAX {
+                        inner.failed.pop_front();
+                    }
+                    inner.failed.push_back(group);
+                }
+            }
+            inner.done = group;
+            wake_waiters(&mut inner.waiters, group);
+            let sends = !inner.out.is_empty();
+            drop(g);
+            if sends {
+                wake_sends();
+            }
+        }
     }
 
     /// An edge's PRESENCE batch (from its presence link, shard 0 Low).
@@ -311,14 +447,11 @@ impl Courier {
             AckOutcome::Acked => {
                 self.metrics.acked.fetch_add(1, Relaxed);
                 if let Some(s) = &mut inner.store {
-                    // Synced now, so "acked" in the status API means a restart will not
-                    // resend it. A failed sync is retried with the next commit.
+                    // Synced by the commit thread within one sync; a crash before that
+                    // resends the message after restart (at least once).
                     s.append_acked(msg);
-                    if let Err(e) = s.commit(unix_ms()) {
-                        inner.uncommitted = true;
-                        self.metrics.store_errors.fetch_add(1, Relaxed);
-                        tracing::warn!(error = %e, "reach log: commit of an ACK failed");
-                    }
+                    inner.dirty = true;
+                    self.log_cv.notify_one();
                 }
                 inner.remember(msg, Status::Acked);
             }
@@ -332,8 +465,8 @@ impl Courier {
         outcome
     }
 
-    /// Runs the timers due at `now` and hands shard 0 every send waiting; logs the ends (and
-    /// syncs them when `sync` is set: shard 0 does that at most every few ms).
+    /// Runs the timers due at `now` and hands shard 0 every send waiting; logs the ends (the
+    /// commit thread syncs them).
     pub fn poll(&self, now: Instant, out: &mut Vec<Send>) {
         let mut g = self.lock();
         let inner = &mut *g;
@@ -381,20 +514,10 @@ impl Courier {
                     };
                     if let Some(s) = &mut inner.store {
                         s.append_ended(msg);
-                        inner.uncommitted = true;
+                        inner.dirty = true;
+                        self.log_cv.notify_one();
                     }
                     inner.remember(msg, status);
-                }
-            }
-        }
-        if inner.uncommitted {
-            inner.uncommitted = false;
-            if let Some(s) = &mut inner.store {
-                if let Err(e) = s.commit(unix_ms()) {
-                    // The ends are still buffered; the next commit retries them. A crash
-                    // meanwhile resends a message that was done: at least once, not lost.
-                    self.metrics.store_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(error = %e, "reach log: commit of ends failed");
                 }
             }
         }
@@ -515,6 +638,12 @@ impl Courier {
         );
         c(
             w,
+            "barrage_broker_reach_log_syncs_total",
+            "Group commits of the reach log (one write and fdatasync each, for every push accepted meanwhile).",
+            &m.log_syncs,
+        );
+        c(
+            w,
             "barrage_broker_reach_conns_untracked_total",
             "Presence enters not tracked for high reach (REACH_CONNS_MAX reached).",
             &m.conns_untracked,
@@ -566,6 +695,18 @@ impl Inner {
         self.outcomes.insert(msg, status);
         self.outcome_order.push_back(msg);
     }
+}
+
+/// Wakes (and drops) the waiters of every group up to `done`.
+fn wake_waiters(waiters: &mut Vec<(u64, Arc<net::wake::Notify>)>, done: u64) {
+    waiters.retain(|(g, w)| {
+        if *g <= done {
+            w.notify();
+            false
+        } else {
+            true
+        }
+    });
 }
 
 /// The targets one connection counts for.
@@ -709,5 +850,72 @@ mod tests {
         );
         assert_eq!(c.status(MsgId(9)), Status::Acked);
         assert_eq!(c.status(MsgId(10)), Status::Unknown);
+    }
+
+    /// Pushes accepted while no sync runs share the next one; each is answered only after it,
+    /// its first send waits for it, and what it covered is reloaded after a restart.
+    #[test]
+    fn pushes_accepted_together_share_one_sync_and_are_answered_after_it() {
+        let dir = std::env::temp_dir().join(format!("barrage-courier-gc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (c, _) = Courier::open(Limits::default(), Some(&dir)).unwrap();
+        let c = Arc::new(c);
+        // User 5 is online on e1: its first sends are held until the sync.
+        c.on_presence(
+            "e1",
+            &PresenceBatch {
+                incarnation: 1,
+                events: vec![enter(1, 5, PresenceKind::Enter)],
+            },
+        );
+        let tickets: Vec<Ticket> = (1..=20)
+            .map(|m| {
+                c.accept(
+                    MsgId(m),
+                    Target::User(UserId(5)),
+                    Bytes::from_static(b"{}"),
+                    60_000,
+                )
+                .unwrap()
+                .expect("a ticket with a log")
+            })
+            .collect();
+        assert!(tickets.iter().all(|t| *t == tickets[0]), "one group");
+        let mut out = Vec::new();
+        c.poll(Instant::now(), &mut out);
+        assert!(out.is_empty(), "no send before the sync");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (c, stop) = (c.clone(), stop.clone());
+            std::thread::spawn(move || c.run_log(&stop, || {}))
+        };
+        let driver = net::runtime::Driver::Legacy;
+        net::runtime::block_on(driver, async {
+            for t in &tickets {
+                c.logged(*t).await.unwrap();
+            }
+        });
+        assert_eq!(c.metrics.log_syncs.load(Relaxed), 1);
+        c.poll(Instant::now(), &mut out);
+        assert_eq!(out.len(), 20, "released by the sync");
+        stop.store(true, Relaxed);
+        thread.join().unwrap();
+        // The log stopped: a later push is refused, not answered unsynced.
+        let late = c
+            .accept(
+                MsgId(21),
+                Target::User(UserId(5)),
+                Bytes::from_static(b"{}"),
+                60_000,
+            )
+            .unwrap()
+            .unwrap();
+        let r = net::runtime::block_on(driver, c.logged(late));
+        assert_eq!(r, Err(PushError::Overloaded));
+        drop(c);
+        let (c, max) = Courier::open(Limits::default(), Some(&dir)).unwrap();
+        assert_eq!(max, Some(MsgId(20)));
+        assert_eq!(c.metrics.reloaded.load(Relaxed), 20);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -92,6 +92,9 @@ pub fn owner(scope: &Scope, shards: u16) -> u16 {
 /// backbone's publish ack (cluster mode). Resolve it with [`finish`].
 pub(crate) enum Accepting {
     Now(Result<MsgId, PushError>),
+    /// A high-reach push with `--data-dir`: answered once the log's group commit holding it
+    /// is synced (see [`crate::courier`]).
+    Logging(MsgId, crate::courier::Ticket),
     Publishing(crate::cluster::Publishing),
 }
 
@@ -100,6 +103,16 @@ pub(crate) enum Accepting {
 pub(crate) async fn finish(shared: &Shared, a: Accepting, via: Via) -> Result<MsgId, PushError> {
     match a {
         Accepting::Now(r) => r,
+        Accepting::Logging(id, ticket) => {
+            let r = shared.courier.logged(ticket).await.map(|()| id);
+            match &r {
+                Ok(_) => {
+                    shared.ingest_metrics.accepted[via as usize].fetch_add(1, Relaxed);
+                }
+                Err(e) => shared.ingest_metrics.reject(e),
+            }
+            r
+        }
         Accepting::Publishing(p) => {
             let r = match &shared.cluster {
                 Some(c) => c.finish(p).await,
@@ -134,7 +147,10 @@ pub(crate) fn accept(
         return Accepting::Publishing(c.publish(idem.map(|i| (key.index(), i)), push));
     }
     let result = if push.reach == proto::id::Reach::High {
-        accept_high(shared, key, push)
+        match accept_high(shared, key, push) {
+            Ok((id, Some(ticket))) => return Accepting::Logging(id, ticket),
+            r => r.map(|(id, _)| id),
+        }
     } else {
         accept_inner(shared, key, push.scope, push.priority, push.body)
     };
@@ -193,7 +209,11 @@ fn accept_inner(
 /// A high-reach push (embedded mode): past the policy, it gets its msg id, the `msg_id` field
 /// in its body, and is tracked and logged by the [`crate::courier`] before it is answered;
 /// shard 0 (the owner of user and device scopes) sends it.
-fn accept_high(shared: &Shared, key: KeyId, push: Push) -> Result<MsgId, PushError> {
+fn accept_high(
+    shared: &Shared,
+    key: KeyId,
+    push: Push,
+) -> Result<(MsgId, Option<crate::courier::Ticket>), PushError> {
     let Some(target) = crate::courier::target_of(&push.scope) else {
         return Err(PushError::Invalid(
             "reach=high applies to user (uid != 0) and device scopes".into(),
@@ -203,13 +223,13 @@ fn accept_high(shared: &Shared, key: KeyId, push: Push) -> Result<MsgId, PushErr
     let msg_id = MsgId(shared.next_msg_id.fetch_add(1, Relaxed));
     let body = crate::courier::with_msg_id(&push.body, msg_id)?;
     let ttl_ms = shared.courier.ttl_ms(push.ttl_ms);
-    shared
+    let ticket = shared
         .courier
         .accept(msg_id, target, bytes::Bytes::from(body), ttl_ms)?;
     if let Some(inbox) = shared.inboxes.first() {
         inbox.notify.notify();
     }
-    Ok(msg_id)
+    Ok((msg_id, ticket))
 }
 
 /// [`accept`] for a push that carries an idempotency key: a retry within the window gets the
@@ -240,25 +260,31 @@ pub(crate) fn accept_keyed(
     let now = Instant::now();
     // Held across the accept so two copies of one push racing on two threads queue once.
     let mut d = lock(table);
-    Accepting::Now(match d.check(key, idem, now) {
+    match d.check(key, idem, now) {
         crate::dedup::Seen::Before(id) => {
             shared.ingest_metrics.deduplicated.fetch_add(1, Relaxed);
-            Ok(id)
+            Accepting::Now(Ok(id))
         }
         crate::dedup::Seen::Full => {
             shared.ingest_metrics.reject(&PushError::Overloaded);
-            Err(PushError::Overloaded)
+            Accepting::Now(Err(PushError::Overloaded))
         }
         crate::dedup::Seen::New => match accept(shared, key, push, None, via) {
             Accepting::Now(Ok(id)) => {
                 d.remember(key, idem, id, now);
-                Ok(id)
+                Accepting::Now(Ok(id))
             }
-            Accepting::Now(Err(e)) => Err(e),
+            // Remembered before its sync: if that fails (the disk's failure, refused
+            // overloaded), a retry within the window gets this id of a forgotten message.
+            a @ Accepting::Logging(id, _) => {
+                d.remember(key, idem, id, now);
+                a
+            }
+            Accepting::Now(Err(e)) => Accepting::Now(Err(e)),
             // Embedded mode: accept answers at once.
-            Accepting::Publishing(_) => Err(PushError::Overloaded),
+            Accepting::Publishing(_) => Accepting::Now(Err(PushError::Overloaded)),
         },
-    })
+    }
 }
 
 /// Authenticates an API key (counted as a rejection when unknown).

@@ -440,6 +440,26 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
         threads.push(feeder);
     }
 
+    if data_dir.is_some() {
+        // The reach log's group commit (see courier::Courier::run_log).
+        let s = shared.clone();
+        let log = std::thread::Builder::new()
+            .name("broker-reach-log".into())
+            .spawn(move || {
+                let wake = || {
+                    if let Some(inbox) = s.inboxes.first() {
+                        inbox.notify.notify();
+                    }
+                };
+                s.courier.run_log(&s.stop, wake)
+            })
+            .map_err(|source| BrokerError::Io {
+                what: "spawn reach log thread".into(),
+                source,
+            })?;
+        threads.push(log);
+    }
+
     let addrs = announce::Addrs {
         link: link_addr,
         ingest: ingest_addr,

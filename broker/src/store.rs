@@ -32,8 +32,10 @@
 //! # Durability and recovery
 //!
 //! - Appends go to a buffer; [`Store::commit`] writes the buffer and `fdatasync`s it. Group
-//!   commit: the shell appends every push of an event-loop turn, commits once, then answers
-//!   them. A push is answered only after the commit covering its append returned `Ok`.
+//!   commit without holding the caller's lock across the sync: [`Store::take_staged`] takes the
+//!   buffer, [`Staged::write`] writes and syncs it, [`Store::staged_done`] counts it (the
+//!   broker's commit thread does this, see `crate::courier`). A push is answered only after the
+//!   write covering its append returned `Ok`.
 //! - On open, records are read in segment order until the first that is short, oversized or
 //!   fails its CRC. In the last segment that is a torn tail from a crash mid-append: it is cut
 //!   off (and counted). In an earlier segment it is corruption: [`StoreError::Corrupt`].
@@ -41,6 +43,14 @@
 //!   `compact_bytes_min` and four times the live records) writes the live records to a new
 //!   segment, syncs it and the directory, and only then deletes the older segments. A crash in
 //!   between leaves old and new segments whose replay gives the same live set.
+//!
+//! # One broker per directory
+//!
+//! [`Store::open`] takes an exclusive `flock` on `LOCK` in the directory (and writes its pid
+//! there) before it reads anything, and holds it while the store lives; the kernel drops it
+//! when the process ends, even by `kill -9`. A second broker on the same directory (two
+//! writers would interleave appends and compact each other's segments away) fails at start
+//! with [`StoreError::Locked`], which names the directory and the holder's pid.
 //!
 //! Invariants: `live` is exactly what a reload would return (before expiry); no record is
 //! larger than `record_bytes_max`, checked before it is written and before a read allocates.
@@ -52,6 +62,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Default of `store_record_bytes_max`: the largest record (a message body plus ~100 bytes).
 pub const STORE_RECORD_BYTES_MAX: usize = 128 * 1024;
@@ -100,6 +111,9 @@ pub enum StoreError {
     /// The record would exceed `record_bytes_max` (refuse the push).
     #[error("record of {0} bytes exceeds record_bytes_max")]
     TooLarge(usize),
+    /// Another process holds the directory's lock (see the module docs).
+    #[error("{} is in use by another broker ({}): one data directory per broker", dir.display(), holder(*pid))]
+    Locked { dir: PathBuf, pid: Option<u32> },
     /// A device id longer than 255 bytes cannot be logged.
     #[error("device id longer than 255 bytes")]
     DeviceTooLong,
@@ -131,9 +145,12 @@ pub struct Reload {
 
 /// The open log.
 pub struct Store {
+    /// `LOCK`, flocked while the store lives.
+    _lock: File,
     dir: PathBuf,
     limits: Limits,
-    file: File,
+    /// Shared with a [`Staged`] write in flight (the commit thread writes outside the lock).
+    file: Arc<File>,
     path: PathBuf,
     segment: u64,
     /// Older segments (all to be deleted by the next compaction).
@@ -156,6 +173,7 @@ impl Store {
     /// Opens (or creates) the log in `dir` and reloads it; `now_ms` is the unix time in ms.
     pub fn open(dir: &Path, limits: Limits, now_ms: u64) -> Result<(Store, Reload), StoreError> {
         fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let lock = lock_dir(dir)?;
         let mut segments = list_segments(dir)?;
         let mut reload = Reload::default();
         let mut live = HashMap::new();
@@ -210,9 +228,10 @@ impl Store {
         reload.live = sorted;
         reload.msg_id_max = msg_id_max;
         let store = Store {
+            _lock: lock,
             dir: dir.to_path_buf(),
             limits,
-            file,
+            file: Arc::new(file),
             path,
             segment,
             older: segments.into_iter().map(|(_, p)| p).collect(),
@@ -299,11 +318,45 @@ impl Store {
             fs::remove_file(&p).map_err(io("remove", &p))?;
         }
         sync_dir(&self.dir)?;
-        self.file = file;
+        self.file = Arc::new(file);
         self.segment = segment;
         self.log_bytes = out.len() as u64;
         self.live_bytes = self.live.values().map(accept_bytes).sum();
         Ok(())
+    }
+
+    /// Group commit, step 1 (under the caller's lock): takes every append so far as one write
+    /// to make outside the lock ([`Staged::write`]); `None` when nothing is buffered. At most
+    /// one may be in flight, and [`Store::staged_done`] must follow it before the next.
+    pub fn take_staged(&mut self) -> Option<Staged> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        Some(Staged {
+            bytes: std::mem::take(&mut self.buf),
+            file: self.file.clone(),
+            path: self.path.clone(),
+            at: self.log_bytes,
+        })
+    }
+
+    /// Group commit, step 3 (under the lock again): counts a written [`Staged`] and compacts
+    /// when the log has grown past its bounds.
+    pub fn staged_done(&mut self, written: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.log_bytes += written;
+        if self.log_bytes > self.limits.compact_bytes_min
+            && self.log_bytes > STORE_COMPACT_RATIO * self.live_bytes
+        {
+            self.compact(now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets an accepted message whose staged write failed (its push is refused).
+    pub fn discard(&mut self, msg: MsgId) {
+        if let Some(old) = self.live.remove(&msg) {
+            self.live_bytes -= accept_bytes(&old);
+        }
     }
 
     /// Messages logged and neither ACKed nor ended.
@@ -327,7 +380,7 @@ impl Store {
     /// Writes and syncs the buffer.
     fn flush(&mut self) -> Result<(), StoreError> {
         if !self.buf.is_empty() {
-            self.file
+            (&*self.file)
                 .write_all(&self.buf)
                 .map_err(io("write", &self.path))?;
             self.file.sync_data().map_err(io("sync", &self.path))?;
@@ -335,6 +388,30 @@ impl Store {
             self.buf.clear();
         }
         Ok(())
+    }
+}
+
+/// Appends taken by [`Store::take_staged`]: one write and one `fdatasync` for all of them.
+pub struct Staged {
+    bytes: Vec<u8>,
+    file: Arc<File>,
+    path: PathBuf,
+    /// The committed length of the segment before this write.
+    at: u64,
+}
+
+impl Staged {
+    /// Writes and syncs (no lock needed). On failure the segment is cut back to its committed
+    /// length (best effort), so a partial write does not turn later records into a torn tail.
+    pub fn write(&self) -> Result<u64, StoreError> {
+        let r = (&*self.file)
+            .write_all(&self.bytes)
+            .map_err(io("write", &self.path))
+            .and_then(|()| self.file.sync_data().map_err(io("sync", &self.path)));
+        if r.is_err() {
+            let _ = self.file.set_len(self.at);
+        }
+        r.map(|()| self.bytes.len() as u64)
     }
 }
 
@@ -361,6 +438,41 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The lock file's name in a data directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Takes the directory's exclusive lock and records our pid in it.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            return Err(StoreError::Locked {
+                dir: dir.to_path_buf(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io("lock", &path)(e)),
+    }
+    f.set_len(0)
+        .and_then(|()| f.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(io("write", &path))?;
+    Ok(f)
+}
+
+fn holder(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "pid unknown".into(), |p| format!("pid {p}"))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -662,6 +774,24 @@ mod tests {
         assert_eq!(s.live_len(), 0);
         s.commit(0).unwrap();
         assert_eq!(s.log_bytes(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_open_of_a_directory_is_refused_naming_the_holder() {
+        let dir = tmp("lock");
+        let (s, _) = Store::open(&dir, Limits::default(), 0).unwrap();
+        let e = Store::open(&dir, Limits::default(), 0)
+            .err()
+            .expect("refused");
+        let text = e.to_string();
+        assert!(
+            matches!(e, StoreError::Locked { pid: Some(p), .. } if p == std::process::id()),
+            "{text}"
+        );
+        assert!(text.contains(&dir.display().to_string()), "{text}");
+        drop(s);
+        Store::open(&dir, Limits::default(), 0).expect("free again once closed");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,6 +30,9 @@ pub enum Scenario {
     /// A low-priority flood and a steady high-priority stream to one room: p50/p99 of each
     /// (run again with --no-flood for the baseline).
     Priority(crate::priority::PriorityArgs),
+    /// Viewers drop and resume (`"resume"` in the auth) during a steady room stream:
+    /// resumes recovered, batches replayed, gaps, duplicates, connect->sync p50/p99 vs fresh.
+    Resume(crate::resume::ResumeArgs),
     /// Cores and hosts a fleet needs for a target audience, from measured per-core figures.
     Plan(crate::plan::PlanArgs),
     /// Internal: a child process running its share of viewers (spawned when N exceeds one

@@ -15,6 +15,8 @@
 //! - [`publisher`]: paced pushes over the ingest socket or the HTTP API.
 //! - [`stats`]: the report maths (sequence gaps/duplicates, histograms that merge, zipf).
 //! - [`procstat`]: server CPU and memory from `/proc`.
+//! - [`reach`], [`priority`], [`resume`]: the delivery-guarantee scenarios of issue 9 (blocking
+//!   threads, one per viewer, and their own reports).
 //! - [`run`]: the coordinator: plan, phases, progress line, child worker processes.
 //! - [`report`]: the JSON report and its human table.
 //! - [`charts`]: `--charts DIR`: SVG charts over run time by step, and `.hgrm` per step.
@@ -43,6 +45,7 @@ pub mod progress;
 pub mod publisher;
 pub mod reach;
 pub mod report;
+pub mod resume;
 pub mod run;
 pub mod stats;
 pub mod viewer;
@@ -119,6 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Plan(a) => plan::run(&a),
         Scenario::Reach(a) => reach::run(&a),
         Scenario::Priority(a) => priority::run(&a),
+        Scenario::Resume(a) => resume::run(&a).map(|_| ()),
         Scenario::Worker => run::worker(),
     }
 }

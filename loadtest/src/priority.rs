@@ -53,8 +53,9 @@ pub struct PriorityArgs {
     /// Baseline: the high-priority stream alone.
     #[arg(long)]
     pub no_flood: bool,
-    #[arg(long, default_value_t = 10)]
-    pub duration_s: u64,
+    /// How long the measured part runs, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub duration_ms: u64,
     /// Compression asked for (3 brotli, 2 zlib, 0 plain).
     #[arg(long, default_value_t = 3)]
     pub protover: u32,
@@ -190,7 +191,7 @@ pub fn run(args: &PriorityArgs) -> anyhow::Result<()> {
     let mut ingest = IngestConn::connect(&args.ingest, &args.api_key)?;
     let pad = "x".repeat(args.low_bytes.saturating_sub(40));
     let started = Instant::now();
-    let end = started + Duration::from_secs(args.duration_s);
+    let end = started + Duration::from_millis(args.duration_ms);
     let (mut high_sent, mut low_sent, mut refused) = (0u64, 0u64, 0u64);
     let low_rate = if args.no_flood { 0 } else { args.low_rate };
     while Instant::now() < end {

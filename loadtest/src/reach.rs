@@ -6,7 +6,7 @@
 //! viewer **ignores** a received copy (neither processes nor ACKs it) with probability `1 - r`
 //! (`--reach-success`), processes and ACKs it otherwise, and drops duplicates by msg id
 //! (counted). With `--reconnect-per-s`, viewers drop their connection and open a new one at that
-//! total rate. After the last push it waits `--settle-s` (at least the retry window) and reports,
+//! total rate. After the last push it waits `--settle-ms` (at least the retry window) and reports,
 //! per message, whether some copy was processed: the delivery rate, the messages never
 //! delivered, duplicates seen.
 //!
@@ -60,10 +60,16 @@ pub struct ReachArgs {
     /// Pushes per second (all users together).
     #[arg(long, default_value_t = 500)]
     pub rate: u32,
-    /// Wait after the last push before counting (>= the broker's retry window,
+    /// Ingest connections pushing at once (each on its own thread, the pushes split between them).
+    #[arg(long, default_value_t = 1)]
+    pub ingest_conns: u32,
+    /// Pushes each ingest connection sends before reading their answers (1: one at a time).
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: u32,
+    /// Wait after the last push before counting in milliseconds (>= the broker's retry window,
     /// `reach_retry_ms * (reach_retries + 1)`).
-    #[arg(long, default_value_t = 10)]
-    pub settle_s: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub settle_ms: u64,
     /// The room viewers sit in.
     #[arg(long, default_value_t = 1000)]
     pub room: u64,
@@ -193,6 +199,50 @@ fn viewer(
     Ok(())
 }
 
+/// One ingest connection's share: `pipeline` pushes written, then their answers read, paced at
+/// one push per `gap`. Returns (msg id -> uid) of the accepted ones and the refused count.
+fn publish(
+    args: &ReachArgs,
+    mine: &[(u32, u64)],
+    pipeline: usize,
+    gap: Duration,
+    started: Instant,
+) -> anyhow::Result<(Vec<(u64, u64)>, u64)> {
+    let mut ingest = IngestConn::connect(&args.ingest, &args.api_key)?;
+    let mut pushed = Vec::with_capacity(mine.len());
+    let mut refused = 0u64;
+    let mut k = 0u64;
+    for chunk in mine.chunks(pipeline) {
+        let mut uids = HashMap::new();
+        for &(m, uid) in chunk {
+            let body = format!(r#"{{"cmd":"REACH_TEST","m":{m},"uid":{uid}}}"#);
+            let req = ingest.send_push(Push {
+                req_id: 0,
+                scope: Scope::User(UserId(uid)),
+                priority: Priority::High,
+                reach: Reach::High,
+                ttl_ms: 0,
+                body: body.into_bytes(),
+            });
+            uids.insert(req, uid);
+        }
+        ingest.flush()?;
+        for _ in chunk {
+            let (req, result) = ingest.recv()?;
+            match result {
+                Ok(id) => pushed.push((id.0, uids.get(&req).copied().unwrap_or(0))),
+                Err(_) => refused += 1,
+            }
+        }
+        k += chunk.len() as u64;
+        let due = started + gap.mul_f64(k as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok((pushed, refused))
+}
+
 pub fn run(args: &ReachArgs) -> anyhow::Result<()> {
     let n = args.viewers.clamp(1, REACH_VIEWERS_MAX);
     let tally = Arc::new(Tally::default());
@@ -210,39 +260,37 @@ pub fn run(args: &ReachArgs) -> anyhow::Result<()> {
     }
     // Let every viewer connect and its presence reach the broker.
     std::thread::sleep(Duration::from_secs(2));
-    let mut ingest = IngestConn::connect(&args.ingest, &args.api_key)?;
-    let mut pushed: HashMap<u64, u64> = HashMap::new();
-    let mut refused = 0u64;
-    let gap = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
-    let started = Instant::now();
-    let mut k = 0u64;
+    // Every (message, user) pair, dealt round-robin to the ingest connections.
+    let conns = args.ingest_conns.clamp(1, 256) as usize;
+    let mut work: Vec<Vec<(u32, u64)>> = vec![Vec::new(); conns];
+    let mut k = 0usize;
     for m in 0..args.messages {
         for uid in 1..=u64::from(n) {
-            let body = format!(r#"{{"cmd":"REACH_TEST","m":{m},"uid":{uid}}}"#);
-            ingest.send_push(Push {
-                req_id: 0,
-                scope: Scope::User(UserId(uid)),
-                priority: Priority::High,
-                reach: Reach::High,
-                ttl_ms: 0,
-                body: body.into_bytes(),
-            });
-            ingest.flush()?;
-            match ingest.recv()?.1 {
-                Ok(id) => {
-                    pushed.insert(id.0, uid);
-                }
-                Err(_) => refused += 1,
-            }
+            work[k % conns].push((m, uid));
             k += 1;
-            let due = started + gap.mul_f64(k as f64);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
         }
     }
+    let gap = Duration::from_secs_f64(conns as f64 / f64::from(args.rate.max(1)));
+    let pipeline = args.pipeline.clamp(1, 4096) as usize;
+    let started = Instant::now();
+    let mut publishers = Vec::new();
+    for mine in work {
+        let a = args.clone();
+        publishers.push(std::thread::spawn(move || {
+            publish(&a, &mine, pipeline, gap, started)
+        }));
+    }
+    let mut pushed: HashMap<u64, u64> = HashMap::new();
+    let mut refused = 0u64;
+    for p in publishers {
+        let (ids, r) = p
+            .join()
+            .map_err(|_| anyhow::anyhow!("publisher panicked"))??;
+        pushed.extend(ids);
+        refused += r;
+    }
     let push_s = started.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(args.settle_s));
+    std::thread::sleep(Duration::from_millis(args.settle_ms));
     stop.store(true, Relaxed);
     for t in threads {
         let _ = t.join();
@@ -264,6 +312,9 @@ pub fn run(args: &ReachArgs) -> anyhow::Result<()> {
         "messages": pushed.len(),
         "refused": refused,
         "push_s": push_s,
+        "ingest_conns": conns,
+        "pipeline": pipeline,
+        "accepted_per_s": pushed.len() as f64 / push_s.max(1e-9),
         "reach_success": r,
         "retries": args.retries,
         "reconnect_per_s": args.reconnect_per_s,

@@ -15,7 +15,7 @@ use loadtest::client::{auth_body, fetch_blocking};
 use proto::packet::{op, StreamDecoder};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,13 +26,7 @@ pub const API: &str = "faults-api-key-5a4b3c2d1e0f112233445566778899aabbccddeeff
 /// The room every test pushes to.
 pub const ROOM: u64 = 4242;
 
-/// A port free right now on 127.0.0.1 (a broker that restarts must come back on the same one).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use crate::ports::free_port;
 
 /// Sends a signal to a child (SIGSTOP, SIGCONT).
 pub fn signal(child: &std::process::Child, sig: i32) {

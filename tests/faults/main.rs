@@ -26,5 +26,7 @@ mod http;
 mod link;
 mod netns;
 mod network;
+#[path = "../common/ports.rs"]
+mod ports;
 mod proxy;
 mod secrets;
