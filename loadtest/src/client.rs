@@ -546,3 +546,76 @@ mod position_tests {
         assert_eq!(p.epoch().unwrap().as_str(), "b-1");
     }
 }
+
+/// The blocking pieces of the thread-per-viewer scenarios (`reach`, `priority`, `resume`): one
+/// TCP connection per thread, read with a short timeout so the thread can heartbeat and stop.
+pub mod blocking {
+    use super::Ticket;
+    use proto::packet::{op, OwnedPacket, StreamDecoder};
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    /// The ticket's first edge's TCP address.
+    pub fn first_edge(t: &Ticket) -> anyhow::Result<SocketAddr> {
+        let e = t
+            .edges
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no edge in the ticket"))?;
+        e.addr(false)
+            .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", e.host))
+    }
+
+    /// Connects to `addr` (giving up after 5 s), sets `read_timeout` and sends the auth `request`.
+    pub fn open(
+        addr: SocketAddr,
+        request: &[u8],
+        read_timeout: Duration,
+    ) -> anyhow::Result<TcpStream> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(read_timeout))?;
+        s.write_all(request)?;
+        Ok(s)
+    }
+
+    /// Reads what is there (up to the socket's read timeout) into `packets`; false on EOF.
+    pub fn fill(
+        s: &mut TcpStream,
+        packets: &mut StreamDecoder,
+        chunk: &mut [u8],
+    ) -> std::io::Result<bool> {
+        match s.read(chunk) {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                packets.feed(&chunk[..n]);
+                Ok(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The messages a notification batch carries; none for any other packet or a container
+    /// that does not decode.
+    pub fn notifications(p: &OwnedPacket) -> Vec<OwnedPacket> {
+        if p.op != op::NOTIFICATION {
+            return Vec::new();
+        }
+        proto::container::unpack(
+            p.ver,
+            p.op,
+            p.seq,
+            &p.body,
+            proto::limits::DECOMPRESSED_BYTES_MAX,
+        )
+        .unwrap_or_default()
+    }
+}

@@ -7,13 +7,12 @@
 //!
 //! Blocking threads, one per viewer; the publisher pipelines pushes on one ingest connection.
 
-use crate::client;
+use crate::client::{self, blocking};
 use crate::publisher::IngestConn;
 use proto::id::{Priority, Reach, RoomId, Scope};
 use proto::ingest::Push;
-use proto::packet::{op, StreamDecoder};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use proto::packet::StreamDecoder;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -91,18 +90,13 @@ fn viewer(args: &PriorityArgs, uid: u64, lat: &Latencies, stop: &AtomicBool) -> 
         key.is_none(),
         Duration::from_secs(5),
     )?;
-    let e = t
-        .edges
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no edge in the ticket"))?;
-    let addr = e
-        .addr(false)
-        .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", e.host))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_millis(200)))?;
     let room = if t.room == 0 { args.room } else { t.room };
     let body = client::auth_body(uid, room, args.protover, &t.token, &device);
-    s.write_all(&proto::auth::auth_request(&body))?;
+    let mut s = blocking::open(
+        blocking::first_edge(&t)?,
+        &proto::auth::auth_request(&body),
+        Duration::from_millis(200),
+    )?;
     let mut packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
     let mut chunk = vec![0u8; 256 * 1024];
     let (mut high, mut low) = (Vec::new(), Vec::new());
@@ -112,31 +106,12 @@ fn viewer(args: &PriorityArgs, uid: u64, lat: &Latencies, stop: &AtomicBool) -> 
             s.write_all(&proto::auth::heartbeat_request())?;
             next_hb = Instant::now() + Duration::from_secs(20);
         }
-        match s.read(&mut chunk) {
-            Ok(0) => anyhow::bail!("edge closed the connection"),
-            Ok(n) => packets.feed(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e.into()),
+        if !blocking::fill(&mut s, &mut packets, &mut chunk)? {
+            anyhow::bail!("edge closed the connection");
         }
         while let Ok(Some(p)) = packets.next_packet() {
-            if p.op != op::NOTIFICATION {
-                continue;
-            }
-            let Ok(inner) = proto::container::unpack(
-                p.ver,
-                p.op,
-                p.seq,
-                &p.body,
-                proto::limits::DECOMPRESSED_BYTES_MAX,
-            ) else {
-                continue;
-            };
             let now = unix_us();
-            for i in inner {
+            for i in blocking::notifications(&p) {
                 #[derive(serde::Deserialize)]
                 struct Stamp {
                     p: String,

@@ -12,14 +12,14 @@
 //!
 //! Blocking threads, one per viewer: the point is the broker's resend logic, not edge load.
 
-use crate::client::{self, Ticket};
+use crate::client::{self, blocking, Ticket};
 use crate::corpus::SplitMix64;
 use crate::publisher::IngestConn;
 use proto::id::{Priority, Reach, Scope, UserId};
 use proto::ingest::Push;
-use proto::packet::{op, StreamDecoder};
+use proto::packet::StreamDecoder;
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -88,20 +88,13 @@ struct Tally {
 }
 
 fn connect(t: &Ticket, uid: u64, device: &str) -> anyhow::Result<TcpStream> {
-    let e = t
-        .edges
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no edge in the ticket"))?;
-    let addr = e
-        .addr(false)
-        .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", e.host))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut body = client::auth_body(uid, t.room, 0, &t.token, device);
     body.ack = true;
-    s.write_all(&proto::auth::auth_request(&body))?;
-    Ok(s)
+    blocking::open(
+        blocking::first_edge(t)?,
+        &proto::auth::auth_request(&body),
+        Duration::from_millis(200),
+    )
 }
 
 fn viewer(
@@ -141,30 +134,13 @@ fn viewer(
                 packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
             }
         }
-        match s.read(&mut chunk) {
-            Ok(0) => s = connect(&t, uid, &device)?,
-            Ok(n) => packets.feed(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => s = connect(&t, uid, &device)?,
+        if !blocking::fill(&mut s, &mut packets, &mut chunk).unwrap_or(false) {
+            // Closed or broken: the user comes back (the broker resends what was not ACKed).
+            s = connect(&t, uid, &device)?;
+            packets = StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX);
         }
         while let Ok(Some(p)) = packets.next_packet() {
-            if p.op != op::NOTIFICATION {
-                continue;
-            }
-            let Ok(inner) = proto::container::unpack(
-                p.ver,
-                p.op,
-                p.seq,
-                &p.body,
-                proto::limits::DECOMPRESSED_BYTES_MAX,
-            ) else {
-                continue;
-            };
-            for i in inner {
+            for i in blocking::notifications(&p) {
                 #[derive(serde::Deserialize)]
                 struct Id {
                     msg_id: Option<String>,

@@ -16,6 +16,7 @@
 //!
 //! Blocking threads, one per viewer: the point is resume correctness and its cost, not edge load.
 
+use crate::client::blocking::{self, fill};
 use crate::client::{self, Position, Seen, Ticket};
 use crate::corpus::SplitMix64;
 use crate::publisher::IngestConn;
@@ -23,7 +24,7 @@ use proto::id::{Priority, Reach, RoomId, Scope};
 use proto::ingest::Push;
 use proto::packet::{op, ver, OwnedPacket, StreamDecoder};
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -203,31 +204,11 @@ fn open(
     body: &proto::auth::AuthBody,
     resume: Option<&proto::sync::Resume>,
 ) -> anyhow::Result<TcpStream> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(SYNC_WAIT_MS_MAX))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_millis(100)))?;
-    s.write_all(&proto::auth::auth_request_ext(body, resume, true))?;
-    Ok(s)
-}
-
-/// Reads what is there (up to the socket's read timeout) into `packets`; false on EOF.
-fn fill(s: &mut TcpStream, packets: &mut StreamDecoder, chunk: &mut [u8]) -> anyhow::Result<bool> {
-    match s.read(chunk) {
-        Ok(0) => Ok(false),
-        Ok(n) => {
-            packets.feed(&chunk[..n]);
-            Ok(true)
-        }
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Ok(true)
-        }
-        Err(e) => Err(e.into()),
-    }
+    blocking::open(
+        addr,
+        &proto::auth::auth_request_ext(body, resume, true),
+        Duration::from_millis(100),
+    )
 }
 
 fn sync_of(p: &OwnedPacket) -> Option<proto::sync::Sync> {
