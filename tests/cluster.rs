@@ -995,8 +995,25 @@ fn a_high_reach_push_is_acked_in_jetstream_only_after_the_client_ack_and_survive
     body.ack = true;
     assert_eq!(v.auth(&body), 0);
 
-    // Accepted by either broker; consumed and tracked by the owner of the user's partition.
+    // A push high reach cannot take is refused before it is stored, not dropped by its owner.
     let auth = format!("Bearer {API_KEY}");
+    for (path, body) in [
+        ("/v1/push/room/1?reach=high", r#"{"cmd":"GIFT"}"#),
+        (
+            "/v1/push/user/4242?reach=high",
+            r#"{"cmd":"GIFT","msg_id":"1"}"#,
+        ),
+    ] {
+        let (status, r) = http_json(
+            b.http,
+            "POST",
+            path,
+            &[("Authorization", auth.as_str())],
+            body,
+        );
+        assert_eq!(status, 400, "{path} {body}: {r}");
+    }
+    // Accepted by either broker; consumed and tracked by the owner of the user's partition.
     let (status, r) = http_json(
         b.http,
         "POST",
