@@ -1073,3 +1073,81 @@ fn a_high_reach_push_is_acked_in_jetstream_only_after_the_client_ack_and_survive
     control.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A high-reach message tracked longer than `cluster.progress_ms_max` is redelivered by
+/// JetStream to its owner, which keeps the one it tracks (no second track, no second msg id)
+/// and acks the newest delivery when the client ACKs.
+#[test]
+fn a_high_reach_message_redelivered_to_its_owner_is_tracked_once() {
+    let dir = std::env::temp_dir().join(format!("barrage-cluster-reach1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let monitor = free_port();
+    let Some((_nats, nats_addr)) = nats_with(&dir, free_port(), &["-m", &monitor.to_string()])
+    else {
+        return;
+    };
+    let monitor = SocketAddr::from(([127, 0, 0, 1], monitor));
+    let b = broker_with(
+        "b-r1",
+        nats_addr,
+        &[
+            "reach_retry_ms=300",
+            "reach_retries=50",
+            "cluster.ack_wait_ms=300",
+            "cluster.progress_ms_max=300",
+        ],
+    );
+    let control = control::start(control_config(KEYS_V1)).expect("control starts");
+    let ec = edge_config("edge-r1", KEYS_V1, b.link, control.http_addr());
+    let _edge = edge::start(ec).expect("edge starts");
+    wait_until("the edge registered", || {
+        let v = http_json(control.http_addr(), "GET", "/v1/edges", &[], "").1;
+        v["edges"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["state"] == "up"))
+    });
+    let (room, uid) = (7301, 4343);
+    let t = connect_ticket(control.http_addr(), room, uid);
+    let e = &t.edges[0];
+    let addr: SocketAddr = format!(
+        "{}:{}",
+        e["host"].as_str().unwrap(),
+        e["tcp_port"].as_u64().unwrap()
+    )
+    .parse()
+    .unwrap();
+    let mut v = Viewer::tcp(addr);
+    let mut body = auth_body(uid, room, &t.token);
+    body.ack = true;
+    assert_eq!(v.auth(&body), 0);
+    let auth = format!("Bearer {API_KEY}");
+    let (status, r) = http_json(
+        b.http,
+        "POST",
+        &format!("/v1/push/user/{uid}?reach=high"),
+        &[("Authorization", auth.as_str())],
+        r#"{"cmd":"GIFT","n":2}"#,
+    );
+    assert_eq!(status, 202, "{r}");
+    let msg: u64 = r["msg_id"].as_str().expect("msg_id").parse().unwrap();
+    assert_eq!(next_reach_id(&mut v), msg);
+    wait_until("JetStream redelivered it to its owner", || {
+        let page = get_text(b.http, "/metrics");
+        metric(&page, "barrage_broker_backbone_redelivered_total") >= 1.0
+    });
+    let page = get_text(b.http, "/metrics");
+    assert_eq!(
+        metric(&page, "barrage_broker_reach_accepted_total"),
+        1.0,
+        "tracked once"
+    );
+    assert_eq!(reach_state(b.http, msg)["state"], "pending");
+    v.send_packet(&proto::auth::ack_request(msg));
+    wait_until("ended on the ACK", || {
+        reach_state(b.http, msg)["state"] == "acked"
+    });
+    wait_until("acked in JetStream", || ack_pending(monitor) == 0);
+    drop(b);
+    control.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
