@@ -236,18 +236,25 @@ fn presence_api_refuses_bad_keys_and_bad_ids_with_clear_errors() {
 
 #[test]
 fn a_flapping_viewer_makes_no_events() {
-    let b = broker(LEASE_MS);
+    // A grace long enough that a loaded machine both sees the held exit and reconnects inside it.
+    const FLAP_GRACE_MS: u64 = 3_000;
+    let b = broker_with(LEASE_MS, FLAP_GRACE_MS, "");
     let (links, http) = (b.addrs[1], b.addrs[2]);
     let e1 = edge("p-flap", links, "");
     let v = viewer(e1.addrs[0], 9, "dev-9", 200);
     wait_room(http, 200, 1, 1);
     let seq = last_seq(http);
-    // Reconnect from the same device well within the grace.
+    // Reconnect from the same device well within the grace. Wait until the broker holds the
+    // exit (the viewer still counted, no connection) so the reconnect is a flap, not an overlap
+    // of two connections (the edge may seat the new one before it reads the old one's close).
     drop(v);
+    wait_room(http, 200, 1, 0);
+    let held_at = Instant::now();
     let v = viewer(e1.addrs[0], 9, "dev-9", 200);
     wait_room(http, 200, 1, 1);
     // Past the grace: still nothing for the business.
-    std::thread::sleep(Duration::from_millis(GRACE_MS + 400));
+    let past_grace = held_at + Duration::from_millis(FLAP_GRACE_MS + 400);
+    std::thread::sleep(past_grace.saturating_duration_since(Instant::now()));
     assert_eq!(events(http, seq, 200), vec![]);
     let m = procs::metrics(http);
     assert!(

@@ -498,6 +498,16 @@ impl Presence {
         }
     }
 
+    /// Moves every lease's end `by` later: the broker itself did not run for that long (a
+    /// stopped or starved process), so the edges' renewals sat unread in its sockets and the
+    /// silence is not theirs. Without this a broker paused longer than the lease ends every
+    /// edge's records and cuts healthy links when it resumes.
+    pub fn defer_leases(&mut self, by: Duration) {
+        for e in self.edges.values_mut() {
+            e.expires += by;
+        }
+    }
+
     /// When [`Presence::poll`] has work next.
     pub fn next_deadline(&self) -> Option<Instant> {
         let lease = self.edges.values().map(|e| e.expires).min();

@@ -279,6 +279,11 @@ impl Roster {
         (page, inner.presence.first_seq())
     }
 
+    /// See [`crate::presence::Presence::defer_leases`].
+    pub fn defer_leases(&self, by: std::time::Duration) {
+        self.lock().presence.defer_leases(by);
+    }
+
     /// When [`Roster::poll`] has work next.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.lock().presence.next_deadline()

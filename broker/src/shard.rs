@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 const DRAIN_MESSAGES_MAX: usize = 4096;
 /// Driver parks at shutdown so queued socket closes reach the kernel (see `run`).
 const SHUTDOWN_PARKS: usize = 4;
+/// How late past its planned wake shard 0 may run before the delay is taken for a stall of the
+/// broker itself (see [`crate::presence::Presence::defer_leases`]).
+const LATE_SLACK: Duration = Duration::from_millis(50);
 const SHUTDOWN_PARK_MS: u64 = 5;
 /// Read buffer step for link readers.
 const LINK_READ_BYTES: usize = 8 * 1024;
@@ -641,6 +644,12 @@ pub(crate) async fn run(
         monoio::select! {
             _ = inbox.notify.notified() => {},
             _ = monoio::time::sleep(wait) => {},
+        }
+        // Woken well past the planned wake: the process was stopped or starved, and the
+        // links' renewals have not been read yet; the stall does not count against leases.
+        let late = Instant::now().saturating_duration_since(wake);
+        if index == 0 && late > LATE_SLACK {
+            shared.roster.defer_leases(late);
         }
     }
     {

@@ -326,15 +326,26 @@ fn slow_reader_body(driver: Driver) {
     let batches: Vec<_> = (1..=BATCHES)
         .map(|s| big_plain_batch(ROOM, s, BYTES))
         .collect();
+    // The sender keeps at most WINDOW batches ahead of what the reading viewer has taken, so
+    // that viewer's queue never nears `send_queue_bytes_max` however slowly a loaded machine
+    // runs this thread; the stalled viewer, reading nothing, still overflows its queue.
+    const WINDOW: u64 = 4;
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sender = {
         let batches = batches.clone();
         let b = std::sync::Arc::new(broker);
         let b2 = b.clone();
+        let taken = taken.clone();
         (
             std::thread::spawn(move || {
                 for x in &batches {
+                    let deadline = std::time::Instant::now() + WAIT;
+                    while x.seq > taken.load(std::sync::atomic::Ordering::Acquire) + WINDOW
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                     b2.send(x);
-                    std::thread::sleep(Duration::from_millis(1));
                 }
             }),
             b,
@@ -343,7 +354,10 @@ fn slow_reader_body(driver: Driver) {
     // The reading viewer gets every batch, in order, while the other one is stuck.
     for b in &batches {
         match good.recv(WAIT) {
-            Got::Bytes(x) => assert_eq!(x.len(), b.packet.len()),
+            Got::Bytes(x) => {
+                assert_eq!(x.len(), b.packet.len());
+                taken.store(b.seq, std::sync::atomic::Ordering::Release);
+            }
             other => panic!(
                 "good viewer lost batch {}: {other:?}\n{}",
                 b.seq,

@@ -69,8 +69,12 @@ fn edge_kill9_moves_its_viewers_to_another_edge() {
 /// SIGSTOP of `role` for `pause`, then SIGCONT, with links declared dead after `dead`; the
 /// model judges the whole run.
 fn stop_and_continue(role: &str, pause: Duration, dead: Duration) -> Verdict {
+    // The presence lease is the broker's other timeout on a silent edge (default three pings,
+    // 600 ms here): when it ends the broker cuts the link to re-report. It is set to the link
+    // timeout so "within the link timeout" means within every timeout on the edge.
     let c = Cluster::start(Opts {
         link_dead_ms: dead.as_millis() as u64,
+        broker_extra: format!("presence_lease_ms = {}", dead.as_millis()),
         ..Opts::default()
     });
     let (vs, p, from) = viewers_and_load(&c, 4, 200);

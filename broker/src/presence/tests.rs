@@ -274,6 +274,19 @@ fn renewing_keeps_the_lease() {
 }
 
 #[test]
+fn a_stall_of_the_broker_does_not_count_against_leases() {
+    let mut t = T::new();
+    t.batch("e1", 1, &[enter(1, 7, "a", 100)]);
+    // The broker did not run for 500 ms: the lease ends that much later, and no sooner.
+    t.p.defer_leases(ms(500));
+    t.at(LEASE_MS + 499);
+    assert_eq!(t.counts(100), (1, 1));
+    t.at(LEASE_MS + 500);
+    assert_eq!(t.counts(100), (0, 0));
+    assert_eq!(t.p.stats().leases_expired, 1);
+}
+
+#[test]
 fn a_restarted_edge_reports_again_and_nothing_counts_twice() {
     let mut t = T::new();
     t.batch("e1", 1, &[enter(1, 7, "a", 100), enter(2, 0, "g", 100)]);
