@@ -42,6 +42,11 @@ fn nats(dir: &std::path::Path) -> Option<(Proc, SocketAddr)> {
 }
 
 fn nats_at(dir: &std::path::Path, port: u16) -> Option<(Proc, SocketAddr)> {
+    nats_with(dir, port, &[])
+}
+
+/// `nats-server -js` on `port` with `extra` arguments.
+fn nats_with(dir: &std::path::Path, port: u16, extra: &[&str]) -> Option<(Proc, SocketAddr)> {
     let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
         "/usr/sbin/nats-server"
     } else {
@@ -50,6 +55,7 @@ fn nats_at(dir: &std::path::Path, port: u16) -> Option<(Proc, SocketAddr)> {
     let child = Command::new(bin)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
@@ -868,4 +874,280 @@ fn failover_run() {
     );
     assert_eq!(missing, 0, "accepted pushes lost");
     drop(cluster);
+}
+
+/// Sum of every `key` number anywhere in a JSON document.
+fn sum_of(v: &serde_json::Value, key: &str) -> u64 {
+    match v {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .map(|(k, x)| match (k == key, x.as_u64()) {
+                (true, Some(n)) => n,
+                _ => sum_of(x, key),
+            })
+            .sum(),
+        serde_json::Value::Array(a) => a.iter().map(|x| sum_of(x, key)).sum(),
+        _ => 0,
+    }
+}
+
+/// Messages JetStream delivered to the brokers' consumers and has not had acked.
+fn ack_pending(monitor: SocketAddr) -> u64 {
+    let (status, v) = http_json(
+        monitor,
+        "GET",
+        "/jsz?accounts=true&streams=true&consumers=true",
+        &[],
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+    sum_of(&v, "num_ack_pending")
+}
+
+/// The next high-reach message (an op 5 body with a `msg_id`): its msg id.
+fn next_reach_id(v: &mut Viewer) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = v.next_message(deadline).expect("a high-reach message");
+        let body: serde_json::Value = serde_json::from_str(&m).expect("JSON body");
+        if let Some(id) = body["msg_id"].as_str() {
+            assert_eq!(
+                body["cmd"], "GIFT",
+                "the rest of the body is verbatim: {body}"
+            );
+            return id.parse().expect("decimal msg_id");
+        }
+    }
+}
+
+fn reach_state(http: SocketAddr, msg: u64) -> serde_json::Value {
+    let auth = format!("Bearer {API_KEY}");
+    let (status, v) = http_json(
+        http,
+        "GET",
+        &format!("/v1/reach/{msg}"),
+        &[("Authorization", auth.as_str())],
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// High reach in cluster mode: the partition's owner tracks a `reach=high` push through the
+/// courier (resent to the connected user until an ACK) and keeps its JetStream message unacked
+/// meanwhile; killed with SIGKILL before the ACK, the survivor takes the partition, tracks and
+/// sends the message again under the same msg id, and the client's ACK ends it there and acks
+/// it in JetStream (nothing left pending, so nobody sends it again).
+#[test]
+fn a_high_reach_push_is_acked_in_jetstream_only_after_the_client_ack_and_survives_its_owner() {
+    let dir = std::env::temp_dir().join(format!("barrage-cluster-reach-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let monitor = free_port();
+    let Some((_nats, nats_addr)) = nats_with(&dir, free_port(), &["-m", &monitor.to_string()])
+    else {
+        return;
+    };
+    let monitor = SocketAddr::from(([127, 0, 0, 1], monitor));
+    let reach = ["reach_retry_ms=300", "reach_retries=50"];
+    let a = broker_with("b-ra", nats_addr, &reach);
+    let b = broker_with("b-rb", nats_addr, &reach);
+    let held = |http| {
+        metric(
+            &get_text(http, "/metrics"),
+            "barrage_broker_backbone_partitions_held",
+        )
+    };
+    wait_until("the two brokers share the partitions", || {
+        let (x, y) = (held(a.http), held(b.http));
+        x > 0.0 && y > 0.0 && x + y == 8.0
+    });
+
+    let control = control::start(control_config(KEYS_V1)).expect("control starts");
+    let mut ec = edge_config("edge-r", KEYS_V1, a.link, control.http_addr());
+    ec.broker_addrs = vec![a.link.to_string(), b.link.to_string()];
+    let _edge = edge::start(ec).expect("edge starts");
+    wait_until("the edge registered", || {
+        let v = http_json(control.http_addr(), "GET", "/v1/edges", &[], "").1;
+        v["edges"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["state"] == "up"))
+    });
+    let (room, uid) = (7300, 4242);
+    let t = connect_ticket(control.http_addr(), room, uid);
+    let e = &t.edges[0];
+    let addr: SocketAddr = format!(
+        "{}:{}",
+        e["host"].as_str().unwrap(),
+        e["tcp_port"].as_u64().unwrap()
+    )
+    .parse()
+    .unwrap();
+    let mut v = Viewer::tcp(addr);
+    let mut body = auth_body(uid, room, &t.token);
+    body.ack = true;
+    assert_eq!(v.auth(&body), 0);
+
+    // A push high reach cannot take is refused before it is stored, not dropped by its owner.
+    let auth = format!("Bearer {API_KEY}");
+    for (path, body) in [
+        ("/v1/push/room/1?reach=high", r#"{"cmd":"GIFT"}"#),
+        (
+            "/v1/push/user/4242?reach=high",
+            r#"{"cmd":"GIFT","msg_id":"1"}"#,
+        ),
+    ] {
+        let (status, r) = http_json(
+            b.http,
+            "POST",
+            path,
+            &[("Authorization", auth.as_str())],
+            body,
+        );
+        assert_eq!(status, 400, "{path} {body}: {r}");
+    }
+    // Accepted by either broker; consumed and tracked by the owner of the user's partition.
+    let (status, r) = http_json(
+        b.http,
+        "POST",
+        &format!("/v1/push/user/{uid}?reach=high"),
+        &[("Authorization", auth.as_str())],
+        r#"{"cmd":"GIFT","n":1}"#,
+    );
+    assert_eq!(status, 202, "{r}");
+    let msg: u64 = r["msg_id"].as_str().expect("msg_id").parse().unwrap();
+    assert_eq!(
+        next_reach_id(&mut v),
+        msg,
+        "the delivered msg id is the answered one"
+    );
+    assert_eq!(next_reach_id(&mut v), msg, "resent while not ACKed");
+    let (mut owner, survivor) = if reach_state(a.http, msg)["state"] == "pending" {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(reach_state(owner.http, msg)["state"], "pending");
+    assert_eq!(reach_state(survivor.http, msg)["state"], "unknown");
+    assert_eq!(
+        ack_pending(monitor),
+        1,
+        "unacked in JetStream until the client ACKs"
+    );
+
+    // The owner dies before the ACK: the survivor takes its partitions and sends it again.
+    let _ = owner.proc.0.kill(); // SIGKILL
+    let _ = owner.proc.0.wait();
+    wait_until("the survivor tracks the message", || {
+        let s = reach_state(survivor.http, msg);
+        s["state"] == "pending" && s["attempts"].as_u64().unwrap_or(0) >= 1
+    });
+    // Whatever the dead owner sent is read before the reply to a heartbeat sent now; what
+    // comes after it is the survivor's.
+    v.send_packet(&proto::auth::heartbeat_request());
+    let deadline = Instant::now() + WAIT;
+    while !matches!(v.next_event(deadline), Some(Event::Online(_))) {
+        assert!(Instant::now() < deadline, "no heartbeat reply");
+    }
+    assert_eq!(
+        next_reach_id(&mut v),
+        msg,
+        "delivered again by the survivor"
+    );
+    v.send_packet(&proto::auth::ack_request(msg));
+    wait_until("the survivor ends it on the ACK", || {
+        reach_state(survivor.http, msg)["state"] == "acked"
+    });
+    wait_until("acked in JetStream", || ack_pending(monitor) == 0);
+    let page = get_text(survivor.http, "/metrics");
+    assert!(metric(&page, "barrage_broker_backbone_redelivered_total") >= 1.0);
+    assert_eq!(metric(&page, "barrage_broker_reach_accepted_total"), 1.0);
+    drop(survivor);
+    control.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A high-reach message tracked longer than `cluster.progress_ms_max` is redelivered by
+/// JetStream to its owner, which keeps the one it tracks (no second track, no second msg id)
+/// and acks the newest delivery when the client ACKs.
+#[test]
+fn a_high_reach_message_redelivered_to_its_owner_is_tracked_once() {
+    let dir = std::env::temp_dir().join(format!("barrage-cluster-reach1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let monitor = free_port();
+    let Some((_nats, nats_addr)) = nats_with(&dir, free_port(), &["-m", &monitor.to_string()])
+    else {
+        return;
+    };
+    let monitor = SocketAddr::from(([127, 0, 0, 1], monitor));
+    let b = broker_with(
+        "b-r1",
+        nats_addr,
+        &[
+            "reach_retry_ms=300",
+            "reach_retries=50",
+            "cluster.ack_wait_ms=300",
+            "cluster.progress_ms_max=300",
+        ],
+    );
+    let control = control::start(control_config(KEYS_V1)).expect("control starts");
+    let ec = edge_config("edge-r1", KEYS_V1, b.link, control.http_addr());
+    let _edge = edge::start(ec).expect("edge starts");
+    wait_until("the edge registered", || {
+        let v = http_json(control.http_addr(), "GET", "/v1/edges", &[], "").1;
+        v["edges"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["state"] == "up"))
+    });
+    let (room, uid) = (7301, 4343);
+    let t = connect_ticket(control.http_addr(), room, uid);
+    let e = &t.edges[0];
+    let addr: SocketAddr = format!(
+        "{}:{}",
+        e["host"].as_str().unwrap(),
+        e["tcp_port"].as_u64().unwrap()
+    )
+    .parse()
+    .unwrap();
+    let mut v = Viewer::tcp(addr);
+    let mut body = auth_body(uid, room, &t.token);
+    body.ack = true;
+    assert_eq!(v.auth(&body), 0);
+    let auth = format!("Bearer {API_KEY}");
+    let (status, r) = http_json(
+        b.http,
+        "POST",
+        &format!("/v1/push/user/{uid}?reach=high"),
+        &[("Authorization", auth.as_str())],
+        r#"{"cmd":"GIFT","n":2}"#,
+    );
+    assert_eq!(status, 202, "{r}");
+    let msg: u64 = r["msg_id"].as_str().expect("msg_id").parse().unwrap();
+    assert_eq!(next_reach_id(&mut v), msg);
+    wait_until("JetStream redelivered it to its owner", || {
+        let page = get_text(b.http, "/metrics");
+        metric(&page, "barrage_broker_backbone_redelivered_total") >= 1.0
+    });
+    let page = get_text(b.http, "/metrics");
+    assert_eq!(
+        metric(&page, "barrage_broker_reach_accepted_total"),
+        1.0,
+        "tracked once"
+    );
+    assert_eq!(reach_state(b.http, msg)["state"], "pending");
+    v.send_packet(&proto::auth::ack_request(msg));
+    wait_until("ended on the ACK", || {
+        reach_state(b.http, msg)["state"] == "acked"
+    });
+    wait_until("acked in JetStream", || ack_pending(monitor) == 0);
+    drop(b);
+    control.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,17 +19,28 @@
 //! - The payload is the push re-encoded as a `proto::ingest` Push frame (req id 0), so scope,
 //!   priority, reach and ttl travel with the body in a format that is already specified.
 //!
-//! # Acks (the hook for high reach)
+//! # Acks
 //! Every delivery's [`AckToken`] travels to the shard that owns the scope before the message
 //! itself (its own channel, drained first), and waits in that shard's [`Acks`] until the
 //! message's batch was handed to the links (or found nobody watching): then the shard calls
-//! [`Acks::handed`], which acks it. That is the low-priority rule. High reach (issue 9) needs a
-//! message acked only when a client ACKs it or it expires: the reach wiring should take the
-//! token out with [`Acks::take`] instead and send [`AckKind::Ack`] when done. Until
-//! that lands, high-reach messages are acked like the others, on hand-off.
+//! [`Acks::handed`], which acks it. That is the low-priority rule.
 //!
-//! While a message waits (backbone sink, feeder, shard queue, aggregation window, or a taken
-//! token awaiting a client ACK), the backbone thread sends JetStream in-progress acks for it
+//! # High reach
+//! A consumed `reach=high` message (issue 9) does not go to a shard queue: the feeder hands it
+//! to the [`crate::courier`] ([`Cluster::track_high`]), which tracks it exactly as an embedded
+//! push (first send and resends every `reach_retry_ms` to every edge holding the user or
+//! device, until an ACK, the ttl or the last try), and its token waits in [`Cluster`]'s reach
+//! table. When the courier ends the message, shard 0 calls [`Cluster::reach_ended`], which
+//! acks it to JetStream. So a broker killed before the client's ACK leaves it unacked and the
+//! partition's next owner tracks and sends it again (the client may see it twice: same msg id,
+//! dropped by msg id). The msg id is `id_base + stream sequence`, the same on every broker, so
+//! the ACK of either copy ends it. The ttl counts from this owner's consumption (the publish
+//! time is not carried), so a takeover gives the message a fresh ttl. A redelivery of a
+//! message this broker still tracks (its in-progress acks stopped at `progress_ms_max`) only
+//! replaces its token; one it already ended is acked at once.
+//!
+//! While a message waits (backbone sink, feeder, shard queue, aggregation window, or a
+//! high-reach message awaiting a client ACK), the backbone thread sends JetStream in-progress acks for it
 //! every `cluster.ack_wait_ms / 4` (see `backbone::thread`), so a backlog longer than
 //! `ack_wait_ms` does not make JetStream redeliver it; after `cluster.progress_ms_max` it is
 //! let go and counted (`barrage_broker_backbone_progress_expired_total`). That is the choice
@@ -62,11 +73,14 @@ use proto::id::{MsgId, Priority};
 use proto::ingest::{IngestFrame, Push, PushError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How often the feeder looks at the stop flag while it waits.
 const FEEDER_POLL_MS: u64 = 100;
+/// A high-reach message the courier refused (its bounds are full) goes back to JetStream for
+/// this long before it is redelivered.
+const REACH_NAK_MS: u64 = 1_000;
 
 /// A consumed message's ack token on its way to the shard that owns its scope.
 type Token = (MsgId, AckToken);
@@ -110,6 +124,8 @@ pub(crate) struct Cluster {
     tokens: Vec<(Sender<Token>, Receiver<Token>)>,
     /// Per shard: partitions this broker just took (their rooms start a new epoch).
     taken: Vec<(Sender<backbone::Partition>, Receiver<backbone::Partition>)>,
+    /// Tokens of consumed high-reach messages the courier tracks (see the module doc).
+    reach: Mutex<HashMap<MsgId, AckToken>>,
     pub metrics: ClusterMetrics,
 }
 
@@ -151,6 +167,7 @@ impl Cluster {
                 taken: (0..shards)
                     .map(|_| crossbeam_channel::unbounded())
                     .collect(),
+                reach: Mutex::new(HashMap::new()),
                 metrics: ClusterMetrics::default(),
             },
             rx,
@@ -194,6 +211,71 @@ impl Cluster {
                 Err(PushError::Overloaded)
             }
         }
+    }
+
+    /// A consumed high-reach message: tracked by the courier (which shard 0 drives), its token
+    /// kept until the courier ends it ([`Cluster::reach_ended`]). See the module doc.
+    fn track_high(&self, shared: &Shared, msg_id: MsgId, push: Push, token: AckToken) {
+        use crate::courier::Status;
+        match shared.courier.status(msg_id) {
+            Status::Pending { .. } => {
+                // Redelivered while still tracked here: ack the newest delivery when it ends.
+                self.reach_tokens().insert(msg_id, token);
+                return;
+            }
+            Status::Unknown => {}
+            Status::Acked | Status::Expired | Status::Exhausted => {
+                self.ack(token, AckKind::Ack);
+                return;
+            }
+        }
+        let target = crate::courier::target_of(&push.scope);
+        let body = crate::courier::with_msg_id(&push.body, msg_id);
+        let (Some(target), Ok(body)) = (target, body) else {
+            // Checked before publishing ([`check_high`]): only a foreign publisher gets here.
+            self.metrics.bad_payload.fetch_add(1, Relaxed);
+            self.ack(token, AckKind::Ack);
+            return;
+        };
+        let ttl_ms = shared.courier.ttl_ms(push.ttl_ms);
+        self.reach_tokens().insert(msg_id, token);
+        match shared.courier.accept(msg_id, target, body.into(), ttl_ms) {
+            Ok(_) => {
+                if let Some(inbox) = shared.inboxes.first() {
+                    inbox.notify.notify();
+                }
+            }
+            Err(_) => {
+                // The courier's bounds are full (counted there): JetStream keeps it for later.
+                if let Some(token) = self.reach_tokens().remove(&msg_id) {
+                    self.ack(
+                        token,
+                        AckKind::Nak {
+                            delay_ms: REACH_NAK_MS,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// High-reach messages the courier ended (ACK, expiry, exhaustion): acked to JetStream,
+    /// so no later owner sends them again. Ids this broker did not consume are skipped.
+    pub fn reach_ended(&self, ids: &[MsgId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let tokens: Vec<AckToken> = {
+            let mut table = self.reach_tokens();
+            ids.iter().filter_map(|id| table.remove(id)).collect()
+        };
+        for token in tokens {
+            self.ack(token, AckKind::Ack);
+        }
+    }
+
+    fn reach_tokens(&self) -> std::sync::MutexGuard<'_, HashMap<MsgId, AckToken>> {
+        self.reach.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Acknowledges a delivery (any thread).
@@ -362,12 +444,17 @@ impl Acks {
             }
         }
     }
+}
 
-    /// Takes a message's token out, for a caller that acks it later itself (high reach).
-    #[allow(dead_code)]
-    pub fn take(&mut self, id: MsgId) -> Option<AckToken> {
-        self.pending.remove(&id)
+/// What a `reach=high` push must be before it is published (the owner adds the `msg_id` field
+/// when it consumes it, so a push it would refuse is refused here, before it is stored).
+pub(crate) fn check_high(push: &Push) -> Result<(), PushError> {
+    if crate::courier::target_of(&push.scope).is_none() {
+        return Err(PushError::Invalid(
+            "reach=high applies to user (uid != 0) and device scopes".into(),
+        ));
     }
+    crate::courier::with_msg_id(&push.body, MsgId(0)).map(|_| ())
 }
 
 /// The feeder thread: takes the backbone's deliveries and queues each on the shard that owns
@@ -422,6 +509,10 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
             }
         };
         let msg_id = MsgId(cluster.backbone.id_base().wrapping_add(d.sequence));
+        if push.reach == proto::id::Reach::High {
+            cluster.track_high(&shared, msg_id, push, d.ack);
+            continue;
+        }
         let shard = usize::from(owner(&push.scope, shared.shards));
         let (Some(inbox), Some((tokens, _))) =
             (shared.inboxes.get(shard), cluster.tokens.get(shard))

@@ -19,7 +19,9 @@
 //!   The batch's link `seq` carries the try number (1 first, 2.. resends) so an edge can give
 //!   resends only to connections that opted in with `"ack": true`.
 //! - **End**: an ACK from the edge ([`Courier::ack`]) or the tracker's expiry/exhaustion ends a
-//!   message; the end is logged (synced with the next commit) so a restart does not resend it.
+//!   message; the end is logged (synced with the next commit) so a restart does not resend it,
+//!   and its id waits for shard 0 ([`Courier::take_ended`]): in cluster mode that is when the
+//!   message is acked to JetStream ([`crate::cluster::Cluster::reach_ended`]).
 //!
 //! Invariants: the tracker and the log hold the same live set (a message is tracked iff its
 //! Accept is logged and no end is); presence records are keyed by (edge, conn) so repeated
@@ -134,6 +136,8 @@ struct Inner {
     conns: HashMap<(EdgeId, u64), Vec<Target>>,
     outcomes: HashMap<MsgId, Status>,
     outcome_order: VecDeque<MsgId>,
+    /// Messages ended (ACK, expiry, exhaustion) not yet taken by shard 0.
+    ended: Vec<MsgId>,
 }
 
 /// One broker's high-reach state. See the module docs.
@@ -212,6 +216,7 @@ impl Courier {
                     conns: HashMap::new(),
                     outcomes: HashMap::new(),
                     outcome_order: VecDeque::new(),
+                    ended: Vec::new(),
                 }),
                 metrics,
                 log_cv: Condvar::new(),
@@ -454,6 +459,7 @@ impl Courier {
                     self.log_cv.notify_one();
                 }
                 inner.remember(msg, Status::Acked);
+                inner.ended.push(msg);
             }
             AckOutcome::Unknown => {
                 self.metrics.ack_unknown.fetch_add(1, Relaxed);
@@ -518,9 +524,16 @@ impl Courier {
                         self.log_cv.notify_one();
                     }
                     inner.remember(msg, status);
+                    inner.ended.push(msg);
                 }
             }
         }
+    }
+
+    /// Moves the ids of the messages ended since the last call (ACK, expiry, exhaustion) to
+    /// `out`. Shard 0 calls it with [`Courier::poll`]; cluster mode acks them to JetStream.
+    pub fn take_ended(&self, out: &mut Vec<MsgId>) {
+        out.append(&mut self.lock().ended);
     }
 
     /// True when sends are waiting for shard 0.

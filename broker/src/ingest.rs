@@ -140,7 +140,11 @@ pub(crate) fn accept(
     via: Via,
 ) -> Accepting {
     if let Some(c) = &shared.cluster {
-        if let Err(e) = admit(shared, key, &push.scope, &push.body) {
+        let high = match push.reach {
+            proto::id::Reach::High => crate::cluster::check_high(&push),
+            _ => Ok(()),
+        };
+        if let Err(e) = high.and_then(|()| admit(shared, key, &push.scope, &push.body).map(drop)) {
             shared.ingest_metrics.reject(&e);
             return Accepting::Now(Err(e));
         }

@@ -387,6 +387,7 @@ impl State {
             } => {
                 if self.index == 0 {
                     self.shared.courier.ack(msg_id, uid, &device);
+                    self.reach_ended();
                 } else {
                     self.shared
                         .courier
@@ -411,6 +412,7 @@ impl State {
     fn reach(&mut self, now: Instant) {
         let mut sends = Vec::new();
         self.shared.courier.poll(now, &mut sends);
+        self.reach_ended();
         let all = Encoding::Plain.bit() | Encoding::Zlib.bit() | Encoding::Brotli.bit();
         for s in sends {
             let flush = crate::batcher::Flush {
@@ -455,6 +457,16 @@ impl State {
                     );
                 }
             }
+        }
+    }
+
+    /// High reach (shard 0): the messages the courier ended (ACK, expiry, exhaustion); in
+    /// cluster mode this is where they are acked to JetStream (crate::cluster::Cluster::reach_ended).
+    fn reach_ended(&self) {
+        let mut ended = Vec::new();
+        self.shared.courier.take_ended(&mut ended);
+        if let Some(c) = &self.shared.cluster {
+            c.reach_ended(&ended);
         }
     }
 
