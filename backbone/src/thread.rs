@@ -459,8 +459,9 @@ impl Shell {
             .map_err(|e| BackboneError::Connect(e.to_string()))?;
         let js = jetstream::new(client.clone());
         let setup = |e: &dyn std::fmt::Display| BackboneError::Setup(e.to_string());
-        let stream = js
-            .get_or_create_stream(stream::Config {
+        let stream = stream_made(
+            &js,
+            stream::Config {
                 name: config.stream.clone(),
                 subjects: vec![format!("{}.*", config.subject_prefix)],
                 retention: stream::RetentionPolicy::WorkQueue,
@@ -470,27 +471,31 @@ impl Shell {
                 max_bytes: config.stream_bytes_max,
                 discard: stream::DiscardPolicy::New,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup(&e))?;
+            },
+        )
+        .await
+        .map_err(|e| setup(&e))?;
         // The bucket's stream is made here with the KV conventions (what `create_key_value`
         // would send): async-nats 0.51's `create_key_value` first reads the account info in a
         // shape nats-server 2.9 does not answer, so it fails there.
         let lease = config.lease();
-        js.get_or_create_stream(stream::Config {
-            name: format!("KV_{}", config.lease_bucket),
-            subjects: vec![format!("$KV.{}.>", config.lease_bucket)],
-            max_messages_per_subject: 1,
-            max_age: lease,
-            duplicate_window: lease,
-            storage: stream::StorageType::File,
-            num_replicas: config.replicas,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            ..Default::default()
-        })
+        stream_made(
+            &js,
+            stream::Config {
+                name: format!("KV_{}", config.lease_bucket),
+                subjects: vec![format!("$KV.{}.>", config.lease_bucket)],
+                max_messages_per_subject: 1,
+                max_age: lease,
+                duplicate_window: lease,
+                storage: stream::StorageType::File,
+                num_replicas: config.replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
+                ..Default::default()
+            },
+        )
         .await
         .map_err(|e| setup(&e))?;
         let kv = js
@@ -901,4 +906,25 @@ async fn consume_once(
         send(sink, Event::Message(delivery)).await;
     }
     Ok(())
+}
+
+/// `get_or_create_stream`, again after a short pause when it fails: brokers starting together
+/// race to create the stream, and the loser's create is refused ("subjects overlap with an
+/// existing stream") although the stream it wants now exists, which the next `get` finds.
+async fn stream_made(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<jetstream::stream::Stream, impl std::fmt::Display> {
+    let mut tries = 0;
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if tries < 4 => {
+                tries += 1;
+                tracing::debug!(stream = %config.name, error = %e, "stream setup raced; trying again");
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
