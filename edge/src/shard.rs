@@ -585,15 +585,29 @@ async fn refuse(shard: Rc<Shard>, mut stream: TcpStream, hint: Vec<u8>) {
     shard.refusing.set(shard.refusing.get().saturating_sub(1));
 }
 
-/// Writes a TLS alert on a failed connection's write half (bounded in time), then drops it.
-async fn write_alert(shard: Rc<Shard>, mut half: WriteHalf, alert: Vec<u8>) {
-    let _ = monoio::time::timeout(
-        Duration::from_millis(REFUSE_WRITE_MS_MAX),
-        half.write_all(alert),
-    )
+/// Writes a TLS alert on a failed connection's write half (bounded in time), then closes the
+/// lingering way, as [`refuse`] does: FIN, then what the peer still sends is read and dropped
+/// (bounded), so the close is not an RST that could take the alert with it.
+async fn write_alert(shard: Rc<Shard>, mut rd: ReadHalf, mut half: WriteHalf, alert: Vec<u8>) {
+    let written = monoio::time::timeout(Duration::from_millis(REFUSE_WRITE_MS_MAX), async {
+        half.write_all(alert).await.0?;
+        half.shutdown().await
+    })
     .await;
-    let _ = half.shutdown().await;
-    drop(half);
+    if matches!(written, Ok(Ok(()))) {
+        let _ = monoio::time::timeout(Duration::from_millis(REFUSE_LINGER_MS_MAX), async {
+            let mut buf = vec![0u8; 512];
+            loop {
+                let (res, b) = rd.read(buf).await;
+                buf = b;
+                if !matches!(res, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+    drop((rd, half));
     shard.refusing.set(shard.refusing.get().saturating_sub(1));
 }
 
@@ -673,7 +687,7 @@ impl ConnTask {
 
     /// TLS failed: writes the alert rustls queued (if any) from a task of its own, bounded in
     /// time like a refusal hint, so the peer learns why before the close.
-    fn send_alert(&mut self) {
+    fn send_alert(&mut self, rd: ReadHalf) {
         let Some(alert) = self.tls.as_mut().and_then(|t| t.take_wire()) else {
             return;
         };
@@ -682,7 +696,7 @@ impl ConnTask {
         }
         if let Writer::Idle(half) = std::mem::replace(&mut self.writer, Writer::Gone) {
             self.shard.refusing.set(self.shard.refusing.get() + 1);
-            monoio::spawn(write_alert(self.shard.clone(), half, alert));
+            monoio::spawn(write_alert(self.shard.clone(), rd, half, alert));
         }
     }
 
@@ -801,7 +815,7 @@ impl Future for ConnTask {
                         TlsFail::PeerClosed => CloseReason::PeerClosed,
                         _ => CloseReason::Tls,
                     };
-                    this.send_alert();
+                    this.send_alert(rd);
                     return this.finish(reason);
                 }
             } else {
