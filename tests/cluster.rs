@@ -933,6 +933,31 @@ fn reach_state(http: SocketAddr, msg: u64) -> serde_json::Value {
     v
 }
 
+/// Once control lists an edge as up: a viewer logged in as `uid` in `room` on the edge control
+/// hands out, opted in to high reach (`"ack": true`).
+fn ack_viewer(control: &control::Handle, room: u64, uid: u64) -> Viewer {
+    wait_until("the edge registered", || {
+        let v = http_json(control.http_addr(), "GET", "/v1/edges", &[], "").1;
+        v["edges"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["state"] == "up"))
+    });
+    let t = connect_ticket(control.http_addr(), room, uid);
+    let e = &t.edges[0];
+    let addr: SocketAddr = format!(
+        "{}:{}",
+        e["host"].as_str().unwrap(),
+        e["tcp_port"].as_u64().unwrap()
+    )
+    .parse()
+    .unwrap();
+    let mut v = Viewer::tcp(addr);
+    let mut body = auth_body(uid, room, &t.token);
+    body.ack = true;
+    assert_eq!(v.auth(&body), 0);
+    v
+}
+
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !f() {
@@ -974,26 +999,8 @@ fn a_high_reach_push_is_acked_in_jetstream_only_after_the_client_ack_and_survive
     let mut ec = edge_config("edge-r", KEYS_V1, a.link, control.http_addr());
     ec.broker_addrs = vec![a.link.to_string(), b.link.to_string()];
     let _edge = edge::start(ec).expect("edge starts");
-    wait_until("the edge registered", || {
-        let v = http_json(control.http_addr(), "GET", "/v1/edges", &[], "").1;
-        v["edges"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["state"] == "up"))
-    });
     let (room, uid) = (7300, 4242);
-    let t = connect_ticket(control.http_addr(), room, uid);
-    let e = &t.edges[0];
-    let addr: SocketAddr = format!(
-        "{}:{}",
-        e["host"].as_str().unwrap(),
-        e["tcp_port"].as_u64().unwrap()
-    )
-    .parse()
-    .unwrap();
-    let mut v = Viewer::tcp(addr);
-    let mut body = auth_body(uid, room, &t.token);
-    body.ack = true;
-    assert_eq!(v.auth(&body), 0);
+    let mut v = ack_viewer(&control, room, uid);
 
     // A push high reach cannot take is refused before it is stored, not dropped by its owner.
     let auth = format!("Bearer {API_KEY}");
@@ -1100,26 +1107,8 @@ fn a_high_reach_message_redelivered_to_its_owner_is_tracked_once() {
     let control = control::start(control_config(KEYS_V1)).expect("control starts");
     let ec = edge_config("edge-r1", KEYS_V1, b.link, control.http_addr());
     let _edge = edge::start(ec).expect("edge starts");
-    wait_until("the edge registered", || {
-        let v = http_json(control.http_addr(), "GET", "/v1/edges", &[], "").1;
-        v["edges"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["state"] == "up"))
-    });
     let (room, uid) = (7301, 4343);
-    let t = connect_ticket(control.http_addr(), room, uid);
-    let e = &t.edges[0];
-    let addr: SocketAddr = format!(
-        "{}:{}",
-        e["host"].as_str().unwrap(),
-        e["tcp_port"].as_u64().unwrap()
-    )
-    .parse()
-    .unwrap();
-    let mut v = Viewer::tcp(addr);
-    let mut body = auth_body(uid, room, &t.token);
-    body.ack = true;
-    assert_eq!(v.auth(&body), 0);
+    let mut v = ack_viewer(&control, room, uid);
     let auth = format!("Bearer {API_KEY}");
     let (status, r) = http_json(
         b.http,
