@@ -482,43 +482,18 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
     if nats(&std::env::temp_dir()).is_none() {
         return;
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
-        .args([
-            "cluster",
-            "--brokers",
-            "2",
-            "--edges",
-            "1",
-            "--controls",
-            "2",
-            "--partitions",
-            "8",
-            "--lease-ms",
-            "1500",
-            "--json",
-            "--api-key",
-            API_KEY,
-            "--token-secret",
-            KEYS_V1,
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("barrage cluster starts");
-    let stdout = child.stdout.take().unwrap();
-    let cluster = ClusterProc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("barrage cluster printed its endpoints");
-    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
+    let (cluster, v) = start_cluster(&[
+        "--brokers",
+        "2",
+        "--edges",
+        "1",
+        "--controls",
+        "2",
+        "--partitions",
+        "8",
+        "--lease-ms",
+        "1500",
+    ]);
     let region = &v["regions"][0];
     let control = addr_of(&region["control"]);
     let brokers = region["brokers"].as_array().unwrap().clone();
