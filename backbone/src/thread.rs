@@ -34,7 +34,8 @@
 
 use crate::config::Config;
 use crate::lease::{Action, Leases};
-use crate::partition::{subject, BrokerId, Partition};
+use crate::partition::{BrokerId, Partition};
+use crate::region;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -119,6 +120,8 @@ pub struct Accepted {
     pub sequence: u64,
     /// The dedup key was seen within the dedup window: this publish was not stored again.
     pub duplicate: bool,
+    /// The push's msg id, the same on every broker of every region ([`crate::region`]).
+    pub msg_id: u64,
 }
 
 /// The idempotency key of a publish, sent as `Nats-Msg-Id`.
@@ -170,6 +173,11 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The publish's dedup key, when it had one.
     pub key: Option<String>,
+    /// The push's msg id, the same on every broker of every region ([`crate::region`]).
+    pub msg_id: u64,
+    /// Where and when it was accepted (with regions; `None` without, or from a foreign
+    /// publisher).
+    pub origin: Option<crate::region::Origin>,
     pub payload: Bytes,
     pub ack: AckToken,
 }
@@ -426,6 +434,8 @@ struct Shell {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: stream::Stream,
+    /// Msg id base: the creation time (µs) of the stream pushes are published to.
+    id_base: u64,
     kv: kv::Store,
     leases: Leases,
     consumers: HashMap<Partition, tokio::task::JoinHandle<()>>,
@@ -459,31 +469,64 @@ impl Shell {
             .map_err(|e| BackboneError::Connect(e.to_string()))?;
         let js = jetstream::new(client.clone());
         let setup = |e: &dyn std::fmt::Display| BackboneError::Setup(e.to_string());
-        let stream = stream_made(
-            &js,
-            stream::Config {
-                name: config.stream.clone(),
-                subjects: vec![format!("{}.*", config.subject_prefix)],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                num_replicas: config.replicas,
-                duplicate_window: Duration::from_millis(config.dedup_window_ms),
-                max_bytes: config.stream_bytes_max,
-                discard: stream::DiscardPolicy::New,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| setup(&e))?;
+        let work = stream::Config {
+            name: config.stream.clone(),
+            subjects: vec![format!("{}.*", config.subject_prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            duplicate_window: Duration::from_millis(config.dedup_window_ms),
+            max_bytes: config.stream_bytes_max,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        let (stream, id_base) = if config.federated() {
+            // See crate::region: the origin stream takes this region's publishes, the work
+            // stream sources every region's origin stream.
+            let origin = stream::Config {
+                name: origin_stream(&config, &config.region),
+                subjects: vec![format!("{}.{}.*", config.subject_prefix, config.region)],
+                retention: stream::RetentionPolicy::Limits,
+                max_age: Duration::from_millis(config.origin_age_ms),
+                discard: stream::DiscardPolicy::Old,
+                ..work.clone()
+            };
+            let origin = stream_made(&js, origin).await.map_err(|e| setup(&e))?;
+            let sources = config
+                .regions
+                .iter()
+                .map(|r| stream::Source {
+                    name: origin_stream(&config, r),
+                    external: (*r != config.region).then(|| stream::External {
+                        api_prefix: format!("$JS.{r}.API"),
+                        delivery_prefix: None,
+                    }),
+                    ..Default::default()
+                })
+                .collect();
+            let work = stream::Config {
+                name: format!("{}_{}", config.stream, config.region),
+                subjects: Vec::new(),
+                sources: Some(sources),
+                ..work
+            };
+            let stream = stream_made(&js, work).await.map_err(|e| setup(&e))?;
+            (stream, created_us(&origin))
+        } else {
+            let stream = stream_made(&js, work).await.map_err(|e| setup(&e))?;
+            let base = created_us(&stream);
+            (stream, base)
+        };
         // The bucket's stream is made here with the KV conventions (what `create_key_value`
         // would send): async-nats 0.51's `create_key_value` first reads the account info in a
         // shape nats-server 2.9 does not answer, so it fails there.
         let lease = config.lease();
+        let bucket = config.lease_bucket_name();
         stream_made(
             &js,
             stream::Config {
-                name: format!("KV_{}", config.lease_bucket),
-                subjects: vec![format!("$KV.{}.>", config.lease_bucket)],
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
                 max_messages_per_subject: 1,
                 max_age: lease,
                 duplicate_window: lease,
@@ -499,7 +542,7 @@ impl Shell {
         .await
         .map_err(|e| setup(&e))?;
         let kv = js
-            .get_key_value(config.lease_bucket.clone())
+            .get_key_value(bucket)
             .await
             .map_err(|e| setup(&e))?;
         let leases = Leases::new(
@@ -515,6 +558,7 @@ impl Shell {
             client,
             js,
             stream,
+            id_base,
             kv,
             leases,
             consumers: HashMap::new(),
@@ -524,8 +568,7 @@ impl Shell {
     }
 
     fn id_base(&self) -> u64 {
-        let created = self.stream.cached_info().created.unix_timestamp_nanos() / 1_000;
-        u64::try_from(created).unwrap_or(0)
+        self.id_base
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
@@ -588,11 +631,19 @@ impl Shell {
                     return;
                 }
                 let js = self.js.clone();
-                let subject = subject(&self.config.subject_prefix, partition);
+                let subject = self.config.publish_subject(partition);
                 let wait = Duration::from_millis(self.config.publish_ms_max);
+                let (id_base, region) = (self.id_base, self.config.region.clone());
+                let federated = self.config.federated();
                 tokio::spawn(async move {
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
+                    if federated {
+                        headers.insert(region::HEADER_REGION, region.as_str());
+                        let now = region::now_ms().to_string();
+                        headers.insert(region::HEADER_ORIGIN_MS, now.as_str());
+                        headers.insert(region::HEADER_ID_BASE, id_base.to_string().as_str());
+                    }
                     let publish = async {
                         js.publish_with_headers(subject, headers, payload)
                             .await
@@ -604,6 +655,11 @@ impl Shell {
                         Ok(Ok(ack)) => Ok(Accepted {
                             sequence: ack.sequence,
                             duplicate: ack.duplicate,
+                            msg_id: if federated {
+                                region::msg_id(&region, id_base, ack.sequence)
+                            } else {
+                                id_base.wrapping_add(ack.sequence)
+                            },
                         }),
                         Ok(Err(e)) => Err(PublishError::Refused(e)),
                         Err(_) => Err(PublishError::Timeout),
@@ -733,7 +789,14 @@ impl Shell {
                     let sink = self.sink(p);
                     send(&sink, Event::Owned(p)).await;
                     let working = self.working.clone();
-                    let task = consume(self.stream.clone(), self.config.clone(), p, sink, working);
+                    let task = consume(
+                        self.stream.clone(),
+                        self.config.clone(),
+                        self.id_base,
+                        p,
+                        sink,
+                        working,
+                    );
                     self.consumers.insert(p, tokio::spawn(task));
                 }
                 Action::Stop(p) => {
@@ -757,6 +820,17 @@ impl Shell {
 /// The working table, even if a thread panicked holding it (its entries stay valid).
 fn lock(w: &Working) -> std::sync::MutexGuard<'_, HashMap<String, (Partition, Instant)>> {
     w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The origin stream of `region` (see [`crate::region`]).
+fn origin_stream(config: &Config, region: &str) -> String {
+    format!("{}_ORIGIN_{region}", config.stream)
+}
+
+/// A stream's creation time, µs since the epoch (the msg id base).
+fn created_us(stream: &stream::Stream) -> u64 {
+    let created = stream.cached_info().created.unix_timestamp_nanos() / 1_000;
+    u64::try_from(created).unwrap_or(0)
 }
 
 fn lease_key(p: Partition) -> String {
@@ -807,6 +881,7 @@ async fn send(sink: &Sink, mut event: Event) {
 async fn consume(
     stream: stream::Stream,
     config: Config,
+    id_base: u64,
     p: Partition,
     sink: Sink,
     working: Working,
@@ -814,7 +889,8 @@ async fn consume(
     // Messages up to this sequence may have reached a previous owner.
     let mut seen_before = None;
     loop {
-        let r = consume_once(&stream, &config, p, &sink, &working, &mut seen_before).await;
+        let r = consume_once(&stream, &config, id_base, p, &sink, &working, &mut seen_before);
+        let r = r.await;
         if let Err(e) = r {
             tracing::warn!(partition = p.0, error = %e, "backbone consumer failed; retrying");
         }
@@ -825,6 +901,7 @@ async fn consume(
 async fn consume_once(
     stream: &stream::Stream,
     config: &Config,
+    id_base: u64,
     p: Partition,
     sink: &Sink,
     working: &Working,
@@ -866,7 +943,7 @@ async fn consume_once(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: subject(&config.subject_prefix, p),
+                filter_subject: config.filter_subject(p),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_millis(config.ack_wait_ms),
                 max_ack_pending: config.ack_pending_max,
@@ -886,11 +963,22 @@ async fn consume_once(
         let Some(reply) = m.reply.clone() else {
             continue;
         };
-        let key = m
-            .headers
+        let header = |name: &str| m.headers.as_ref()?.get(name).map(|v| v.as_str());
+        let key = header(async_nats::header::NATS_MESSAGE_ID.as_ref()).map(str::to_owned);
+        let origin = if config.federated() {
+            region::Origin::parse(
+                &config.region,
+                header(region::HEADER_REGION),
+                header(region::HEADER_ORIGIN_MS),
+                header(region::HEADER_ID_BASE),
+                header(region::HEADER_SOURCE),
+            )
+        } else {
+            None
+        };
+        let msg_id = origin
             .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .map(|v| v.as_str().to_owned());
+            .map_or(id_base.wrapping_add(sequence), |o| o.msg_id);
         if config.progress_ms_max > 0 {
             lock(working).insert(reply.as_str().to_owned(), (p, Instant::now()));
         }
@@ -900,6 +988,8 @@ async fn consume_once(
             delivered,
             redelivered: delivered > 1 || sequence <= seen_before,
             key,
+            msg_id,
+            origin,
             payload: m.payload.clone(),
             ack: AckToken(reply),
         };

@@ -47,6 +47,19 @@
 //! the issue asks for (in-progress acks rather than a per-partition checkpoint): JetStream keeps
 //! exact per-message ack state, so a takeover redelivers only what was not finished.
 //!
+//! # Regions
+//! With `cluster.regions` set (issue 13, [`backbone::region`]), this region's pushes go to its
+//! origin stream and the partitions are read from a work stream that sources every region's
+//! origin stream, so a push accepted in any region is consumed by one broker in each region
+//! and delivered to that region's viewers. The msg id is the origin's (the same in every
+//! region). A message another region accepted is dropped (acked, counted in
+//! `barrage_broker_backbone_stale_dropped_total`) when it is low priority and older than
+//! `cluster.cross_region_max_lag_ms` (a backlog after a partition); a high-reach one is tracked
+//! with what is left of its ttl counted from the origin's publish time. Order: one partition's
+//! messages from one origin keep their origin order; two origins interleave as the sources
+//! copy them (a room sees region A's pushes in A's order and B's in B's order, not one total
+//! order).
+//!
 //! # Epochs on owner change
 //! When this broker takes a partition's lease, every room of it that this broker had seen
 //! (it owned the room before) starts a new epoch in its history ([`crate::history::History::new_owner`]);
@@ -109,6 +122,11 @@ pub struct ClusterMetrics {
     pub partitions_taken: AtomicU64,
     /// Rooms that started a new epoch because this broker took them over.
     pub epochs_started: AtomicU64,
+    /// Messages consumed that another region accepted (federation, issue 13).
+    pub cross_region: AtomicU64,
+    /// Messages from another region dropped as stale: `[low priority older than
+    /// cluster.cross_region_max_lag_ms, high reach whose ttl ran out on the way]`.
+    pub stale_dropped: [AtomicU64; 2],
 }
 
 /// Reasons of `publish_failed`, in index order.
@@ -126,6 +144,8 @@ pub(crate) struct Cluster {
     taken: Vec<(Sender<backbone::Partition>, Receiver<backbone::Partition>)>,
     /// Tokens of consumed high-reach messages the courier tracks (see the module doc).
     reach: Mutex<HashMap<MsgId, AckToken>>,
+    /// `cluster.cross_region_max_lag_ms`.
+    max_lag_ms: u64,
     pub metrics: ClusterMetrics,
 }
 
@@ -149,6 +169,7 @@ impl Cluster {
         })?;
         let mut c = config.cluster.clone();
         c.servers = config.backbone.clone();
+        c.region = config.region.clone();
         let (sink, rx, _notify) = backbone::Sink::new(c.delivery_queue_max);
         let backbone = Backbone::start(c, me, vec![sink])
             .map_err(|e| bad(format!("{e} (backbone = {:?})", config.backbone)))?;
@@ -168,6 +189,7 @@ impl Cluster {
                     .map(|_| crossbeam_channel::unbounded())
                     .collect(),
                 reach: Mutex::new(HashMap::new()),
+                max_lag_ms: config.cluster.cross_region_max_lag_ms,
                 metrics: ClusterMetrics::default(),
             },
             rx,
@@ -196,7 +218,7 @@ impl Cluster {
                 if a.duplicate {
                     m.duplicates.fetch_add(1, Relaxed);
                 }
-                Ok(MsgId(self.backbone.id_base().wrapping_add(a.sequence)))
+                Ok(MsgId(a.msg_id))
             }
             Err(e) => {
                 let i = match e {
@@ -215,7 +237,16 @@ impl Cluster {
 
     /// A consumed high-reach message: tracked by the courier (which shard 0 drives), its token
     /// kept until the courier ends it ([`Cluster::reach_ended`]). See the module doc.
-    fn track_high(&self, shared: &Shared, msg_id: MsgId, push: Push, token: AckToken) {
+    /// `age_ms`: how long ago another region accepted it (0 for this region's own pushes): its
+    /// ttl counts from then, so a backlog after a partition is sent only while the ttl lasts.
+    fn track_high(
+        &self,
+        shared: &Shared,
+        msg_id: MsgId,
+        push: Push,
+        token: AckToken,
+        age_ms: u64,
+    ) {
         use crate::courier::Status;
         match shared.courier.status(msg_id) {
             Status::Pending { .. } => {
@@ -238,6 +269,11 @@ impl Cluster {
             return;
         };
         let ttl_ms = shared.courier.ttl_ms(push.ttl_ms);
+        let Some(ttl_ms) = ttl_ms.checked_sub(age_ms).filter(|&t| t > 0) else {
+            self.metrics.stale_dropped[1].fetch_add(1, Relaxed);
+            self.ack(token, AckKind::Ack);
+            return;
+        };
         self.reach_tokens().insert(msg_id, token);
         match shared.courier.accept(msg_id, target, body.into(), ttl_ms) {
             Ok(_) => {
@@ -382,6 +418,29 @@ impl Cluster {
             w.sample(name, &[], v.load(Relaxed) as f64);
         }
         w.family(
+            "barrage_broker_backbone_cross_region_total",
+            "counter",
+            "Messages consumed that another region accepted (regions federation).",
+        );
+        w.sample(
+            "barrage_broker_backbone_cross_region_total",
+            &[],
+            m.cross_region.load(Relaxed) as f64,
+        );
+        w.family(
+            "barrage_broker_backbone_stale_dropped_total",
+            "counter",
+            "Messages from another region dropped as stale, by kind: low (low priority older \
+             than cluster.cross_region_max_lag_ms), reach (high reach whose ttl ran out).",
+        );
+        for (i, kind) in ["low", "reach"].iter().enumerate() {
+            w.sample(
+                "barrage_broker_backbone_stale_dropped_total",
+                &[("kind", kind)],
+                m.stale_dropped[i].load(Relaxed) as f64,
+            );
+        }
+        w.family(
             "barrage_broker_backbone_publish_failed_total",
             "counter",
             "Publishes answered overloaded, by reason (down, busy, timeout, refused, closed).",
@@ -413,6 +472,18 @@ impl Cluster {
             &[],
             m.partitions_taken.load(Relaxed) as f64,
         );
+    }
+}
+
+/// How long ago another region accepted `d` (0 for this region's own and without regions),
+/// counting it as cross-region.
+fn cross_region_age(cluster: &Cluster, d: &backbone::Delivery) -> u64 {
+    match &d.origin {
+        Some(o) if o.foreign => {
+            cluster.metrics.cross_region.fetch_add(1, Relaxed);
+            o.age_ms(backbone::region::now_ms())
+        }
+        _ => 0,
     }
 }
 
@@ -508,9 +579,16 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
                 continue;
             }
         };
-        let msg_id = MsgId(cluster.backbone.id_base().wrapping_add(d.sequence));
+        let msg_id = MsgId(d.msg_id);
+        let age_ms = cross_region_age(cluster, &d);
         if push.reach == proto::id::Reach::High {
-            cluster.track_high(&shared, msg_id, push, d.ack);
+            cluster.track_high(&shared, msg_id, push, d.ack, age_ms);
+            continue;
+        }
+        if push.priority == Priority::Low && age_ms > cluster.max_lag_ms {
+            // A backlog from another region after a partition: too old to matter live.
+            m.stale_dropped[0].fetch_add(1, Relaxed);
+            cluster.ack(d.ack, AckKind::Ack);
             continue;
         }
         let shard = usize::from(owner(&push.scope, shared.shards));

@@ -1,0 +1,173 @@
+//! Two regions' backbones against two real nats-servers, each with its own JetStream domain,
+//! joined by a leafnode (region r2's server connects to r1's leafnode port): a push accepted
+//! in one region reaches the other's partition owner with the same msg id, and a push sent to
+//! both regions with one dedup key exists once in each region's work stream.
+//!
+//! Skips when nats-server is not installed, unless `BARRAGE_REQUIRE_NATS` is set.
+
+use backbone::{Backbone, BrokerId, Config, Delivery, Event, Partition, Sink};
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PARTITIONS: u16 = 4;
+
+struct Nats {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A nats-server for `domain`; `leaf` is `Listen(port)` for the hub, `Connect(port)` for a
+/// region that joins it.
+fn nats(domain: &str, leaf: Result<u16, u16>) -> Option<Nats> {
+    let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    };
+    let p = port();
+    let dir = std::env::temp_dir().join(format!("barrage-regions-{}-{p}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let leafnodes = match leaf {
+        Ok(l) => format!("leafnodes {{ listen: \"127.0.0.1:{l}\" }}"),
+        Err(l) => format!("leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{l}\" }} ] }}"),
+    };
+    let conf = format!(
+        "listen: \"127.0.0.1:{p}\"\njetstream {{ store_dir: {:?}, domain: {domain} }}\n{leafnodes}\n",
+        dir.display().to_string()
+    );
+    let file = dir.join("nats.conf");
+    std::fs::write(&file, conf).expect("conf");
+    let child = match Command::new(bin)
+        .arg("-c")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("BARRAGE_REQUIRE_NATS").is_none(),
+                "nats-server required: {e}"
+            );
+            return None;
+        }
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], p));
+    let until = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < until, "nats-server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Nats {
+        child,
+        dir,
+        url: format!("nats://{addr}"),
+    })
+}
+
+fn config(n: &Nats, region: &str) -> Config {
+    Config {
+        servers: n.url.clone(),
+        partitions: PARTITIONS,
+        lease_ms: 1_000,
+        ack_wait_ms: 1_000,
+        region: region.into(),
+        regions: vec!["r1".into(), "r2".into()],
+        ..Config::default()
+    }
+}
+
+struct Region {
+    bb: Backbone,
+    rx: Receiver<Event>,
+    got: Vec<Delivery>,
+}
+
+impl Region {
+    fn start(n: &Nats, region: &str) -> Region {
+        let (sink, rx, _notify) = Sink::new(1024);
+        let me = BrokerId::new(&format!("{region}-b1")).unwrap();
+        let bb = Backbone::start(config(n, region), me, vec![sink]).expect("backbone starts");
+        Region {
+            bb,
+            rx,
+            got: Vec::new(),
+        }
+    }
+
+    /// Collects deliveries (acking each) until `n` arrived or `within` passed.
+    fn collect(&mut self, n: usize, within: Duration) {
+        let until = Instant::now() + within;
+        while self.got.len() < n && Instant::now() < until {
+            if let Ok(Event::Message(d)) = self.rx.recv_timeout(Duration::from_millis(50)) {
+                self.bb.ack(d.ack.clone(), backbone::AckKind::Ack);
+                self.got.push(d);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_push_reaches_the_other_region_once_with_its_origin_and_msg_id() {
+    let leaf = port();
+    let Some(n1) = nats("r1", Ok(leaf)) else { return };
+    let Some(n2) = nats("r2", Err(leaf)) else { return };
+    let mut r1 = Region::start(&n1, "r1");
+    let mut r2 = Region::start(&n2, "r2");
+    let a = r1
+        .bb
+        .publish(Partition(1), "from-r1", Bytes::from_static(b"one"))
+        .wait()
+        .expect("accepted in r1");
+    let b = r2
+        .bb
+        .publish(Partition(2), "from-r2", Bytes::from_static(b"two"))
+        .wait()
+        .expect("accepted in r2");
+    assert_ne!(a.msg_id, b.msg_id);
+    // Sent to both regions with one key (an ingest client that failed over): stored in each
+    // origin, but each work stream keeps one copy.
+    for r in [&r1, &r2] {
+        r.bb.publish(Partition(3), "both", Bytes::from_static(b"3"))
+            .wait()
+            .expect("accepted");
+    }
+    for r in [&mut r1, &mut r2] {
+        r.collect(3, Duration::from_secs(10));
+        // A moment for a duplicate to show up if dedup failed.
+        r.collect(4, Duration::from_millis(500));
+        let mut keys: Vec<_> = r.got.iter().filter_map(|d| d.key.clone()).collect();
+        keys.sort();
+        assert_eq!(keys, ["both", "from-r1", "from-r2"], "{:?}", r.got);
+        let one = r.got.iter().find(|d| d.key.as_deref() == Some("from-r1")).unwrap();
+        assert_eq!(one.msg_id, a.msg_id);
+        assert_eq!(one.payload, Bytes::from_static(b"one"));
+        let origin = one.origin.as_ref().expect("origin headers");
+        assert_eq!(origin.region, "r1");
+        let two = r.got.iter().find(|d| d.key.as_deref() == Some("from-r2")).unwrap();
+        assert_eq!(two.msg_id, b.msg_id);
+    }
+    assert!(!r1.got.iter().find(|d| d.key.as_deref() == Some("from-r1")).unwrap().origin.as_ref().unwrap().foreign);
+    assert!(r2.got.iter().find(|d| d.key.as_deref() == Some("from-r1")).unwrap().origin.as_ref().unwrap().foreign);
+}
