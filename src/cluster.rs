@@ -35,6 +35,14 @@ pub struct ClusterArgs {
     /// Control replicas (soft state: every edge and broker heartbeats each of them).
     #[arg(long, default_value_t = 1)]
     pub controls: usize,
+    /// NATS servers: 1 is a single JetStream server; more form one NATS cluster with routes
+    /// (3 is the production shape: the stream survives losing one node).
+    #[arg(long, default_value_t = 1)]
+    pub nats: usize,
+    /// Stream and lease bucket replicas (`cluster.replicas`); default 3 with 3 or more NATS
+    /// servers, else 1. At most `--nats`.
+    #[arg(long)]
+    pub replicas: Option<usize>,
     /// Backbone partitions (`cluster.partitions`).
     #[arg(long, default_value_t = 64)]
     pub partitions: u16,
@@ -56,7 +64,7 @@ pub struct ClusterArgs {
 }
 
 /// A child process, SIGKILLed on drop if still running.
-struct Proc {
+pub struct Proc {
     name: String,
     child: Child,
 }
@@ -190,6 +198,154 @@ fn linked_to_all(admin: SocketAddr, links: &[String]) -> bool {
     })
 }
 
+/// One NATS cluster to start (a region's, for `--regions`): `nodes` servers named
+/// `<name>-<i>`, joined by routes when there is more than one, each with JetStream in a
+/// directory of its own.
+pub struct NatsPlan<'a> {
+    /// Cluster name, and the prefix of each server's name.
+    pub name: &'a str,
+    pub nodes: usize,
+    /// Node `i` (from 0) listens for clients on `port_base + 3i`, routes on `port_base + 3i + 1`
+    /// and monitoring on `port_base + 3i + 2`; `None` picks free ports.
+    pub port_base: Option<u16>,
+    /// JetStream domain of these servers (regions), if any.
+    pub domain: Option<&'a str>,
+    /// Config text appended to every node's file, e.g. a `gateway {}` or `leafnodes {}` block.
+    pub extra_conf: &'a str,
+}
+
+/// A NATS server [`start_nats`] started; its process is in the caller's list.
+#[derive(Clone, Debug)]
+pub struct NatsNode {
+    pub name: String,
+    pub client: SocketAddr,
+    /// The route listener; `None` for a single server (no cluster block).
+    pub route: Option<SocketAddr>,
+    pub monitor: SocketAddr,
+    pub pid: u32,
+}
+
+impl NatsNode {
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.client)
+    }
+}
+
+/// Every node's client URL, comma-separated: the brokers' `--backbone`.
+pub fn nats_urls(nodes: &[NatsNode]) -> String {
+    nodes
+        .iter()
+        .map(NatsNode::url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One server's config file: JetStream in `store`, and with `routes` a cluster block listing
+/// every node's route (its own included; NATS ignores a route to itself).
+fn nats_conf(
+    plan: &NatsPlan,
+    node: &str,
+    client: SocketAddr,
+    monitor: SocketAddr,
+    store: &Path,
+    route: Option<(SocketAddr, &[SocketAddr])>,
+) -> String {
+    let mut c = format!(
+        "server_name: {}\nlisten: {}\nhttp: {}\njetstream {{\n  store_dir: {}\n",
+        q(node),
+        q(&client.to_string()),
+        q(&monitor.to_string()),
+        q(&store.display().to_string()),
+    );
+    if let Some(domain) = plan.domain {
+        c += &format!("  domain: {}\n", q(domain));
+    }
+    c += "}\n";
+    if let Some((listen, routes)) = route {
+        let routes = routes
+            .iter()
+            .map(|r| q(&format!("nats://{r}")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        c += &format!(
+            "cluster {{\n  name: {}\n  listen: {}\n  routes: [{routes}]\n}}\n",
+            q(plan.name),
+            q(&listen.to_string()),
+        );
+    }
+    c + plan.extra_conf
+}
+
+/// Starts the servers of `plan` (each a child in `procs`, with its files under `dir`) and waits
+/// until every one is healthy: its monitoring `/healthz` answers 200, which for a cluster means
+/// JetStream has a meta leader, so a stream at R3 can be created right away.
+pub fn start_nats(
+    nats: &Path,
+    dir: &Path,
+    plan: &NatsPlan,
+    deadline: Instant,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<Vec<NatsNode>> {
+    if plan.nodes == 0 {
+        bail!("a NATS cluster needs at least one node");
+    }
+    let port = |i: usize, k: usize| -> anyhow::Result<u16> {
+        match plan.port_base {
+            Some(base) => u16::try_from(usize::from(base) + 3 * i + k)
+                .context("NATS port base too high for the node count"),
+            None => free_port(),
+        }
+    };
+    let mut ports = Vec::new();
+    for i in 0..plan.nodes {
+        ports.push((
+            loopback(port(i, 0)?),
+            loopback(port(i, 1)?),
+            loopback(port(i, 2)?),
+        ));
+    }
+    let routes: Vec<SocketAddr> = ports.iter().map(|p| p.1).collect();
+    let mut nodes = Vec::new();
+    for (i, &(client, route, monitor)) in ports.iter().enumerate() {
+        let name = format!("{}-nats-{}", plan.name, i + 1);
+        let store = dir.join(&name);
+        std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
+        let route = (plan.nodes > 1).then_some((route, routes.as_slice()));
+        let conf = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &conf,
+            nats_conf(plan, &name, client, monitor, &store, route),
+        )
+        .with_context(|| format!("writing {}", conf.display()))?;
+        let child = Command::new(nats)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", nats.display()))?;
+        let pid = child.id();
+        procs.push(Proc {
+            name: name.clone(),
+            child,
+        });
+        nodes.push(NatsNode {
+            name,
+            client,
+            route: route.map(|r| r.0),
+            monitor,
+            pid,
+        });
+    }
+    for n in &nodes {
+        wait_for(deadline, &n.name, procs, || {
+            http_status(n.monitor, "/healthz") == Some(200)
+        })?;
+    }
+    Ok(nodes)
+}
+
 struct Role {
     args: Vec<String>,
     name: String,
@@ -225,8 +381,11 @@ fn sets(pairs: &[(&str, String)]) -> Vec<String> {
 }
 
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    if args.brokers == 0 || args.edges == 0 || args.controls == 0 {
-        bail!("--brokers, --edges and --controls must be at least 1");
+    if args.brokers == 0 || args.edges == 0 || args.controls == 0 || args.nats == 0 {
+        bail!("--brokers, --edges, --controls and --nats must be at least 1");
+    }
+    if args.replicas.unwrap_or(1) == 0 || args.replicas.unwrap_or(0) > args.nats.min(5) {
+        bail!("--replicas must be between 1 and --nats (JetStream allows at most 5)");
     }
     let nats = nats_bin()?;
     let exe = std::env::current_exe().context("finding this binary")?;
@@ -252,35 +411,25 @@ fn run_in(
         .map(|s| if s.contains(':') { s } else { format!("1:{s}") })
         .unwrap_or_else(|| format!("1:{}", secret()));
     let edge_key = secret();
+    let replicas = args.replicas.unwrap_or(if args.nats >= 3 { 3 } else { 1 });
     let deadline = Instant::now() + Duration::from_millis(READY_MS_MAX);
     // Started in this order, stopped in the reverse one.
     let mut procs: Vec<Proc> = Vec::new();
 
-    let nats_port = free_port()?;
-    let nats_addr = loopback(nats_port);
-    let nats_dir = dir.join("nats");
-    let child = Command::new(nats)
-        .args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &nats_port.to_string(),
-            "-sd",
-        ])
-        .arg(&nats_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", nats.display()))?;
-    procs.push(Proc {
-        name: "nats-server".into(),
-        child,
-    });
-    wait_for(deadline, "nats-server", &mut procs, || {
-        TcpStream::connect_timeout(&nats_addr, Duration::from_millis(100)).is_ok()
-    })?;
+    let nats_nodes = start_nats(
+        nats,
+        dir,
+        &NatsPlan {
+            name: "local",
+            nodes: args.nats,
+            port_base: None,
+            domain: None,
+            extra_conf: "",
+        },
+        deadline,
+        &mut procs,
+    )?;
+    let backbone = nats_urls(&nats_nodes);
 
     let mut controls = Vec::new();
     for i in 1..=args.controls {
@@ -337,11 +486,7 @@ fn run_in(
             loopback(free_port()?),
             loopback(free_port()?),
         );
-        let mut a = vec![
-            "broker".to_string(),
-            "--backbone".into(),
-            format!("nats://{nats_addr}"),
-        ];
+        let mut a = vec!["broker".to_string(), "--backbone".into(), backbone.clone()];
         a.extend(sets(&[
             ("node_id", q(&format!("broker-{i}"))),
             ("shards", args.shards.to_string()),
@@ -358,6 +503,7 @@ fn run_in(
             ("link_dead_ms", "2000".into()),
             ("cluster.partitions", args.partitions.to_string()),
             ("cluster.lease_ms", args.lease_ms.to_string()),
+            ("cluster.replicas", replicas.to_string()),
         ]));
         procs.push(spawn(
             exe,
@@ -465,16 +611,32 @@ fn run_in(
                 "admin": format!("http://{admin}"),
                 "pid": pid,
             })).collect::<Vec<_>>(),
-            "nats": [{"url": format!("nats://{nats_addr}"), "pid": procs[0].pid()}],
+            "nats": nats_nodes.iter().map(|n| serde_json::json!({
+                "name": n.name,
+                "url": n.url(),
+                "route": n.route.map(|r| format!("nats://{r}")),
+                "monitor": format!("http://{}", n.monitor),
+                "pid": n.pid,
+            })).collect::<Vec<_>>(),
+            "replicas": replicas,
         }]
     });
     if args.json {
         println!("{out}");
     } else {
         println!(
-            "barrage cluster: {} brokers, {} edges on NATS JetStream (nats://{nats_addr})",
+            "barrage cluster: {} brokers, {} edges on NATS JetStream ({backbone}, stream R{replicas})",
             args.brokers, args.edges
         );
+        for n in &nats_nodes {
+            println!(
+                "  {}  {}  monitor http://{}  pid {}",
+                n.name,
+                n.url(),
+                n.monitor,
+                n.pid
+            );
+        }
         for (i, (a, pid)) in controls.iter().enumerate() {
             println!("  control-{}  http://{a}  pid {pid}  (POST /v1/connect, GET /v1/brokers, GET /v1/edges)", i + 1);
         }

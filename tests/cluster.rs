@@ -1130,3 +1130,269 @@ fn a_high_reach_message_redelivered_to_its_owner_is_tracked_once() {
     control.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Per room: every message a viewer received, `(n, when)`, duplicates included.
+type Deliveries = Vec<Vec<(u64, Instant)>>;
+
+/// One reader thread per viewer, recording each numbered message (`"n"`) it receives.
+struct Readers {
+    got: std::sync::Arc<std::sync::Mutex<Deliveries>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Readers {
+    fn start(viewers: Vec<Viewer>) -> Readers {
+        use std::sync::atomic::Ordering::Relaxed;
+        let got = std::sync::Arc::new(std::sync::Mutex::new(vec![Vec::new(); viewers.len()]));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = viewers
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut viewer)| {
+                let (got, stop) = (got.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Relaxed) {
+                        let until = Instant::now() + Duration::from_millis(200);
+                        if let Some(n) = viewer.next_message(until).and_then(|m| {
+                            serde_json::from_str::<serde_json::Value>(&m).ok()?["n"].as_u64()
+                        }) {
+                            got.lock().unwrap()[i].push((n, Instant::now()));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Readers { got, stop, threads }
+    }
+
+    /// Waits (up to `limit`) until every room has every number in `want[i]`; then stops the
+    /// readers and returns what they received.
+    fn finish(self, want: &[BTreeSet<u64>], limit: Duration) -> Deliveries {
+        let deadline = Instant::now() + limit;
+        let complete = || {
+            let got = self.got.lock().unwrap();
+            want.iter().zip(got.iter()).all(|(w, g)| {
+                let seen: BTreeSet<u64> = g.iter().map(|x| x.0).collect();
+                w.is_subset(&seen)
+            })
+        };
+        while !complete() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.got.lock().unwrap())
+    }
+}
+
+/// A steady push load: numbered room pushes round robin over `rooms` at `rate` per second
+/// through an ingest client holding every broker in `ingest` (comma-separated), until stopped.
+/// Refused pushes (overloaded while the backbone recovers) are counted, not retried.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Accepted so far, for the test to watch progress.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<(Deliveries, u64)>,
+}
+
+impl Load {
+    fn start(ingest: &str, rooms: &[u64], rate: u64) -> Load {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut client = broker::IngestClient::connect_any(ingest, API_KEY).expect("ingest");
+        client.set_timeout(Duration::from_secs(3));
+        let rooms = rooms.to_vec();
+        let (s, a) = (stop.clone(), accepted.clone());
+        let thread = std::thread::spawn(move || {
+            let mut done: Deliveries = vec![Vec::new(); rooms.len()];
+            let (mut refused, mut n) = (0u64, 0u64);
+            let start = Instant::now();
+            while !s.load(Relaxed) {
+                let i = (n % rooms.len() as u64) as usize;
+                let m = broker::Message::room(rooms[i], format!(r#"{{"cmd":"N","n":{n}}}"#));
+                match client.push(&m) {
+                    Ok(_) => {
+                        done[i].push((n, Instant::now()));
+                        a.fetch_add(1, Relaxed);
+                    }
+                    Err(_) => refused += 1,
+                }
+                n += 1;
+                let due = start + Duration::from_micros(n * 1_000_000 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            (done, refused)
+        });
+        Load {
+            stop,
+            accepted,
+            thread,
+        }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` pushes beyond `from` were accepted (failing after `WAIT`).
+    fn wait_accepted(&self, from: u64, more: u64, what: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.accepted() < from + more {
+            assert!(Instant::now() < deadline, "{what}: no pushes accepted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the load: per room the accepted `(n, when)`, and the count refused.
+    fn stop(self) -> (Deliveries, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("load thread")
+    }
+}
+
+/// What a run delivered against what it accepted: (delivered, missing, duplicated).
+fn tally(accepted: &Deliveries, got: &Deliveries) -> (usize, Vec<(usize, u64)>, Vec<(usize, u64)>) {
+    let (mut delivered, mut missing, mut dup) = (0, Vec::new(), Vec::new());
+    for (i, acc) in accepted.iter().enumerate() {
+        let mut seen = BTreeSet::new();
+        for &(n, _) in &got[i] {
+            if !seen.insert(n) {
+                dup.push((i, n));
+            }
+        }
+        delivered += seen.len();
+        missing.extend(
+            acc.iter()
+                .filter(|x| !seen.contains(&x.0))
+                .map(|x| (i, x.0)),
+        );
+    }
+    (delivered, missing, dup)
+}
+
+/// A viewer in `room` on the edge control hands out.
+fn room_viewer(control: SocketAddr, room: u64) -> Viewer {
+    let t = connect_ticket(control, room, room);
+    let e = &t.edges[0];
+    let addr: SocketAddr = format!(
+        "{}:{}",
+        e["host"].as_str().unwrap(),
+        e["tcp_port"].as_u64().unwrap()
+    )
+    .parse()
+    .unwrap();
+    let mut viewer = Viewer::tcp(addr);
+    assert_eq!(viewer.auth(&auth_body(room, room, &t.token)), 0);
+    viewer
+}
+
+/// The server name leading the stream `name` on the NATS cluster whose monitor is `monitor`.
+fn stream_leader(monitor: SocketAddr, name: &str) -> Option<String> {
+    let (status, v) = http_json(monitor, "GET", "/jsz?accounts=true&streams=true", &[], "");
+    if status != 200 {
+        return None;
+    }
+    v["account_details"]
+        .as_array()?
+        .iter()
+        .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+        .find(|s| s["name"] == name)?["cluster"]["leader"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// R3 over three NATS servers: `barrage cluster --nats 3` under a steady push load, the
+/// server leading the stream is killed with SIGKILL; the stream elects another leader, the
+/// brokers' clients reconnect to the survivors, pushes are accepted again, and every push
+/// accepted before, during and after the kill reaches its viewer. (Pushes refused meanwhile
+/// were answered `overloaded`: not accepted, so not owed.)
+#[test]
+fn a_nats_node_killed_under_r3_loses_no_accepted_push() {
+    if nats(&std::env::temp_dir()).is_none() {
+        return;
+    }
+    let (cluster, v) = start_cluster(&[
+        "--nats",
+        "3",
+        "--brokers",
+        "2",
+        "--edges",
+        "1",
+        "--partitions",
+        "8",
+        "--lease-ms",
+        "1500",
+    ]);
+    let region = &v["regions"][0];
+    assert_eq!(region["replicas"], 3, "{v}");
+    let nats_nodes = region["nats"].as_array().unwrap().clone();
+    assert_eq!(nats_nodes.len(), 3, "{v}");
+    let control = addr_of(&region["control"]);
+    let ingest: Vec<String> = region["brokers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["ingest"].as_str().unwrap().to_string())
+        .collect();
+
+    let rooms: Vec<u64> = (1..=6).map(|r| 31_000 + r).collect();
+    let mut viewers = Vec::new();
+    for &room in &rooms {
+        let mut viewer = room_viewer(control, room);
+        warm_up(ingest[0].parse().unwrap(), room, &mut [&mut viewer]);
+        viewers.push(viewer);
+    }
+    let readers = Readers::start(viewers);
+    let load = Load::start(&ingest.join(","), &rooms, 200);
+    load.wait_accepted(0, 100, "before the kill");
+
+    let monitor = addr_of(&nats_nodes[0]["monitor"]);
+    let leader = stream_leader(monitor, "BARRAGE").expect("the stream has a leader");
+    let victim = nats_nodes
+        .iter()
+        .find(|n| n["name"] == leader.as_str())
+        .expect("the leader is one of ours");
+    signal(victim["pid"].as_u64().unwrap(), libc::SIGKILL);
+    let (at_kill, killed) = (load.accepted(), Instant::now());
+    // One server down of three: the stream keeps a quorum and accepts again.
+    load.wait_accepted(at_kill, 300, "after the kill");
+    let survivor = nats_nodes
+        .iter()
+        .find(|n| n["name"] != leader.as_str())
+        .unwrap();
+    let new_leader = stream_leader(addr_of(&survivor["monitor"]), "BARRAGE");
+    let (accepted, refused) = load.stop();
+
+    let want: Vec<BTreeSet<u64>> = accepted
+        .iter()
+        .map(|a| a.iter().map(|x| x.0).collect())
+        .collect();
+    let got = readers.finish(&want, WAIT);
+    let (delivered, missing, dup) = tally(&accepted, &got);
+    let resumed = accepted
+        .iter()
+        .flatten()
+        .map(|x| x.1)
+        .filter(|&t| t > killed)
+        .min();
+    eprintln!(
+        "nats node {leader} killed (stream leader now {new_leader:?}): accepted {}, refused {refused}, \
+         delivered {delivered}, missing {}, duplicated {}, first accepted {:?} after the kill",
+        want.iter().map(BTreeSet::len).sum::<usize>(),
+        missing.len(),
+        dup.len(),
+        resumed.map(|t| t - killed),
+    );
+    assert!(missing.is_empty(), "accepted pushes lost: {missing:?}");
+    assert!(
+        new_leader.is_some_and(|l| l != leader),
+        "a new stream leader"
+    );
+    drop(cluster);
+}
