@@ -439,7 +439,11 @@ fn run_in(
     // Every region's control address first: controls of each region poll the others'.
     let control_addrs: Vec<Vec<SocketAddr>> = names
         .iter()
-        .map(|_| (0..args.controls).map(|_| free_port().map(loopback)).collect())
+        .map(|_| {
+            (0..args.controls)
+                .map(|_| free_port().map(loopback))
+                .collect()
+        })
         .collect::<anyhow::Result<_>>()?;
     let leaf = if names.len() > 1 {
         let port = match args.leaf_port {
@@ -515,13 +519,19 @@ fn region_names(args: &ClusterArgs) -> anyhow::Result<Vec<String>> {
         bail!("--regions must be at least 1");
     }
     if args.region_names.is_some() && names.len() != args.regions && args.regions != 1 {
-        bail!("--region-names lists {} regions, --regions says {}", names.len(), args.regions);
+        bail!(
+            "--region-names lists {} regions, --regions says {}",
+            names.len(),
+            args.regions
+        );
     }
     if names.len() > 1 {
         backbone::region::check(&names[0], &names)
             .map_err(|e| anyhow::anyhow!("--region-names: {e}"))?;
         if args.nats > 1 {
-            bail!("--regions with --nats above 1 is not built yet: each region runs one NATS server");
+            bail!(
+                "--regions with --nats above 1 is not built yet: each region runs one NATS server"
+            );
         }
     }
     Ok(names)
@@ -666,8 +676,15 @@ fn start_region(
         String::new()
     };
     let leaf_conf = match plan.leaf {
-        Some((port, _)) if plan.hub => {
-            format!("leafnodes {{\n  listen: {}\n}}\n", q(&format!("127.0.0.1:{port}")))
+        Some((port, url)) if plan.hub => {
+            // The hub tells its leafnodes where to reconnect: the URL they dial (a partition
+            // test puts a proxy there), not the port it listens on.
+            let advertise = url.rsplit("//").next().unwrap_or(url);
+            format!(
+                "leafnodes {{\n  listen: {}\n  advertise: {}\n}}\n",
+                q(&format!("127.0.0.1:{port}")),
+                q(advertise)
+            )
         }
         Some((_, url)) => format!("leafnodes {{\n  remotes: [ {{ url: {} }} ]\n}}\n", q(url)),
         None => String::new(),

@@ -109,7 +109,9 @@ impl Config {
         if self.federated() {
             crate::region::check(&self.region, &self.regions)?;
             if self.origin_age_ms < self.cross_region_max_lag_ms {
-                return Err("cluster.origin_age_ms must be at least cross_region_max_lag_ms".into());
+                return Err(
+                    "cluster.origin_age_ms must be at least cross_region_max_lag_ms".into(),
+                );
             }
         }
         Ok(())

@@ -541,10 +541,7 @@ impl Shell {
         )
         .await
         .map_err(|e| setup(&e))?;
-        let kv = js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| setup(&e))?;
+        let kv = js.get_key_value(bucket).await.map_err(|e| setup(&e))?;
         let leases = Leases::new(
             me.clone(),
             config.partitions,
@@ -889,7 +886,15 @@ async fn consume(
     // Messages up to this sequence may have reached a previous owner.
     let mut seen_before = None;
     loop {
-        let r = consume_once(&stream, &config, id_base, p, &sink, &working, &mut seen_before);
+        let r = consume_once(
+            &stream,
+            &config,
+            id_base,
+            p,
+            &sink,
+            &working,
+            &mut seen_before,
+        );
         let r = r.await;
         if let Err(e) = r {
             tracing::warn!(partition = p.0, error = %e, "backbone consumer failed; retrying");

@@ -131,8 +131,12 @@ impl Region {
 #[test]
 fn a_push_reaches_the_other_region_once_with_its_origin_and_msg_id() {
     let leaf = port();
-    let Some(n1) = nats("r1", Ok(leaf)) else { return };
-    let Some(n2) = nats("r2", Err(leaf)) else { return };
+    let Some(n1) = nats("r1", Ok(leaf)) else {
+        return;
+    };
+    let Some(n2) = nats("r2", Err(leaf)) else {
+        return;
+    };
     let mut r1 = Region::start(&n1, "r1");
     let mut r2 = Region::start(&n2, "r2");
     let a = r1
@@ -160,14 +164,40 @@ fn a_push_reaches_the_other_region_once_with_its_origin_and_msg_id() {
         let mut keys: Vec<_> = r.got.iter().filter_map(|d| d.key.clone()).collect();
         keys.sort();
         assert_eq!(keys, ["both", "from-r1", "from-r2"], "{:?}", r.got);
-        let one = r.got.iter().find(|d| d.key.as_deref() == Some("from-r1")).unwrap();
+        let one = r
+            .got
+            .iter()
+            .find(|d| d.key.as_deref() == Some("from-r1"))
+            .unwrap();
         assert_eq!(one.msg_id, a.msg_id);
         assert_eq!(one.payload, Bytes::from_static(b"one"));
         let origin = one.origin.as_ref().expect("origin headers");
         assert_eq!(origin.region, "r1");
-        let two = r.got.iter().find(|d| d.key.as_deref() == Some("from-r2")).unwrap();
+        let two = r
+            .got
+            .iter()
+            .find(|d| d.key.as_deref() == Some("from-r2"))
+            .unwrap();
         assert_eq!(two.msg_id, b.msg_id);
     }
-    assert!(!r1.got.iter().find(|d| d.key.as_deref() == Some("from-r1")).unwrap().origin.as_ref().unwrap().foreign);
-    assert!(r2.got.iter().find(|d| d.key.as_deref() == Some("from-r1")).unwrap().origin.as_ref().unwrap().foreign);
+    assert!(
+        !r1.got
+            .iter()
+            .find(|d| d.key.as_deref() == Some("from-r1"))
+            .unwrap()
+            .origin
+            .as_ref()
+            .unwrap()
+            .foreign
+    );
+    assert!(
+        r2.got
+            .iter()
+            .find(|d| d.key.as_deref() == Some("from-r1"))
+            .unwrap()
+            .origin
+            .as_ref()
+            .unwrap()
+            .foreign
+    );
 }

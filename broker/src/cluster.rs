@@ -239,14 +239,7 @@ impl Cluster {
     /// kept until the courier ends it ([`Cluster::reach_ended`]). See the module doc.
     /// `age_ms`: how long ago another region accepted it (0 for this region's own pushes): its
     /// ttl counts from then, so a backlog after a partition is sent only while the ttl lasts.
-    fn track_high(
-        &self,
-        shared: &Shared,
-        msg_id: MsgId,
-        push: Push,
-        token: AckToken,
-        age_ms: u64,
-    ) {
+    fn track_high(&self, shared: &Shared, msg_id: MsgId, push: Push, token: AckToken, age_ms: u64) {
         use crate::courier::Status;
         match shared.courier.status(msg_id) {
             Status::Pending { .. } => {

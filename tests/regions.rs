@@ -1,0 +1,579 @@
+//! Regions through the real binary (issue 13): `barrage cluster --regions 2` starts two regions
+//! on loopback, each with its own NATS (JetStream domain = region name, joined by a leafnode),
+//! control, broker and edge. A push accepted in either region reaches the viewers of both,
+//! once; a backlog held up by a partition is dropped as stale when it is low priority; a
+//! viewer and an ingest client fail over to the other region when one goes dark; high reach
+//! follows a user who moved regions.
+//!
+//! `./scripts/test.sh` installs nats-server and sets `BARRAGE_REQUIRE_NATS=1`, so these tests
+//! fail there rather than skip when it is missing.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
+
+fn nats_installed() -> bool {
+    let found = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists())
+        || Command::new("nats-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+    assert!(
+        found || std::env::var_os("BARRAGE_REQUIRE_NATS").is_none(),
+        "nats-server required but not installed"
+    );
+    if !found {
+        eprintln!("nats-server not installed; skipping");
+    }
+    found
+}
+
+fn signal(pid: u64, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// `barrage cluster --json` as a child; SIGTERM on drop (it stops its own children).
+struct ClusterProc(Child);
+
+impl Drop for ClusterProc {
+    fn drop(&mut self) {
+        signal(u64::from(self.0.id()), libc::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `barrage cluster --regions 2` with `args` and returns it with its JSON line parsed.
+fn start_regions(args: &[&str]) -> (ClusterProc, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .args([
+            "cluster",
+            "--regions",
+            "2",
+            "--brokers",
+            "1",
+            "--edges",
+            "1",
+        ])
+        .args(["--partitions", "8", "--lease-ms", "1500"])
+        .args(args)
+        .args(["--json", "--api-key", API_KEY, "--token-secret", KEYS_V1])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("barrage cluster starts");
+    let stdout = child.stdout.take().unwrap();
+    let cluster = ClusterProc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(90))
+        .expect("barrage cluster printed its endpoints");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
+    assert_eq!(v["regions"].as_array().map(Vec::len), Some(2), "{v}");
+    (cluster, v)
+}
+
+fn addr_of(v: &serde_json::Value) -> SocketAddr {
+    v.as_str()
+        .expect("address string")
+        .trim_start_matches("http://")
+        .parse()
+        .expect("socket address")
+}
+
+/// One region of the cluster's JSON.
+struct Region {
+    control: SocketAddr,
+    ingest: SocketAddr,
+    broker_http: SocketAddr,
+    edge_tcp: SocketAddr,
+    pids: Vec<u64>,
+}
+
+fn region(v: &serde_json::Value, i: usize) -> Region {
+    let r = &v["regions"][i];
+    let mut pids: Vec<u64> = Vec::new();
+    for part in ["nats", "controls", "brokers", "edges"] {
+        for p in r[part].as_array().unwrap() {
+            pids.push(p["pid"].as_u64().unwrap());
+        }
+    }
+    Region {
+        control: addr_of(&r["control"]),
+        ingest: addr_of(&r["brokers"][0]["ingest"]),
+        broker_http: addr_of(&r["brokers"][0]["http"]),
+        edge_tcp: addr_of(&r["edges"][0]["tcp"]),
+        pids,
+    }
+}
+
+/// A viewer of `room` as `uid` on the region's edge, with a token from the region's control.
+fn viewer(r: &Region, room: u64, uid: u64, ack: bool) -> Viewer {
+    let t = connect_ticket(r.control, room, uid);
+    let mut v = Viewer::tcp(r.edge_tcp);
+    let mut body = auth_body(uid, room, &t.token);
+    body.ack = ack;
+    assert_eq!(v.auth(&body), 0);
+    v
+}
+
+/// Pushes through `client`, retrying while the answer is `overloaded` (not accepted).
+fn push(client: &mut broker::IngestClient, m: &broker::Message) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match client.push(m) {
+            Ok(id) => return id.0,
+            Err(e) if e.push_error() == Some(&proto::ingest::PushError::Overloaded) => {
+                assert!(Instant::now() < deadline, "never accepted");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("push failed: {e}"),
+        }
+    }
+}
+
+fn numbered(room: u64, origin: &str, n: u64) -> broker::Message {
+    broker::Message::room(room, format!(r#"{{"cmd":"N","o":"{origin}","n":{n}}}"#))
+}
+
+/// Reads bodies until `done` holds for what was read, or `within` passes; returns them
+/// parsed as JSON.
+fn read_for(
+    v: &mut Viewer,
+    within: Duration,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while !done(&got) && Instant::now() < deadline {
+        if let Some(m) = v.next_message(deadline) {
+            if let Ok(j) = serde_json::from_str::<serde_json::Value>(&m) {
+                got.push(j);
+            }
+        }
+    }
+    got
+}
+
+/// `(origin, n)` of each numbered body, in arrival order.
+fn numbers(got: &[serde_json::Value]) -> Vec<(String, u64)> {
+    got.iter()
+        .filter_map(|j| Some((j["o"].as_str()?.to_owned(), j["n"].as_u64()?)))
+        .collect()
+}
+
+fn get_text(addr: SocketAddr, path: &str) -> String {
+    use std::io::Read;
+    use std::io::Write;
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn metric(page: &str, name_and_labels: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Until every viewer got a warm-up pushed through `ingest`: the edges' interest reached the
+/// brokers of both regions, and the leafnode's sources run.
+fn warm(ingest: SocketAddr, room: u64, viewers: &mut [&mut Viewer]) {
+    warm_up(ingest, room, viewers);
+}
+
+/// A push accepted in either region reaches the viewers of both, once each, with every
+/// origin's order kept; a push sent to both regions under one idempotency key (an ingest
+/// client that failed over) is delivered once; an area and a global push cross too.
+#[test]
+fn pushes_cross_regions_both_ways_once_in_origin_order() {
+    if !nats_installed() {
+        return;
+    }
+    let (_cluster, v) = start_regions(&[]);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    assert_eq!(v["regions"][0]["name"], "r1");
+    assert_eq!(v["regions"][1]["brokers"][0]["node_id"], "r2-broker-1");
+    let room = 4100;
+    let mut a = viewer(&r1, room, 1, false);
+    let mut b = viewer(&r2, room, 2, false);
+    warm(r1.ingest, room, &mut [&mut a, &mut b]);
+    warm(r2.ingest, room, &mut [&mut a, &mut b]);
+
+    let mut c1 = broker::IngestClient::connect(r1.ingest, API_KEY).unwrap();
+    let mut c2 = broker::IngestClient::connect(r2.ingest, API_KEY).unwrap();
+    const N: u64 = 20;
+    for n in 0..N {
+        push(&mut c1, &numbered(room, "r1", n));
+        push(&mut c2, &numbered(room, "r2", n));
+    }
+    let once = numbered(room, "both", 0);
+    let id1 = c1.push_keyed(&once, "regions-once").unwrap();
+    let id2 = c2.push_keyed(&once, "regions-once").unwrap();
+    assert_ne!(id1, id2, "each region answers its own msg id");
+    push(
+        &mut c1,
+        &broker::Message::global(r#"{"cmd":"N","o":"global","n":0}"#),
+    );
+
+    let want = (2 * N + 2) as usize;
+    for (name, viewer) in [("r1", &mut a), ("r2", &mut b)] {
+        let got = read_for(viewer, WAIT, |g| numbers(g).len() >= want);
+        // Anything doubled would arrive right behind.
+        let more = read_for(viewer, Duration::from_millis(1_500), |_| false);
+        let all = numbers(&[got, more].concat());
+        let mut count: BTreeMap<(String, u64), usize> = BTreeMap::new();
+        for k in &all {
+            *count.entry(k.clone()).or_default() += 1;
+        }
+        assert_eq!(count.len(), want, "viewer in {name} got {all:?}");
+        assert!(
+            count.values().all(|&c| c == 1),
+            "viewer in {name} got duplicates: {count:?}"
+        );
+        for origin in ["r1", "r2"] {
+            let seq: Vec<u64> = all
+                .iter()
+                .filter(|(o, _)| o == origin)
+                .map(|(_, n)| *n)
+                .collect();
+            assert_eq!(
+                seq,
+                (0..N).collect::<Vec<_>>(),
+                "{origin}'s order in {name}"
+            );
+        }
+    }
+    let page = get_text(r2.broker_http, "/metrics");
+    assert!(metric(&page, "barrage_broker_backbone_cross_region_total") >= N as f64);
+}
+
+/// A TCP proxy between region 2's leafnode and region 1: `cut` closes every proxied
+/// connection and refuses new ones until `heal` (a partition between the regions).
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(to: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, cs) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(outbound) = TcpStream::connect(to) else {
+                    continue;
+                };
+                let mut list = cs.lock().unwrap();
+                for (mut from, mut to) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound.try_clone().unwrap(), inbound.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                list.push(inbound);
+                list.push(outbound);
+            }
+        });
+        Proxy { addr, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A partition between the regions (the leafnode cut by a proxy): each region keeps serving
+/// its own viewers; after it heals, the other region's low-priority backlog, older than
+/// `cross_region_max_lag_ms`, is dropped and counted, not delivered late, and fresh pushes
+/// cross again.
+#[test]
+fn a_stale_backlog_is_dropped_after_a_partition_heals() {
+    if !nats_installed() {
+        return;
+    }
+    let leaf = free_port();
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], leaf)));
+    let (_cluster, v) = start_regions(&[
+        "--cross-region-max-lag-ms",
+        "1000",
+        "--leaf-port",
+        &leaf.to_string(),
+        "--leaf-url",
+        &format!("nats-leaf://{}", proxy.addr),
+    ]);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    let room = 4200;
+    let mut a = viewer(&r1, room, 1, false);
+    let mut b = viewer(&r2, room, 2, false);
+    warm(r1.ingest, room, &mut [&mut a, &mut b]);
+
+    proxy.cut();
+    let mut c1 = broker::IngestClient::connect(r1.ingest, API_KEY).unwrap();
+    let mut c2 = broker::IngestClient::connect(r2.ingest, API_KEY).unwrap();
+    const N: u64 = 10;
+    for n in 0..N {
+        push(&mut c1, &numbered(room, "r1", n));
+        push(&mut c2, &numbered(room, "r2", n));
+    }
+    // Both regions serve their own viewers through the partition.
+    let got_a = numbers(&read_for(&mut a, WAIT, |g| {
+        numbers(g).iter().filter(|(o, _)| o == "r1").count() == N as usize
+    }));
+    assert_eq!(
+        got_a.iter().filter(|(o, _)| o == "r1").count(),
+        N as usize,
+        "{got_a:?}"
+    );
+    let got_b = numbers(&read_for(&mut b, WAIT, |g| {
+        numbers(g).iter().filter(|(o, _)| o == "r2").count() == N as usize
+    }));
+    assert_eq!(
+        got_b.iter().filter(|(o, _)| o == "r2").count(),
+        N as usize,
+        "{got_b:?}"
+    );
+    assert!(
+        got_b.iter().all(|(o, _)| o != "r1"),
+        "r1's pushes crossed a cut leafnode: {got_b:?}"
+    );
+    // Older than the 1 s lag by the time the partition heals.
+    std::thread::sleep(Duration::from_millis(2_000));
+    proxy.heal();
+
+    // Fresh pushes cross again once the leafnode is back; the stale backlog does not.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let mut n = 100;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "fresh pushes never crossed after healing: {seen:?}"
+        );
+        push(&mut c1, &numbered(room, "r1", n));
+        n += 1;
+        seen.extend(numbers(&read_for(
+            &mut b,
+            Duration::from_millis(500),
+            |g| numbers(g).iter().any(|(o, n)| o == "r1" && *n >= 100),
+        )));
+        if seen.iter().any(|(o, n)| o == "r1" && *n >= 100) {
+            break;
+        }
+    }
+    let stale: Vec<_> = seen.iter().filter(|(o, n)| o == "r1" && *n < N).collect();
+    assert!(stale.is_empty(), "stale backlog delivered: {stale:?}");
+    let page = get_text(r2.broker_http, "/metrics");
+    assert!(
+        metric(
+            &page,
+            "barrage_broker_backbone_stale_dropped_total{kind=\"low\"}"
+        ) >= N as f64,
+        "stale drops not counted"
+    );
+}
+
+/// Region 1 goes dark (every process of it killed with SIGKILL): its viewer reconnects to
+/// region 2's edge with the token region 1's control issued (one key set for every region)
+/// and keeps receiving; an ingest client holding both regions' brokers fails over to region
+/// 2's.
+#[test]
+fn a_viewer_and_an_ingest_client_fail_over_to_the_other_region() {
+    if !nats_installed() {
+        return;
+    }
+    let (_cluster, v) = start_regions(&[]);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    let room = 4300;
+    let t = connect_ticket(r1.control, room, 7);
+    let mut a = Viewer::tcp(r1.edge_tcp);
+    assert_eq!(a.auth(&auth_body(7, room, &t.token)), 0);
+    warm(r1.ingest, room, &mut [&mut a]);
+    let both = format!("{},{}", r1.ingest, r2.ingest);
+    let mut client = broker::IngestClient::connect_any(&both, API_KEY).unwrap();
+    client.set_timeout(Duration::from_secs(3));
+    push(&mut client, &numbered(room, "x", 0));
+    assert_eq!(
+        numbers(&read_for(&mut a, WAIT, |g| !g.is_empty())),
+        [("x".into(), 0)]
+    );
+
+    for &pid in &r1.pids {
+        signal(pid, libc::SIGKILL);
+    }
+    assert!(
+        a.closed_by(Instant::now() + WAIT),
+        "region 1's edge is gone"
+    );
+    let mut b = Viewer::tcp(r2.edge_tcp);
+    assert_eq!(
+        b.auth(&auth_body(7, room, &t.token)),
+        0,
+        "region 1's token is valid in region 2"
+    );
+    // The ingest client walks to region 2's broker; the viewer receives there.
+    let deadline = Instant::now() + WAIT;
+    let mut n = 1;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "nothing reached the viewer in region 2"
+        );
+        // Refused while it walks its list (a dead broker first): not accepted, so retried.
+        if client.push(&numbered(room, "x", n)).is_ok() {
+            let got = read_for(&mut b, Duration::from_millis(500), |g| {
+                !numbers(g).is_empty()
+            });
+            if numbers(&got).iter().any(|(_, m)| *m >= 1) {
+                break;
+            }
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// High reach to a user who moved from region 1 to region 2: accepted in region 1, it is
+/// delivered to the user in region 2 under the msg id region 1 answered, and once the user
+/// ACKs it there it is not sent again.
+#[test]
+fn high_reach_to_a_user_who_moved_regions_is_delivered_once() {
+    if !nats_installed() {
+        return;
+    }
+    let (_cluster, v) = start_regions(&[]);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    let (room, uid) = (4400, 4242);
+    // Another viewer of the room in region 2 shows the sources run both ways.
+    let mut c = viewer(&r2, room, 1, false);
+    warm(r2.ingest, room, &mut [&mut c]);
+    warm(r1.ingest, room, &mut [&mut c]);
+    drop(viewer(&r1, room, uid, true));
+    let mut b = viewer(&r2, room, uid, true);
+
+    let auth = format!("Bearer {API_KEY}");
+    let r1_http = addr_of(&v["regions"][0]["brokers"][0]["http"]);
+    let (status, r) = http_json(
+        r1_http,
+        "POST",
+        &format!("/v1/push/user/{uid}?reach=high"),
+        &[("Authorization", auth.as_str())],
+        r#"{"cmd":"GIFT","n":1}"#,
+    );
+    assert_eq!(status, 202, "{r}");
+    let msg: u64 = r["msg_id"].as_str().expect("msg_id").parse().unwrap();
+    let got = read_for(&mut b, WAIT, |g| g.iter().any(|j| j["cmd"] == "GIFT"));
+    let gift = got
+        .iter()
+        .find(|j| j["cmd"] == "GIFT")
+        .expect("the gift in region 2");
+    assert_eq!(gift["msg_id"].as_str(), Some(msg.to_string().as_str()));
+    b.send_packet(&proto::auth::ack_request(msg));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (s, st) = http_json(
+            r2.broker_http,
+            "GET",
+            &format!("/v1/reach/{msg}"),
+            &[("Authorization", auth.as_str())],
+            "",
+        );
+        assert_eq!(s, 200, "{st}");
+        if st["state"] == "acked" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never acked in region 2: {st}\n{}",
+            get_text(addr_of(&v["regions"][1]["edges"][0]["admin"]), "/metrics")
+                .lines()
+                .filter(|l| l.contains("ack") && !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Acked: nothing more of it arrives.
+    let more = read_for(&mut b, Duration::from_millis(2_000), |_| false);
+    assert!(
+        !more.iter().any(|j| j["cmd"] == "GIFT"),
+        "sent again after the ACK: {more:?}"
+    );
+}
+
+/// Bad input: a region name that cannot be a JetStream domain, and a broker whose region is
+/// not in its federation, are refused at start with the reason.
+#[test]
+fn an_unknown_or_malformed_region_is_refused_at_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .args(["cluster", "--regions", "2", "--region-names", "r1,bad.name"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.name"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .args(["broker", "--backbone", "nats://127.0.0.1:1"])
+        .args(["--set", "region=\"r9\""])
+        .args(["--set", "cluster.regions=[\"r1\",\"r2\"]"])
+        .args(["--set", &format!("http_addr=\"127.0.0.1:{}\"", free_port())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("r9"), "{err}");
+}
