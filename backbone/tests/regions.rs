@@ -39,6 +39,15 @@ fn port() -> u16 {
 /// A nats-server for `domain`; `leaf` is `Listen(port)` for the hub, `Connect(port)` for a
 /// region that joins it.
 fn nats(domain: &str, leaf: Result<u16, u16>) -> Option<Nats> {
+    let leafnodes = match leaf {
+        Ok(l) => format!("leafnodes {{ listen: \"127.0.0.1:{l}\" }}"),
+        Err(l) => format!("leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{l}\" }} ] }}"),
+    };
+    nats_with(&format!("domain: {domain}"), Some(&leafnodes))
+}
+
+/// A nats-server with JetStream (`js_extra` inside the jetstream block) and `extra` config.
+fn nats_with(js_extra: &str, extra: Option<&str>) -> Option<Nats> {
     let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
         "/usr/sbin/nats-server"
     } else {
@@ -47,16 +56,13 @@ fn nats(domain: &str, leaf: Result<u16, u16>) -> Option<Nats> {
     let p = port();
     let dir = std::env::temp_dir().join(format!("barrage-regions-{}-{p}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let leafnodes = match leaf {
-        Ok(l) => format!("leafnodes {{ listen: \"127.0.0.1:{l}\" }}"),
-        Err(l) => format!("leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{l}\" }} ] }}"),
-    };
     let conf = format!(
-        "listen: \"127.0.0.1:{p}\"\njetstream {{ store_dir: {:?}, domain: {domain} }}\n{leafnodes}\n",
-        dir.display().to_string()
+        "listen: \"127.0.0.1:{p}\"\njetstream {{ store_dir: {:?}, {js_extra} }}\n{}\n",
+        dir.display().to_string(),
+        extra.unwrap_or("")
     );
     let file = dir.join("nats.conf");
-    std::fs::write(&file, conf).expect("conf");
+    std::fs::write(&file, &conf).expect("conf");
     let child = match Command::new(bin)
         .arg("-c")
         .arg(&file)
@@ -76,7 +82,7 @@ fn nats(domain: &str, leaf: Result<u16, u16>) -> Option<Nats> {
     let addr = SocketAddr::from(([127, 0, 0, 1], p));
     let until = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < until, "nats-server did not listen");
+        assert!(Instant::now() < until, "nats-server did not listen: {conf}");
         std::thread::sleep(Duration::from_millis(20));
     }
     Some(Nats {
@@ -200,4 +206,92 @@ fn a_push_reaches_the_other_region_once_with_its_origin_and_msg_id() {
             .unwrap()
             .foreign
     );
+}
+
+/// Why regions are leafnodes with a JetStream domain each and not one supercluster through
+/// gateways: with gateways, JetStream has one meta group across every region, so two
+/// single-node regions form a meta group of two, and when one region dies the survivor has no
+/// quorum: it cannot create a consumer, which a broker needs to take a partition over. With
+/// leafnodes each region's JetStream stands alone: the survivor's broker takes every partition
+/// and publishes as before.
+#[test]
+fn one_region_dying_leaves_the_other_working_with_leafnodes_not_with_gateways() {
+    // Gateways: two servers, one cluster each, one supercluster.
+    let (g1, g2) = (port(), port());
+    let gateways = format!(
+        "gateways: [ {{ name: g1, url: \"nats://127.0.0.1:{g1}\" }}, {{ name: g2, url: \"nats://127.0.0.1:{g2}\" }} ]"
+    );
+    // A one-node cluster each (JetStream in a supercluster wants a cluster block with a
+    // route; a route to itself is ignored).
+    let gw = |name: &str, p: u16| {
+        let route = port();
+        format!(
+            "server_name: {name}\ncluster {{ name: {name}, listen: \"127.0.0.1:{route}\", routes: [\"nats://127.0.0.1:{route}\"] }}\ngateway {{ name: {name}, listen: \"127.0.0.1:{p}\", {gateways} }}\n"
+        )
+    };
+    let Some(mut s1) = nats_with("", Some(&gw("g1", g1))) else {
+        return;
+    };
+    let Some(s2) = nats_with("", Some(&gw("g2", g2))) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let works = |url: String, stream: &'static str| {
+        rt.block_on(async move {
+            let Ok(client) = async_nats::connect(url).await else {
+                return false;
+            };
+            let js = async_nats::jetstream::new(client);
+            let made = tokio::time::timeout(
+                Duration::from_secs(3),
+                js.get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: stream.into(),
+                    subjects: vec![format!("{stream}.>")],
+                    ..Default::default()
+                }),
+            )
+            .await;
+            matches!(made, Ok(Ok(_)))
+        })
+    };
+    // Both up: the supercluster elects a meta leader (wait for it).
+    let until = Instant::now() + Duration::from_secs(20);
+    while !works(s2.url.clone(), "BOTH") {
+        assert!(
+            Instant::now() < until,
+            "the supercluster never served JetStream"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = s1.child.kill();
+    let _ = s1.child.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !works(s2.url.clone(), "AFTER"),
+        "a two-region supercluster kept JetStream after losing a region (quorum of 2?)"
+    );
+    drop(s2);
+
+    // Leafnodes with a domain each: r1 (the hub) dies, r2's broker keeps publishing and
+    // consuming on its own.
+    let leaf = port();
+    let Some(mut n1) = nats("r1", Ok(leaf)) else {
+        return;
+    };
+    let Some(n2) = nats("r2", Err(leaf)) else {
+        return;
+    };
+    let _r1 = Region::start(&n1, "r1");
+    let _ = n1.child.kill();
+    let _ = n1.child.wait();
+    let mut r2 = Region::start(&n2, "r2");
+    r2.bb
+        .publish(Partition(0), "alone", Bytes::from_static(b"x"))
+        .wait()
+        .expect("r2 accepts with r1 dead");
+    r2.collect(1, Duration::from_secs(10));
+    assert_eq!(r2.got.len(), 1, "r2 consumes with r1 dead");
 }
