@@ -196,7 +196,8 @@ fn get_text(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        // HTTP/1.0: no chunked answer (the NATS monitor chunks under 1.1).
+        "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -486,9 +487,10 @@ fn a_viewer_and_an_ingest_client_fail_over_to_the_other_region() {
     }
 }
 
-/// High reach to a user who moved from region 1 to region 2: accepted in region 1, it is
-/// delivered to the user in region 2 under the msg id region 1 answered, and once the user
-/// ACKs it there it is not sent again.
+/// High reach to a user who moved from region 1 to region 2: accepted in region 1, which
+/// goes dark (SIGKILL) right after answering, it is delivered to the user in region 2 under
+/// the msg id region 1 answered (it was stored in region 2 before the answer), and once the
+/// user ACKs it there it is not sent again.
 #[test]
 fn high_reach_to_a_user_who_moved_regions_is_delivered_once() {
     if !nats_installed() {
@@ -506,6 +508,8 @@ fn high_reach_to_a_user_who_moved_regions_is_delivered_once() {
 
     let auth = format!("Bearer {API_KEY}");
     let r1_http = addr_of(&v["regions"][0]["brokers"][0]["http"]);
+    let r2_monitor = addr_of(&v["regions"][1]["nats"][0]["monitor"]);
+    let before = origin_messages(r2_monitor, "r2");
     let (status, r) = http_json(
         r1_http,
         "POST",
@@ -515,6 +519,15 @@ fn high_reach_to_a_user_who_moved_regions_is_delivered_once() {
     );
     assert_eq!(status, 202, "{r}");
     let msg: u64 = r["msg_id"].as_str().expect("msg_id").parse().unwrap();
+    assert_eq!(
+        origin_messages(r2_monitor, "r2"),
+        before + 1,
+        "a copy was stored in region 2's origin stream before the answer"
+    );
+    // Region 1 goes dark right after answering: the push was already stored in region 2.
+    for &pid in &r1.pids {
+        signal(pid, libc::SIGKILL);
+    }
     let got = read_for(&mut b, WAIT, |g| g.iter().any(|j| j["cmd"] == "GIFT"));
     let gift = got
         .iter()
@@ -552,6 +565,22 @@ fn high_reach_to_a_user_who_moved_regions_is_delivered_once() {
         !more.iter().any(|j| j["cmd"] == "GIFT"),
         "sent again after the ACK: {more:?}"
     );
+}
+
+/// Messages in `region`'s origin stream, from its NATS monitor.
+fn origin_messages(monitor: SocketAddr, region: &str) -> u64 {
+    let text = get_text(monitor, "/jsz?streams=1");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(body).expect("jsz JSON");
+    let name = format!("BARRAGE_ORIGIN_{region}");
+    v["account_details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+        .find(|s| s["name"] == name.as_str())
+        .and_then(|s| s["state"]["messages"].as_u64())
+        .expect("the origin stream")
 }
 
 /// Bad input: a region name that cannot be a JetStream domain, and a broker whose region is

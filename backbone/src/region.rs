@@ -41,6 +41,9 @@ pub const HEADER_REGION: &str = "Barrage-Region";
 pub const HEADER_ORIGIN_MS: &str = "Barrage-Origin-Ms";
 /// Header carrying the accepting region's id base.
 pub const HEADER_ID_BASE: &str = "Barrage-Id-Base";
+/// Header on a high-reach copy published straight into another region's origin stream: the
+/// msg id the accepting region answered (see `Backbone::publish_everywhere`).
+pub const HEADER_MSG_ID: &str = "Barrage-Msg-Id";
 /// Header JetStream puts on a sourced message: `<stream>[:<hash>] <origin sequence> ...`.
 pub const HEADER_SOURCE: &str = "Nats-Stream-Source";
 
@@ -112,21 +115,29 @@ pub struct Origin {
 impl Origin {
     /// Reads the origin from a sourced message's header values (`None` when one is missing or
     /// malformed: a message not published by a region broker).
+    /// `copy_id` is [`HEADER_MSG_ID`]'s value: a copy names its msg id outright.
     pub fn parse(
         me: &str,
         region: Option<&str>,
         published_ms: Option<&str>,
         id_base: Option<&str>,
         source: Option<&str>,
+        copy_id: Option<&str>,
     ) -> Option<Origin> {
         let region = region.filter(|r| valid_name(r))?;
         let published_ms = published_ms?.trim().parse().ok()?;
-        let id_base: u64 = id_base?.trim().parse().ok()?;
-        let sequence: u64 = source?.split_whitespace().nth(1)?.parse().ok()?;
+        let msg_id = match copy_id {
+            Some(id) => id.trim().parse().ok()?,
+            None => {
+                let id_base: u64 = id_base?.trim().parse().ok()?;
+                let sequence: u64 = source?.split_whitespace().nth(1)?.parse().ok()?;
+                msg_id(region, id_base, sequence)
+            }
+        };
         Some(Origin {
             region: region.to_owned(),
             published_ms,
-            msg_id: msg_id(region, id_base, sequence),
+            msg_id,
             foreign: region != me,
         })
     }
@@ -176,13 +187,17 @@ mod tests {
             Some("1000"),
             Some("5"),
             Some("BARRAGE_ORIGIN:abcd 12 > >"),
+            None,
         )
         .unwrap();
         assert_eq!(o.msg_id, msg_id("r1", 5, 12));
         assert!(o.foreign);
         assert_eq!(o.age_ms(1500), 500);
         assert_eq!(o.age_ms(500), 0);
-        assert!(Origin::parse("r2", Some("r1"), Some("x"), Some("5"), Some("S 1")).is_none());
-        assert!(Origin::parse("r2", Some("r1"), Some("1"), Some("5"), Some("S")).is_none());
+        let parse = |ms, src, copy| Origin::parse("r2", Some("r1"), Some(ms), Some("5"), src, copy);
+        assert!(parse("x", Some("S 1"), None).is_none());
+        assert!(parse("1", Some("S"), None).is_none());
+        assert_eq!(parse("1", Some("S 1"), Some("77")).unwrap().msg_id, 77);
+        assert_eq!(parse("1", None, Some("77")).unwrap().msg_id, 77);
     }
 }

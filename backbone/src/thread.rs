@@ -122,6 +122,9 @@ pub struct Accepted {
     pub duplicate: bool,
     /// The push's msg id, the same on every broker of every region ([`crate::region`]).
     pub msg_id: u64,
+    /// [`Backbone::publish_everywhere`]: other regions that did not store their copy (dark or
+    /// partitioned; they source it from here when they are back).
+    pub copies_missing: usize,
 }
 
 /// The idempotency key of a publish, sent as `Nats-Msg-Id`.
@@ -254,6 +257,8 @@ enum Command {
         payload: Bytes,
         reply: oneshot::Sender<Result<Accepted, PublishError>>,
         permit: OwnedSemaphorePermit,
+        /// Also copy it into every other region's origin stream.
+        everywhere: bool,
     },
     Ack(AckToken, AckKind),
     Flush(oneshot::Sender<()>),
@@ -357,6 +362,26 @@ impl Backbone {
     /// Publishes `payload` to `partition` with `key` as its `Nats-Msg-Id`. The answer comes
     /// only after JetStream's publish ack; see [`PublishError`] for the rest.
     pub fn publish(&self, partition: Partition, key: &str, payload: Bytes) -> Publish {
+        self.publish_to(partition, key, payload, false)
+    }
+
+    /// [`Backbone::publish`], and with regions also a copy straight into every other region's
+    /// origin stream (through the leafnode), answered once those answered too or
+    /// `publish_ms_max` passed: so a push stored here is, when the answer comes, already in
+    /// every reachable region, and a region that goes dark right after does not take it along.
+    /// For high reach (rare, and must not be lost). A region that did not store its copy is
+    /// counted in [`Accepted::copies_missing`]; it sources the push when it is back.
+    pub fn publish_everywhere(&self, partition: Partition, key: &str, payload: Bytes) -> Publish {
+        self.publish_to(partition, key, payload, true)
+    }
+
+    fn publish_to(
+        &self,
+        partition: Partition,
+        key: &str,
+        payload: Bytes,
+        everywhere: bool,
+    ) -> Publish {
         let now = |r| Publish(PublishInner::Now(Some(r)));
         let Some(key) = DedupKey::new(key) else {
             return now(Err(PublishError::BadKey));
@@ -376,6 +401,7 @@ impl Backbone {
             payload,
             reply,
             permit,
+            everywhere,
         };
         if self.tx.send(cmd).is_err() {
             return now(Err(PublishError::Closed));
@@ -622,6 +648,7 @@ impl Shell {
                 payload,
                 reply,
                 permit,
+                everywhere,
             } => {
                 if self.client.connection_state() != async_nats::connection::State::Connected {
                     let _ = reply.send(Err(PublishError::Down));
@@ -632,6 +659,16 @@ impl Shell {
                 let wait = Duration::from_millis(self.config.publish_ms_max);
                 let (id_base, region) = (self.id_base, self.config.region.clone());
                 let federated = self.config.federated();
+                let others: Vec<String> = match everywhere && federated {
+                    true => self
+                        .config
+                        .regions
+                        .iter()
+                        .filter(|r| **r != region)
+                        .map(|r| format!("{}.{r}.{}", self.config.subject_prefix, partition.0))
+                        .collect(),
+                    false => Vec::new(),
+                };
                 tokio::spawn(async move {
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
@@ -642,13 +679,13 @@ impl Shell {
                         headers.insert(region::HEADER_ID_BASE, id_base.to_string().as_str());
                     }
                     let publish = async {
-                        js.publish_with_headers(subject, headers, payload)
+                        js.publish_with_headers(subject, headers.clone(), payload.clone())
                             .await
                             .map_err(|e| e.to_string())?
                             .await
                             .map_err(|e| e.to_string())
                     };
-                    let r = match tokio::time::timeout(wait, publish).await {
+                    let mut r = match tokio::time::timeout(wait, publish).await {
                         Ok(Ok(ack)) => Ok(Accepted {
                             sequence: ack.sequence,
                             duplicate: ack.duplicate,
@@ -657,10 +694,33 @@ impl Shell {
                             } else {
                                 id_base.wrapping_add(ack.sequence)
                             },
+                            copies_missing: 0,
                         }),
                         Ok(Err(e)) => Err(PublishError::Refused(e)),
                         Err(_) => Err(PublishError::Timeout),
                     };
+                    if let (Ok(a), false) = (&mut r, others.is_empty()) {
+                        // The copies name the msg id this region answers (their own origin
+                        // sequence would give another one) and keep the dedup key, so each
+                        // work stream keeps whichever copy reaches it first.
+                        headers.insert(region::HEADER_MSG_ID, a.msg_id.to_string().as_str());
+                        let copies = others.into_iter().map(|subject| {
+                            let (js, headers, payload) =
+                                (js.clone(), headers.clone(), payload.clone());
+                            async move {
+                                let copy = async {
+                                    js.publish_with_headers(subject, headers, payload)
+                                        .await
+                                        .ok()?
+                                        .await
+                                        .ok()
+                                };
+                                matches!(tokio::time::timeout(wait, copy).await, Ok(Some(_)))
+                            }
+                        });
+                        let stored = futures_util::future::join_all(copies).await;
+                        a.copies_missing = stored.iter().filter(|ok| !**ok).count();
+                    }
                     let _ = reply.send(r);
                     drop(permit);
                 });
@@ -977,6 +1037,7 @@ async fn consume_once(
                 header(region::HEADER_ORIGIN_MS),
                 header(region::HEADER_ID_BASE),
                 header(region::HEADER_SOURCE),
+                header(region::HEADER_MSG_ID),
             )
         } else {
             None

@@ -55,7 +55,11 @@
 //! region). A message another region accepted is dropped (acked, counted in
 //! `barrage_broker_backbone_stale_dropped_total`) when it is low priority and older than
 //! `cluster.cross_region_max_lag_ms` (a backlog after a partition); a high-reach one is tracked
-//! with what is left of its ttl counted from the origin's publish time. Order: one partition's
+//! with what is left of its ttl counted from the origin's publish time. A high-reach push is
+//! also copied straight into every other region's origin stream before it is answered
+//! ([`backbone::Backbone::publish_everywhere`]), so a region that goes dark right after
+//! accepting it does not take it along (a region that could not store its copy is counted in
+//! `barrage_broker_backbone_region_copies_missing_total`). Order: one partition's
 //! messages from one origin keep their origin order; two origins interleave as the sources
 //! copy them (a room sees region A's pushes in A's order and B's in B's order, not one total
 //! order).
@@ -124,6 +128,9 @@ pub struct ClusterMetrics {
     pub epochs_started: AtomicU64,
     /// Messages consumed that another region accepted (federation, issue 13).
     pub cross_region: AtomicU64,
+    /// High-reach pushes another region did not store a copy of before the answer (dark or
+    /// partitioned; it sources them when it is back).
+    pub copies_missing: AtomicU64,
     /// Messages from another region dropped as stale: `[low priority older than
     /// cluster.cross_region_max_lag_ms, high reach whose ttl ran out on the way]`.
     pub stale_dropped: [AtomicU64; 2],
@@ -204,9 +211,17 @@ impl Cluster {
             Some((key_index, idem)) => dedup_key(key_index, idem),
             None => format!("{}{}", self.key_prefix, self.next_key.fetch_add(1, Relaxed)),
         };
+        let high = push.reach == proto::id::Reach::High;
         let mut payload = Vec::with_capacity(push.body.len() + 64);
         proto::ingest::encode(&IngestFrame::Push(push), &mut payload);
-        Publishing(self.backbone.publish(partition, &key, payload.into()))
+        // High reach must not be lost with a region: stored in every reachable one before
+        // the answer (see the module doc, Regions).
+        Publishing(match high {
+            true => self
+                .backbone
+                .publish_everywhere(partition, &key, payload.into()),
+            false => self.backbone.publish(partition, &key, payload.into()),
+        })
     }
 
     /// Waits for JetStream's answer: the msg id, or `Overloaded` (a retry is safe).
@@ -218,6 +233,7 @@ impl Cluster {
                 if a.duplicate {
                     m.duplicates.fetch_add(1, Relaxed);
                 }
+                m.copies_missing.fetch_add(a.copies_missing as u64, Relaxed);
                 Ok(MsgId(a.msg_id))
             }
             Err(e) => {
@@ -419,6 +435,17 @@ impl Cluster {
             "barrage_broker_backbone_cross_region_total",
             &[],
             m.cross_region.load(Relaxed) as f64,
+        );
+        w.family(
+            "barrage_broker_backbone_region_copies_missing_total",
+            "counter",
+            "High-reach pushes accepted while another region did not store its copy (dark or \
+             partitioned: it sources them when it is back).",
+        );
+        w.sample(
+            "barrage_broker_backbone_region_copies_missing_total",
+            &[],
+            m.copies_missing.load(Relaxed) as f64,
         );
         w.family(
             "barrage_broker_backbone_stale_dropped_total",
