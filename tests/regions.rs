@@ -606,3 +606,302 @@ fn an_unknown_or_malformed_region_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("r9"), "{err}");
 }
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What one viewer thread of the failover run saw.
+#[derive(Default)]
+struct Seen {
+    /// (n, received at) of every numbered message.
+    got: Vec<(u64, Instant)>,
+    /// When its edge closed and when it was seated again on the other region's edge.
+    lost_at: Option<Instant>,
+    back_at: Option<Instant>,
+    /// High-reach msg ids received (the user's thread only).
+    reach: Vec<u64>,
+}
+
+/// A viewer thread: reads numbered messages; when its edge dies, walks `hosts` (its own
+/// region's edge first) with the same token and goes on reading. `ack`: it ACKs every
+/// high-reach message it gets.
+fn spawn_reader(
+    hosts: Vec<SocketAddr>,
+    body: proto::auth::AuthBody,
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut v = Viewer::tcp(hosts[0]);
+        assert_eq!(v.auth(&body), 0);
+        while !stop.load(Ordering::Relaxed) {
+            let until = Instant::now() + Duration::from_millis(200);
+            match v.next_event(until) {
+                Some(Event::Message(m)) => {
+                    let Ok(j) = serde_json::from_str::<serde_json::Value>(&m) else {
+                        continue;
+                    };
+                    if let Some(id) = j["msg_id"].as_str().and_then(|s| s.parse::<u64>().ok()) {
+                        v.send_packet(&proto::auth::ack_request(id));
+                        seen.lock().unwrap().reach.push(id);
+                    } else if let Some(n) = j["n"].as_u64() {
+                        seen.lock().unwrap().got.push((n, Instant::now()));
+                    }
+                }
+                Some(Event::Closed) => {
+                    seen.lock().unwrap().lost_at.get_or_insert(Instant::now());
+                    // Walk the host list until an edge seats us.
+                    'walk: loop {
+                        for &h in &hosts {
+                            if let Ok(s) =
+                                TcpStream::connect_timeout(&h, Duration::from_millis(300))
+                            {
+                                drop(s);
+                                v = Viewer::tcp(h);
+                                if v.auth(&body) == 0 {
+                                    break 'walk;
+                                }
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    seen.lock().unwrap().back_at = Some(Instant::now());
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// The region failover run of issue 13 (docs/benchmarks.md, "Regions"): two regions, one
+/// viewer per region in each of 10 rooms, a steady push load through an ingest client holding
+/// both regions' brokers (region 1's first), and a user with high reach on, pushed to every
+/// 100 ms. Before the kill it measures push-to-viewer latency same-region (region 1's
+/// viewers) against cross-region (region 2's); then every process of region 1 is killed with
+/// SIGKILL, its viewers walk to region 2's edge with the same token, and the run reports how
+/// long until they receive again (p50/p99 from the kill), the best-effort pushes they missed,
+/// high-reach pushes lost (asserted 0), and pushes refused vs accepted in the 10 s after the
+/// kill. Run with `cargo test --release --test regions -- --ignored --nocapture
+/// region_failover_run` (`REGIONS_RATE` pushes/s, default 200; `REGIONS_SECS`, default 20).
+#[test]
+#[ignore]
+fn region_failover_run() {
+    if !nats_installed() {
+        return;
+    }
+    let rate = env_u64("REGIONS_RATE", 200);
+    let secs = env_u64("REGIONS_SECS", 20);
+    let (cluster, v) = start_regions(&[]);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    let rooms: Vec<u64> = (1..=10).map(|r| 30_000 + r).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    // (region, room index, what it saw)
+    let mut seen = Vec::new();
+    let mut threads = Vec::new();
+    for (ri, (home, other)) in [(&r1, &r2), (&r2, &r1)].into_iter().enumerate() {
+        for (i, &room) in rooms.iter().enumerate() {
+            let uid = room * 10 + ri as u64;
+            let t = connect_ticket(home.control, room, uid);
+            let mut w = Viewer::tcp(home.edge_tcp);
+            assert_eq!(w.auth(&auth_body(uid, room, &t.token)), 0);
+            warm(r1.ingest, room, &mut [&mut w]);
+            drop(w);
+            let s = Arc::new(Mutex::new(Seen::default()));
+            seen.push((ri, i, s.clone()));
+            threads.push(spawn_reader(
+                vec![home.edge_tcp, other.edge_tcp],
+                auth_body(uid, room, &t.token),
+                s,
+                stop.clone(),
+            ));
+        }
+    }
+    // The high-reach user, in region 1.
+    let reach_uid = 39_999;
+    let t = connect_ticket(r1.control, rooms[0], reach_uid);
+    let mut body = auth_body(reach_uid, rooms[0], &t.token);
+    body.ack = true;
+    let user = Arc::new(Mutex::new(Seen::default()));
+    threads.push(spawn_reader(
+        vec![r1.edge_tcp, r2.edge_tcp],
+        body,
+        user.clone(),
+        stop.clone(),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let both = format!("{},{}", r1.ingest, r2.ingest);
+    let mut client = broker::IngestClient::connect_any(&both, API_KEY).unwrap();
+    client.set_timeout(Duration::from_secs(2));
+    let start = Instant::now();
+    let kill_at = start + Duration::from_secs(secs / 2);
+    let end = start + Duration::from_secs(secs);
+    let mut killed: Option<Instant> = None;
+    // Per room: (n, sent at, accepted at).
+    let mut accepted: Vec<Vec<(u64, Instant, Instant)>> = vec![Vec::new(); rooms.len()];
+    let mut reach_accepted = Vec::new();
+    let (mut refused, mut accepted_window, mut refused_window) = (0u64, 0u64, 0u64);
+    let mut next_reach = start;
+    let mut n = 0u64;
+    while Instant::now() < end {
+        if killed.is_none() && Instant::now() >= kill_at {
+            for &pid in &r1.pids {
+                signal(pid, libc::SIGKILL);
+            }
+            killed = Some(Instant::now());
+        }
+        let in_window = killed.is_some_and(|k| k.elapsed() < Duration::from_secs(10));
+        let i = (n % rooms.len() as u64) as usize;
+        let m = broker::Message::room(rooms[i], format!(r#"{{"cmd":"N","n":{n}}}"#));
+        let sent = Instant::now();
+        match client.push(&m) {
+            Ok(_) => {
+                accepted[i].push((n, sent, Instant::now()));
+                accepted_window += u64::from(in_window);
+            }
+            Err(_) => {
+                refused += 1;
+                refused_window += u64::from(in_window);
+            }
+        }
+        if Instant::now() >= next_reach {
+            next_reach += Duration::from_millis(100);
+            let m =
+                broker::Message::user(reach_uid, r#"{"cmd":"GIFT"}"#).reach(proto::id::Reach::High);
+            if let Ok(id) = client.push(&m) {
+                reach_accepted.push(id.0);
+            }
+        }
+        n += 1;
+        let due = start + Duration::from_micros(n * 1_000_000 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let killed = killed.expect("the kill happened");
+    // High reach is resent until ACKed: give the last ones time.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let got: std::collections::BTreeSet<u64> =
+            user.lock().unwrap().reach.iter().copied().collect();
+        if reach_accepted.iter().all(|id| got.contains(id)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        assert!(t.join().is_ok(), "a viewer thread failed");
+    }
+    let after_r2: usize = seen
+        .iter()
+        .filter(|(ri, _, _)| *ri == 1)
+        .map(|(_, _, s)| {
+            s.lock()
+                .unwrap()
+                .got
+                .iter()
+                .filter(|x| x.1 > killed)
+                .count()
+        })
+        .sum();
+    eprintln!(
+        "JSZ {}",
+        get_text(
+            addr_of(&v["regions"][1]["nats"][0]["monitor"]),
+            "/jsz?streams=1&config=1"
+        )
+    );
+    eprintln!(
+        "region 2's viewers received after the kill: {after_r2}\n{}",
+        get_text(r2.broker_http, "/metrics")
+            .lines()
+            .filter(|l| l.starts_with("barrage_broker_backbone")
+                || l.starts_with("barrage_broker_ingest"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let reseated = seen
+        .iter()
+        .filter(|(ri, _, s)| *ri == 0 && s.lock().unwrap().back_at.is_some())
+        .count();
+
+    // Latency before the kill: region 1's viewers (same region as the accepting broker) vs
+    // region 2's (cross region).
+    let mut lat: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let (mut gaps, mut missed, mut missed_before) = (Vec::new(), 0usize, 0usize);
+    for (ri, i, s) in &seen {
+        let s = s.lock().unwrap();
+        let sent: BTreeMap<u64, (Instant, Instant)> =
+            accepted[*i].iter().map(|&(n, t, a)| (n, (t, a))).collect();
+        let got: BTreeMap<u64, Instant> = s.got.iter().map(|&(n, t)| (n, t)).collect();
+        for (n, at) in &got {
+            if let Some((t, _)) = sent.get(n) {
+                if *at < killed {
+                    lat[*ri].push(at.saturating_duration_since(*t).as_micros() as u64);
+                }
+            }
+        }
+        if *ri == 0 {
+            if let Some(first) = got.values().filter(|&&t| t > killed).min() {
+                gaps.push(first.saturating_duration_since(killed).as_millis() as u64);
+            }
+            for (n, (_, a)) in &sent {
+                if !got.contains_key(n) {
+                    if *a < killed {
+                        missed_before += 1;
+                    } else {
+                        missed += 1;
+                    }
+                }
+            }
+        }
+    }
+    for l in &mut lat {
+        l.sort_unstable();
+    }
+    gaps.sort_unstable();
+    let got: std::collections::BTreeSet<u64> = user.lock().unwrap().reach.iter().copied().collect();
+    let reach_lost = reach_accepted.iter().filter(|id| !got.contains(id)).count();
+    let total: usize = accepted.iter().map(Vec::len).sum();
+    println!(
+        "region failover run: {rate} pushes/s for {secs} s, 10 rooms x 1 viewer per region, \
+         kill -9 of every region-1 process at {:.1} s\n\
+         push-to-viewer before the kill (ms): same region p50 {:.2} p99 {:.2} (n={}); \
+         cross region p50 {:.2} p99 {:.2} (n={})\n\
+         region-1 viewers seated again on region 2's edge: {reseated}; receiving again: {} of {}, \
+         p50 {} ms, p99 {} ms after the kill\n\
+         best-effort missed by region-1 viewers: {missed} accepted after the kill, \
+         {missed_before} accepted before it\n\
+         high reach: accepted {}, delivered {}, lost {reach_lost}\n\
+         pushes accepted {total}, refused {refused}; in the 10 s after the kill accepted \
+         {accepted_window}, refused {refused_window}",
+        killed.duration_since(start).as_secs_f64(),
+        percentile(&lat[0], 0.5) as f64 / 1000.0,
+        percentile(&lat[0], 0.99) as f64 / 1000.0,
+        lat[0].len(),
+        percentile(&lat[1], 0.5) as f64 / 1000.0,
+        percentile(&lat[1], 0.99) as f64 / 1000.0,
+        lat[1].len(),
+        gaps.len(),
+        rooms.len(),
+        percentile(&gaps, 0.5),
+        percentile(&gaps, 0.99),
+        reach_accepted.len(),
+        reach_accepted.len() - reach_lost,
+    );
+    assert_eq!(reach_lost, 0, "high-reach pushes lost with region 1");
+    drop(cluster);
+}

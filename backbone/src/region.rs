@@ -13,11 +13,21 @@
 //! - **Work stream** `<stream>_<region>`, no subjects of its own, work-queue retention: it sources the
 //!   local origin stream and every other region's origin stream (through `$JS.<region>.API`,
 //!   the other JetStream domain). The partition consumers read it with the filter
-//!   `<subject_prefix>.*.<p>`, so partition `p` holds every region's pushes of its scopes. A
-//!   sourced message keeps its `Nats-Msg-Id`, and the work stream's duplicate window drops a
-//!   second copy of one id (an ingest client that failed over to another region and sent the
-//!   same idempotency key again, or a source that restarted), so a push exists once in each
-//!   region's work stream.
+//!   `<subject_prefix>.*.<p>`, so partition `p` holds every region's pushes of its scopes.
+//!
+//! # Deduplication
+//! One push can reach a work stream twice: an ingest client that failed over to another
+//! region and sent the same idempotency key again (stored in two origins), or a high-reach
+//! copy (see `Backbone::publish_everywhere`). The work stream must not see two messages with
+//! one `Nats-Msg-Id` within its duplicate window: nats-server 2.9 answers a sourced duplicate
+//! with an error and restarts the source at that same message, so the source stalls for good
+//! (seen in the region failover run; the window cannot be under 100 ms). So with regions the
+//! `Nats-Msg-Id` names the region that stored it, `<region>/<key>` ([`nats_msg_id`], a copy
+//! `<region>/<key>/copy`): a retry in one region is still deduplicated by that region's origin
+//! stream, and no two origins hold one id. The caller's key travels in `Barrage-Key`, and the
+//! partition's consumer drops a second copy of one key ([`SeenKeys`]) within
+//! `dedup_window_ms`, while a redelivery of the first (the same stream sequence) still goes
+//! through.
 //! - **Lease bucket** `<lease_bucket>_<region>`.
 //!
 //! # Headers a region adds to each publish
@@ -148,6 +158,72 @@ impl Origin {
     }
 }
 
+/// Header carrying the caller's dedup key with regions (the `Nats-Msg-Id` names the region).
+pub const HEADER_KEY: &str = "Barrage-Key";
+
+/// The `Nats-Msg-Id` of a push stored by `region` with the caller's `key` (see the module
+/// doc, Deduplication); `copy` for a high-reach copy into another region's origin.
+pub fn nats_msg_id(region: &str, key: &str, copy: bool) -> String {
+    match copy {
+        true => format!("{region}/{key}/copy"),
+        false => format!("{region}/{key}"),
+    }
+}
+/// Keys a partition consumer remembers for [`SeenKeys`]; past it the oldest are forgotten (a
+/// later copy of one is then delivered twice, never lost).
+pub const SEEN_KEYS_MAX: usize = 200_000;
+
+/// The dedup keys a broker consumed lately, each with the work-stream sequence of its first
+/// copy: a second copy (another sequence) of one key within the window is a duplicate; the
+/// same sequence again is a redelivery and goes through. Sans-io: takes `now`.
+#[derive(Debug)]
+pub struct SeenKeys {
+    by_key: std::collections::HashMap<String, u64>,
+    order: std::collections::VecDeque<(std::time::Instant, String)>,
+    window: std::time::Duration,
+    keys_max: usize,
+}
+
+impl SeenKeys {
+    pub fn new(window_ms: u64, keys_max: usize) -> SeenKeys {
+        SeenKeys {
+            by_key: Default::default(),
+            order: Default::default(),
+            window: std::time::Duration::from_millis(window_ms),
+            keys_max: keys_max.max(1),
+        }
+    }
+
+    /// Whether the message at `sequence` with `key` is a later copy of one already consumed.
+    pub fn is_copy(&mut self, key: &str, sequence: u64, now: std::time::Instant) -> bool {
+        while let Some((at, _)) = self.order.front() {
+            if now.saturating_duration_since(*at) < self.window && self.order.len() < self.keys_max
+            {
+                break;
+            }
+            if let Some((_, k)) = self.order.pop_front() {
+                self.by_key.remove(&k);
+            }
+        }
+        match self.by_key.get(key) {
+            Some(&first) => first != sequence,
+            None => {
+                self.by_key.insert(key.to_owned(), sequence);
+                self.order.push_back((now, key.to_owned()));
+                false
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
 /// Wall clock, ms since the epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -177,6 +253,20 @@ mod tests {
         assert!(check("r3", &rs(&["r1", "r2"])).is_err());
         assert!(check("r1", &rs(&["r1", "r1"])).is_err());
         assert!(check("r1", &rs(&["r1", "a.b"])).is_err());
+    }
+
+    #[test]
+    fn seen_keys_drop_later_copies_keep_redeliveries_and_stay_bounded() {
+        let t0 = std::time::Instant::now();
+        let mut s = SeenKeys::new(1_000, 2);
+        assert!(!s.is_copy("a", 1, t0));
+        assert!(!s.is_copy("a", 1, t0), "a redelivery is not a copy");
+        assert!(s.is_copy("a", 7, t0));
+        assert!(!s.is_copy("b", 2, t0));
+        assert!(!s.is_copy("c", 3, t0), "full: the oldest is forgotten");
+        assert!(s.len() <= 2);
+        let later = t0 + std::time::Duration::from_millis(1_500);
+        assert!(!s.is_copy("b", 9, later), "past the window it is new again");
     }
 
     #[test]

@@ -671,8 +671,14 @@ impl Shell {
                 };
                 tokio::spawn(async move {
                     let mut headers = async_nats::HeaderMap::new();
-                    headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
+                    let nats_id = match federated {
+                        // See crate::region, Deduplication.
+                        true => region::nats_msg_id(&region, key.as_str(), false),
+                        false => key.as_str().to_owned(),
+                    };
+                    headers.insert(async_nats::header::NATS_MESSAGE_ID, nats_id.as_str());
                     if federated {
+                        headers.insert(region::HEADER_KEY, key.as_str());
                         headers.insert(region::HEADER_REGION, region.as_str());
                         let now = region::now_ms().to_string();
                         headers.insert(region::HEADER_ORIGIN_MS, now.as_str());
@@ -704,6 +710,8 @@ impl Shell {
                         // sequence would give another one) and keep the dedup key, so each
                         // work stream keeps whichever copy reaches it first.
                         headers.insert(region::HEADER_MSG_ID, a.msg_id.to_string().as_str());
+                        let copy_id = region::nats_msg_id(&region, key.as_str(), true);
+                        headers.insert(async_nats::header::NATS_MESSAGE_ID, copy_id.as_str());
                         let copies = others.into_iter().map(|subject| {
                             let (js, headers, payload) =
                                 (js.clone(), headers.clone(), payload.clone());
@@ -1029,7 +1037,10 @@ async fn consume_once(
             continue;
         };
         let header = |name: &str| m.headers.as_ref()?.get(name).map(|v| v.as_str());
-        let key = header(async_nats::header::NATS_MESSAGE_ID.as_ref()).map(str::to_owned);
+        // With regions the caller's key travels in its own header (see crate::region).
+        let key = header(region::HEADER_KEY)
+            .or_else(|| header(async_nats::header::NATS_MESSAGE_ID.as_ref()))
+            .map(str::to_owned);
         let origin = if config.federated() {
             region::Origin::parse(
                 &config.region,

@@ -131,6 +131,8 @@ pub struct ClusterMetrics {
     /// High-reach pushes another region did not store a copy of before the answer (dark or
     /// partitioned; it sources them when it is back).
     pub copies_missing: AtomicU64,
+    /// Second copies of one push consumed and dropped (a key stored in two regions' origins).
+    pub region_copies_dropped: AtomicU64,
     /// Messages from another region dropped as stale: `[low priority older than
     /// cluster.cross_region_max_lag_ms, high reach whose ttl ran out on the way]`.
     pub stale_dropped: [AtomicU64; 2],
@@ -448,6 +450,17 @@ impl Cluster {
             m.copies_missing.load(Relaxed) as f64,
         );
         w.family(
+            "barrage_broker_backbone_region_copies_dropped_total",
+            "counter",
+            "Second copies of one push dropped at consumption (one idempotency key stored in two \
+             regions, or a high-reach copy).",
+        );
+        w.sample(
+            "barrage_broker_backbone_region_copies_dropped_total",
+            &[],
+            m.region_copies_dropped.load(Relaxed) as f64,
+        );
+        w.family(
             "barrage_broker_backbone_stale_dropped_total",
             "counter",
             "Messages from another region dropped as stale, by kind: low (low priority older \
@@ -557,6 +570,10 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
     };
     let m = &cluster.metrics;
     let poll = Duration::from_millis(FEEDER_POLL_MS);
+    let mut seen = backbone::region::SeenKeys::new(
+        shared.config.cluster.dedup_window_ms,
+        backbone::region::SEEN_KEYS_MAX,
+    );
     loop {
         if shared.stop.load(Relaxed) {
             return;
@@ -599,6 +616,14 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
                 continue;
             }
         };
+        if let (Some(_), Some(key)) = (&d.origin, &d.key) {
+            // Regions: a second copy of one push (see backbone::region, Deduplication).
+            if seen.is_copy(key, d.sequence, Instant::now()) {
+                m.region_copies_dropped.fetch_add(1, Relaxed);
+                cluster.ack(d.ack, AckKind::Ack);
+                continue;
+            }
+        }
         let msg_id = MsgId(d.msg_id);
         let age_ms = cross_region_age(cluster, &d);
         if push.reach == proto::id::Reach::High {
