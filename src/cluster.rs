@@ -69,6 +69,15 @@ pub struct ClusterArgs {
     /// leafnode port). A partition test points it at a proxy it can cut.
     #[arg(long, hide = true)]
     pub leaf_url: Option<String>,
+    /// Start only this region of the federation `--region-names` lists (its brokers still
+    /// source every region): one `barrage cluster` per host or network namespace, the others
+    /// joining the first region's leafnode through `--leaf-url`.
+    #[arg(long)]
+    pub only_region: Option<String>,
+    /// Address the first region's leafnode listens on (default 127.0.0.1; 0.0.0.0 when other
+    /// regions run elsewhere).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub leaf_host: String,
     /// Print one JSON line with every endpoint once all are healthy (for scripts).
     #[arg(long)]
     pub json: bool,
@@ -458,8 +467,16 @@ fn run_in(
     } else {
         None
     };
+    if let Some(only) = &args.only_region {
+        if !names.contains(only) {
+            bail!("--only-region {only:?} is not one of the regions {names:?}");
+        }
+    }
     let mut up = Vec::new();
     for (i, name) in names.iter().enumerate() {
+        if args.only_region.as_ref().is_some_and(|o| o != name) {
+            continue;
+        }
         let plan = RegionPlan {
             name,
             all: &names,
@@ -682,7 +699,7 @@ fn start_region(
             let advertise = url.rsplit("//").next().unwrap_or(url);
             format!(
                 "leafnodes {{\n  listen: {}\n  advertise: {}\n}}\n",
-                q(&format!("127.0.0.1:{port}")),
+                q(&format!("{}:{port}", args.leaf_host)),
                 q(advertise)
             )
         }

@@ -817,22 +817,6 @@ fn region_failover_run() {
                 .count()
         })
         .sum();
-    eprintln!(
-        "JSZ {}",
-        get_text(
-            addr_of(&v["regions"][1]["nats"][0]["monitor"]),
-            "/jsz?streams=1&config=1"
-        )
-    );
-    eprintln!(
-        "region 2's viewers received after the kill: {after_r2}\n{}",
-        get_text(r2.broker_http, "/metrics")
-            .lines()
-            .filter(|l| l.starts_with("barrage_broker_backbone")
-                || l.starts_with("barrage_broker_ingest"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
     let reseated = seen
         .iter()
         .filter(|(ri, _, s)| *ri == 0 && s.lock().unwrap().back_at.is_some())
@@ -887,7 +871,8 @@ fn region_failover_run() {
          {missed_before} accepted before it\n\
          high reach: accepted {}, delivered {}, lost {reach_lost}\n\
          pushes accepted {total}, refused {refused}; in the 10 s after the kill accepted \
-         {accepted_window}, refused {refused_window}",
+         {accepted_window}, refused {refused_window}; region-2 viewers received {after_r2} \
+         after the kill",
         killed.duration_since(start).as_secs_f64(),
         percentile(&lat[0], 0.5) as f64 / 1000.0,
         percentile(&lat[0], 0.99) as f64 / 1000.0,
@@ -904,4 +889,303 @@ fn region_failover_run() {
     );
     assert_eq!(reach_lost, 0, "high-reach pushes lost with region 1");
     drop(cluster);
+}
+
+/// Runs a command; whether it succeeded.
+fn run(cmd: &[&str]) -> bool {
+    Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Two network namespaces joined by a veth pair (10.77.0.1 and 10.77.0.2), removed on drop.
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    fn make() -> Option<Netns> {
+        let id = std::process::id() % 100_000;
+        let names = [format!("brga{id}"), format!("brgb{id}")];
+        let ok = run(&["ip", "netns", "add", &names[0]]) && run(&["ip", "netns", "add", &names[1]]);
+        let ns = Netns { names };
+        let [a, b] = &ns.names;
+        let (va, vb) = (format!("va{id}"), format!("vb{id}"));
+        let ok =
+            ok && run(&[
+                "ip", "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns",
+                b,
+            ]) && run(&["ip", "-n", a, "addr", "add", "10.77.0.1/24", "dev", &va])
+                && run(&["ip", "-n", b, "addr", "add", "10.77.0.2/24", "dev", &vb])
+                && [(a, &va), (b, &vb)].iter().all(|(n, v)| {
+                    run(&["ip", "-n", n, "link", "set", v, "up"])
+                        && run(&["ip", "-n", n, "link", "set", "lo", "up"])
+                });
+        ok.then_some(ns)
+    }
+
+    /// nftables in region 2's namespace drops everything to and from region 1 (`on`), or
+    /// the table is removed (heals).
+    fn partition(&self, on: bool) {
+        let b = &self.names[1];
+        if on {
+            let rules = "table inet barrage_partition {\n chain input { type filter hook input priority 0; ip saddr 10.77.0.1 drop; }\n chain output { type filter hook output priority 0; ip daddr 10.77.0.1 drop; }\n}\n";
+            let file =
+                std::env::temp_dir().join(format!("barrage-partition-{}.nft", std::process::id()));
+            std::fs::write(&file, rules).unwrap();
+            assert!(
+                run(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    b,
+                    "nft",
+                    "-f",
+                    file.to_str().unwrap()
+                ]),
+                "nft"
+            );
+        } else {
+            assert!(run(&[
+                "ip",
+                "netns",
+                "exec",
+                b,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "barrage_partition"
+            ]));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            run(&["ip", "netns", "del", n]);
+        }
+    }
+}
+
+/// Moves the calling thread into network namespace `ns` (threads have their own).
+fn enter_netns(ns: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
+    // SAFETY: setns(2) on a valid fd; it changes only this thread's network namespace.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns {ns}");
+}
+
+/// One region of the partition run, started with `barrage cluster --only-region` inside its
+/// namespace.
+fn start_region_in(ns: &str, name: &str, extra: &[&str]) -> (ClusterProc, serde_json::Value) {
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            env!("CARGO_BIN_EXE_barrage"),
+            "cluster",
+        ])
+        .args([
+            "--regions",
+            "2",
+            "--only-region",
+            name,
+            "--brokers",
+            "1",
+            "--edges",
+            "1",
+        ])
+        .args(["--partitions", "8", "--cross-region-max-lag-ms", "2000"])
+        .args(extra)
+        .args(["--json", "--api-key", API_KEY, "--token-secret", KEYS_V1])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("barrage cluster starts");
+    let stdout = child.stdout.take().unwrap();
+    let cluster = ClusterProc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(90))
+        .expect("region printed its endpoints");
+    (cluster, serde_json::from_str(&line).expect("one JSON line"))
+}
+
+/// The partition run of issue 13 (docs/benchmarks.md, "Regions"): each region in its own
+/// network namespace (joined by a veth pair), a steady push load accepted in both, one viewer
+/// per region in each of 5 rooms; nftables in region 2's namespace drops all traffic between
+/// them for `PARTITION_SECS` (default 6), then heals. Reports, per region: its own pushes
+/// delivered to its viewers during the partition (both keep serving), and the other region's
+/// pushes of the partition: delivered after healing, dropped as stale (older than
+/// `cross_region_max_lag_ms` = 2000 here), lost. Needs root (ip netns, nft). Run with
+/// `cargo test --test regions -- --ignored --nocapture partition_run`.
+#[test]
+#[ignore]
+fn partition_run() {
+    if !nats_installed() {
+        return;
+    }
+    let Some(net) = Netns::make() else {
+        eprintln!("cannot make network namespaces (needs root); skipping");
+        return;
+    };
+    let part_secs = env_u64("PARTITION_SECS", 6);
+    let rate = env_u64("REGIONS_RATE", 100);
+    let leaf = "24577";
+    let (c1, v1) = start_region_in(
+        &net.names[0],
+        "r1",
+        &[
+            "--leaf-host",
+            "0.0.0.0",
+            "--leaf-port",
+            leaf,
+            "--leaf-url",
+            "nats-leaf://10.77.0.1:24577",
+        ],
+    );
+    let (c2, v2) = start_region_in(
+        &net.names[1],
+        "r2",
+        &["--leaf-url", "nats-leaf://10.77.0.1:24577"],
+    );
+    let regions = [region(&v1, 0), region(&v2, 0)];
+    let rooms: Vec<u64> = (1..=5).map(|r| 50_000 + r).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Per region: (origin, n, received at) of what its viewers got.
+    let got: [Arc<Mutex<Vec<(String, u64, Instant)>>>; 2] = Default::default();
+    let mut threads = Vec::new();
+    for (ri, r) in regions.iter().enumerate() {
+        for &room in &rooms {
+            let (ns, control, edge) = (net.names[ri].clone(), r.control, r.edge_tcp);
+            let (got, stop) = (got[ri].clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                enter_netns(&ns);
+                let uid = room * 10 + ri as u64;
+                let t = connect_ticket(control, room, uid);
+                let mut v = Viewer::tcp(edge);
+                assert_eq!(v.auth(&auth_body(uid, room, &t.token)), 0);
+                while !stop.load(Ordering::Relaxed) {
+                    let until = Instant::now() + Duration::from_millis(200);
+                    if let Some(m) = v.next_message(until) {
+                        if let Ok(j) = serde_json::from_str::<serde_json::Value>(&m) {
+                            if let (Some(o), Some(n)) = (j["o"].as_str(), j["n"].as_u64()) {
+                                got.lock().unwrap().push((o.to_owned(), n, Instant::now()));
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // Publishers, one per region into its own brokers: (n, accepted at).
+    let accepted: [Arc<Mutex<Vec<(u64, Instant)>>>; 2] = Default::default();
+    let pub_stop = Arc::new(AtomicBool::new(false));
+    let mut pubs = Vec::new();
+    for (ri, r) in regions.iter().enumerate() {
+        let (ns, ingest, rooms) = (net.names[ri].clone(), r.ingest, rooms.clone());
+        let (acc, stop) = (accepted[ri].clone(), pub_stop.clone());
+        pubs.push(std::thread::spawn(move || {
+            enter_netns(&ns);
+            let mut c = broker::IngestClient::connect(ingest, API_KEY).unwrap();
+            let origin = format!("r{}", ri + 1);
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let room = rooms[(n % rooms.len() as u64) as usize];
+                if c.push(&numbered(room, &origin, n)).is_ok() {
+                    acc.lock().unwrap().push((n, Instant::now()));
+                }
+                n += 1;
+                let due = start + Duration::from_micros(n * 1_000_000 / rate);
+                if let Some(w) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(w);
+                }
+            }
+        }));
+    }
+    let metric_in = |ri: usize, name: &str| {
+        let (ns, http) = (net.names[ri].clone(), regions[ri].broker_http);
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            enter_netns(&ns);
+            metric(&get_text(http, "/metrics"), &name)
+        })
+        .join()
+        .unwrap()
+    };
+    let stale = "barrage_broker_backbone_stale_dropped_total{kind=\"low\"}";
+    std::thread::sleep(Duration::from_secs(3));
+    let stale_before = [metric_in(0, stale), metric_in(1, stale)];
+    let cut = Instant::now();
+    net.partition(true);
+    std::thread::sleep(Duration::from_secs(part_secs));
+    net.partition(false);
+    let healed = Instant::now();
+    std::thread::sleep(Duration::from_secs(6));
+    pub_stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        let _ = p.join();
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let mut lines = Vec::new();
+    let mut lost_total = 0;
+    for ri in 0..2 {
+        let other = 1 - ri;
+        let (me, them) = (format!("r{}", ri + 1), format!("r{}", other + 1));
+        let got = got[ri].lock().unwrap();
+        let during = |acc: &[(u64, Instant)]| -> std::collections::BTreeSet<u64> {
+            acc.iter()
+                .filter(|(_, t)| *t >= cut && *t < healed)
+                .map(|x| x.0)
+                .collect()
+        };
+        let own = during(&accepted[ri].lock().unwrap());
+        let own_got = got
+            .iter()
+            .filter(|(o, n, _)| *o == me && own.contains(n))
+            .count();
+        let theirs = during(&accepted[other].lock().unwrap());
+        let theirs_got: std::collections::BTreeSet<u64> = got
+            .iter()
+            .filter(|(o, n, _)| *o == them && theirs.contains(n))
+            .map(|x| x.1)
+            .collect();
+        let dropped = (metric_in(ri, stale) - stale_before[ri]) as usize;
+        let lost = theirs.len().saturating_sub(theirs_got.len() + dropped);
+        lost_total += lost;
+        lines.push(format!(
+            "region {me}: own pushes during the partition accepted {}, delivered to its viewers {own_got}; \
+             {them}'s pushes of the partition {}: delivered after healing {}, dropped stale {dropped}, lost {lost}",
+            own.len(),
+            theirs.len(),
+            theirs_got.len()
+        ));
+    }
+    println!(
+        "partition run: two regions in network namespaces, {rate} pushes/s into each, \
+         nftables partition of {part_secs} s, cross_region_max_lag_ms 2000\n{}",
+        lines.join("\n")
+    );
+    drop((c1, c2));
+    assert_eq!(lost_total, 0, "pushes lost across the partition");
 }
