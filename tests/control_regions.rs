@@ -290,6 +290,13 @@ fn each_control_assigns_its_region_first_and_the_other_as_fallback() {
         via,
         [("edge-a".to_string(), false), ("edge-b".to_string(), true)]
     );
+    let (_, only_b) = http_json(r.control(0), "GET", "/v1/edges?region=b", &[], "");
+    assert_eq!(
+        only_b["edges"].as_array().map(Vec::len),
+        Some(1),
+        "{only_b}"
+    );
+    assert_eq!(only_b["edges"][0]["node_id"], "edge-b");
 
     // A broker in region b: then b is assigned only while a broker of it lives.
     let broker_file = r.dir.join("broker-b.toml");

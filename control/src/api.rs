@@ -749,29 +749,31 @@ impl Api {
         }
     }
 
-    /// The fleet list (hosts, load): operators' data, not the public's. A valid API key or the
+    /// The fleet list (hosts, load): operators' data, not the public's. Every region's edges
+    /// this control knows (`peer` names where another region's came from); `?region=` filters. A valid API key or the
     /// edge key opens it; without a bearer only a loopback peer gets it; a wrong key is 401.
     fn edges(&mut self, req: &Request, now: Instant) -> Response {
         if let Err(r) = self.fleet_allowed(req) {
             return r;
         }
-        json(
-            200,
-            &EdgesOut {
-                edges: self.registry.list(now),
-            },
-        )
+        let mut edges = self.registry.list(now);
+        if let Some(region) = req.query_param(REGION_PARAM) {
+            edges.retain(|e| e.heartbeat.region == region);
+        }
+        json(200, &EdgesOut { edges })
     }
 
-    /// `GET /v1/brokers`: the broker registry, under the fleet list's rule.
+    /// `GET /v1/brokers`: the broker registry (every region's, `?region=` filters), under the
+    /// fleet list's rule.
     fn list_brokers(&mut self, req: &Request, now: Instant) -> Response {
         if let Err(r) = self.fleet_allowed(req) {
             return r;
         }
-        json(
-            200,
-            &serde_json::json!({ "brokers": self.brokers.list(now) }),
-        )
+        let mut brokers = self.brokers.list(now);
+        if let Some(region) = req.query_param(REGION_PARAM) {
+            brokers.retain(|b| b.beat.region == region);
+        }
+        json(200, &serde_json::json!({ "brokers": brokers }))
     }
 
     /// A valid API key or the edge key opens the fleet lists; without a bearer only a loopback
