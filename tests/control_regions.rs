@@ -17,7 +17,6 @@ mod ports;
 
 use common::{auth_body, http_json, Viewer, API_KEY, WAIT};
 use ports::free_port;
-use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
