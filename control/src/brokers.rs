@@ -141,7 +141,10 @@ impl Brokers {
             return Ok(());
         }
         self.note_region(&b.region);
-        let seen = now.checked_sub(age).unwrap_or(now);
+        // Older than this clock can say (a host up for less than `age`): not worth keeping.
+        let Some(seen) = now.checked_sub(age) else {
+            return Ok(());
+        };
         let full = self.entries.len() >= BROKERS_MAX;
         match self.entries.get_mut(&b.node_id) {
             Some(e) if e.seen >= seen => {}

@@ -230,7 +230,10 @@ impl Registry {
         if age >= self.edge_forget {
             return Ok(());
         }
-        let seen = now.checked_sub(age).unwrap_or(now);
+        // Older than this clock can say (a host up for less than `age`): not worth keeping.
+        let Some(seen) = now.checked_sub(age) else {
+            return Ok(());
+        };
         match self.edges.get_mut(&hb.node_id) {
             Some(e) if e.last_seen >= seen => {}
             Some(e) => {
