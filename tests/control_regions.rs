@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 /// Heartbeats and polls are fast so the test takes seconds; liveness is a few of them.
 const HEARTBEAT_MS: &str = "100";
 const POLL_MS: &str = "100";
-const TTL_MS: &str = "800";
+const TTL_MS: &str = "2000";
 const KEY1: &str = "1:first-secret-0123456789";
 const KEY12: &str = "1:first-secret-0123456789,2:second-secret-0123456789";
 const KEY2: &str = "2:second-secret-0123456789";
