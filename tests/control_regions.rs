@@ -264,6 +264,19 @@ fn each_control_assigns_its_region_first_and_the_other_as_fallback() {
     assert_eq!(peer_up, Some(1.0), "{m}");
     let keys = value(&m, "barrage_control_peer_token_keys_match", &[]);
     assert_eq!(keys, Some(1.0), "{m}");
+    // The reference client names its region in control's URL.
+    let tail = Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .env("RUST_LOG", "error")
+        .args(["tail", "--room", &ROOM.to_string(), "--timeout-ms", "300"])
+        .arg("--control")
+        .arg(format!("http://{}/?region=b", r.control(0)))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&tail.stderr);
+    assert!(
+        said.contains(&format!("connected to 127.0.0.1:{eb} ")),
+        "{said}"
+    );
     // The fleet list shows where each edge was learned.
     let (_, edges) = http_json(
         r.control(0),
