@@ -103,7 +103,12 @@ impl Brokers {
         self.sweep(now);
         self.note_region(&b.region);
         let ttl = self.ttl;
-        let full = self.entries.len() >= BROKERS_MAX;
+        if !self.entries.contains_key(&b.node_id)
+            && self.entries.len() >= BROKERS_MAX
+            && !self.evict_peer_entry()
+        {
+            return Err(BrokerBeatError::Full);
+        }
         match self.entries.get_mut(&b.node_id) {
             Some(e) => {
                 let revived = now.saturating_duration_since(e.seen) >= ttl;
@@ -114,7 +119,6 @@ impl Brokers {
                 };
                 Ok(revived)
             }
-            None if full => Err(BrokerBeatError::Full),
             None => {
                 let entry = Entry {
                     beat: b,
@@ -166,6 +170,17 @@ impl Brokers {
             }
         }
         Ok(())
+    }
+
+    /// Forgets the stalest broker learned from a peer, to make room for one heartbeating here.
+    fn evict_peer_entry(&mut self) -> bool {
+        let stalest = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.peer.is_some())
+            .min_by_key(|(_, e)| e.seen)
+            .map(|(id, _)| id.clone());
+        stalest.is_some_and(|id| self.entries.remove(&id).is_some())
     }
 
     fn note_region(&mut self, region: &str) {

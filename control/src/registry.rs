@@ -7,7 +7,8 @@
 //!
 //! Invariants: at most `edges_max` entries; an entry silent for `edge_forget` (≥ `edge_ttl`)
 //! is removed on the next call that touches the registry; assignment never returns a dead,
-//! draining or full edge.
+//! draining or full edge; edges learned from peer controls (other regions) never keep an edge
+//! that heartbeats here out (the stalest one is forgotten to make room).
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -197,7 +198,7 @@ impl Registry {
                 Ok(revived)
             }
             None => {
-                if self.edges.len() >= self.edges_max {
+                if self.edges.len() >= self.edges_max && !self.evict_peer_entry() {
                     return Err(HeartbeatError::Full);
                 }
                 self.edges.insert(
@@ -212,6 +213,18 @@ impl Registry {
                 Ok(true)
             }
         }
+    }
+
+    /// Makes room for an edge heartbeating here by forgetting the stalest edge learned from a
+    /// peer: other regions' edges never crowd out our own. False when there is none.
+    fn evict_peer_entry(&mut self) -> bool {
+        let stalest = self
+            .edges
+            .iter()
+            .filter(|(_, e)| e.peer.is_some())
+            .min_by_key(|(_, e)| e.last_seen)
+            .map(|(id, _)| id.clone());
+        stalest.is_some_and(|id| self.edges.remove(&id).is_some())
     }
 
     /// Records an edge another region's control `peer` heard from `age` ago. An edge that
@@ -623,6 +636,27 @@ mod tests {
         assert_eq!(ids(&pick(&mut r, "b", 3, later)), ["a1"]);
         assert!(!r.knows_region("c"));
         assert!(r.knows_region("b"));
+        // A full registry makes room for an edge heartbeating here by forgetting a peer's.
+        let mut small = Registry::new(TTL, TTL * 2, 2);
+        small.heartbeat(hb("a1", "a", 0, 10), t0).unwrap();
+        small
+            .learn(hb("b1", "b", 0, 10), Duration::ZERO, "peer-b:80", t0)
+            .unwrap();
+        assert_eq!(
+            small.learn(hb("b2", "b", 0, 10), Duration::ZERO, "peer-b:80", t0),
+            Err(HeartbeatError::Full)
+        );
+        assert_eq!(small.heartbeat(hb("a2", "a", 0, 10), t0), Ok(true));
+        let left: Vec<_> = small
+            .list(t0)
+            .into_iter()
+            .map(|l| l.heartbeat.node_id)
+            .collect();
+        assert_eq!(left, ["a1", "a2"]);
+        assert_eq!(
+            small.heartbeat(hb("a3", "a", 0, 10), t0),
+            Err(HeartbeatError::Full)
+        );
         // Too old to keep: ignored. Bad fields: refused.
         r.learn(hb("b2", "b", 0, 10), TTL * 2, "peer-b:80", t0)
             .unwrap();
