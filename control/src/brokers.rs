@@ -99,36 +99,8 @@ impl Brokers {
 
     /// Records a heartbeat; returns whether the broker was new (or back from the dead).
     pub fn heartbeat(&mut self, b: BrokerBeat, now: Instant) -> Result<bool, BrokerBeatError> {
-        check(&b)?;
         self.sweep(now);
-        self.note_region(&b.region);
-        let ttl = self.ttl;
-        if !self.entries.contains_key(&b.node_id)
-            && self.entries.len() >= BROKERS_MAX
-            && !self.evict_peer_entry()
-        {
-            return Err(BrokerBeatError::Full);
-        }
-        match self.entries.get_mut(&b.node_id) {
-            Some(e) => {
-                let revived = now.saturating_duration_since(e.seen) >= ttl;
-                *e = Entry {
-                    beat: b,
-                    seen: now,
-                    peer: None,
-                };
-                Ok(revived)
-            }
-            None => {
-                let entry = Entry {
-                    beat: b,
-                    seen: now,
-                    peer: None,
-                };
-                self.entries.insert(entry.beat.node_id.clone(), entry);
-                Ok(true)
-            }
-        }
+        self.record(b, now, None, now)
     }
 
     /// Records a broker another region's control `peer` heard from `age` ago; a fresher
@@ -140,36 +112,49 @@ impl Brokers {
         peer: &str,
         now: Instant,
     ) -> Result<(), BrokerBeatError> {
+        // Older than this clock can say (a host up for less than `age`): not worth keeping.
+        match now.checked_sub(age) {
+            Some(seen) if age < self.forget => self.record(b, seen, Some(peer), now).map(|_| ()),
+            _ => check(&b),
+        }
+    }
+
+    /// One broker heard at `seen`, here (`peer` None) or from a peer control: a heartbeat here
+    /// always replaces the entry, a peer's word only when fresher. True when new or revived.
+    fn record(
+        &mut self,
+        b: BrokerBeat,
+        seen: Instant,
+        peer: Option<&str>,
+        now: Instant,
+    ) -> Result<bool, BrokerBeatError> {
         check(&b)?;
-        if age >= self.forget {
-            return Ok(());
+        let full = self.entries.len() >= BROKERS_MAX;
+        if !self.entries.contains_key(&b.node_id)
+            && full
+            && (peer.is_some() || !self.evict_peer_entry())
+        {
+            return Err(BrokerBeatError::Full);
         }
         self.note_region(&b.region);
-        // Older than this clock can say (a host up for less than `age`): not worth keeping.
-        let Some(seen) = now.checked_sub(age) else {
-            return Ok(());
+        let ttl = self.ttl;
+        let fresh = Entry {
+            beat: b,
+            seen,
+            peer: peer.map(str::to_string),
         };
-        let full = self.entries.len() >= BROKERS_MAX;
-        match self.entries.get_mut(&b.node_id) {
-            Some(e) if e.seen >= seen => {}
+        match self.entries.get_mut(&fresh.beat.node_id) {
+            Some(e) if peer.is_some() && e.seen >= seen => Ok(false),
             Some(e) => {
-                *e = Entry {
-                    beat: b,
-                    seen,
-                    peer: Some(peer.to_string()),
-                }
+                let revived = now.saturating_duration_since(e.seen) >= ttl;
+                *e = fresh;
+                Ok(revived)
             }
-            None if full => return Err(BrokerBeatError::Full),
             None => {
-                let entry = Entry {
-                    beat: b,
-                    seen,
-                    peer: Some(peer.to_string()),
-                };
-                self.entries.insert(entry.beat.node_id.clone(), entry);
+                self.entries.insert(fresh.beat.node_id.clone(), fresh);
+                Ok(true)
             }
         }
-        Ok(())
     }
 
     /// Forgets the stalest broker learned from a peer, to make room for one heartbeating here.

@@ -205,6 +205,32 @@ mod tests {
         .unwrap()
     }
 
+    /// Every prefix and every one-byte corruption of a good answer: no panic, and the
+    /// registries stay within what a good answer could have put there.
+    #[test]
+    fn mangled_answers_never_panic() {
+        let t0 = Instant::now();
+        let good = export("b", 100);
+        let ours: [KeyPrint; 0] = [];
+        let mut inputs: Vec<Vec<u8>> = (0..good.len()).map(|n| good[..n].to_vec()).collect();
+        for i in 0..good.len() {
+            for b in [b'"', b'{', b'9', 0xff, b'-'] {
+                let mut m = good.clone();
+                m[i] = b;
+                inputs.push(m);
+            }
+        }
+        for input in inputs {
+            let mut peers = Peers::new(&["b:1".into()], Duration::from_secs(1));
+            let mut edges = Registry::new(TTL, TTL * 10, 100);
+            let mut brokers = Brokers::new(TTL, TTL * 10);
+            peers.answered(0, Ok(input), &ours, &mut edges, &mut brokers, t0);
+            let p = &peers.list[0];
+            assert_eq!(p.polls_ok + p.polls_failed, 1);
+            assert!(edges.len() <= 2 && brokers.list(t0).len() <= 1);
+        }
+    }
+
     #[test]
     fn a_good_answer_is_merged_a_bad_one_changes_nothing() {
         let t0 = Instant::now();

@@ -183,33 +183,63 @@ impl Registry {
 
     /// Records a heartbeat; returns whether the edge was new (or back from the dead).
     pub fn heartbeat(&mut self, hb: Heartbeat, now: Instant) -> Result<bool, HeartbeatError> {
-        check_field("node_id", &hb.node_id, NODE_ID_BYTES_MAX)?;
-        check_field("region", &hb.region, REGION_BYTES_MAX)?;
-        check_field("host", &hb.host, HOST_BYTES_MAX)?;
         self.forget(now);
+        self.record(hb, now, None, now)
+    }
+
+    /// Records an edge another region's control `peer` heard from `age` ago. An edge that
+    /// heartbeats this control more recently keeps its own entry; an entry already older
+    /// than `edge_forget` is ignored (the peer is about to forget it too).
+    pub fn learn(
+        &mut self,
+        hb: Heartbeat,
+        age: Duration,
+        peer: &str,
+        now: Instant,
+    ) -> Result<(), HeartbeatError> {
+        // Older than this clock can say (a host up for less than `age`): not worth keeping.
+        match now.checked_sub(age) {
+            Some(seen) if age < self.edge_forget => {
+                self.record(hb, seen, Some(peer), now).map(|_| ())
+            }
+            _ => check_fields(&hb),
+        }
+    }
+
+    /// One entry heard at `seen`, here (`peer` None) or from a peer control. A heartbeat here
+    /// always replaces the entry; a peer's word only when it is fresher. True when the edge is
+    /// new or back from the dead.
+    fn record(
+        &mut self,
+        hb: Heartbeat,
+        seen: Instant,
+        peer: Option<&str>,
+        now: Instant,
+    ) -> Result<bool, HeartbeatError> {
+        check_fields(&hb)?;
         let ttl = self.edge_ttl;
-        match self.edges.get_mut(&hb.node_id) {
+        let full = self.edges.len() >= self.edges_max;
+        if !self.edges.contains_key(&hb.node_id)
+            && full
+            && (peer.is_some() || !self.evict_peer_entry())
+        {
+            return Err(HeartbeatError::Full);
+        }
+        let fresh = Entry {
+            hb,
+            last_seen: seen,
+            peer: peer.map(str::to_string),
+            assigned_since_heartbeat: 0,
+        };
+        match self.edges.get_mut(&fresh.hb.node_id) {
+            Some(e) if peer.is_some() && e.last_seen >= seen => Ok(false),
             Some(e) => {
                 let revived = e.state(now, ttl) == EdgeState::Dead;
-                e.hb = hb;
-                e.last_seen = now;
-                e.peer = None;
-                e.assigned_since_heartbeat = 0;
+                *e = fresh;
                 Ok(revived)
             }
             None => {
-                if self.edges.len() >= self.edges_max && !self.evict_peer_entry() {
-                    return Err(HeartbeatError::Full);
-                }
-                self.edges.insert(
-                    hb.node_id.clone(),
-                    Entry {
-                        hb,
-                        last_seen: now,
-                        peer: None,
-                        assigned_since_heartbeat: 0,
-                    },
-                );
+                self.edges.insert(fresh.hb.node_id.clone(), fresh);
                 Ok(true)
             }
         }
@@ -225,52 +255,6 @@ impl Registry {
             .min_by_key(|(_, e)| e.last_seen)
             .map(|(id, _)| id.clone());
         stalest.is_some_and(|id| self.edges.remove(&id).is_some())
-    }
-
-    /// Records an edge another region's control `peer` heard from `age` ago. An edge that
-    /// heartbeats this control more recently keeps its own entry; an entry already older
-    /// than `edge_forget` is ignored (the peer is about to forget it too).
-    pub fn learn(
-        &mut self,
-        hb: Heartbeat,
-        age: Duration,
-        peer: &str,
-        now: Instant,
-    ) -> Result<(), HeartbeatError> {
-        check_field("node_id", &hb.node_id, NODE_ID_BYTES_MAX)?;
-        check_field("region", &hb.region, REGION_BYTES_MAX)?;
-        check_field("host", &hb.host, HOST_BYTES_MAX)?;
-        if age >= self.edge_forget {
-            return Ok(());
-        }
-        // Older than this clock can say (a host up for less than `age`): not worth keeping.
-        let Some(seen) = now.checked_sub(age) else {
-            return Ok(());
-        };
-        match self.edges.get_mut(&hb.node_id) {
-            Some(e) if e.last_seen >= seen => {}
-            Some(e) => {
-                e.hb = hb;
-                e.last_seen = seen;
-                e.peer = Some(peer.to_string());
-                e.assigned_since_heartbeat = 0;
-            }
-            None => {
-                if self.edges.len() >= self.edges_max {
-                    return Err(HeartbeatError::Full);
-                }
-                self.edges.insert(
-                    hb.node_id.clone(),
-                    Entry {
-                        hb,
-                        last_seen: seen,
-                        peer: Some(peer.to_string()),
-                        assigned_since_heartbeat: 0,
-                    },
-                );
-            }
-        }
-        Ok(())
     }
 
     /// Drops entries silent for `edge_forget`.
@@ -432,6 +416,13 @@ impl Registry {
     pub fn is_empty(&self) -> bool {
         self.edges.is_empty()
     }
+}
+
+/// The lengths of a heartbeat's names, heard here or from a peer.
+fn check_fields(hb: &Heartbeat) -> Result<(), HeartbeatError> {
+    check_field("node_id", &hb.node_id, NODE_ID_BYTES_MAX)?;
+    check_field("region", &hb.region, REGION_BYTES_MAX)?;
+    check_field("host", &hb.host, HOST_BYTES_MAX)
 }
 
 fn check_field(name: &'static str, v: &str, max: usize) -> Result<(), HeartbeatError> {
