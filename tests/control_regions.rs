@@ -264,6 +264,16 @@ fn each_control_assigns_its_region_first_and_the_other_as_fallback() {
     assert_eq!(peer_up, Some(1.0), "{m}");
     let keys = value(&m, "barrage_control_peer_token_keys_match", &[]);
     assert_eq!(keys, Some(1.0), "{m}");
+    // POST /v1/connect says which region the client was judged to be in.
+    let (_, v) = http_json(
+        r.control(0),
+        "POST",
+        "/v1/connect?region=b",
+        &[],
+        &format!(r#"{{"room":{ROOM}}}"#),
+    );
+    assert_eq!(v["region"], "b", "{v}");
+    assert_eq!(v["edges"][0]["region"], "b", "{v}");
     // The reference client names its region in control's URL.
     let tail = Command::new(env!("CARGO_BIN_EXE_barrage"))
         .env("RUST_LOG", "error")

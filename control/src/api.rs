@@ -190,6 +190,8 @@ struct ConnectOut<'a> {
     token: &'a str,
     expires_at: u64,
     room: u64,
+    /// The region the client was judged to be in (its edges come first in `edges`).
+    region: &'a str,
     edges: Vec<EdgeOut<'a>>,
 }
 
@@ -532,7 +534,8 @@ impl Api {
 
     /// The edges for a client: its region's first, then the next-best regions' as fallbacks
     /// (see [`Registry::assign`]); a region whose brokers are all gone is not assigned.
-    fn assign(&mut self, req: &Request, now: Instant) -> Vec<Assigned> {
+    /// The client's region and its edges.
+    fn assign(&mut self, req: &Request, now: Instant) -> (String, Vec<Assigned>) {
         let region = self.region_of(req);
         let brokers = &self.brokers;
         let region_ok = |r: &str| brokers.region_ok(r, now);
@@ -556,7 +559,7 @@ impl Api {
             Choice::Fallback => self.counters.assignments_fallback += 1,
             Choice::Empty => self.counters.assignments_empty += 1,
         }
-        edges
+        (region, edges)
     }
 
     /// One poll of peer `i` came back (`Ok(body)` of a 200, or why not): merged into the
@@ -638,13 +641,14 @@ impl Api {
         } else {
             self.counters.tokens_user += 1;
         }
-        let edges = self.assign(req, now);
+        let (region, edges) = self.assign(req, now);
         json(
             200,
             &ConnectOut {
                 token: &issued.token,
                 expires_at: issued.expires_at_s,
                 room: room.room_id,
+                region: &region,
                 edges: edges
                     .iter()
                     .map(|e| EdgeOut {
@@ -683,7 +687,7 @@ impl Api {
         // (real clients invent their buvid only when they connect).
         let issued = self.keys.load().issuer.issue(0, "", &room, now_s);
         self.counters.tokens_guest += 1;
-        let edges = self.assign(req, now);
+        let (_, edges) = self.assign(req, now);
         let data = DanmuInfo {
             group: "live",
             business_id: 0,
