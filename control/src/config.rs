@@ -61,7 +61,8 @@ pub struct Config {
     pub edges_max: usize,
     /// Edges handed to one client, best first, so it can fall back.
     pub edges_per_client_max: usize,
-    /// Region of clients that match no `regions` rule and send no trusted region header.
+    /// Region of clients that name none (`?region=`, a trusted header) and match no `regions`
+    /// rule, and of clients naming a region nobody knows (counted).
     pub default_region: String,
     /// Honour `X-Client-Region` (set by a trusted front proxy). Leave off when clients reach
     /// control directly: they could pick any region.
