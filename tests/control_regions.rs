@@ -31,6 +31,7 @@ const KEY1: &str = "1:first-secret-0123456789";
 const KEY12: &str = "1:first-secret-0123456789,2:second-secret-0123456789";
 const KEY2: &str = "2:second-secret-0123456789";
 const ROOM: u64 = 7;
+const FLEET_KEY: &str = "fleet-key-0123456789abcdef0123456789";
 
 /// A `barrage` child process, SIGKILLed on drop.
 struct Proc {
@@ -128,7 +129,9 @@ fn control(dir: &std::path::Path, region: &str, port: u16, peer: u16) -> Proc {
             ("region", q(region)),
             ("default_region", q(region)),
             ("peers", format!("[{}]", q(&format!("127.0.0.1:{peer}")))),
-            ("peer_key", q(API_KEY)),
+            // Each polls the other with a key good for the fleet lists only.
+            ("fleet_keys", format!("[{}]", q(FLEET_KEY))),
+            ("peer_key", q(FLEET_KEY)),
             ("peer_poll_ms", POLL_MS.into()),
             ("edge_ttl_ms", TTL_MS.into()),
             ("driver", q("legacy")),

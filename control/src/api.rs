@@ -133,6 +133,8 @@ pub struct Api {
     /// What `POST /admin/reload` runs (the binary registers "config").
     hooks: net::reload::Hooks,
     edge_key: String,
+    /// Keys good for the fleet lists only (`fleet_keys`).
+    fleet_keys: Vec<String>,
     trust_region_header: bool,
     default_region: String,
     edges_per_client_max: usize,
@@ -337,6 +339,7 @@ impl Api {
             keys: std::sync::Arc::new(net::reload::Live::new(keys)),
             hooks: Default::default(),
             edge_key: config.edge_key.clone(),
+            fleet_keys: config.fleet_keys.clone(),
             trust_region_header: config.trust_region_header,
             default_region: config.default_region.clone(),
             edges_per_client_max: config.edges_per_client_max,
@@ -787,6 +790,7 @@ impl Api {
         if !self.edge_key.is_empty() {
             keys.push(self.edge_key.clone());
         }
+        keys.extend(self.fleet_keys.iter().cloned());
         let allowed = match check_bearer(req, &keys) {
             Bearer::Valid => true,
             Bearer::Absent => req
@@ -1545,7 +1549,48 @@ mod tests {
 
     #[test]
     fn the_registry_export_lists_what_heartbeats_here_with_key_prints() {
-        let mut api = Api::new(&config()).unwrap();
+        let mut c = config();
+        c.fleet_keys = vec!["fleet-key-0123456789abcdef0123456789".into()];
+        let mut api = Api::new(&c).unwrap();
+        let fleet = |r: Request| {
+            with_header(
+                r,
+                "authorization",
+                "Bearer fleet-key-0123456789abcdef0123456789",
+            )
+        };
+        let t = Instant::now();
+        let remote = "10.1.1.1:1";
+        assert_eq!(
+            api.handle(&fleet(req("GET", "/v1/registry", &[], "", remote)), t, 0)
+                .status,
+            200
+        );
+        assert_eq!(
+            api.handle(&fleet(req("GET", "/v1/edges", &[], "", remote)), t, 0)
+                .status,
+            200
+        );
+        let connect = fleet(req(
+            "POST",
+            "/v1/connect",
+            &[],
+            r#"{"room":1,"uid":5}"#,
+            remote,
+        ));
+        assert_eq!(
+            api.handle(&connect, t, 0).status,
+            401,
+            "a fleet key mints no tokens"
+        );
+        let fake = fleet(req(
+            "POST",
+            "/v1/edges/heartbeat",
+            &[],
+            &hb("x", "local", 0, false),
+            remote,
+        ));
+        assert_eq!(api.handle(&fake, t, 0).status, 403, "nor registers edges");
         let t0 = Instant::now();
         beat(&mut api, "l1", "local", 0, false, t0);
         api.peer_answered(

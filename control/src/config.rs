@@ -76,9 +76,13 @@ pub struct Config {
     /// polls their registries so it can send a client to another region's edges when its own
     /// region has none (docs/operations-control.md, regions). Empty: one region.
     pub peers: Vec<String>,
-    /// Bearer presented to the peers (`GET /v1/registry`): one of their `api_keys` or their
-    /// `edge_key`. Empty: none (peers answer loopback callers only).
+    /// Bearer presented to the peers (`GET /v1/registry`): one of their `fleet_keys` (or an
+    /// API key or their `edge_key`). Empty: none (peers answer loopback callers only).
     pub peer_key: String,
+    /// Keys that open the fleet lists (`GET /v1/edges`, `/v1/brokers`, `/v1/registry`) and
+    /// nothing else: give one to each other region's control as its `peer_key`, and to
+    /// dashboards, rather than a key that can also mint tokens or register edges.
+    pub fleet_keys: Vec<String>,
     /// How often each peer's registry is polled. A dark region stops being assigned within
     /// `edge_ttl_ms` plus this.
     pub peer_poll_ms: u64,
@@ -124,6 +128,7 @@ impl Default for Config {
             region: "local".to_string(),
             peers: Vec::new(),
             peer_key: String::new(),
+            fleet_keys: Vec::new(),
             peer_poll_ms: 1000,
             region_fallbacks: BTreeMap::new(),
             fallback_edges: 1,
@@ -172,6 +177,9 @@ impl Config {
         if !self.peer_key.is_empty() {
             judge("peer_key", net::secret::check(&self.peer_key))?;
         }
+        for (i, k) in self.fleet_keys.iter().enumerate() {
+            judge(&format!("fleet_keys[{i}]"), net::secret::check(k))?;
+        }
         if !self.edge_key.is_empty() {
             judge("edge_key", net::secret::check(&self.edge_key))?;
         } else if public {
@@ -202,6 +210,9 @@ impl Config {
         }
         if self.api_keys.iter().any(|k| k.is_empty()) {
             return bad("api_keys: empty key");
+        }
+        if self.fleet_keys.iter().any(|k| k.is_empty()) {
+            return bad("fleet_keys: empty key");
         }
         let region_name_ok = |r: &str| {
             !r.is_empty()
