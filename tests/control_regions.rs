@@ -118,8 +118,10 @@ struct Regions {
     edges: [Proc; 2],
 }
 
-fn control(dir: &std::path::Path, region: &str, port: u16, peer: u16) -> Proc {
-    let file = keys_file(dir, &format!("control-{region}.toml"), KEY1);
+/// A control of `region` on `port` (its key file `control-{name}.toml`) polling `peers`.
+fn control(dir: &std::path::Path, name: &str, region: &str, port: u16, peers: &[u16]) -> Proc {
+    let file = keys_file(dir, &format!("control-{name}.toml"), KEY1);
+    let peers: Vec<String> = peers.iter().map(|p| q(&format!("127.0.0.1:{p}"))).collect();
     Proc::start(
         "control",
         &file,
@@ -128,7 +130,7 @@ fn control(dir: &std::path::Path, region: &str, port: u16, peer: u16) -> Proc {
             ("api_keys", format!("[{}]", q(API_KEY))),
             ("region", q(region)),
             ("default_region", q(region)),
-            ("peers", format!("[{}]", q(&format!("127.0.0.1:{peer}")))),
+            ("peers", format!("[{}]", peers.join(","))),
             // Each polls the other with a key good for the fleet lists only.
             ("fleet_keys", format!("[{}]", q(FLEET_KEY))),
             ("peer_key", q(FLEET_KEY)),
@@ -139,7 +141,8 @@ fn control(dir: &std::path::Path, region: &str, port: u16, peer: u16) -> Proc {
     )
 }
 
-fn edge(dir: &std::path::Path, region: &str, control: SocketAddr) -> Proc {
+/// An edge of `region` heartbeating `controls` (`host:port,host:port`).
+fn edge(dir: &std::path::Path, region: &str, controls: &str) -> Proc {
     let file = keys_file(dir, &format!("edge-{region}.toml"), KEY1);
     Proc::start(
         "edge",
@@ -152,7 +155,7 @@ fn edge(dir: &std::path::Path, region: &str, control: SocketAddr) -> Proc {
             ("tcp_addr", q("127.0.0.1:0")),
             ("ws_addr", q("127.0.0.1:0")),
             ("admin_addr", q("127.0.0.1:0")),
-            ("control_addr", q(&control.to_string())),
+            ("control_addr", q(controls)),
             ("control_heartbeat_ms", HEARTBEAT_MS.into()),
         ],
     )
@@ -163,10 +166,13 @@ impl Regions {
         let dir = std::env::temp_dir().join(format!("barrage-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (pa, pb) = (free_port(), free_port());
-        let controls = [control(&dir, "a", pa, pb), control(&dir, "b", pb, pa)];
+        let controls = [
+            control(&dir, "a", "a", pa, &[pb]),
+            control(&dir, "b", "b", pb, &[pa]),
+        ];
         let edges = [
-            edge(&dir, "a", controls[0].addr("http://")),
-            edge(&dir, "b", controls[1].addr("http://")),
+            edge(&dir, "a", &controls[0].addr("http://").to_string()),
+            edge(&dir, "b", &controls[1].addr("http://").to_string()),
         ];
         let r = Regions {
             dir,
@@ -470,4 +476,49 @@ fn tokens_work_in_every_region_and_a_rotated_out_key_is_refused_in_both() {
     r.wait("the key sets agree after the rotation", || {
         keys_match(&r, 0) == Some(true) && keys_match(&r, 1) == Some(true)
     });
+}
+
+/// With control replicas: region a has two, both polled by b's control; a's edge heartbeats
+/// both. One of a's replicas dies: b still sees a's edge through the other.
+#[test]
+fn a_peer_region_with_replicas_survives_losing_one() {
+    let dir = std::env::temp_dir().join(format!("barrage-regions-ha-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (pa1, pa2, pb) = (free_port(), free_port(), free_port());
+    let mut a1 = control(&dir, "a1", "a", pa1, &[pb]);
+    let _a2 = control(&dir, "a2", "a", pa2, &[pb]);
+    let b = control(&dir, "b", "b", pb, &[pa1, pa2]);
+    let _edge_a = edge(&dir, "a", &format!("127.0.0.1:{pa1},127.0.0.1:{pa2}"));
+    let b_addr = b.addr("http://");
+    let edge_a_at_b = || {
+        let (_, v) = http_json(b_addr, "GET", "/v1/edges?region=a", &[], "");
+        v["edges"][0]["state"] == "up"
+    };
+    let deadline = Instant::now() + WAIT;
+    while !edge_a_at_b() {
+        assert!(Instant::now() < deadline, "b never learned a's edge");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a1.kill();
+    let a1_down = || {
+        let m = net::runtime::block_on(net::runtime::Driver::Legacy, async move {
+            net::http::request(&b_addr.to_string(), "GET", "/metrics", &[], b"", WAIT).await
+        })
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .unwrap();
+        value(
+            &m,
+            "barrage_control_peer_up",
+            &[&format!("127.0.0.1:{pa1}")],
+        ) == Some(0.0)
+    };
+    while !a1_down() {
+        assert!(Instant::now() < deadline, "b never saw a1 go down");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Longer than the liveness window: had b only heard of the edge through a1, it would be
+    // dead now; through a2 it stays up (checked by hand: with b polling a1 alone this fails).
+    std::thread::sleep(Duration::from_millis(TTL_MS.parse::<u64>().unwrap() + 500));
+    assert!(edge_a_at_b(), "a's edge is still up at b through a2");
+    let _ = std::fs::remove_dir_all(&dir);
 }
