@@ -21,12 +21,15 @@ use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// Paths served on the HTTP server's reserved slots when the public side is full.
-pub const RESERVED_PATHS: [&str; 5] = [
+/// `/v1/registry` is among them: a connect storm at this control must not make the other
+/// regions' controls believe this region went dark.
+pub const RESERVED_PATHS: [&str; 6] = [
     "/healthz",
     "/readyz",
     "/metrics",
     "/v1/edges/heartbeat",
     "/v1/brokers/heartbeat",
+    crate::peers::REGISTRY_PATH,
 ];
 
 /// The header a trusted front proxy sets to the client's region.
