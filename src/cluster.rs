@@ -439,6 +439,7 @@ fn run_in(
             .map(|s| if s.contains(':') { s } else { format!("1:{s}") })
             .unwrap_or_else(|| format!("1:{}", secret())),
         edge_key: secret(),
+        fleet_key: secret(),
     };
     let replicas = args.replicas.unwrap_or(if args.nats >= 3 { 3 } else { 1 });
     let deadline = Instant::now() + Duration::from_millis(READY_MS_MAX);
@@ -560,6 +561,8 @@ struct Keys {
     api_key: String,
     token_keys: String,
     edge_key: String,
+    /// Opens the fleet lists only: what each region's control polls the others with.
+    fleet_key: String,
 }
 
 /// What one region is started with.
@@ -912,11 +915,24 @@ fn start_region(
     })
 }
 
-/// A region's control with others: clients without a region are this region's. (The
-/// cross-region registry fields come with the control side of regions.)
+/// A region's control with others: its region (clients naming none are its own), the other
+/// regions' controls it polls for their edges (fallbacks in `host_list`), with the shared
+/// fleet key that opens their lists and nothing else.
 fn control_region_sets(plan: &RegionPlan, keys: &Keys) -> Vec<(&'static str, String)> {
-    let _ = (keys, &plan.peer_controls);
-    vec![("default_region", q(plan.name))]
+    let peers = plan
+        .peer_controls
+        .iter()
+        .map(|a| q(&a.to_string()))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        ("region", q(plan.name)),
+        ("default_region", q(plan.name)),
+        ("peers", format!("[{peers}]")),
+        ("peer_key", q(&keys.fleet_key)),
+        ("fleet_keys", format!("[{}]", q(&keys.fleet_key))),
+        ("peer_poll_ms", HEARTBEAT_MS.to_string()),
+    ]
 }
 
 /// Waits for SIGINT/SIGTERM, logging each child that exits meanwhile.

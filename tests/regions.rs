@@ -145,6 +145,38 @@ fn viewer(r: &Region, room: u64, uid: u64, ack: bool) -> Viewer {
     v
 }
 
+/// A ticket from `control` once its `host_list` names `fallback` (another region's edge,
+/// learned from that region's control), with the list as addresses.
+fn ticket_with_fallback(
+    control: SocketAddr,
+    room: u64,
+    uid: u64,
+    fallback: SocketAddr,
+) -> (Ticket, Vec<SocketAddr>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = connect_ticket(control, room, uid);
+        let hosts: Vec<SocketAddr> = t
+            .edges
+            .iter()
+            .filter_map(|e| {
+                format!("{}:{}", e["host"].as_str()?, e["tcp_port"].as_u64()?)
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        if hosts.contains(&fallback) {
+            return (t, hosts);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "control never listed the other region's edge: {:?}",
+            t.edges
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Pushes through `client`, retrying while the answer is `overloaded` (not accepted).
 fn push(client: &mut broker::IngestClient, m: &broker::Message) -> u64 {
     let deadline = Instant::now() + WAIT;
@@ -427,10 +459,11 @@ fn a_stale_backlog_is_dropped_after_a_partition_heals() {
     );
 }
 
-/// Region 1 goes dark (every process of it killed with SIGKILL): its viewer reconnects to
-/// region 2's edge with the token region 1's control issued (one key set for every region)
-/// and keeps receiving; an ingest client holding both regions' brokers fails over to region
-/// 2's.
+/// Region 1 goes dark (every process of it killed with SIGKILL): its viewer walks the
+/// `host_list` region 1's control gave it (its own region's edge first, region 2's as the
+/// fallback, learned from region 2's control), reaches region 2's edge with the token region
+/// 1's control issued (one key set for every region) and keeps receiving; an ingest client
+/// holding both regions' brokers fails over to region 2's.
 #[test]
 fn a_viewer_and_an_ingest_client_fail_over_to_the_other_region() {
     if !nats_installed() {
@@ -439,8 +472,9 @@ fn a_viewer_and_an_ingest_client_fail_over_to_the_other_region() {
     let (_cluster, v) = start_regions(&[]);
     let (r1, r2) = (region(&v, 0), region(&v, 1));
     let room = 4300;
-    let t = connect_ticket(r1.control, room, 7);
-    let mut a = Viewer::tcp(r1.edge_tcp);
+    let (t, host_list) = ticket_with_fallback(r1.control, room, 7, r2.edge_tcp);
+    assert_eq!(host_list[0], r1.edge_tcp, "the client's own region first");
+    let mut a = Viewer::tcp(host_list[0]);
     assert_eq!(a.auth(&auth_body(7, room, &t.token)), 0);
     warm(r1.ingest, room, &mut [&mut a]);
     let both = format!("{},{}", r1.ingest, r2.ingest);
@@ -459,7 +493,14 @@ fn a_viewer_and_an_ingest_client_fail_over_to_the_other_region() {
         a.closed_by(Instant::now() + WAIT),
         "region 1's edge is gone"
     );
-    let mut b = Viewer::tcp(r2.edge_tcp);
+    // Walk host_list: the dead edge refuses, the next is region 2's.
+    let next = host_list
+        .iter()
+        .find(|h| TcpStream::connect_timeout(h, Duration::from_millis(500)).is_ok())
+        .copied()
+        .expect("an edge of host_list answers");
+    assert_eq!(next, r2.edge_tcp);
+    let mut b = Viewer::tcp(next);
     assert_eq!(
         b.auth(&auth_body(7, room, &t.token)),
         0,
@@ -689,7 +730,8 @@ fn spawn_reader(
 /// both regions' brokers (region 1's first), and a user with high reach on, pushed to every
 /// 100 ms. Before the kill it measures push-to-viewer latency same-region (region 1's
 /// viewers) against cross-region (region 2's); then every process of region 1 is killed with
-/// SIGKILL, its viewers walk to region 2's edge with the same token, and the run reports how
+/// SIGKILL, its viewers walk the `host_list` region 1's control gave them (region 2's edge is
+/// the fallback) with the same token, and the run reports how
 /// long until they receive again (p50/p99 from the kill), the best-effort pushes they missed,
 /// high-reach pushes lost (asserted 0), and pushes refused vs accepted in the 10 s after the
 /// kill. Run with `cargo test --release --test regions -- --ignored --nocapture
@@ -712,15 +754,16 @@ fn region_failover_run() {
     for (ri, (home, other)) in [(&r1, &r2), (&r2, &r1)].into_iter().enumerate() {
         for (i, &room) in rooms.iter().enumerate() {
             let uid = room * 10 + ri as u64;
-            let t = connect_ticket(home.control, room, uid);
+            let (t, hosts) = ticket_with_fallback(home.control, room, uid, other.edge_tcp);
             let mut w = Viewer::tcp(home.edge_tcp);
             assert_eq!(w.auth(&auth_body(uid, room, &t.token)), 0);
             warm(r1.ingest, room, &mut [&mut w]);
             drop(w);
             let s = Arc::new(Mutex::new(Seen::default()));
             seen.push((ri, i, s.clone()));
+            assert_eq!(hosts[0], home.edge_tcp, "its own region first");
             threads.push(spawn_reader(
-                vec![home.edge_tcp, other.edge_tcp],
+                hosts,
                 auth_body(uid, room, &t.token),
                 s,
                 stop.clone(),
@@ -729,16 +772,11 @@ fn region_failover_run() {
     }
     // The high-reach user, in region 1.
     let reach_uid = 39_999;
-    let t = connect_ticket(r1.control, rooms[0], reach_uid);
+    let (t, hosts) = ticket_with_fallback(r1.control, rooms[0], reach_uid, r2.edge_tcp);
     let mut body = auth_body(reach_uid, rooms[0], &t.token);
     body.ack = true;
     let user = Arc::new(Mutex::new(Seen::default()));
-    threads.push(spawn_reader(
-        vec![r1.edge_tcp, r2.edge_tcp],
-        body,
-        user.clone(),
-        stop.clone(),
-    ));
+    threads.push(spawn_reader(hosts, body, user.clone(), stop.clone()));
     std::thread::sleep(Duration::from_millis(500));
 
     let both = format!("{},{}", r1.ingest, r2.ingest);
