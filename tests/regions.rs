@@ -371,8 +371,9 @@ impl Proxy {
 
 /// A partition between the regions (the leafnode cut by a proxy): each region keeps serving
 /// its own viewers; after it heals, the other region's low-priority backlog, older than
-/// `cross_region_max_lag_ms`, is dropped and counted, not delivered late, and fresh pushes
-/// cross again.
+/// `cross_region_max_lag_ms`, is dropped and counted, not delivered late, fresh pushes cross
+/// again, and high reach of the partition is delivered while its ttl (from the origin's
+/// publish) lasts and dropped, counted, once it is over.
 #[test]
 fn a_stale_backlog_is_dropped_after_a_partition_heals() {
     if !nats_installed() {
@@ -393,8 +394,33 @@ fn a_stale_backlog_is_dropped_after_a_partition_heals() {
     let mut a = viewer(&r1, room, 1, false);
     let mut b = viewer(&r2, room, 2, false);
     warm(r1.ingest, room, &mut [&mut a, &mut b]);
+    // A high-reach user in region 2.
+    let uid = 4299;
+    let mut u = viewer(&r2, room, uid, true);
 
     proxy.cut();
+    // High reach accepted in region 1 during the partition: its copy cannot reach region 2
+    // (counted), so region 2 gets it from the backlog after healing, with its ttl counted from
+    // region 1's publish: the 1 s one is over by then, the 60 s one is delivered.
+    let r1_http = addr_of(&v["regions"][0]["brokers"][0]["http"]);
+    let auth = format!("Bearer {API_KEY}");
+    let mut gifts = BTreeMap::new();
+    for (ttl, what) in [(1_000, "SHORT"), (60_000, "LONG")] {
+        let (status, r) = http_json(
+            r1_http,
+            "POST",
+            &format!("/v1/push/user/{uid}?reach=high&ttl_ms={ttl}"),
+            &[("Authorization", auth.as_str())],
+            &format!(r#"{{"cmd":"GIFT","what":"{what}"}}"#),
+        );
+        assert_eq!(status, 202, "{r}");
+        gifts.insert(what, r["msg_id"].as_str().unwrap().to_owned());
+    }
+    let page = get_text(r1_http, "/metrics");
+    assert!(
+        metric(&page, "barrage_broker_backbone_region_copies_missing_total") >= 2.0,
+        "copies to a partitioned region not counted"
+    );
     let mut c1 = broker::IngestClient::connect(r1.ingest, API_KEY).unwrap();
     let mut c2 = broker::IngestClient::connect(r2.ingest, API_KEY).unwrap();
     const N: u64 = 10;
@@ -456,6 +482,25 @@ fn a_stale_backlog_is_dropped_after_a_partition_heals() {
             "barrage_broker_backbone_stale_dropped_total{kind=\"low\"}"
         ) >= N as f64,
         "stale drops not counted"
+    );
+    // High reach: the live one arrives (same msg id as region 1 answered), the expired one not.
+    let got = read_for(&mut u, WAIT, |g| g.iter().any(|j| j["what"] == "LONG"));
+    let long = got
+        .iter()
+        .find(|j| j["what"] == "LONG")
+        .expect("the live high reach");
+    assert_eq!(long["msg_id"].as_str(), Some(gifts["LONG"].as_str()));
+    assert!(
+        !got.iter().any(|j| j["what"] == "SHORT"),
+        "an expired high reach: {got:?}"
+    );
+    let page = get_text(r2.broker_http, "/metrics");
+    assert!(
+        metric(
+            &page,
+            "barrage_broker_backbone_stale_dropped_total{kind=\"reach\"}"
+        ) >= 1.0,
+        "the expired high reach not counted"
     );
 }
 
