@@ -47,6 +47,9 @@ pub struct Config {
     pub connect_ms_max: u64,
     /// Deliveries queued to one owning thread before the consumer waits.
     pub delivery_queue_max: usize,
+    /// A broker joining a running cluster takes no partition until the edges have linked to
+    /// it ([`crate::Backbone::joined`]), or at the latest this long after start. 0: no wait.
+    pub join_wait_ms_max: u64,
 }
 
 impl Default for Config {
@@ -68,6 +71,7 @@ impl Default for Config {
             publish_pending_max: 10_000,
             connect_ms_max: 2_000,
             delivery_queue_max: 4_096,
+            join_wait_ms_max: 10_000,
         }
     }
 }
