@@ -62,6 +62,9 @@ pub struct Config {
     /// consumed here (a backlog after a partition) is dropped and counted; high reach is kept
     /// while its ttl lasts.
     pub cross_region_max_lag_ms: u64,
+    /// A broker joining a running cluster takes no partition until the edges have linked to
+    /// it ([`crate::Backbone::joined`]), or at the latest this long after start. 0: no wait.
+    pub join_wait_ms_max: u64,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             regions: Vec::new(),
             origin_age_ms: 3_600_000,
             cross_region_max_lag_ms: 10_000,
+            join_wait_ms_max: 10_000,
         }
     }
 }

@@ -77,6 +77,9 @@ pub struct Leases {
     retry: Duration,
     /// No acquire before this (see the module doc).
     settle_until: Instant,
+    /// While set and not passed, nothing is acquired: the broker is joining and waits for its
+    /// edges to link first ([`Leases::hold`]).
+    hold_until: Option<Instant>,
     live: BTreeMap<BrokerId, Instant>,
     slots: Vec<Slot>,
     heartbeat_at: Instant,
@@ -95,6 +98,7 @@ impl Leases {
             margin: lease / 10,
             retry: lease / 10,
             settle_until: now + period,
+            hold_until: None,
             live: BTreeMap::new(),
             slots: vec![Slot::Free { retry_at: now }; usize::from(partitions)],
             heartbeat_at: now,
@@ -228,6 +232,18 @@ impl Leases {
             .collect()
     }
 
+    /// Acquires nothing before `until` (unless [`Leases::unhold`] comes first). A broker that
+    /// joins a running cluster holds until the edges have linked to it, so no partition moves
+    /// to it while it would find nobody watching the rooms (and ack their messages unsent).
+    pub fn hold(&mut self, until: Instant) {
+        self.hold_until = Some(until);
+    }
+
+    /// Ends [`Leases::hold`]: acquisitions start at the next poll (after the settle time).
+    pub fn unhold(&mut self) {
+        self.hold_until = None;
+    }
+
     /// Everything due at `now`.
     pub fn poll(&mut self, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
@@ -242,7 +258,7 @@ impl Leases {
             out.push(Action::Heartbeat);
         }
         let live = self.live(now);
-        let settled = now >= self.settle_until;
+        let settled = now >= self.settle_until && self.hold_until.is_none_or(|h| now >= h);
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let p = Partition(i as u16);
             let preferred = preferred_owner(p, &live);
@@ -288,6 +304,9 @@ impl Leases {
             }
         };
         consider(self.settle_until);
+        if let Some(h) = self.hold_until {
+            consider(h);
+        }
         for slot in &self.slots {
             match *slot {
                 Slot::Free { retry_at } => consider(retry_at),
@@ -412,6 +431,32 @@ mod tests {
         }
         assert_eq!(c.len(), 8);
         assert_eq!(l.held().len(), 8);
+    }
+
+    /// A held broker acquires nothing until unheld, and a hold that is never ended runs out.
+    #[test]
+    fn a_hold_delays_acquiring_until_unheld_or_run_out() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new();
+        let mut l = Leases::new(b("a"), 8, LEASE, t0);
+        l.hold(t0 + LEASE * 10);
+        let mut c = Vec::new();
+        for i in 0..10 {
+            bucket.step(&mut l, t0 + LEASE / 3 * i, &mut c);
+        }
+        assert!(c.is_empty(), "nothing while held");
+        l.unhold();
+        bucket.step(&mut l, t0 + LEASE * 4, &mut c);
+        assert_eq!(c.len(), 8);
+
+        let mut bucket = Bucket::new();
+        let mut l = Leases::new(b("b"), 8, LEASE, t0);
+        l.hold(t0 + LEASE);
+        let mut c = Vec::new();
+        bucket.step(&mut l, t0 + LEASE / 2, &mut c);
+        assert!(c.is_empty(), "nothing while held");
+        bucket.step(&mut l, t0 + LEASE, &mut c);
+        assert_eq!(c.len(), 8, "the hold ran out");
     }
 
     /// Two brokers split the partitions; one dies (stops stepping); the other takes its

@@ -69,6 +69,8 @@ pub struct Stats {
     /// Messages that waited longer than `progress_ms_max`: no more in-progress acks, so
     /// JetStream redelivers them after `ack_wait_ms`.
     pub progress_expired: AtomicU64,
+    /// Set by [`Backbone::joined`]: the broker's edges have linked, partitions may be taken.
+    pub joined: std::sync::atomic::AtomicBool,
 }
 
 /// Why the backbone could not start.
@@ -354,6 +356,14 @@ impl Backbone {
         self.id_base
     }
 
+    /// Ends the join wait (`join_wait_ms_max`): the edges have linked to this broker, so it
+    /// may take partitions now (within one lease period).
+    pub fn joined(&self) {
+        self.stats
+            .joined
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The backbone thread's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -568,12 +578,15 @@ impl Shell {
         .await
         .map_err(|e| setup(&e))?;
         let kv = js.get_key_value(bucket).await.map_err(|e| setup(&e))?;
-        let leases = Leases::new(
+        let mut leases = Leases::new(
             me.clone(),
             config.partitions,
             config.lease(),
             Instant::now(),
         );
+        if config.join_wait_ms_max > 0 {
+            leases.hold(Instant::now() + Duration::from_millis(config.join_wait_ms_max));
+        }
         Ok(Shell {
             config,
             me,
@@ -634,6 +647,9 @@ impl Shell {
                 },
                 _ = progress.tick(), if progress_on => self.progress().await,
                 _ = sleep => {}
+            }
+            if self.stats.joined.load(std::sync::atomic::Ordering::Relaxed) {
+                self.leases.unhold();
             }
             let acts = self.leases.poll(Instant::now());
             self.apply(acts).await;

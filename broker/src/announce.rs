@@ -6,6 +6,15 @@
 //!
 //! A failed heartbeat is logged once and retried on the next interval; it never stops the
 //! broker (pushes and links do not depend on control).
+//!
+//! # Joining (cluster mode)
+//! A broker that starts while edges are running must not take partitions before those edges
+//! have linked to it: it would find nobody watching the rooms that moved to it and ack their
+//! messages unsent. So until every edge control lists as up in this broker's region has a
+//! link to each of its shards, the backbone holds its acquisitions ([`backbone::Backbone::joined`]
+//! ends the hold; `cluster.join_wait_ms_max` bounds it). Edges learn a new broker within one
+//! of their heartbeats after control lists it, so the wait is about two heartbeats. A cluster
+//! that starts before its edges (control lists none) takes partitions at once.
 
 use crate::Shared;
 use std::net::SocketAddr;
@@ -17,6 +26,8 @@ use std::time::Duration;
 const CONTROL_REQUEST_MS_MAX: u64 = 2_000;
 /// The thread looks at the stop flag at least this often.
 const STOP_POLL_MS: u64 = 100;
+/// While joining, how often control's edge list is compared with this broker's links.
+const JOIN_POLL_MS: u64 = 200;
 
 /// Where this broker is reached, as told to control.
 #[derive(Clone, Debug)]
@@ -90,6 +101,7 @@ async fn run(shared: Arc<Shared>, control: String, addrs: Addrs) {
         headers.push(("authorization", bearer.as_str()));
     }
     let mut failing = false;
+    let mut joining = shared.cluster.is_some();
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
@@ -129,11 +141,57 @@ async fn run(shared: Arc<Shared>, control: String, addrs: Addrs) {
             if shared.stop.load(Ordering::Acquire) {
                 break;
             }
-            let step = left.min(Duration::from_millis(STOP_POLL_MS));
+            if joining && edges_linked(&shared, &control, &headers).await {
+                joining = false;
+                if let Some(cluster) = &shared.cluster {
+                    tracing::info!(%control, "every listed edge has linked: taking partitions");
+                    cluster.joined();
+                }
+            }
+            let step = left.min(Duration::from_millis(if joining {
+                JOIN_POLL_MS
+            } else {
+                STOP_POLL_MS
+            }));
             monoio::time::sleep(step).await;
             left -= step;
         }
     }
+}
+
+/// Whether every edge `control` lists as up in this broker's region has linked to each of its
+/// shards (false when control does not answer: the hold's bound covers that).
+async fn edges_linked(shared: &Shared, control: &str, headers: &[(&str, &str)]) -> bool {
+    let res = net::http::request(
+        control,
+        "GET",
+        "/v1/edges",
+        headers,
+        b"",
+        Duration::from_millis(CONTROL_REQUEST_MS_MAX),
+    )
+    .await;
+    let Ok(r) = res else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) else {
+        return false;
+    };
+    let Some(edges) = v["edges"].as_array().filter(|_| r.status == 200) else {
+        return false;
+    };
+    let region = shared.config.region.as_str();
+    let up = edges
+        .iter()
+        .filter(|e| e["state"] == "up" && e["region"].as_str().unwrap_or_default() == region)
+        .count() as u64;
+    let linked = shared
+        .shard_metrics
+        .iter()
+        .map(|m| m.edges.load(Ordering::Relaxed))
+        .min()
+        .unwrap_or(0);
+    linked >= up
 }
 
 #[cfg(test)]

@@ -162,6 +162,11 @@ pub(crate) struct Cluster {
 pub(crate) struct Publishing(backbone::Publish);
 
 impl Cluster {
+    /// The broker's edges have linked: partitions may move to it (see `crate::announce`).
+    pub(crate) fn joined(&self) {
+        self.backbone.joined();
+    }
+
     /// Connects to the backbone (creating the stream and the lease bucket when absent) and
     /// starts leasing. The returned receiver is the feeder's: hand it to [`feeder`].
     pub fn start(
@@ -179,6 +184,10 @@ impl Cluster {
         let mut c = config.cluster.clone();
         c.servers = config.backbone.clone();
         c.region = config.region.clone();
+        if config.control_addr.is_none() {
+            // No edge list to wait for (crate::announce ends the join wait).
+            c.join_wait_ms_max = 0;
+        }
         let (sink, rx, _notify) = backbone::Sink::new(c.delivery_queue_max);
         let backbone = Backbone::start(c, me, vec![sink])
             .map_err(|e| bad(format!("{e} (backbone = {:?})", config.backbone)))?;
