@@ -455,16 +455,20 @@ fn run_in(
                 .collect()
         })
         .collect::<anyhow::Result<_>>()?;
-    let leaf = if names.len() > 1 {
-        let port = match args.leaf_port {
-            Some(p) => p,
-            None => free_port()?,
+    // The first region's leafnode port (None: each of its servers picks one, read back from
+    // its monitor) and the URLs the other regions dial.
+    let mut leaf = if names.len() > 1 {
+        let port = match (args.leaf_port, args.nats) {
+            (Some(p), _) => Some(p),
+            (None, 1) => Some(free_port()?),
+            (None, _) => None,
         };
-        let url = args
-            .leaf_url
-            .clone()
-            .unwrap_or_else(|| format!("nats-leaf://127.0.0.1:{port}"));
-        Some((port, url))
+        let urls = match (&args.leaf_url, port) {
+            (Some(url), _) => vec![url.clone()],
+            (None, Some(port)) => vec![format!("nats-leaf://127.0.0.1:{port}")],
+            (None, None) => Vec::new(),
+        };
+        Some((port, urls))
     } else {
         None
     };
@@ -493,6 +497,12 @@ fn run_in(
             replicas,
         };
         let region = start_region(args, nats, exe, dir, &keys, &plan, deadline, &mut procs)?;
+        if let Some((None, urls)) = &mut leaf {
+            if urls.is_empty() {
+                // The hub's servers picked their leafnode ports: the others dial all of them.
+                *urls = leaf_urls(&region.nats)?;
+            }
+        }
         up.push(region);
     }
 
@@ -546,13 +556,32 @@ fn region_names(args: &ClusterArgs) -> anyhow::Result<Vec<String>> {
     if names.len() > 1 {
         backbone::region::check(&names[0], &names)
             .map_err(|e| anyhow::anyhow!("--region-names: {e}"))?;
-        if args.nats > 1 {
-            bail!(
-                "--regions with --nats above 1 is not built yet: each region runs one NATS server"
-            );
+        if args.nats > 1 && args.leaf_port.is_some() {
+            bail!("--leaf-port needs --nats 1 (several servers cannot share one port)");
         }
     }
     Ok(names)
+}
+
+/// The leafnode URL of each of the hub's servers, read from its monitor (`/varz`).
+fn leaf_urls(nodes: &[NatsNode]) -> anyhow::Result<Vec<String>> {
+    nodes
+        .iter()
+        .map(|n| {
+            let (_, body) = http_get(n.monitor, "/varz").context("NATS monitor")?;
+            // One JSON value, whatever chunk framing is around it (the monitor chunks 1.1 answers).
+            let body = body.trim_start_matches(|c: char| c != '{');
+            let v: serde_json::Value = serde_json::Deserializer::from_str(body)
+                .into_iter()
+                .next()
+                .context("empty NATS /varz")?
+                .context("NATS /varz")?;
+            let port = v["leaf"]["port"]
+                .as_u64()
+                .context("no leafnode port in /varz")?;
+            Ok(format!("nats-leaf://127.0.0.1:{port}"))
+        })
+        .collect()
 }
 
 /// Keys every region shares: one API key, one token key set (tokens are valid in every
@@ -572,8 +601,9 @@ struct RegionPlan<'a> {
     all: &'a [String],
     /// The first region: its NATS listens for the others' leafnode connections.
     hub: bool,
-    /// With several regions: the hub's leafnode port and the URL the others dial.
-    leaf: Option<&'a (u16, String)>,
+    /// With several regions: the hub's leafnode port (None: each server picks one) and the
+    /// URLs the others dial.
+    leaf: Option<&'a (Option<u16>, Vec<String>)>,
     controls: &'a [SocketAddr],
     peer_controls: Vec<SocketAddr>,
     replicas: usize,
@@ -696,9 +726,10 @@ fn start_region(
         String::new()
     };
     let leaf_conf = match plan.leaf {
-        Some((port, url)) if plan.hub => {
+        Some((Some(port), urls)) if plan.hub => {
             // The hub tells its leafnodes where to reconnect: the URL they dial (a partition
             // test puts a proxy there), not the port it listens on.
+            let url = urls.first().map_or("", String::as_str);
             let advertise = url.rsplit("//").next().unwrap_or(url);
             format!(
                 "leafnodes {{\n  listen: {}\n  advertise: {}\n}}\n",
@@ -706,7 +737,14 @@ fn start_region(
                 q(advertise)
             )
         }
-        Some((_, url)) => format!("leafnodes {{\n  remotes: [ {{ url: {} }} ]\n}}\n", q(url)),
+        Some((None, _)) if plan.hub => format!(
+            "leafnodes {{\n  listen: {}\n}}\n",
+            q(&format!("{}:-1", args.leaf_host))
+        ),
+        Some((_, urls)) => format!(
+            "leafnodes {{\n  remotes: [ {{ urls: [{}] }} ]\n}}\n",
+            urls.iter().map(|u| q(u)).collect::<Vec<_>>().join(", ")
+        ),
         None => String::new(),
     };
     let nats_nodes = start_nats(
