@@ -175,11 +175,13 @@ pub const SEEN_KEYS_MAX: usize = 200_000;
 
 /// The dedup keys a broker consumed lately, each with the work-stream sequence of its first
 /// copy: a second copy (another sequence) of one key within the window is a duplicate; the
-/// same sequence again is a redelivery and goes through. Sans-io: takes `now`.
+/// same sequence again is a redelivery and goes through. Keys are kept as their 64-bit
+/// [`hash`] (about 40 bytes an entry, so [`SEEN_KEYS_MAX`] costs under 10 MB). Sans-io: takes
+/// `now`.
 #[derive(Debug)]
 pub struct SeenKeys {
-    by_key: std::collections::HashMap<String, u64>,
-    order: std::collections::VecDeque<(std::time::Instant, String)>,
+    by_key: std::collections::HashMap<u64, u64>,
+    order: std::collections::VecDeque<(std::time::Instant, u64)>,
     window: std::time::Duration,
     keys_max: usize,
 }
@@ -196,6 +198,7 @@ impl SeenKeys {
 
     /// Whether the message at `sequence` with `key` is a later copy of one already consumed.
     pub fn is_copy(&mut self, key: &str, sequence: u64, now: std::time::Instant) -> bool {
+        let key = hash(key.as_bytes());
         while let Some((at, _)) = self.order.front() {
             if now.saturating_duration_since(*at) < self.window && self.order.len() < self.keys_max
             {
@@ -205,11 +208,11 @@ impl SeenKeys {
                 self.by_key.remove(&k);
             }
         }
-        match self.by_key.get(key) {
+        match self.by_key.get(&key) {
             Some(&first) => first != sequence,
             None => {
-                self.by_key.insert(key.to_owned(), sequence);
-                self.order.push_back((now, key.to_owned()));
+                self.by_key.insert(key, sequence);
+                self.order.push_back((now, key));
                 false
             }
         }
