@@ -546,7 +546,21 @@ impl Shell {
                 sources: Some(sources),
                 ..work
             };
-            let stream = stream_made(&js, work).await.map_err(|e| setup(&e))?;
+            let mut stream = stream_made(&js, work.clone())
+                .await
+                .map_err(|e| setup(&e))?;
+            // A region added to (or removed from) `cluster.regions` since the stream was made:
+            // its sources follow the config.
+            let names = |c: &stream::Config| {
+                let mut n: Vec<String> =
+                    c.sources.iter().flatten().map(|s| s.name.clone()).collect();
+                n.sort();
+                n
+            };
+            if names(&stream.cached_info().config) != names(&work) {
+                js.update_stream(&work).await.map_err(|e| setup(&e))?;
+                stream = js.get_stream(&work.name).await.map_err(|e| setup(&e))?;
+            }
             (stream, created_us(&origin))
         } else {
             let stream = stream_made(&js, work).await.map_err(|e| setup(&e))?;

@@ -302,3 +302,52 @@ fn one_region_dying_leaves_the_other_working_with_leafnodes_not_with_gateways() 
     r2.collect(1, Duration::from_secs(10));
     assert_eq!(r2.got.len(), 1, "r2 consumes with r1 dead");
 }
+
+/// A region added to `cluster.regions` after the streams were made: the next broker start
+/// updates the work stream's sources to follow the config.
+#[test]
+fn the_work_streams_sources_follow_the_configured_regions() {
+    let Some(n1) = nats("r1", Ok(port())) else {
+        return;
+    };
+    let sources = || {
+        let url = n1.url.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+            let mut s = js.get_stream("BARRAGE_r1").await.unwrap();
+            let info = s.info().await.unwrap();
+            let mut n: Vec<String> = info
+                .config
+                .sources
+                .iter()
+                .flatten()
+                .map(|s| s.name.clone())
+                .collect();
+            n.sort();
+            n
+        })
+    };
+    let start = |regions: &[&str]| {
+        let (sink, _rx, _notify) = Sink::new(16);
+        let config = Config {
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            ..config(&n1, "r1")
+        };
+        Backbone::start(config, BrokerId::new("r1-b1").unwrap(), vec![sink]).expect("starts")
+    };
+    drop(start(&["r1", "r2"]));
+    assert_eq!(sources(), ["BARRAGE_ORIGIN_r1", "BARRAGE_ORIGIN_r2"]);
+    drop(start(&["r1", "r2", "r3"]));
+    assert_eq!(
+        sources(),
+        [
+            "BARRAGE_ORIGIN_r1",
+            "BARRAGE_ORIGIN_r2",
+            "BARRAGE_ORIGIN_r3"
+        ]
+    );
+}
