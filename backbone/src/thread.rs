@@ -528,13 +528,9 @@ impl Shell {
                 ..work.clone()
             };
             let origin = stream_made(&js, origin).await.map_err(|e| setup(&e))?;
-            // The local origin first: nats-server 2.9 sets a new stream's sources up one after
-            // the other, and one whose region is dark holds the next ones up until its request
-            // times out.
-            let local = std::iter::once(&config.region);
-            let others = config.regions.iter().filter(|r| **r != config.region);
-            let sources = local
-                .chain(others)
+            let sources = config
+                .regions
+                .iter()
                 .map(|r| stream::Source {
                     name: origin_stream(&config, r),
                     external: (*r != config.region).then(|| stream::External {

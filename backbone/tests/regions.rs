@@ -100,6 +100,8 @@ fn config(n: &Nats, region: &str) -> Config {
         ack_wait_ms: 1_000,
         region: region.into(),
         regions: vec!["r1".into(), "r2".into()],
+        // No edges here to wait for before taking partitions.
+        join_wait_ms_max: 0,
         ..Config::default()
     }
 }
@@ -294,16 +296,12 @@ fn one_region_dying_leaves_the_other_working_with_leafnodes_not_with_gateways() 
     let _r1 = Region::start(&n1, "r1");
     let _ = n1.child.kill();
     let _ = n1.child.wait();
-    let t0 = Instant::now();
     let mut r2 = Region::start(&n2, "r2");
-    eprintln!("T started {:?}", t0.elapsed());
     r2.bb
         .publish(Partition(0), "alone", Bytes::from_static(b"x"))
         .wait()
         .expect("r2 accepts with r1 dead");
-    eprintln!("T published {:?}", t0.elapsed());
-    r2.collect(1, Duration::from_secs(60));
-    eprintln!("T consumed {:?} {}", t0.elapsed(), r2.got.len());
+    r2.collect(1, Duration::from_secs(10));
     assert_eq!(r2.got.len(), 1, "r2 consumes with r1 dead");
 }
 
