@@ -252,7 +252,8 @@ fn warm(ingest: SocketAddr, room: u64, viewers: &mut [&mut Viewer]) {
 
 /// A push accepted in either region reaches the viewers of both, once each, with every
 /// origin's order kept; a push sent to both regions under one idempotency key (an ingest
-/// client that failed over) is delivered once; an area and a global push cross too.
+/// client that failed over) is delivered once; a global push from region 1 and an area push
+/// from region 2 cross too.
 #[test]
 fn pushes_cross_regions_both_ways_once_in_origin_order() {
     if !nats_installed() {
@@ -283,8 +284,13 @@ fn pushes_cross_regions_both_ways_once_in_origin_order() {
         &mut c1,
         &broker::Message::global(r#"{"cmd":"N","o":"global","n":0}"#),
     );
+    // The rooms here are not in control's table: area 0.
+    push(
+        &mut c2,
+        &broker::Message::area(0, r#"{"cmd":"N","o":"area","n":0}"#),
+    );
 
-    let want = (2 * N + 2) as usize;
+    let want = (2 * N + 3) as usize;
     for (name, viewer) in [("r1", &mut a), ("r2", &mut b)] {
         let got = read_for(viewer, WAIT, |g| numbers(g).len() >= want);
         // Anything doubled would arrive right behind.
