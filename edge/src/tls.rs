@@ -303,7 +303,8 @@ impl TlsConn {
                 return self.open(&[], plain);
             };
             let handshaking = self.handshaking;
-            let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut self.incoming[..]);
+            let UnbufferedStatus { discard, state } =
+                conn.process_tls_records(&mut self.incoming[..]);
             let step = match state {
                 Err(e) => Step::Fail(TlsFail::of(&e, handshaking)),
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
@@ -509,7 +510,11 @@ impl TlsConn {
 impl Compact {
     /// The peer changed its key; if it asks, change ours too (our KeyUpdate is the last
     /// record under the old key, queued in `wire`, which the shell writes before any data).
-    fn key_update(&mut self, update_requested: bool, wire: &mut Vec<u8>) -> Result<(), RecordError> {
+    fn key_update(
+        &mut self,
+        update_requested: bool,
+        wire: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         let (seq, rx) = self
             .keys
             .update_rx_secret()
@@ -536,7 +541,10 @@ impl Compact {
 }
 
 /// TLS 1.2 (rustls for the connection's life): seals into records of at most 16 KiB.
-fn encrypt_rustls(conn: &mut UnbufferedServerConnection, bufs: &[Bytes]) -> Result<Vec<u8>, TlsFail> {
+fn encrypt_rustls(
+    conn: &mut UnbufferedServerConnection,
+    bufs: &[Bytes],
+) -> Result<Vec<u8>, TlsFail> {
     let total: usize = bufs.iter().map(Bytes::len).sum();
     let records = total.div_ceil(RECORD_PLAINTEXT_MAX).max(1);
     let mut out = vec![0u8; total + records * RECORD_OVERHEAD_BYTES];
@@ -561,7 +569,11 @@ fn encrypt_rustls(conn: &mut UnbufferedServerConnection, bufs: &[Bytes]) -> Resu
     Ok(out)
 }
 
-fn seal_rustls(conn: &mut UnbufferedServerConnection, data: &[u8], out: &mut [u8]) -> Result<usize, TlsFail> {
+fn seal_rustls(
+    conn: &mut UnbufferedServerConnection,
+    data: &[u8],
+    out: &mut [u8],
+) -> Result<usize, TlsFail> {
     let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut []);
     match state {
         Ok(ConnectionState::WriteTraffic(mut w)) => match w.encrypt(data, out) {
@@ -584,6 +596,215 @@ mod tests {
         let made = net::tls::self_signed(&dir).expect("self-signed");
         let tls = Tls::load(&made.cert_path, &made.key_path).expect("load");
         TlsConn::new(tls.config).expect("conn")
+    }
+
+    /// A rustls client and our server connection, exchanging bytes in memory.
+    struct Pair {
+        client: rustls::ClientConnection,
+        server: TlsConn,
+        /// Plaintext the server handed on.
+        got: Vec<u8>,
+        /// Plaintext the client read.
+        client_got: Vec<u8>,
+    }
+
+    fn pair(tickets: u32, suite: Option<rustls::SupportedCipherSuite>) -> Pair {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("barrage-edge-tlsp-{}-{n}", std::process::id()));
+        let made = net::tls::self_signed(&dir).expect("self-signed");
+        let tls = Tls::load(&made.cert_path, &made.key_path).expect("load");
+        let mut cfg = (*tls.config).clone();
+        if tickets > 0 {
+            cfg.send_tls13_tickets = tickets as usize;
+            cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for c in net::tls::load_certs(&made.cert_path).expect("certs") {
+            roots.add(c).expect("root");
+        }
+        let mut provider = rustls::crypto::ring::default_provider();
+        if let Some(s) = suite {
+            provider.cipher_suites = vec![s];
+        }
+        let client_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let client = rustls::ClientConnection::new(
+            Arc::new(client_cfg),
+            rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+        )
+        .expect("client");
+        let server = TlsConn::new(Arc::new(cfg)).expect("server");
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut p = Pair {
+            client,
+            server,
+            got: Vec::new(),
+            client_got: Vec::new(),
+        };
+        p.pump().expect("handshake");
+        p
+    }
+
+    impl Pair {
+        /// Moves bytes both ways until neither side has anything to say.
+        fn pump(&mut self) -> Result<(), TlsFail> {
+            loop {
+                let mut wire = Vec::new();
+                while self.client.wants_write() {
+                    self.client.write_tls(&mut wire).expect("client write");
+                }
+                let mut moved = !wire.is_empty();
+                if moved {
+                    self.server.on_received(&wire, &mut self.got)?;
+                }
+                if let Some(back) = self.server.take_wire() {
+                    self.to_client(&back);
+                    moved = true;
+                }
+                if !moved {
+                    return Ok(());
+                }
+            }
+        }
+
+        fn to_client(&mut self, mut bytes: &[u8]) {
+            while !bytes.is_empty() {
+                self.client.read_tls(&mut bytes).expect("read_tls");
+                self.client.process_new_packets().expect("client processes");
+                let _ = std::io::Read::read_to_end(&mut self.client.reader(), &mut self.client_got);
+            }
+        }
+
+        fn client_reads(&mut self) -> Vec<u8> {
+            std::mem::take(&mut self.client_got)
+        }
+    }
+
+    #[test]
+    fn after_a_tls13_handshake_the_connection_leaves_rustls_for_every_suite() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        for suite in [
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let mut p = pair(0, Some(suite));
+            assert!(!p.server.is_handshaking());
+            assert!(p.server.is_compact(), "{suite:?}");
+            std::io::Write::write_all(&mut p.client.writer(), b"upgrade").expect("write");
+            p.pump().expect("data");
+            assert_eq!(p.got, b"upgrade");
+            let wire = p
+                .server
+                .encrypt(&[Bytes::from(vec![7u8; 40_000]), Bytes::from_static(b"!")])
+                .expect("seal");
+            p.to_client(&wire);
+            let back = p.client_reads();
+            assert_eq!(back.len(), 40_001);
+            assert_eq!(back[40_000], b'!');
+        }
+    }
+
+    #[test]
+    fn session_tickets_go_out_before_the_keys_are_taken() {
+        let mut p = pair(2, None);
+        assert!(p.server.is_compact());
+        // The client got both tickets (it would fail to decrypt them otherwise) and our
+        // records after them decrypt: the sequence numbers carried over.
+        let wire = p
+            .server
+            .encrypt(&[Bytes::from_static(b"hi")])
+            .expect("seal");
+        p.to_client(&wire);
+        assert_eq!(p.client_reads(), b"hi");
+    }
+
+    #[test]
+    fn key_updates_from_the_client_change_both_keys() {
+        let mut p = pair(0, None);
+        for round in 0..3u8 {
+            p.client.refresh_traffic_keys().expect("key update");
+            std::io::Write::write_all(&mut p.client.writer(), &[round]).expect("write");
+            p.pump().expect("server follows the update");
+            let wire = p
+                .server
+                .encrypt(&[Bytes::from(vec![round; 3])])
+                .expect("seal");
+            p.to_client(&wire);
+            assert_eq!(p.client_reads(), vec![round; 3]);
+        }
+        assert_eq!(p.got, [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_corrupted_record_is_answered_with_bad_record_mac_and_ends_the_connection() {
+        let mut p = pair(0, None);
+        std::io::Write::write_all(&mut p.client.writer(), b"data").expect("write");
+        let mut wire = Vec::new();
+        while p.client.wants_write() {
+            p.client.write_tls(&mut wire).expect("write_tls");
+        }
+        let last = wire.len() - 1;
+        wire[last] ^= 0x80;
+        // Cut in two: the partial record waits, the rest completes it.
+        assert_eq!(p.server.on_received(&wire[..3], &mut p.got), Ok(()));
+        assert_eq!(
+            p.server.on_received(&wire[3..], &mut p.got),
+            Err(TlsFail::BadRecordMac)
+        );
+        assert!(p.got.is_empty());
+        let alert = p.server.take_wire().expect("an alert");
+        let mut a = &alert[..];
+        p.client.read_tls(&mut a).expect("read_tls");
+        assert_eq!(
+            p.client.process_new_packets().map(|_| ()),
+            Err(rustls::Error::AlertReceived(
+                rustls::AlertDescription::BadRecordMac
+            ))
+        );
+        // Done: nothing more is read or sealed.
+        assert!(p.server.on_received(b"x", &mut p.got).is_err());
+        assert!(p.server.encrypt(&[Bytes::from_static(b"x")]).is_err());
+    }
+
+    #[test]
+    fn close_notify_is_answered_with_close_notify() {
+        let mut p = pair(0, None);
+        p.client.send_close_notify();
+        assert_eq!(p.pump(), Err(TlsFail::PeerClosed));
+        let back = p.server.take_wire().expect("our close_notify");
+        p.to_client(&back);
+        assert!(p
+            .client
+            .process_new_packets()
+            .expect("ok")
+            .peer_has_closed());
+    }
+
+    #[test]
+    fn tls12_connections_stay_on_rustls() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let mut p = pair(0, Some(cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256));
+        assert_eq!(
+            p.client.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert!(!p.server.is_handshaking());
+        assert!(!p.server.is_compact());
+        std::io::Write::write_all(&mut p.client.writer(), b"old").expect("write");
+        p.pump().expect("data");
+        assert_eq!(p.got, b"old");
+        let wire = p
+            .server
+            .encrypt(&[Bytes::from_static(b"ok")])
+            .expect("seal");
+        p.to_client(&wire);
+        assert_eq!(p.client_reads(), b"ok");
     }
 
     #[test]

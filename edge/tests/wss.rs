@@ -437,3 +437,170 @@ fn tls_over_raw_tcp_auth_and_heartbeat_uring() {
 fn tls_over_raw_tcp_auth_and_heartbeat_legacy() {
     with_driver(Driver::Legacy, tls_tcp_body);
 }
+
+impl WssClient {
+    /// Seals `frame` as one record per `per_record` bytes and writes the records to the socket
+    /// `per_write` bytes at a time (so records and WS frames straddle reads on the edge).
+    fn send_cut(&mut self, frame: &[u8], per_record: usize, per_write: usize) {
+        let mut wire = Vec::new();
+        for piece in frame.chunks(per_record) {
+            self.tls.conn.writer().write_all(piece).unwrap();
+            while self.tls.conn.wants_write() {
+                self.tls.conn.write_tls(&mut wire).unwrap();
+            }
+        }
+        for piece in wire.chunks(per_write) {
+            self.tls.sock.write_all(piece).unwrap();
+            self.tls.sock.flush().unwrap();
+        }
+    }
+
+    /// Seals `plain` into records, flips one ciphertext byte and writes them.
+    fn send_corrupted(&mut self, plain: &[u8]) {
+        self.tls.conn.writer().write_all(plain).unwrap();
+        let mut wire = Vec::new();
+        while self.tls.conn.wants_write() {
+            self.tls.conn.write_tls(&mut wire).unwrap();
+        }
+        wire[8] ^= 0x01;
+        self.tls.sock.write_all(&wire).unwrap();
+    }
+
+    /// Reads until the server closes; the rustls error the close came with (`None`: a clean
+    /// close_notify then EOF).
+    fn read_until_close(&mut self) -> Option<rustls::Error> {
+        let deadline = Instant::now() + WAIT;
+        let mut b = [0u8; 4096];
+        loop {
+            assert!(Instant::now() < deadline, "the server did not close");
+            match self.tls.read(&mut b) {
+                Ok(0) => return None,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    return e
+                        .into_inner()
+                        .and_then(|i| i.downcast::<rustls::Error>().ok())
+                        .map(|b| *b)
+                }
+            }
+        }
+    }
+}
+
+fn tls_failed(edge: &edge::Handle, reason: &str) -> f64 {
+    metric(
+        &edge.metrics_text(),
+        &format!("barrage_edge_tls_failed_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The compact TLS 1.3 record layer the edge runs after the handshake (net::record), against
+/// rustls' client: records cut anywhere, key updates both ways, large batches over several
+/// records, and every bad record closing only its own connection with the right alert.
+fn record_layer_body(driver: Driver) {
+    let dir = cert_dir(&format!("rec-{driver:?}"));
+    let broker = TestBroker::start(1);
+    let edge = edge::start(wss_config(driver, vec![broker.addr_string()], &dir)).unwrap();
+    broker.wait_links(2);
+    let wss = edge.wss_addr().unwrap();
+    let ca = dir.join(net::tls::SELF_SIGNED_CERT_FILE);
+
+    let mut a = WssClient::connect(wss, &ca);
+    assert_eq!(
+        a.tls.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    a.auth(61, 903);
+    broker.wait_seen("SUB", |s| s.iter().any(|x| matches!(x, Seen::Sub(..))));
+    // A heartbeat frame in 1-byte records, written 3 bytes at a time: every record and the WS
+    // frame straddle the edge's reads.
+    let hb = ws::encode_client_frame(Opcode::Binary, &proto::auth::heartbeat_request(), [9; 4]);
+    a.send_cut(&hb, 1, 3);
+    let r = a.recv();
+    assert_eq!(
+        proto::packet::parse_header(&r).unwrap().op,
+        proto::packet::op::HEARTBEAT_REPLY
+    );
+    // A large client frame (a 20 KB heartbeat body) spans two records.
+    let mut big = proto::auth::heartbeat_request().to_vec();
+    big.extend(std::iter::repeat_n(b'x', 20_000));
+    let len = big.len() as u32;
+    big[..4].copy_from_slice(&len.to_be_bytes());
+    let f = ws::encode_client_frame(Opcode::Binary, &big, [5; 4]);
+    a.send_cut(&f, 16 * 1024, 1000);
+    let r = a.recv();
+    assert_eq!(
+        proto::packet::parse_header(&r).unwrap().op,
+        proto::packet::op::HEARTBEAT_REPLY
+    );
+
+    // KeyUpdate (rustls asks for ours too): both directions change key and keep working,
+    // across a batch of several records.
+    a.tls.conn.refresh_traffic_keys().unwrap();
+    a.heartbeat();
+    broker.send(&big_plain_batch(903, 8, 50_000));
+    assert!(a.recv().len() >= 50_000);
+    a.tls.conn.refresh_traffic_keys().unwrap();
+    a.heartbeat();
+
+    // A corrupted record: bad_record_mac to that peer, the close, counted.
+    let mut b = WssClient::connect(wss, &ca);
+    b.auth(62, 903);
+    b.send_corrupted(&ws::encode_client_frame(
+        Opcode::Binary,
+        &proto::auth::heartbeat_request(),
+        [1; 4],
+    ));
+    let e = b.read_until_close();
+    assert_eq!(
+        e,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadRecordMac
+        )),
+        "{e:?}"
+    );
+    // A plaintext change_cipher_spec after the handshake: unexpected_message.
+    let mut c = WssClient::connect(wss, &ca);
+    c.auth(63, 903);
+    c.tls.sock.write_all(&[20, 3, 3, 0, 1, 1]).unwrap();
+    let e = c.read_until_close();
+    assert_eq!(
+        e,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnexpectedMessage
+        )),
+        "{e:?}"
+    );
+    // close_notify is answered with close_notify (a clean EOF for the client).
+    let mut d = WssClient::connect(wss, &ca);
+    d.auth(64, 903);
+    d.tls.conn.send_close_notify();
+    d.tls.flush().unwrap();
+    assert_eq!(d.read_until_close(), None);
+
+    eventually("record-layer failures counted", || {
+        tls_failed(&edge, "bad_record_mac") >= 1.0
+            && tls_failed(&edge, "unexpected_message") >= 1.0
+            && tls_failed(&edge, "peer_closed") >= 1.0
+    });
+    // The bad peers took nobody else with them.
+    a.heartbeat();
+    edge.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compact_record_layer_against_rustls_client_uring() {
+    with_driver(Driver::Uring, record_layer_body);
+}
+
+#[test]
+fn compact_record_layer_against_rustls_client_legacy() {
+    with_driver(Driver::Legacy, record_layer_body);
+}

@@ -28,10 +28,10 @@
 //! the `net::record` sealer the edge uses on TLS 1.3).
 use net::record::{Keys, Opener, Sealer};
 use net::tls::{self, CertStore};
-use rustls::kernel::KernelConnection;
-use rustls::server::ServerConnectionData;
 use rustls::client::{ClientConfig, ClientConnection};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
+use rustls::server::ServerConnectionData;
 use rustls::server::{ServerConnection, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::{ConnectionCommon, RootCertStore};
@@ -376,7 +376,9 @@ fn encrypt(n: usize, cfg: &Arc<rustls::ServerConfig>, new_client: impl Fn() -> C
     k.tx.seal_all(&[&batch], &mut probe).expect("seal");
     feed(&mut c3, &probe);
     let mut back = [0u8; BATCH_BYTES];
-    c3.reader().read_exact(&mut back).expect("client reads a compact record");
+    c3.reader()
+        .read_exact(&mut back)
+        .expect("client reads a compact record");
     assert_eq!(back, batch);
 
     let mut sink: Vec<u8> = Vec::with_capacity(RECORD_BUFFER_BYTES);
@@ -416,7 +418,8 @@ fn encrypt(n: usize, cfg: &Arc<rustls::ServerConfig>, new_client: impl Fn() -> C
         let t = Instant::now();
         for _ in 0..n {
             sink.clear();
-            k.tx.seal_all(&[black_box(&batch)], &mut sink).expect("seal");
+            k.tx.seal_all(&[black_box(&batch)], &mut sink)
+                .expect("seal");
             black_box(&sink);
         }
         let compact = t.elapsed().as_nanos() as f64 / n as f64;

@@ -556,10 +556,7 @@ mod tests {
             assert!(r.is_err(), "byte {i}");
             if i >= 2 {
                 assert!(
-                    matches!(
-                        r,
-                        Err(RecordError::BadRecordMac) | Err(RecordError::Decode)
-                    ),
+                    matches!(r, Err(RecordError::BadRecordMac) | Err(RecordError::Decode)),
                     "byte {i}: {r:?}"
                 );
             }
@@ -581,7 +578,10 @@ mod tests {
         assert_eq!(parse_header(&[23, 3, 3, 0]), Ok(None));
         assert_eq!(parse_header(&[20]), Err(RecordError::Unexpected));
         assert_eq!(parse_header(&[22, 3, 3]), Err(RecordError::Unexpected));
-        assert_eq!(parse_header(&[21, 3, 3, 0, 2]), Err(RecordError::Unexpected));
+        assert_eq!(
+            parse_header(&[21, 3, 3, 0, 2]),
+            Err(RecordError::Unexpected)
+        );
         assert_eq!(parse_header(&[23, 4]), Err(RecordError::Decode));
         assert_eq!(
             parse_header(&[23, 3, 3, 0x41, 0x01]),
@@ -602,7 +602,10 @@ mod tests {
             Opener::new(k(), 0).open(&mut w)
         };
         assert_eq!(case(CONTENT_ALERT, &[1, 0]), Err(RecordError::PeerClosed));
-        assert_eq!(case(CONTENT_ALERT, &[2, 40]), Err(RecordError::PeerAlert(40)));
+        assert_eq!(
+            case(CONTENT_ALERT, &[2, 40]),
+            Err(RecordError::PeerAlert(40))
+        );
         assert_eq!(case(CONTENT_ALERT, &[1]), Err(RecordError::Decode));
         assert_eq!(
             case(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]),
