@@ -1,5 +1,7 @@
-//! WSS (issue 11): WebSocket over TLS on the same shards, with a client we did not write
-//! (Python `ssl` + `websockets`) and with our own (rustls client over a blocking socket).
+//! WSS (issue 11): WebSocket over TLS on the same shards, with clients we did not write
+//! (Python `ssl` + `websockets`, `openssl s_client`) and with our own (rustls client over a
+//! blocking socket), including the edge's own TLS 1.3 record layer past the handshake: records
+//! cut anywhere, key updates, a corrupted record, close_notify.
 //! Certificates are real (rcgen, self-signed); everything goes over loopback.
 
 mod common;
@@ -46,6 +48,11 @@ with connect(url, ssl=ctx, open_timeout=10, close_timeout=2) as ws:
     ver, op, seq, body = split(msg)[0]
     assert op == 3, op
     print("ONLINE", struct.unpack(">I", body)[0], flush=True)
+    # A 20 KB frame: Python's ssl cuts it into two records.
+    ws.send(packet(1, 2, b"x" * 20000))
+    ver, op, seq, body = split(ws.recv(timeout=10))[0]
+    assert op == 3, op
+    print("BIG HEARTBEAT", flush=True)
     print("READY", flush=True)
     for ver, op, seq, body in split(ws.recv(timeout=10)):
         assert ver == 3 and op == 5, (ver, op)
@@ -127,6 +134,7 @@ fn python_body(driver: Driver) {
         "{lines:?}"
     );
     assert!(lines.iter().any(|l| l == "ONLINE 1"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "BIG HEARTBEAT"), "{lines:?}");
     assert!(lines.iter().any(|l| l == "GOT DANMU_MSG 5 5"), "{lines:?}");
     let text = edge.metrics_text();
     assert!(metric_sum(&text, "barrage_edge_tls_handshakes_total") >= 1.0);
@@ -603,4 +611,131 @@ fn compact_record_layer_against_rustls_client_uring() {
 #[test]
 fn compact_record_layer_against_rustls_client_legacy() {
     with_driver(Driver::Legacy, record_layer_body);
+}
+
+/// `openssl s_client` (OpenSSL, not rustls) over WSS: the upgrade, auth and heartbeats, with a
+/// KeyUpdate from OpenSSL that asks for ours (`K` at the start of a line, s_client's command)
+/// between them; the heartbeat after it is answered under the new keys.
+fn openssl_body(driver: Driver) {
+    let have = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("BARRAGE_REQUIRE_INTEROP").is_none(),
+            "BARRAGE_REQUIRE_INTEROP is set but openssl is not installed"
+        );
+        eprintln!("openssl unavailable; skipping");
+        return;
+    }
+    let dir = cert_dir(&format!("ossl-{driver:?}"));
+    let broker = TestBroker::start(1);
+    let edge = edge::start(wss_config(driver, vec![broker.addr_string()], &dir)).unwrap();
+    broker.wait_links(2);
+    let wss = edge.wss_addr().unwrap();
+    let ca = dir.join(net::tls::SELF_SIGNED_CERT_FILE);
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &wss.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args([
+            "-tls1_3",
+            "-alpn",
+            "http/1.1",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(&ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // The data goes to stdout, s_client's own notes ("KEYUPDATE") to stderr: one stream here.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let pipes: [Box<dyn Read + Send>; 2] = [
+        Box::new(child.stdout.take().unwrap()),
+        Box::new(child.stderr.take().unwrap()),
+    ];
+    for mut pipe in pipes {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut b) {
+                if n == 0 || tx.send(b[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut seen = Vec::new();
+    // Waits until `pat` shows up in s_client's output (after `from`); its end.
+    let wait_for = |pat: &[u8], from: usize, seen: &mut Vec<u8>| -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(at) = seen
+                .get(from..)
+                .and_then(|s| s.windows(pat.len()).position(|w| w == pat))
+            {
+                return from + at + pat.len();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(b) => seen.extend_from_slice(&b),
+                Err(_) => panic!(
+                    "openssl never printed {pat:?}: {}",
+                    String::from_utf8_lossy(seen)
+                ),
+            }
+        }
+    };
+    // Its handshake summary ends with the session details; then the data.
+    let at = wait_for(b"Verify return code: 0 (ok)", 0, &mut seen);
+    stdin.write_all(&ws_upgrade_request("/sub")).unwrap();
+    stdin.flush().unwrap();
+    let at = wait_for(b"HTTP/1.1 101", at, &mut seen);
+    let frame = |p: &[u8]| ws::encode_client_frame(Opcode::Binary, p, [3, 1, 4, 1]);
+    stdin
+        .write_all(&frame(&auth_packet(71, 904, 0, token(71, 904, 2))))
+        .unwrap();
+    stdin.flush().unwrap();
+    // op 8 (auth reply) in the server's frame.
+    let at = wait_for(&[0, 16, 0, 1, 0, 0, 0, 8], at, &mut seen);
+    let hb_reply = [0, 0, 0, 20, 0, 16, 0, 1, 0, 0, 0, 3];
+    stdin
+        .write_all(&frame(&proto::auth::heartbeat_request()))
+        .unwrap();
+    stdin.flush().unwrap();
+    let at = wait_for(&hb_reply, at, &mut seen);
+    // KeyUpdate with update_requested; s_client reads it as a command on its own line.
+    stdin.write_all(b"K\n").unwrap();
+    stdin.flush().unwrap();
+    wait_for(b"KEYUPDATE", at, &mut seen);
+    stdin
+        .write_all(&frame(&proto::auth::heartbeat_request()))
+        .unwrap();
+    stdin.flush().unwrap();
+    wait_for(&hb_reply, at, &mut seen);
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    edge.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn openssl_s_client_over_wss_with_a_key_update_uring() {
+    with_driver(Driver::Uring, openssl_body);
+}
+
+#[test]
+fn openssl_s_client_over_wss_with_a_key_update_legacy() {
+    with_driver(Driver::Legacy, openssl_body);
 }
