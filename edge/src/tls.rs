@@ -663,7 +663,7 @@ mod tests {
                     self.server.on_received(&wire, &mut self.got)?;
                 }
                 if let Some(back) = self.server.take_wire() {
-                    self.to_client(&back);
+                    self.deliver_to_client(&back);
                     moved = true;
                 }
                 if !moved {
@@ -672,7 +672,7 @@ mod tests {
             }
         }
 
-        fn to_client(&mut self, mut bytes: &[u8]) {
+        fn deliver_to_client(&mut self, mut bytes: &[u8]) {
             while !bytes.is_empty() {
                 self.client.read_tls(&mut bytes).expect("read_tls");
                 self.client.process_new_packets().expect("client processes");
@@ -703,7 +703,7 @@ mod tests {
                 .server
                 .encrypt(&[Bytes::from(vec![7u8; 40_000]), Bytes::from_static(b"!")])
                 .expect("seal");
-            p.to_client(&wire);
+            p.deliver_to_client(&wire);
             let back = p.client_reads();
             assert_eq!(back.len(), 40_001);
             assert_eq!(back[40_000], b'!');
@@ -720,7 +720,7 @@ mod tests {
             .server
             .encrypt(&[Bytes::from_static(b"hi")])
             .expect("seal");
-        p.to_client(&wire);
+        p.deliver_to_client(&wire);
         assert_eq!(p.client_reads(), b"hi");
     }
 
@@ -735,7 +735,7 @@ mod tests {
                 .server
                 .encrypt(&[Bytes::from(vec![round; 3])])
                 .expect("seal");
-            p.to_client(&wire);
+            p.deliver_to_client(&wire);
             assert_eq!(p.client_reads(), vec![round; 3]);
         }
         assert_eq!(p.got, [0, 1, 2]);
@@ -778,7 +778,7 @@ mod tests {
         p.client.send_close_notify();
         assert_eq!(p.pump(), Err(TlsFail::PeerClosed));
         let back = p.server.take_wire().expect("our close_notify");
-        p.to_client(&back);
+        p.deliver_to_client(&back);
         assert!(p
             .client
             .process_new_packets()
@@ -803,7 +803,7 @@ mod tests {
             .server
             .encrypt(&[Bytes::from_static(b"ok")])
             .expect("seal");
-        p.to_client(&wire);
+        p.deliver_to_client(&wire);
         assert_eq!(p.client_reads(), b"ok");
     }
 
