@@ -50,6 +50,14 @@ const HANDSHAKE_FLIGHT_BYTES: usize = 4 * 1024;
 /// of record overhead) in one read.
 pub const TLS_READ_BUFFER_BYTES_MIN: usize = 64;
 
+/// Where Linux lists the TCP upper-layer protocols it can attach (kTLS needs `tls`).
+const TCP_AVAILABLE_ULP_PATH: &str = "/proc/sys/net/ipv4/tcp_available_ulp";
+
+/// True if the kernel's ULP list (`tcp_available_ulp`) offers kernel TLS.
+fn ktls_available(ulps: &str) -> bool {
+    ulps.split_whitespace().any(|u| u == "tls")
+}
+
 /// Why a TLS connection failed (a metrics label each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlsFail {
@@ -150,6 +158,12 @@ impl Tls {
     pub fn load(cert_path: &std::path::Path, key_path: &std::path::Path) -> Result<Tls, TlsError> {
         let store = CertStore::load(cert_path, key_path)?;
         let config = store.server_config()?;
+        let ulps = std::fs::read_to_string(TCP_AVAILABLE_ULP_PATH).unwrap_or_default();
+        tracing::info!(
+            ktls_available = ktls_available(&ulps),
+            ulps = ulps.trim(),
+            "TLS 1.3 past the handshake: the edge's own record layer (net::record); kTLS is not wired"
+        );
         Ok(Tls { store, config })
     }
 
@@ -805,6 +819,13 @@ mod tests {
             .expect("seal");
         p.deliver_to_client(&wire);
         assert_eq!(p.client_reads(), b"ok");
+    }
+
+    #[test]
+    fn ktls_is_seen_only_when_the_kernel_lists_the_tls_ulp() {
+        assert!(!ktls_available("mptcp\n"));
+        assert!(ktls_available("mptcp tls\n"));
+        assert!(!ktls_available(""));
     }
 
     #[test]
