@@ -56,6 +56,7 @@ pub mod client;
 pub mod cluster;
 pub mod compress;
 pub mod config;
+pub mod confirm;
 pub mod courier;
 pub mod dedup;
 pub mod feed;

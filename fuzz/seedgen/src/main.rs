@@ -253,6 +253,7 @@ fn name_of(f: &LinkFrame) -> &'static str {
         LinkFrame::Proof { .. } => "proof",
         LinkFrame::Replay(_) => "replay",
         LinkFrame::Replayed(_) => "replayed",
+        LinkFrame::Confirm { .. } => "confirm",
     }
 }
 
