@@ -508,7 +508,10 @@ impl Acks {
     /// when no confirming link got it (nobody watching), otherwise once every link it went to
     /// confirmed it. The low-priority rule; see the module doc for high reach.
     pub fn handed(&mut self, cluster: &Cluster, ids: &[MsgId], handoff: &Handoff, now: Instant) {
-        let tokens: Vec<AckToken> = ids.iter().filter_map(|id| self.pending.remove(id)).collect();
+        let tokens: Vec<AckToken> = ids
+            .iter()
+            .filter_map(|id| self.pending.remove(id))
+            .collect();
         if tokens.is_empty() {
             return;
         }

@@ -117,7 +117,10 @@ impl<T> Confirms<T> {
         let id = self.next_group;
         self.next_group += 1;
         for (link, seq) in &handoff.links {
-            self.links.entry(*link).or_default().push_back((*seq, id, now));
+            self.links
+                .entry(*link)
+                .or_default()
+                .push_back((*seq, id, now));
         }
         self.tokens += tokens.len();
         self.groups.insert(
@@ -209,12 +212,21 @@ mod tests {
         let now = Instant::now();
         let mut c = Confirms::default();
         let mut out = Resolved::default();
-        c.hand(vec![1, 2], &handoff(&[(10, 1), (11, 5)], false), now, &mut out);
+        c.hand(
+            vec![1, 2],
+            &handoff(&[(10, 1), (11, 5)], false),
+            now,
+            &mut out,
+        );
         c.hand(vec![3], &handoff(&[(10, 2)], false), now, &mut out);
         assert!(out.ack.is_empty() && out.redeliver.is_empty());
         assert_eq!(c.waiting(), 3);
         c.confirmed(10, 2, &mut out);
-        assert_eq!(out.ack, vec![3], "link 11 has not confirmed the first batch");
+        assert_eq!(
+            out.ack,
+            vec![3],
+            "link 11 has not confirmed the first batch"
+        );
         c.confirmed(11, 4, &mut out);
         assert_eq!(out.ack, vec![3]);
         c.confirmed(11, 5, &mut out);
@@ -252,7 +264,12 @@ mod tests {
         assert_eq!(out.redeliver, vec![2]);
         c.confirmed(7, 1, &mut out);
         assert_eq!(out.redeliver, vec![2, 3], "lost on one link: not acked");
-        c.hand(Vec::<i32>::new(), &handoff(&[(7, 2)], false), now, &mut Resolved::default());
+        c.hand(
+            Vec::<i32>::new(),
+            &handoff(&[(7, 2)], false),
+            now,
+            &mut Resolved::default(),
+        );
         assert_eq!(c.oldest(7), None, "no tokens, nothing waits");
     }
 
