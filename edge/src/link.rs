@@ -157,6 +157,7 @@ impl Slot {
             self.confirmed.set(through);
             wire::encode(&LinkFrame::Confirm { through }, out);
             self.metrics.frames_out.inc();
+            self.metrics.confirms.inc();
         }
     }
 
