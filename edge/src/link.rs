@@ -643,7 +643,10 @@ impl Hub {
 
     /// Routes a batch to the shards with viewers wanting it.
     fn dispatch(&self, batch: Batch) {
-        if let (Scope::Room(room), false) = (&batch.scope, self.relinking.borrow().is_empty()) {
+        // Read apart from the `if let`: a borrow in its scrutinee lives through the whole
+        // statement (edition 2021), and the hold below borrows mutably.
+        let relinking = !self.relinking.borrow().is_empty();
+        if let (Scope::Room(room), true) = (&batch.scope, relinking) {
             let room = *room;
             let mut relinking = self.relinking.borrow_mut();
             if let Some(r) = relinking.get_mut(&room) {
