@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 mod ports;
 use ports::free_port;
 
+#[path = "faults/proxy.rs"]
+mod proxy;
+use proxy::LinkProxy;
+
 /// A child process killed (SIGKILL) on drop.
 struct Proc(Child);
 
@@ -256,98 +260,6 @@ fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A TCP proxy of our own in front of a broker's link port, for the hand-off tests: it
-/// forwards both ways until told to stall, then drops everything the broker sends (the batches
-/// reach no edge, so no CONFIRM comes back) while the edge's own frames still pass; `cut`
-/// closes every connection it carries.
-struct LinkProxy {
-    addr: SocketAddr,
-    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl LinkProxy {
-    fn start(upstream: SocketAddr) -> LinkProxy {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Arc, Mutex};
-        let listener = std::net::TcpListener::bind(("127.0.0.1", free_port())).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let p = LinkProxy {
-            addr: listener.local_addr().unwrap(),
-            stalled: Arc::new(AtomicBool::new(false)),
-            conns: Arc::new(Mutex::new(Vec::new())),
-            stop: Arc::new(AtomicBool::new(false)),
-        };
-        let (stalled, conns, stop) = (p.stalled.clone(), p.conns.clone(), p.stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let Ok((edge, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let _ = edge.set_nonblocking(false);
-                let Ok(broker) = TcpStream::connect_timeout(&upstream, Duration::from_secs(1))
-                else {
-                    continue; // the broker is gone: the edge sees its link refused
-                };
-                let _ = (edge.set_nodelay(true), broker.set_nodelay(true));
-                {
-                    let mut c = conns.lock().unwrap();
-                    c.push(edge.try_clone().unwrap());
-                    c.push(broker.try_clone().unwrap());
-                }
-                let pump =
-                    |mut from: TcpStream, mut to: TcpStream, drop_when: Option<Arc<AtomicBool>>| {
-                        std::thread::spawn(move || {
-                            use std::io::{Read, Write};
-                            let mut buf = vec![0u8; 64 * 1024];
-                            loop {
-                                let n = match from.read(&mut buf) {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => n,
-                                };
-                                if drop_when.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
-                                    continue;
-                                }
-                                if to.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                            let _ = to.shutdown(std::net::Shutdown::Both);
-                            let _ = from.shutdown(std::net::Shutdown::Both);
-                        });
-                    };
-                pump(
-                    broker.try_clone().unwrap(),
-                    edge.try_clone().unwrap(),
-                    Some(stalled.clone()),
-                );
-                pump(edge, broker, None);
-            }
-        });
-        p
-    }
-
-    fn stall(&self, on: bool) {
-        self.stalled.store(on, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Closes every connection through the proxy (the edge re-links through it).
-    fn cut(&self) {
-        for c in self.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
-
-impl Drop for LinkProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.cut();
-    }
-}
-
 /// Waits until control lists the edge as up.
 fn edge_up(control: &control::Handle, node: &str) {
     wait_until("the edge registered", || {
@@ -405,7 +317,7 @@ fn a_broker_killed_with_batches_unconfirmed_on_its_links_loses_none() {
         let (x, y) = (held(a.http), held(b.http));
         x > 0.0 && y > 0.0 && x + y == 8.0
     });
-    let proxy = LinkProxy::start(a.link);
+    let proxy = LinkProxy::start(a.link, Duration::ZERO);
     let control = control::start(control_config(KEYS_V1)).expect("control starts");
     let mut ec = edge_config("edge-hand", KEYS_V1, a.link, control.http_addr());
     ec.broker_addrs = vec![proxy.addr.to_string(), b.link.to_string()];
@@ -470,7 +382,7 @@ fn batches_of_a_link_that_ends_unconfirmed_are_delivered_again() {
     // The NAK delay (ack_wait_ms) must outlast the edge's re-link: a redelivery that finds the
     // room's interest not yet re-sent is "watched by nobody", acked, and lost to this edge.
     let a = broker_with("b-unconf", nats_addr, &["cluster.ack_wait_ms=3000"]);
-    let proxy = LinkProxy::start(a.link);
+    let proxy = LinkProxy::start(a.link, Duration::ZERO);
     let control = control::start(control_config(KEYS_V1)).expect("control starts");
     let ec = edge_config("edge-unconf", KEYS_V1, proxy.addr, control.http_addr());
     let _edge = edge::start(ec).expect("edge starts");
@@ -491,7 +403,7 @@ fn batches_of_a_link_that_ends_unconfirmed_are_delivered_again() {
     });
     // The link ends unconfirmed; the edge re-links through the (no longer stalling) proxy.
     proxy.stall(false);
-    proxy.cut();
+    proxy.close_all();
     receive_all(&mut viewers, &sent, &mut got, &rooms);
     let page = get_text(a.http, "/metrics");
     assert!(
