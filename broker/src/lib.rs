@@ -34,7 +34,9 @@
 //! - [`stop`]: a shard-local stop latch.
 //! - [`announce`]: heartbeats to control (`control_addr`), so edges learn the brokers.
 //! - [`cluster`]: cluster mode (`backbone` set): publish to NATS JetStream before answering,
-//!   consume the partitions this broker leases into the same shard queues, ack after hand-off.
+//!   consume the partitions this broker leases into the same shard queues, ack once confirmed.
+//! - [`confirm`]: cluster mode's batch confirmations (sans-io): a consumed message is acked
+//!   to JetStream only once every edge link its batch went to has confirmed it.
 //!
 //! # Threads and invariants
 //! - `shards` monoio runtime threads. Shard `i` owns the rooms with `shard_of_room(r) == i`, the
