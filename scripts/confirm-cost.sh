@@ -28,16 +28,20 @@ else
   "$BIN" cluster --brokers 1 --edges 1 --partitions 16 --json --api-key "$K" --token-secret "$S" >"$OUT/cluster.json" 2>"$OUT/cluster.log" &
   STACK=$!
   for _ in $(seq 300); do [ -s "$OUT/cluster.json" ] && break; sleep 0.2; done
-  read -r CONTROL INGEST PIDS < <(python3 -c '
+  read -r CONTROL INGEST PIDS HTTP < <(python3 -c '
 import json,sys
 r=json.loads(open(sys.argv[1]).readline())["regions"][0]
-print(r["control"], r["brokers"][0]["ingest"], ",".join(str(p["pid"]) for p in r["brokers"]+r["edges"]))' "$OUT/cluster.json")
+print(r["control"], r["brokers"][0]["ingest"], ",".join(str(p["pid"]) for p in r["brokers"]+r["edges"]), r["brokers"][0]["http"])' "$OUT/cluster.json")
 fi
 echo "$LABEL $MODE: control $CONTROL ingest $INGEST server pids $PIDS"
 "$BIN" loadtest rooms --control "$CONTROL" --ingest "$INGEST" --api-key "$K" \
   --viewers "$VIEWERS" --rooms "$ROOMS" --zipf 1.1 --rate "$RATE" --ramp-per-s 3000 \
   --warmup-ms 3000 --duration-ms "$DUR" --ticket-per-room --pids "$PIDS" --json "$OUT/rooms.json" \
   2>&1 | tail -n 25
+if [ "$MODE" = cluster ]; then
+  # Link batches sent and CONFIRM frames received (0 without confirmations).
+  curl -s "$HTTP/metrics" | grep -E '^barrage_broker_(link_batches_sent_total|backbone_confirms_total|backbone_acked_total) '
+fi
 kill -TERM "$STACK"
 wait "$STACK" 2>/dev/null
 echo "json: $OUT/rooms.json"
