@@ -424,6 +424,86 @@ fn batches_of_a_link_that_ends_unconfirmed_are_delivered_again() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What waits on one edge is bounded: a link that stays up (it pings) but never confirms the
+/// batches it was sent is cut as `dead` once its oldest unconfirmed batch is `link_dead_ms` old,
+/// and those messages go back to JetStream (counted), not held for ever.
+#[test]
+fn a_link_that_never_confirms_is_cut_and_its_batches_given_back() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("barrage-cluster-lag-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let Some((_nats, nats_addr)) = nats(&dir) else {
+        return;
+    };
+    let a = broker_with(
+        "b-lag",
+        nats_addr,
+        &["link_ping_ms=100", "link_dead_ms=3000"],
+    );
+    wait_until("the broker holds the partitions", || {
+        metric(
+            &get_text(a.http, "/metrics"),
+            "barrage_broker_backbone_partitions_held",
+        ) == 8.0
+    });
+    // A raw edge: offers confirmations, wants room 7501, pings, never confirms.
+    let mut s = TcpStream::connect(a.link).unwrap();
+    let mut out = Vec::new();
+    for f in [
+        proto::link::LinkFrame::Hello(proto::link::Hello {
+            node_id: "mute".into(),
+            region: String::new(),
+            shards: 1,
+            link_shard: 0,
+            priority: proto::id::Priority::Low,
+            capabilities: proto::link::caps::CONFIRM | proto::link::caps::PLAIN,
+        }),
+        proto::link::LinkFrame::Sub {
+            interest: proto::link::Interest::Room(proto::id::RoomId(7501)),
+            encodings: proto::id::Encoding::Plain.bit(),
+        },
+    ] {
+        proto::link::encode(&f, &mut out);
+    }
+    s.write_all(&out).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = {
+        let (mut s, stop) = (s.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            let mut nonce = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                nonce += 1;
+                let mut ping = Vec::new();
+                proto::link::encode(&proto::link::LinkFrame::Ping { nonce }, &mut ping);
+                if s.write_all(&ping).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let dead = |page: &str| metric(page, "barrage_broker_link_cuts_total{reason=\"dead\"}");
+    std::thread::sleep(Duration::from_millis(300));
+    push_numbered(a.http, 7501, 0, 3);
+    wait_until("the batches wait for the mute link", || {
+        metric(
+            &get_text(a.http, "/metrics"),
+            "barrage_broker_backbone_confirm_waiting",
+        ) >= 3.0
+    });
+    assert_eq!(dead(&get_text(a.http, "/metrics")), 0.0, "it pings");
+    wait_until("cut for not confirming, its messages given back", || {
+        let page = get_text(a.http, "/metrics");
+        dead(&page) >= 1.0
+            && metric(&page, "barrage_broker_backbone_unconfirmed_total") >= 3.0
+            && metric(&page, "barrage_broker_backbone_confirm_waiting") == 0.0
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = pinger.join();
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The sum of every series of a metric family in a metrics page (labelled or not).
 fn metric_sum(page: &str, name: &str) -> f64 {
     page.lines()
