@@ -355,11 +355,8 @@ fn a_broker_killed_with_batches_unconfirmed_on_its_links_loses_none() {
     let _ = a.proc.0.kill(); // SIGKILL
     let _ = a.proc.0.wait();
     receive_all(&mut viewers, &sent, &mut got, &rooms);
+    wait_until("the survivor holds every partition", || held(b.http) == 8.0);
     let page = get_text(b.http, "/metrics");
-    assert_eq!(
-        metric(&page, "barrage_broker_backbone_partitions_held"),
-        8.0
-    );
     assert!(
         metric(&page, "barrage_broker_backbone_redelivered_total") >= waiting,
         "the survivor delivered what the dead owner had handed on unconfirmed ({waiting})"
