@@ -285,7 +285,7 @@ impl Handle {
             let _ = t.join();
         }
         // Cluster mode: release the leases now, so the other brokers take this one's partitions
-        // at once. What its shards had not handed to the links is unacked and goes to them.
+        // at once. What the edges had not confirmed is unacked (or NAK'd) and goes to them.
         if let Some(c) = &self.shared.cluster {
             c.shutdown();
         }

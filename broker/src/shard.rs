@@ -58,7 +58,7 @@ pub(crate) struct State {
     hold_until: Option<Instant>,
     /// When the first edge link came up on this shard.
     first_link_at: Option<Instant>,
-    /// Cluster mode: ack tokens of consumed messages not yet handed to the links.
+    /// Cluster mode: ack tokens of consumed messages not yet confirmed by the edges.
     acks: crate::cluster::Acks,
     /// Msg ids of the batch being handed on (cluster mode only).
     handed: Vec<proto::id::MsgId>,
