@@ -52,6 +52,10 @@ pub struct ClusterArgs {
     /// Shards per broker and per edge.
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
+    /// A broker config value `KEY=VALUE` (TOML) for every broker, as `barrage broker --set`
+    /// takes it; repeatable (e.g. `--broker-set room_rate_per_s=0` for a benchmark).
+    #[arg(long = "broker-set", value_name = "KEY=VALUE")]
+    pub broker_sets: Vec<String>,
     /// Print one JSON line with every endpoint once all are healthy (for scripts).
     #[arg(long)]
     pub json: bool,
@@ -505,6 +509,9 @@ fn run_in(
             ("cluster.lease_ms", args.lease_ms.to_string()),
             ("cluster.replicas", replicas.to_string()),
         ]));
+        for kv in &args.broker_sets {
+            a.extend(["--set".to_string(), kv.clone()]);
+        }
         procs.push(spawn(
             exe,
             Role {

@@ -1015,7 +1015,7 @@ impl ShardCore {
         if self.outbox.is_empty() && !self.presence.is_empty() {
             return Some((0, Msg::Presence(std::mem::take(&mut self.presence))));
         }
-        if self.outbox.is_empty() && !self.node.config.broker_addrs.is_empty() {
+        if self.outbox.is_empty() && self.node.config.links_brokers() {
             if let Some(acks) = self.acks.take() {
                 return Some((0, Msg::Acks(acks)));
             }
