@@ -78,6 +78,10 @@ pub struct ClusterArgs {
     /// regions run elsewhere).
     #[arg(long, default_value = "127.0.0.1")]
     pub leaf_host: String,
+    /// A broker config value `KEY=VALUE` (TOML) for every broker, as `barrage broker --set`
+    /// takes it; repeatable (e.g. `--broker-set room_rate_per_s=0` for a benchmark).
+    #[arg(long = "broker-set", value_name = "KEY=VALUE")]
+    pub broker_sets: Vec<String>,
     /// Print one JSON line with every endpoint once all are healthy (for scripts).
     #[arg(long)]
     pub json: bool,
@@ -850,6 +854,10 @@ fn start_region(
         }
         let mut a = vec!["broker".to_string(), "--backbone".into(), backbone.clone()];
         a.extend(sets(&set));
+        // Given after the defaults above, so they override them.
+        for kv in &args.broker_sets {
+            a.extend(["--set".to_string(), kv.clone()]);
+        }
         procs.push(spawn(
             exe,
             Role {

@@ -1857,3 +1857,63 @@ fn a_broker_joining_takes_its_share_of_partitions_and_loses_nothing() {
     control.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// High reach through `barrage cluster`, whose edges learn their brokers from control (no
+/// `broker_addrs`): the client's ACK reaches the owner and ends the resends. (The edge used to
+/// forward ACKs only with a static broker list, so in this layout every message was resent
+/// `reach_retries` times: `loadtest reach` saw three copies of each.)
+#[test]
+fn a_high_reach_ack_through_an_edge_following_control_ends_the_resends() {
+    if nats(&std::env::temp_dir()).is_none() {
+        return;
+    }
+    let (cluster, v) = start_cluster(&[
+        "--brokers",
+        "1",
+        "--edges",
+        "1",
+        "--partitions",
+        "8",
+        "--broker-set",
+        "reach_retry_ms=300",
+        "--broker-set",
+        "reach_retries=50",
+    ]);
+    let region = &v["regions"][0];
+    let control = addr_of(&region["control"]);
+    let http = addr_of(&region["brokers"][0]["http"]);
+    let (room, uid) = (7400, 4343);
+    let t = connect_ticket(control, room, uid);
+    let e = &t.edges[0];
+    let addr: SocketAddr = format!(
+        "{}:{}",
+        e["host"].as_str().unwrap(),
+        e["tcp_port"].as_u64().unwrap()
+    )
+    .parse()
+    .unwrap();
+    let mut viewer = Viewer::tcp(addr);
+    let mut body = auth_body(uid, room, &t.token);
+    body.ack = true;
+    assert_eq!(viewer.auth(&body), 0);
+    let auth = format!("Bearer {API_KEY}");
+    // The user's presence may reach the broker a moment after the auth: push until delivered.
+    let mut msg = 0;
+    wait_until("a high-reach push delivered", || {
+        let (status, r) = http_json(
+            http,
+            "POST",
+            &format!("/v1/push/user/{uid}?reach=high"),
+            &[("Authorization", auth.as_str())],
+            r#"{"cmd":"GIFT"}"#,
+        );
+        assert_eq!(status, 202, "{r}");
+        msg = r["msg_id"].as_str().unwrap().parse().unwrap();
+        next_reach_id(&mut viewer) == msg
+    });
+    viewer.send_packet(&proto::auth::ack_request(msg));
+    wait_until("the owner ends it on the ACK", || {
+        reach_state(http, msg)["state"] == "acked"
+    });
+    drop(cluster);
+}
