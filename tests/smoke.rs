@@ -102,15 +102,21 @@ fn up_tail_push_with_the_real_binary() {
     let tls_dir = std::env::temp_dir().join(format!("barrage-smoke-tls-{}", std::process::id()));
     let ca_file = tls_dir.join("tls-cert.pem");
     for offset in [base, base + 4_000, base + 8_000] {
-        let i = kids.spawn(Command::new(BIN).env("BARRAGE_TLS_DIR", &tls_dir).args([
-            "up",
-            "--api-key",
-            API_KEY,
-            "--token-secret",
-            TOKEN_SECRET,
-            "--ports-offset",
-            &offset.to_string(),
-        ]));
+        // Memory only: the default data_dir would be under the user's state directory.
+        let i = kids.spawn(
+            Command::new(BIN)
+                .env("BARRAGE_TLS_DIR", &tls_dir)
+                .env("BARRAGE_DATA_DIR", "none")
+                .args([
+                    "up",
+                    "--api-key",
+                    API_KEY,
+                    "--token-secret",
+                    TOKEN_SECRET,
+                    "--ports-offset",
+                    &offset.to_string(),
+                ]),
+        );
         let (out, err) = kids.lines(i);
         let mut seen = Vec::new();
         if wait_line(&out, Instant::now() + WAIT, &mut seen, |l| l == "ready") {

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod reload;
 pub mod runtime;
 pub mod secret;
+pub mod state;
 pub mod sys;
 pub mod tls;
 pub mod wake;

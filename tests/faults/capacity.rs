@@ -52,6 +52,7 @@ fn fd_limit_serves_existing_refuses_new_and_keeps_links() {
         Env {
             netns: None,
             nofile: Some(FD_RESERVE + 20),
+            state_home: None,
         },
     )];
     let e = c.start_edge(0);
