@@ -220,7 +220,7 @@ fn mass_reconnect_large() {
 }
 
 /// fd count and RSS (kB) of a process, from /proc.
-fn fds_and_rss(pid: u32) -> (usize, u64) {
+pub fn fds_and_rss(pid: u32) -> (usize, u64) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0);

@@ -1,7 +1,8 @@
 //! A TCP proxy of our own between the edges and the broker's link port, for faults a kernel
 //! rule cannot make: a fixed delay each way (a delay line: bytes leave `delay` after they came
-//! in, throughput untouched), and a reset in the middle of a batch (half of a read from the
-//! broker is passed on, then both sides get an RST).
+//! in, throughput untouched), a reset in the middle of a batch (half of a read from the
+//! broker is passed on, then both sides get an RST), and a slow link (the broker-to-edge
+//! direction read at a fixed byte rate through a small socket buffer).
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -11,6 +12,9 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Read size and socket receive buffer of a throttled connection.
+const THROTTLE_BUFFER_BYTES: usize = 4096;
 
 pub struct LinkProxy {
     pub addr: SocketAddr,
@@ -28,6 +32,8 @@ struct Shared {
     /// Connections accepted from edges.
     accepted: AtomicU64,
     delay_us: AtomicU64,
+    /// Broker-to-edge bytes per second (0: as fast as it comes).
+    rate_bytes_per_s: AtomicU64,
 }
 
 impl LinkProxy {
@@ -51,6 +57,12 @@ impl LinkProxy {
                         else {
                             continue;
                         };
+                        if s.rate_bytes_per_s.load(Ordering::Relaxed) > 0 {
+                            // A small window, so the kernel does not absorb what a slow link
+                            // would leave queued on the broker.
+                            let _ = socket2::SockRef::from(&broker)
+                                .set_recv_buffer_size(THROTTLE_BUFFER_BYTES);
+                        }
                         let _ = edge.set_nonblocking(false);
                         let _ = edge.set_nodelay(true);
                         let _ = broker.set_nodelay(true);
@@ -74,6 +86,14 @@ impl LinkProxy {
 
     pub fn resets_done(&self) -> u64 {
         self.shared.resets_done.load(Ordering::Relaxed)
+    }
+
+    /// Reads the broker's side at `bytes_per_s` (a slow link: the broker's link queue fills
+    /// behind it); 0 lifts it. Connections accepted while it is set get a small socket buffer.
+    pub fn throttle(&self, bytes_per_s: u64) {
+        self.shared
+            .rate_bytes_per_s
+            .store(bytes_per_s, Ordering::Relaxed);
     }
 
     pub fn accepted(&self) -> u64 {
@@ -114,6 +134,13 @@ fn pump(mut from: TcpStream, to: TcpStream, s: Arc<Shared>, cuts: bool) -> JoinH
     std::thread::spawn(move || {
         let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
         let mut buf = vec![0u8; 64 * 1024];
+        let rate_now = || match cuts {
+            true => s.rate_bytes_per_s.load(Ordering::Relaxed),
+            false => 0,
+        };
+        if rate_now() > 0 {
+            buf.truncate(THROTTLE_BUFFER_BYTES);
+        }
         loop {
             if s.stop.load(Ordering::Relaxed) {
                 break;
@@ -147,6 +174,10 @@ fn pump(mut from: TcpStream, to: TcpStream, s: Arc<Shared>, cuts: bool) -> JoinH
             }
             if tx.send((due, buf[..n].to_vec())).is_err() {
                 break;
+            }
+            let rate = rate_now();
+            if rate > 0 {
+                std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / rate));
             }
         }
         drop(tx);
