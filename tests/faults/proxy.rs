@@ -175,9 +175,8 @@ fn pump(mut from: TcpStream, to: TcpStream, s: Arc<Shared>, cuts: bool) -> JoinH
             if tx.send((due, buf[..n].to_vec())).is_err() {
                 break;
             }
-            let rate = rate_now();
-            if rate > 0 {
-                std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / rate));
+            if let Some(us) = (n as u64 * 1_000_000).checked_div(rate_now()) {
+                std::thread::sleep(Duration::from_micros(us));
             }
         }
         drop(tx);
