@@ -36,6 +36,19 @@ struct Shared {
     rate_bytes_per_s: AtomicU64,
 }
 
+fn connect_upstream(upstream: SocketAddr, small_buffer: bool) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(upstream),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if small_buffer {
+        sock.set_recv_buffer_size(THROTTLE_BUFFER_BYTES)?;
+    }
+    sock.connect_timeout(&upstream.into(), Duration::from_secs(2))?;
+    Ok(sock.into())
+}
+
 impl LinkProxy {
     /// Listens on 127.0.0.1:0 and forwards each connection to `upstream`.
     pub fn start(upstream: SocketAddr, delay: Duration) -> LinkProxy {
@@ -52,17 +65,15 @@ impl LinkProxy {
                 match listener.accept() {
                     Ok((edge, _)) => {
                         s.accepted.fetch_add(1, Ordering::Relaxed);
-                        let Ok(broker) =
-                            TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
-                        else {
+                        // Throttled: a small receive buffer set before connecting (so the
+                        // window is small from the handshake on; shrinking it on a connected
+                        // socket makes the kernel drop segments it had already advertised room
+                        // for, and the sender backs off for seconds), so the kernel does not
+                        // absorb what a slow link would leave queued on the broker.
+                        let throttled = s.rate_bytes_per_s.load(Ordering::Relaxed) > 0;
+                        let Ok(broker) = connect_upstream(upstream, throttled) else {
                             continue;
                         };
-                        if s.rate_bytes_per_s.load(Ordering::Relaxed) > 0 {
-                            // A small window, so the kernel does not absorb what a slow link
-                            // would leave queued on the broker.
-                            let _ = socket2::SockRef::from(&broker)
-                                .set_recv_buffer_size(THROTTLE_BUFFER_BYTES);
-                        }
                         let _ = edge.set_nonblocking(false);
                         let _ = edge.set_nodelay(true);
                         let _ = broker.set_nodelay(true);
