@@ -36,7 +36,9 @@
 //! - [`stop`]: a shard-local stop latch.
 //! - [`announce`]: heartbeats to control (`control_addr`), so edges learn the brokers.
 //! - [`cluster`]: cluster mode (`backbone` set): publish to NATS JetStream before answering,
-//!   consume the partitions this broker leases into the same shard queues, ack after hand-off.
+//!   consume the partitions this broker leases into the same shard queues, ack once confirmed.
+//! - [`confirm`]: cluster mode's batch confirmations (sans-io): a consumed message is acked
+//!   to JetStream only once every edge link its batch went to has confirmed it.
 //!
 //! # Threads and invariants
 //! - `shards` monoio runtime threads. Shard `i` owns the rooms with `shard_of_room(r) == i`, the
@@ -59,6 +61,7 @@ pub mod client;
 pub mod cluster;
 pub mod compress;
 pub mod config;
+pub mod confirm;
 pub mod courier;
 pub mod dedup;
 pub mod feed;
@@ -285,7 +288,7 @@ impl Handle {
             let _ = t.join();
         }
         // Cluster mode: release the leases now, so the other brokers take this one's partitions
-        // at once. What its shards had not handed to the links is unacked and goes to them.
+        // at once. What the edges had not confirmed is unacked (or NAK'd) and goes to them.
         if let Some(c) = &self.shared.cluster {
             c.shutdown();
         }

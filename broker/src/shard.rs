@@ -58,10 +58,12 @@ pub(crate) struct State {
     hold_until: Option<Instant>,
     /// When the first edge link came up on this shard.
     first_link_at: Option<Instant>,
-    /// Cluster mode: ack tokens of consumed messages not yet handed to the links.
+    /// Cluster mode: ack tokens of consumed messages not yet confirmed by the edges.
     acks: crate::cluster::Acks,
-    /// Msg ids of the batches handed on in this drain (cluster mode only).
+    /// Msg ids of the batch being handed on (cluster mode only).
     handed: Vec<proto::id::MsgId>,
+    /// The confirming links the last delivered batch was queued on (crate::confirm).
+    handoff: crate::confirm::Handoff,
     /// `ONLINE_RANK_COUNT` pushes (`None`: off).
     announcer: Option<crate::online::Announcer>,
     /// Shard 0 with `route_by_presence`: user/device batches held for late enters.
@@ -110,6 +112,7 @@ impl State {
             first_link_at: None,
             acks: Default::default(),
             handed: Vec::new(),
+            handoff: Default::default(),
             announcer: crate::online::Announcer::new(
                 c.count_push_ms,
                 if c.count_push_all_rooms {
@@ -141,6 +144,10 @@ impl State {
             return;
         };
         self.route.link_down(id);
+        if let Some(c) = self.shared.cluster.as_ref() {
+            // What it had not confirmed goes back to JetStream (crate::confirm).
+            self.acks.link_down(c, id);
+        }
         if self.index == 0 && conn.priority == Priority::Low {
             // The presence link: none of the node's connections is reachable through us now.
             self.shared.courier.edge_down(&conn.node_id);
@@ -215,28 +222,34 @@ impl State {
         }
         self.batcher.poll(now, &mut flushes);
         for f in flushes.drain(..) {
-            if cluster.is_some() {
-                self.handed.extend_from_slice(&f.msg_ids);
-            }
-            self.deliver(f, now);
+            self.hand_on(f, now);
         }
         self.flushes = flushes;
-        // Cluster mode: the batches are on the links' queues (or watched by nobody); ack them
-        // to JetStream. The one place a consumed message is acked (see crate::cluster, Acks).
-        if let Some(c) = cluster {
-            let handed = std::mem::take(&mut self.handed);
-            self.acks.handed(c, &handed);
-            self.handed = handed;
-            self.handed.clear();
-        }
         self.metrics()
             .pending_messages
             .store(self.batcher.pending_messages() as u64, Relaxed);
         budget == 0
     }
 
+    /// Delivers a flushed batch; in cluster mode its messages are then acked to JetStream once
+    /// the links it went to confirm it (crate::cluster, Acks): the one place a consumed
+    /// low-reach message is acked.
+    fn hand_on(&mut self, f: Flush, now: Instant) {
+        let Some(shared) = self.shared.cluster.is_some().then(|| self.shared.clone()) else {
+            self.deliver(f, now);
+            return;
+        };
+        self.handed.clear();
+        self.handed.extend_from_slice(&f.msg_ids);
+        self.deliver(f, now);
+        if let Some(c) = shared.cluster.as_ref() {
+            self.acks.handed(c, &self.handed, &self.handoff, now);
+        }
+    }
+
     /// Encodes one batch for the encodings its edges want and queues it on their links.
     fn deliver(&mut self, flush: Flush, now: Instant) {
+        self.handoff.clear();
         let m = &self.shared.shard_metrics[self.index as usize];
         m.batches.fetch_add(1, Relaxed);
         m.messages_batched
@@ -361,10 +374,14 @@ impl State {
                     .is_err()
                 {
                     self.cuts.push(t.link);
+                    self.handoff.lost = true;
                     break;
                 }
                 m.link_batches_sent.fetch_add(1, Relaxed);
                 m.link_bytes_sent.fetch_add(len as u64, Relaxed);
+            }
+            if conn.confirms && self.cuts.last() != Some(&t.link) {
+                self.handoff.links.push((t.link, conn.batches.get()));
             }
         }
         let cuts = std::mem::take(&mut self.cuts);
@@ -463,6 +480,15 @@ impl State {
                 }
             }
             LinkFrame::Replay(req) => self.replay(id, &req),
+            LinkFrame::Confirm { through } => {
+                let Some(conn) = self.links.get(&id) else {
+                    return Ok(());
+                };
+                conn.confirm(through).map_err(|_| Cut::Protocol)?;
+                if let Some(c) = self.shared.cluster.as_ref() {
+                    self.acks.confirmed(c, id, through);
+                }
+            }
             LinkFrame::Hello(_)
             | LinkFrame::Batch(_)
             | LinkFrame::Replayed(_)
@@ -590,10 +616,15 @@ impl State {
             });
             let ids: Vec<LinkId> = self.links.keys().copied().collect();
             for id in ids {
-                let silent = self
-                    .links
-                    .get(&id)
-                    .map(|c| now.saturating_duration_since(c.last_rx.get()) > dead_after);
+                // Silent, or (cluster mode) not confirming what it was sent: both bound how
+                // long a consumed message waits on one edge (crate::confirm).
+                let unconfirmed = self
+                    .acks
+                    .oldest_unconfirmed(id)
+                    .is_some_and(|t| now.saturating_duration_since(t) > dead_after);
+                let silent = self.links.get(&id).map(|c| {
+                    unconfirmed || now.saturating_duration_since(c.last_rx.get()) > dead_after
+                });
                 match silent {
                     Some(true) => self.cut(id, Cut::Dead),
                     Some(false) => self.send(id, Out::Frame(ping.clone())),
@@ -634,7 +665,7 @@ impl State {
             self.batcher.push(msg, now, &mut flushes);
         }
         for f in flushes {
-            self.deliver(f, now);
+            self.hand_on(f, now);
         }
     }
 
@@ -765,6 +796,9 @@ fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
         wake: net::wake::Notify::new(),
         stop: Stop::new(),
         last_rx: Cell::new(Instant::now()),
+        confirms: link::confirms(&st.shared, &hello),
+        batches: Cell::new(0),
+        confirmed: Cell::new(0),
     });
     let up = st.route.link_up(&hello.node_id, hello.priority, id);
     st.links.insert(id, conn.clone());

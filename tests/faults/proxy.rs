@@ -1,8 +1,10 @@
 //! A TCP proxy of our own between the edges and the broker's link port, for faults a kernel
 //! rule cannot make: a fixed delay each way (a delay line: bytes leave `delay` after they came
 //! in, throughput untouched), a reset in the middle of a batch (half of a read from the
-//! broker is passed on, then both sides get an RST), and a slow link (the broker-to-edge
-//! direction read at a fixed byte rate through a small socket buffer).
+//! broker is passed on, then both sides get an RST), a stall (what the broker sends is read
+//! and dropped, so an edge receives nothing and confirms nothing while its own frames still
+//! pass; the cluster hand-off tests), closing every connection at once, and a slow link (the
+//! broker-to-edge direction read at a fixed byte rate through a small socket buffer).
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -34,6 +36,10 @@ struct Shared {
     delay_us: AtomicU64,
     /// Broker-to-edge bytes per second (0: as fast as it comes).
     rate_bytes_per_s: AtomicU64,
+    /// Drop everything the broker sends.
+    stalled: AtomicBool,
+    /// Both sockets of every connection accepted, for `close_all`.
+    live: std::sync::Mutex<Vec<TcpStream>>,
 }
 
 fn connect_upstream(upstream: SocketAddr, small_buffer: bool) -> std::io::Result<TcpStream> {
@@ -77,6 +83,12 @@ impl LinkProxy {
                         let _ = edge.set_nonblocking(false);
                         let _ = edge.set_nodelay(true);
                         let _ = broker.set_nodelay(true);
+                        if let (Ok(e), Ok(b), Ok(mut live)) =
+                            (edge.try_clone(), broker.try_clone(), s.live.lock())
+                        {
+                            live.retain(|c| c.peer_addr().is_ok());
+                            live.extend([e, b]);
+                        }
                         splice(edge, broker, &s);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -109,6 +121,20 @@ impl LinkProxy {
 
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
+    }
+
+    /// While on, everything the broker sends is read and dropped (the edge's frames still pass).
+    pub fn stall(&self, on: bool) {
+        self.shared.stalled.store(on, Ordering::SeqCst);
+    }
+
+    /// Closes every connection now (the edges re-link through the proxy).
+    pub fn close_all(&self) {
+        if let Ok(mut live) = self.shared.live.lock() {
+            for c in live.drain(..) {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        }
     }
 }
 
@@ -169,6 +195,9 @@ fn pump(mut from: TcpStream, to: TcpStream, s: Arc<Shared>, cuts: bool) -> JoinH
                 }
                 Err(_) => break,
             };
+            if cuts && s.stalled.load(Ordering::SeqCst) {
+                continue;
+            }
             let due = Instant::now() + Duration::from_micros(s.delay_us.load(Ordering::Relaxed));
             if cuts && s.resets_asked.load(Ordering::Relaxed) > resets_seen && n >= 2 {
                 // Half of this read goes out, the rest never does: the edge holds a partial
