@@ -90,6 +90,8 @@ fn up(kids: &mut Kids, offset: u16) -> Result<usize, Vec<String>> {
     let mut child = Command::new(BIN)
         .args(["up", "--api-key", API_KEY, "--token-secret", TOKEN_SECRET])
         .args(["--ports-offset", &offset.to_string()])
+        // Memory only: the default data_dir would be under the user's state directory.
+        .env("BARRAGE_DATA_DIR", "none")
         // Its self-signed WSS certificate goes to a temporary directory, not the user's state.
         .env(
             "BARRAGE_TLS_DIR",

@@ -100,15 +100,21 @@ fn start_up(
     offsets: [u16; 3],
 ) -> (usize, u16, Receiver<String>, Receiver<String>) {
     for offset in offsets {
-        let i = kids.spawn(Command::new(BIN).env("BARRAGE_TLS_DIR", tls_dir).args([
-            "up",
-            "--api-key",
-            API_KEY,
-            "--token-secret",
-            TOKEN_SECRET,
-            "--ports-offset",
-            &offset.to_string(),
-        ]));
+        // Memory only: the default data_dir would be under the user's state directory.
+        let i = kids.spawn(
+            Command::new(BIN)
+                .env("BARRAGE_TLS_DIR", tls_dir)
+                .env("BARRAGE_DATA_DIR", "none")
+                .args([
+                    "up",
+                    "--api-key",
+                    API_KEY,
+                    "--token-secret",
+                    TOKEN_SECRET,
+                    "--ports-offset",
+                    &offset.to_string(),
+                ]),
+        );
         let (out, err) = kids.lines(i);
         let mut seen = Vec::new();
         if wait_line(&out, Instant::now() + WAIT, &mut seen, |l| l == "ready") {

@@ -15,7 +15,9 @@
 //! - [`presence`]: who is in which room: records, leases, flap grace, the event log (sans-io).
 //! - [`roster`]: presence wired: edges' PRESENCE frames and heartbeats in, lease expiry on
 //!   shard 0, the `/v1/presence/...` API, user/device routing to the edges that hold them
-//!   (with `route_by_presence`).
+//!   (`route_by_presence`, on by default).
+//! - [`catchup`]: user/device batches held briefly for an edge that reports the user late
+//!   (sans-io), so narrowing by presence loses nothing sending to every edge delivered.
 //! - [`online`]: `ONLINE_RANK_COUNT` pushes to the rooms that ask for them (sans-io).
 //! - [`feed`]: presence event streams for consumers: Server-Sent Events and ingest
 //!   subscriptions, resumable by seq, cut when a consumer stalls.
@@ -54,6 +56,7 @@
 
 mod announce;
 pub mod batcher;
+pub mod catchup;
 pub mod client;
 pub mod cluster;
 pub mod compress;
@@ -367,11 +370,19 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
     } else {
         (None, None)
     };
-    let data_dir =
-        (!config.data_dir.is_empty()).then(|| std::path::PathBuf::from(&config.data_dir));
+    let data_dir = config.data_dir()?;
     let (courier, logged_id_max) =
-        courier::Courier::open(config.reach_limits(), data_dir.as_deref())
-            .map_err(|e| BrokerError::Config(format!("data_dir {}: {e}", config.data_dir)))?;
+        courier::Courier::open(config.reach_limits(), data_dir.as_deref()).map_err(|e| {
+            let d = data_dir.as_deref().unwrap_or(std::path::Path::new("-"));
+            BrokerError::Config(format!("data_dir {}: {e}", d.display()))
+        })?;
+    match &data_dir {
+        Some(d) => tracing::info!(data_dir = %d.display(), "high-reach log on disk"),
+        None => tracing::info!(
+            data_dir = %config.data_dir,
+            "high-reach log in memory only (a restart forgets high-reach messages in flight)"
+        ),
+    }
     let inboxes = (0..n)
         .map(|_| {
             let (high_tx, high_rx) = crossbeam_channel::bounded(config.queue_messages_max);

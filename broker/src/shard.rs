@@ -66,6 +66,8 @@ pub(crate) struct State {
     handoff: crate::confirm::Handoff,
     /// `ONLINE_RANK_COUNT` pushes (`None`: off).
     announcer: Option<crate::online::Announcer>,
+    /// Shard 0 with `route_by_presence`: user/device batches held for late enters.
+    catchup: Option<crate::catchup::Catchup>,
 }
 
 /// After the first edge link of a held shard, how long it waits for that edge's interest
@@ -122,6 +124,12 @@ impl State {
                 },
                 now,
             ),
+            catchup: (index == 0 && c.route_by_presence && c.presence_catchup_ms > 0).then(|| {
+                crate::catchup::Catchup::new(
+                    Duration::from_millis(c.presence_catchup_ms),
+                    c.presence_catchup_bytes_max,
+                )
+            }),
             shared,
         }
     }
@@ -250,18 +258,26 @@ impl State {
         self.targets.clear();
         self.route
             .targets(&flush.scope, flush.priority, &mut self.targets);
+        // With route_by_presence: the nodes that get this batch, when narrowing kept it from
+        // some (the catch-up then holds it for their late enters).
+        let mut narrowed: Option<Vec<String>> = None;
         if self.shared.config.route_by_presence
             && matches!(flush.scope, Scope::User(_) | Scope::Device(_))
         {
             let links = &self.links;
+            let node_of = |t: &Target| {
+                links
+                    .get(&t.link)
+                    .map(|c| c.node_id.clone())
+                    .unwrap_or_default()
+            };
+            let before = self.targets.len();
             self.shared
                 .roster
-                .narrow(&flush.scope, &mut self.targets, |t| {
-                    links
-                        .get(&t.link)
-                        .map(|c| c.node_id.clone())
-                        .unwrap_or_default()
-                });
+                .narrow(&flush.scope, &mut self.targets, node_of);
+            if self.targets.len() < before {
+                narrowed = Some(self.targets.iter().map(node_of).collect());
+            }
         }
         let mut encodings = self.targets.iter().fold(0u8, |acc, t| acc | t.encodings);
         if self.targets.is_empty() {
@@ -281,6 +297,7 @@ impl State {
                 self.history
                     .skip(room, outer_seq(flush.priority, flush.seq), now);
             }
+            self.hold_for_late_enters(flush, narrowed, now);
             return;
         }
         let encoded = self.compressor.encode(&flush, encodings);
@@ -298,6 +315,16 @@ impl State {
                 .history_bytes
                 .store(self.history.bytes() as u64, Relaxed);
         }
+        let targets = std::mem::take(&mut self.targets);
+        self.write(&flush, &encoded, &targets);
+        self.targets = targets;
+        self.hold_for_late_enters(flush, narrowed, now);
+    }
+
+    /// Queues one encoded batch on `targets`' links (each gets the encodings it asked for);
+    /// a link whose queue is full is cut as slow.
+    fn write(&mut self, flush: &Flush, encoded: &crate::compress::Encoded, targets: &[Target]) {
+        let m = &self.shared.shard_metrics[self.index as usize];
         let mut frames: [Option<(Bytes, Bytes)>; 3] = [None, None, None];
         let mut header = Vec::with_capacity(64);
         // Wall-clock, not `now`: the edge subtracts it from its own wall clock.
@@ -324,8 +351,7 @@ impl State {
             proto::link::encode_batch_header(&batch, &mut header);
             frames[slot] = Some((Bytes::copy_from_slice(&header), packet.clone()));
         }
-        let targets = std::mem::take(&mut self.targets);
-        for t in &targets {
+        for t in targets {
             let Some(conn) = self.links.get(&t.link) else {
                 continue;
             };
@@ -358,12 +384,44 @@ impl State {
                 self.handoff.links.push((t.link, conn.batches.get()));
             }
         }
-        self.targets = targets;
         let cuts = std::mem::take(&mut self.cuts);
         for id in &cuts {
             self.cut(*id, Cut::Slow);
         }
         self.cuts = cuts;
+    }
+
+    /// Hands a user/device batch that narrowing kept from some edge to the catch-up.
+    fn hold_for_late_enters(&mut self, flush: Flush, narrowed: Option<Vec<String>>, now: Instant) {
+        let (Some(c), Some(sent)) = (self.catchup.as_mut(), narrowed) else {
+            return;
+        };
+        c.keep(flush, sent, now);
+        self.shared.roster.catchup_stats(c.stats(), c.bytes());
+    }
+
+    /// Node `node` reported `batch` (shard 0): sends it the held user/device batches of the
+    /// users and devices it entered that it does not have yet, before any later batch of
+    /// theirs (this thread flushes them all).
+    fn late_enters(&mut self, node: &str, scopes: &[Scope], now: Instant) {
+        let Some(c) = self.catchup.as_mut() else {
+            return;
+        };
+        let mut due = Vec::new();
+        c.take(node, scopes, now, &mut due);
+        self.shared.roster.catchup_stats(c.stats(), c.bytes());
+        for flush in due {
+            let mut targets = Vec::new();
+            self.route
+                .targets(&flush.scope, flush.priority, &mut targets);
+            targets.retain(|t| self.links.get(&t.link).is_some_and(|c| c.node_id == node));
+            let encodings = targets.iter().fold(0u8, |acc, t| acc | t.encodings);
+            if encodings == 0 {
+                continue;
+            }
+            let encoded = self.compressor.encode(&flush, encodings);
+            self.write(&flush, &encoded, &targets);
+        }
     }
 
     /// Handles one frame from an edge. `Err` cuts the link.
@@ -392,7 +450,15 @@ impl State {
                     if self.index == 0 {
                         self.shared.courier.on_presence(&node, &batch);
                     }
-                    self.shared.roster.on_report(&node, batch, Instant::now());
+                    let entered = match self.catchup {
+                        Some(_) => crate::catchup::entered(&batch),
+                        None => Vec::new(),
+                    };
+                    let now = Instant::now();
+                    self.shared.roster.on_report(&node, batch, now);
+                    if !entered.is_empty() {
+                        self.late_enters(&node, &entered, now);
+                    }
                 }
             }
             // High-reach ACKs go to shard 0 (the owner of user and device scopes); one on

@@ -17,6 +17,7 @@ pub mod record;
 pub mod reload;
 pub mod runtime;
 pub mod secret;
+pub mod state;
 pub mod sys;
 pub mod tls;
 pub mod wake;
