@@ -492,10 +492,12 @@ fn run_in(
             hub: i == 0,
             leaf: leaf.as_ref(),
             controls: &control_addrs[i],
+            // With --only-region the other regions' controls run elsewhere, at addresses
+            // this process does not know: none to poll.
             peer_controls: control_addrs
                 .iter()
                 .enumerate()
-                .filter(|(j, _)| *j != i)
+                .filter(|(j, _)| *j != i && args.only_region.is_none())
                 .flat_map(|(_, a)| a.iter().copied())
                 .collect(),
             replicas,
