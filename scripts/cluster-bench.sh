@@ -68,7 +68,7 @@ for mode in $MODES; do
         --broker-set "room_rate_per_s=$ROOM_RATE" \
         >"$LOG/$mode.json" 2>"$LOG/$mode.err" &
       pid=$!
-      wait_line "$LOG/$mode.json" || { kill "$pid"; continue; }
+      wait_line "$LOG/$mode.json" || { grep -v WARN "$LOG/$mode.err" | tail -5; kill "$pid"; continue; }
       read -r control ingest < <(python3 -c '
 import json,sys
 r=json.load(open(sys.argv[1]))["regions"][0]
