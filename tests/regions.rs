@@ -980,6 +980,9 @@ fn region_failover_run() {
     drop(cluster);
 }
 
+/// A list threads of the partition run append to.
+type Shared<T> = Arc<Mutex<Vec<T>>>;
+
 /// Runs a command; whether it succeeded.
 fn run(cmd: &[&str]) -> bool {
     Command::new(cmd[0])
@@ -1156,7 +1159,7 @@ fn partition_run() {
     let rooms: Vec<u64> = (1..=5).map(|r| 50_000 + r).collect();
     let stop = Arc::new(AtomicBool::new(false));
     // Per region: (origin, n, received at) of what its viewers got.
-    let got: [Arc<Mutex<Vec<(String, u64, Instant)>>>; 2] = Default::default();
+    let got: [Shared<(String, u64, Instant)>; 2] = Default::default();
     let mut threads = Vec::new();
     for (ri, r) in regions.iter().enumerate() {
         for &room in &rooms {
@@ -1183,7 +1186,7 @@ fn partition_run() {
     }
     std::thread::sleep(Duration::from_secs(2));
     // Publishers, one per region into its own brokers: (n, accepted at).
-    let accepted: [Arc<Mutex<Vec<(u64, Instant)>>>; 2] = Default::default();
+    let accepted: [Shared<(u64, Instant)>; 2] = Default::default();
     let pub_stop = Arc::new(AtomicBool::new(false));
     let mut pubs = Vec::new();
     for (ri, r) in regions.iter().enumerate() {
