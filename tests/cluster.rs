@@ -1569,11 +1569,11 @@ impl Load {
     }
 }
 
-/// (delivered, missing, duplicated), the last two as (room index, n).
-type Tally = (usize, Vec<(usize, u64)>, Vec<(usize, u64)>);
+/// `(room index, n)` pairs.
+type Numbers = Vec<(usize, u64)>;
 
 /// What a run delivered against what it accepted: (delivered, missing, duplicated).
-fn tally(accepted: &Deliveries, got: &Deliveries) -> Tally {
+fn tally(accepted: &Deliveries, got: &Deliveries) -> (usize, Numbers, Numbers) {
     let (mut delivered, mut missing, mut dup) = (0, Vec::new(), Vec::new());
     for (i, acc) in accepted.iter().enumerate() {
         let mut seen = BTreeSet::new();

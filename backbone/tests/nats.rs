@@ -110,7 +110,7 @@ fn config(nats: &Nats) -> Config {
         lease_ms: LEASE_MS,
         ack_wait_ms: ACK_WAIT_MS,
         publish_ms_max: 1_000,
-        // No edges here to wait for before taking partitions (the broker sets 0 without control).
+        // No edges here to wait for (a broker ends the join wait once its edges have linked).
         join_wait_ms_max: 0,
         ..Config::default()
     }
