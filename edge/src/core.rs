@@ -89,6 +89,19 @@ impl ConnId {
         self.gen
     }
 
+    /// Key and generation in one word (an epoll registration's key).
+    pub fn to_bits(self) -> u64 {
+        u64::from(self.gen) << 32 | u64::from(self.key)
+    }
+
+    /// The id [`ConnId::to_bits`] made (a stale one is harmless: every input checks it).
+    pub fn from_bits(bits: u64) -> ConnId {
+        ConnId {
+            key: bits as u32,
+            gen: (bits >> 32) as u32,
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn for_test(key: u32, gen: u32) -> ConnId {
         ConnId { key, gen }

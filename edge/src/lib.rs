@@ -367,8 +367,10 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
         let node = node2.clone();
         async move {
             let Some(p) = p else { return };
-            let s = shard::Shard::new(i, node, p.tx, p.rx);
-            shard::run(s, p.tcp, p.ws, p.wss, p.tls_tcp, p.udp).await;
+            match shard::Shard::new(i, node, p.tx, p.rx) {
+                Ok(s) => shard::run(s, p.tcp, p.ws, p.wss, p.tls_tcp, p.udp).await,
+                Err(e) => tracing::error!(shard = i, error = %e, "cannot start the shard"),
+            }
         }
     })?;
 
