@@ -394,9 +394,12 @@ impl ShardCore {
             now + Duration::from_millis(cfg.auth_ms_max),
             now + Duration::from_millis(cfg.handshake_ms_max),
         );
-        self.arm(id, TimerKind::Auth, auth_at);
-        if transport == Transport::Ws {
+        // One timer per connection, re-armed as the next kind when it fires (handshake, then
+        // auth, then heartbeat): a mass connect holds one wheel entry per connection, not three.
+        if transport == Transport::Ws && hs_at < auth_at {
             self.arm(id, TimerKind::Handshake, hs_at);
+        } else {
+            self.arm(id, TimerKind::Auth, auth_at);
         }
         id
     }
@@ -811,11 +814,15 @@ impl ShardCore {
         if a.sync {
             self.begin_resume(id, a.room, a.encoding, a.resume, now);
         }
-        self.arm(
-            id,
-            TimerKind::Heartbeat,
-            now + Duration::from_millis(self.node.config.heartbeat_timeout_ms),
-        );
+        // Normally no heartbeat timer here: the connection's auth timer becomes it when it
+        // fires (`fire`), so an authenticated connection holds one wheel entry.
+        if heartbeat_before_auth(&self.node.config) {
+            self.arm(
+                id,
+                TimerKind::Heartbeat,
+                now + Duration::from_millis(self.node.config.heartbeat_timeout_ms),
+            );
+        }
     }
 
     // ---- UDP ----
@@ -1156,7 +1163,9 @@ impl ShardCore {
         let now_ms = self.ms(now);
         let mut fired = Vec::new();
         self.wheel.advance(now, &mut fired);
-        for t in fired {
+        let mut i = 0;
+        while let Some(&t) = fired.get(i) {
+            i += 1;
             let Some(c) = self.get(t.id) else { continue };
             match self.fire(t.kind, c, now_ms) {
                 Fire::Close(reason) => self.close_conn(t.id, reason, now),
@@ -1167,6 +1176,9 @@ impl ShardCore {
                     self.mark_ready(t.id);
                 }
                 Fire::Rearm(at) => self.wheel.insert(self.at(at.0), t),
+                // Already due (time jumped past it): it fires in this same call.
+                Fire::Then(kind, at) if at <= now_ms => fired.push(Timer { id: t.id, kind }),
+                Fire::Then(kind, at) => self.wheel.insert(self.at(at.0), Timer { id: t.id, kind }),
                 Fire::Nothing => {}
             }
         }
@@ -1219,9 +1231,20 @@ impl ShardCore {
             } else {
                 CloseReason::AuthTimeout
             }),
+            // The chain of a connection's one timer: handshake, then auth, then heartbeat
+            // (unless `seat` armed the heartbeat itself: see `heartbeat_before_auth`).
+            TimerKind::Auth if heartbeat_before_auth(cfg) => Fire::Nothing,
+            TimerKind::Auth => Fire::Then(
+                TimerKind::Heartbeat,
+                Millis(c.last_seen.0.saturating_add(cfg.heartbeat_timeout_ms)),
+            ),
             TimerKind::Handshake if c.session.is_handshaking() => {
                 Fire::Close(CloseReason::HandshakeTimeout)
             }
+            TimerKind::Handshake => Fire::Then(
+                TimerKind::Auth,
+                Millis(now.0 + cfg.auth_ms_max.saturating_sub(cfg.handshake_ms_max)),
+            ),
             TimerKind::Heartbeat => {
                 let due = Millis(c.last_seen.0.saturating_add(cfg.heartbeat_timeout_ms));
                 if now >= due {
@@ -1357,10 +1380,18 @@ impl ShardCore {
     }
 }
 
+/// A heartbeat timeout shorter than the auth deadline (tests and simulations) would be late
+/// if the auth timer became the heartbeat timer: then each gets its own.
+fn heartbeat_before_auth(cfg: &crate::config::Config) -> bool {
+    cfg.heartbeat_timeout_ms < cfg.auth_ms_max
+}
+
 enum Fire {
     Close(CloseReason),
     Force,
     Rearm(Millis),
+    /// The timer becomes the connection's next one (one wheel entry per connection).
+    Then(TimerKind, Millis),
     Nothing,
 }
 

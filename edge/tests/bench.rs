@@ -4,7 +4,9 @@
 //! CARGO_TARGET_DIR=... cargo test --release -p edge --test bench -- --ignored --nocapture --test-threads=1 bench_
 //! ```
 //! - `bench_idle_memory_*`: RSS delta of the edge process per idle authenticated connection at
-//!   `BENCH_IDLE_CONNS` (default 19,000) connections. The viewers run in a child process (this
+//!   `BENCH_IDLE_CONNS` (default 19,000) connections, TCP (or WebSocket with `BENCH_IDLE_WS=1`),
+//!   every connection a different logged-in user and device (the user/device index's worst
+//!   case). The viewers run in a child process (this
 //!   test binary re-executed as `viewers_helper`) because one process may hold only 20,000 fds.
 //! - `bench_fanout_*`: one shard, `BENCH_VIEWERS` TCP viewers of one room in a child process,
 //!   `BENCH_BATCHES` batches from a test broker; reports sends per second of wall time and per
@@ -84,7 +86,9 @@ fn viewers_helper() {
         return;
     };
     let n = env_usize("VIEWERS_N", 1000);
-    let read_mode = std::env::var("VIEWERS_MODE").as_deref() == Ok("read");
+    let mode = std::env::var("VIEWERS_MODE").unwrap_or_default();
+    let read_mode = mode == "read";
+    let ws = mode == "ws-idle";
     let _ = net::sys::raise_nofile_limit();
     // Die with the parent: it holds our stdin open while it lives.
     std::thread::spawn(|| {
@@ -109,18 +113,18 @@ fn viewers_helper() {
                             return;
                         }
                     };
-                    let (r, _) = s
-                        .write_all(auth_packet(
-                            i as u64 + 1,
-                            ROOM,
-                            0,
-                            token(i as u64 + 1, ROOM, 1),
-                        ))
-                        .await;
-                    if r.is_err() {
-                        return;
-                    }
-                    let (r, b) = s.read_exact(vec![0u8; 26]).await;
+                    let auth =
+                        auth_packet(i as u64 + 1, ROOM, 0, token_own_device(i as u64 + 1, ROOM));
+                    let (r, b) = if ws {
+                        ws_auth(&mut s, auth).await
+                    } else {
+                        let (r, _) = s.write_all(auth).await;
+                        if r.is_err() {
+                            return;
+                        }
+                        let (r, b) = s.read_exact(vec![0u8; 26]).await;
+                        (r.map(|_| ()), b)
+                    };
                     if r.is_err() || b != proto::auth::auth_reply(0) {
                         eprintln!("viewer {i}: auth: {r:?} {b:?}");
                         return;
@@ -150,6 +154,42 @@ fn viewers_helper() {
     });
 }
 
+/// A WebSocket viewer's upgrade and auth: returns the auth reply's payload.
+async fn ws_auth(s: &mut monoio::net::TcpStream, auth: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
+    let (r, _) = s.write_all(ws_upgrade_request("/sub")).await;
+    if let Err(e) = r {
+        return (Err(e), Vec::new());
+    }
+    // The 101 head, then the reply frame: 2 header bytes and the 26-byte auth reply.
+    let mut got = Vec::new();
+    let head_end = loop {
+        let (r, b) = s.read(vec![0u8; 512]).await;
+        match r {
+            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+            Ok(_) => return (Err(std::io::ErrorKind::UnexpectedEof.into()), got),
+            Err(e) => return (Err(e), got),
+        }
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    got.drain(..head_end);
+    let f = proto::ws::encode_client_frame(proto::ws::Opcode::Binary, &auth, [1, 2, 3, 4]);
+    let (r, _) = s.write_all(f).await;
+    if let Err(e) = r {
+        return (Err(e), Vec::new());
+    }
+    while got.len() < 28 {
+        let (r, b) = s.read(vec![0u8; 64]).await;
+        match r {
+            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+            Ok(_) => return (Err(std::io::ErrorKind::UnexpectedEof.into()), got),
+            Err(e) => return (Err(e), got),
+        }
+    }
+    (Ok(()), got[2..28].to_vec())
+}
+
 fn idle_memory(driver: Driver) {
     let n = env_usize("BENCH_IDLE_CONNS", 19_000);
     let mut cfg = edge_config(driver, vec![]);
@@ -158,7 +198,11 @@ fn idle_memory(driver: Driver) {
     let edge = edge::start(cfg).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let rss0 = net::sys::rss_bytes();
-    let (mut child, _out) = spawn_viewers(edge.tcp_addr(), n, "idle");
+    let ws = std::env::var("BENCH_IDLE_WS").is_ok_and(|v| v == "1");
+    let (mut child, _out) = match ws {
+        true => spawn_viewers(edge.ws_addr(), n, "ws-idle"),
+        false => spawn_viewers(edge.tcp_addr(), n, "idle"),
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while edge.connections() as usize != n {
         assert!(Instant::now() < deadline, "connections not seated");
@@ -168,8 +212,9 @@ fn idle_memory(driver: Driver) {
     let rss1 = net::sys::rss_bytes();
     let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
     println!(
-        "BENCH idle_memory driver={} conns={} rss_before={} rss_after={} bytes_per_conn={:.0} (conn slab entry {} bytes)",
+        "BENCH idle_memory driver={} transport={} conns={} rss_before={} rss_after={} bytes_per_conn={:.0} (conn slab entry {} bytes)",
         format!("{driver:?}").to_lowercase(),
+        if ws { "ws" } else { "tcp" },
         n,
         rss0,
         rss1,
