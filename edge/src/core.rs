@@ -31,6 +31,7 @@
 use crate::fanout::{Frames, Target};
 use crate::index::{EncodingSet, Lane, RoomIndex};
 use crate::metrics::{DropReason, ShardMetrics};
+use crate::queue::SendQueue;
 use crate::node::{Msg, Node, ShardIdx};
 use crate::reach::ReachIndex;
 use crate::session::{Action, Authed, CloseReason, Ctx, Session, Transport};
@@ -155,7 +156,7 @@ struct Conn {
     /// `Option<Millis>`: that doubles the field in every slab entry.
     stuck_since_ms: u64,
     session: Session,
-    queue: VecDeque<Bytes>,
+    queue: SendQueue,
     /// High-priority batches at the front of `queue`: a new one goes after them and ahead of
     /// every queued low-priority batch (issue 9, priority isolation). Each queued buffer is a
     /// whole packet (or WS frame) never partly written, so reordering them is safe; the two
@@ -370,7 +371,7 @@ impl ShardCore {
             last_seen: self.ms(now),
             stuck_since_ms: 0,
             session: Session::new(transport, &self.node.limits),
-            queue: VecDeque::new(),
+            queue: SendQueue::Empty,
             high_front: 0,
         };
         let id = ConnId {

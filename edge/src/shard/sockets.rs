@@ -57,6 +57,8 @@ pub(crate) struct Sockets {
     /// Partial writes, by slab key (only while one is partial).
     pending: HashMap<u32, Pending>,
     read_buf: Vec<u8>,
+    /// The buffer list of the next write, reused (a partial write keeps its own).
+    bufs: Vec<Bytes>,
 }
 
 impl Sockets {
@@ -66,6 +68,7 @@ impl Sockets {
             slots: Vec::new(),
             pending: HashMap::new(),
             read_buf: Vec::new(),
+            bufs: Vec::new(),
         })
     }
 
@@ -116,19 +119,26 @@ pub(crate) fn flush(shard: &Shard, id: ConnId) {
         let Some(fd) = shard.sockets.borrow().fd(id) else {
             return;
         };
-        let mut bufs = Vec::new();
+        let mut bufs = std::mem::take(&mut shard.sockets.borrow_mut().bufs);
         let t = shard.core.borrow_mut().take_transmit(id, &mut bufs);
-        match t {
-            Transmit::Idle => return,
-            Transmit::Close => return close(shard, id, CloseReason::Io),
+        let written = match t {
+            Transmit::Idle => Ok(None),
+            Transmit::Close => Err(()),
             Transmit::Write => {
                 let total: usize = bufs.iter().map(Bytes::len).sum();
                 match write_some(fd, &bufs, 0) {
-                    Ok(n) if n == total => shard.core.borrow_mut().on_written(id, n),
+                    Ok(n) if n == total => Ok(Some(n)),
                     Ok(n) => return wait_writable(shard, id, fd, bufs, n),
-                    Err(_) => return close(shard, id, CloseReason::Io),
+                    Err(_) => Err(()),
                 }
             }
+        };
+        bufs.clear();
+        shard.sockets.borrow_mut().bufs = bufs;
+        match written {
+            Ok(None) => return,
+            Ok(Some(n)) => shard.core.borrow_mut().on_written(id, n),
+            Err(()) => return close(shard, id, CloseReason::Io),
         }
     }
 }
