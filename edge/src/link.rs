@@ -618,7 +618,10 @@ impl Hub {
 
     /// Routes a batch to the shards with viewers wanting it.
     fn dispatch(&self, batch: Batch) {
-        if let (Scope::Room(room), false) = (&batch.scope, self.relinking.borrow().is_empty()) {
+        // The emptiness check's borrow ends here: held in the `if let` scrutinee (edition 2021
+        // keeps it to the end of the block) it made the `borrow_mut` below panic.
+        let relinking = !self.relinking.borrow().is_empty();
+        if let (Scope::Room(room), true) = (&batch.scope, relinking) {
             let room = *room;
             let mut relinking = self.relinking.borrow_mut();
             if let Some(r) = relinking.get_mut(&room) {
