@@ -16,6 +16,11 @@
 //!   round, while a reader thread (epoll) drains them eagerly; reports sends per second and
 //!   per CPU-second of the writing thread. Nothing of ours runs on the write path, so the gap
 //!   between this and `bench_fanout_*` is our own overhead.
+//! - `bench_floor_uring`: the same work with the ring driven directly (`io-uring` crate, no
+//!   runtime): each round pushes one `SEND` SQE per socket and submits them together (one
+//!   `io_uring_enter` per `BENCH_URING_BATCH` sends), then reaps the completions. The prototype
+//!   of "drive the ring directly for the data path": how far below the `write()` floor the ring
+//!   can take a send's CPU cost, with nothing else in the way.
 
 mod common;
 
@@ -322,6 +327,37 @@ fn bench_floor_write() {
     let viewers = env_usize("BENCH_VIEWERS", 2_000);
     let rounds = env_usize("BENCH_BATCHES", 500);
     let len = room_batch(ROOM, 1, Encoding::Plain, 900).packet.len();
+    let (mut socks, stop, reader) = floor_sockets(viewers);
+    let payload = vec![0x5au8; len];
+    let cpu0 = thread_cpu_seconds();
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        for s in socks.iter_mut() {
+            s.write_all(&payload).unwrap();
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = thread_cpu_seconds() - cpu0;
+    let sends = (viewers * rounds) as f64;
+    println!(
+        "BENCH floor_write viewers={viewers} rounds={rounds} bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} writer_cpu_s={cpu:.3} sends_per_cpu_s={:.0}",
+        sends / wall,
+        sends / cpu.max(1e-9)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(socks);
+    let _ = reader.join();
+}
+
+/// Connects `viewers` loopback sockets to a reader thread that drains them eagerly; returns
+/// the server-side sockets, the stop flag and the reader.
+fn floor_sockets(
+    viewers: usize,
+) -> (
+    Vec<std::net::TcpStream>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
     let _ = net::sys::raise_nofile_limit();
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -352,26 +388,60 @@ fn bench_floor_write() {
             }
         })
     });
-    let mut socks: Vec<std::net::TcpStream> = (0..viewers)
+    let socks = (0..viewers)
         .map(|_| {
             let (s, _) = l.accept().unwrap();
             s.set_nodelay(true).unwrap();
             s
         })
         .collect();
+    (socks, stop, reader)
+}
+
+#[test]
+#[ignore]
+fn bench_floor_uring() {
+    use std::os::fd::AsRawFd;
+    let viewers = env_usize("BENCH_VIEWERS", 2_000);
+    let rounds = env_usize("BENCH_BATCHES", 500);
+    let batch = env_usize("BENCH_URING_BATCH", 256).clamp(1, 4096);
+    let len = room_batch(ROOM, 1, Encoding::Plain, 900).packet.len();
+    let (socks, stop, reader) = floor_sockets(viewers);
+    let mut ring = io_uring::IoUring::new(4096).unwrap();
     let payload = vec![0x5au8; len];
     let cpu0 = thread_cpu_seconds();
     let t0 = Instant::now();
+    let (mut short, mut errors) = (0u64, 0u64);
     for _ in 0..rounds {
-        for s in socks.iter_mut() {
-            s.write_all(&payload).unwrap();
+        for chunk in socks.chunks(batch) {
+            for (i, s) in chunk.iter().enumerate() {
+                let e = io_uring::opcode::Send::new(
+                    io_uring::types::Fd(s.as_raw_fd()),
+                    payload.as_ptr(),
+                    payload.len() as u32,
+                )
+                .build()
+                .user_data(i as u64);
+                // SAFETY: the SQE points at `payload`, which outlives every submission (the
+                // completions of this chunk are reaped below before the next chunk); the fd is
+                // open for the whole bench. The queue has room: at most 4096 per chunk, reaped.
+                unsafe { ring.submission().push(&e).unwrap() };
+            }
+            ring.submit_and_wait(chunk.len()).unwrap();
+            for c in ring.completion() {
+                match c.result() {
+                    r if r < 0 => errors += 1,
+                    r if (r as usize) < len => short += 1,
+                    _ => {}
+                }
+            }
         }
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = thread_cpu_seconds() - cpu0;
     let sends = (viewers * rounds) as f64;
     println!(
-        "BENCH floor_write viewers={viewers} rounds={rounds} bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} writer_cpu_s={cpu:.3} sends_per_cpu_s={:.0}",
+        "BENCH floor_uring viewers={viewers} rounds={rounds} bytes={len} sqes_per_enter={batch} sends={sends} wall_s={wall:.3} sends_per_s={:.0} writer_cpu_s={cpu:.3} sends_per_cpu_s={:.0} short={short} errors={errors}",
         sends / wall,
         sends / cpu.max(1e-9)
     );
