@@ -20,6 +20,9 @@ http_addr = "127.0.0.1:18080"
 api_keys = ["$K"]
 token_keys = "1:$S"
 driver = "legacy"
+[http]
+conns_per_addr_max = 4096
+conns_max = 8192
 T
 cat > broker.toml <<T
 shards = 1
@@ -56,7 +59,11 @@ cpu() { awk '{print $14+$15}' /proc/$1/stat; }
 ( while sleep 1; do echo "$(date +%s.%N) sends=$(metric barrage_edge_sends_total) writes=$(metric barrage_edge_writes_total) drops=$(metric barrage_edge_drops_total) edge_ticks=$(cpu $EP) broker_ticks=$(cpu $BP)"; done ) > counters.log 2>/dev/null & MP=$!
 $BIN loadtest fanout --control http://127.0.0.1:18080 --control-key $K --api-key $K \
   --broker-http 127.0.0.1:17480 --ingest 127.0.0.1:17400 --viewers $VIEWERS --rooms 1 \
-  --ticket-per-room --sources $SOURCES --rates $RATES --step-ms $STEP_MS --warmup-ms 3000 \
-  --ramp-per-s 3000 --pids $EP,$BP --json hotroom-$DRIVER.json 2>&1 | tail -25
+  --sources $SOURCES --rates $RATES --step-ms $STEP_MS --warmup-ms 3000 \
+  --ramp-per-s ${RAMP:-2000} --p99-ms-max 600000 --pids $EP,$BP --json hotroom-$DRIVER.json 2>&1 | tail -25
 kill $MP $EP $BP $CP; wait 2>/dev/null
-echo "counters (1 s apart; batches per write = d(sends)/d(writes)): counters.log"
+# Per interval: sends/s, writes/s, batches per write, edge cores.
+awk -v hz=$(getconf CLK_TCK) '{for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+  if (NR > 1 && v["writes"] > w) { dt = $1 - t; printf "t=%.0f sends/s=%.0f writes/s=%.0f batches/write=%.2f edge_cores=%.2f drops=%d\n",
+    $1, (v["sends"] - s) / dt, (v["writes"] - w) / dt, (v["sends"] - s) / (v["writes"] - w), (v["edge_ticks"] - e) / hz / dt, v["drops"] }
+  t = $1; s = v["sends"]; w = v["writes"]; e = v["edge_ticks"] }' counters.log
