@@ -16,9 +16,14 @@ RUN cargo build --release --locked --bin barrage \
  && cp target/release/barrage /barrage
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin barrage
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin barrage \
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/barrage
 COPY --from=build /barrage /usr/local/bin/barrage
 COPY examples/ /etc/barrage/examples/
+# The broker's high-reach log (data_dir = "auto": /var/lib/barrage/broker-<node_id>-<port>) and
+# up's certificate; mount a volume here to keep them across containers.
+ENV STATE_DIRECTORY=/var/lib/barrage
+VOLUME /var/lib/barrage
 USER 10001:10001
 # Client TCP, WebSocket, edge admin; broker ingest, links, HTTP; control HTTP.
 EXPOSE 2243 2244 9243 7400 7401 7480 8080

@@ -14,7 +14,7 @@ cd "$here"
 export RUSTC_BOOTSTRAP=1
 target_dir="${CARGO_TARGET_DIR:-$here/target}"
 flags=(-O -a --target-dir "$target_dir")
-all_targets=(packet_stream container ws_frames ws_upgrade link_frames ingest_frames token edge_session auth udp)
+all_targets=(packet_stream container ws_frames ws_upgrade link_frames ingest_frames token edge_session auth udp tls_records)
 
 usage() {
     echo "usage: $0 build | run SECONDS [target...]" >&2

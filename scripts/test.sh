@@ -42,6 +42,15 @@ if ! command -v ip >/dev/null 2>&1 || ! command -v nft >/dev/null 2>&1; then
 fi
 export BARRAGE_REQUIRE_NETNS=1
 
+# The WSS interop test with OpenSSL's client (edge/tests/wss.rs, `openssl s_client` with a
+# KeyUpdate against the edge's own TLS 1.3 record layer).
+if ! command -v openssl >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl
+fi
+
 # The interop tests must not skip here: they run a client we did not write.
 export BARRAGE_REQUIRE_INTEROP=1
 cargo test --workspace --all-targets

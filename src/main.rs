@@ -81,8 +81,8 @@ struct BrokerArgs {
     #[arg(long)]
     backbone: Option<String>,
     /// Directory of the durable high-reach log (the config's `data_dir`): accepted high-reach
-    /// pushes survive a crash and are delivered after a restart on the same directory. Without
-    /// it (and without `data_dir`), high reach is memory only.
+    /// pushes survive a crash and are delivered after a restart on the same directory.
+    /// `auto` (default): `<state dir>/broker-<node_id>-<ingest port>`; `none`: memory only.
     #[arg(long)]
     data_dir: Option<PathBuf>,
 }

@@ -54,7 +54,7 @@ pub struct TailArgs {
     /// UDP (2246).
     #[arg(long, value_enum, default_value = "tcp")]
     pub transport: Transport,
-    /// Control's base URL.
+    /// Control's base URL; `http://host:port/?region=R` asks for region R's edges first.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub control: String,
     /// Control's API key, for `POST /v1/connect`; without it, tail is a guest via getDanmuInfo.

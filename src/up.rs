@@ -31,14 +31,14 @@ pub struct UpArgs {
     #[arg(long)]
     pub no_demo: bool,
     /// Where `up` keeps the self-signed WSS certificate it makes when `[edge]` names none
-    /// (kept across restarts, so its fingerprint stays the same). Default:
-    /// `$XDG_STATE_HOME/barrage`, else `~/.local/state/barrage`, else `./.barrage`.
+    /// (kept across restarts, so its fingerprint stays the same). Default: the state directory
+    /// (`$STATE_DIRECTORY`, else `$XDG_STATE_HOME/barrage`, else `~/.local/state/barrage`).
     #[arg(long, env = "BARRAGE_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
     /// Directory of the broker's durable high-reach log (`[broker] data_dir`): accepted
     /// high-reach pushes survive `kill -9` and are delivered after `up` starts again with the
-    /// same directory. Default: memory only (a restart forgets messages in flight), so several
-    /// `up` stacks on one host never share a log.
+    /// same directory. Default (`auto`): `<state dir>/broker-<node_id>-<ingest port>`, so
+    /// several `up` stacks on one host (`--ports-offset`) never share a log; `none`: memory only.
     #[arg(long, env = "BARRAGE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 }
@@ -311,18 +311,7 @@ fn wire_pages(c: &mut UpConfig, args: &UpArgs) {
 
 /// The default home of `up`'s self-signed certificate.
 fn default_tls_dir() -> PathBuf {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".local/state"))
-        });
-    match state {
-        Some(s) => s.join("barrage"),
-        None => PathBuf::from(".barrage"),
-    }
+    net::state::dir()
 }
 
 /// WSS for `up`: the certificate the file names, else a self-signed one for `localhost` and

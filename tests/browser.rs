@@ -90,6 +90,8 @@ fn up(kids: &mut Kids, offset: u16) -> Result<usize, Vec<String>> {
     let mut child = Command::new(BIN)
         .args(["up", "--api-key", API_KEY, "--token-secret", TOKEN_SECRET])
         .args(["--ports-offset", &offset.to_string()])
+        // Memory only: the default data_dir would be under the user's state directory.
+        .env("BARRAGE_DATA_DIR", "none")
         // Its self-signed WSS certificate goes to a temporary directory, not the user's state.
         .env(
             "BARRAGE_TLS_DIR",
@@ -178,6 +180,17 @@ impl Driver {
     }
 
     fn start(kids: &mut Kids, chromium: &Path, driver: &Path, profile: &Path) -> Driver {
+        Driver::start_with(kids, chromium, driver, profile, &[])
+    }
+
+    /// As `start`, with more Chromium flags.
+    fn start_with(
+        kids: &mut Kids,
+        chromium: &Path,
+        driver: &Path,
+        profile: &Path,
+        extra: &[&str],
+    ) -> Driver {
         let port = free_port();
         let child = Command::new(driver)
             .arg(format!("--port={port}"))
@@ -199,6 +212,7 @@ impl Driver {
         }
         let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|s| s.to_string()).collect();
         args.push(format!("--user-data-dir={}", profile.display()));
+        args.extend(extra.iter().map(|s| s.to_string()));
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": chromium, "args": args}
@@ -497,5 +511,102 @@ fn room_page_and_console_in_headless_chromium() {
     eprintln!("screenshots in {}", out.display());
 
     let _ = kids.0[up_child].kill();
+    let _ = std::fs::remove_dir_all(&profile);
+}
+
+/// Chromium's own TLS stack (BoringSSL) over WSS against the edge's TLS 1.3 record layer: the
+/// page takes a guest ticket from control (which lists `wss_port`), opens `wss://localhost`,
+/// authenticates, gets op 3 for a heartbeat and a danmaku pushed through the broker. The
+/// certificate is `up`'s self-signed one, hence `--ignore-certificate-errors`.
+#[test]
+fn wss_from_headless_chromium() {
+    let (chromium, chromedriver) = browser();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    let profile = out.join(format!("profile-wss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&profile);
+    std::fs::create_dir_all(&profile).expect("output dir");
+    let mut kids = Kids(Vec::new());
+    // Away from the room page test's offsets (1_000 + 10 × (pid % 300), + 3_000).
+    let base = 7_000 + (std::process::id() % 300) as u16 * 10;
+    let offset = [base, base + 3_000]
+        .into_iter()
+        .find(|o| match up(&mut kids, *o) {
+            Ok(_) => true,
+            Err(seen) => {
+                eprintln!("up with offset {o} did not start: {seen:?}");
+                false
+            }
+        })
+        .expect("barrage up never became ready");
+    let control: SocketAddr = ([127, 0, 0, 1], 8080 + offset).into();
+    let broker: SocketAddr = ([127, 0, 0, 1], 7480 + offset).into();
+    let web = Driver::start_with(
+        &mut kids,
+        &chromium,
+        &chromedriver,
+        &profile,
+        &["--ignore-certificate-errors"],
+    );
+    web.goto(&format!("http://{control}/room/7"));
+    web.eval(
+        r#"
+        window.wssLog = [];
+        const log = (x) => window.wssLog.push(x);
+        const packet = (op, body) => {
+            const b = new TextEncoder().encode(body);
+            const p = new Uint8Array(16 + b.length);
+            const v = new DataView(p.buffer);
+            v.setUint32(0, 16 + b.length); v.setUint16(4, 16); v.setUint16(6, 1);
+            v.setUint32(8, op); v.setUint32(12, 1);
+            p.set(b, 16);
+            return p;
+        };
+        fetch('/xlive/web-room/v1/index/getDanmuInfo?id=7&type=0').then(r => r.json()).then(j => {
+            const h = j.data.host_list[0];
+            log('wss_port ' + h.wss_port);
+            const ws = new WebSocket('wss://localhost:' + h.wss_port + '/sub');
+            ws.binaryType = 'arraybuffer';
+            ws.onopen = () => ws.send(packet(7, JSON.stringify(
+                {uid: 0, roomid: 7, protover: 0, platform: 'web', type: 2, key: j.data.token})));
+            ws.onerror = () => log('error');
+            ws.onclose = (e) => log('close ' + e.code);
+            ws.onmessage = (m) => {
+                const v = new DataView(m.data);
+                const op = v.getUint32(8);
+                log('op ' + op);
+                if (op === 8) ws.send(packet(2, '[object Object]'));
+                if (op === 5) log(new TextDecoder().decode(new Uint8Array(m.data, 16)));
+            };
+        }).catch(e => log('fetch ' + e));
+        return true;
+        "#,
+    );
+    web.until(
+        "auth reply and heartbeat reply over WSS",
+        "return window.wssLog.includes('op 8') && window.wssLog.includes('op 3')",
+    );
+    let bearer = format!("Bearer {API_KEY}");
+    let auth = [("authorization", bearer.as_str())];
+    let deadline = Instant::now() + WAIT;
+    // The subscription reaches the broker asynchronously: push until the page has it.
+    loop {
+        let (status, v) = http_json(broker, "POST", "/v1/push/room/7", &auth, &danmu("über wss"));
+        assert_eq!(status, 202, "{v}");
+        let got = web.eval("return window.wssLog.some(l => l.includes('über wss'))");
+        if got == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no danmaku over WSS: {}",
+            web.eval("return window.wssLog")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let log = web.eval("return window.wssLog");
+    assert!(
+        !log.to_string().contains("error") && !log.to_string().contains("close"),
+        "{log}"
+    );
     let _ = std::fs::remove_dir_all(&profile);
 }

@@ -40,9 +40,14 @@ fn broker_with(lease_ms: u64, grace_ms: u64, extra: &str) -> Role {
 }
 
 fn edge(node: &str, links: SocketAddr, extra: &str) -> Role {
+    // `extra` may set presence_batch_ms itself.
+    let batch = match extra.contains("presence_batch_ms") {
+        true => "",
+        false => "presence_batch_ms = 50\n",
+    };
     let toml = format!(
         "node_id = \"{node}\"\nbroker_addrs = [\"{links}\"]\nlink_ping_ms = 200\n\
-         link_dead_ms = 1000\npresence_batch_ms = 50\nlink_backoff_ms_min = 50\n\
+         link_dead_ms = 1000\n{batch}link_backoff_ms_min = 50\n\
          link_backoff_ms_max = 200\n{extra}"
     );
     start_ok("edge", &edge_toml(&toml, HEAD_MS))
@@ -374,6 +379,40 @@ fn a_user_push_goes_only_to_the_edge_that_holds_the_user() {
         "the batch skipped the edge without user 31: {m}"
     );
     drop((e1, e2));
+}
+
+/// The race that kept `route_by_presence` off by default: a connection pushed to right after
+/// its auth, before its edge's presence report (here 1 s later) told the broker, used to miss
+/// the push (narrowed away). The broker's catch-up (broker::catchup) sends it when the report
+/// arrives.
+#[test]
+fn a_user_push_right_after_auth_reaches_the_connection_before_its_presence_report() {
+    let b = broker(LEASE_MS);
+    let (links, http) = (b.addrs[1], b.addrs[2]);
+    let e1 = edge("p-f1", links, "presence_batch_ms = 1000");
+    // The edge reports presence (it is known to hold someone), so narrowing applies to it.
+    let _bob = viewer(e1.addrs[0], 42, "dev-42", 600);
+    wait_room(http, 600, 1, 1);
+    let mut alice = viewer(e1.addrs[0], 41, "dev-41", 600);
+    let body = r#"{"cmd":"DM","text":"hi 41"}"#;
+    let req = format!(
+        "POST /v1/push/user/41 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUSHER}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (head, _) = request_from([127, 0, 0, 1], http, &req).expect("push");
+    assert_eq!(status(&head), 202, "{head}");
+    let got = alice
+        .next_message(Instant::now() + WAIT)
+        .expect("alice gets the push sent before the broker knew of her");
+    assert!(got.contains("hi 41"), "{got}");
+    let m = procs::metrics(http);
+    assert_eq!(
+        procs::metric(&m, "barrage_broker_presence_catchup_sent_total"),
+        Some(1.0),
+        "{m}"
+    );
+    drop(e1);
 }
 
 /// A Server-Sent Events reader over a raw socket: the response head, then chunked body bytes

@@ -92,36 +92,56 @@ fn wait_line(
     false
 }
 
-#[test]
-fn up_tail_push_with_the_real_binary() {
-    let mut kids = Children(Vec::new());
-    // A ports offset far from the defaults; try another if something on this host holds one.
-    let base = 12_000 + (std::process::id() % 400) as u16 * 10;
-    let mut started = None;
-    // `up` makes its self-signed WSS certificate here (not in the user's state directory).
-    let tls_dir = std::env::temp_dir().join(format!("barrage-smoke-tls-{}", std::process::id()));
-    let ca_file = tls_dir.join("tls-cert.pem");
-    for offset in [base, base + 4_000, base + 8_000] {
-        let i = kids.spawn(Command::new(BIN).env("BARRAGE_TLS_DIR", &tls_dir).args([
-            "up",
-            "--api-key",
-            API_KEY,
-            "--token-secret",
-            TOKEN_SECRET,
-            "--ports-offset",
-            &offset.to_string(),
-        ]));
+/// `barrage up` from the first port offset of `offsets` that starts: its child index, offset
+/// and output lines.
+fn start_up(
+    kids: &mut Children,
+    tls_dir: &std::path::Path,
+    offsets: [u16; 3],
+) -> (usize, u16, Receiver<String>, Receiver<String>) {
+    for offset in offsets {
+        // Memory only: the default data_dir would be under the user's state directory.
+        let i = kids.spawn(
+            Command::new(BIN)
+                .env("BARRAGE_TLS_DIR", tls_dir)
+                .env("BARRAGE_DATA_DIR", "none")
+                .args([
+                    "up",
+                    "--api-key",
+                    API_KEY,
+                    "--token-secret",
+                    TOKEN_SECRET,
+                    "--ports-offset",
+                    &offset.to_string(),
+                ]),
+        );
         let (out, err) = kids.lines(i);
         let mut seen = Vec::new();
         if wait_line(&out, Instant::now() + WAIT, &mut seen, |l| l == "ready") {
-            started = Some((i, offset, out, err));
-            break;
+            return (i, offset, out, err);
         }
         let errs: Vec<String> = err.try_iter().collect();
         eprintln!("up with offset {offset} did not start: {seen:?} {errs:?}");
         let _ = kids.0[i].kill();
     }
-    let (up, offset, up_out, _up_err) = started.expect("barrage up never became ready");
+    panic!("barrage up never became ready");
+}
+
+/// A ports offset far from the defaults, per test process.
+fn base_offset() -> u16 {
+    12_000 + (std::process::id() % 400) as u16 * 10
+}
+
+#[test]
+fn up_tail_push_with_the_real_binary() {
+    let mut kids = Children(Vec::new());
+    // A ports offset far from the defaults; try another if something on this host holds one.
+    let base = base_offset();
+    // `up` makes its self-signed WSS certificate here (not in the user's state directory).
+    let tls_dir = std::env::temp_dir().join(format!("barrage-smoke-tls-{}", std::process::id()));
+    let ca_file = tls_dir.join("tls-cert.pem");
+    let (up, offset, up_out, _up_err) =
+        start_up(&mut kids, &tls_dir, [base, base + 4_000, base + 8_000]);
     let control = format!("http://127.0.0.1:{}", 8080 + offset);
     let ingest = format!("127.0.0.1:{}", 7400 + offset);
 
@@ -269,5 +289,85 @@ fn up_tail_push_with_the_real_binary() {
             == "stopped"),
         "{seen:?}"
     );
+    let _ = std::fs::remove_dir_all(&tls_dir);
+}
+
+/// Runs `barrage loadtest fanout --transport udp` against `up`; the JSON report.
+fn udp_fanout(control: &str, http: &str, ingest: &str, loss_pct: &str) -> serde_json::Value {
+    let json = std::env::temp_dir().join(format!(
+        "barrage-smoke-udp-{}-{loss_pct}.json",
+        std::process::id()
+    ));
+    let out = Command::new(BIN)
+        .args([
+            "loadtest",
+            "fanout",
+            "--control",
+            control,
+            "--broker-http",
+            http,
+        ])
+        .args([
+            "--ingest",
+            ingest,
+            "--api-key",
+            API_KEY,
+            "--control-key",
+            API_KEY,
+        ])
+        .args(["--transport", "udp", "--udp-loss-pct", loss_pct])
+        .args(["--viewers", "40", "--rates", "20", "--threads", "1"])
+        .args([
+            "--step-ms",
+            "2000",
+            "--warmup-ms",
+            "500",
+            "--duration-ms",
+            "2000",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run loadtest");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap_or_default()).unwrap_or_default();
+    let _ = std::fs::remove_file(&json);
+    assert!(
+        report["totals"].is_object(),
+        "no report: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
+}
+
+/// `barrage loadtest fanout --transport udp` through the real binary and `up`: every viewer
+/// makes the cookie handshake and every message reaches every viewer over loopback; with
+/// `--udp-loss-pct` the dropped datagrams show as missing messages and gaps.
+#[test]
+fn loadtest_fanout_over_udp_with_the_real_binary() {
+    let mut kids = Children(Vec::new());
+    let base = base_offset() + 2_000;
+    let tls_dir =
+        std::env::temp_dir().join(format!("barrage-smoke-udp-tls-{}", std::process::id()));
+    let (_up, offset, _out, _err) =
+        start_up(&mut kids, &tls_dir, [base, base + 4_000, base + 8_000]);
+    let control = format!("http://127.0.0.1:{}", 8080 + offset);
+    let http = format!("127.0.0.1:{}", 7480 + offset);
+    let ingest = format!("127.0.0.1:{}", 7400 + offset);
+
+    let r = udp_fanout(&control, &http, &ingest, "0");
+    let t = &r["totals"];
+    assert_eq!(r["connects"]["ok"], 40, "{}", r["connects"]);
+    assert!(t["delivered"].as_u64().unwrap_or(0) >= 40, "{t}");
+    assert_eq!(t["missing"], 0, "{t}");
+    assert_eq!(t["duplicates"], 0, "{t}");
+    assert_eq!(t["udp_bad"], 0, "{t}");
+
+    let r = udp_fanout(&control, &http, &ingest, "30");
+    let t = &r["totals"];
+    assert!(t["udp_dropped"].as_u64().unwrap_or(0) > 0, "{t}");
+    assert!(t["missing"].as_u64().unwrap_or(0) > 0, "{t}");
+    assert_eq!(t["udp_bad"], 0, "{t}");
     let _ = std::fs::remove_dir_all(&tls_dir);
 }

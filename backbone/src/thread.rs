@@ -170,6 +170,11 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The publish's dedup key, when it had one.
     pub key: Option<String>,
+    /// When JetStream stored the message, microseconds since the Unix epoch (JetStream's clock,
+    /// from the delivery's ack subject; 0 if it was not readable). The same on every delivery
+    /// and every broker, so a time-to-live counted from it does not restart when a partition
+    /// changes owner.
+    pub published_us: u64,
     pub payload: Bytes,
     pub ack: AckToken,
 }
@@ -879,8 +884,12 @@ async fn consume_once(
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| e.to_string())?;
-        let (sequence, delivered) = match m.info() {
-            Ok(info) => (info.stream_sequence, info.delivered),
+        let (sequence, delivered, published_us) = match m.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                info.delivered,
+                u64::try_from(info.published.unix_timestamp_nanos() / 1_000).unwrap_or(0),
+            ),
             Err(e) => return Err(e.to_string()),
         };
         let Some(reply) = m.reply.clone() else {
@@ -900,6 +909,7 @@ async fn consume_once(
             delivered,
             redelivered: delivered > 1 || sequence <= seen_before,
             key,
+            published_us,
             payload: m.payload.clone(),
             ack: AckToken(reply),
         };

@@ -194,6 +194,7 @@ impl Broker {
 fn stream_setup_and_routing_by_partition() {
     let Some(nats) = Nats::start() else { return };
     let mut a = Broker::owning_all(config(&nats), "a");
+    let before_us = unix_us();
     for p in 0..PARTITIONS {
         let r = a
             .bb()
@@ -207,7 +208,14 @@ fn stream_setup_and_routing_by_partition() {
     }
     assert!(a.pump_until(Duration::from_secs(5), |b| b.messages.len()
         == usize::from(PARTITIONS)));
+    let after_us = unix_us();
     for d in &a.messages {
+        // JetStream's store time, on this host's clock (1 ms of slack for its rounding).
+        assert!(
+            d.published_us + 1_000 >= before_us && d.published_us <= after_us + 1_000,
+            "published {} outside {before_us}..{after_us}",
+            d.published_us
+        );
         assert_eq!(d.payload[..], [d.partition.0 as u8; 3]);
         assert_eq!(d.key.as_deref(), Some(format!("k{}", d.partition).as_str()));
         assert_eq!(d.delivered, 1);
@@ -387,6 +395,16 @@ fn takeover_resumes_from_the_ack_floor() {
     let got: Vec<u64> = b.messages.iter().map(|d| d.sequence).collect();
     assert_eq!(got, want);
     assert!(b.messages.iter().all(|d| d.redelivered));
+    // The publish time is the message's, not the delivery's: the same on the new owner.
+    for d in &b.messages {
+        let first = a
+            .messages
+            .iter()
+            .find(|x| x.sequence == d.sequence)
+            .unwrap();
+        assert_eq!(d.published_us, first.published_us);
+        assert!(d.published_us > 0);
+    }
     for d in &b.messages {
         b.bb().ack(d.ack.clone(), AckKind::Ack);
     }
@@ -607,4 +625,11 @@ fn bench_publish_rate() {
     println!("publish-with-ack, 300 B, {WINDOW} in flight: backbone {window:.0}/s, bare async-nats {bare_window:.0}/s, ratio {:.2}", window / bare_window);
     println!("publish-with-ack, 300 B, one at a time: backbone {serial:.0}/s, bare async-nats {bare_serial:.0}/s, ratio {:.2}", serial / bare_serial);
     bb.close();
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }

@@ -5,8 +5,8 @@
 //! answered only after JetStream's publish ack. Whichever broker holds the partition's lease
 //! consumes it: the [`feeder`] thread decodes each delivery and puts it on the owning shard's
 //! queue exactly as an embedded-mode push is queued, so aggregation, compression and routing are
-//! the same code in both modes. The shard acknowledges a message to JetStream once the batch
-//! that holds it has been handed to the edge links ([`Acks`]).
+//! the same code in both modes. The shard acknowledges a message to JetStream once the edge
+//! links the batch that holds it went to have confirmed receiving it ([`Acks`]).
 //!
 //! # Ids and keys
 //! - `msg_id = id_base + stream sequence` ([`backbone::Backbone::id_base`]): unique across the
@@ -22,8 +22,13 @@
 //! # Acks
 //! Every delivery's [`AckToken`] travels to the shard that owns the scope before the message
 //! itself (its own channel, drained first), and waits in that shard's [`Acks`] until the
-//! message's batch was handed to the links (or found nobody watching): then the shard calls
-//! [`Acks::handed`], which acks it. That is the low-priority rule.
+//! message's batch was handed to the links ([`Acks::handed`]); then it waits for the edges:
+//! each link it went to confirms it (`LinkFrame::Confirm`, cumulative per link seq) and once
+//! all have, it is acked ([`crate::confirm`]). A batch nobody watches is acked at once; one
+//! whose link ended (or refused it as slow) before confirming is NAK'd with a delay of
+//! `cluster.ack_wait_ms` (counted, `barrage_broker_backbone_unconfirmed_total`), so JetStream
+//! delivers it again once the edge has re-linked. That is the low-reach rule: a broker killed
+//! with SIGKILL at any point before the edges have the batch has not acked it.
 //!
 //! # High reach
 //! A consumed `reach=high` message (issue 9) does not go to a shard queue: the feeder hands it
@@ -34,8 +39,10 @@
 //! acks it to JetStream. So a broker killed before the client's ACK leaves it unacked and the
 //! partition's next owner tracks and sends it again (the client may see it twice: same msg id,
 //! dropped by msg id). The msg id is `id_base + stream sequence`, the same on every broker, so
-//! the ACK of either copy ends it. The ttl counts from this owner's consumption (the publish
-//! time is not carried), so a takeover gives the message a fresh ttl. A redelivery of a
+//! the ACK of either copy ends it. The ttl counts from the message's JetStream publish time
+//! (`backbone::Delivery::published_us`, [`ttl_left_ms`]), the same on every owner, so a
+//! takeover does not restart it; one consumed past its ttl is acked and counted
+//! (`barrage_broker_backbone_reach_expired_total`), not sent. A redelivery of a
 //! message this broker still tracks (its in-progress acks stopped at `progress_ms_max`) only
 //! replaces its token; one it already ended is acked at once.
 //!
@@ -60,12 +67,14 @@
 //! # Invariants
 //! - A push is answered with a msg id only after JetStream stored it; a backbone that is down,
 //!   busy or slow is answered `Overloaded` (503 with Retry-After): accepted means stored.
-//! - A message is acked only after its batch went to the links: a broker killed before that
-//!   leaves it unacked, and the partition's next owner gets it again (counted as
-//!   `barrage_broker_backbone_redelivered_total`).
+//! - A message is acked only after every edge link its batch went to confirmed receiving it: a
+//!   broker killed before that leaves it unacked, and the partition's next owner gets it again
+//!   (counted as `barrage_broker_backbone_redelivered_total`).
 
 use crate::batcher::Message;
+use crate::confirm::{Confirms, Handoff, Resolved};
 use crate::ingest::owner;
+use crate::route::LinkId;
 use crate::Shared;
 use backbone::{AckKind, AckToken, Backbone, BrokerId, Event, PublishError};
 use crossbeam_channel::{Receiver, Sender};
@@ -109,6 +118,16 @@ pub struct ClusterMetrics {
     pub partitions_taken: AtomicU64,
     /// Rooms that started a new epoch because this broker took them over.
     pub epochs_started: AtomicU64,
+    /// Consumed messages whose batch waits for edge confirmations (gauge).
+    pub confirm_waiting: AtomicI64,
+    /// CONFIRM frames received from edges.
+    pub confirms: AtomicU64,
+    /// Consumed messages given back to JetStream because a link their batch was queued on
+    /// ended (or refused it) before confirming it.
+    pub unconfirmed: AtomicU64,
+    /// High-reach messages consumed after their ttl (counted from the JetStream publish
+    /// time): acked, not sent.
+    pub reach_expired: AtomicU64,
 }
 
 /// Reasons of `publish_failed`, in index order.
@@ -126,6 +145,9 @@ pub(crate) struct Cluster {
     taken: Vec<(Sender<backbone::Partition>, Receiver<backbone::Partition>)>,
     /// Tokens of consumed high-reach messages the courier tracks (see the module doc).
     reach: Mutex<HashMap<MsgId, AckToken>>,
+    /// NAK delay of a message whose link ended unconfirmed (`cluster.ack_wait_ms`): by then
+    /// the edge has re-linked and re-sent its interest.
+    redeliver_ms: u64,
     pub metrics: ClusterMetrics,
 }
 
@@ -149,6 +171,7 @@ impl Cluster {
         })?;
         let mut c = config.cluster.clone();
         c.servers = config.backbone.clone();
+        let redeliver_ms = c.ack_wait_ms;
         let (sink, rx, _notify) = backbone::Sink::new(c.delivery_queue_max);
         let backbone = Backbone::start(c, me, vec![sink])
             .map_err(|e| bad(format!("{e} (backbone = {:?})", config.backbone)))?;
@@ -168,6 +191,7 @@ impl Cluster {
                     .map(|_| crossbeam_channel::unbounded())
                     .collect(),
                 reach: Mutex::new(HashMap::new()),
+                redeliver_ms,
                 metrics: ClusterMetrics::default(),
             },
             rx,
@@ -215,7 +239,14 @@ impl Cluster {
 
     /// A consumed high-reach message: tracked by the courier (which shard 0 drives), its token
     /// kept until the courier ends it ([`Cluster::reach_ended`]). See the module doc.
-    fn track_high(&self, shared: &Shared, msg_id: MsgId, push: Push, token: AckToken) {
+    fn track_high(
+        &self,
+        shared: &Shared,
+        msg_id: MsgId,
+        push: Push,
+        token: AckToken,
+        published_us: u64,
+    ) {
         use crate::courier::Status;
         match shared.courier.status(msg_id) {
             Status::Pending { .. } => {
@@ -238,6 +269,12 @@ impl Cluster {
             return;
         };
         let ttl_ms = shared.courier.ttl_ms(push.ttl_ms);
+        let Some(ttl_ms) = ttl_left_ms(ttl_ms, published_us, crate::unix_us()) else {
+            // Expired before this owner got it (a long takeover, a backlog): done.
+            self.metrics.reach_expired.fetch_add(1, Relaxed);
+            self.ack(token, AckKind::Ack);
+            return;
+        };
         self.reach_tokens().insert(msg_id, token);
         match shared.courier.accept(msg_id, target, body.into(), ttl_ms) {
             Ok(_) => {
@@ -325,7 +362,25 @@ impl Cluster {
 
     pub fn metrics_text(&self, w: &mut net::metrics::Writer) {
         let m = &self.metrics;
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "barrage_broker_backbone_confirms_total",
+                "CONFIRM frames received from edges (each confirms every batch of its link so far).",
+                &m.confirms,
+            ),
+            (
+                "barrage_broker_backbone_unconfirmed_total",
+                "Consumed messages given back to JetStream (NAK, redelivered after \
+                 cluster.ack_wait_ms) because a link their batch was queued on ended before \
+                 confirming it.",
+                &m.unconfirmed,
+            ),
+            (
+                "barrage_broker_backbone_reach_expired_total",
+                "High-reach messages consumed after their ttl, counted from the JetStream \
+                 publish time (acked, not sent).",
+                &m.reach_expired,
+            ),
             (
                 "barrage_broker_backbone_epochs_started_total",
                 "Rooms that started a new epoch because this broker took their partition over.",
@@ -353,7 +408,7 @@ impl Cluster {
             ),
             (
                 "barrage_broker_backbone_acked_total",
-                "Messages acked to JetStream after their batch went to the links.",
+                "Messages acked to JetStream after every edge link their batch went to confirmed it.",
                 &m.acked,
             ),
             (
@@ -394,6 +449,16 @@ impl Cluster {
             );
         }
         w.family(
+            "barrage_broker_backbone_confirm_waiting",
+            "gauge",
+            "Consumed messages whose batch is on edge links and waits for their confirmation.",
+        );
+        w.sample(
+            "barrage_broker_backbone_confirm_waiting",
+            &[],
+            m.confirm_waiting.load(Relaxed) as f64,
+        );
+        w.family(
             "barrage_broker_backbone_partitions_held",
             "gauge",
             "Backbone partitions this broker holds the lease of.",
@@ -428,22 +493,86 @@ fn dedup_key(key_index: usize, idem: &str) -> String {
     }
 }
 
-/// One shard's ack tokens of consumed messages not yet handed to the links.
+/// One shard's ack tokens of consumed messages: those whose batch is not made yet, and those
+/// whose batch waits for the edges' confirmations ([`crate::confirm`]).
 #[derive(Default)]
 pub(crate) struct Acks {
     pending: HashMap<MsgId, AckToken>,
+    confirms: Confirms<AckToken>,
+    /// This shard's share of `confirm_waiting`, as last added to it.
+    reported: usize,
 }
 
 impl Acks {
-    /// The batch holding `ids` was handed to the edge links (or found nobody watching): acks
-    /// every one of them. The low-priority rule; see the module doc for high reach.
-    pub fn handed(&mut self, cluster: &Cluster, ids: &[MsgId]) {
-        for id in ids {
-            if let Some(token) = self.pending.remove(id) {
-                cluster.ack(token, AckKind::Ack);
+    /// The batch holding `ids` was handed to the edge links as `handoff` says: acked at once
+    /// when no confirming link got it (nobody watching), otherwise once every link it went to
+    /// confirmed it. The low-priority rule; see the module doc for high reach.
+    pub fn handed(&mut self, cluster: &Cluster, ids: &[MsgId], handoff: &Handoff, now: Instant) {
+        let tokens: Vec<AckToken> = ids
+            .iter()
+            .filter_map(|id| self.pending.remove(id))
+            .collect();
+        if tokens.is_empty() {
+            return;
+        }
+        let mut out = Resolved::default();
+        self.confirms.hand(tokens, handoff, now, &mut out);
+        self.settle(cluster, out);
+    }
+
+    /// `link` confirmed its batches through `through` (checked by the link first).
+    pub fn confirmed(&mut self, cluster: &Cluster, link: LinkId, through: u64) {
+        cluster.metrics.confirms.fetch_add(1, Relaxed);
+        let mut out = Resolved::default();
+        self.confirms.confirmed(link, through, &mut out);
+        self.settle(cluster, out);
+    }
+
+    /// `link` ended: what it had not confirmed goes back to JetStream.
+    pub fn link_down(&mut self, cluster: &Cluster, link: LinkId) {
+        let mut out = Resolved::default();
+        self.confirms.link_down(link, &mut out);
+        self.settle(cluster, out);
+    }
+
+    /// When the oldest batch `link` has not confirmed was queued on it.
+    pub fn oldest_unconfirmed(&self, link: LinkId) -> Option<Instant> {
+        self.confirms.oldest(link)
+    }
+
+    fn settle(&mut self, cluster: &Cluster, out: Resolved<AckToken>) {
+        for token in out.ack {
+            cluster.ack(token, AckKind::Ack);
+        }
+        if !out.redeliver.is_empty() {
+            cluster
+                .metrics
+                .unconfirmed
+                .fetch_add(out.redeliver.len() as u64, Relaxed);
+            let delay_ms = cluster.redeliver_ms;
+            for token in out.redeliver {
+                cluster.ack(token, AckKind::Nak { delay_ms });
             }
         }
+        let waiting = self.confirms.waiting();
+        cluster
+            .metrics
+            .confirm_waiting
+            .fetch_add(waiting as i64 - self.reported as i64, Relaxed);
+        self.reported = waiting;
     }
+}
+
+/// What is left of a high-reach message's `ttl_ms` at `now_us`, counted from its JetStream
+/// publish time (`None`: expired). The publish time is JetStream's clock and `now_us` this
+/// broker's: exact on one host, NTP-close across hosts; a broker clock behind JetStream's
+/// gives at most the full ttl (never more), and an unknown publish time (0) the full ttl.
+pub(crate) fn ttl_left_ms(ttl_ms: u64, published_us: u64, now_us: u64) -> Option<u64> {
+    if published_us == 0 {
+        return Some(ttl_ms);
+    }
+    let age_ms = now_us.saturating_sub(published_us) / 1_000;
+    ttl_ms.checked_sub(age_ms).filter(|left| *left > 0)
 }
 
 /// What a `reach=high` push must be before it is published (the owner adds the `msg_id` field
@@ -510,7 +639,7 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
         };
         let msg_id = MsgId(cluster.backbone.id_base().wrapping_add(d.sequence));
         if push.reach == proto::id::Reach::High {
-            cluster.track_high(&shared, msg_id, push, d.ack);
+            cluster.track_high(&shared, msg_id, push, d.ack, d.published_us);
             continue;
         }
         let shard = usize::from(owner(&push.scope, shared.shards));
@@ -546,5 +675,29 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
             }
         }
         inbox.notify.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ttl_left_ms;
+
+    #[test]
+    fn the_ttl_counts_from_the_publish_time() {
+        let published = 1_000_000_000;
+        assert_eq!(ttl_left_ms(5_000, published, published), Some(5_000));
+        assert_eq!(
+            ttl_left_ms(5_000, published, published + 2_000_000),
+            Some(3_000),
+            "2 s after the publish (a takeover) leaves 3 s, not a fresh 5 s"
+        );
+        assert_eq!(ttl_left_ms(5_000, published, published + 5_000_000), None);
+        assert_eq!(ttl_left_ms(5_000, published, published + 9_000_000), None);
+        assert_eq!(
+            ttl_left_ms(5_000, published, published - 3_000_000),
+            Some(5_000),
+            "a clock behind JetStream's never gives more than the ttl"
+        );
+        assert_eq!(ttl_left_ms(5_000, 0, published), Some(5_000), "unknown");
     }
 }

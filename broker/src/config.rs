@@ -88,11 +88,45 @@ fn default_key_burst() -> f64 {
     20_000.0
 }
 
+/// `data_dir` value for the per-node default directory (see [`Config::data_dir`]).
+pub const DATA_DIR_AUTO: &str = "auto";
+/// `data_dir` value for memory only.
+pub const DATA_DIR_NONE: &str = "none";
+
 impl Config {
-    /// `presence_lease_ms`, with 0 resolved to three link heartbeats.
+    /// The directory of the durable high-reach log, `None` for memory only (see the field).
+    pub fn data_dir(&self) -> Result<Option<std::path::PathBuf>, BrokerError> {
+        self.data_dir_in(&net::state::dir())
+    }
+
+    /// [`Config::data_dir`] with `auto` under `state` (tests).
+    pub fn data_dir_in(
+        &self,
+        state: &std::path::Path,
+    ) -> Result<Option<std::path::PathBuf>, BrokerError> {
+        match self.data_dir.trim() {
+            DATA_DIR_NONE => Ok(None),
+            DATA_DIR_AUTO if self.cluster_mode() || self.ingest_addr.port() == 0 => Ok(None),
+            DATA_DIR_AUTO => Ok(Some(state.join(format!(
+                "broker-{}-{}",
+                net::state::path_part(&self.node_id),
+                self.ingest_addr.port()
+            )))),
+            "" => Err(BrokerError::Config(
+                "data_dir is empty: write \"auto\" (the per-node default), \"none\" (memory only) \
+                 or a directory"
+                    .into(),
+            )),
+            dir => Ok(Some(std::path::PathBuf::from(dir))),
+        }
+    }
+
+    /// `presence_lease_ms`, with 0 resolved to `link_dead_ms + link_ping_ms`: the broker cuts
+    /// a silent link at `link_dead_ms` first, and the lease ends the records of an edge that
+    /// did not come back within one more ping (see [`Config::presence_lease_ms`]'s field).
     pub fn presence_lease_ms(&self) -> u64 {
         match self.presence_lease_ms {
-            0 => self.link_ping_ms.saturating_mul(3),
+            0 => self.link_dead_ms.saturating_add(self.link_ping_ms),
             ms => ms,
         }
     }
@@ -202,12 +236,21 @@ pub struct Config {
     /// within this long makes no exit/enter pair (presence flap compensation).
     pub presence_grace_ms: u64,
     /// An edge's presence records end (with exits) this long after its last link heartbeat or
-    /// report; 0 means three `link_ping_ms`.
+    /// report; 0 means `link_dead_ms + link_ping_ms`. Never below `link_dead_ms`: a lease that
+    /// ended first would end the records of an edge whose link is still deemed alive (and its
+    /// next ping would then cut the link), so the lease would be a second, shorter link timeout.
     pub presence_lease_ms: u64,
-    /// User and device batches go only to the edges presence says hold that user or device.
-    /// Off by default: a connection younger than one presence report (`presence_batch_ms` on
-    /// the edge plus a round trip) is not known yet and would miss a best-effort push.
+    /// User and device batches go only to the edges presence says hold that user or device
+    /// (and to edges that do not report presence). A connection younger than one presence
+    /// report is covered by the catch-up (`presence_catchup_ms`).
     pub route_by_presence: bool,
+    /// With `route_by_presence`: a user or device batch kept from an edge is held this long,
+    /// and sent to that edge if it reports an enter for the user or device meanwhile (a
+    /// connection that authenticated before the broker heard of it). Must exceed the edges'
+    /// `presence_batch_ms` plus a link round trip; 0 turns the catch-up off.
+    pub presence_catchup_ms: u64,
+    /// Body bytes the catch-up holds at most; past it the oldest batch is dropped and counted.
+    pub presence_catchup_bytes_max: usize,
     /// Connections presence holds fleet-wide; enters past it are refused and counted.
     pub presence_records_max: usize,
     /// Edge nodes with a presence lease at once.
@@ -265,8 +308,11 @@ pub struct Config {
     /// High reach: body bytes in flight or waiting per broker.
     pub reach_bytes_max: usize,
     /// Directory of the durable high-reach log (`--data-dir`): an accepted high-reach push is
-    /// synced there before it is answered and reloaded after a restart. Empty: memory only (a
-    /// restart loses the messages in flight).
+    /// synced there before it is answered and reloaded after a restart. `"auto"` (default):
+    /// `<state dir>/broker-<node_id>-<ingest port>` (state dir: `$STATE_DIRECTORY`,
+    /// `$XDG_STATE_HOME/barrage`, `~/.local/state/barrage`), memory only in cluster mode
+    /// (JetStream keeps accepted pushes) or on an ephemeral ingest port (nothing could find the
+    /// directory again). `"none"`: memory only (a restart loses the messages in flight).
     pub data_dir: String,
     /// How long an idempotency key is remembered: a push retried with the same key within it
     /// is answered with the first msg id and not delivered twice.
@@ -338,7 +384,9 @@ impl Default for Config {
             link_ping_ms: 5_000,
             link_dead_ms: 15_000,
             counts_interval_ms: 1_000,
-            route_by_presence: false,
+            route_by_presence: true,
+            presence_catchup_ms: crate::catchup::PRESENCE_CATCHUP_MS,
+            presence_catchup_bytes_max: crate::catchup::PRESENCE_CATCHUP_BYTES_MAX,
             count_push_rooms: Vec::new(),
             count_push_all_rooms: false,
             count_push_ms: crate::online::COUNT_PUSH_MS,
@@ -371,7 +419,7 @@ impl Default for Config {
             reach_target_bytes_max: crate::reach::REACH_TARGET_BYTES_MAX,
             reach_entries_max: crate::reach::REACH_ENTRIES_MAX,
             reach_bytes_max: crate::reach::REACH_BYTES_MAX,
-            data_dir: String::new(),
+            data_dir: DATA_DIR_AUTO.to_string(),
             http: net::http::Limits::default(),
             backbone: String::new(),
             cluster: backbone::Config::default(),
@@ -444,6 +492,13 @@ impl Config {
         if self.link_ping_ms == 0 || self.link_dead_ms <= self.link_ping_ms {
             return bad("link_dead_ms must be above link_ping_ms > 0");
         }
+        if self.presence_lease_ms != 0 && self.presence_lease_ms < self.link_dead_ms {
+            return bad(
+                "presence_lease_ms must be 0 (link_dead_ms + link_ping_ms) or at least link_dead_ms: \
+                 a shorter lease ends a live edge's presence before its link is declared dead",
+            );
+        }
+        self.data_dir_in(std::path::Path::new("/"))?;
         if self.counts_interval_ms == 0 {
             return bad("counts_interval_ms must be at least 1");
         }
@@ -543,6 +598,43 @@ mod tests {
         let back = Config::from_toml_str(&text).unwrap();
         assert_eq!(back.batch_window_ms, 50);
         assert_eq!(back.ingest_addr, c.ingest_addr);
+    }
+
+    #[test]
+    fn the_default_data_dir_is_per_node_and_port_and_never_shared_by_ephemeral_ports() {
+        let state = std::path::Path::new("/state");
+        let mut c = Config::default();
+        assert_eq!(
+            c.data_dir_in(state).unwrap(),
+            Some(state.join("broker-broker-1-7400"))
+        );
+        c.node_id = "../b 2".into();
+        c.ingest_addr.set_port(7500);
+        assert_eq!(
+            c.data_dir_in(state).unwrap(),
+            Some(state.join("broker-.._b_2-7500"))
+        );
+        c.ingest_addr.set_port(0);
+        assert_eq!(c.data_dir_in(state).unwrap(), None);
+        c.ingest_addr.set_port(7500);
+        c.backbone = "nats://127.0.0.1:4222".into();
+        assert_eq!(c.data_dir_in(state).unwrap(), None, "cluster: JetStream");
+        c.data_dir = "/d".into();
+        assert_eq!(c.data_dir_in(state).unwrap(), Some("/d".into()));
+        c.data_dir = "none".into();
+        assert_eq!(c.data_dir_in(state).unwrap(), None);
+        c.data_dir = "".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_presence_lease_shorter_than_the_link_timeout_is_refused() {
+        let mut c = Config::default();
+        assert_eq!(c.presence_lease_ms(), c.link_dead_ms + c.link_ping_ms);
+        c.presence_lease_ms = c.link_dead_ms - 1;
+        assert!(c.validate().is_err());
+        c.presence_lease_ms = c.link_dead_ms;
+        c.validate().unwrap();
     }
 
     #[test]

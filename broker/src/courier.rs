@@ -555,6 +555,12 @@ impl Courier {
         g.outcomes.get(&msg).copied().unwrap_or(Status::Unknown)
     }
 
+    /// Milliseconds a tracked message has left before its ttl ends (`None`: not tracked).
+    pub fn expires_in_ms(&self, msg: MsgId) -> Option<u64> {
+        let left = self.lock().tracker.expires_in(msg, Instant::now())?;
+        Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
+    }
+
     /// Gauges: (messages tracked, body bytes tracked, log bytes).
     pub fn gauges(&self) -> (usize, usize, u64) {
         let g = self.lock();

@@ -21,7 +21,7 @@
 //! GET /v1/presence/room/{room} | user/{uid} | top | events  (a key with the `presence`
 //!      scope; see crate::roster and docs/api.md)
 //! GET /v1/reach/{msg_id}  Authorization: Bearer <api key>
-//!   -> 200 {"msg_id":"..","state":"pending|acked|expired|exhausted|unknown","attempts":N}
+//!   -> 200 {"msg_id":"..","state":"pending|acked|expired|exhausted|unknown","attempts":N,"expires_in_ms":N}
 //!      (high reach: where a message stands; see crate::courier)
 //! ```
 //!
@@ -179,7 +179,8 @@ fn rooms_top(shared: &Shared, req: &Request) -> Response {
 }
 
 /// Where a high-reach message stands: `{"msg_id":"..","state":"pending"|"acked"|"expired"|
-/// "exhausted"|"unknown","attempts":N}` (`attempts` while pending; 0 = waiting for a connect).
+/// "exhausted"|"unknown","attempts":N,"expires_in_ms":N}` (`attempts` and `expires_in_ms`
+/// while pending; `attempts` 0 = waiting for a connect).
 /// Ended messages are remembered for the last `courier::REACH_OUTCOMES_MAX` endings.
 fn reach_status(shared: &Shared, req: &Request, id: &str) -> Response {
     if let Err(e) = key_of(shared, req) {
@@ -192,6 +193,9 @@ fn reach_status(shared: &Shared, req: &Request, id: &str) -> Response {
     let mut body = json!({"msg_id": msg.to_string(), "state": status.label()});
     if let crate::courier::Status::Pending { attempts } = status {
         body["attempts"] = json!(attempts);
+        if let Some(left) = shared.courier.expires_in_ms(proto::id::MsgId(msg)) {
+            body["expires_in_ms"] = json!(left);
+        }
     }
     Response::json(200, &body)
 }

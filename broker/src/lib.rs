@@ -15,7 +15,9 @@
 //! - [`presence`]: who is in which room: records, leases, flap grace, the event log (sans-io).
 //! - [`roster`]: presence wired: edges' PRESENCE frames and heartbeats in, lease expiry on
 //!   shard 0, the `/v1/presence/...` API, user/device routing to the edges that hold them
-//!   (with `route_by_presence`).
+//!   (`route_by_presence`, on by default).
+//! - [`catchup`]: user/device batches held briefly for an edge that reports the user late
+//!   (sans-io), so narrowing by presence loses nothing sending to every edge delivered.
 //! - [`online`]: `ONLINE_RANK_COUNT` pushes to the rooms that ask for them (sans-io).
 //! - [`feed`]: presence event streams for consumers: Server-Sent Events and ingest
 //!   subscriptions, resumable by seq, cut when a consumer stalls.
@@ -34,7 +36,9 @@
 //! - [`stop`]: a shard-local stop latch.
 //! - [`announce`]: heartbeats to control (`control_addr`), so edges learn the brokers.
 //! - [`cluster`]: cluster mode (`backbone` set): publish to NATS JetStream before answering,
-//!   consume the partitions this broker leases into the same shard queues, ack after hand-off.
+//!   consume the partitions this broker leases into the same shard queues, ack once confirmed.
+//! - [`confirm`]: cluster mode's batch confirmations (sans-io): a consumed message is acked
+//!   to JetStream only once every edge link its batch went to has confirmed it.
 //!
 //! # Threads and invariants
 //! - `shards` monoio runtime threads. Shard `i` owns the rooms with `shard_of_room(r) == i`, the
@@ -52,10 +56,12 @@
 
 mod announce;
 pub mod batcher;
+pub mod catchup;
 pub mod client;
 pub mod cluster;
 pub mod compress;
 pub mod config;
+pub mod confirm;
 pub mod courier;
 pub mod dedup;
 pub mod feed;
@@ -282,7 +288,7 @@ impl Handle {
             let _ = t.join();
         }
         // Cluster mode: release the leases now, so the other brokers take this one's partitions
-        // at once. What its shards had not handed to the links is unacked and goes to them.
+        // at once. What the edges had not confirmed is unacked (or NAK'd) and goes to them.
         if let Some(c) = &self.shared.cluster {
             c.shutdown();
         }
@@ -364,11 +370,19 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
     } else {
         (None, None)
     };
-    let data_dir =
-        (!config.data_dir.is_empty()).then(|| std::path::PathBuf::from(&config.data_dir));
+    let data_dir = config.data_dir()?;
     let (courier, logged_id_max) =
-        courier::Courier::open(config.reach_limits(), data_dir.as_deref())
-            .map_err(|e| BrokerError::Config(format!("data_dir {}: {e}", config.data_dir)))?;
+        courier::Courier::open(config.reach_limits(), data_dir.as_deref()).map_err(|e| {
+            let d = data_dir.as_deref().unwrap_or(std::path::Path::new("-"));
+            BrokerError::Config(format!("data_dir {}: {e}", d.display()))
+        })?;
+    match &data_dir {
+        Some(d) => tracing::info!(data_dir = %d.display(), "high-reach log on disk"),
+        None => tracing::info!(
+            data_dir = %config.data_dir,
+            "high-reach log in memory only (a restart forgets high-reach messages in flight)"
+        ),
+    }
     let inboxes = (0..n)
         .map(|_| {
             let (high_tx, high_rx) = crossbeam_channel::bounded(config.queue_messages_max);

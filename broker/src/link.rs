@@ -349,15 +349,27 @@ fn handshake(
     Ok(())
 }
 
+/// Whether a link confirms its batches (`proto::link::LinkFrame::Confirm`): only in cluster
+/// mode, where an ack to JetStream waits for them, and only with an edge that can. An embedded
+/// broker never asks, so its links carry no CONFIRM frames at all.
+pub(crate) fn confirms(shared: &Shared, edge: &Hello) -> bool {
+    shared.cluster.is_some() && edge.capabilities & proto::link::caps::CONFIRM != 0
+}
+
 /// The broker's reply Hello on a link of `shard`.
 pub(crate) fn reply_hello(shared: &Shared, shard: u16, edge: &Hello) -> LinkFrame {
+    let confirm = if confirms(shared, edge) {
+        proto::link::caps::CONFIRM
+    } else {
+        0
+    };
     LinkFrame::Hello(Hello {
         node_id: shared.config.node_id.clone(),
         region: String::new(),
         shards: shared.shards,
         link_shard: shard,
         priority: edge.priority,
-        capabilities: proto::link::caps::ZLIB | proto::link::caps::PLAIN,
+        capabilities: proto::link::caps::ZLIB | proto::link::caps::PLAIN | confirm,
     })
 }
 
@@ -373,13 +385,38 @@ pub(crate) struct Conn {
     pub stop: Stop,
     /// Last time anything arrived from the edge.
     pub last_rx: std::cell::Cell<std::time::Instant>,
+    /// The edge confirms the batches of this link ([`confirms`]).
+    pub confirms: bool,
+    /// BATCH frames queued on this link: the link seq of the last one.
+    pub batches: std::cell::Cell<u64>,
+    /// The highest link seq the edge confirmed.
+    pub confirmed: std::cell::Cell<u64>,
 }
+
+/// A CONFIRM the link protocol forbids: the link is cut as `protocol`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadConfirm;
 
 impl Conn {
     /// Queues `out` and wakes the writer; `Err` means the link must be cut as slow.
     pub fn send(&self, out: Out) -> Result<(), Overflow> {
+        let batch = matches!(out, Out::Batch { .. });
         self.queue.borrow_mut().push(out)?;
+        if batch {
+            self.batches.set(self.batches.get() + 1);
+        }
         self.wake.notify();
+        Ok(())
+    }
+
+    /// The edge confirmed the batches through `through`: refused if the link does not
+    /// confirm, if it goes back, or if it names a batch not sent (which would ack messages
+    /// nobody received).
+    pub fn confirm(&self, through: u64) -> Result<(), BadConfirm> {
+        if !self.confirms || through < self.confirmed.get() || through > self.batches.get() {
+            return Err(BadConfirm);
+        }
+        self.confirmed.set(through);
         Ok(())
     }
 }

@@ -23,7 +23,7 @@
 //!   held exits past `pending_exits_max`, exit at once.
 //! - **Leases.** Each edge's records live under a lease renewed by its link heartbeat
 //!   ([`Presence::renew`]) and by every batch it sends. At `lease_ms` (default
-//!   [`PRESENCE_LEASE_MS`]: three link pings) without one, [`Presence::poll`] ends every record
+//!   [`PRESENCE_LEASE_MS`]: the link timeout plus a ping) without one, [`Presence::poll`] ends every record
 //!   of the edge at once, without grace (its viewers had a whole lease to reconnect elsewhere).
 //! - **Incarnations.** An edge that restarts keeps its node id and reports a higher incarnation.
 //!   The first report of a new incarnation ends all records of the old one *with* grace, so the
@@ -47,8 +47,9 @@ use std::time::{Duration, Instant};
 
 /// Default `presence_grace_ms`: a viewer that reconnects within this long makes no exit/enter pair.
 pub const PRESENCE_GRACE_MS: u64 = 5_000;
-/// Default `presence_lease_ms`: three of the default 5 s link pings.
-pub const PRESENCE_LEASE_MS: u64 = 15_000;
+/// Default `presence_lease_ms`: the default `link_dead_ms` (15 s) plus one 5 s link ping, so a
+/// silent edge's link is cut before its presence ends (see `Config::presence_lease_ms`).
+pub const PRESENCE_LEASE_MS: u64 = 20_000;
 /// Default `presence_records_max`: connections held fleet-wide by one broker.
 pub const PRESENCE_RECORDS_MAX: usize = 4_000_000;
 /// Default `presence_edges_max`: edge nodes with a lease at once.

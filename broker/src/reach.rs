@@ -384,6 +384,13 @@ impl Tracker {
         self.entries.get(&msg).map(|e| e.attempts)
     }
 
+    /// How long a tracked message has left before it expires (`None`: not tracked).
+    pub fn expires_in(&self, msg: MsgId, now: Instant) -> Option<Duration> {
+        self.entries
+            .get(&msg)
+            .map(|e| e.expires.saturating_duration_since(now))
+    }
+
     /// Messages tracked (waiting ones included).
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -101,6 +101,10 @@ struct Counters {
     streams_open: AtomicU64,
     next_follower: AtomicU64,
     count_pushes: AtomicU64,
+    catchup_kept: AtomicU64,
+    catchup_sent: AtomicU64,
+    catchup_dropped: AtomicU64,
+    catchup_bytes: AtomicU64,
 }
 
 /// The broker's presence. See the module docs.
@@ -308,6 +312,15 @@ impl Roster {
         }
     }
 
+    /// Shard 0's catch-up counters (see crate::catchup), for the metrics.
+    pub fn catchup_stats(&self, s: crate::catchup::Stats, bytes: usize) {
+        let c = &self.counters;
+        c.catchup_kept.store(s.kept, Relaxed);
+        c.catchup_sent.store(s.sent, Relaxed);
+        c.catchup_dropped.store(s.dropped_full, Relaxed);
+        c.catchup_bytes.store(bytes as u64, Relaxed);
+    }
+
     /// Appends the presence metrics.
     pub fn write_metrics(&self, w: &mut net::metrics::Writer) {
         let (records, edges, rooms, held, stats) = {
@@ -425,6 +438,30 @@ impl Roster {
             "barrage_broker_presence_narrowed_batches_total",
             "User and device batches sent to fewer edges thanks to presence.",
             c.narrowed_batches.load(Relaxed),
+        );
+        counter(
+            w,
+            "barrage_broker_presence_catchup_kept_total",
+            "Narrowed user and device batches held for edges that report the user late.",
+            c.catchup_kept.load(Relaxed),
+        );
+        counter(
+            w,
+            "barrage_broker_presence_catchup_sent_total",
+            "Held batches sent to an edge after it reported a late enter.",
+            c.catchup_sent.load(Relaxed),
+        );
+        counter(
+            w,
+            "barrage_broker_presence_catchup_dropped_total",
+            "Held batches dropped before their window ended (presence_catchup_bytes_max).",
+            c.catchup_dropped.load(Relaxed),
+        );
+        gauge(
+            w,
+            "barrage_broker_presence_catchup_bytes",
+            "Bytes held for late enters.",
+            c.catchup_bytes.load(Relaxed) as f64,
         );
         for (name, help, v) in [
             (

@@ -58,12 +58,16 @@ pub(crate) struct State {
     hold_until: Option<Instant>,
     /// When the first edge link came up on this shard.
     first_link_at: Option<Instant>,
-    /// Cluster mode: ack tokens of consumed messages not yet handed to the links.
+    /// Cluster mode: ack tokens of consumed messages not yet confirmed by the edges.
     acks: crate::cluster::Acks,
-    /// Msg ids of the batches handed on in this drain (cluster mode only).
+    /// Msg ids of the batch being handed on (cluster mode only).
     handed: Vec<proto::id::MsgId>,
+    /// The confirming links the last delivered batch was queued on (crate::confirm).
+    handoff: crate::confirm::Handoff,
     /// `ONLINE_RANK_COUNT` pushes (`None`: off).
     announcer: Option<crate::online::Announcer>,
+    /// Shard 0 with `route_by_presence`: user/device batches held for late enters.
+    catchup: Option<crate::catchup::Catchup>,
 }
 
 /// After the first edge link of a held shard, how long it waits for that edge's interest
@@ -108,6 +112,7 @@ impl State {
             first_link_at: None,
             acks: Default::default(),
             handed: Vec::new(),
+            handoff: Default::default(),
             announcer: crate::online::Announcer::new(
                 c.count_push_ms,
                 if c.count_push_all_rooms {
@@ -119,6 +124,12 @@ impl State {
                 },
                 now,
             ),
+            catchup: (index == 0 && c.route_by_presence && c.presence_catchup_ms > 0).then(|| {
+                crate::catchup::Catchup::new(
+                    Duration::from_millis(c.presence_catchup_ms),
+                    c.presence_catchup_bytes_max,
+                )
+            }),
             shared,
         }
     }
@@ -133,6 +144,10 @@ impl State {
             return;
         };
         self.route.link_down(id);
+        if let Some(c) = self.shared.cluster.as_ref() {
+            // What it had not confirmed goes back to JetStream (crate::confirm).
+            self.acks.link_down(c, id);
+        }
         if self.index == 0 && conn.priority == Priority::Low {
             // The presence link: none of the node's connections is reachable through us now.
             self.shared.courier.edge_down(&conn.node_id);
@@ -207,28 +222,34 @@ impl State {
         }
         self.batcher.poll(now, &mut flushes);
         for f in flushes.drain(..) {
-            if cluster.is_some() {
-                self.handed.extend_from_slice(&f.msg_ids);
-            }
-            self.deliver(f, now);
+            self.hand_on(f, now);
         }
         self.flushes = flushes;
-        // Cluster mode: the batches are on the links' queues (or watched by nobody); ack them
-        // to JetStream. The one place a consumed message is acked (see crate::cluster, Acks).
-        if let Some(c) = cluster {
-            let handed = std::mem::take(&mut self.handed);
-            self.acks.handed(c, &handed);
-            self.handed = handed;
-            self.handed.clear();
-        }
         self.metrics()
             .pending_messages
             .store(self.batcher.pending_messages() as u64, Relaxed);
         budget == 0
     }
 
+    /// Delivers a flushed batch; in cluster mode its messages are then acked to JetStream once
+    /// the links it went to confirm it (crate::cluster, Acks): the one place a consumed
+    /// low-reach message is acked.
+    fn hand_on(&mut self, f: Flush, now: Instant) {
+        let Some(shared) = self.shared.cluster.is_some().then(|| self.shared.clone()) else {
+            self.deliver(f, now);
+            return;
+        };
+        self.handed.clear();
+        self.handed.extend_from_slice(&f.msg_ids);
+        self.deliver(f, now);
+        if let Some(c) = shared.cluster.as_ref() {
+            self.acks.handed(c, &self.handed, &self.handoff, now);
+        }
+    }
+
     /// Encodes one batch for the encodings its edges want and queues it on their links.
     fn deliver(&mut self, flush: Flush, now: Instant) {
+        self.handoff.clear();
         let m = &self.shared.shard_metrics[self.index as usize];
         m.batches.fetch_add(1, Relaxed);
         m.messages_batched
@@ -237,18 +258,26 @@ impl State {
         self.targets.clear();
         self.route
             .targets(&flush.scope, flush.priority, &mut self.targets);
+        // With route_by_presence: the nodes that get this batch, when narrowing kept it from
+        // some (the catch-up then holds it for their late enters).
+        let mut narrowed: Option<Vec<String>> = None;
         if self.shared.config.route_by_presence
             && matches!(flush.scope, Scope::User(_) | Scope::Device(_))
         {
             let links = &self.links;
+            let node_of = |t: &Target| {
+                links
+                    .get(&t.link)
+                    .map(|c| c.node_id.clone())
+                    .unwrap_or_default()
+            };
+            let before = self.targets.len();
             self.shared
                 .roster
-                .narrow(&flush.scope, &mut self.targets, |t| {
-                    links
-                        .get(&t.link)
-                        .map(|c| c.node_id.clone())
-                        .unwrap_or_default()
-                });
+                .narrow(&flush.scope, &mut self.targets, node_of);
+            if self.targets.len() < before {
+                narrowed = Some(self.targets.iter().map(node_of).collect());
+            }
         }
         let mut encodings = self.targets.iter().fold(0u8, |acc, t| acc | t.encodings);
         if self.targets.is_empty() {
@@ -268,6 +297,7 @@ impl State {
                 self.history
                     .skip(room, outer_seq(flush.priority, flush.seq), now);
             }
+            self.hold_for_late_enters(flush, narrowed, now);
             return;
         }
         let encoded = self.compressor.encode(&flush, encodings);
@@ -285,6 +315,16 @@ impl State {
                 .history_bytes
                 .store(self.history.bytes() as u64, Relaxed);
         }
+        let targets = std::mem::take(&mut self.targets);
+        self.write(&flush, &encoded, &targets);
+        self.targets = targets;
+        self.hold_for_late_enters(flush, narrowed, now);
+    }
+
+    /// Queues one encoded batch on `targets`' links (each gets the encodings it asked for);
+    /// a link whose queue is full is cut as slow.
+    fn write(&mut self, flush: &Flush, encoded: &crate::compress::Encoded, targets: &[Target]) {
+        let m = &self.shared.shard_metrics[self.index as usize];
         let mut frames: [Option<(Bytes, Bytes)>; 3] = [None, None, None];
         let mut header = Vec::with_capacity(64);
         // Wall-clock, not `now`: the edge subtracts it from its own wall clock.
@@ -311,8 +351,7 @@ impl State {
             proto::link::encode_batch_header(&batch, &mut header);
             frames[slot] = Some((Bytes::copy_from_slice(&header), packet.clone()));
         }
-        let targets = std::mem::take(&mut self.targets);
-        for t in &targets {
+        for t in targets {
             let Some(conn) = self.links.get(&t.link) else {
                 continue;
             };
@@ -335,18 +374,54 @@ impl State {
                     .is_err()
                 {
                     self.cuts.push(t.link);
+                    self.handoff.lost = true;
                     break;
                 }
                 m.link_batches_sent.fetch_add(1, Relaxed);
                 m.link_bytes_sent.fetch_add(len as u64, Relaxed);
             }
+            if conn.confirms && self.cuts.last() != Some(&t.link) {
+                self.handoff.links.push((t.link, conn.batches.get()));
+            }
         }
-        self.targets = targets;
         let cuts = std::mem::take(&mut self.cuts);
         for id in &cuts {
             self.cut(*id, Cut::Slow);
         }
         self.cuts = cuts;
+    }
+
+    /// Hands a user/device batch that narrowing kept from some edge to the catch-up.
+    fn hold_for_late_enters(&mut self, flush: Flush, narrowed: Option<Vec<String>>, now: Instant) {
+        let (Some(c), Some(sent)) = (self.catchup.as_mut(), narrowed) else {
+            return;
+        };
+        c.keep(flush, sent, now);
+        self.shared.roster.catchup_stats(c.stats(), c.bytes());
+    }
+
+    /// Node `node` reported `batch` (shard 0): sends it the held user/device batches of the
+    /// users and devices it entered that it does not have yet, before any later batch of
+    /// theirs (this thread flushes them all).
+    fn late_enters(&mut self, node: &str, scopes: &[Scope], now: Instant) {
+        let Some(c) = self.catchup.as_mut() else {
+            return;
+        };
+        let mut due = Vec::new();
+        c.take(node, scopes, now, &mut due);
+        self.shared.roster.catchup_stats(c.stats(), c.bytes());
+        for flush in due {
+            let mut targets = Vec::new();
+            self.route
+                .targets(&flush.scope, flush.priority, &mut targets);
+            targets.retain(|t| self.links.get(&t.link).is_some_and(|c| c.node_id == node));
+            let encodings = targets.iter().fold(0u8, |acc, t| acc | t.encodings);
+            if encodings == 0 {
+                continue;
+            }
+            let encoded = self.compressor.encode(&flush, encodings);
+            self.write(&flush, &encoded, &targets);
+        }
     }
 
     /// Handles one frame from an edge. `Err` cuts the link.
@@ -375,7 +450,15 @@ impl State {
                     if self.index == 0 {
                         self.shared.courier.on_presence(&node, &batch);
                     }
-                    self.shared.roster.on_report(&node, batch, Instant::now());
+                    let entered = match self.catchup {
+                        Some(_) => crate::catchup::entered(&batch),
+                        None => Vec::new(),
+                    };
+                    let now = Instant::now();
+                    self.shared.roster.on_report(&node, batch, now);
+                    if !entered.is_empty() {
+                        self.late_enters(&node, &entered, now);
+                    }
                 }
             }
             // High-reach ACKs go to shard 0 (the owner of user and device scopes); one on
@@ -397,6 +480,15 @@ impl State {
                 }
             }
             LinkFrame::Replay(req) => self.replay(id, &req),
+            LinkFrame::Confirm { through } => {
+                let Some(conn) = self.links.get(&id) else {
+                    return Ok(());
+                };
+                conn.confirm(through).map_err(|_| Cut::Protocol)?;
+                if let Some(c) = self.shared.cluster.as_ref() {
+                    self.acks.confirmed(c, id, through);
+                }
+            }
             LinkFrame::Hello(_)
             | LinkFrame::Batch(_)
             | LinkFrame::Replayed(_)
@@ -524,10 +616,15 @@ impl State {
             });
             let ids: Vec<LinkId> = self.links.keys().copied().collect();
             for id in ids {
-                let silent = self
-                    .links
-                    .get(&id)
-                    .map(|c| now.saturating_duration_since(c.last_rx.get()) > dead_after);
+                // Silent, or (cluster mode) not confirming what it was sent: both bound how
+                // long a consumed message waits on one edge (crate::confirm).
+                let unconfirmed = self
+                    .acks
+                    .oldest_unconfirmed(id)
+                    .is_some_and(|t| now.saturating_duration_since(t) > dead_after);
+                let silent = self.links.get(&id).map(|c| {
+                    unconfirmed || now.saturating_duration_since(c.last_rx.get()) > dead_after
+                });
                 match silent {
                     Some(true) => self.cut(id, Cut::Dead),
                     Some(false) => self.send(id, Out::Frame(ping.clone())),
@@ -568,7 +665,7 @@ impl State {
             self.batcher.push(msg, now, &mut flushes);
         }
         for f in flushes {
-            self.deliver(f, now);
+            self.hand_on(f, now);
         }
     }
 
@@ -699,6 +796,9 @@ fn add_link(state: &Rc<RefCell<State>>, new: NewLink) {
         wake: net::wake::Notify::new(),
         stop: Stop::new(),
         last_rx: Cell::new(Instant::now()),
+        confirms: link::confirms(&st.shared, &hello),
+        batches: Cell::new(0),
+        confirmed: Cell::new(0),
     });
     let up = st.route.link_up(&hello.node_id, hello.priority, id);
     st.links.insert(id, conn.clone());

@@ -208,3 +208,47 @@ fn a_silent_link_is_cut_as_dead() {
     );
     broker.shutdown();
 }
+
+/// An embedded broker never asks for batch confirmations (its reply Hello lacks the capability,
+/// even to an edge offering them), and a CONFIRM it did not ask for cuts only that link, counted
+/// as a protocol error.
+#[test]
+fn an_unasked_confirm_is_a_protocol_error() {
+    let broker = broker::start(config()).unwrap();
+    let mut s = TcpStream::connect(broker.link_addr()).unwrap();
+    let mut out = Vec::new();
+    proto::link::encode(
+        &LinkFrame::Hello(Hello {
+            node_id: "confirming".into(),
+            region: String::new(),
+            shards: 1,
+            link_shard: 0,
+            priority: Priority::Low,
+            capabilities: proto::link::caps::CONFIRM,
+        }),
+        &mut out,
+    );
+    s.write_all(&out).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut frame = len.to_vec();
+    frame.resize(4 + u32::from_be_bytes(len) as usize, 0);
+    s.read_exact(&mut frame[4..]).unwrap();
+    let Ok((LinkFrame::Hello(reply), _)) = proto::link::decode(&Bytes::from(frame), 4096) else {
+        panic!("a Hello reply");
+    };
+    assert_eq!(reply.capabilities & proto::link::caps::CONFIRM, 0);
+    let mut confirm = Vec::new();
+    proto::link::encode(&LinkFrame::Confirm { through: 0 }, &mut confirm);
+    s.write_all(&confirm).unwrap();
+    eventually("the protocol cut", || {
+        metric(
+            &broker.metrics_text(),
+            "barrage_broker_link_cuts_total{reason=\"protocol\"}",
+        ) >= 1.0
+    });
+    let mut b = [0u8; 64];
+    while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+    broker.shutdown();
+}

@@ -145,7 +145,7 @@
       const tr = document.createElement("tr");
       tr.dataset.node = e.node_id;
       cell(tr, e.node_id);
-      cell(tr, e.region);
+      cell(tr, e.peer ? `${e.region} (via ${e.peer})` : e.region);
       const st = document.createElement("span");
       st.className = "state state-" + e.state;
       st.textContent = e.state;

@@ -12,23 +12,30 @@
 use crate::config::Config;
 use crate::issuer::Issuer;
 use crate::region::RegionTable;
-use crate::registry::{Assigned, EdgeState, Heartbeat, HeartbeatError, Registry, REGION_BYTES_MAX};
+use crate::registry::{
+    Assigned, Choice, EdgeState, Heartbeat, HeartbeatError, Plan, Registry, REGION_BYTES_MAX,
+};
 use crate::room::{RoomInfo, RoomTable};
 use net::http::{Request, Response};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// Paths served on the HTTP server's reserved slots when the public side is full.
-pub const RESERVED_PATHS: [&str; 5] = [
+/// `/v1/registry` is among them: a connect storm at this control must not make the other
+/// regions' controls believe this region went dark.
+pub const RESERVED_PATHS: [&str; 6] = [
     "/healthz",
     "/readyz",
     "/metrics",
     "/v1/edges/heartbeat",
     "/v1/brokers/heartbeat",
+    crate::peers::REGISTRY_PATH,
 ];
 
 /// The header a trusted front proxy sets to the client's region.
 pub const REGION_HEADER: &str = "x-client-region";
+/// The query parameter a client names its region with (`?region=sh`).
+pub const REGION_PARAM: &str = "region";
 
 /// Counters for `/metrics`. One thread owns them (control runs one HTTP thread).
 #[derive(Debug, Default)]
@@ -46,10 +53,18 @@ pub struct Counters {
     pub broker_heartbeats_refused: u64,
     /// Token requests answered with an empty edge list (no edge alive anywhere).
     pub assignments_empty: u64,
+    /// Token requests whose first edge is in the client's region.
+    pub assignments_home: u64,
+    /// Token requests whose client region had no assignable edge: another region's first.
+    pub assignments_fallback: u64,
+    /// Region names nobody knows, by where they came from (`?region=`, the header): the
+    /// client was sent as one of `default_region`.
+    pub region_unknown_param: u64,
+    pub region_unknown_header: u64,
 }
 
 /// Route labels for the request counter, in `Counters::requests` order.
-pub const ROUTES: [&str; 13] = [
+pub const ROUTES: [&str; 14] = [
     "connect",
     "danmu_info",
     "room_info",
@@ -63,6 +78,7 @@ pub const ROUTES: [&str; 13] = [
     "other",
     "broker_heartbeat",
     "brokers",
+    "registry",
 ];
 
 #[derive(Clone, Copy)]
@@ -80,12 +96,15 @@ enum Route {
     Other,
     BrokerHeartbeat,
     Brokers,
+    Registry,
 }
 
 /// What a reload (SIGHUP, `POST /admin/reload`) swaps: the API keys and the token signer.
 pub struct Keys {
     api_keys: Vec<String>,
     issuer: Issuer,
+    /// The token keys' fingerprints, as peers of other regions compare them.
+    prints: Vec<crate::peers::KeyPrint>,
 }
 
 impl Keys {
@@ -93,6 +112,7 @@ impl Keys {
     pub fn new(config: &Config) -> Result<Keys, crate::ControlError> {
         let keys = proto::token::KeySet::parse(&config.token_keys)
             .map_err(|e| crate::ControlError::Config(format!("token_keys: {e}")))?;
+        let prints = crate::peers::key_prints(&keys);
         let issuer = Issuer::new(keys, config.token_ttl_ms.div_ceil(1000)).ok_or_else(|| {
             crate::ControlError::Config("token_keys is empty: control cannot sign tokens".into())
         })?;
@@ -104,6 +124,7 @@ impl Keys {
                 .cloned()
                 .collect(),
             issuer,
+            prints,
         })
     }
 }
@@ -115,6 +136,8 @@ pub struct Api {
     /// What `POST /admin/reload` runs (the binary registers "config").
     hooks: net::reload::Hooks,
     edge_key: String,
+    /// Keys good for the fleet lists only (`fleet_keys`).
+    fleet_keys: Vec<String>,
     trust_region_header: bool,
     default_region: String,
     edges_per_client_max: usize,
@@ -123,6 +146,14 @@ pub struct Api {
     registry: Registry,
     /// Live brokers (cluster mode), handed to edges in heartbeat answers.
     brokers: crate::brokers::Brokers,
+    /// This control's region (exported to peers).
+    region: String,
+    /// The other regions' controls and what they last said.
+    peers: crate::peers::Peers,
+    region_fallbacks: std::collections::BTreeMap<String, Vec<String>>,
+    fallback_edges: usize,
+    /// Region names the config mentions (known even before an edge of theirs heartbeats).
+    configured_regions: std::collections::BTreeSet<String>,
     counters: Counters,
     http_stats: std::sync::Arc<net::http::Stats>,
     /// Request durations by (route, status): bounded by the routes times the statuses
@@ -164,6 +195,8 @@ struct ConnectOut<'a> {
     token: &'a str,
     expires_at: u64,
     room: u64,
+    /// The region the client was judged to be in (its edges come first in `edges`).
+    region: &'a str,
     edges: Vec<EdgeOut<'a>>,
 }
 
@@ -309,6 +342,7 @@ impl Api {
             keys: std::sync::Arc::new(net::reload::Live::new(keys)),
             hooks: Default::default(),
             edge_key: config.edge_key.clone(),
+            fleet_keys: config.fleet_keys.clone(),
             trust_region_header: config.trust_region_header,
             default_region: config.default_region.clone(),
             edges_per_client_max: config.edges_per_client_max,
@@ -323,6 +357,20 @@ impl Api {
                 Duration::from_millis(config.edge_ttl_ms),
                 Duration::from_millis(config.edge_forget_ms),
             ),
+            region: config.region.clone(),
+            peers: crate::peers::Peers::new(
+                &config.peers,
+                Duration::from_millis(config.peer_poll_ms),
+            ),
+            region_fallbacks: config.region_fallbacks.clone(),
+            fallback_edges: config.fallback_edges,
+            configured_regions: [&config.region, &config.default_region]
+                .into_iter()
+                .chain(config.regions.iter().map(|r| &r.region))
+                .chain(config.region_fallbacks.keys())
+                .chain(config.region_fallbacks.values().flatten())
+                .cloned()
+                .collect(),
             counters: Counters::default(),
             http_stats: Default::default(),
             durations: Default::default(),
@@ -388,6 +436,7 @@ impl Api {
             "/v1/edges" => Route::Edges,
             "/v1/brokers/heartbeat" => Route::BrokerHeartbeat,
             "/v1/brokers" => Route::Brokers,
+            crate::peers::REGISTRY_PATH => Route::Registry,
             "/healthz" => Route::Healthz,
             "/readyz" => Route::Readyz,
             "/admin/reload" => Route::Reload,
@@ -417,6 +466,7 @@ impl Api {
             Route::Edges => self.edges(req, now),
             Route::BrokerHeartbeat => self.broker_heartbeat(req, now),
             Route::Brokers => self.list_brokers(req, now),
+            Route::Registry => self.registry_export(req, now),
             Route::Healthz => Response {
                 status: 200,
                 headers: vec![("content-type".into(), "text/plain".into())],
@@ -446,14 +496,41 @@ impl Api {
         self.registry.list(now)
     }
 
-    /// The client's region: a trusted header, else the CIDR table, else the default.
-    fn region_of(&self, req: &Request) -> String {
-        if self.trust_region_header {
-            if let Some(r) = req.header(REGION_HEADER).map(str::trim) {
-                if !r.is_empty() && r.len() <= REGION_BYTES_MAX {
-                    return r.to_string();
-                }
+    /// Whether `region` is a region anyone knows: named in the config, or the region of an
+    /// edge or broker heard here or from a peer.
+    fn region_known(&self, region: &str) -> bool {
+        self.configured_regions.contains(region)
+            || self.registry.knows_region(region)
+            || self.brokers.knows_region(region)
+    }
+
+    /// The client's region: `?region=`, else a trusted header, else the CIDR table, else the
+    /// default. A named region nobody knows counts (by source) and gives the default.
+    fn region_of(&mut self, req: &Request) -> String {
+        let named = |v: Option<&str>| {
+            v.map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(|r| r.to_string())
+        };
+        let param = named(req.query_param(REGION_PARAM));
+        let header = if self.trust_region_header {
+            named(req.header(REGION_HEADER))
+        } else {
+            None
+        };
+        let from_client = param.map(|r| (r, true)).or(header.map(|r| (r, false)));
+        if let Some((r, is_param)) = from_client {
+            let well_formed =
+                r.len() <= REGION_BYTES_MAX && r.bytes().all(crate::region::name_byte_ok);
+            if well_formed && self.region_known(&r) {
+                return r;
             }
+            if is_param {
+                self.counters.region_unknown_param += 1;
+            } else {
+                self.counters.region_unknown_header += 1;
+            }
+            return self.default_region.clone();
         }
         if let Some(r) = req.peer.and_then(|p| self.regions.lookup(p.ip())) {
             return r.to_string();
@@ -461,15 +538,79 @@ impl Api {
         self.default_region.clone()
     }
 
-    fn assign(&mut self, req: &Request, now: Instant) -> Vec<Assigned> {
+    /// The edges for a client: its region's first, then the next-best regions' as fallbacks
+    /// (see [`Registry::assign`]); a region whose brokers are all gone is not assigned.
+    /// The client's region and its edges.
+    fn assign(&mut self, req: &Request, now: Instant) -> (String, Vec<Assigned>) {
         let region = self.region_of(req);
-        let edges = self
-            .registry
-            .assign(&region, self.edges_per_client_max, now);
-        if edges.is_empty() {
-            self.counters.assignments_empty += 1;
+        let brokers = &self.brokers;
+        let region_ok = |r: &str| brokers.region_ok(r, now);
+        let order = self
+            .region_fallbacks
+            .get(&region)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let (edges, choice) = self.registry.assign(
+            &Plan {
+                region: &region,
+                order,
+                n: self.edges_per_client_max,
+                fallback_edges: self.fallback_edges,
+                region_ok: &region_ok,
+            },
+            now,
+        );
+        match choice {
+            Choice::Home => self.counters.assignments_home += 1,
+            Choice::Fallback => self.counters.assignments_fallback += 1,
+            Choice::Empty => self.counters.assignments_empty += 1,
         }
-        edges
+        (region, edges)
+    }
+
+    /// One poll of peer `i` came back (`Ok(body)` of a 200, or why not): merged into the
+    /// registries (see [`crate::peers`]).
+    pub fn peer_answered(&mut self, i: usize, outcome: Result<Vec<u8>, String>, now: Instant) {
+        let keys = self.keys.load();
+        self.peers.answered(
+            i,
+            outcome,
+            &keys.prints,
+            &mut self.registry,
+            &mut self.brokers,
+            now,
+        );
+    }
+
+    /// `GET /v1/registry`: the edges and brokers that heartbeat this control, with their ages,
+    /// and the token key fingerprints, for the controls of other regions (fleet-list rule).
+    fn registry_export(&mut self, req: &Request, now: Instant) -> Response {
+        if let Err(r) = self.fleet_allowed(req) {
+            return r;
+        }
+        let export = crate::peers::Export {
+            region: self.region.clone(),
+            edges: self
+                .registry
+                .local(now)
+                .into_iter()
+                .map(|l| crate::peers::ExportEdge {
+                    heartbeat: l.heartbeat,
+                    last_seen_ms_ago: l.last_seen_ms_ago,
+                })
+                .collect(),
+            brokers: self
+                .brokers
+                .local(now)
+                .into_iter()
+                .map(|b| crate::peers::ExportBroker {
+                    beat: b.beat,
+                    last_seen_ms_ago: b.last_seen_ms_ago,
+                })
+                .collect(),
+            token_keys: self.keys.load().prints.clone(),
+        };
+        json(200, &export)
     }
 
     fn connect(&mut self, req: &Request, now: Instant, now_s: u64) -> Response {
@@ -506,13 +647,14 @@ impl Api {
         } else {
             self.counters.tokens_user += 1;
         }
-        let edges = self.assign(req, now);
+        let (region, edges) = self.assign(req, now);
         json(
             200,
             &ConnectOut {
                 token: &issued.token,
                 expires_at: issued.expires_at_s,
                 room: room.room_id,
+                region: &region,
                 edges: edges
                     .iter()
                     .map(|e| EdgeOut {
@@ -551,7 +693,7 @@ impl Api {
         // (real clients invent their buvid only when they connect).
         let issued = self.keys.load().issuer.issue(0, "", &room, now_s);
         self.counters.tokens_guest += 1;
-        let edges = self.assign(req, now);
+        let (_, edges) = self.assign(req, now);
         let data = DanmuInfo {
             group: "live",
             business_id: 0,
@@ -617,29 +759,31 @@ impl Api {
         }
     }
 
-    /// The fleet list (hosts, load): operators' data, not the public's. A valid API key or the
+    /// The fleet list (hosts, load): operators' data, not the public's. Every region's edges
+    /// this control knows (`peer` names where another region's came from); `?region=` filters. A valid API key or the
     /// edge key opens it; without a bearer only a loopback peer gets it; a wrong key is 401.
     fn edges(&mut self, req: &Request, now: Instant) -> Response {
         if let Err(r) = self.fleet_allowed(req) {
             return r;
         }
-        json(
-            200,
-            &EdgesOut {
-                edges: self.registry.list(now),
-            },
-        )
+        let mut edges = self.registry.list(now);
+        if let Some(region) = req.query_param(REGION_PARAM) {
+            edges.retain(|e| e.heartbeat.region == region);
+        }
+        json(200, &EdgesOut { edges })
     }
 
-    /// `GET /v1/brokers`: the broker registry, under the fleet list's rule.
+    /// `GET /v1/brokers`: the broker registry (every region's, `?region=` filters), under the
+    /// fleet list's rule.
     fn list_brokers(&mut self, req: &Request, now: Instant) -> Response {
         if let Err(r) = self.fleet_allowed(req) {
             return r;
         }
-        json(
-            200,
-            &serde_json::json!({ "brokers": self.brokers.list(now) }),
-        )
+        let mut brokers = self.brokers.list(now);
+        if let Some(region) = req.query_param(REGION_PARAM) {
+            brokers.retain(|b| b.beat.region == region);
+        }
+        json(200, &serde_json::json!({ "brokers": brokers }))
     }
 
     /// A valid API key or the edge key opens the fleet lists; without a bearer only a loopback
@@ -649,6 +793,7 @@ impl Api {
         if !self.edge_key.is_empty() {
             keys.push(self.edge_key.clone());
         }
+        keys.extend(self.fleet_keys.iter().cloned());
         let allowed = match check_bearer(req, &keys) {
             Bearer::Valid => true,
             Bearer::Absent => req
@@ -764,6 +909,91 @@ impl Api {
         }
     }
 
+    /// Per region: up edges and whether it is assigned; per peer control: up, polls, key match.
+    fn region_metrics(&self, w: &mut net::metrics::Writer, now: Instant) {
+        let up = self.registry.up_by_region(now);
+        w.family(
+            "barrage_control_region_edges_up",
+            "gauge",
+            "Assignable edges per region (heard here or from peers).",
+        );
+        for (region, n) in &up {
+            w.sample(
+                "barrage_control_region_edges_up",
+                &[("region", region)],
+                *n as f64,
+            );
+        }
+        w.family(
+            "barrage_control_region_assignable",
+            "gauge",
+            "1 when a region gets clients: an up edge and, if it ever had brokers, a live one.",
+        );
+        for (region, n) in &up {
+            let ok = *n > 0 && self.brokers.region_ok(region, now);
+            w.sample(
+                "barrage_control_region_assignable",
+                &[("region", region)],
+                f64::from(u8::from(ok)),
+            );
+        }
+        if self.peers.list.is_empty() {
+            return;
+        }
+        w.family(
+            "barrage_control_peer_up",
+            "gauge",
+            "1 while the peer control (another region's) answered a poll recently.",
+        );
+        for (i, p) in self.peers.list.iter().enumerate() {
+            w.sample(
+                "barrage_control_peer_up",
+                &[("peer", &p.addr), ("region", &p.region)],
+                f64::from(u8::from(self.peers.up(i, now))),
+            );
+        }
+        w.family(
+            "barrage_control_peer_polls_total",
+            "counter",
+            "Polls of peer controls' registries, by outcome.",
+        );
+        for p in &self.peers.list {
+            for (outcome, n) in [("ok", p.polls_ok), ("failed", p.polls_failed)] {
+                w.sample(
+                    "barrage_control_peer_polls_total",
+                    &[("peer", &p.addr), ("outcome", outcome)],
+                    n as f64,
+                );
+            }
+        }
+        w.family(
+            "barrage_control_peer_entries_refused_total",
+            "counter",
+            "Edges and brokers in peers' answers refused (bad fields, registry full).",
+        );
+        for p in &self.peers.list {
+            w.sample(
+                "barrage_control_peer_entries_refused_total",
+                &[("peer", &p.addr)],
+                p.entries_refused as f64,
+            );
+        }
+        w.family(
+            "barrage_control_peer_token_keys_match",
+            "gauge",
+            "1 when the peer signs with the same token key set (ids and fingerprints), 0 when not (rotation half done), absent before it answers.",
+        );
+        for p in &self.peers.list {
+            if let Some(m) = p.keys_match {
+                w.sample(
+                    "barrage_control_peer_token_keys_match",
+                    &[("peer", &p.addr)],
+                    f64::from(u8::from(m)),
+                );
+            }
+        }
+    }
+
     fn metrics(&mut self, now: Instant) -> Response {
         self.registry.forget(now);
         let mut w = net::metrics::Writer::default();
@@ -813,6 +1043,25 @@ impl Api {
             &[(&[], c.assignments_empty as f64)],
         );
         w.metric(
+            "barrage_control_assignments_total",
+            "counter",
+            "Token answers by where the first edge is: the client's region, another (fallback), none.",
+            &[
+                (&[("choice", "home")], c.assignments_home as f64),
+                (&[("choice", "fallback")], c.assignments_fallback as f64),
+                (&[("choice", "empty")], c.assignments_empty as f64),
+            ],
+        );
+        w.metric(
+            "barrage_control_region_unknown_total",
+            "counter",
+            "Client region names nobody knows, by source; such clients get default_region.",
+            &[
+                (&[("source", "param")], c.region_unknown_param as f64),
+                (&[("source", "header")], c.region_unknown_header as f64),
+            ],
+        );
+        w.metric(
             "barrage_control_broker_heartbeats_total",
             "counter",
             "Broker heartbeats (cluster mode), by outcome.",
@@ -837,6 +1086,7 @@ impl Api {
                 (&[("state", "dead")], dead as f64),
             ],
         );
+        self.region_metrics(&mut w, now);
         w.family("barrage_control_edges", "gauge", "Known edges by state.");
         for (state, n) in self.registry.counts(now) {
             let label = match state {
@@ -1188,33 +1438,182 @@ mod tests {
                 .map(|e| e["host"].as_str().unwrap().to_string())
                 .collect()
         };
+        // Its own region first, then one edge of the next-best region (fallback_edges = 1).
         let local = api.handle(&req("POST", "/v1/connect", &[], connect, LOOP), t0, 0);
-        assert_eq!(hosts(&local), ["l2.host", "l1.host"]);
+        assert_eq!(hosts(&local), ["l2.host", "l1.host", "b1.host"]);
         assert_eq!(
             body(&local)["edges"][0],
             serde_json::json!({"host":"l2.host","tcp_port":2243,"ws_port":2244,"wss_port":0,"region":"local"})
         );
+        // A region with fewer edges than its share: the rest from the others, the region
+        // with the most spare capacity first.
         let sh = api.handle(
             &req("POST", "/v1/connect", &[], connect, "10.9.9.9:1"),
             t0,
             0,
         );
-        assert_eq!(hosts(&sh), ["s1.host"]);
+        assert_eq!(hosts(&sh), ["s1.host", "l2.host", "l1.host"]);
         let bj = with_header(
             req("POST", "/v1/connect", &[], connect, "10.9.9.9:1"),
             REGION_HEADER,
             "bj",
         );
-        assert_eq!(hosts(&api.handle(&bj, t0, 0)), ["b1.host"]);
-        // Nobody in region "gz": every other region's edges, most spare first, at most 3.
+        assert_eq!(
+            hosts(&api.handle(&bj, t0, 0)),
+            ["b1.host", "l2.host", "l1.host"]
+        );
+        // `?region=` beats the header and the CIDR table.
+        let param = with_header(
+            req(
+                "POST",
+                "/v1/connect",
+                &[("region", "sh")],
+                connect,
+                "10.9.9.9:1",
+            ),
+            REGION_HEADER,
+            "bj",
+        );
+        assert_eq!(hosts(&api.handle(&param, t0, 0))[0], "s1.host");
+        // A region nobody knows ("gz", or a malformed name): the default region, counted.
         let gz = with_header(
             req("POST", "/v1/connect", &[], connect, LOOP),
             REGION_HEADER,
             "gz",
         );
+        assert_eq!(hosts(&api.handle(&gz, t0, 0))[0], "l2.host");
+        let odd = req(
+            "GET",
+            "/xlive/web-room/v1/index/getDanmuInfo",
+            &[("id", "1"), ("region", "<script>")],
+            "",
+            "10.9.9.9:1",
+        );
+        let r = body(&api.handle(&odd, t0, 0));
+        assert_eq!(r["data"]["host_list"][0]["host"], "l2.host", "{r}");
+        let m = String::from_utf8(
+            api.handle(&req("GET", "/metrics", &[], "", LOOP), t0, 0)
+                .body,
+        )
+        .unwrap();
+        for line in [
+            "barrage_control_region_unknown_total{source=\"param\"} 1\n",
+            "barrage_control_region_unknown_total{source=\"header\"} 1\n",
+            "barrage_control_assignments_total{choice=\"home\"} 6\n",
+            "barrage_control_region_edges_up{region=\"sh\"} 1\n",
+            "barrage_control_region_assignable{region=\"bj\"} 1\n",
+        ] {
+            assert!(m.contains(line), "{line} in {m}");
+        }
+    }
+
+    #[test]
+    fn a_region_whose_brokers_are_gone_is_not_assigned() {
+        let mut api = Api::new(&config()).unwrap();
+        let t0 = Instant::now();
+        beat(&mut api, "l1", "local", 0, false, t0);
+        beat(&mut api, "b1", "bj", 0, false, t0);
+        let broker = r#"{"node_id":"br1","region":"local","link":"10.0.0.1:7401","ingest":"10.0.0.1:7400","http":"http://10.0.0.1:7480"}"#;
+        let r = api.handle(
+            &req("POST", "/v1/brokers/heartbeat", &[], broker, LOOP),
+            t0,
+            0,
+        );
+        assert_eq!(r.status, 200);
+        let first = |api: &mut Api, now| {
+            body(&api.handle(
+                &req("POST", "/v1/connect", &[], r#"{"room":1}"#, LOOP),
+                now,
+                0,
+            ))["edges"][0]["host"]
+                .clone()
+        };
+        assert_eq!(first(&mut api, t0), "l1.host");
+        // The broker goes silent, the edges keep heartbeating: local is not assigned, bj
+        // (which never had a broker here: embedded) is.
+        let t1 = t0 + Duration::from_millis(config().edge_ttl_ms);
+        beat(&mut api, "l1", "local", 0, false, t1);
+        beat(&mut api, "b1", "bj", 0, false, t1);
+        assert_eq!(first(&mut api, t1), "b1.host");
+        let m = String::from_utf8(
+            api.handle(&req("GET", "/metrics", &[], "", LOOP), t1, 0)
+                .body,
+        )
+        .unwrap();
+        assert!(
+            m.contains("barrage_control_region_assignable{region=\"local\"} 0\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("barrage_control_assignments_total{choice=\"fallback\"} 1\n"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn the_registry_export_lists_what_heartbeats_here_with_key_prints() {
+        let mut c = config();
+        c.fleet_keys = vec!["fleet-key-0123456789abcdef0123456789".into()];
+        let mut api = Api::new(&c).unwrap();
+        let fleet = |r: Request| {
+            with_header(
+                r,
+                "authorization",
+                "Bearer fleet-key-0123456789abcdef0123456789",
+            )
+        };
+        let t = Instant::now();
+        let remote = "10.1.1.1:1";
         assert_eq!(
-            hosts(&api.handle(&gz, t0, 0)),
-            ["b1.host", "l2.host", "l1.host"]
+            api.handle(&fleet(req("GET", "/v1/registry", &[], "", remote)), t, 0)
+                .status,
+            200
+        );
+        assert_eq!(
+            api.handle(&fleet(req("GET", "/v1/edges", &[], "", remote)), t, 0)
+                .status,
+            200
+        );
+        let connect = fleet(req(
+            "POST",
+            "/v1/connect",
+            &[],
+            r#"{"room":1,"uid":5}"#,
+            remote,
+        ));
+        assert_eq!(
+            api.handle(&connect, t, 0).status,
+            401,
+            "a fleet key mints no tokens"
+        );
+        let fake = fleet(req(
+            "POST",
+            "/v1/edges/heartbeat",
+            &[],
+            &hb("x", "local", 0, false),
+            remote,
+        ));
+        assert_eq!(api.handle(&fake, t, 0).status, 403, "nor registers edges");
+        let t0 = Instant::now();
+        beat(&mut api, "l1", "local", 0, false, t0);
+        api.peer_answered(
+            0,
+            Ok(br#"{"region":"x","edges":[],"brokers":[],"token_keys":[]}"#.to_vec()),
+            t0,
+        );
+        let r = api.handle(&req("GET", "/v1/registry", &[], "", "10.1.1.1:1"), t0, 0);
+        assert_eq!(r.status, 401, "off loopback without a key");
+        let r = api.handle(&req("GET", "/v1/registry", &[], "", LOOP), t0, 0);
+        let x: crate::peers::Export = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(x.region, "local");
+        assert_eq!(x.edges.len(), 1);
+        assert_eq!(
+            x.token_keys.iter().map(|k| k.id).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(
+            x.token_keys,
+            crate::peers::key_prints(&KeySet::parse(KEYS).unwrap())
         );
     }
 

@@ -53,6 +53,19 @@ pub struct ListedBroker {
     pub beat: BrokerBeat,
     pub alive: bool,
     pub last_seen_ms_ago: u64,
+    /// The peer control (another region's) this broker was learned from; absent for a broker
+    /// that heartbeats this control itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+}
+
+/// One broker's registry entry.
+#[derive(Debug)]
+struct Entry {
+    beat: BrokerBeat,
+    seen: Instant,
+    /// `Some(peer)`: learned from that peer control, not heartbeated here.
+    peer: Option<String>,
 }
 
 /// Why a broker heartbeat was refused.
@@ -66,7 +79,10 @@ pub enum BrokerBeatError {
 
 #[derive(Debug)]
 pub struct Brokers {
-    entries: HashMap<String, (BrokerBeat, Instant)>,
+    entries: HashMap<String, Entry>,
+    /// Regions that have had a broker (bounded like `entries`): such a region needs a live
+    /// one to be assigned; a region never seen with one runs without (embedded brokers).
+    regions_with_brokers: std::collections::BTreeSet<String>,
     ttl: Duration,
     forget: Duration,
 }
@@ -75,6 +91,7 @@ impl Brokers {
     pub fn new(ttl: Duration, forget: Duration) -> Brokers {
         Brokers {
             entries: HashMap::new(),
+            regions_with_brokers: Default::default(),
             ttl,
             forget: forget.max(ttl),
         }
@@ -82,53 +99,127 @@ impl Brokers {
 
     /// Records a heartbeat; returns whether the broker was new (or back from the dead).
     pub fn heartbeat(&mut self, b: BrokerBeat, now: Instant) -> Result<bool, BrokerBeatError> {
-        let check = |name, v: &str, max| {
-            if v.is_empty() || v.len() > max {
-                Err(BrokerBeatError::BadField(name))
-            } else {
-                Ok(())
-            }
-        };
-        check("node_id", &b.node_id, NODE_ID_BYTES_MAX)?;
-        check("region", &b.region, REGION_BYTES_MAX)?;
-        check("link", &b.link, HOST_BYTES_MAX + 6)?;
-        check("ingest", &b.ingest, HOST_BYTES_MAX + 6)?;
-        check("http", &b.http, HOST_BYTES_MAX + 14)?;
         self.sweep(now);
-        let ttl = self.ttl;
+        self.record(b, now, None, now)
+    }
+
+    /// Records a broker another region's control `peer` heard from `age` ago; a fresher
+    /// heartbeat here wins, an entry older than the forget time is ignored.
+    pub fn learn(
+        &mut self,
+        b: BrokerBeat,
+        age: Duration,
+        peer: &str,
+        now: Instant,
+    ) -> Result<(), BrokerBeatError> {
+        // Older than this clock can say (a host up for less than `age`): not worth keeping.
+        match now.checked_sub(age) {
+            Some(seen) if age < self.forget => self.record(b, seen, Some(peer), now).map(|_| ()),
+            _ => check(&b),
+        }
+    }
+
+    /// One broker heard at `seen`, here (`peer` None) or from a peer control: a heartbeat here
+    /// always replaces the entry, a peer's word only when fresher. True when new or revived.
+    fn record(
+        &mut self,
+        b: BrokerBeat,
+        seen: Instant,
+        peer: Option<&str>,
+        now: Instant,
+    ) -> Result<bool, BrokerBeatError> {
+        check(&b)?;
         let full = self.entries.len() >= BROKERS_MAX;
-        match self.entries.get_mut(&b.node_id) {
+        if !self.entries.contains_key(&b.node_id)
+            && full
+            && (peer.is_some() || !self.evict_peer_entry())
+        {
+            return Err(BrokerBeatError::Full);
+        }
+        self.note_region(&b.region);
+        let ttl = self.ttl;
+        let fresh = Entry {
+            beat: b,
+            seen,
+            peer: peer.map(str::to_string),
+        };
+        match self.entries.get_mut(&fresh.beat.node_id) {
+            Some(e) if peer.is_some() && e.seen >= seen => Ok(false),
             Some(e) => {
-                let revived = now.saturating_duration_since(e.1) >= ttl;
-                *e = (b, now);
+                let revived = now.saturating_duration_since(e.seen) >= ttl;
+                *e = fresh;
                 Ok(revived)
             }
-            None if full => Err(BrokerBeatError::Full),
             None => {
-                self.entries.insert(b.node_id.clone(), (b, now));
+                self.entries.insert(fresh.beat.node_id.clone(), fresh);
                 Ok(true)
             }
         }
     }
 
+    /// Forgets the stalest broker learned from a peer, to make room for one heartbeating here.
+    fn evict_peer_entry(&mut self) -> bool {
+        let stalest = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.peer.is_some())
+            .min_by_key(|(_, e)| e.seen)
+            .map(|(id, _)| id.clone());
+        stalest.is_some_and(|id| self.entries.remove(&id).is_some())
+    }
+
+    fn note_region(&mut self, region: &str) {
+        if !self.regions_with_brokers.contains(region)
+            && self.regions_with_brokers.len() < BROKERS_MAX
+        {
+            self.regions_with_brokers.insert(region.to_string());
+        }
+    }
+
+    /// Whether `region` may be assigned as far as brokers go: it has a live broker that is not
+    /// draining, or it never had a broker (its edges run on embedded brokers control does not
+    /// see).
+    pub fn region_ok(&self, region: &str, now: Instant) -> bool {
+        !self.regions_with_brokers.contains(region)
+            || self.entries.values().any(|e| {
+                e.beat.region == region
+                    && !e.beat.draining
+                    && now.saturating_duration_since(e.seen) < self.ttl
+            })
+    }
+
+    /// Whether a broker of `region` was ever heard of.
+    pub fn knows_region(&self, region: &str) -> bool {
+        self.regions_with_brokers.contains(region)
+    }
+
+    /// Every region that has had a broker.
+    pub fn regions(&self) -> impl Iterator<Item = &str> {
+        self.regions_with_brokers.iter().map(String::as_str)
+    }
+
     fn sweep(&mut self, now: Instant) {
         let forget = self.forget;
         self.entries
-            .retain(|_, e| now.saturating_duration_since(e.1) < forget);
+            .retain(|_, e| now.saturating_duration_since(e.seen) < forget);
     }
 
-    /// The live brokers of `region` an edge links to, sorted by node id. Draining brokers stay
-    /// listed: their links carry what they still deliver until they stop.
+    /// The live brokers of `region` an edge links to, sorted by node id: only brokers that
+    /// heartbeat this control (an edge links within its region, whose brokers heartbeat every
+    /// control replica of it). Draining brokers stay listed: their links carry what they still
+    /// deliver until they stop.
     pub fn links(&self, region: &str, now: Instant) -> Vec<BrokerLink> {
         let mut out: Vec<BrokerLink> = self
             .entries
             .values()
-            .filter(|(b, seen)| {
-                b.region == region && now.saturating_duration_since(*seen) < self.ttl
+            .filter(|e| {
+                e.peer.is_none()
+                    && e.beat.region == region
+                    && now.saturating_duration_since(e.seen) < self.ttl
             })
-            .map(|(b, _)| BrokerLink {
-                node_id: b.node_id.clone(),
-                link: b.link.clone(),
+            .map(|e| BrokerLink {
+                node_id: e.beat.node_id.clone(),
+                link: e.beat.link.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -141,12 +232,13 @@ impl Brokers {
         let mut out: Vec<ListedBroker> = self
             .entries
             .values()
-            .map(|(b, seen)| {
-                let ago = now.saturating_duration_since(*seen);
+            .map(|e| {
+                let ago = now.saturating_duration_since(e.seen);
                 ListedBroker {
-                    beat: b.clone(),
+                    beat: e.beat.clone(),
                     alive: ago < self.ttl,
                     last_seen_ms_ago: u64::try_from(ago.as_millis()).unwrap_or(u64::MAX),
+                    peer: e.peer.clone(),
                 }
             })
             .collect();
@@ -154,15 +246,38 @@ impl Brokers {
         out
     }
 
+    /// The brokers that heartbeat this control itself (what peers poll), sorted by node id.
+    pub fn local(&mut self, now: Instant) -> Vec<ListedBroker> {
+        let mut all = self.list(now);
+        all.retain(|b| b.peer.is_none());
+        all
+    }
+
     /// (alive, dead) counts for metrics.
     pub fn counts(&self, now: Instant) -> (usize, usize) {
         let alive = self
             .entries
             .values()
-            .filter(|(_, seen)| now.saturating_duration_since(*seen) < self.ttl)
+            .filter(|e| now.saturating_duration_since(e.seen) < self.ttl)
             .count();
         (alive, self.entries.len() - alive)
     }
+}
+
+/// Field lengths of a broker beat, heard here or from a peer.
+fn check(b: &BrokerBeat) -> Result<(), BrokerBeatError> {
+    let field = |name, v: &str, max| {
+        if v.is_empty() || v.len() > max {
+            Err(BrokerBeatError::BadField(name))
+        } else {
+            Ok(())
+        }
+    };
+    field("node_id", &b.node_id, NODE_ID_BYTES_MAX)?;
+    field("region", &b.region, REGION_BYTES_MAX)?;
+    field("link", &b.link, HOST_BYTES_MAX + 6)?;
+    field("ingest", &b.ingest, HOST_BYTES_MAX + 6)?;
+    field("http", &b.http, HOST_BYTES_MAX + 14)
 }
 
 #[cfg(test)]
@@ -200,6 +315,35 @@ mod tests {
         assert!(r.heartbeat(beat("b2", "eu"), t1).unwrap());
         let t2 = t1 + Duration::from_secs(11);
         assert!(r.list(t2).is_empty());
+    }
+
+    #[test]
+    fn a_region_that_had_brokers_needs_a_live_one() {
+        let t0 = Instant::now();
+        let mut r = Brokers::new(Duration::from_secs(3), Duration::from_secs(10));
+        assert!(
+            r.region_ok("eu", t0),
+            "no broker ever: embedded brokers, fine"
+        );
+        r.learn(beat("b1", "eu"), Duration::from_secs(1), "peer:1", t0)
+            .unwrap();
+        assert!(r.region_ok("eu", t0));
+        assert!(
+            r.links("eu", t0).is_empty(),
+            "edges link to brokers heard here only"
+        );
+        assert!(r.local(t0).is_empty());
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(!r.region_ok("eu", t1), "its only broker went silent");
+        let mut d = beat("b2", "eu");
+        d.draining = true;
+        r.heartbeat(d, t1).unwrap();
+        assert!(!r.region_ok("eu", t1), "draining brokers do not count");
+        // Forgotten brokers still leave the region needing one.
+        let t2 = t1 + Duration::from_secs(11);
+        assert!(r.list(t2).is_empty());
+        assert!(!r.region_ok("eu", t2));
+        assert!(r.knows_region("eu"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use crate::ControlError;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -60,13 +61,38 @@ pub struct Config {
     pub edges_max: usize,
     /// Edges handed to one client, best first, so it can fall back.
     pub edges_per_client_max: usize,
-    /// Region of clients that match no `regions` rule and send no trusted region header.
+    /// Region of clients that name none (`?region=`, a trusted header) and match no `regions`
+    /// rule, and of clients naming a region nobody knows (counted).
     pub default_region: String,
     /// Honour `X-Client-Region` (set by a trusted front proxy). Leave off when clients reach
     /// control directly: they could pick any region.
     pub trust_region_header: bool,
     /// CIDR -> region rules; the longest matching prefix wins.
     pub regions: Vec<RegionRule>,
+    /// This control's region: the region of the edges and brokers that heartbeat it, as peer
+    /// controls of other regions are told (`GET /v1/registry`).
+    pub region: String,
+    /// The controls of the other regions (`host:port`, every replica of each): this control
+    /// polls their registries so it can send a client to another region's edges when its own
+    /// region has none (docs/operations-control.md, regions). Empty: one region.
+    pub peers: Vec<String>,
+    /// Bearer presented to the peers (`GET /v1/registry`): one of their `fleet_keys` (or an
+    /// API key or their `edge_key`). Empty: none (peers answer loopback callers only).
+    pub peer_key: String,
+    /// Keys that open the fleet lists (`GET /v1/edges`, `/v1/brokers`, `/v1/registry`) and
+    /// nothing else: give one to each other region's control as its `peer_key`, and to
+    /// dashboards, rather than a key that can also mint tokens or register edges.
+    pub fleet_keys: Vec<String>,
+    /// How often each peer's registry is polled. A dark region stops being assigned within
+    /// `edge_ttl_ms` plus this.
+    pub peer_poll_ms: u64,
+    /// Per client region, the regions to fall back to, best first (`sh = ["bj", "gz"]`).
+    /// Regions not named follow, most spare capacity first.
+    pub region_fallbacks: BTreeMap<String, Vec<String>>,
+    /// Of the `edges_per_client_max` edges a client gets, how many are another region's when
+    /// its own has edges (more when its own has fewer): where it goes when its region fails
+    /// before it can ask control again. 0: other regions only when its own has none.
+    pub fallback_edges: usize,
     /// The room table: short ids, streamer uids and areas.
     pub rooms: Vec<RoomEntry>,
     /// Refuse rooms that are not in `rooms` (otherwise any room id is accepted as itself, area 0).
@@ -99,6 +125,13 @@ impl Default for Config {
             default_region: "local".to_string(),
             trust_region_header: false,
             regions: Vec::new(),
+            region: "local".to_string(),
+            peers: Vec::new(),
+            peer_key: String::new(),
+            fleet_keys: Vec::new(),
+            peer_poll_ms: 1000,
+            region_fallbacks: BTreeMap::new(),
+            fallback_edges: 1,
             rooms: Vec::new(),
             rooms_strict: false,
             body_bytes_max: 16 * 1024,
@@ -141,6 +174,12 @@ impl Config {
         if public {
             tracing::warn!(http_addr = %self.http_addr, "control is not on loopback: /metrics is readable by anyone who reaches it");
         }
+        if !self.peer_key.is_empty() {
+            judge("peer_key", net::secret::check(&self.peer_key))?;
+        }
+        for (i, k) in self.fleet_keys.iter().enumerate() {
+            judge(&format!("fleet_keys[{i}]"), net::secret::check(k))?;
+        }
         if !self.edge_key.is_empty() {
             judge("edge_key", net::secret::check(&self.edge_key))?;
         } else if public {
@@ -171,6 +210,35 @@ impl Config {
         }
         if self.api_keys.iter().any(|k| k.is_empty()) {
             return bad("api_keys: empty key");
+        }
+        if self.fleet_keys.iter().any(|k| k.is_empty()) {
+            return bad("fleet_keys: empty key");
+        }
+        let region_name_ok = |r: &str| {
+            !r.is_empty()
+                && r.len() <= crate::registry::REGION_BYTES_MAX
+                && r.bytes().all(crate::region::name_byte_ok)
+        };
+        if !region_name_ok(&self.region) || !region_name_ok(&self.default_region) {
+            return bad("region and default_region: 1-64 bytes of letters, digits, '-', '_', '.'");
+        }
+        if self
+            .region_fallbacks
+            .iter()
+            .any(|(r, to)| !region_name_ok(r) || !to.iter().all(|t| region_name_ok(t)))
+        {
+            return bad(
+                "region_fallbacks: region names are 1-64 bytes of letters, digits, '-', '_', '.'",
+            );
+        }
+        if self.peer_poll_ms < 100 {
+            return bad("peer_poll_ms must be at least 100");
+        }
+        if let Some(p) = self.peers.iter().find(|p| {
+            p.rsplit_once(':')
+                .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+        }) {
+            return bad(&format!("peers: {p:?} is not host:port"));
         }
         Ok(())
     }
@@ -205,6 +273,11 @@ mod tests {
             token_keys = "1:aaaaaaaaaaaaaaaa,2:bbbbbbbbbbbbbbbb"
             trust_region_header = true
             driver = "legacy"
+            region = "sh"
+            peers = ["10.1.0.5:8080"]
+            fallback_edges = 2
+            [region_fallbacks]
+            sh = ["bj", "gz"]
             [[regions]]
             cidr = "10.0.0.0/8"
             region = "sh"
@@ -218,6 +291,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.http_addr.port(), 9000);
         assert_eq!(c.regions[0].region, "sh");
+        assert_eq!(c.region_fallbacks["sh"], ["bj", "gz"]);
+        assert_eq!((c.region.as_str(), c.fallback_edges), ("sh", 2));
+        for bad in [
+            "peers = [\"nohost\"]",
+            "peer_poll_ms = 10",
+            "region = \"a b\"",
+            "[region_fallbacks]\nsh = [\"\"]",
+        ] {
+            assert!(Config::from_toml_str(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             c.rooms[0],
             RoomEntry {

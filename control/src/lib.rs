@@ -6,6 +6,7 @@
 //! - [`room`]: the room table (short ids, streamer uids, areas; strict or open).
 //! - [`registry`]: edges, their heartbeats, expiry and assignment (sans-io, `now` passed in).
 //! - [`issuer`]: token issuing with the newest key of the key set.
+//! - [`peers`]: the other regions' controls, polled for their registries (issue 13).
 //! - [`api`]: the HTTP handlers as a plain `request -> response` function over the above.
 //! - [`pages`]: the room page, the demo send box and the operator console (HTML, JS, JSON).
 //! - this file: the monoio shell, one HTTP thread on `net::http::serve`.
@@ -23,6 +24,7 @@ pub mod brokers;
 pub mod config;
 pub mod issuer;
 pub mod pages;
+pub mod peers;
 pub mod region;
 pub mod registry;
 pub mod room;
@@ -138,6 +140,50 @@ fn unix_now_s() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where and how the other regions' controls are polled.
+#[derive(Clone)]
+struct PeerPoll {
+    addrs: Vec<String>,
+    key: String,
+    every: Duration,
+}
+
+/// Polls peer `i`'s registry every `every` until control stops, handing each outcome to the
+/// API state (sans-io merge in `peers`). The first poll is immediate, so a control that
+/// starts knows the other regions within one round trip.
+async fn poll_peer(api: Rc<RefCell<api::Api>>, poll: PeerPoll, i: usize, stop: Arc<Stop>) {
+    let addr = poll.addrs[i].clone();
+    let bearer = format!("Bearer {}", poll.key);
+    let mut headers = Vec::new();
+    if !poll.key.is_empty() {
+        headers.push(("authorization", bearer.as_str()));
+    }
+    while !stop.flag.load(Ordering::Acquire) {
+        let res = net::http::request(
+            &addr,
+            "GET",
+            peers::REGISTRY_PATH,
+            &headers,
+            b"",
+            Duration::from_millis(peers::POLL_REQUEST_MS_MAX),
+        )
+        .await;
+        let outcome = match res {
+            Ok(r) if r.status == 200 => Ok(r.body),
+            Ok(r) => Err(format!("status {}", r.status)),
+            Err(e) => Err(e.to_string()),
+        };
+        api.borrow_mut().peer_answered(i, outcome, Instant::now());
+        // Sleep in short steps so shutdown is prompt.
+        let mut left = poll.every;
+        while !left.is_zero() && !stop.flag.load(Ordering::Acquire) {
+            let step = left.min(Duration::from_millis(100));
+            monoio::time::sleep(step).await;
+            left -= step;
+        }
+    }
+}
+
 /// Binds, spawns the HTTP thread and returns once it is serving.
 pub fn start(config: Config) -> Result<Handle, ControlError> {
     config.validate()?;
@@ -161,6 +207,11 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let stop2 = stop.clone();
     let pages_config = config.pages.clone();
+    let peer_poll = PeerPoll {
+        addrs: config.peers.clone(),
+        key: config.peer_key.clone(),
+        every: Duration::from_millis(config.peer_poll_ms),
+    };
     let mut serve_cfg = net::http::ServeConfig::new(config.body_bytes_max);
     serve_cfg.limits = config.http;
     // When the public side is full, liveness probes and the fleet's own heartbeats still get in.
@@ -179,6 +230,9 @@ pub fn start(config: Config) -> Result<Handle, ControlError> {
                     }
                 };
                 let api = Rc::new(RefCell::new(api));
+                for i in 0..peer_poll.addrs.len() {
+                    monoio::spawn(poll_peer(api.clone(), peer_poll.clone(), i, stop2.clone()));
+                }
                 let pages = Rc::new(pages::Pages::new(&pages_config, Instant::now()));
                 let handler: net::http::Handler = Rc::new(move |req: net::http::Request| {
                     if pages::Pages::serves(&req.path) {

@@ -7,6 +7,12 @@
 
 use std::net::IpAddr;
 
+/// Whether `b` may appear in a region name (`?region=`, headers, config): letters, digits,
+/// `-`, `_`, `.`. Anything else makes the name unknown.
+pub fn name_byte_ok(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
 /// A parsed `ADDR/PREFIX` network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {

@@ -532,7 +532,7 @@ pub(crate) fn render(node: &Node) -> String {
     );
     w.sample("barrage_edge_capacity", &[], node.capacity as f64);
     let links = node.links.lock().map(|l| l.clone()).unwrap_or_default();
-    let fams: [Family<crate::metrics::LinkMetrics>; 8] = [
+    let fams: [Family<crate::metrics::LinkMetrics>; 9] = [
         (
             "barrage_edge_link_up",
             "gauge",
@@ -580,6 +580,12 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "Streams whose seq went back on this link (a restarted broker).",
             |l| l.seq_restarts.get(),
+        ),
+        (
+            "barrage_edge_link_confirms_total",
+            "counter",
+            "CONFIRM frames sent on the link (cluster mode only: each confirms every batch received so far).",
+            |l| l.confirms.get(),
         ),
     ];
     for (name, kind, help, get) in fams {

@@ -95,6 +95,11 @@ pub(crate) struct Slot {
     metrics: Arc<LinkMetrics>,
     /// The last seq of each stream seen on this link, kept across reconnects.
     seqs: RefCell<StreamSeqs>,
+    /// The broker asked for CONFIRM frames on this connection (cluster mode).
+    confirm: Cell<bool>,
+    /// BATCH frames received on this connection, and the count last confirmed.
+    received: Cell<u64>,
+    confirmed: Cell<u64>,
 }
 
 /// What a stream's next seq says about the batches before it.
@@ -136,6 +141,26 @@ impl StreamSeqs {
 }
 
 impl Slot {
+    /// A BATCH frame arrived: counted, and confirmed by the writer when it next runs, so every
+    /// batch of one socket read shares one CONFIRM (proto::link::LinkFrame::Confirm).
+    fn batch_received(&self) {
+        if self.confirm.get() {
+            self.received.set(self.received.get() + 1);
+            self.wake.notify();
+        }
+    }
+
+    /// Appends the CONFIRM the received batches call for, if any (the writer, before a write).
+    fn confirm_into(&self, out: &mut Vec<u8>) {
+        let through = self.received.get();
+        if through > self.confirmed.get() {
+            self.confirmed.set(through);
+            wire::encode(&LinkFrame::Confirm { through }, out);
+            self.metrics.frames_out.inc();
+            self.metrics.confirms.inc();
+        }
+    }
+
     fn send(&self, frame: &LinkFrame) {
         if !self.up.get() {
             return;
@@ -618,8 +643,8 @@ impl Hub {
 
     /// Routes a batch to the shards with viewers wanting it.
     fn dispatch(&self, batch: Batch) {
-        // The emptiness check's borrow ends here: held in the `if let` scrutinee (edition 2021
-        // keeps it to the end of the block) it made the `borrow_mut` below panic.
+        // Read apart from the `if let`: a borrow in its scrutinee lives through the whole
+        // statement (edition 2021), and the hold below borrows mutably.
         let relinking = !self.relinking.borrow().is_empty();
         if let (Scope::Room(room), true) = (&batch.scope, relinking) {
             let room = *room;
@@ -688,6 +713,9 @@ fn new_slot(node: &Node, b: &Broker, broker_shard: u16, priority: Priority) -> R
         up: Cell::new(false),
         metrics,
         seqs: RefCell::new(StreamSeqs::default()),
+        confirm: Cell::new(false),
+        received: Cell::new(0),
+        confirmed: Cell::new(0),
     });
     b.slots.borrow_mut().push(slot.clone());
     slot
@@ -702,6 +730,7 @@ fn hello(node: &Node, broker_shard: u16, priority: Priority) -> LinkFrame {
         priority,
         capabilities: caps::ZLIB
             | caps::PLAIN
+            | caps::CONFIRM
             | if node.config.presence {
                 caps::PRESENCE
             } else {
@@ -841,6 +870,10 @@ async fn serve_link(
         return Err(LinkFail::NoHello);
     };
     backoff.reset();
+    // Batches are counted per connection; the broker says whether it wants them confirmed.
+    slot.confirm.set(h.capabilities & caps::CONFIRM != 0);
+    slot.received.set(0);
+    slot.confirmed.set(0);
     if slot.id.broker_shard == 0 && slot.id.priority == Priority::Low {
         let before = broker.shards.get();
         broker.shards.set(h.shards.max(1));
@@ -919,7 +952,8 @@ async fn serve_link(
             if !slot.up.get() {
                 return Err(LinkFail::Backlog);
             }
-            let out = std::mem::take(&mut *slot.out.borrow_mut());
+            let mut out = std::mem::take(&mut *slot.out.borrow_mut());
+            slot.confirm_into(&mut out);
             if out.is_empty() {
                 if stopped(hub) || broker.gone.get() {
                     return Ok::<(), LinkFail>(());
@@ -964,6 +998,7 @@ fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
         LinkFrame::Batch(b) => {
             slot.metrics.batches_in.inc();
             slot.metrics.bytes_in.add(b.packet.len() as u64);
+            slot.batch_received();
             match slot.seqs.borrow_mut().see(&b.scope, b.seq) {
                 SeqStep::InOrder => {}
                 SeqStep::Gap(n) => slot.metrics.seq_gaps.add(n),
@@ -982,6 +1017,7 @@ fn on_frame(hub: &Hub, slot: &Slot, f: LinkFrame) {
         | LinkFrame::Unsub { .. }
         | LinkFrame::Presence(_)
         | LinkFrame::Ack { .. }
+        | LinkFrame::Confirm { .. }
         | LinkFrame::Replay(_) => {}
         LinkFrame::Replayed(a) => hub.on_replayed(a),
     }

@@ -195,4 +195,6 @@ pub struct LinkMetrics {
     pub seq_gaps: Counter,
     /// A stream's seq went back (a restarted broker: a new epoch).
     pub seq_restarts: Counter,
+    /// CONFIRM frames sent (only to a broker in cluster mode).
+    pub confirms: Counter,
 }

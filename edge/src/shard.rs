@@ -651,7 +651,7 @@ fn write_owned(mut wr: WriteHalf, mut bufs: Vec<Bytes>) -> WriteFut {
             let (res, _) = wr.write_all(one).await;
             return (wr, res);
         }
-        let (res, _) = wr.write_vectored_all(net::sys::IoVecs::new(bufs)).await;
+        let res = net::sys::write_all_bufs(&mut wr, bufs).await;
         (wr, res)
     })
 }

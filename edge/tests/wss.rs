@@ -1,5 +1,7 @@
-//! WSS (issue 11): WebSocket over TLS on the same shards, with a client we did not write
-//! (Python `ssl` + `websockets`) and with our own (rustls client over a blocking socket).
+//! WSS (issue 11): WebSocket over TLS on the same shards, with clients we did not write
+//! (Python `ssl` + `websockets`, `openssl s_client`) and with our own (rustls client over a
+//! blocking socket), including the edge's own TLS 1.3 record layer past the handshake: records
+//! cut anywhere, key updates, a corrupted record, close_notify.
 //! Certificates are real (rcgen, self-signed); everything goes over loopback.
 
 mod common;
@@ -46,6 +48,11 @@ with connect(url, ssl=ctx, open_timeout=10, close_timeout=2) as ws:
     ver, op, seq, body = split(msg)[0]
     assert op == 3, op
     print("ONLINE", struct.unpack(">I", body)[0], flush=True)
+    # A 20 KB frame: Python's ssl cuts it into two records.
+    ws.send(packet(1, 2, b"x" * 20000))
+    ver, op, seq, body = split(ws.recv(timeout=10))[0]
+    assert op == 3, op
+    print("BIG HEARTBEAT", flush=True)
     print("READY", flush=True)
     for ver, op, seq, body in split(ws.recv(timeout=10)):
         assert ver == 3 and op == 5, (ver, op)
@@ -127,6 +134,7 @@ fn python_body(driver: Driver) {
         "{lines:?}"
     );
     assert!(lines.iter().any(|l| l == "ONLINE 1"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "BIG HEARTBEAT"), "{lines:?}");
     assert!(lines.iter().any(|l| l == "GOT DANMU_MSG 5 5"), "{lines:?}");
     let text = edge.metrics_text();
     assert!(metric_sum(&text, "barrage_edge_tls_handshakes_total") >= 1.0);
@@ -436,4 +444,298 @@ fn tls_over_raw_tcp_auth_and_heartbeat_uring() {
 #[test]
 fn tls_over_raw_tcp_auth_and_heartbeat_legacy() {
     with_driver(Driver::Legacy, tls_tcp_body);
+}
+
+impl WssClient {
+    /// Seals `frame` as one record per `per_record` bytes and writes the records to the socket
+    /// `per_write` bytes at a time (so records and WS frames straddle reads on the edge).
+    fn send_cut(&mut self, frame: &[u8], per_record: usize, per_write: usize) {
+        let mut wire = Vec::new();
+        for piece in frame.chunks(per_record) {
+            self.tls.conn.writer().write_all(piece).unwrap();
+            while self.tls.conn.wants_write() {
+                self.tls.conn.write_tls(&mut wire).unwrap();
+            }
+        }
+        for piece in wire.chunks(per_write) {
+            self.tls.sock.write_all(piece).unwrap();
+            self.tls.sock.flush().unwrap();
+        }
+    }
+
+    /// Seals `plain` into records, flips one ciphertext byte and writes them.
+    fn send_corrupted(&mut self, plain: &[u8]) {
+        self.tls.conn.writer().write_all(plain).unwrap();
+        let mut wire = Vec::new();
+        while self.tls.conn.wants_write() {
+            self.tls.conn.write_tls(&mut wire).unwrap();
+        }
+        wire[8] ^= 0x01;
+        self.tls.sock.write_all(&wire).unwrap();
+    }
+
+    /// Reads until the server closes; the rustls error the close came with (`None`: a clean
+    /// close_notify then EOF).
+    fn read_until_close(&mut self) -> Option<rustls::Error> {
+        let deadline = Instant::now() + WAIT;
+        let mut b = [0u8; 4096];
+        loop {
+            assert!(Instant::now() < deadline, "the server did not close");
+            match self.tls.read(&mut b) {
+                Ok(0) => return None,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    return e
+                        .into_inner()
+                        .and_then(|i| i.downcast::<rustls::Error>().ok())
+                        .map(|b| *b)
+                }
+            }
+        }
+    }
+}
+
+fn tls_failed(edge: &edge::Handle, reason: &str) -> f64 {
+    metric(
+        &edge.metrics_text(),
+        &format!("barrage_edge_tls_failed_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The compact TLS 1.3 record layer the edge runs after the handshake (net::record), against
+/// rustls' client: records cut anywhere, key updates both ways, large batches over several
+/// records, and every bad record closing only its own connection with the right alert.
+fn record_layer_body(driver: Driver) {
+    let dir = cert_dir(&format!("rec-{driver:?}"));
+    let broker = TestBroker::start(1);
+    let edge = edge::start(wss_config(driver, vec![broker.addr_string()], &dir)).unwrap();
+    broker.wait_links(2);
+    let wss = edge.wss_addr().unwrap();
+    let ca = dir.join(net::tls::SELF_SIGNED_CERT_FILE);
+
+    let mut a = WssClient::connect(wss, &ca);
+    assert_eq!(
+        a.tls.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    a.auth(61, 903);
+    broker.wait_seen("SUB", |s| s.iter().any(|x| matches!(x, Seen::Sub(..))));
+    // A heartbeat frame in 1-byte records, written 3 bytes at a time: every record and the WS
+    // frame straddle the edge's reads.
+    let hb = ws::encode_client_frame(Opcode::Binary, &proto::auth::heartbeat_request(), [9; 4]);
+    a.send_cut(&hb, 1, 3);
+    let r = a.recv();
+    assert_eq!(
+        proto::packet::parse_header(&r).unwrap().op,
+        proto::packet::op::HEARTBEAT_REPLY
+    );
+    // A large client frame (a 20 KB heartbeat body) spans two records.
+    let mut big = proto::auth::heartbeat_request().to_vec();
+    big.extend(std::iter::repeat_n(b'x', 20_000));
+    let len = big.len() as u32;
+    big[..4].copy_from_slice(&len.to_be_bytes());
+    let f = ws::encode_client_frame(Opcode::Binary, &big, [5; 4]);
+    a.send_cut(&f, 16 * 1024, 1000);
+    let r = a.recv();
+    assert_eq!(
+        proto::packet::parse_header(&r).unwrap().op,
+        proto::packet::op::HEARTBEAT_REPLY
+    );
+
+    // KeyUpdate (rustls asks for ours too): both directions change key and keep working,
+    // across a batch of several records.
+    a.tls.conn.refresh_traffic_keys().unwrap();
+    a.heartbeat();
+    broker.send(&big_plain_batch(903, 8, 50_000));
+    assert!(a.recv().len() >= 50_000);
+    a.tls.conn.refresh_traffic_keys().unwrap();
+    a.heartbeat();
+
+    // A corrupted record: bad_record_mac to that peer, the close, counted.
+    let mut b = WssClient::connect(wss, &ca);
+    b.auth(62, 903);
+    b.send_corrupted(&ws::encode_client_frame(
+        Opcode::Binary,
+        &proto::auth::heartbeat_request(),
+        [1; 4],
+    ));
+    let e = b.read_until_close();
+    assert_eq!(
+        e,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadRecordMac
+        )),
+        "{e:?}"
+    );
+    // A plaintext change_cipher_spec after the handshake: unexpected_message.
+    let mut c = WssClient::connect(wss, &ca);
+    c.auth(63, 903);
+    c.tls.sock.write_all(&[20, 3, 3, 0, 1, 1]).unwrap();
+    let e = c.read_until_close();
+    assert_eq!(
+        e,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnexpectedMessage
+        )),
+        "{e:?}"
+    );
+    // close_notify is answered with close_notify (a clean EOF for the client).
+    let mut d = WssClient::connect(wss, &ca);
+    d.auth(64, 903);
+    d.tls.conn.send_close_notify();
+    d.tls.flush().unwrap();
+    assert_eq!(d.read_until_close(), None);
+
+    eventually("record-layer failures counted", || {
+        tls_failed(&edge, "bad_record_mac") >= 1.0
+            && tls_failed(&edge, "unexpected_message") >= 1.0
+            && tls_failed(&edge, "peer_closed") >= 1.0
+    });
+    // The bad peers took nobody else with them.
+    a.heartbeat();
+    edge.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compact_record_layer_against_rustls_client_uring() {
+    with_driver(Driver::Uring, record_layer_body);
+}
+
+#[test]
+fn compact_record_layer_against_rustls_client_legacy() {
+    with_driver(Driver::Legacy, record_layer_body);
+}
+
+/// `openssl s_client` (OpenSSL, not rustls) over WSS: the upgrade, auth and heartbeats, with a
+/// KeyUpdate from OpenSSL that asks for ours (`K` at the start of a line, s_client's command)
+/// between them; the heartbeat after it is answered under the new keys.
+fn openssl_body(driver: Driver) {
+    let have = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("BARRAGE_REQUIRE_INTEROP").is_none(),
+            "BARRAGE_REQUIRE_INTEROP is set but openssl is not installed"
+        );
+        eprintln!("openssl unavailable; skipping");
+        return;
+    }
+    let dir = cert_dir(&format!("ossl-{driver:?}"));
+    let broker = TestBroker::start(1);
+    let edge = edge::start(wss_config(driver, vec![broker.addr_string()], &dir)).unwrap();
+    broker.wait_links(2);
+    let wss = edge.wss_addr().unwrap();
+    let ca = dir.join(net::tls::SELF_SIGNED_CERT_FILE);
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &wss.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args([
+            "-tls1_3",
+            "-alpn",
+            "http/1.1",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(&ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // The data goes to stdout, s_client's own notes ("KEYUPDATE") to stderr: one stream here.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let pipes: [Box<dyn Read + Send>; 2] = [
+        Box::new(child.stdout.take().unwrap()),
+        Box::new(child.stderr.take().unwrap()),
+    ];
+    for mut pipe in pipes {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut b) {
+                if n == 0 || tx.send(b[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut seen = Vec::new();
+    // Waits until `pat` shows up in s_client's output (after `from`); its end.
+    let wait_for = |pat: &[u8], from: usize, seen: &mut Vec<u8>| -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(at) = seen
+                .get(from..)
+                .and_then(|s| s.windows(pat.len()).position(|w| w == pat))
+            {
+                return from + at + pat.len();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(b) => seen.extend_from_slice(&b),
+                Err(_) => panic!(
+                    "openssl never printed {pat:?}: {}",
+                    String::from_utf8_lossy(seen)
+                ),
+            }
+        }
+    };
+    // Its handshake summary ends with the session details; then the data.
+    let at = wait_for(b"Verify return code: 0 (ok)", 0, &mut seen);
+    stdin.write_all(&ws_upgrade_request("/sub")).unwrap();
+    stdin.flush().unwrap();
+    let at = wait_for(b"HTTP/1.1 101", at, &mut seen);
+    let frame = |p: &[u8]| ws::encode_client_frame(Opcode::Binary, p, [3, 1, 4, 1]);
+    stdin
+        .write_all(&frame(&auth_packet(71, 904, 0, token(71, 904, 2))))
+        .unwrap();
+    stdin.flush().unwrap();
+    // op 8 (auth reply) in the server's frame.
+    let at = wait_for(&[0, 16, 0, 1, 0, 0, 0, 8], at, &mut seen);
+    let hb_reply = [0, 0, 0, 20, 0, 16, 0, 1, 0, 0, 0, 3];
+    stdin
+        .write_all(&frame(&proto::auth::heartbeat_request()))
+        .unwrap();
+    stdin.flush().unwrap();
+    let at = wait_for(&hb_reply, at, &mut seen);
+    // KeyUpdate with update_requested; s_client reads it as a command on its own line.
+    stdin.write_all(b"K\n").unwrap();
+    stdin.flush().unwrap();
+    wait_for(b"KEYUPDATE", at, &mut seen);
+    stdin
+        .write_all(&frame(&proto::auth::heartbeat_request()))
+        .unwrap();
+    stdin.flush().unwrap();
+    wait_for(&hb_reply, at, &mut seen);
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    edge.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn openssl_s_client_over_wss_with_a_key_update_uring() {
+    with_driver(Driver::Uring, openssl_body);
+}
+
+#[test]
+fn openssl_s_client_over_wss_with_a_key_update_legacy() {
+    with_driver(Driver::Legacy, openssl_body);
 }

@@ -51,6 +51,9 @@ pub enum Transport {
     Ws,
     /// Half TCP, half WebSocket (alternating).
     Mix,
+    /// Datagrams (docs/protocol-udp.md): cookie handshake, parts decoded alone, losses are
+    /// gaps (with `--udp-loss-pct` dropping received datagrams on purpose).
+    Udp,
 }
 
 /// How publishers reach the broker.
@@ -164,6 +167,10 @@ pub struct Common {
     /// i mod n) instead of always the first; for loading several edge processes.
     #[arg(long)]
     pub spread_edges: bool,
+    /// `--transport udp`: percent of received data datagrams dropped before decoding, to see
+    /// how low priority behaves on a lossy network (the loss shows as missing and gaps).
+    #[arg(long, default_value_t = 0.0)]
+    pub udp_loss_pct: f64,
     /// Decompress every batch on every connection instead of once per identical batch per thread.
     #[arg(long)]
     pub no_decode_cache: bool,

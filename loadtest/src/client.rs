@@ -23,6 +23,9 @@ pub const WS_HEAD_BYTES_MAX: usize = 8 * 1024;
 pub struct ControlUrl {
     /// `host:port`, the port defaulted to 80.
     authority: String,
+    /// `region=R` of the URL's query (`http://control/?region=b`), passed on to control's
+    /// token calls so the client is assigned that region's edges first (docs/operations-control.md).
+    region: Option<String>,
 }
 
 impl ControlUrl {
@@ -43,9 +46,29 @@ impl ControlUrl {
             return Err(bad("no host"));
         }
         let port = authority.port_u16().unwrap_or(80);
+        let region = uri.query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == "region")
+                .map(|(_, v)| v.to_string())
+                .filter(|v| {
+                    !v.is_empty()
+                        && v.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                })
+        });
         Ok(ControlUrl {
             authority: format!("{}:{port}", authority.host()),
+            region,
         })
+    }
+
+    /// `sep` + `region=R` when the URL named a region, else nothing: appended to token calls.
+    fn region_query(&self, sep: char) -> String {
+        self.region
+            .as_deref()
+            .map(|r| format!("{sep}region={r}"))
+            .unwrap_or_default()
     }
 
     /// `host:port`, ready for a connect.
@@ -198,7 +221,10 @@ pub async fn fetch(
     let control = ControlUrl::parse(control)?;
     let addr = control.authority();
     if danmu_info {
-        let path = format!("/xlive/web-room/v1/index/getDanmuInfo?id={room}&type=0");
+        let path = format!(
+            "/xlive/web-room/v1/index/getDanmuInfo?id={room}&type=0{}",
+            control.region_query('&')
+        );
         return parse_danmu_info(&call(addr, "GET", &path, &[], b"", timeout).await?);
     }
     let uid = if key.is_some() { uid } else { 0 };
@@ -208,15 +234,8 @@ pub async fn fetch(
     if let Some(b) = &bearer {
         headers.push(("authorization", b));
     }
-    let body = call(
-        addr,
-        "POST",
-        "/v1/connect",
-        &headers,
-        body.as_bytes(),
-        timeout,
-    )
-    .await?;
+    let path = format!("/v1/connect{}", control.region_query('?'));
+    let body = call(addr, "POST", &path, &headers, body.as_bytes(), timeout).await?;
     parse_connect(&body)
 }
 
@@ -407,6 +426,11 @@ mod tests {
         assert!(a("ftp://x").is_err());
         assert_eq!(host_port("http://127.0.0.1:8080/x"), "127.0.0.1:8080");
         assert_eq!(host_port("not a url"), "not a url");
+        let q = |u: &str| ControlUrl::parse(u).unwrap().region_query('?');
+        assert_eq!(q("http://127.0.0.1:8080/?region=b"), "?region=b");
+        assert_eq!(q("http://127.0.0.1:8080/?x=1&region=eu-1"), "?region=eu-1");
+        assert_eq!(q("http://127.0.0.1:8080/?region=a%20b"), "");
+        assert_eq!(q("http://127.0.0.1:8080/"), "");
     }
 
     #[test]

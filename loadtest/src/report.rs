@@ -95,6 +95,11 @@ pub struct Totals2 {
     pub gap_events: u64,
     pub foreign: u64,
     pub batches: u64,
+    /// UDP: data datagrams dropped on purpose (`--udp-loss-pct`) and ones that did not decode.
+    #[serde(default)]
+    pub udp_dropped: u64,
+    #[serde(default)]
+    pub udp_bad: u64,
     pub bytes_read: u64,
     pub bytes_per_delivery: f64,
     pub latency: LatencySummary,
@@ -161,6 +166,8 @@ impl Totals2 {
             gap_events: s.gap_events,
             foreign: s.foreign,
             batches: s.batches,
+            udp_dropped: s.udp_dropped,
+            udp_bad: s.udp_bad,
             bytes_read: s.bytes_read,
             bytes_per_delivery: if s.delivered > 0 {
                 s.bytes_read as f64 / s.delivered as f64
@@ -254,6 +261,13 @@ pub fn render(r: &Report) -> String {
         t.delivered, t.missing, t.duplicates, t.out_of_order, t.foreign, t.batches, t.bytes_per_delivery,
         t.latency.p50_ms, t.latency.p99_ms, t.latency.p999_ms, t.latency.max_ms
     );
+    if t.udp_dropped > 0 || t.udp_bad > 0 {
+        let _ = writeln!(
+            s,
+            "udp: {} data datagrams dropped on purpose, {} bad datagrams",
+            t.udp_dropped, t.udp_bad
+        );
+    }
     if !t.disconnects.is_empty() {
         let _ = writeln!(s, "disconnects: {:?}", t.disconnects);
     }

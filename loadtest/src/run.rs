@@ -609,7 +609,7 @@ pub fn run(
                     }
                     *l -= 1;
                     let ws = match common.transport {
-                        Transport::Tcp => false,
+                        Transport::Tcp | Transport::Udp => false,
                         Transport::Ws => true,
                         Transport::Mix => i % 2 == 1,
                     };
@@ -617,6 +617,7 @@ pub fn run(
                         room_idx: r as u32,
                         room: rooms[r],
                         ws,
+                        udp: common.transport == Transport::Udp,
                         source: sources[(i as usize) % sources.len()],
                         uid: 1_000_000 + common.seed * 10_000_000 + i,
                         edge_pick: i as u32,
@@ -658,6 +659,7 @@ pub fn run(
         decode_cache: !common.no_decode_cache,
         spread_edges: common.spread_edges,
         driver: common.driver,
+        udp_loss_pct: common.udp_loss_pct.clamp(0.0, 100.0),
     };
 
     let mut pids = common.pids.clone();

@@ -227,6 +227,12 @@ pub struct Stats {
     /// Outer (top-level) op-5 packets received.
     pub batches: u64,
     pub heartbeat_replies: u64,
+    /// UDP: data datagrams dropped on purpose (`--udp-loss-pct`).
+    #[serde(default)]
+    pub udp_dropped: u64,
+    /// UDP: datagrams from the edge that did not decode (counted, dropped).
+    #[serde(default)]
+    pub udp_bad: u64,
 }
 
 impl Stats {
@@ -258,6 +264,8 @@ impl Stats {
         self.bytes_read += o.bytes_read;
         self.batches += o.batches;
         self.heartbeat_replies += o.heartbeat_replies;
+        self.udp_dropped += o.udp_dropped;
+        self.udp_bad += o.udp_bad;
     }
 
     pub fn connect_failures_total(&self) -> u64 {

@@ -32,6 +32,8 @@ use crate::client::{self, Ticket};
 use crate::corpus::{find_lt, SplitMix64};
 use crate::stats::{SeqTracker, Stats};
 
+mod udp;
+
 /// Read buffer per connection. Batches are a few KB; the decoders keep any partial packet.
 const READ_BUF_BYTES: usize = 4096;
 /// Largest packet or WebSocket message accepted from the edge.
@@ -91,6 +93,9 @@ pub struct ViewerCfg {
     /// instead of the first: the way to load several edge processes from one ticket.
     pub spread_edges: bool,
     pub driver: net::runtime::Driver,
+    /// UDP viewers: percent of received data datagrams dropped on purpose.
+    #[serde(default)]
+    pub udp_loss_pct: f64,
 }
 
 /// One planned connection.
@@ -99,6 +104,9 @@ pub struct ConnSpec {
     pub room_idx: u32,
     pub room: u64,
     pub ws: bool,
+    /// Datagrams instead of a stream (`ws` is then false).
+    #[serde(default)]
+    pub udp: bool,
     pub source: IpAddr,
     pub uid: u64,
     /// Which of the ticket's edges to use when spreading (`spread_edges`).
@@ -792,6 +800,9 @@ fn conn_closed(ctx: &Ctx, idx: usize) {
 /// One held connection, start to end.
 async fn run_conn(ctx: Rc<Ctx>, idx: usize, spec: ConnSpec, hold_for: Option<Duration>) {
     ctx.attempted.set(ctx.attempted.get() + 1);
+    if spec.udp {
+        return udp::run(ctx, idx, spec, hold_for).await;
+    }
     match open(&ctx, &spec).await {
         Ok(o) => {
             if let Some(c) = ctx.conns.borrow_mut().get_mut(idx) {
@@ -885,7 +896,7 @@ async fn thread_main(
                             monoio::time::sleep(due - now).await;
                         }
                         let ws = match transport {
-                            Transport::Tcp => false,
+                            Transport::Tcp | Transport::Udp => false,
                             Transport::Ws => true,
                             Transport::Mix => i % 2 == 1,
                         };
@@ -893,6 +904,7 @@ async fn thread_main(
                             room_idx: 0,
                             room: *rng.pick(&rooms),
                             ws,
+                            udp: transport == Transport::Udp,
                             source: *rng.pick(&sources),
                             uid: rng.range(1, u64::from(u32::MAX)),
                             edge_pick: i as u32,

@@ -7,12 +7,16 @@
 //! cargo run --release -p net --example tls_cost -- idle none 5000        # baseline
 //! cargo run --release -p net --example tls_cost -- idle buffered 5000
 //! cargo run --release -p net --example tls_cost -- idle unbuffered 5000
+//! cargo run --release -p net --example tls_cost -- idle compact 5000
 //! cargo run --release -p net --example tls_cost -- encrypt 200000
 //! ```
 //!
 //! `idle MODE N`: N handshakes (TLS 1.3, the ring provider, net::tls::server_config), each
 //! followed by a WebSocket-upgrade-sized exchange (200 B in, 130 B out); the server side is
 //! kept (`buffered`, `unbuffered`) or dropped (`none`, the baseline: same work, nothing kept).
+//! `compact` is what the edge keeps on TLS 1.3: after the same exchange the keys are taken out
+//! (`dangerous_into_kernel_connection`), the rustls connection is dropped, and a
+//! `net::record` sealer and opener plus rustls' key-update state are kept.
 //! Prints the growth of the process's anonymous RSS per connection. Run each mode in its own
 //! process; the cost of a kept connection is MODE minus `none`.
 //!
@@ -20,10 +24,14 @@
 //! (default: rustls' order, which gives TLS13_AES_256_GCM_SHA384).
 //!
 //! `encrypt N`: one connection of each kind encrypts N records of a 400-byte batch into a
-//! reused buffer; prints ns per record, next to a 400-byte copy as the baseline.
+//! reused buffer; prints ns per record, next to a 400-byte copy as the baseline (`compact`:
+//! the `net::record` sealer the edge uses on TLS 1.3).
+use net::record::{Keys, Opener, Sealer};
 use net::tls::{self, CertStore};
 use rustls::client::{ClientConfig, ClientConnection};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
+use rustls::server::ServerConnectionData;
 use rustls::server::{ServerConnection, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::{ConnectionCommon, RootCertStore};
@@ -111,9 +119,30 @@ fn main() {
             let n: usize = n.parse().expect("N");
             encrypt(n, &server_cfg, new_client);
         }
-        _ => eprintln!("usage: tls_cost idle none|buffered|unbuffered N | encrypt N"),
+        _ => eprintln!("usage: tls_cost idle none|buffered|unbuffered|compact N | encrypt N"),
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What the edge keeps per TLS 1.3 connection past the handshake (edge/src/tls.rs `Compact`).
+#[allow(dead_code)] // kept for its memory, never read
+struct Compact {
+    tx: Sealer,
+    rx: Opener,
+    keys: KernelConnection<ServerConnectionData>,
+}
+
+fn compact(u: UnbufferedServerConnection) -> Compact {
+    let (secrets, keys) = u
+        .dangerous_into_kernel_connection()
+        .expect("secret extraction (net::tls enables it)");
+    let tx = Keys::from_rustls(&secrets.tx.1).expect("tx keys");
+    let rx = Keys::from_rustls(&secrets.rx.1).expect("rx keys");
+    Compact {
+        tx: Sealer::new(&tx, secrets.tx.0).expect("sealer"),
+        rx: Opener::new(rx, secrets.rx.0),
+        keys,
+    }
 }
 
 fn rss_anon_bytes() -> u64 {
@@ -143,6 +172,7 @@ fn idle(
     }
     let mut kept_b = Vec::with_capacity(n);
     let mut kept_u = Vec::with_capacity(n);
+    let mut kept_c: Vec<Box<Compact>> = Vec::with_capacity(n);
     let before = rss_anon_bytes();
     let live_before = live_bytes();
     let t = Instant::now();
@@ -153,6 +183,11 @@ fn idle(
                 let mut u = UnbufferedServerConnection::new(cfg.clone()).expect("server");
                 unbuffered_session(&mut u, &mut c);
                 kept_u.push(u);
+            }
+            "compact" => {
+                let mut u = UnbufferedServerConnection::new(cfg.clone()).expect("server");
+                unbuffered_session(&mut u, &mut c);
+                kept_c.push(Box::new(compact(u)));
             }
             _ => {
                 let mut s = ServerConnection::new(cfg.clone()).expect("server");
@@ -169,7 +204,10 @@ fn idle(
     println!(
         "idle {mode}: live heap {:.0} B per connection (the connection kept inline in a Vec: {} B of it)",
         live as f64 / n as f64,
-        if mode == "unbuffered" { std::mem::size_of::<UnbufferedServerConnection>() } else { 0 },
+        match mode {
+            "unbuffered" => std::mem::size_of::<UnbufferedServerConnection>(),
+            _ => 0,
+        },
     );
     println!(
         "idle {mode}: {n} connections, RssAnon {} -> {} KiB, {:.0} B per connection, {:.0} us per handshake (client + server)",
@@ -179,9 +217,13 @@ fn idle(
         took.as_secs_f64() * 1e6 / n as f64
     );
     println!(
-        "inline size: ServerConnection {} B, UnbufferedServerConnection {} B",
+        "inline size: ServerConnection {} B, UnbufferedServerConnection {} B, compact {} B (Sealer {} B, Opener {} B, KernelConnection {} B; boxed)",
         std::mem::size_of::<ServerConnection>(),
-        std::mem::size_of::<UnbufferedServerConnection>()
+        std::mem::size_of::<UnbufferedServerConnection>(),
+        std::mem::size_of::<Compact>(),
+        std::mem::size_of::<Sealer>(),
+        std::mem::size_of::<Opener>(),
+        std::mem::size_of::<KernelConnection<ServerConnectionData>>(),
     );
     if let Some(u) = kept_u.first() {
         println!(
@@ -194,7 +236,7 @@ fn idle(
             b.negotiated_cipher_suite().map(|c| c.suite())
         );
     }
-    black_box((&kept_b, &kept_u));
+    black_box((&kept_b, &kept_u, &kept_c));
 }
 
 /// Gives `bytes` (the other side's output) to a connection.
@@ -325,6 +367,19 @@ fn encrypt(n: usize, cfg: &Arc<rustls::ServerConfig>, new_client: impl Fn() -> C
     let mut c2 = new_client();
     let mut u = UnbufferedServerConnection::new(cfg.clone()).expect("server");
     unbuffered_session(&mut u, &mut c2);
+    let mut c3 = new_client();
+    let mut u3 = UnbufferedServerConnection::new(cfg.clone()).expect("server");
+    unbuffered_session(&mut u3, &mut c3);
+    let mut k = compact(u3);
+    // The client reads what the compact sealer wrote: the records are real TLS.
+    let mut probe = Vec::new();
+    k.tx.seal_all(&[&batch], &mut probe).expect("seal");
+    feed(&mut c3, &probe);
+    let mut back = [0u8; BATCH_BYTES];
+    c3.reader()
+        .read_exact(&mut back)
+        .expect("client reads a compact record");
+    assert_eq!(back, batch);
 
     let mut sink: Vec<u8> = Vec::with_capacity(RECORD_BUFFER_BYTES);
     let mut out = vec![0u8; RECORD_BUFFER_BYTES];
@@ -359,15 +414,25 @@ fn encrypt(n: usize, cfg: &Arc<rustls::ServerConfig>, new_client: impl Fn() -> C
             }
         }
         let unbuffered = t.elapsed().as_nanos() as f64 / n as f64;
+
+        let t = Instant::now();
+        for _ in 0..n {
+            sink.clear();
+            k.tx.seal_all(&[black_box(&batch)], &mut sink)
+                .expect("seal");
+            black_box(&sink);
+        }
+        let compact = t.elapsed().as_nanos() as f64 / n as f64;
         println!(
-            "round {round}: copy {copy:.0} ns, buffered {buffered:.0} ns, unbuffered {unbuffered:.0} ns per {BATCH_BYTES} B record ({} B on the wire)",
+            "round {round}: copy {copy:.0} ns, buffered {buffered:.0} ns, unbuffered {unbuffered:.0} ns, compact {compact:.0} ns per {BATCH_BYTES} B record ({} B on the wire)",
             sink.len()
         );
         results.push(("copy", copy));
         results.push(("buffered", buffered));
         results.push(("unbuffered", unbuffered));
+        results.push(("compact", compact));
     }
-    for name in ["copy", "buffered", "unbuffered"] {
+    for name in ["copy", "buffered", "unbuffered", "compact"] {
         let mut v: Vec<f64> = results
             .iter()
             .filter(|r| r.0 == name)

@@ -89,6 +89,9 @@ pub fn server_config(certs: Arc<dyn ResolvesServerCert>) -> Result<Arc<ServerCon
     // ticketer makes none; say so explicitly).
     c.session_storage = Arc::new(NoServerSessionStorage {});
     c.send_tls13_tickets = 0;
+    // The edge takes the TLS 1.3 traffic keys out after the handshake and drops the rustls
+    // connection (edge/src/tls.rs, net::record): an idle connection then keeps its keys only.
+    c.enable_secret_extraction = true;
     Ok(Arc::new(c))
 }
 

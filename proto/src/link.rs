@@ -53,6 +53,9 @@ pub mod caps {
     pub const HIGH_REACH: u32 = 4;
     /// Presence events.
     pub const PRESENCE: u32 = 8;
+    /// Batch confirmations (`Confirm`): in an edge's `Hello`, it can send them; in the broker's
+    /// reply, it wants them on this link (cluster mode: it acks JetStream only once they come).
+    pub const CONFIRM: u32 = 16;
 }
 
 /// What a SUB/UNSUB is about.
@@ -192,6 +195,13 @@ pub enum LinkFrame {
     Replay(replay::Request),
     /// Broker -> edge: the answer to a `Replay` ([`replay`]).
     Replayed(replay::Answer),
+    /// Edge -> broker, on a link whose broker asked for it ([`caps::CONFIRM`]): the edge has
+    /// received the first `through` BATCH frames the broker sent on this link (counted from 1 on
+    /// each connection). Cumulative, so one frame confirms any number of batches and a lost
+    /// or coalesced one costs nothing.
+    Confirm {
+        through: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -221,6 +231,7 @@ pub mod kind {
     pub const PONG: u8 = 9;
     pub const CHALLENGE: u8 = 10;
     pub const PROOF: u8 = 11;
+    pub const CONFIRM: u8 = 12;
     pub const REPLAY: u8 = 16;
     pub const REPLAYED: u8 = 17;
 }
@@ -293,6 +304,7 @@ pub fn encode(frame: &LinkFrame, out: &mut Vec<u8>) {
         LinkFrame::Ping { nonce } | LinkFrame::Pong { nonce } => {
             out.extend_from_slice(&nonce.to_be_bytes());
         }
+        LinkFrame::Confirm { through } => out.extend_from_slice(&through.to_be_bytes()),
         LinkFrame::Challenge { nonce } => out.extend_from_slice(nonce),
         LinkFrame::Proof { mac } => out.extend_from_slice(mac),
         LinkFrame::Replay(r) => replay::encode_request(r, out),
@@ -408,6 +420,7 @@ pub fn decode(buf: &Bytes, frame_bytes_max: u32) -> Result<(LinkFrame, usize), L
         },
         kind::PING => LinkFrame::Ping { nonce: r.u64()? },
         kind::PONG => LinkFrame::Pong { nonce: r.u64()? },
+        kind::CONFIRM => LinkFrame::Confirm { through: r.u64()? },
         kind::CHALLENGE => LinkFrame::Challenge { nonce: r.array()? },
         kind::PROOF => LinkFrame::Proof { mac: r.array()? },
         kind::REPLAY => LinkFrame::Replay(replay::decode_request(&mut r)?),
@@ -466,6 +479,7 @@ fn frame_kind(frame: &LinkFrame) -> u8 {
         LinkFrame::Proof { .. } => kind::PROOF,
         LinkFrame::Replay(_) => kind::REPLAY,
         LinkFrame::Replayed(_) => kind::REPLAYED,
+        LinkFrame::Confirm { .. } => kind::CONFIRM,
     }
 }
 

@@ -283,6 +283,24 @@ impl KeySet {
         self.keys.iter().map(|k| k.id).collect()
     }
 
+    /// One fingerprint per key, `(id, 16 hex digits)`, ascending by id: the first 8 bytes of
+    /// the key's HMAC over a fixed label. Two sets agree on a key exactly when id and
+    /// fingerprint agree, so controls of different regions can compare key sets (rotation
+    /// reached every region) without sending a secret; the MAC reveals nothing about it.
+    pub fn fingerprints(&self) -> Vec<(u32, String)> {
+        self.keys
+            .iter()
+            .map(|k| {
+                let tag = hmac::sign(&k.key, FINGERPRINT_LABEL);
+                let hex = tag.as_ref()[..8]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                (k.id, hex)
+            })
+            .collect()
+    }
+
     /// Signs claims with the newest key.
     ///
     /// Returns an empty string (which every `verify` refuses as `Malformed`) when the set is empty
@@ -333,6 +351,9 @@ impl KeySet {
         Ok(VerifiedToken { claims, key_id })
     }
 }
+
+/// What [`KeySet::fingerprints`] MACs.
+const FINGERPRINT_LABEL: &[u8] = b"barrage token key fingerprint v1";
 
 /// A decimal key id: ASCII digits only (no sign, no spaces), at most 10 digits, fits in u32.
 fn parse_key_id(text: &str) -> Option<u32> {
@@ -391,6 +412,20 @@ mod tests {
         ] {
             assert_eq!(parse_key_id(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn fingerprints_tell_keys_apart_by_id_and_secret() {
+        let a = KeySet::parse("1:first-secret-0123456789,2:second-secret-0123456789").unwrap();
+        let same = KeySet::parse("2:second-secret-0123456789,1:first-secret-0123456789").unwrap();
+        let other = KeySet::parse("1:first-secret-0123456789,2:another-secret-012345678").unwrap();
+        assert_eq!(a.fingerprints(), same.fingerprints());
+        let (fa, fo) = (a.fingerprints(), other.fingerprints());
+        assert_eq!(fa[0], fo[0]);
+        assert_eq!(fa[1].0, fo[1].0);
+        assert_ne!(fa[1].1, fo[1].1, "same id, another secret");
+        assert_eq!(fa[0].1.len(), 16);
+        assert!(!fa[0].1.contains("first"));
     }
 
     #[test]

@@ -143,6 +143,7 @@ fn any_frame() -> impl Strategy<Value = LinkFrame> {
         }),
         any::<u64>().prop_map(|nonce| LinkFrame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| LinkFrame::Pong { nonce }),
+        any::<u64>().prop_map(|through| LinkFrame::Confirm { through }),
         any::<[u8; 32]>().prop_map(|nonce| LinkFrame::Challenge { nonce }),
         any::<[u8; 32]>().prop_map(|mac| LinkFrame::Proof { mac }),
     ]
@@ -219,7 +220,7 @@ proptest! {
     }
 
     #[test]
-    fn link_random_payload_never_panics(k in 0u8..12, payload in proptest::collection::vec(any::<u8>(), 0..120)) {
+    fn link_random_payload_never_panics(k in 0u8..13, payload in proptest::collection::vec(any::<u8>(), 0..120)) {
         let mut bytes = ((payload.len() + 2) as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(&[LINK_VERSION, k]);
         bytes.extend_from_slice(&payload);
@@ -335,7 +336,7 @@ fn link_bad_version() {
 
 #[test]
 fn link_unknown_kind() {
-    for k in [0u8, 12, 200, 255] {
+    for k in [0u8, 13, 200, 255] {
         let mut bytes = enc(&LinkFrame::Ping { nonce: 1 });
         bytes[5] = k;
         assert_eq!(dec(&bytes), Err(LinkError::Kind), "kind {k}");

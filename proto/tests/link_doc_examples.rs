@@ -89,6 +89,7 @@ fn link_examples() -> Vec<(&'static str, LinkFrame)> {
         ("PONG", LinkFrame::Pong { nonce: 1 }),
         ("CHALLENGE", LinkFrame::Challenge { nonce: [0x11; 32] }),
         ("PROOF", LinkFrame::Proof { mac: [0x22; 32] }),
+        ("CONFIRM", LinkFrame::Confirm { through: 300 }),
     ]
 }
 
@@ -243,6 +244,8 @@ const LINK_HEX: &[&str] = &[
     "00 00 00 22 01 0a 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11 11",
     // PROOF
     "00 00 00 22 01 0b 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22 22",
+    // CONFIRM
+    "00 00 00 0a 01 0c 00 00 00 00 00 00 01 2c",
 ];
 const INGEST_HEX: &[&str] = &[
     // AUTH

@@ -52,6 +52,7 @@ fn fd_limit_serves_existing_refuses_new_and_keeps_links() {
         Env {
             netns: None,
             nofile: Some(FD_RESERVE + 20),
+            state_home: None,
         },
     )];
     let e = c.start_edge(0);
@@ -122,11 +123,33 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// What sends every viewer of edge 0 away at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    /// kill -9, then the edge is started again (its viewers may come back to it).
+    Crash,
+    /// `POST /admin/drain` (the edge closes its viewers at `drain_close_per_s` and refuses new
+    /// ones; control stops listing it at its next heartbeat), as a rolling restart does.
+    Drain,
+}
+
+/// `POST /admin/drain` on an edge of the cluster (its admin key is [`STRONG`]).
+fn drain(admin: SocketAddr) {
+    let req = format!(
+        "POST /admin/drain HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\
+         Authorization: Bearer {STRONG}\r\n\r\n"
+    );
+    let (head, _) = request_from([127, 0, 0, 1], admin, &req).expect("drain answered");
+    assert_eq!(status(&head), 200, "{head}");
+}
+
 /// Every viewer of an edge reconnecting at once: `n` viewers on two edges, edge 0 is killed
-/// with kill -9 and started again; its viewers reconnect through control (to either edge).
-/// Checks that all of them come back and that edge 1's viewers were never disturbed; reports
-/// the time from the kill to each viewer's next authenticated connection (p50/p99/max).
-fn mass_reconnect(n: usize) {
+/// with kill -9 and started again, or drained; its viewers reconnect through control (a
+/// drained edge is refused by itself and dropped by control, so they all go to edge 1).
+/// Checks that all of them come back, that edge 1's viewers were never disturbed and that
+/// control answers after the burst; reports the time from the trigger to each viewer's next
+/// authenticated connection (p50/p99/max).
+fn mass_reconnect(n: usize, trigger: Trigger) {
     let mut c = Cluster::start(Opts {
         edges: 2,
         // One client address for every viewer: control must take the burst from it.
@@ -151,9 +174,14 @@ fn mass_reconnect(n: usize) {
         .collect();
     let moving = on.iter().filter(|&&b| b).count();
     let t = Instant::now();
-    c.kill_edge(0);
-    let e = c.start_edge(0);
-    c.edges[0] = Some(e);
+    match trigger {
+        Trigger::Crash => {
+            c.kill_edge(0);
+            let e = c.start_edge(0);
+            c.edges[0] = Some(e);
+        }
+        Trigger::Drain => drain(c.edge_addrs(0).1),
+    }
     let deadline = Instant::now() + WAIT * 3;
     while vs.iter().zip(&on).any(|(v, &o)| o && v.conns() < 2) {
         assert!(
@@ -174,6 +202,11 @@ fn mass_reconnect(n: usize) {
         .zip(&on)
         .filter(|(v, &o)| !o && v.conns() == 1)
         .count();
+    let moved_to_other = vs
+        .iter()
+        .zip(&on)
+        .filter(|(v, &o)| o && v.log.lock().unwrap().edges.last() != Some(&doomed))
+        .count();
     let mut times: Vec<Duration> = vs
         .iter()
         .zip(&on)
@@ -185,8 +218,8 @@ fn mass_reconnect(n: usize) {
     stop_all(&mut vs);
     let stopped = t1.elapsed();
     println!(
-        "mass reconnect ({n} connected in {connected:?}, stopped in {stopped:?}): {moving} of {n} viewers on the killed edge, all back in {all:?}; \
-         time to reconnected p50 {:?}, p99 {:?}, max {:?}; {undisturbed} of {} on the other edge undisturbed",
+        "mass reconnect after {trigger:?} ({n} connected in {connected:?}, stopped in {stopped:?}): {moving} of {n} viewers on edge 0, all back in {all:?} \
+         ({moved_to_other} on the other edge); time to reconnected p50 {:?}, p99 {:?}, max {:?}; {undisturbed} of {} on the other edge undisturbed",
         pct(&times, 0.5),
         pct(&times, 0.99),
         pct(&times, 1.0),
@@ -198,12 +231,29 @@ fn mass_reconnect(n: usize) {
         "viewers of the other edge were cut"
     );
     assert!(moving > 0, "no viewer was on edge 0");
+    if trigger == Trigger::Drain {
+        assert_eq!(moved_to_other, moving, "a drained edge took viewers back");
+    }
 }
 
 /// 2,000 viewers (about half on the killed edge); a few seconds.
 #[test]
 fn mass_reconnect_after_an_edge_crash() {
-    mass_reconnect(2_000);
+    mass_reconnect(2_000, Trigger::Crash);
+}
+
+/// 2,000 viewers (about half on the drained edge), the drain as the trigger; a few seconds.
+#[test]
+fn mass_reconnect_after_a_drain() {
+    mass_reconnect(2_000, Trigger::Drain);
+}
+
+/// The drain with `BARRAGE_MASS_VIEWERS` (default 5,000) viewers:
+/// `BARRAGE_MASS_VIEWERS=5000 cargo test --test faults -- --ignored --nocapture mass_reconnect_drain_large`
+#[test]
+#[ignore = "thousands of viewer threads; run by hand"]
+fn mass_reconnect_drain_large() {
+    mass_reconnect(mass_viewers(), Trigger::Drain);
 }
 
 /// The same with `BARRAGE_MASS_VIEWERS` (default 5,000) viewers:
@@ -211,15 +261,18 @@ fn mass_reconnect_after_an_edge_crash() {
 #[test]
 #[ignore = "thousands of viewer threads; run by hand"]
 fn mass_reconnect_large() {
-    let n = std::env::var("BARRAGE_MASS_VIEWERS")
+    mass_reconnect(mass_viewers(), Trigger::Crash);
+}
+
+fn mass_viewers() -> usize {
+    std::env::var("BARRAGE_MASS_VIEWERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000);
-    mass_reconnect(n);
+        .unwrap_or(5_000)
 }
 
 /// fd count and RSS (kB) of a process, from /proc.
-fn fds_and_rss(pid: u32) -> (usize, u64) {
+pub fn fds_and_rss(pid: u32) -> (usize, u64) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0);

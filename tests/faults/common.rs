@@ -83,6 +83,15 @@ pub struct Env {
     pub netns: Option<String>,
     /// RLIMIT_NOFILE, soft and hard.
     pub nofile: Option<u64>,
+    /// The state directory's parent (`XDG_STATE_HOME`): the broker's default `data_dir` goes
+    /// under it. `None`: [`state_home`], one per test process, never the user's own.
+    pub state_home: Option<std::path::PathBuf>,
+}
+
+/// The default `XDG_STATE_HOME` of the roles this test process starts (under the temporary
+/// directory, so no test writes to the user's `~/.local/state`).
+pub fn state_home() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("barrage-faults-state-{}", std::process::id()))
 }
 
 /// Starts a role under `env` (see [`start`]).
@@ -93,6 +102,11 @@ pub fn start_in(role: &str, toml: &str, env: &Env) -> Started {
     cmd.args([role, "--config"])
         .arg(&config.0)
         .env("RUST_LOG", "warn")
+        .env(
+            "XDG_STATE_HOME",
+            env.state_home.clone().unwrap_or_else(state_home),
+        )
+        .env_remove("STATE_DIRECTORY")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

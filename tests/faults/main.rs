@@ -17,13 +17,17 @@
 //! - [`network`]: partitions and random loss in a network namespace (nftables), delay and
 //!   mid-batch resets through a proxy of ours ([`proxy`]).
 //! - [`capacity`]: an edge under a small fd limit, a mass reconnect, the soak.
+//! - [`memory`]: memory pressure through the bounded queues: slow viewers and a slow link.
+//! - [`datadir`]: the broker's default data directory: one per node and port, found again after kill -9.
 
 mod capacity;
 mod cluster;
 mod common;
 mod crash;
+mod datadir;
 mod http;
 mod link;
+mod memory;
 mod netns;
 mod network;
 #[path = "../common/ports.rs"]

@@ -124,6 +124,7 @@ impl Netns {
         Env {
             netns: Some(self.name.clone()),
             nofile: None,
+            state_home: None,
         }
     }
 

@@ -1,7 +1,10 @@
 //! A TCP proxy of our own between the edges and the broker's link port, for faults a kernel
 //! rule cannot make: a fixed delay each way (a delay line: bytes leave `delay` after they came
-//! in, throughput untouched), and a reset in the middle of a batch (half of a read from the
-//! broker is passed on, then both sides get an RST).
+//! in, throughput untouched), a reset in the middle of a batch (half of a read from the
+//! broker is passed on, then both sides get an RST), a stall (what the broker sends is read
+//! and dropped, so an edge receives nothing and confirms nothing while its own frames still
+//! pass; the cluster hand-off tests), closing every connection at once, and a slow link (the
+//! broker-to-edge direction read at a fixed byte rate through a small socket buffer).
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -11,6 +14,9 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Read size and socket receive buffer of a throttled connection.
+const THROTTLE_BUFFER_BYTES: usize = 4096;
 
 pub struct LinkProxy {
     pub addr: SocketAddr,
@@ -28,6 +34,25 @@ struct Shared {
     /// Connections accepted from edges.
     accepted: AtomicU64,
     delay_us: AtomicU64,
+    /// Broker-to-edge bytes per second (0: as fast as it comes).
+    rate_bytes_per_s: AtomicU64,
+    /// Drop everything the broker sends.
+    stalled: AtomicBool,
+    /// Both sockets of every connection accepted, for `close_all`.
+    live: std::sync::Mutex<Vec<TcpStream>>,
+}
+
+fn connect_upstream(upstream: SocketAddr, small_buffer: bool) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(upstream),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if small_buffer {
+        sock.set_recv_buffer_size(THROTTLE_BUFFER_BYTES)?;
+    }
+    sock.connect_timeout(&upstream.into(), Duration::from_secs(2))?;
+    Ok(sock.into())
 }
 
 impl LinkProxy {
@@ -46,14 +71,24 @@ impl LinkProxy {
                 match listener.accept() {
                     Ok((edge, _)) => {
                         s.accepted.fetch_add(1, Ordering::Relaxed);
-                        let Ok(broker) =
-                            TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
-                        else {
+                        // Throttled: a small receive buffer set before connecting (so the
+                        // window is small from the handshake on; shrinking it on a connected
+                        // socket makes the kernel drop segments it had already advertised room
+                        // for, and the sender backs off for seconds), so the kernel does not
+                        // absorb what a slow link would leave queued on the broker.
+                        let throttled = s.rate_bytes_per_s.load(Ordering::Relaxed) > 0;
+                        let Ok(broker) = connect_upstream(upstream, throttled) else {
                             continue;
                         };
                         let _ = edge.set_nonblocking(false);
                         let _ = edge.set_nodelay(true);
                         let _ = broker.set_nodelay(true);
+                        if let (Ok(e), Ok(b), Ok(mut live)) =
+                            (edge.try_clone(), broker.try_clone(), s.live.lock())
+                        {
+                            live.retain(|c| c.peer_addr().is_ok());
+                            live.extend([e, b]);
+                        }
                         splice(edge, broker, &s);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -76,8 +111,30 @@ impl LinkProxy {
         self.shared.resets_done.load(Ordering::Relaxed)
     }
 
+    /// Reads the broker's side at `bytes_per_s` (a slow link: the broker's link queue fills
+    /// behind it); 0 lifts it. Connections accepted while it is set get a small socket buffer.
+    pub fn throttle(&self, bytes_per_s: u64) {
+        self.shared
+            .rate_bytes_per_s
+            .store(bytes_per_s, Ordering::Relaxed);
+    }
+
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
+    }
+
+    /// While on, everything the broker sends is read and dropped (the edge's frames still pass).
+    pub fn stall(&self, on: bool) {
+        self.shared.stalled.store(on, Ordering::SeqCst);
+    }
+
+    /// Closes every connection now (the edges re-link through the proxy).
+    pub fn close_all(&self) {
+        if let Ok(mut live) = self.shared.live.lock() {
+            for c in live.drain(..) {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        }
     }
 }
 
@@ -114,6 +171,13 @@ fn pump(mut from: TcpStream, to: TcpStream, s: Arc<Shared>, cuts: bool) -> JoinH
     std::thread::spawn(move || {
         let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
         let mut buf = vec![0u8; 64 * 1024];
+        let rate_now = || match cuts {
+            true => s.rate_bytes_per_s.load(Ordering::Relaxed),
+            false => 0,
+        };
+        if rate_now() > 0 {
+            buf.truncate(THROTTLE_BUFFER_BYTES);
+        }
         loop {
             if s.stop.load(Ordering::Relaxed) {
                 break;
@@ -131,6 +195,9 @@ fn pump(mut from: TcpStream, to: TcpStream, s: Arc<Shared>, cuts: bool) -> JoinH
                 }
                 Err(_) => break,
             };
+            if cuts && s.stalled.load(Ordering::SeqCst) {
+                continue;
+            }
             let due = Instant::now() + Duration::from_micros(s.delay_us.load(Ordering::Relaxed));
             if cuts && s.resets_asked.load(Ordering::Relaxed) > resets_seen && n >= 2 {
                 // Half of this read goes out, the rest never does: the edge holds a partial
@@ -147,6 +214,9 @@ fn pump(mut from: TcpStream, to: TcpStream, s: Arc<Shared>, cuts: bool) -> JoinH
             }
             if tx.send((due, buf[..n].to_vec())).is_err() {
                 break;
+            }
+            if let Some(us) = (n as u64 * 1_000_000).checked_div(rate_now()) {
+                std::thread::sleep(Duration::from_micros(us));
             }
         }
         drop(tx);

@@ -223,6 +223,7 @@ fn link_frames(dir: &Path) {
         LinkFrame::Pong { nonce: 1 },
         LinkFrame::Challenge { nonce: [0x11; 32] },
         LinkFrame::Proof { mac: [0x22; 32] },
+        LinkFrame::Confirm { through: 300 },
     ];
     let mut all = Vec::new();
     for (i, f) in frames.iter().enumerate() {
@@ -253,6 +254,7 @@ fn name_of(f: &LinkFrame) -> &'static str {
         LinkFrame::Proof { .. } => "proof",
         LinkFrame::Replay(_) => "replay",
         LinkFrame::Replayed(_) => "replayed",
+        LinkFrame::Confirm { .. } => "confirm",
     }
 }
 
