@@ -31,8 +31,8 @@
 use crate::fanout::{Frames, Target};
 use crate::index::{EncodingSet, Lane, RoomIndex};
 use crate::metrics::{DropReason, ShardMetrics};
-use crate::queue::SendQueue;
 use crate::node::{Msg, Node, ShardIdx};
+use crate::queue::SendQueue;
 use crate::reach::ReachIndex;
 use crate::session::{Action, Authed, CloseReason, Ctx, Session, Transport};
 use crate::wheel::Wheel;

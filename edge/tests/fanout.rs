@@ -285,14 +285,21 @@ fn partial_writes_body(driver: Driver) {
         let Some(got) = paused.recv_exact(b.packet.len(), WAIT) else {
             panic!("batch {} not received\n{}", b.seq, edge.metrics_text());
         };
-        assert!(got == b.packet[..], "batch {} arrives whole and in order", b.seq);
+        assert!(
+            got == b.packet[..],
+            "batch {} arrives whole and in order",
+            b.seq
+        );
     }
     let m = edge.metrics_text();
     let (sends, writes) = (
         metric_sum(&m, "barrage_edge_sends_total"),
         metric_sum(&m, "barrage_edge_writes_total"),
     );
-    assert!(writes < sends, "batches coalesced into fewer writes: {writes} for {sends}");
+    assert!(
+        writes < sends,
+        "batches coalesced into fewer writes: {writes} for {sends}"
+    );
     edge.shutdown();
 }
 

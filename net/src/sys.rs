@@ -403,7 +403,13 @@ impl Poller {
         self.fd.try_clone()
     }
 
-    fn ctl(&self, op: libc::c_int, fd: std::os::fd::RawFd, key: u64, write: bool) -> std::io::Result<()> {
+    fn ctl(
+        &self,
+        op: libc::c_int,
+        fd: std::os::fd::RawFd,
+        key: u64,
+        write: bool,
+    ) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32
@@ -555,14 +561,25 @@ mod poller_tests {
         while p.wait(&mut out).unwrap() == 0 {
             assert!(std::time::Instant::now() < deadline);
         }
-        assert_eq!(out[0], Ready { key: 42, read: true, write: false });
+        assert_eq!(
+            out[0],
+            Ready {
+                key: 42,
+                read: true,
+                write: false
+            }
+        );
         let mut buf = [0u8; 16];
         assert_eq!(read(s.as_raw_fd(), &mut buf).unwrap(), 5);
         assert_eq!(&buf[..5], b"hello");
         let e = read(s.as_raw_fd(), &mut buf).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
         out.clear();
-        assert_eq!(p.wait(&mut out).unwrap(), 0, "level-triggered: drained is quiet");
+        assert_eq!(
+            p.wait(&mut out).unwrap(),
+            0,
+            "level-triggered: drained is quiet"
+        );
         p.modify(s.as_raw_fd(), 42, true).unwrap();
         assert_eq!(p.wait(&mut out).unwrap(), 1);
         assert!(out[0].write && !out[0].read);

@@ -185,7 +185,11 @@ fn on_writable(shard: &Shard, id: ConnId) {
     let total: usize = p.bufs.iter().map(Bytes::len).sum();
     match write_some(fd, &p.bufs, p.done) {
         Ok(n) if n == total => {
-            let res = shard.sockets.borrow().poller.modify(fd, id.to_bits(), false);
+            let res = shard
+                .sockets
+                .borrow()
+                .poller
+                .modify(fd, id.to_bits(), false);
             if res.is_err() {
                 return close(shard, id, CloseReason::Io);
             }
@@ -273,19 +277,16 @@ pub(crate) fn close_all(shard: &Shard, reason: CloseReason) {
 /// The readiness loop of one shard: waits for the epoll instance (through the runtime, so
 /// the shard's other tasks run meanwhile), then handles what is ready, until the node stops.
 pub(crate) async fn run(shard: Rc<Shard>) {
-    let waiter = match shard
-        .sockets
-        .borrow()
-        .poller
-        .try_clone_fd()
-        .and_then(|fd| monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)))
-    {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(shard = shard.id, error = %e, "cannot wait on the client poller");
-            return;
-        }
-    };
+    let waiter =
+        match shard.sockets.borrow().poller.try_clone_fd().and_then(|fd| {
+            monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(shard = shard.id, error = %e, "cannot wait on the client poller");
+                return;
+            }
+        };
     let mut ready: Vec<Ready> = Vec::with_capacity(net::sys::POLL_EVENTS_MAX);
     loop {
         // An epoll descriptor is readable while any registration is ready; monoio waits for
