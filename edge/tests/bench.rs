@@ -359,7 +359,10 @@ fn floor_sockets(
     std::thread::JoinHandle<()>,
 ) {
     let _ = net::sys::raise_nofile_limit();
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A backlog that holds every connect at once: with the default 128 a connect whose SYNs
+    // were dropped could time out and leave the accept loop below waiting forever.
+    let l = net::sys::listener("127.0.0.1:0".parse().unwrap(), false, 65_535).unwrap();
+    l.set_nonblocking(false).unwrap();
     let addr = l.local_addr().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
