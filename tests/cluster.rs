@@ -376,9 +376,11 @@ fn batches_of_a_link_that_ends_unconfirmed_are_delivered_again() {
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
-    // The NAK delay (ack_wait_ms) must outlast the edge's re-link: a redelivery that finds the
-    // room's interest not yet re-sent is "watched by nobody", acked, and lost to this edge.
-    let a = broker_with("b-unconf", nats_addr, &["cluster.ack_wait_ms=3000"]);
+    // The edge cannot re-link for longer than the NAK delay (ack_wait_ms, 1 s here), so the
+    // redeliveries find nobody watching the rooms: the broker gives them back again rather
+    // than acking them unsent while the rooms' last link ended less than link_dead_ms ago
+    // (broker/src/confirm.rs, Orphans). Without that, this test loses all 20.
+    let a = broker_with("b-unconf", nats_addr, &[]);
     let proxy = LinkProxy::start(a.link, Duration::ZERO);
     let control = control::start(control_config(KEYS_V1)).expect("control starts");
     let ec = edge_config("edge-unconf", KEYS_V1, proxy.addr, control.http_addr());
@@ -398,9 +400,13 @@ fn batches_of_a_link_that_ends_unconfirmed_are_delivered_again() {
             "barrage_broker_backbone_confirm_waiting",
         ) >= 20.0
     });
-    // The link ends unconfirmed; the edge re-links through the (no longer stalling) proxy.
+    // The link ends unconfirmed; the edge's re-links are refused for 2.5 s (the messages come
+    // back from JetStream meanwhile, watched by nobody), then it re-links through the proxy.
+    proxy.refuse(true);
     proxy.stall(false);
     proxy.close_all();
+    std::thread::sleep(Duration::from_millis(2500));
+    proxy.refuse(false);
     receive_all(&mut viewers, &sent, &mut got, &rooms);
     let page = get_text(a.http, "/metrics");
     assert!(

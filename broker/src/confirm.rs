@@ -195,6 +195,60 @@ impl<T> Confirms<T> {
     }
 }
 
+/// Rooms and areas whose watching link ended recently (cluster mode): a batch for one of them
+/// that finds nobody watching is given back to JetStream (a NAK with a delay) rather than
+/// acked, so an edge that is re-linking and has not re-sent its interest yet still gets it.
+/// Without this, a message redelivered because its link ended unconfirmed could arrive
+/// before the edge's interest and be acked unsent. An entry lasts `grace` (`link_dead_ms`:
+/// an edge that has not re-linked by then is gone), and at most [`Orphans::MAX`] are held
+/// (beyond that a scope is treated as before: nobody watching, acked).
+pub struct Orphans {
+    until: HashMap<proto::id::Scope, Instant>,
+    grace: std::time::Duration,
+}
+
+impl Orphans {
+    pub const MAX: usize = 65_536;
+
+    pub fn new(grace: std::time::Duration) -> Orphans {
+        Orphans {
+            until: HashMap::new(),
+            grace,
+        }
+    }
+
+    /// A link that watched `scopes` ended at `now`.
+    pub fn link_ended(&mut self, scopes: impl IntoIterator<Item = proto::id::Scope>, now: Instant) {
+        if self.until.len() >= Self::MAX {
+            self.until.retain(|_, t| *t > now);
+        }
+        let until = now + self.grace;
+        for scope in scopes {
+            if self.until.len() >= Self::MAX {
+                break;
+            }
+            self.until.insert(scope, until);
+        }
+    }
+
+    /// Whether a batch for `scope` that nobody watches at `now` should be given back.
+    pub fn holds(&mut self, scope: &proto::id::Scope, now: Instant) -> bool {
+        match self.until.get(scope) {
+            Some(&t) if t > now => true,
+            Some(_) => {
+                self.until.remove(scope);
+                false
+            }
+            None => false,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.until.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +359,42 @@ mod tests {
             prop_assert_eq!(all, (0..next).collect::<Vec<_>>());
             prop_assert_eq!(c.waiting(), 0);
         }
+    }
+
+    #[test]
+    fn an_orphaned_scope_is_held_for_its_grace_then_forgotten() {
+        use proto::id::{AreaId, RoomId, Scope};
+        let t0 = Instant::now();
+        let mut o = Orphans::new(std::time::Duration::from_secs(5));
+        o.link_ended([Scope::Room(RoomId(1)), Scope::Area(AreaId(2))], t0);
+        assert!(o.holds(
+            &Scope::Room(RoomId(1)),
+            t0 + std::time::Duration::from_secs(4)
+        ));
+        assert!(o.holds(&Scope::Area(AreaId(2)), t0));
+        assert!(!o.holds(&Scope::Room(RoomId(3)), t0));
+        assert!(!o.holds(
+            &Scope::Room(RoomId(1)),
+            t0 + std::time::Duration::from_secs(6)
+        ));
+        assert_eq!(o.len(), 1, "an expired entry is dropped when looked at");
+    }
+
+    #[test]
+    fn orphans_are_bounded() {
+        use proto::id::{RoomId, Scope};
+        let t0 = Instant::now();
+        let mut o = Orphans::new(std::time::Duration::from_secs(5));
+        o.link_ended(
+            (0..Orphans::MAX as u64 + 10).map(|r| Scope::Room(RoomId(r))),
+            t0,
+        );
+        assert_eq!(o.len(), Orphans::MAX);
+        // Once they expire, room is made again.
+        o.link_ended(
+            [Scope::Room(RoomId(u64::MAX))],
+            t0 + std::time::Duration::from_secs(6),
+        );
+        assert_eq!(o.len(), 1);
     }
 }

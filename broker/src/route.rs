@@ -127,6 +127,20 @@ impl Route {
         LinkUp { replaced }
     }
 
+    /// The rooms and areas the edge of `link` watches (with everything global), empty for an
+    /// unknown link or a high-priority one.
+    pub fn watched_through(&self, link: LinkId) -> Vec<Scope> {
+        match self.links.get(&link) {
+            Some(&(e, Priority::Low)) => {
+                let edge = &self.edges[e];
+                let rooms = edge.rooms.keys().map(|r| Scope::Room(*r));
+                let areas = edge.areas.keys().map(|a| Scope::Area(*a));
+                rooms.chain(areas).chain([Scope::Global]).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// A link is gone (closed, dead or cut). Unknown links are ignored.
     pub fn link_down(&mut self, link: LinkId) {
         let Some((e, priority)) = self.links.remove(&link) else {

@@ -64,6 +64,8 @@ pub(crate) struct State {
     handed: Vec<proto::id::MsgId>,
     /// The confirming links the last delivered batch was queued on (crate::confirm).
     handoff: crate::confirm::Handoff,
+    /// Scopes of links that ended lately (cluster mode; crate::confirm::Orphans).
+    orphans: Option<crate::confirm::Orphans>,
     /// `ONLINE_RANK_COUNT` pushes (`None`: off).
     announcer: Option<crate::online::Announcer>,
     /// Shard 0 with `route_by_presence`: user/device batches held for late enters.
@@ -113,6 +115,9 @@ impl State {
             acks: Default::default(),
             handed: Vec::new(),
             handoff: Default::default(),
+            orphans: shared.cluster.is_some().then(|| {
+                crate::confirm::Orphans::new(std::time::Duration::from_millis(c.link_dead_ms))
+            }),
             announcer: crate::online::Announcer::new(
                 c.count_push_ms,
                 if c.count_push_all_rooms {
@@ -143,6 +148,10 @@ impl State {
         let Some(conn) = self.links.remove(&id) else {
             return;
         };
+        if let Some(orphans) = self.orphans.as_mut() {
+            // Its rooms stay "watched, re-linking" for a while (crate::confirm::Orphans).
+            orphans.link_ended(self.route.watched_through(id), Instant::now());
+        }
         self.route.link_down(id);
         if let Some(c) = self.shared.cluster.as_ref() {
             // What it had not confirmed goes back to JetStream (crate::confirm).
@@ -241,7 +250,16 @@ impl State {
         };
         self.handed.clear();
         self.handed.extend_from_slice(&f.msg_ids);
+        let scope = f.scope.clone();
         self.deliver(f, now);
+        if self.handoff.links.is_empty() && !self.handed.is_empty() {
+            if let Some(orphans) = self.orphans.as_mut() {
+                if orphans.holds(&scope, now) {
+                    // Nobody watches it now, but an edge that did is re-linking: give it back.
+                    self.handoff.lost = true;
+                }
+            }
+        }
         if let Some(c) = shared.cluster.as_ref() {
             self.acks.handed(c, &self.handed, &self.handoff, now);
         }

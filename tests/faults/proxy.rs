@@ -38,6 +38,8 @@ struct Shared {
     rate_bytes_per_s: AtomicU64,
     /// Drop everything the broker sends.
     stalled: AtomicBool,
+    /// Close every new connection at once (an edge cannot re-link).
+    refusing: AtomicBool,
     /// Both sockets of every connection accepted, for `close_all`.
     live: std::sync::Mutex<Vec<TcpStream>>,
 }
@@ -71,6 +73,10 @@ impl LinkProxy {
                 match listener.accept() {
                     Ok((edge, _)) => {
                         s.accepted.fetch_add(1, Ordering::Relaxed);
+                        if s.refusing.load(Ordering::SeqCst) {
+                            drop(edge);
+                            continue;
+                        }
                         // Throttled: a small receive buffer set before connecting (so the
                         // window is small from the handshake on; shrinking it on a connected
                         // socket makes the kernel drop segments it had already advertised room
@@ -126,6 +132,12 @@ impl LinkProxy {
     /// While on, everything the broker sends is read and dropped (the edge's frames still pass).
     pub fn stall(&self, on: bool) {
         self.shared.stalled.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, a new connection is closed as soon as it is accepted (the edge's re-links
+    /// fail and back off).
+    pub fn refuse(&self, on: bool) {
+        self.shared.refusing.store(on, Ordering::SeqCst);
     }
 
     /// Closes every connection now (the edges re-link through the proxy).
