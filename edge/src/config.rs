@@ -97,9 +97,10 @@ pub struct Config {
     pub pending_handshakes_max: usize,
     /// Distinct rooms per shard; an auth into a new room past this is refused.
     pub rooms_max: usize,
-    /// Read buffer for an authenticated connection (clients only send tiny packets upstream).
+    /// Read buffer for an authenticated TLS connection (clients only send tiny packets
+    /// upstream). Plain TCP and WebSocket connections share the shard's one read buffer.
     pub read_buffer_bytes: usize,
-    /// Read buffer while the WebSocket handshake and auth are read.
+    /// Read buffer of a TLS connection while the handshakes and auth are read.
     pub handshake_read_buffer_bytes: usize,
     /// Timer wheel resolution.
     pub timer_tick_ms: u64,

@@ -32,6 +32,7 @@ use crate::fanout::{Frames, Target};
 use crate::index::{EncodingSet, Lane, RoomIndex};
 use crate::metrics::{DropReason, ShardMetrics};
 use crate::node::{Msg, Node, ShardIdx};
+use crate::queue::SendQueue;
 use crate::reach::ReachIndex;
 use crate::session::{Action, Authed, CloseReason, Ctx, Session, Transport};
 use crate::wheel::Wheel;
@@ -89,6 +90,19 @@ impl ConnId {
         self.gen
     }
 
+    /// Key and generation in one word (an epoll registration's key).
+    pub fn to_bits(self) -> u64 {
+        u64::from(self.gen) << 32 | u64::from(self.key)
+    }
+
+    /// The id [`ConnId::to_bits`] made (a stale one is harmless: every input checks it).
+    pub fn from_bits(bits: u64) -> ConnId {
+        ConnId {
+            key: bits as u32,
+            gen: (bits >> 32) as u32,
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn for_test(key: u32, gen: u32) -> ConnId {
         ConnId { key, gen }
@@ -142,7 +156,7 @@ struct Conn {
     /// `Option<Millis>`: that doubles the field in every slab entry.
     stuck_since_ms: u64,
     session: Session,
-    queue: VecDeque<Bytes>,
+    queue: SendQueue,
     /// High-priority batches at the front of `queue`: a new one goes after them and ahead of
     /// every queued low-priority batch (issue 9, priority isolation). Each queued buffer is a
     /// whole packet (or WS frame) never partly written, so reordering them is safe; the two
@@ -357,7 +371,7 @@ impl ShardCore {
             last_seen: self.ms(now),
             stuck_since_ms: 0,
             session: Session::new(transport, &self.node.limits),
-            queue: VecDeque::new(),
+            queue: SendQueue::Empty,
             high_front: 0,
         };
         let id = ConnId {
@@ -381,9 +395,12 @@ impl ShardCore {
             now + Duration::from_millis(cfg.auth_ms_max),
             now + Duration::from_millis(cfg.handshake_ms_max),
         );
-        self.arm(id, TimerKind::Auth, auth_at);
-        if transport == Transport::Ws {
+        // One timer per connection, re-armed as the next kind when it fires (handshake, then
+        // auth, then heartbeat): a mass connect holds one wheel entry per connection, not three.
+        if transport == Transport::Ws && hs_at < auth_at {
             self.arm(id, TimerKind::Handshake, hs_at);
+        } else {
+            self.arm(id, TimerKind::Auth, auth_at);
         }
         id
     }
@@ -798,11 +815,15 @@ impl ShardCore {
         if a.sync {
             self.begin_resume(id, a.room, a.encoding, a.resume, now);
         }
-        self.arm(
-            id,
-            TimerKind::Heartbeat,
-            now + Duration::from_millis(self.node.config.heartbeat_timeout_ms),
-        );
+        // Normally no heartbeat timer here: the connection's auth timer becomes it when it
+        // fires (`fire`), so an authenticated connection holds one wheel entry.
+        if heartbeat_before_auth(&self.node.config) {
+            self.arm(
+                id,
+                TimerKind::Heartbeat,
+                now + Duration::from_millis(self.node.config.heartbeat_timeout_ms),
+            );
+        }
     }
 
     // ---- UDP ----
@@ -1143,7 +1164,9 @@ impl ShardCore {
         let now_ms = self.ms(now);
         let mut fired = Vec::new();
         self.wheel.advance(now, &mut fired);
-        for t in fired {
+        let mut i = 0;
+        while let Some(&t) = fired.get(i) {
+            i += 1;
             let Some(c) = self.get(t.id) else { continue };
             match self.fire(t.kind, c, now_ms) {
                 Fire::Close(reason) => self.close_conn(t.id, reason, now),
@@ -1154,6 +1177,9 @@ impl ShardCore {
                     self.mark_ready(t.id);
                 }
                 Fire::Rearm(at) => self.wheel.insert(self.at(at.0), t),
+                // Already due (time jumped past it): it fires in this same call.
+                Fire::Then(kind, at) if at <= now_ms => fired.push(Timer { id: t.id, kind }),
+                Fire::Then(kind, at) => self.wheel.insert(self.at(at.0), Timer { id: t.id, kind }),
                 Fire::Nothing => {}
             }
         }
@@ -1206,9 +1232,20 @@ impl ShardCore {
             } else {
                 CloseReason::AuthTimeout
             }),
+            // The chain of a connection's one timer: handshake, then auth, then heartbeat
+            // (unless `seat` armed the heartbeat itself: see `heartbeat_before_auth`).
+            TimerKind::Auth if heartbeat_before_auth(cfg) => Fire::Nothing,
+            TimerKind::Auth => Fire::Then(
+                TimerKind::Heartbeat,
+                Millis(c.last_seen.0.saturating_add(cfg.heartbeat_timeout_ms)),
+            ),
             TimerKind::Handshake if c.session.is_handshaking() => {
                 Fire::Close(CloseReason::HandshakeTimeout)
             }
+            TimerKind::Handshake => Fire::Then(
+                TimerKind::Auth,
+                Millis(now.0 + cfg.auth_ms_max.saturating_sub(cfg.handshake_ms_max)),
+            ),
             TimerKind::Heartbeat => {
                 let due = Millis(c.last_seen.0.saturating_add(cfg.heartbeat_timeout_ms));
                 if now >= due {
@@ -1344,10 +1381,18 @@ impl ShardCore {
     }
 }
 
+/// A heartbeat timeout shorter than the auth deadline (tests and simulations) would be late
+/// if the auth timer became the heartbeat timer: then each gets its own.
+fn heartbeat_before_auth(cfg: &crate::config::Config) -> bool {
+    cfg.heartbeat_timeout_ms < cfg.auth_ms_max
+}
+
 enum Fire {
     Close(CloseReason),
     Force,
     Rearm(Millis),
+    /// The timer becomes the connection's next one (one wheel entry per connection).
+    Then(TimerKind, Millis),
     Nothing,
 }
 

@@ -18,8 +18,11 @@
 //! - [`interest`]: node-wide "which shards want room R / area A", owned by the link shard.
 //! - [`fanout`]: which members of a shard get a batch (a pure function of the indexes) and
 //!   the shared bytes per transport (one WS frame per shard).
-//! - `shard`: the monoio shell per core around one `ShardCore`: listeners, connection tasks,
-//!   rings, the clock.
+//! - [`queue`]: one connection's send queue (zero or one buffer inline, a backlog allocated
+//!   only while it lasts).
+//! - `shard`: the monoio shell per core around one `ShardCore`: listeners, rings, the clock;
+//!   plain sockets driven by readiness (`shard::sockets`, no task per connection), a task per
+//!   TLS connection.
 //! - [`acks`]: high-reach op 1000 ACKs: who opted in, the per-connection rate, resends only
 //!   to those (sans-io).
 //! - [`link`]: broker link client (HELLO, PING, reconnect with backoff, SUB/UNSUB/COUNTS); its
@@ -43,6 +46,7 @@ pub mod link;
 pub mod metrics;
 pub mod node;
 pub mod presence;
+pub mod queue;
 pub mod reach;
 pub mod resume;
 pub mod session;
@@ -367,8 +371,10 @@ pub fn start(config: Config) -> Result<Handle, EdgeError> {
         let node = node2.clone();
         async move {
             let Some(p) = p else { return };
-            let s = shard::Shard::new(i, node, p.tx, p.rx);
-            shard::run(s, p.tcp, p.ws, p.wss, p.tls_tcp, p.udp).await;
+            match shard::Shard::new(i, node, p.tx, p.rx) {
+                Ok(s) => shard::run(s, p.tcp, p.ws, p.wss, p.tls_tcp, p.udp).await,
+                Err(e) => tracing::error!(shard = i, error = %e, "cannot start the shard"),
+            }
         }
     })?;
 

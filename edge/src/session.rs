@@ -297,7 +297,9 @@ enum State {
     Closed,
 }
 
-/// WebSocket-only state, boxed so a TCP session does not pay for it.
+/// WebSocket-only state, boxed so a TCP session does not pay for it, and held only while
+/// there is something in it (the upgrade head, part of a frame or of a message): an idle WS
+/// connection, between heartbeats, holds none (the idle-memory target of issue 14).
 #[derive(Debug)]
 struct WsState {
     /// Raw bytes not yet decoded into frames (the upgrade head while handshaking).
@@ -311,6 +313,9 @@ pub struct Session {
     state: State,
     /// A UDP session (in the padding after `state`: TCP sessions pay nothing for it).
     udp: bool,
+    /// A WebSocket session (also in the padding: the flag outlives `ws`, which is dropped
+    /// whenever it is empty).
+    websocket: bool,
     packets: StreamDecoder,
     ws: Option<Box<WsState>>,
 }
@@ -321,12 +326,14 @@ impl Session {
             Transport::Tcp | Transport::Udp => Session {
                 state: State::AwaitAuth,
                 udp: transport == Transport::Udp,
+                websocket: false,
                 packets: StreamDecoder::new(limits.frame_bytes_max),
                 ws: None,
             },
             Transport::Ws => Session {
                 state: State::Handshake,
                 udp: false,
+                websocket: true,
                 packets: StreamDecoder::new(limits.frame_bytes_max),
                 ws: Some(Box::new(WsState {
                     raw: Vec::new(),
@@ -337,7 +344,7 @@ impl Session {
     }
 
     pub fn transport(&self) -> Transport {
-        if self.ws.is_some() {
+        if self.websocket {
             Transport::Ws
         } else if self.udp {
             Transport::Udp
@@ -361,9 +368,9 @@ impl Session {
     /// Frames one complete client packet for this transport: as is on TCP, one binary
     /// message on WS (so an op 3 reply is always its own message).
     pub fn frame(&self, packet: &[u8]) -> Vec<u8> {
-        match self.ws {
-            None => packet.to_vec(),
-            Some(_) => ws::server_frame(Opcode::Binary, packet),
+        match self.websocket {
+            false => packet.to_vec(),
+            true => ws::server_frame(Opcode::Binary, packet),
         }
     }
 
@@ -372,11 +379,11 @@ impl Session {
     pub fn close(&mut self, reason: CloseReason) -> Vec<u8> {
         let was = self.state;
         self.state = State::Closed;
-        match (&self.ws, was) {
+        match (self.websocket, was) {
             (_, State::Closed) => Vec::new(),
-            (Some(_), State::Handshake) => ws::http_error_response(408, "Request Timeout"),
-            (Some(_), _) => ws::close_frame(reason.ws_code(), reason.label()),
-            (None, _) => Vec::new(),
+            (true, State::Handshake) => ws::http_error_response(408, "Request Timeout"),
+            (true, _) => ws::close_frame(reason.ws_code(), reason.label()),
+            (false, _) => Vec::new(),
         }
     }
 
@@ -394,24 +401,32 @@ impl Session {
         if self.state == State::Closed {
             return;
         }
-        if self.ws.is_none() {
+        if !self.websocket {
             self.packets.feed(input);
             self.drain_packets(ctx, out);
             self.release_idle(ctx);
             return;
         }
-        if let Some(w) = self.ws.as_mut() {
-            w.raw.extend_from_slice(input);
-        }
+        self.ws
+            .get_or_insert_with(|| {
+                Box::new(WsState {
+                    raw: Vec::new(),
+                    frames: FrameDecoder::new(ctx.limits.ws_message_bytes_max),
+                })
+            })
+            .raw
+            .extend_from_slice(input);
         if self.state == State::Handshake && !self.handshake(ctx, out) {
             return;
         }
         self.drain_frames(ctx, out);
-        // An idle WS connection keeps no raw buffer.
-        if let Some(w) = self.ws.as_mut() {
-            if w.raw.is_empty() && w.raw.capacity() > 0 {
-                w.raw = Vec::new();
-            }
+        // An idle WS connection keeps no WS state at all (it comes back with the next bytes).
+        if self
+            .ws
+            .as_ref()
+            .is_some_and(|w| w.raw.is_empty() && w.frames.is_between_messages())
+        {
+            self.ws = None;
         }
         self.release_idle(ctx);
     }
@@ -431,7 +446,7 @@ impl Session {
         mut bytes: Vec<u8>,
         out: &mut Vec<Action>,
     ) {
-        if self.ws.is_some() && self.state != State::Handshake {
+        if self.websocket && self.state != State::Handshake {
             bytes.extend_from_slice(&ws::close_frame(reason.ws_code(), reason.label()));
         }
         self.state = State::Closed;
@@ -824,6 +839,46 @@ mod tests {
             &k,
         );
         assert_eq!(closed_with(&a), Some((CloseReason::PeerClosed, None)));
+    }
+
+    /// An idle WS session holds no WS state; a frame split across reads, and a message split
+    /// across frames, keep it until they are whole, and decode as if it had stayed.
+    #[test]
+    fn idle_ws_session_holds_no_ws_state() {
+        let k = keys();
+        let mut s = Session::new(Transport::Ws, &Limits::default());
+        assert!(s.ws.is_some(), "handshaking");
+        let mut input = ws_upgrade("/sub");
+        input.extend(ws::encode_client_frame(
+            Opcode::Binary,
+            &auth_pkt(7, 42, token(&k, 7, 42, 2_000), 0),
+            [1, 2, 3, 4],
+        ));
+        let a = run(&mut s, &input, &k);
+        assert!(matches!(&a[1], Action::Authed(_)), "{a:?}");
+        assert!(s.ws.is_none(), "idle after auth");
+        assert_eq!(s.heap_bytes(), 0);
+        assert_eq!(s.transport(), Transport::Ws, "still a WS session");
+        let hb = ws::encode_client_frame(Opcode::Binary, &auth::heartbeat_request(), [5, 6, 7, 8]);
+        assert!(run(&mut s, &hb[..3], &k).is_empty());
+        assert!(s.ws.is_some(), "part of a frame");
+        assert_eq!(run(&mut s, &hb[3..], &k), vec![Action::Heartbeat]);
+        assert!(s.ws.is_none());
+        let req = auth::heartbeat_request();
+        let (a, b) = req.split_at(5);
+        let first = ws::encode_client_fragment(Opcode::Binary, false, a, [1, 1, 1, 1]);
+        let last = ws::encode_client_fragment(Opcode::Continuation, true, b, [2, 2, 2, 2]);
+        assert!(run(&mut s, &first, &k).is_empty());
+        assert!(s.ws.is_some(), "part of a message");
+        assert_eq!(run(&mut s, &last, &k), vec![Action::Heartbeat]);
+        assert!(s.ws.is_none());
+        assert_eq!(
+            s.close(CloseReason::HeartbeatTimeout),
+            ws::close_frame(
+                CloseReason::HeartbeatTimeout.ws_code(),
+                CloseReason::HeartbeatTimeout.label()
+            )
+        );
     }
 
     #[test]

@@ -2,10 +2,16 @@
 //! clock, and moves bytes and events between them and the sans-io [`ShardCore`], which makes
 //! every decision.
 //!
-//! Per connection there is one task. It reads into a small buffer and hands the bytes to the
-//! core; when the core has bytes for the connection ([`ShardCore::poll_transmit`]) the shell
-//! wakes the task, which takes all of them at once and drives the one write in flight (a
-//! boxed future that owns the write half, so an idle connection holds no writer).
+//! Plain client sockets (TCP and WebSocket) have no task of their own: [`sockets`] drives
+//! them all by readiness (one epoll instance per shard, one read buffer), and writes what the
+//! core has for a connection ([`ShardCore::poll_transmit`]) at once, in one `writev`, from
+//! [`Shard::pump`]. So an idle connection holds its slab entry, its index entries and a
+//! socket slot, nothing else (docs/operations-edge.md, "Idle memory").
+//!
+//! A TLS connection (WSS, TLS over TCP) has one task. It reads into a small buffer and hands
+//! the plaintext to the core; when the core has bytes for it the shell wakes the task, which
+//! takes all of them at once and drives the one write in flight (a boxed future that owns the
+//! write half, so an idle connection holds no writer).
 //!
 //! Invariants:
 //! - Only this shard's thread touches its core, rings and task table (`Rc`/`RefCell`, no
@@ -35,6 +41,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 pub(crate) use crate::node::{Msg, Node};
+
+mod sockets;
 
 /// The inbox re-checks node flags at least this often even without a notify.
 const INBOX_POLL_MS: u64 = 100;
@@ -88,6 +96,8 @@ pub(crate) struct Shard {
     refusing: Cell<usize>,
     /// The UDP sender task, parked until the core has datagrams.
     udp_sender: RefCell<Option<Waker>>,
+    /// The plain (TCP and WebSocket) client sockets, driven by readiness.
+    sockets: RefCell<sockets::Sockets>,
 }
 
 type ReadHalf = OwnedReadHalf<TcpStream>;
@@ -108,9 +118,10 @@ impl Shard {
         node: Arc<Node>,
         tx: Vec<Option<rtrb::Producer<Msg>>>,
         rx: Vec<rtrb::Consumer<Msg>>,
-    ) -> Rc<Shard> {
+    ) -> std::io::Result<Rc<Shard>> {
         let hub = (id == 0).then(|| Rc::new(Hub::new(node.clone(), id)));
-        Rc::new(Shard {
+        let sockets = RefCell::new(sockets::Sockets::new()?);
+        Ok(Rc::new(Shard {
             id,
             core: RefCell::new(ShardCore::new(id, node.clone(), Instant::now())),
             hub,
@@ -121,8 +132,9 @@ impl Shard {
             accept_wakers: RefCell::new(Vec::new()),
             refusing: Cell::new(0),
             udp_sender: RefCell::new(None),
+            sockets,
             node,
-        })
+        }))
     }
 
     fn cfg(&self) -> &crate::config::Config {
@@ -136,7 +148,10 @@ impl Shard {
             loop {
                 let id = self.core.borrow_mut().poll_transmit();
                 let Some(id) = id else { break };
-                if let Some(Some(w)) = self.tasks.borrow().get(id.key()) {
+                let plain = self.sockets.borrow().owns(id);
+                if plain {
+                    sockets::flush(self, id);
+                } else if let Some(Some(w)) = self.tasks.borrow().get(id.key()) {
                     w.wake_by_ref();
                 }
             }
@@ -383,6 +398,7 @@ pub(crate) async fn run(
         }
     }
     monoio::spawn(tick_loop(shard.clone()));
+    monoio::spawn(sockets::run(shard.clone()));
     if let Some(h) = &shard.hub {
         h.start();
     }
@@ -412,6 +428,7 @@ pub(crate) async fn run(
     while !shard.core.borrow().is_empty() && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
+    sockets::close_all(&shard, CloseReason::Shutdown);
     if let Some(h) = &shard.hub {
         h.stop();
     }
@@ -507,6 +524,11 @@ async fn accept_loop(
         match admitted {
             Ok(id) => {
                 let _ = stream.set_nodelay(true);
+                if !tls {
+                    sockets::adopt(&shard, id, net::sys::into_std(stream));
+                    shard.pump();
+                    continue;
+                }
                 let conn_tls = match tls_conn(&shard, tls, transport) {
                     Ok(t) => t,
                     Err(()) => {

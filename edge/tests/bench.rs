@@ -4,7 +4,9 @@
 //! CARGO_TARGET_DIR=... cargo test --release -p edge --test bench -- --ignored --nocapture --test-threads=1 bench_
 //! ```
 //! - `bench_idle_memory_*`: RSS delta of the edge process per idle authenticated connection at
-//!   `BENCH_IDLE_CONNS` (default 19,000) connections. The viewers run in a child process (this
+//!   `BENCH_IDLE_CONNS` (default 19,000) connections, TCP (or WebSocket with `BENCH_IDLE_WS=1`),
+//!   every connection a different logged-in user and device (the user/device index's worst
+//!   case). The viewers run in a child process (this
 //!   test binary re-executed as `viewers_helper`) because one process may hold only 20,000 fds.
 //! - `bench_fanout_*`: one shard, `BENCH_VIEWERS` TCP viewers of one room in a child process,
 //!   `BENCH_BATCHES` batches from a test broker; reports sends per second of wall time and per
@@ -14,6 +16,11 @@
 //!   round, while a reader thread (epoll) drains them eagerly; reports sends per second and
 //!   per CPU-second of the writing thread. Nothing of ours runs on the write path, so the gap
 //!   between this and `bench_fanout_*` is our own overhead.
+//! - `bench_floor_uring`: the same work with the ring driven directly (`io-uring` crate, no
+//!   runtime): each round pushes one `SEND` SQE per socket and submits them together (one
+//!   `io_uring_enter` per `BENCH_URING_BATCH` sends), then reaps the completions. The prototype
+//!   of "drive the ring directly for the data path": how far below the `write()` floor the ring
+//!   can take a send's CPU cost, with nothing else in the way.
 
 mod common;
 
@@ -84,7 +91,9 @@ fn viewers_helper() {
         return;
     };
     let n = env_usize("VIEWERS_N", 1000);
-    let read_mode = std::env::var("VIEWERS_MODE").as_deref() == Ok("read");
+    let mode = std::env::var("VIEWERS_MODE").unwrap_or_default();
+    let read_mode = mode == "read";
+    let ws = mode == "ws-idle";
     let _ = net::sys::raise_nofile_limit();
     // Die with the parent: it holds our stdin open while it lives.
     std::thread::spawn(|| {
@@ -109,18 +118,18 @@ fn viewers_helper() {
                             return;
                         }
                     };
-                    let (r, _) = s
-                        .write_all(auth_packet(
-                            i as u64 + 1,
-                            ROOM,
-                            0,
-                            token(i as u64 + 1, ROOM, 1),
-                        ))
-                        .await;
-                    if r.is_err() {
-                        return;
-                    }
-                    let (r, b) = s.read_exact(vec![0u8; 26]).await;
+                    let auth =
+                        auth_packet(i as u64 + 1, ROOM, 0, token_own_device(i as u64 + 1, ROOM));
+                    let (r, b) = if ws {
+                        ws_auth(&mut s, auth).await
+                    } else {
+                        let (r, _) = s.write_all(auth).await;
+                        if r.is_err() {
+                            return;
+                        }
+                        let (r, b) = s.read_exact(vec![0u8; 26]).await;
+                        (r.map(|_| ()), b)
+                    };
                     if r.is_err() || b != proto::auth::auth_reply(0) {
                         eprintln!("viewer {i}: auth: {r:?} {b:?}");
                         return;
@@ -150,6 +159,42 @@ fn viewers_helper() {
     });
 }
 
+/// A WebSocket viewer's upgrade and auth: returns the auth reply's payload.
+async fn ws_auth(s: &mut monoio::net::TcpStream, auth: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
+    let (r, _) = s.write_all(ws_upgrade_request("/sub")).await;
+    if let Err(e) = r {
+        return (Err(e), Vec::new());
+    }
+    // The 101 head, then the reply frame: 2 header bytes and the 26-byte auth reply.
+    let mut got = Vec::new();
+    let head_end = loop {
+        let (r, b) = s.read(vec![0u8; 512]).await;
+        match r {
+            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+            Ok(_) => return (Err(std::io::ErrorKind::UnexpectedEof.into()), got),
+            Err(e) => return (Err(e), got),
+        }
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    got.drain(..head_end);
+    let f = proto::ws::encode_client_frame(proto::ws::Opcode::Binary, &auth, [1, 2, 3, 4]);
+    let (r, _) = s.write_all(f).await;
+    if let Err(e) = r {
+        return (Err(e), Vec::new());
+    }
+    while got.len() < 28 {
+        let (r, b) = s.read(vec![0u8; 64]).await;
+        match r {
+            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+            Ok(_) => return (Err(std::io::ErrorKind::UnexpectedEof.into()), got),
+            Err(e) => return (Err(e), got),
+        }
+    }
+    (Ok(()), got[2..28].to_vec())
+}
+
 fn idle_memory(driver: Driver) {
     let n = env_usize("BENCH_IDLE_CONNS", 19_000);
     let mut cfg = edge_config(driver, vec![]);
@@ -158,7 +203,11 @@ fn idle_memory(driver: Driver) {
     let edge = edge::start(cfg).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let rss0 = net::sys::rss_bytes();
-    let (mut child, _out) = spawn_viewers(edge.tcp_addr(), n, "idle");
+    let ws = std::env::var("BENCH_IDLE_WS").is_ok_and(|v| v == "1");
+    let (mut child, _out) = match ws {
+        true => spawn_viewers(edge.ws_addr(), n, "ws-idle"),
+        false => spawn_viewers(edge.tcp_addr(), n, "idle"),
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while edge.connections() as usize != n {
         assert!(Instant::now() < deadline, "connections not seated");
@@ -168,8 +217,9 @@ fn idle_memory(driver: Driver) {
     let rss1 = net::sys::rss_bytes();
     let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
     println!(
-        "BENCH idle_memory driver={} conns={} rss_before={} rss_after={} bytes_per_conn={:.0} (conn slab entry {} bytes)",
+        "BENCH idle_memory driver={} transport={} conns={} rss_before={} rss_after={} bytes_per_conn={:.0} (conn slab entry {} bytes)",
         format!("{driver:?}").to_lowercase(),
+        if ws { "ws" } else { "tcp" },
         n,
         rss0,
         rss1,
@@ -277,8 +327,42 @@ fn bench_floor_write() {
     let viewers = env_usize("BENCH_VIEWERS", 2_000);
     let rounds = env_usize("BENCH_BATCHES", 500);
     let len = room_batch(ROOM, 1, Encoding::Plain, 900).packet.len();
+    let (mut socks, stop, reader) = floor_sockets(viewers);
+    let payload = vec![0x5au8; len];
+    let cpu0 = thread_cpu_seconds();
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        for s in socks.iter_mut() {
+            s.write_all(&payload).unwrap();
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = thread_cpu_seconds() - cpu0;
+    let sends = (viewers * rounds) as f64;
+    println!(
+        "BENCH floor_write viewers={viewers} rounds={rounds} bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} writer_cpu_s={cpu:.3} sends_per_cpu_s={:.0}",
+        sends / wall,
+        sends / cpu.max(1e-9)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(socks);
+    let _ = reader.join();
+}
+
+/// Connects `viewers` loopback sockets to a reader thread that drains them eagerly; returns
+/// the server-side sockets, the stop flag and the reader.
+fn floor_sockets(
+    viewers: usize,
+) -> (
+    Vec<std::net::TcpStream>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
     let _ = net::sys::raise_nofile_limit();
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A backlog that holds every connect at once: with the default 128 a connect whose SYNs
+    // were dropped could time out and leave the accept loop below waiting forever.
+    let l = net::sys::listener("127.0.0.1:0".parse().unwrap(), false, 65_535).unwrap();
+    l.set_nonblocking(false).unwrap();
     let addr = l.local_addr().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -307,26 +391,60 @@ fn bench_floor_write() {
             }
         })
     });
-    let mut socks: Vec<std::net::TcpStream> = (0..viewers)
+    let socks = (0..viewers)
         .map(|_| {
             let (s, _) = l.accept().unwrap();
             s.set_nodelay(true).unwrap();
             s
         })
         .collect();
+    (socks, stop, reader)
+}
+
+#[test]
+#[ignore]
+fn bench_floor_uring() {
+    use std::os::fd::AsRawFd;
+    let viewers = env_usize("BENCH_VIEWERS", 2_000);
+    let rounds = env_usize("BENCH_BATCHES", 500);
+    let batch = env_usize("BENCH_URING_BATCH", 256).clamp(1, 4096);
+    let len = room_batch(ROOM, 1, Encoding::Plain, 900).packet.len();
+    let (socks, stop, reader) = floor_sockets(viewers);
+    let mut ring = io_uring::IoUring::new(4096).unwrap();
     let payload = vec![0x5au8; len];
     let cpu0 = thread_cpu_seconds();
     let t0 = Instant::now();
+    let (mut short, mut errors) = (0u64, 0u64);
     for _ in 0..rounds {
-        for s in socks.iter_mut() {
-            s.write_all(&payload).unwrap();
+        for chunk in socks.chunks(batch) {
+            for (i, s) in chunk.iter().enumerate() {
+                let e = io_uring::opcode::Send::new(
+                    io_uring::types::Fd(s.as_raw_fd()),
+                    payload.as_ptr(),
+                    payload.len() as u32,
+                )
+                .build()
+                .user_data(i as u64);
+                // SAFETY: the SQE points at `payload`, which outlives every submission (the
+                // completions of this chunk are reaped below before the next chunk); the fd is
+                // open for the whole bench. The queue has room: at most 4096 per chunk, reaped.
+                unsafe { ring.submission().push(&e).unwrap() };
+            }
+            ring.submit_and_wait(chunk.len()).unwrap();
+            for c in ring.completion() {
+                match c.result() {
+                    r if r < 0 => errors += 1,
+                    r if (r as usize) < len => short += 1,
+                    _ => {}
+                }
+            }
         }
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = thread_cpu_seconds() - cpu0;
     let sends = (viewers * rounds) as f64;
     println!(
-        "BENCH floor_write viewers={viewers} rounds={rounds} bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} writer_cpu_s={cpu:.3} sends_per_cpu_s={:.0}",
+        "BENCH floor_uring viewers={viewers} rounds={rounds} bytes={len} sqes_per_enter={batch} sends={sends} wall_s={wall:.3} sends_per_s={:.0} writer_cpu_s={cpu:.3} sends_per_cpu_s={:.0} short={short} errors={errors}",
         sends / wall,
         sends / cpu.max(1e-9)
     );

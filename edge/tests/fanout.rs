@@ -244,3 +244,71 @@ fn area_and_global_scopes_uring() {
 fn area_and_global_scopes_legacy() {
     with_driver(Driver::Legacy, scopes_body);
 }
+
+/// A viewer that stops reading makes its writes partial (the kernel takes part of a `writev`,
+/// the rest waits for the socket to be writable) while more batches queue behind; once it reads
+/// again it gets every byte of every batch, in order, with several batches per write, and a
+/// viewer that kept reading is not held up meanwhile.
+fn partial_writes_body(driver: Driver) {
+    // 8 MiB in all: more than the edge's socket send buffer can grow to (`tcp_wmem` max,
+    // 4 MiB by default), so writes to the paused viewer go partial.
+    // Batches of 16 KiB: several fit one transmit (`WRITE_BYTES_MAX`, 64 KiB).
+    const BATCHES: u64 = 512;
+    let broker = TestBroker::start(1);
+    let mut cfg = edge_config(driver, vec![broker.addr_string()]);
+    cfg.shards = 1;
+    cfg.send_queue_bytes_max = 16 * 1024 * 1024;
+    cfg.stuck_ms_max = 60_000;
+    let edge = edge::start(cfg).unwrap();
+    broker.wait_links(2);
+    // A small receive buffer, but not tiny: with a 4 KiB window and delayed ACKs the paused
+    // viewer would read so slowly that it timed out its heartbeat.
+    let mut paused = Client::tcp(edge.tcp_addr());
+    let _ = socket2::SockRef::from(&paused.stream).set_recv_buffer_size(64 * 1024);
+    paused.auth_ok(1, 300, 0, 1);
+    let mut reading = Client::ws(edge.ws_addr());
+    reading.auth_ok(2, 300, 0, 1);
+    broker.wait_seen("SUB", |s| s.iter().any(|x| matches!(x, Seen::Sub(..))));
+    let batches: Vec<_> = (1..=BATCHES)
+        .map(|s| big_plain_batch(300, s, 16 * 1024))
+        .collect();
+    for b in &batches {
+        broker.send(b);
+        // The reading viewer keeps up while the other one's writes stall.
+        match reading.recv(WAIT) {
+            Got::Bytes(x) => assert!(x == b.packet[..], "batch {} intact", b.seq),
+            other => panic!("reading viewer, batch {}: {other:?}", b.seq),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for b in &batches {
+        let Some(got) = paused.recv_exact(b.packet.len(), WAIT) else {
+            panic!("batch {} not received\n{}", b.seq, edge.metrics_text());
+        };
+        assert!(
+            got == b.packet[..],
+            "batch {} arrives whole and in order",
+            b.seq
+        );
+    }
+    let m = edge.metrics_text();
+    let (sends, writes) = (
+        metric_sum(&m, "barrage_edge_sends_total"),
+        metric_sum(&m, "barrage_edge_writes_total"),
+    );
+    assert!(
+        writes < sends,
+        "batches coalesced into fewer writes: {writes} for {sends}"
+    );
+    edge.shutdown();
+}
+
+#[test]
+fn partial_writes_resume_in_order_uring() {
+    with_driver(Driver::Uring, partial_writes_body);
+}
+
+#[test]
+fn partial_writes_resume_in_order_legacy() {
+    with_driver(Driver::Legacy, partial_writes_body);
+}

@@ -359,3 +359,272 @@ pub fn send_datagrams(
     }
     Ok(r as usize)
 }
+
+/// Readiness of one registration, as [`Poller::wait`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ready {
+    /// The registration's key (what [`Poller::add`] was given).
+    pub key: u64,
+    /// Readable, or the peer hung up or the socket has an error (a read says which).
+    pub read: bool,
+    /// Writable (only while write interest is on), or an error.
+    pub write: bool,
+}
+
+/// Readiness events taken per [`Poller::wait`] call at most.
+pub const POLL_EVENTS_MAX: usize = 256;
+
+/// One epoll instance of level-triggered socket registrations, each with a `u64` key.
+/// Edge shards drive their plain client sockets with it: readiness instead of one in-flight
+/// read per connection, so an idle connection holds no task and no read buffer.
+pub struct Poller {
+    fd: std::os::fd::OwnedFd,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Poller {
+    pub fn new() -> std::io::Result<Poller> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: epoll_create1 has no memory arguments.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Poller {
+            // SAFETY: `fd` is a new descriptor that nothing else owns.
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            events: Vec::with_capacity(POLL_EVENTS_MAX),
+        })
+    }
+
+    /// A second descriptor of the same epoll instance: readable while any registration is
+    /// ready, so a runtime can wait for it like a socket (monoio: a `UnixStream` over it).
+    pub fn try_clone_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        self.fd.try_clone()
+    }
+
+    fn ctl(
+        &self,
+        op: libc::c_int,
+        fd: std::os::fd::RawFd,
+        key: u64,
+        write: bool,
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32
+                | if write { libc::EPOLLOUT as u32 } else { 0 },
+            u64: key,
+        };
+        // SAFETY: `ev` is a valid epoll_event on the stack that outlives the call (the kernel
+        // copies it); `fd` is checked by the kernel (EBADF), no memory is passed for it.
+        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Registers `fd` under `key`, for reads (and writes when `write`).
+    pub fn add(&self, fd: std::os::fd::RawFd, key: u64, write: bool) -> std::io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, key, write)
+    }
+
+    /// Turns write interest of a registered `fd` on or off.
+    pub fn modify(&self, fd: std::os::fd::RawFd, key: u64, write: bool) -> std::io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, key, write)
+    }
+
+    /// Removes `fd` (closing it removes it too; this is for a socket that lives on).
+    pub fn delete(&self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, false)
+    }
+
+    /// Appends what is ready now (up to [`POLL_EVENTS_MAX`]) to `out`, without waiting;
+    /// returns how many.
+    pub fn wait(&mut self, out: &mut Vec<Ready>) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        self.events.clear();
+        // SAFETY: `events` has capacity for POLL_EVENTS_MAX entries, which the kernel writes at
+        // most; the length is set to what it reports, all of which it initialised.
+        let n = unsafe {
+            let n = libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                POLL_EVENTS_MAX as libc::c_int,
+                0,
+            );
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.kind() {
+                    std::io::ErrorKind::Interrupted => Ok(0),
+                    _ => Err(e),
+                };
+            }
+            self.events.set_len(n as usize);
+            n as usize
+        };
+        let (inp, out_mask, bad) = (
+            (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            libc::EPOLLOUT as u32,
+            (libc::EPOLLERR | libc::EPOLLHUP) as u32,
+        );
+        out.extend(self.events.iter().map(|e| {
+            let flags = e.events;
+            Ready {
+                key: e.u64,
+                read: flags & (inp | bad) != 0,
+                write: flags & (out_mask | bad) != 0,
+            }
+        }));
+        Ok(n)
+    }
+}
+
+/// A non-blocking `read` of `fd` into `buf`.
+pub fn read(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is valid, writable memory of `buf.len()` bytes for the whole call.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// One non-blocking `writev` of the shared buffers `bufs`, skipping the first `skip` bytes
+/// (what an earlier partial write took); at most [`WRITEV_BUFS_MAX`] buffers per call.
+/// Returns the bytes the kernel took. No copy is made of the buffers.
+pub fn writev(
+    fd: std::os::fd::RawFd,
+    bufs: &[bytes::Bytes],
+    mut skip: usize,
+) -> std::io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; WRITEV_BUFS_MAX];
+    let mut n = 0;
+    for b in bufs {
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        if n == WRITEV_BUFS_MAX {
+            break;
+        }
+        let rest = &b[skip..];
+        skip = 0;
+        iov[n] = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        n += 1;
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    // SAFETY: the first `n` iovecs point into the `Bytes` of `bufs`, borrowed (alive and
+    // unchanged) for the whole call; the kernel only reads through them.
+    let r = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// Buffers per [`writev`] call at most (far below `IOV_MAX`, 1024).
+pub const WRITEV_BUFS_MAX: usize = 64;
+
+#[cfg(test)]
+mod poller_tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        (c, s)
+    }
+
+    /// Readiness by key, reads until WouldBlock, write interest on and off, EOF as readable.
+    #[test]
+    fn readiness_reads_and_writes() {
+        let mut p = Poller::new().unwrap();
+        let (mut c, s) = pair();
+        p.add(s.as_raw_fd(), 42, false).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(p.wait(&mut out).unwrap(), 0, "nothing sent yet");
+        c.write_all(b"hello").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while p.wait(&mut out).unwrap() == 0 {
+            assert!(std::time::Instant::now() < deadline);
+        }
+        assert_eq!(
+            out[0],
+            Ready {
+                key: 42,
+                read: true,
+                write: false
+            }
+        );
+        let mut buf = [0u8; 16];
+        assert_eq!(read(s.as_raw_fd(), &mut buf).unwrap(), 5);
+        assert_eq!(&buf[..5], b"hello");
+        let e = read(s.as_raw_fd(), &mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        out.clear();
+        assert_eq!(
+            p.wait(&mut out).unwrap(),
+            0,
+            "level-triggered: drained is quiet"
+        );
+        p.modify(s.as_raw_fd(), 42, true).unwrap();
+        assert_eq!(p.wait(&mut out).unwrap(), 1);
+        assert!(out[0].write && !out[0].read);
+        p.modify(s.as_raw_fd(), 42, false).unwrap();
+        out.clear();
+        assert_eq!(p.wait(&mut out).unwrap(), 0);
+        drop(c);
+        while p.wait(&mut out).unwrap() == 0 {
+            assert!(std::time::Instant::now() < deadline);
+        }
+        assert!(out[0].read);
+        assert_eq!(read(s.as_raw_fd(), &mut buf).unwrap(), 0, "EOF");
+        p.delete(s.as_raw_fd()).unwrap();
+    }
+
+    /// A partial write resumes at the byte it stopped at: each call writes the buffers from
+    /// `skip` on, across buffer boundaries, in order.
+    #[test]
+    fn writev_skips_what_was_written() {
+        let (mut c, s) = pair();
+        let bufs = [
+            bytes::Bytes::from_static(b"ab"),
+            bytes::Bytes::from_static(b"cde"),
+            bytes::Bytes::from_static(b"f"),
+        ];
+        let mut sent = 0;
+        for skip in [0usize, 1, 2, 4, 5, 6] {
+            sent += writev(s.as_raw_fd(), &bufs, skip).unwrap();
+        }
+        assert_eq!(sent, 6 + 5 + 4 + 2 + 1);
+        let mut got = vec![0u8; sent];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abcdefbcdefcdefeff");
+    }
+}
+
+/// The std socket of a monoio stream that nothing else shares (a just-accepted one): it
+/// leaves the runtime's driver and is the caller's to drive (edge shards: [`Poller`]).
+///
+/// # Panics
+/// When the stream is shared (split halves alive): monoio refuses to give up the fd.
+pub fn into_std(stream: monoio::net::TcpStream) -> std::net::TcpStream {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = stream.into_raw_fd();
+    // SAFETY: `into_raw_fd` gives up monoio's only reference to `fd` (deregistered from its
+    // driver, not closed), so the std stream is its one owner from here on.
+    unsafe { std::net::TcpStream::from_raw_fd(fd) }
+}

@@ -505,6 +505,12 @@ impl FrameDecoder {
         }))
     }
 
+    /// No message is partly received (a decoder in this state may be dropped and made anew
+    /// with the same limit without losing anything).
+    pub fn is_between_messages(&self) -> bool {
+        self.partial.is_none()
+    }
+
     /// Decodes the next message from `buf`, consuming bytes from its front (`buf.drain(..n)`
     /// or equivalent). `Ok(None)` means more bytes are needed.
     pub fn decode(&mut self, buf: &mut Vec<u8>) -> Result<Option<Message>, FrameError> {

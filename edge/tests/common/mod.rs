@@ -51,6 +51,17 @@ pub fn token(uid: u64, room: u64, area: u32) -> String {
     })
 }
 
+/// A token with its own device id (`dev-<uid>`): every viewer a different user and device.
+pub fn token_own_device(uid: u64, room: u64) -> String {
+    keys().sign(&Claims {
+        uid: UserId(uid),
+        device: DeviceId(format!("dev-{uid}")),
+        room: RoomId(room),
+        area: AreaId(1),
+        expires_at_s: now_s() + 3600,
+    })
+}
+
 pub fn expired_token(uid: u64, room: u64) -> String {
     keys().sign(&Claims {
         uid: UserId(uid),
