@@ -52,6 +52,32 @@ pub struct ClusterArgs {
     /// Shards per broker and per edge.
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
+    /// Regions, each with its own NATS (JetStream domain = region name; the first region's
+    /// NATS takes the others' leafnode connections), controls, brokers and edges.
+    #[arg(long, default_value_t = 1)]
+    pub regions: usize,
+    /// Region names, comma-separated (default `local` for one region, `r1,r2,...` for more).
+    #[arg(long)]
+    pub region_names: Option<String>,
+    /// Brokers' `cluster.cross_region_max_lag_ms` (default: the broker's, 10000).
+    #[arg(long)]
+    pub cross_region_max_lag_ms: Option<u64>,
+    /// The first region's leafnode port (default: a free one). For partition tests.
+    #[arg(long, hide = true)]
+    pub leaf_port: Option<u16>,
+    /// The URL the other regions' NATS dial for the leafnode (default: the first region's
+    /// leafnode port). A partition test points it at a proxy it can cut.
+    #[arg(long, hide = true)]
+    pub leaf_url: Option<String>,
+    /// Start only this region of the federation `--region-names` lists (its brokers still
+    /// source every region): one `barrage cluster` per host or network namespace, the others
+    /// joining the first region's leafnode through `--leaf-url`.
+    #[arg(long)]
+    pub only_region: Option<String>,
+    /// Address the first region's leafnode listens on (default 127.0.0.1; 0.0.0.0 when other
+    /// regions run elsewhere).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub leaf_host: String,
     /// A broker config value `KEY=VALUE` (TOML) for every broker, as `barrage broker --set`
     /// takes it; repeatable (e.g. `--broker-set room_rate_per_s=0` for a benchmark).
     #[arg(long = "broker-set", value_name = "KEY=VALUE")]
@@ -408,72 +434,380 @@ fn run_in(
     dir: &Path,
     shutdown: &mut crate::up::Shutdown,
 ) -> anyhow::Result<()> {
-    let api_key = args.api_key.clone().unwrap_or_else(secret);
-    let token_keys = args
-        .token_secret
-        .clone()
-        .map(|s| if s.contains(':') { s } else { format!("1:{s}") })
-        .unwrap_or_else(|| format!("1:{}", secret()));
-    let edge_key = secret();
+    let names = region_names(args)?;
+    let keys = Keys {
+        api_key: args.api_key.clone().unwrap_or_else(secret),
+        token_keys: args
+            .token_secret
+            .clone()
+            .map(|s| if s.contains(':') { s } else { format!("1:{s}") })
+            .unwrap_or_else(|| format!("1:{}", secret())),
+        edge_key: secret(),
+        fleet_key: secret(),
+    };
     let replicas = args.replicas.unwrap_or(if args.nats >= 3 { 3 } else { 1 });
     let deadline = Instant::now() + Duration::from_millis(READY_MS_MAX);
     // Started in this order, stopped in the reverse one.
     let mut procs: Vec<Proc> = Vec::new();
 
+    // Every region's control address first: controls of each region poll the others'.
+    let control_addrs: Vec<Vec<SocketAddr>> = names
+        .iter()
+        .map(|_| {
+            (0..args.controls)
+                .map(|_| free_port().map(loopback))
+                .collect()
+        })
+        .collect::<anyhow::Result<_>>()?;
+    // The first region's leafnode port (None: each of its servers picks one, read back from
+    // its monitor) and the URLs the other regions dial.
+    let mut leaf = if names.len() > 1 {
+        let port = match (args.leaf_port, args.nats) {
+            (Some(p), _) => Some(p),
+            (None, 1) => Some(free_port()?),
+            (None, _) => None,
+        };
+        let urls = match (&args.leaf_url, port) {
+            (Some(url), _) => vec![url.clone()],
+            (None, Some(port)) => vec![format!("nats-leaf://127.0.0.1:{port}")],
+            (None, None) => Vec::new(),
+        };
+        Some((port, urls))
+    } else {
+        None
+    };
+    if let Some(only) = &args.only_region {
+        if !names.contains(only) {
+            bail!("--only-region {only:?} is not one of the regions {names:?}");
+        }
+    }
+    let mut up = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        if args.only_region.as_ref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let plan = RegionPlan {
+            name,
+            all: &names,
+            hub: i == 0,
+            leaf: leaf.as_ref(),
+            controls: &control_addrs[i],
+            // With --only-region the other regions' controls run elsewhere, at addresses
+            // this process does not know: none to poll.
+            peer_controls: control_addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i && args.only_region.is_none())
+                .flat_map(|(_, a)| a.iter().copied())
+                .collect(),
+            replicas,
+        };
+        let region = start_region(args, nats, exe, dir, &keys, &plan, deadline, &mut procs)?;
+        if let Some((None, urls)) = &mut leaf {
+            if urls.is_empty() {
+                // The hub's servers picked their leafnode ports: the others dial all of them.
+                *urls = leaf_urls(&region.nats)?;
+            }
+        }
+        up.push(region);
+    }
+
+    let out = serde_json::json!({
+        "regions": up.iter().map(|r| r.json(replicas)).collect::<Vec<_>>(),
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        for r in &up {
+            r.print(args, replicas);
+        }
+        println!("  api key  {}", keys.api_key);
+        println!(
+            "  try: barrage push --ingest {} --api-key {} --room 1 '{{\"cmd\":\"HI\"}}'",
+            up.iter()
+                .flat_map(|r| r.brokers.iter().map(|b| b.ingest.to_string()))
+                .collect::<Vec<_>>()
+                .join(","),
+            keys.api_key
+        );
+        println!("Ctrl-C stops every process.");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    // Report children that die (a failover run kills brokers on purpose) until a signal.
+    let mut reported = vec![false; procs.len()];
+    watch(&mut procs, &mut reported, shutdown);
+    stop_all(&mut procs);
+    Ok(())
+}
+
+/// The region names: `--region-names`, else `local` for one region and `r1..rN` for more.
+fn region_names(args: &ClusterArgs) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = match &args.region_names {
+        Some(list) => list.split(',').map(|s| s.trim().to_owned()).collect(),
+        None if args.regions <= 1 => vec!["local".into()],
+        None => (1..=args.regions).map(|i| format!("r{i}")).collect(),
+    };
+    if names.is_empty() || args.regions == 0 {
+        bail!("--regions must be at least 1");
+    }
+    if args.region_names.is_some() && names.len() != args.regions && args.regions != 1 {
+        bail!(
+            "--region-names lists {} regions, --regions says {}",
+            names.len(),
+            args.regions
+        );
+    }
+    if names.len() > 1 {
+        backbone::region::check(&names[0], &names)
+            .map_err(|e| anyhow::anyhow!("--region-names: {e}"))?;
+        if args.nats > 1 && args.leaf_port.is_some() {
+            bail!("--leaf-port needs --nats 1 (several servers cannot share one port)");
+        }
+    }
+    Ok(names)
+}
+
+/// The leafnode URL of each of the hub's servers, read from its monitor (`/varz`).
+fn leaf_urls(nodes: &[NatsNode]) -> anyhow::Result<Vec<String>> {
+    nodes
+        .iter()
+        .map(|n| {
+            let (_, body) = http_get(n.monitor, "/varz").context("NATS monitor")?;
+            // One JSON value, whatever chunk framing is around it (the monitor chunks 1.1 answers).
+            let body = body.trim_start_matches(|c: char| c != '{');
+            let v: serde_json::Value = serde_json::Deserializer::from_str(body)
+                .into_iter()
+                .next()
+                .context("empty NATS /varz")?
+                .context("NATS /varz")?;
+            let port = v["leaf"]["port"]
+                .as_u64()
+                .context("no leafnode port in /varz")?;
+            Ok(format!("nats-leaf://127.0.0.1:{port}"))
+        })
+        .collect()
+}
+
+/// Keys every region shares: one API key, one token key set (tokens are valid in every
+/// region), one edge key.
+struct Keys {
+    api_key: String,
+    token_keys: String,
+    edge_key: String,
+    /// Opens the fleet lists only: what each region's control polls the others with.
+    fleet_key: String,
+}
+
+/// What one region is started with.
+struct RegionPlan<'a> {
+    name: &'a str,
+    /// Every region's name (this one's included).
+    all: &'a [String],
+    /// The first region: its NATS listens for the others' leafnode connections.
+    hub: bool,
+    /// With several regions: the hub's leafnode port (None: each server picks one) and the
+    /// URLs the others dial.
+    leaf: Option<&'a (Option<u16>, Vec<String>)>,
+    controls: &'a [SocketAddr],
+    peer_controls: Vec<SocketAddr>,
+    replicas: usize,
+}
+
+struct BrokerUp {
+    node_id: String,
+    ingest: SocketAddr,
+    link: SocketAddr,
+    http: SocketAddr,
+    pid: u32,
+}
+
+struct EdgeUp {
+    node_id: String,
+    tcp: SocketAddr,
+    ws: SocketAddr,
+    admin: SocketAddr,
+    pid: u32,
+}
+
+/// A region once every process of it is healthy.
+struct RegionUp {
+    name: String,
+    nats: Vec<NatsNode>,
+    controls: Vec<(SocketAddr, u32)>,
+    brokers: Vec<BrokerUp>,
+    edges: Vec<EdgeUp>,
+}
+
+impl RegionUp {
+    fn json(&self, replicas: usize) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "control": format!("http://{}", self.controls[0].0),
+            "control_pid": self.controls[0].1,
+            "controls": self.controls.iter().map(|(a, pid)| serde_json::json!({
+                "http": format!("http://{a}"),
+                "pid": pid,
+            })).collect::<Vec<_>>(),
+            "brokers": self.brokers.iter().map(|b| serde_json::json!({
+                "node_id": b.node_id,
+                "http": format!("http://{}", b.http),
+                "ingest": b.ingest.to_string(),
+                "link": b.link.to_string(),
+                "pid": b.pid,
+            })).collect::<Vec<_>>(),
+            "edges": self.edges.iter().map(|e| serde_json::json!({
+                "node_id": e.node_id,
+                "tcp": e.tcp.to_string(),
+                "ws": e.ws.to_string(),
+                "wss": null,
+                "admin": format!("http://{}", e.admin),
+                "pid": e.pid,
+            })).collect::<Vec<_>>(),
+            "nats": self.nats.iter().map(|n| serde_json::json!({
+                "name": n.name,
+                "url": n.url(),
+                "route": n.route.map(|r| format!("nats://{r}")),
+                "monitor": format!("http://{}", n.monitor),
+                "pid": n.pid,
+            })).collect::<Vec<_>>(),
+            "replicas": replicas,
+        })
+    }
+
+    fn print(&self, args: &ClusterArgs, replicas: usize) {
+        println!(
+            "barrage cluster: region {}: {} brokers, {} edges on NATS JetStream ({}, stream R{replicas})",
+            self.name,
+            args.brokers,
+            args.edges,
+            nats_urls(&self.nats)
+        );
+        for n in &self.nats {
+            println!(
+                "  {}  {}  monitor http://{}  pid {}",
+                n.name,
+                n.url(),
+                n.monitor,
+                n.pid
+            );
+        }
+        for (i, (a, pid)) in self.controls.iter().enumerate() {
+            println!("  control-{}  http://{a}  pid {pid}  (POST /v1/connect, GET /v1/brokers, GET /v1/edges)", i + 1);
+        }
+        for b in &self.brokers {
+            println!(
+                "  {}  http://{}  ingest {}  pid {}",
+                b.node_id, b.http, b.ingest, b.pid
+            );
+        }
+        for e in &self.edges {
+            println!(
+                "  {}    tcp {}  ws ws://{}/sub  admin http://{}  pid {}",
+                e.node_id, e.tcp, e.ws, e.admin, e.pid
+            );
+        }
+    }
+}
+
+/// Starts one region: its NATS (with regions: JetStream domain = region name, joined to the
+/// hub region by a leafnode), its controls, brokers and edges, and waits until all are healthy.
+#[allow(clippy::too_many_arguments)]
+fn start_region(
+    args: &ClusterArgs,
+    nats: &Path,
+    exe: &Path,
+    dir: &Path,
+    keys: &Keys,
+    plan: &RegionPlan,
+    deadline: Instant,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<RegionUp> {
+    let federated = plan.all.len() > 1;
+    // Node ids are unique across regions (control registries and dedup keys span them).
+    let prefix = if federated {
+        format!("{}-", plan.name)
+    } else {
+        String::new()
+    };
+    let leaf_conf = match plan.leaf {
+        Some((Some(port), urls)) if plan.hub => {
+            // The hub tells its leafnodes where to reconnect: the URL they dial (a partition
+            // test puts a proxy there), not the port it listens on.
+            let url = urls.first().map_or("", String::as_str);
+            let advertise = url.rsplit("//").next().unwrap_or(url);
+            format!(
+                "leafnodes {{\n  listen: {}\n  advertise: {}\n}}\n",
+                q(&format!("{}:{port}", args.leaf_host)),
+                q(advertise)
+            )
+        }
+        Some((None, _)) if plan.hub => format!(
+            "leafnodes {{\n  listen: {}\n}}\n",
+            q(&format!("{}:-1", args.leaf_host))
+        ),
+        Some((_, urls)) => format!(
+            "leafnodes {{\n  remotes: [ {{ urls: [{}] }} ]\n}}\n",
+            urls.iter().map(|u| q(u)).collect::<Vec<_>>().join(", ")
+        ),
+        None => String::new(),
+    };
     let nats_nodes = start_nats(
         nats,
         dir,
         &NatsPlan {
-            name: "local",
+            name: plan.name,
             nodes: args.nats,
             port_base: None,
-            domain: None,
-            extra_conf: "",
+            domain: federated.then_some(plan.name),
+            extra_conf: &leaf_conf,
         },
         deadline,
-        &mut procs,
+        procs,
     )?;
     let backbone = nats_urls(&nats_nodes);
 
     let mut controls = Vec::new();
-    for i in 1..=args.controls {
-        let addr = loopback(free_port()?);
+    for (i, addr) in plan.controls.iter().enumerate() {
+        let mut set = vec![
+            ("http_addr", q(&addr.to_string())),
+            ("api_keys", format!("[{}]", q(&keys.api_key))),
+            ("token_keys", q(&keys.token_keys)),
+            ("edge_key", q(&keys.edge_key)),
+            ("edge_ttl_ms", TTL_MS.to_string()),
+            ("edge_forget_ms", (TTL_MS * 30).to_string()),
+        ];
+        if federated {
+            set.extend(control_region_sets(plan, keys));
+        }
         procs.push(spawn(
             exe,
             Role {
-                name: format!("control-{i}"),
-                args: [
-                    vec!["control".to_string()],
-                    sets(&[
-                        ("http_addr", q(&addr.to_string())),
-                        ("api_keys", format!("[{}]", q(&api_key))),
-                        ("token_keys", q(&token_keys)),
-                        ("edge_key", q(&edge_key)),
-                        ("edge_ttl_ms", TTL_MS.to_string()),
-                        ("edge_forget_ms", (TTL_MS * 30).to_string()),
-                    ]),
-                ]
-                .concat(),
+                name: format!("{prefix}control-{}", i + 1),
+                args: [vec!["control".to_string()], sets(&set)].concat(),
             },
             true,
         )?);
-        controls.push((addr, procs.last().map_or(0, Proc::pid)));
+        controls.push((*addr, procs.last().map_or(0, Proc::pid)));
     }
     for (addr, _) in &controls {
         let addr = *addr;
-        wait_for(deadline, "control", &mut procs, || {
+        wait_for(deadline, "control", procs, || {
             http_status(addr, "/healthz") == Some(200)
         })?;
     }
-    // Edges and brokers heartbeat every replica.
+    // Edges and brokers heartbeat every replica of their region's control.
     let control_list = controls
         .iter()
         .map(|c| c.0.to_string())
         .collect::<Vec<_>>()
         .join(",");
 
-    // One link key per edge, bound to its node id, known to every broker.
-    let edge_ids: Vec<String> = (1..=args.edges).map(|i| format!("edge-{i}")).collect();
+    // One link key per edge, bound to its node id, known to every broker of the region.
+    let edge_ids: Vec<String> = (1..=args.edges)
+        .map(|i| format!("{prefix}edge-{i}"))
+        .collect();
     let link_keys: Vec<(String, String)> = edge_ids.iter().map(|e| (e.clone(), secret())).collect();
     let link_keys_toml = format!(
         "[{}]",
@@ -483,6 +817,10 @@ fn run_in(
             .collect::<Vec<_>>()
             .join(",")
     );
+    let regions_toml = format!(
+        "[{}]",
+        plan.all.iter().map(|r| q(r)).collect::<Vec<_>>().join(",")
+    );
     let mut brokers = Vec::new();
     for i in 1..=args.brokers {
         let (ingest, link, http) = (
@@ -490,50 +828,66 @@ fn run_in(
             loopback(free_port()?),
             loopback(free_port()?),
         );
-        let mut a = vec!["broker".to_string(), "--backbone".into(), backbone.clone()];
-        a.extend(sets(&[
-            ("node_id", q(&format!("broker-{i}"))),
+        let node_id = format!("{prefix}broker-{i}");
+        let mut set = vec![
+            ("node_id", q(&node_id)),
+            ("region", q(plan.name)),
             ("shards", args.shards.to_string()),
             ("pin", "false".into()),
             ("ingest_addr", q(&ingest.to_string())),
             ("link_addr", q(&link.to_string())),
             ("http_addr", q(&http.to_string())),
-            ("api_keys", format!("[{{key={}}}]", q(&api_key))),
+            ("api_keys", format!("[{{key={}}}]", q(&keys.api_key))),
             ("link_keys", link_keys_toml.clone()),
             ("control_addr", q(&control_list)),
-            ("control_key", q(&edge_key)),
+            ("control_key", q(&keys.edge_key)),
             ("control_heartbeat_ms", HEARTBEAT_MS.to_string()),
             ("link_ping_ms", "500".into()),
             ("link_dead_ms", "2000".into()),
             ("cluster.partitions", args.partitions.to_string()),
             ("cluster.lease_ms", args.lease_ms.to_string()),
-            ("cluster.replicas", replicas.to_string()),
-        ]));
+            ("cluster.replicas", plan.replicas.to_string()),
+        ];
+        if federated {
+            set.push(("cluster.regions", regions_toml.clone()));
+            if let Some(lag) = args.cross_region_max_lag_ms {
+                set.push(("cluster.cross_region_max_lag_ms", lag.to_string()));
+            }
+        }
+        let mut a = vec!["broker".to_string(), "--backbone".into(), backbone.clone()];
+        a.extend(sets(&set));
+        // Given after the defaults above, so they override them.
         for kv in &args.broker_sets {
             a.extend(["--set".to_string(), kv.clone()]);
         }
         procs.push(spawn(
             exe,
             Role {
-                name: format!("broker-{i}"),
+                name: node_id.clone(),
                 args: a,
             },
             true,
         )?);
         let pid = procs.last().map_or(0, Proc::pid);
-        brokers.push((ingest, link, http, pid));
+        brokers.push(BrokerUp {
+            node_id,
+            ingest,
+            link,
+            http,
+            pid,
+        });
     }
-    for (i, b) in brokers.iter().enumerate() {
-        let http = b.2;
-        wait_for(deadline, &format!("broker-{}", i + 1), &mut procs, || {
+    for b in &brokers {
+        let http = b.http;
+        wait_for(deadline, &b.node_id, procs, || {
             http_status(http, "/healthz") == Some(200)
         })?;
     }
     // Every broker in every control's registry before the edges ask for it.
-    wait_for(deadline, "broker registration", &mut procs, || {
+    wait_for(deadline, "broker registration", procs, || {
         controls.iter().all(|c| {
             http_get(c.0, "/v1/brokers").is_some_and(|(s, body)| {
-                s == 200 && body.matches("\"alive\":true").count() == args.brokers
+                s == 200 && body.matches("\"alive\":true").count() >= args.brokers
             })
         })
     })?;
@@ -549,16 +903,17 @@ fn run_in(
             vec!["edge".to_string()],
             sets(&[
                 ("node_id", q(id)),
+                ("region", q(plan.name)),
                 ("shards", args.shards.to_string()),
                 ("pin", "false".into()),
                 ("tcp_addr", q(&tcp.to_string())),
                 ("ws_addr", q(&ws.to_string())),
                 ("admin_addr", q(&admin.to_string())),
                 ("public_host", q("127.0.0.1")),
-                ("token_keys", q(&token_keys)),
+                ("token_keys", q(&keys.token_keys)),
                 ("control_addr", q(&control_list)),
                 ("control_heartbeat_ms", HEARTBEAT_MS.to_string()),
-                ("edge_key", q(&edge_key)),
+                ("edge_key", q(&keys.edge_key)),
                 ("link_key", q(key)),
                 ("brokers_from_control", "true".into()),
                 ("link_ping_ms", "500".into()),
@@ -576,108 +931,56 @@ fn run_in(
             true,
         )?);
         let pid = procs.last().map_or(0, Proc::pid);
-        edges.push((tcp, ws, admin, pid));
+        edges.push(EdgeUp {
+            node_id: id.clone(),
+            tcp,
+            ws,
+            admin,
+            pid,
+        });
     }
-    for (i, e) in edges.iter().enumerate() {
-        let admin = e.2;
+    let links: Vec<String> = brokers.iter().map(|b| b.link.to_string()).collect();
+    for e in &edges {
+        let admin = e.admin;
         // Ready = linked to every broker (learned from control) and registered with control.
-        let links: Vec<String> = brokers.iter().map(|b| b.1.to_string()).collect();
-        wait_for(deadline, &format!("edge-{}", i + 1), &mut procs, || {
+        wait_for(deadline, &e.node_id, procs, || {
             http_status(admin, "/readyz") == Some(200) && linked_to_all(admin, &links)
         })?;
     }
-    wait_for(deadline, "edge registration", &mut procs, || {
+    wait_for(deadline, "edge registration", procs, || {
         controls.iter().all(|c| {
             http_get(c.0, "/v1/edges").is_some_and(|(s, body)| {
-                s == 200 && body.matches("\"state\":\"up\"").count() == args.edges
+                s == 200 && body.matches("\"state\":\"up\"").count() >= args.edges
             })
         })
     })?;
+    Ok(RegionUp {
+        name: plan.name.to_owned(),
+        nats: nats_nodes,
+        controls,
+        brokers,
+        edges,
+    })
+}
 
-    let out = serde_json::json!({
-        "regions": [{
-            "name": "local",
-            "control": format!("http://{}", controls[0].0),
-            "control_pid": controls[0].1,
-            "controls": controls.iter().map(|(a, pid)| serde_json::json!({
-                "http": format!("http://{a}"),
-                "pid": pid,
-            })).collect::<Vec<_>>(),
-            "brokers": brokers.iter().enumerate().map(|(i, (ingest, link, http, pid))| serde_json::json!({
-                "node_id": format!("broker-{}", i + 1),
-                "http": format!("http://{http}"),
-                "ingest": ingest.to_string(),
-                "link": link.to_string(),
-                "pid": pid,
-            })).collect::<Vec<_>>(),
-            "edges": edges.iter().enumerate().map(|(i, (tcp, ws, admin, pid))| serde_json::json!({
-                "node_id": format!("edge-{}", i + 1),
-                "tcp": tcp.to_string(),
-                "ws": ws.to_string(),
-                "wss": null,
-                "admin": format!("http://{admin}"),
-                "pid": pid,
-            })).collect::<Vec<_>>(),
-            "nats": nats_nodes.iter().map(|n| serde_json::json!({
-                "name": n.name,
-                "url": n.url(),
-                "route": n.route.map(|r| format!("nats://{r}")),
-                "monitor": format!("http://{}", n.monitor),
-                "pid": n.pid,
-            })).collect::<Vec<_>>(),
-            "replicas": replicas,
-        }]
-    });
-    if args.json {
-        println!("{out}");
-    } else {
-        println!(
-            "barrage cluster: {} brokers, {} edges on NATS JetStream ({backbone}, stream R{replicas})",
-            args.brokers, args.edges
-        );
-        for n in &nats_nodes {
-            println!(
-                "  {}  {}  monitor http://{}  pid {}",
-                n.name,
-                n.url(),
-                n.monitor,
-                n.pid
-            );
-        }
-        for (i, (a, pid)) in controls.iter().enumerate() {
-            println!("  control-{}  http://{a}  pid {pid}  (POST /v1/connect, GET /v1/brokers, GET /v1/edges)", i + 1);
-        }
-        for (i, (ingest, _, http, pid)) in brokers.iter().enumerate() {
-            println!(
-                "  broker-{}  http://{http}  ingest {ingest}  pid {pid}",
-                i + 1
-            );
-        }
-        for (i, (tcp, ws, admin, pid)) in edges.iter().enumerate() {
-            println!(
-                "  edge-{}    tcp {tcp}  ws ws://{ws}/sub  admin http://{admin}  pid {pid}",
-                i + 1
-            );
-        }
-        println!("  api key  {api_key}");
-        println!(
-            "  try: barrage push --ingest {} --api-key {api_key} --room 1 '{{\"cmd\":\"HI\"}}'",
-            brokers
-                .iter()
-                .map(|b| b.0.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        println!("Ctrl-C stops every process.");
-    }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-
-    // Report children that die (a failover run kills brokers on purpose) until a signal.
-    let mut reported = vec![false; procs.len()];
-    watch(&mut procs, &mut reported, shutdown);
-    stop_all(&mut procs);
-    Ok(())
+/// A region's control with others: its region (clients naming none are its own), the other
+/// regions' controls it polls for their edges (fallbacks in `host_list`), with the shared
+/// fleet key that opens their lists and nothing else.
+fn control_region_sets(plan: &RegionPlan, keys: &Keys) -> Vec<(&'static str, String)> {
+    let peers = plan
+        .peer_controls
+        .iter()
+        .map(|a| q(&a.to_string()))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        ("region", q(plan.name)),
+        ("default_region", q(plan.name)),
+        ("peers", format!("[{peers}]")),
+        ("peer_key", q(&keys.fleet_key)),
+        ("fleet_keys", format!("[{}]", q(&keys.fleet_key))),
+        ("peer_poll_ms", HEARTBEAT_MS.to_string()),
+    ]
 }
 
 /// Waits for SIGINT/SIGTERM, logging each child that exits meanwhile.

@@ -47,6 +47,21 @@ pub struct Config {
     pub connect_ms_max: u64,
     /// Deliveries queued to one owning thread before the consumer waits.
     pub delivery_queue_max: usize,
+    /// This broker's region. Not read from the `[cluster]` table: the broker fills it from its
+    /// `region` field. Used only with `regions`.
+    #[serde(skip)]
+    pub region: String,
+    /// Every region of the federation, this one included; each region's NATS runs the
+    /// JetStream domain of its name (see `region`). Empty (the default): one region, the
+    /// single-stream layout.
+    pub regions: Vec<String>,
+    /// How long a region's origin stream keeps an accepted push for the other regions to
+    /// source: the longest partition between regions that is caught up after it heals.
+    pub origin_age_ms: u64,
+    /// A low-priority push accepted in another region that is older than this when it is
+    /// consumed here (a backlog after a partition) is dropped and counted; high reach is kept
+    /// while its ttl lasts.
+    pub cross_region_max_lag_ms: u64,
     /// A broker joining a running cluster takes no partition until the edges have linked to
     /// it ([`crate::Backbone::joined`]), or at the latest this long after start. 0: no wait.
     pub join_wait_ms_max: u64,
@@ -71,6 +86,10 @@ impl Default for Config {
             publish_pending_max: 10_000,
             connect_ms_max: 2_000,
             delivery_queue_max: 4_096,
+            region: String::new(),
+            regions: Vec::new(),
+            origin_age_ms: 3_600_000,
+            cross_region_max_lag_ms: 10_000,
             join_wait_ms_max: 10_000,
         }
     }
@@ -91,7 +110,49 @@ impl Config {
         if self.publish_pending_max == 0 || self.delivery_queue_max == 0 {
             return Err("backbone queue limits must be at least 1".into());
         }
+        if self.federated() {
+            crate::region::check(&self.region, &self.regions)?;
+            if self.origin_age_ms < self.cross_region_max_lag_ms {
+                return Err(
+                    "cluster.origin_age_ms must be at least cross_region_max_lag_ms".into(),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Whether this broker's region is federated with others (`regions` set).
+    pub fn federated(&self) -> bool {
+        !self.regions.is_empty()
+    }
+
+    /// The subject a push of partition `p` is published to: `<prefix>.<p>`, or with regions
+    /// `<prefix>.<region>.<p>` (the origin stream's).
+    pub fn publish_subject(&self, p: crate::Partition) -> String {
+        if self.federated() {
+            format!("{}.{}.{}", self.subject_prefix, self.region, p.0)
+        } else {
+            crate::partition::subject(&self.subject_prefix, p)
+        }
+    }
+
+    /// The consumer filter of partition `p`: with regions, every origin's `<prefix>.*.<p>`.
+    pub fn filter_subject(&self, p: crate::Partition) -> String {
+        if self.federated() {
+            format!("{}.*.{}", self.subject_prefix, p.0)
+        } else {
+            crate::partition::subject(&self.subject_prefix, p)
+        }
+    }
+
+    /// The lease bucket: with regions, one per region (`<lease_bucket>_<region>`), since
+    /// subject interest crosses leafnodes and a shared name would mix regions' leases.
+    pub fn lease_bucket_name(&self) -> String {
+        if self.federated() {
+            format!("{}_{}", self.lease_bucket, self.region)
+        } else {
+            self.lease_bucket.clone()
+        }
     }
 
     pub fn lease(&self) -> Duration {

@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`partition`]: the stable scope -> partition hash and the rendezvous owner choice (pure).
 //! - [`config`]: the `[backbone]` config table.
+//! - [`region`]: federation of regions (stream layout, origin headers, msg ids; pure).
 //! - [`lease`]: the lease state machine (sans-io: events and `now` in, actions out).
 //! - [`thread`]: the backbone thread, the [`Backbone`] handle shards use, publish, consume and
 //!   the lease shell.
@@ -34,6 +35,7 @@
 pub mod config;
 pub mod lease;
 pub mod partition;
+pub mod region;
 pub mod thread;
 
 pub use config::Config;

@@ -34,7 +34,8 @@
 
 use crate::config::Config;
 use crate::lease::{Action, Leases};
-use crate::partition::{subject, BrokerId, Partition};
+use crate::partition::{BrokerId, Partition};
+use crate::region;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -121,6 +122,11 @@ pub struct Accepted {
     pub sequence: u64,
     /// The dedup key was seen within the dedup window: this publish was not stored again.
     pub duplicate: bool,
+    /// The push's msg id, the same on every broker of every region ([`crate::region`]).
+    pub msg_id: u64,
+    /// [`Backbone::publish_everywhere`]: other regions that did not store their copy (dark or
+    /// partitioned; they source it from here when they are back).
+    pub copies_missing: usize,
 }
 
 /// The idempotency key of a publish, sent as `Nats-Msg-Id`.
@@ -172,6 +178,11 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The publish's dedup key, when it had one.
     pub key: Option<String>,
+    /// The push's msg id, the same on every broker of every region ([`crate::region`]).
+    pub msg_id: u64,
+    /// Where and when it was accepted (with regions; `None` without, or from a foreign
+    /// publisher).
+    pub origin: Option<crate::region::Origin>,
     /// When JetStream stored the message, microseconds since the Unix epoch (JetStream's clock,
     /// from the delivery's ack subject; 0 if it was not readable). The same on every delivery
     /// and every broker, so a time-to-live counted from it does not restart when a partition
@@ -253,6 +264,8 @@ enum Command {
         payload: Bytes,
         reply: oneshot::Sender<Result<Accepted, PublishError>>,
         permit: OwnedSemaphorePermit,
+        /// Also copy it into every other region's origin stream.
+        everywhere: bool,
     },
     Ack(AckToken, AckKind),
     Flush(oneshot::Sender<()>),
@@ -364,6 +377,26 @@ impl Backbone {
     /// Publishes `payload` to `partition` with `key` as its `Nats-Msg-Id`. The answer comes
     /// only after JetStream's publish ack; see [`PublishError`] for the rest.
     pub fn publish(&self, partition: Partition, key: &str, payload: Bytes) -> Publish {
+        self.publish_to(partition, key, payload, false)
+    }
+
+    /// [`Backbone::publish`], and with regions also a copy straight into every other region's
+    /// origin stream (through the leafnode), answered once those answered too or
+    /// `publish_ms_max` passed: so a push stored here is, when the answer comes, already in
+    /// every reachable region, and a region that goes dark right after does not take it along.
+    /// For high reach (rare, and must not be lost). A region that did not store its copy is
+    /// counted in [`Accepted::copies_missing`]; it sources the push when it is back.
+    pub fn publish_everywhere(&self, partition: Partition, key: &str, payload: Bytes) -> Publish {
+        self.publish_to(partition, key, payload, true)
+    }
+
+    fn publish_to(
+        &self,
+        partition: Partition,
+        key: &str,
+        payload: Bytes,
+        everywhere: bool,
+    ) -> Publish {
         let now = |r| Publish(PublishInner::Now(Some(r)));
         let Some(key) = DedupKey::new(key) else {
             return now(Err(PublishError::BadKey));
@@ -383,6 +416,7 @@ impl Backbone {
             payload,
             reply,
             permit,
+            everywhere,
         };
         if self.tx.send(cmd).is_err() {
             return now(Err(PublishError::Closed));
@@ -441,6 +475,8 @@ struct Shell {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: stream::Stream,
+    /// Msg id base: the creation time (µs) of the stream pushes are published to.
+    id_base: u64,
     kv: kv::Store,
     leases: Leases,
     consumers: HashMap<Partition, tokio::task::JoinHandle<()>>,
@@ -474,31 +510,78 @@ impl Shell {
             .map_err(|e| BackboneError::Connect(e.to_string()))?;
         let js = jetstream::new(client.clone());
         let setup = |e: &dyn std::fmt::Display| BackboneError::Setup(e.to_string());
-        let stream = stream_made(
-            &js,
-            stream::Config {
-                name: config.stream.clone(),
-                subjects: vec![format!("{}.*", config.subject_prefix)],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                num_replicas: config.replicas,
-                duplicate_window: Duration::from_millis(config.dedup_window_ms),
-                max_bytes: config.stream_bytes_max,
-                discard: stream::DiscardPolicy::New,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| setup(&e))?;
+        let work = stream::Config {
+            name: config.stream.clone(),
+            subjects: vec![format!("{}.*", config.subject_prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            duplicate_window: Duration::from_millis(config.dedup_window_ms),
+            max_bytes: config.stream_bytes_max,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        let (stream, id_base) = if config.federated() {
+            // See crate::region: the origin stream takes this region's publishes, the work
+            // stream sources every region's origin stream.
+            let origin = stream::Config {
+                name: origin_stream(&config, &config.region),
+                subjects: vec![format!("{}.{}.*", config.subject_prefix, config.region)],
+                retention: stream::RetentionPolicy::Limits,
+                max_age: Duration::from_millis(config.origin_age_ms),
+                discard: stream::DiscardPolicy::Old,
+                ..work.clone()
+            };
+            let origin = stream_made(&js, origin).await.map_err(|e| setup(&e))?;
+            let sources = config
+                .regions
+                .iter()
+                .map(|r| stream::Source {
+                    name: origin_stream(&config, r),
+                    external: (*r != config.region).then(|| stream::External {
+                        api_prefix: format!("$JS.{r}.API"),
+                        delivery_prefix: None,
+                    }),
+                    ..Default::default()
+                })
+                .collect();
+            let work = stream::Config {
+                name: format!("{}_{}", config.stream, config.region),
+                subjects: Vec::new(),
+                sources: Some(sources),
+                ..work
+            };
+            let mut stream = stream_made(&js, work.clone())
+                .await
+                .map_err(|e| setup(&e))?;
+            // A region added to (or removed from) `cluster.regions` since the stream was made:
+            // its sources follow the config.
+            let names = |c: &stream::Config| {
+                let mut n: Vec<String> =
+                    c.sources.iter().flatten().map(|s| s.name.clone()).collect();
+                n.sort();
+                n
+            };
+            if names(&stream.cached_info().config) != names(&work) {
+                js.update_stream(&work).await.map_err(|e| setup(&e))?;
+                stream = js.get_stream(&work.name).await.map_err(|e| setup(&e))?;
+            }
+            (stream, created_us(&origin))
+        } else {
+            let stream = stream_made(&js, work).await.map_err(|e| setup(&e))?;
+            let base = created_us(&stream);
+            (stream, base)
+        };
         // The bucket's stream is made here with the KV conventions (what `create_key_value`
         // would send): async-nats 0.51's `create_key_value` first reads the account info in a
         // shape nats-server 2.9 does not answer, so it fails there.
         let lease = config.lease();
+        let bucket = config.lease_bucket_name();
         stream_made(
             &js,
             stream::Config {
-                name: format!("KV_{}", config.lease_bucket),
-                subjects: vec![format!("$KV.{}.>", config.lease_bucket)],
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
                 max_messages_per_subject: 1,
                 max_age: lease,
                 duplicate_window: lease,
@@ -513,10 +596,7 @@ impl Shell {
         )
         .await
         .map_err(|e| setup(&e))?;
-        let kv = js
-            .get_key_value(config.lease_bucket.clone())
-            .await
-            .map_err(|e| setup(&e))?;
+        let kv = js.get_key_value(bucket).await.map_err(|e| setup(&e))?;
         let mut leases = Leases::new(
             me.clone(),
             config.partitions,
@@ -533,6 +613,7 @@ impl Shell {
             client,
             js,
             stream,
+            id_base,
             kv,
             leases,
             consumers: HashMap::new(),
@@ -542,8 +623,7 @@ impl Shell {
     }
 
     fn id_base(&self) -> u64 {
-        let created = self.stream.cached_info().created.unix_timestamp_nanos() / 1_000;
-        u64::try_from(created).unwrap_or(0)
+        self.id_base
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
@@ -603,32 +683,87 @@ impl Shell {
                 payload,
                 reply,
                 permit,
+                everywhere,
             } => {
                 if self.client.connection_state() != async_nats::connection::State::Connected {
                     let _ = reply.send(Err(PublishError::Down));
                     return;
                 }
                 let js = self.js.clone();
-                let subject = subject(&self.config.subject_prefix, partition);
+                let subject = self.config.publish_subject(partition);
                 let wait = Duration::from_millis(self.config.publish_ms_max);
+                let (id_base, region) = (self.id_base, self.config.region.clone());
+                let federated = self.config.federated();
+                let others: Vec<String> = match everywhere && federated {
+                    true => self
+                        .config
+                        .regions
+                        .iter()
+                        .filter(|r| **r != region)
+                        .map(|r| format!("{}.{r}.{}", self.config.subject_prefix, partition.0))
+                        .collect(),
+                    false => Vec::new(),
+                };
                 tokio::spawn(async move {
                     let mut headers = async_nats::HeaderMap::new();
-                    headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
+                    let nats_id = match federated {
+                        // See crate::region, Deduplication.
+                        true => region::nats_msg_id(&region, key.as_str(), false),
+                        false => key.as_str().to_owned(),
+                    };
+                    headers.insert(async_nats::header::NATS_MESSAGE_ID, nats_id.as_str());
+                    if federated {
+                        headers.insert(region::HEADER_KEY, key.as_str());
+                        headers.insert(region::HEADER_REGION, region.as_str());
+                        let now = region::now_ms().to_string();
+                        headers.insert(region::HEADER_ORIGIN_MS, now.as_str());
+                        headers.insert(region::HEADER_ID_BASE, id_base.to_string().as_str());
+                    }
                     let publish = async {
-                        js.publish_with_headers(subject, headers, payload)
+                        js.publish_with_headers(subject, headers.clone(), payload.clone())
                             .await
                             .map_err(|e| e.to_string())?
                             .await
                             .map_err(|e| e.to_string())
                     };
-                    let r = match tokio::time::timeout(wait, publish).await {
+                    let mut r = match tokio::time::timeout(wait, publish).await {
                         Ok(Ok(ack)) => Ok(Accepted {
                             sequence: ack.sequence,
                             duplicate: ack.duplicate,
+                            msg_id: if federated {
+                                region::msg_id(&region, id_base, ack.sequence)
+                            } else {
+                                id_base.wrapping_add(ack.sequence)
+                            },
+                            copies_missing: 0,
                         }),
                         Ok(Err(e)) => Err(PublishError::Refused(e)),
                         Err(_) => Err(PublishError::Timeout),
                     };
+                    if let (Ok(a), false) = (&mut r, others.is_empty()) {
+                        // The copies name the msg id this region answers (their own origin
+                        // sequence would give another one) and keep the dedup key, so each
+                        // work stream keeps whichever copy reaches it first.
+                        headers.insert(region::HEADER_MSG_ID, a.msg_id.to_string().as_str());
+                        let copy_id = region::nats_msg_id(&region, key.as_str(), true);
+                        headers.insert(async_nats::header::NATS_MESSAGE_ID, copy_id.as_str());
+                        let copies = others.into_iter().map(|subject| {
+                            let (js, headers, payload) =
+                                (js.clone(), headers.clone(), payload.clone());
+                            async move {
+                                let copy = async {
+                                    js.publish_with_headers(subject, headers, payload)
+                                        .await
+                                        .ok()?
+                                        .await
+                                        .ok()
+                                };
+                                matches!(tokio::time::timeout(wait, copy).await, Ok(Some(_)))
+                            }
+                        });
+                        let stored = futures_util::future::join_all(copies).await;
+                        a.copies_missing = stored.iter().filter(|ok| !**ok).count();
+                    }
                     let _ = reply.send(r);
                     drop(permit);
                 });
@@ -754,7 +889,14 @@ impl Shell {
                     let sink = self.sink(p);
                     send(&sink, Event::Owned(p)).await;
                     let working = self.working.clone();
-                    let task = consume(self.stream.clone(), self.config.clone(), p, sink, working);
+                    let task = consume(
+                        self.stream.clone(),
+                        self.config.clone(),
+                        self.id_base,
+                        p,
+                        sink,
+                        working,
+                    );
                     self.consumers.insert(p, tokio::spawn(task));
                 }
                 Action::Stop(p) => {
@@ -778,6 +920,17 @@ impl Shell {
 /// The working table, even if a thread panicked holding it (its entries stay valid).
 fn lock(w: &Working) -> std::sync::MutexGuard<'_, HashMap<String, (Partition, Instant)>> {
     w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The origin stream of `region` (see [`crate::region`]).
+fn origin_stream(config: &Config, region: &str) -> String {
+    format!("{}_ORIGIN_{region}", config.stream)
+}
+
+/// A stream's creation time, µs since the epoch (the msg id base).
+fn created_us(stream: &stream::Stream) -> u64 {
+    let created = stream.cached_info().created.unix_timestamp_nanos() / 1_000;
+    u64::try_from(created).unwrap_or(0)
 }
 
 fn lease_key(p: Partition) -> String {
@@ -828,6 +981,7 @@ async fn send(sink: &Sink, mut event: Event) {
 async fn consume(
     stream: stream::Stream,
     config: Config,
+    id_base: u64,
     p: Partition,
     sink: Sink,
     working: Working,
@@ -835,7 +989,16 @@ async fn consume(
     // Messages up to this sequence may have reached a previous owner.
     let mut seen_before = None;
     loop {
-        let r = consume_once(&stream, &config, p, &sink, &working, &mut seen_before).await;
+        let r = consume_once(
+            &stream,
+            &config,
+            id_base,
+            p,
+            &sink,
+            &working,
+            &mut seen_before,
+        );
+        let r = r.await;
         if let Err(e) = r {
             tracing::warn!(partition = p.0, error = %e, "backbone consumer failed; retrying");
         }
@@ -846,6 +1009,7 @@ async fn consume(
 async fn consume_once(
     stream: &stream::Stream,
     config: &Config,
+    id_base: u64,
     p: Partition,
     sink: &Sink,
     working: &Working,
@@ -887,7 +1051,7 @@ async fn consume_once(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: subject(&config.subject_prefix, p),
+                filter_subject: config.filter_subject(p),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_millis(config.ack_wait_ms),
                 max_ack_pending: config.ack_pending_max,
@@ -911,11 +1075,26 @@ async fn consume_once(
         let Some(reply) = m.reply.clone() else {
             continue;
         };
-        let key = m
-            .headers
+        let header = |name: &str| m.headers.as_ref()?.get(name).map(|v| v.as_str());
+        // With regions the caller's key travels in its own header (see crate::region).
+        let key = header(region::HEADER_KEY)
+            .or_else(|| header(async_nats::header::NATS_MESSAGE_ID.as_ref()))
+            .map(str::to_owned);
+        let origin = if config.federated() {
+            region::Origin::parse(
+                &config.region,
+                header(region::HEADER_REGION),
+                header(region::HEADER_ORIGIN_MS),
+                header(region::HEADER_ID_BASE),
+                header(region::HEADER_SOURCE),
+                header(region::HEADER_MSG_ID),
+            )
+        } else {
+            None
+        };
+        let msg_id = origin
             .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .map(|v| v.as_str().to_owned());
+            .map_or(id_base.wrapping_add(sequence), |o| o.msg_id);
         if config.progress_ms_max > 0 {
             lock(working).insert(reply.as_str().to_owned(), (p, Instant::now()));
         }
@@ -925,6 +1104,8 @@ async fn consume_once(
             delivered,
             redelivered: delivered > 1 || sequence <= seen_before,
             key,
+            msg_id,
+            origin,
             published_us,
             payload: m.payload.clone(),
             ack: AckToken(reply),

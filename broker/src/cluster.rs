@@ -54,6 +54,23 @@
 //! the issue asks for (in-progress acks rather than a per-partition checkpoint): JetStream keeps
 //! exact per-message ack state, so a takeover redelivers only what was not finished.
 //!
+//! # Regions
+//! With `cluster.regions` set (issue 13, [`backbone::region`]), this region's pushes go to its
+//! origin stream and the partitions are read from a work stream that sources every region's
+//! origin stream, so a push accepted in any region is consumed by one broker in each region
+//! and delivered to that region's viewers. The msg id is the origin's (the same in every
+//! region). A message another region accepted is dropped (acked, counted in
+//! `barrage_broker_backbone_stale_dropped_total`) when it is low priority and older than
+//! `cluster.cross_region_max_lag_ms` (a backlog after a partition); a high-reach one is tracked
+//! with what is left of its ttl counted from the origin's publish time. A high-reach push is
+//! also copied straight into every other region's origin stream before it is answered
+//! ([`backbone::Backbone::publish_everywhere`]), so a region that goes dark right after
+//! accepting it does not take it along (a region that could not store its copy is counted in
+//! `barrage_broker_backbone_region_copies_missing_total`). Order: one partition's
+//! messages from one origin keep their origin order; two origins interleave as the sources
+//! copy them (a room sees region A's pushes in A's order and B's in B's order, not one total
+//! order).
+//!
 //! # Epochs on owner change
 //! When this broker takes a partition's lease, every room of it that this broker had seen
 //! (it owned the room before) starts a new epoch in its history ([`crate::history::History::new_owner`]);
@@ -118,6 +135,16 @@ pub struct ClusterMetrics {
     pub partitions_taken: AtomicU64,
     /// Rooms that started a new epoch because this broker took them over.
     pub epochs_started: AtomicU64,
+    /// Messages consumed that another region accepted (federation, issue 13).
+    pub cross_region: AtomicU64,
+    /// High-reach pushes another region did not store a copy of before the answer (dark or
+    /// partitioned; it sources them when it is back).
+    pub copies_missing: AtomicU64,
+    /// Second copies of one push consumed and dropped (a key stored in two regions' origins).
+    pub region_copies_dropped: AtomicU64,
+    /// Messages from another region dropped as stale: `[low priority older than
+    /// cluster.cross_region_max_lag_ms, high reach whose ttl ran out on the way]`.
+    pub stale_dropped: [AtomicU64; 2],
     /// Consumed messages whose batch waits for edge confirmations (gauge).
     pub confirm_waiting: AtomicI64,
     /// CONFIRM frames received from edges.
@@ -145,6 +172,8 @@ pub(crate) struct Cluster {
     taken: Vec<(Sender<backbone::Partition>, Receiver<backbone::Partition>)>,
     /// Tokens of consumed high-reach messages the courier tracks (see the module doc).
     reach: Mutex<HashMap<MsgId, AckToken>>,
+    /// `cluster.cross_region_max_lag_ms`.
+    max_lag_ms: u64,
     /// NAK delay of a message whose link ended unconfirmed (`cluster.ack_wait_ms`): by then
     /// the edge has re-linked and re-sent its interest.
     redeliver_ms: u64,
@@ -176,6 +205,7 @@ impl Cluster {
         })?;
         let mut c = config.cluster.clone();
         c.servers = config.backbone.clone();
+        c.region = config.region.clone();
         if config.control_addr.is_none() {
             // No edge list to wait for (crate::announce ends the join wait).
             c.join_wait_ms_max = 0;
@@ -200,6 +230,7 @@ impl Cluster {
                     .map(|_| crossbeam_channel::unbounded())
                     .collect(),
                 reach: Mutex::new(HashMap::new()),
+                max_lag_ms: config.cluster.cross_region_max_lag_ms,
                 redeliver_ms,
                 metrics: ClusterMetrics::default(),
             },
@@ -215,9 +246,17 @@ impl Cluster {
             Some((key_index, idem)) => dedup_key(key_index, idem),
             None => format!("{}{}", self.key_prefix, self.next_key.fetch_add(1, Relaxed)),
         };
+        let high = push.reach == proto::id::Reach::High;
         let mut payload = Vec::with_capacity(push.body.len() + 64);
         proto::ingest::encode(&IngestFrame::Push(push), &mut payload);
-        Publishing(self.backbone.publish(partition, &key, payload.into()))
+        // High reach must not be lost with a region: stored in every reachable one before
+        // the answer (see the module doc, Regions).
+        Publishing(match high {
+            true => self
+                .backbone
+                .publish_everywhere(partition, &key, payload.into()),
+            false => self.backbone.publish(partition, &key, payload.into()),
+        })
     }
 
     /// Waits for JetStream's answer: the msg id, or `Overloaded` (a retry is safe).
@@ -229,7 +268,8 @@ impl Cluster {
                 if a.duplicate {
                     m.duplicates.fetch_add(1, Relaxed);
                 }
-                Ok(MsgId(self.backbone.id_base().wrapping_add(a.sequence)))
+                m.copies_missing.fetch_add(a.copies_missing as u64, Relaxed);
+                Ok(MsgId(a.msg_id))
             }
             Err(e) => {
                 let i = match e {
@@ -248,6 +288,10 @@ impl Cluster {
 
     /// A consumed high-reach message: tracked by the courier (which shard 0 drives), its token
     /// kept until the courier ends it ([`Cluster::reach_ended`]). See the module doc.
+    /// `published_us`: when it was first stored, in its origin region for another region's
+    /// push (see `cross_region`), so its ttl counts from there and a backlog after a takeover
+    /// or a partition is sent only while the ttl lasts; `foreign`: accepted in another region.
+    #[allow(clippy::too_many_arguments)]
     fn track_high(
         &self,
         shared: &Shared,
@@ -255,6 +299,7 @@ impl Cluster {
         push: Push,
         token: AckToken,
         published_us: u64,
+        foreign: bool,
     ) {
         use crate::courier::Status;
         match shared.courier.status(msg_id) {
@@ -280,7 +325,10 @@ impl Cluster {
         let ttl_ms = shared.courier.ttl_ms(push.ttl_ms);
         let Some(ttl_ms) = ttl_left_ms(ttl_ms, published_us, crate::unix_us()) else {
             // Expired before this owner got it (a long takeover, a backlog): done.
-            self.metrics.reach_expired.fetch_add(1, Relaxed);
+            match foreign {
+                true => self.metrics.stale_dropped[1].fetch_add(1, Relaxed),
+                false => self.metrics.reach_expired.fetch_add(1, Relaxed),
+            };
             self.ack(token, AckKind::Ack);
             return;
         };
@@ -446,6 +494,51 @@ impl Cluster {
             w.sample(name, &[], v.load(Relaxed) as f64);
         }
         w.family(
+            "barrage_broker_backbone_cross_region_total",
+            "counter",
+            "Messages consumed that another region accepted (regions federation).",
+        );
+        w.sample(
+            "barrage_broker_backbone_cross_region_total",
+            &[],
+            m.cross_region.load(Relaxed) as f64,
+        );
+        w.family(
+            "barrage_broker_backbone_region_copies_missing_total",
+            "counter",
+            "High-reach pushes accepted while another region did not store its copy (dark or \
+             partitioned: it sources them when it is back).",
+        );
+        w.sample(
+            "barrage_broker_backbone_region_copies_missing_total",
+            &[],
+            m.copies_missing.load(Relaxed) as f64,
+        );
+        w.family(
+            "barrage_broker_backbone_region_copies_dropped_total",
+            "counter",
+            "Second copies of one push dropped at consumption (one idempotency key stored in two \
+             regions, or a high-reach copy).",
+        );
+        w.sample(
+            "barrage_broker_backbone_region_copies_dropped_total",
+            &[],
+            m.region_copies_dropped.load(Relaxed) as f64,
+        );
+        w.family(
+            "barrage_broker_backbone_stale_dropped_total",
+            "counter",
+            "Messages from another region dropped as stale, by kind: low (low priority older \
+             than cluster.cross_region_max_lag_ms), reach (high reach whose ttl ran out).",
+        );
+        for (i, kind) in ["low", "reach"].iter().enumerate() {
+            w.sample(
+                "barrage_broker_backbone_stale_dropped_total",
+                &[("kind", kind)],
+                m.stale_dropped[i].load(Relaxed) as f64,
+            );
+        }
+        w.family(
             "barrage_broker_backbone_publish_failed_total",
             "counter",
             "Publishes answered overloaded, by reason (down, busy, timeout, refused, closed).",
@@ -487,6 +580,18 @@ impl Cluster {
             &[],
             m.partitions_taken.load(Relaxed) as f64,
         );
+    }
+}
+
+/// How long ago another region accepted `d` (0 for this region's own and without regions),
+/// counting it as cross-region.
+fn cross_region_age(cluster: &Cluster, d: &backbone::Delivery) -> u64 {
+    match &d.origin {
+        Some(o) if o.foreign => {
+            cluster.metrics.cross_region.fetch_add(1, Relaxed);
+            o.age_ms(backbone::region::now_ms())
+        }
+        _ => 0,
     }
 }
 
@@ -604,6 +709,10 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
     };
     let m = &cluster.metrics;
     let poll = Duration::from_millis(FEEDER_POLL_MS);
+    let mut seen = backbone::region::SeenKeys::new(
+        shared.config.cluster.dedup_window_ms,
+        backbone::region::SEEN_KEYS_MAX,
+    );
     loop {
         if shared.stop.load(Relaxed) {
             return;
@@ -646,9 +755,29 @@ pub(crate) fn feeder(shared: Arc<Shared>, rx: Receiver<Event>) {
                 continue;
             }
         };
-        let msg_id = MsgId(cluster.backbone.id_base().wrapping_add(d.sequence));
+        if let (Some(_), Some(key)) = (&d.origin, &d.key) {
+            // Regions: a second copy of one push (see backbone::region, Deduplication).
+            if seen.is_copy(key, d.sequence, Instant::now()) {
+                m.region_copies_dropped.fetch_add(1, Relaxed);
+                cluster.ack(d.ack, AckKind::Ack);
+                continue;
+            }
+        }
+        let msg_id = MsgId(d.msg_id);
+        let age_ms = cross_region_age(cluster, &d);
         if push.reach == proto::id::Reach::High {
-            cluster.track_high(&shared, msg_id, push, d.ack, d.published_us);
+            let published_us = match &d.origin {
+                Some(o) if o.foreign => o.published_ms.saturating_mul(1_000),
+                _ => d.published_us,
+            };
+            let foreign = d.origin.as_ref().is_some_and(|o| o.foreign);
+            cluster.track_high(&shared, msg_id, push, d.ack, published_us, foreign);
+            continue;
+        }
+        if push.priority == Priority::Low && age_ms > cluster.max_lag_ms {
+            // A backlog from another region after a partition: too old to matter live.
+            m.stale_dropped[0].fetch_add(1, Relaxed);
+            cluster.ack(d.ack, AckKind::Ack);
             continue;
         }
         let shard = usize::from(owner(&push.scope, shared.shards));

@@ -506,7 +506,12 @@ impl Config {
             return bad("presence_events_max and presence_edges_max must be at least 1");
         }
         if self.cluster_mode() {
-            self.cluster
+            // The backbone reads the region from the broker's own `region` field.
+            let cluster = backbone::Config {
+                region: self.region.clone(),
+                ..self.cluster.clone()
+            };
+            cluster
                 .check()
                 .map_err(|m| BrokerError::Config(format!("cluster: {m}")))?;
         }
