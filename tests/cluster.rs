@@ -1695,7 +1695,10 @@ fn a_nats_node_killed_under_r3_loses_no_accepted_push() {
         .iter()
         .map(|a| a.iter().map(|x| x.0).collect())
         .collect();
-    let got = readers.finish(&want, WAIT);
+    // Generous: on the tree merged with edge confirmations one run in four still missed one
+    // room's last 50 pushes 15 s after the load stopped (late or lost: not diagnosed yet; the
+    // brokers' backbone counters are printed when it happens).
+    let got = readers.finish(&want, Duration::from_secs(45));
     let (delivered, missing, dup) = tally(&accepted, &got);
     let resumed = accepted
         .iter()
@@ -1711,6 +1714,17 @@ fn a_nats_node_killed_under_r3_loses_no_accepted_push() {
         dup.len(),
         resumed.map(|t| t - killed),
     );
+    if !missing.is_empty() {
+        for b in region["brokers"].as_array().unwrap() {
+            let page = get_text(addr_of(&b["http"]), "/metrics");
+            let counters: Vec<&str> = page
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+                .filter(|l| l.contains("backbone") || l.contains("unrouted"))
+                .collect();
+            eprintln!("{}: {}", b["node_id"], counters.join(" | "));
+        }
+    }
     assert!(missing.is_empty(), "accepted pushes lost: {missing:?}");
     assert!(
         new_leader.is_some_and(|l| l != leader),
