@@ -13,46 +13,8 @@ VIEWERS=${VIEWERS:-19000}
 RATES=${RATES:-5,10,20,50,100}
 STEP_MS=${STEP_MS:-8000}
 SOURCES=${SOURCES:-127.0.0.2,127.0.0.3,127.0.0.4}
-S=6f1d2c3b4a5968778695a4b3c2d1e0f0112233445566778899aabbccddeeff00
-K=loadtest-api-key-0123456789abcdef0123456789abcdef
-cat > control.toml <<T
-http_addr = "127.0.0.1:18080"
-api_keys = ["$K"]
-token_keys = "1:$S"
-driver = "legacy"
-[http]
-conns_per_addr_max = 4096
-conns_max = 8192
-T
-cat > broker.toml <<T
-shards = 1
-pin = false
-driver = "legacy"
-ingest_addr = "127.0.0.1:17400"
-link_addr = "127.0.0.1:17401"
-http_addr = "127.0.0.1:17480"
-[[api_keys]]
-key = "$K"
-scopes = ["room"]
-T
-cat > edge.toml <<T
-shards = 1
-pin = false
-driver = "$DRIVER"
-node_id = "bench-e1"
-tcp_addr = "127.0.0.1:17000"
-ws_addr = "127.0.0.1:17001"
-admin_addr = "127.0.0.1:17002"
-public_host = "127.0.0.1"
-broker_addrs = ["127.0.0.1:17401"]
-control_addr = "127.0.0.1:18080"
-token_keys = "1:$S"
-T
-$BIN control --config control.toml > c.log 2>&1 & CP=$!
-$BIN broker --config broker.toml > b.log 2>&1 & BP=$!
-sleep 1
-$BIN edge --config edge.toml > e.log 2>&1 & EP=$!
-sleep 3
+. "$(dirname "$0")/local-stack.sh"
+start_stack "$DRIVER" '["room"]'
 # Per step: the edge's counters every STEP_MS, in the background, next to the loadtest's steps.
 metric() { curl -s http://127.0.0.1:17002/metrics | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {printf "%.0f", s}'; }
 cpu() { awk '{print $14+$15}' /proc/$1/stat; }

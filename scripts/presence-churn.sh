@@ -7,48 +7,9 @@
 set -u
 MODE=$1
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release/barrage}
-S=6f1d2c3b4a5968778695a4b3c2d1e0f0112233445566778899aabbccddeeff00
-K=loadtest-api-key-0123456789abcdef0123456789abcdef
-cat > control.toml <<T
-http_addr = "127.0.0.1:18080"
-api_keys = ["$K"]
-token_keys = "1:$S"
-driver = "legacy"
-[http]
-conns_per_addr_max = 4096
-conns_max = 8192
-T
-cat > broker.toml <<T
-shards = 1
-pin = false
-driver = "legacy"
-ingest_addr = "127.0.0.1:17400"
-link_addr = "127.0.0.1:17401"
-http_addr = "127.0.0.1:17480"
-[[api_keys]]
-key = "$K"
-scopes = ["room", "presence"]
-T
 PRES=true; [ "$MODE" = off ] && PRES=false
-cat > edge.toml <<T
-shards = 1
-pin = false
-driver = "legacy"
-node_id = "bench-e1"
-tcp_addr = "127.0.0.1:17000"
-ws_addr = "127.0.0.1:17001"
-admin_addr = "127.0.0.1:17002"
-public_host = "127.0.0.1"
-broker_addrs = ["127.0.0.1:17401"]
-control_addr = "127.0.0.1:18080"
-token_keys = "1:$S"
-presence = $PRES
-T
-$BIN control --config control.toml > c.log 2>&1 & CP=$!
-$BIN broker --config broker.toml > b.log 2>&1 & BP=$!
-sleep 1
-$BIN edge --config edge.toml > e.log 2>&1 & EP=$!
-sleep 3
+. "$(dirname "$0")/local-stack.sh"
+start_stack legacy '["room", "presence"]' "presence = $PRES"
 cpu() { awk '{print $14+$15}' /proc/$1/stat; }
 T0=$(cpu $EP); B0=$(cpu $BP)
 if [ "${SCENARIO:-churn}" = fanout ]; then

@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::cluster::*;
 use common::*;
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream};
@@ -784,43 +785,11 @@ fn a_backbone_that_is_down_is_answered_503_then_recovers() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Sends `sig` to process `pid` (a child of this test or of the cluster it started).
-fn signal(pid: u64, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// `barrage cluster --json` as a child; SIGTERM on drop (it stops its own children).
-struct ClusterProc(Child);
-
-impl Drop for ClusterProc {
-    fn drop(&mut self) {
-        signal(u64::from(self.0.id()), libc::SIGTERM);
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn alive(pid: u64) -> bool {
     // A zombie still has /proc/<pid>; its state letter is Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.contains(") Z "))
         .unwrap_or(false)
-}
-
-fn addr_of(v: &serde_json::Value) -> SocketAddr {
-    v.as_str()
-        .expect("address string")
-        .trim_start_matches("http://")
-        .parse()
-        .expect("socket address")
 }
 
 /// The whole of cluster mode through the real binary: `barrage cluster` starts NATS, control,
@@ -1027,31 +996,6 @@ fn a_keyed_retry_through_another_broker_is_the_same_message() {
 }
 
 /// Starts `barrage cluster` with `args` and returns it with its JSON line parsed.
-fn start_cluster(args: &[&str]) -> (ClusterProc, serde_json::Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
-        .arg("cluster")
-        .args(args)
-        .args(["--json", "--api-key", API_KEY, "--token-secret", KEYS_V1])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("barrage cluster starts");
-    let stdout = child.stdout.take().unwrap();
-    let cluster = ClusterProc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(90))
-        .expect("barrage cluster printed its endpoints");
-    (cluster, serde_json::from_str(&line).expect("one JSON line"))
-}
-
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;

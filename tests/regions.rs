@@ -10,10 +10,11 @@
 
 mod common;
 
+use common::cluster::*;
 use common::*;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,72 +42,14 @@ fn nats_installed() -> bool {
     found
 }
 
-fn signal(pid: u64, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// `barrage cluster --json` as a child; SIGTERM on drop (it stops its own children).
-struct ClusterProc(Child);
-
-impl Drop for ClusterProc {
-    fn drop(&mut self) {
-        signal(u64::from(self.0.id()), libc::SIGTERM);
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `barrage cluster --regions 2` with `args` and returns it with its JSON line parsed.
 fn start_regions(args: &[&str]) -> (ClusterProc, serde_json::Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
-        .args([
-            "cluster",
-            "--regions",
-            "2",
-            "--brokers",
-            "1",
-            "--edges",
-            "1",
-        ])
-        .args(["--partitions", "8", "--lease-ms", "1500"])
-        .args(args)
-        .args(["--json", "--api-key", API_KEY, "--token-secret", KEYS_V1])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("barrage cluster starts");
-    let stdout = child.stdout.take().unwrap();
-    let cluster = ClusterProc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(90))
-        .expect("barrage cluster printed its endpoints");
-    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
+    let mut all = vec!["--regions", "2", "--brokers", "1", "--edges", "1"];
+    all.extend(["--partitions", "8", "--lease-ms", "1500"]);
+    all.extend_from_slice(args);
+    let (cluster, v) = start_cluster(&all);
     assert_eq!(v["regions"].as_array().map(Vec::len), Some(2), "{v}");
     (cluster, v)
-}
-
-fn addr_of(v: &serde_json::Value) -> SocketAddr {
-    v.as_str()
-        .expect("address string")
-        .trim_start_matches("http://")
-        .parse()
-        .expect("socket address")
 }
 
 /// One region of the cluster's JSON.

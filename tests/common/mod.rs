@@ -2,6 +2,8 @@
 //! blocking viewer that speaks the client protocol over TCP or WebSocket.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use proto::auth::AuthBody;
 use proto::packet::{op, StreamDecoder};
 use proto::ws::{FrameDecoder, Message as WsMessage, Opcode};

@@ -1,0 +1,66 @@
+//! `barrage cluster` driven from a test: the process, its JSON line, signals to its children.
+
+use super::{API_KEY, KEYS_V1, WAIT};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Sends `sig` to process `pid` (a child of this test or of the cluster it started).
+pub fn signal(pid: u64, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// `barrage cluster --json` as a child; SIGTERM on drop (it stops its own children).
+pub struct ClusterProc(pub Child);
+
+impl Drop for ClusterProc {
+    fn drop(&mut self) {
+        signal(u64::from(self.0.id()), libc::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `barrage cluster <args> --json` with the tests' API key and token secret, and
+/// returns it with the one JSON line it prints once every process is healthy.
+pub fn start_cluster(args: &[&str]) -> (ClusterProc, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
+        .arg("cluster")
+        .args(args)
+        .args(["--json", "--api-key", API_KEY, "--token-secret", KEYS_V1])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("barrage cluster starts");
+    let stdout = child.stdout.take().unwrap();
+    let cluster = ClusterProc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(90))
+        .expect("barrage cluster printed its endpoints");
+    (cluster, serde_json::from_str(&line).expect("one JSON line"))
+}
+
+/// An address of the JSON line (`"host:port"` or `"http://host:port"`).
+pub fn addr_of(v: &serde_json::Value) -> SocketAddr {
+    v.as_str()
+        .expect("address string")
+        .trim_start_matches("http://")
+        .parse()
+        .expect("socket address")
+}
