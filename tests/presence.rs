@@ -360,14 +360,7 @@ fn a_user_push_goes_only_to_the_edge_that_holds_the_user() {
     let mut alice = viewer(e1.addrs[0], 31, "dev-31", 500);
     let _other = viewer(e2.addrs[0], 32, "dev-32", 500);
     wait_room(http, 500, 2, 2);
-    let body = r#"{"cmd":"DM","text":"hi 31"}"#;
-    let req = format!(
-        "POST /v1/push/user/31 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUSHER}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let (head, _) = request_from([127, 0, 0, 1], http, &req).expect("push");
-    assert_eq!(status(&head), 202, "{head}");
+    push_user(http, 31, r#"{"cmd":"DM","text":"hi 31"}"#);
     let got = alice
         .next_message(Instant::now() + WAIT)
         .expect("alice gets her push");
@@ -379,6 +372,17 @@ fn a_user_push_goes_only_to_the_edge_that_holds_the_user() {
         "the batch skipped the edge without user 31: {m}"
     );
     drop((e1, e2));
+}
+
+/// Pushes `body` to user `uid` over the broker's HTTP API; asserts it was accepted (202).
+fn push_user(http: SocketAddr, uid: u64, body: &str) {
+    let req = format!(
+        "POST /v1/push/user/{uid} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUSHER}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (head, _) = request_from([127, 0, 0, 1], http, &req).expect("push");
+    assert_eq!(status(&head), 202, "{head}");
 }
 
 /// The race that kept `route_by_presence` off by default: a connection pushed to right after
@@ -394,14 +398,7 @@ fn a_user_push_right_after_auth_reaches_the_connection_before_its_presence_repor
     let _bob = viewer(e1.addrs[0], 42, "dev-42", 600);
     wait_room(http, 600, 1, 1);
     let mut alice = viewer(e1.addrs[0], 41, "dev-41", 600);
-    let body = r#"{"cmd":"DM","text":"hi 41"}"#;
-    let req = format!(
-        "POST /v1/push/user/41 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUSHER}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let (head, _) = request_from([127, 0, 0, 1], http, &req).expect("push");
-    assert_eq!(status(&head), 202, "{head}");
+    push_user(http, 41, r#"{"cmd":"DM","text":"hi 41"}"#);
     let got = alice
         .next_message(Instant::now() + WAIT)
         .expect("alice gets the push sent before the broker knew of her");

@@ -558,13 +558,7 @@ impl Publisher {
                         client = None;
                     }
                 }
-                due += gap;
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                } else {
-                    due = now;
-                }
+                pace(&mut due, gap);
             }
         });
         Publisher {

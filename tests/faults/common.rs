@@ -328,3 +328,15 @@ pub fn edge_toml(extra: &str, head_ms: u64) -> String {
         http_table(head_ms)
     )
 }
+
+/// Paces a loop at one turn per `gap`: sleeps until `due + gap` and moves `due` there (after a
+/// late turn, from now: no burst to catch up).
+pub fn pace(due: &mut Instant, gap: Duration) {
+    *due += gap;
+    let now = Instant::now();
+    if *due > now {
+        std::thread::sleep(*due - now);
+    } else {
+        *due = now;
+    }
+}

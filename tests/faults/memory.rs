@@ -70,13 +70,7 @@ impl Flood {
                     };
                     in_flight -= 1;
                 }
-                due += gap;
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                } else {
-                    due = now;
-                }
+                pace(&mut due, gap);
             }
         });
         Flood {
