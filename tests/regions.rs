@@ -1022,45 +1022,14 @@ fn enter_netns(ns: &str) {
 /// One region of the partition run, started with `barrage cluster --only-region` inside its
 /// namespace.
 fn start_region_in(ns: &str, name: &str, extra: &[&str]) -> (ClusterProc, serde_json::Value) {
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            env!("CARGO_BIN_EXE_barrage"),
-            "cluster",
-        ])
-        .args([
-            "--regions",
-            "2",
-            "--only-region",
-            name,
-            "--brokers",
-            "1",
-            "--edges",
-            "1",
-        ])
-        .args(["--partitions", "8", "--cross-region-max-lag-ms", "2000"])
-        .args(extra)
-        .args(["--json", "--api-key", API_KEY, "--token-secret", KEYS_V1])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("barrage cluster starts");
-    let stdout = child.stdout.take().unwrap();
-    let cluster = ClusterProc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(90))
-        .expect("region printed its endpoints");
-    (cluster, serde_json::from_str(&line).expect("one JSON line"))
+    let mut ip = Command::new("ip");
+    ip.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_barrage")])
+        .env("RUST_LOG", "error");
+    let mut args = vec!["--regions", "2", "--only-region", name];
+    args.extend(["--brokers", "1", "--edges", "1"]);
+    args.extend(["--partitions", "8", "--cross-region-max-lag-ms", "2000"]);
+    args.extend_from_slice(extra);
+    start_cluster_via(ip, &args)
 }
 
 /// The partition run of issue 13 (docs/benchmarks.md, "Regions"): each region in its own

@@ -32,11 +32,19 @@ impl Drop for ClusterProc {
 /// Starts `barrage cluster <args> --json` with the tests' API key and token secret, and
 /// returns it with the one JSON line it prints once every process is healthy.
 pub fn start_cluster(args: &[&str]) -> (ClusterProc, serde_json::Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
+    start_cluster_via(Command::new(env!("CARGO_BIN_EXE_barrage")), args)
+}
+
+/// `start_cluster` through `cmd`, a command that runs the barrage binary (itself, or e.g.
+/// `ip netns exec <ns> <binary>`); `RUST_LOG` is `warn` unless `cmd` sets it.
+pub fn start_cluster_via(mut cmd: Command, args: &[&str]) -> (ClusterProc, serde_json::Value) {
+    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env("RUST_LOG", "warn");
+    }
+    let mut child = cmd
         .arg("cluster")
         .args(args)
         .args(["--json", "--api-key", API_KEY, "--token-secret", KEYS_V1])
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
