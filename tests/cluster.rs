@@ -168,19 +168,6 @@ fn push_numbered(http: SocketAddr, room: u64, from: u64, n: u64) -> Vec<u64> {
     accepted
 }
 
-fn get_text(addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 #[test]
 fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
     let dir = std::env::temp_dir().join(format!("barrage-cluster-{}", std::process::id()));

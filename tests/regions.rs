@@ -165,21 +165,6 @@ fn numbers(got: &[serde_json::Value]) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn get_text(addr: SocketAddr, path: &str) -> String {
-    use std::io::Read;
-    use std::io::Write;
-    let mut s = TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        // HTTP/1.0: no chunked answer (the NATS monitor chunks under 1.1).
-        "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 fn metric(page: &str, name_and_labels: &str) -> f64 {
     page.lines()
         .filter(|l| l.starts_with(name_and_labels))

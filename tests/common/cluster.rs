@@ -72,3 +72,14 @@ pub fn addr_of(v: &serde_json::Value) -> SocketAddr {
         .parse()
         .expect("socket address")
 }
+
+/// The body and head of `GET path` as text. HTTP/1.0: no chunked answer (the NATS monitor
+/// chunks under 1.1).
+pub fn get_text(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
