@@ -170,8 +170,7 @@ fn push_numbered(http: SocketAddr, room: u64, from: u64, n: u64) -> Vec<u64> {
 
 #[test]
 fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster");
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -245,7 +244,6 @@ fn a_broker_killed_with_sigkill_loses_no_accepted_push() {
     );
     drop(b);
     control.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Waits until control lists the edge as up.
@@ -288,8 +286,7 @@ fn room_viewers(control: &control::Handle, ingest: SocketAddr, rooms: &[u64]) ->
 /// as before confirmations, every push of the stalled rooms is lost here, every run.)
 #[test]
 fn a_broker_killed_with_batches_unconfirmed_on_its_links_loses_none() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-handoff-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-handoff");
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -352,15 +349,13 @@ fn a_broker_killed_with_batches_unconfirmed_on_its_links_loses_none() {
     drop(proxy);
     drop(b);
     control.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A link that ends before it confirmed its batches (the broker lives on): they are given back
 /// to JetStream (counted) and delivered again once the edge has re-linked, not acked.
 #[test]
 fn batches_of_a_link_that_ends_unconfirmed_are_delivered_again() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-unconf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-unconf");
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -412,7 +407,6 @@ fn batches_of_a_link_that_ends_unconfirmed_are_delivered_again() {
     drop(proxy);
     drop(a);
     control.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// What waits on one edge is bounded: a link that stays up (it pings) but never confirms the
@@ -421,8 +415,7 @@ fn batches_of_a_link_that_ends_unconfirmed_are_delivered_again() {
 #[test]
 fn a_link_that_never_confirms_is_cut_and_its_batches_given_back() {
     use std::io::Write;
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-lag-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-lag");
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -492,7 +485,6 @@ fn a_link_that_never_confirms_is_cut_and_its_batches_given_back() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = pinger.join();
     drop(a);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The sum of every series of a metric family in a metrics page (labelled or not).
@@ -537,8 +529,7 @@ fn an_embedded_broker_gets_no_confirmations() {
 /// answered left (a fresh ttl would leave at least the lease time more).
 #[test]
 fn a_high_reach_ttl_does_not_restart_when_its_partition_moves() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-ttl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-ttl");
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -594,7 +585,6 @@ fn a_high_reach_ttl_does_not_restart_when_its_partition_moves() {
     let page = get_text(survivor.http, "/metrics");
     assert!(metric(&page, "barrage_broker_backbone_redelivered_total") >= 1.0);
     drop(survivor);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The value of an unlabelled sample in a metrics page (0 when absent).
@@ -636,8 +626,7 @@ fn metric(page: &str, name: &str) -> f64 {
 /// Without the in-progress acks every held message is redelivered ~500 ms after delivery.
 #[test]
 fn messages_waiting_longer_than_ack_wait_are_not_redelivered() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-wpi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-wpi");
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -731,13 +720,11 @@ fn messages_waiting_longer_than_ack_wait_are_not_redelivered() {
     );
     drop(b);
     control.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_backbone_that_is_down_is_answered_503_then_recovers() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-down-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-down");
     let Some((nats_proc, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -769,7 +756,6 @@ fn a_backbone_that_is_down_is_answered_503_then_recovers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(b);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn alive(pid: u64) -> bool {
@@ -959,8 +945,7 @@ fn barrage_cluster_edges_follow_control_and_ingest_fails_over() {
 /// And a client holding a dead broker's address first fails over to the live one.
 #[test]
 fn a_keyed_retry_through_another_broker_is_the_same_message() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-key-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-key");
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -979,7 +964,6 @@ fn a_keyed_retry_through_another_broker_is_the_same_message() {
         .expect("fails over to the live broker");
     assert_eq!(c.push_keyed(&m, "order-17").unwrap(), first);
     drop((a, b));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Starts `barrage cluster` with `args` and returns it with its JSON line parsed.
@@ -1205,8 +1189,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// it in JetStream (nothing left pending, so nobody sends it again).
 #[test]
 fn a_high_reach_push_is_acked_in_jetstream_only_after_the_client_ack_and_survives_its_owner() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-reach-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-reach");
     let monitor = free_port();
     let Some((_nats, nats_addr)) = nats_with(&dir, free_port(), &["-m", &monitor.to_string()])
     else {
@@ -1310,7 +1293,6 @@ fn a_high_reach_push_is_acked_in_jetstream_only_after_the_client_ack_and_survive
     assert_eq!(metric(&page, "barrage_broker_reach_accepted_total"), 1.0);
     drop(survivor);
     control.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A high-reach message tracked longer than `cluster.progress_ms_max` is redelivered by
@@ -1318,8 +1300,7 @@ fn a_high_reach_push_is_acked_in_jetstream_only_after_the_client_ack_and_survive
 /// and acks the newest delivery when the client ACKs.
 #[test]
 fn a_high_reach_message_redelivered_to_its_owner_is_tracked_once() {
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-reach1-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-reach1");
     let monitor = free_port();
     let Some((_nats, nats_addr)) = nats_with(&dir, free_port(), &["-m", &monitor.to_string()])
     else {
@@ -1370,7 +1351,6 @@ fn a_high_reach_message_redelivered_to_its_owner_is_tracked_once() {
     wait_until("acked in JetStream", || ack_pending(monitor) == 0);
     drop(b);
     control.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Per room: every message a viewer received, `(n, when)`, duplicates included.
@@ -1696,8 +1676,7 @@ fn partitions_held(b: &Broker) -> usize {
 #[test]
 fn a_broker_joining_takes_its_share_of_partitions_and_loses_nothing() {
     const PARTITIONS: u16 = 32;
-    let dir = std::env::temp_dir().join(format!("barrage-cluster-join-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cluster-join");
     let Some((_nats, nats_addr)) = nats(&dir) else {
         return;
     };
@@ -1809,7 +1788,6 @@ fn a_broker_joining_takes_its_share_of_partitions_and_loses_nothing() {
     }
     drop(brokers);
     control.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// High reach through `barrage cluster`, whose edges learn their brokers from control (no
