@@ -631,8 +631,17 @@ pub fn viewers_and_load(c: &Cluster, viewers: usize, per_s: u64) -> (Vec<Viewer>
 }
 
 /// Stops the load, lets the last accepted message reach everyone, stops the viewers and judges.
-pub fn finish(mut vs: Vec<Viewer>, mut p: Publisher, from: u64) -> Verdict {
-    // After the fault: a few more seconds of load, so every viewer is back on a live path.
+pub fn finish(vs: Vec<Viewer>, mut p: Publisher, from: u64) -> Verdict {
+    let (accepted, logs) = settle(vs, &mut p, from);
+    let mut v = judge(&accepted, &logs);
+    v.refused = p.refused.load(Ordering::Relaxed);
+    v
+}
+
+/// `finish` up to the judging: stops the load (after 500 ms more of it, so every viewer is back
+/// on a live path), waits until the last accepted message reached everyone, stops the viewers;
+/// returns the accepted messages from `from` on and each viewer's log.
+pub fn settle(mut vs: Vec<Viewer>, p: &mut Publisher, from: u64) -> (Vec<u64>, Vec<ViewerLog>) {
     std::thread::sleep(Duration::from_millis(500));
     p.stop();
     let accepted: Vec<u64> = p
@@ -647,13 +656,11 @@ pub fn finish(mut vs: Vec<Viewer>, mut p: Publisher, from: u64) -> Verdict {
         wait_all_seen(&vs, last, WAIT);
     }
     stop_all(&mut vs);
-    let logs: Vec<ViewerLog> = vs
+    let logs = vs
         .iter()
         .map(|v| std::mem::take(&mut *v.log.lock().unwrap()))
         .collect();
-    let mut v = judge(&accepted, &logs);
-    v.refused = p.refused.load(Ordering::Relaxed);
-    v
+    (accepted, logs)
 }
 
 // ---------------------------------------------------------------------------------------

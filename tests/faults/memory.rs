@@ -268,32 +268,11 @@ fn a_slow_link_is_cut_at_its_queue_bound_and_the_other_edge_loses_nothing() {
     let went_in = (flooded * FLOOD_MESSAGE_BYTES) as f64;
     // Judge each edge's viewers apart (by the edge of their first connection).
     let mut p = p;
-    let v_all = {
-        std::thread::sleep(Duration::from_millis(500));
-        p.stop();
-        let accepted: Vec<u64> = p
-            .accepted
-            .lock()
-            .unwrap()
-            .iter()
-            .copied()
-            .filter(|&n| n >= from)
-            .collect();
-        if let Some(&last) = accepted.last() {
-            wait_all_seen(&vs, last, WAIT);
-        }
-        let mut vs = vs;
-        stop_all(&mut vs);
-        let logs: Vec<ViewerLog> = vs
-            .iter()
-            .map(|v| std::mem::take(&mut *v.log.lock().unwrap()))
-            .collect();
-        let (fast, slow): (Vec<ViewerLog>, Vec<ViewerLog>) = logs
-            .into_iter()
-            .partition(|l| l.edges.first() == Some(&fast_edge));
-        (judge(&accepted, &fast), judge(&accepted, &slow))
-    };
-    let (fast, slow) = v_all;
+    let (accepted, logs) = settle(vs, &mut p, from);
+    let (fast, slow): (Vec<ViewerLog>, Vec<ViewerLog>) = logs
+        .into_iter()
+        .partition(|l| l.edges.first() == Some(&fast_edge));
+    let (fast, slow) = (judge(&accepted, &fast), judge(&accepted, &slow));
     let m2 = c.edge_metrics(1);
     let link2: Vec<&str> = m2
         .lines()
