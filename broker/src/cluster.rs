@@ -513,7 +513,7 @@ impl Cluster {
             ),
         ];
         let stats = self.backbone.stats();
-        let progress: [(&str, &str, &AtomicU64); 2] = [
+        let progress: [(&str, &str, &AtomicU64); 5] = [
             (
                 "barrage_broker_backbone_progress_acks_total",
                 "In-progress acks sent for consumed messages still waiting to be handed to the \
@@ -525,6 +525,22 @@ impl Cluster {
                 "Consumed messages that waited longer than cluster.progress_ms_max: let go, so \
                  JetStream redelivers them.",
                 &stats.progress_expired,
+            ),
+            (
+                "barrage_broker_presence_mirror_heard_total",
+                "Other regions' presence announcements heard and handed to the mirror.",
+                &stats.heard,
+            ),
+            (
+                "barrage_broker_presence_mirror_heard_dropped_total",
+                "Other regions' presence announcements dropped: the mirror's queue \
+                 (MIRROR_QUEUE_MAX) was full.",
+                &stats.heard_dropped,
+            ),
+            (
+                "barrage_broker_presence_mirror_unsent_total",
+                "Presence announcements not published: not connected to NATS.",
+                &stats.announce_dropped,
             ),
         ];
         for (name, help, v) in counters.into_iter().chain(progress) {

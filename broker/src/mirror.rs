@@ -518,6 +518,30 @@ mod tests {
         assert_eq!(kinds(&p), [(EventKind::Enter, 42), (EventKind::Exit, 42)]);
     }
 
+    /// A user leaves a live region 1's edge and reaches region 2's from the same device within
+    /// the grace: region 1's next set drops the record (held for grace), region 2's enter takes
+    /// the held exit back. No event either way.
+    #[test]
+    fn a_user_who_leaves_a_live_region_within_the_grace_makes_no_pair() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(Limits::default());
+        let remote = EdgeId("r1/e1".into());
+        p.replace(&remote, Incarnation(1), &[enter(1, 42, 7)], t0)
+            .unwrap();
+        let t1 = t0 + ms(500);
+        p.replace(&remote, Incarnation(1), &[], t1).unwrap();
+        p.apply(
+            &EdgeId("e2".into()),
+            Incarnation(9),
+            &[crate::presence::Report::Enter(enter(5, 42, 7))],
+            t1 + ms(1_000),
+        )
+        .unwrap();
+        p.poll(t1 + ms(Limits::default().grace_ms * 2));
+        assert_eq!(kinds(&p), [(EventKind::Enter, 42)]);
+        assert_eq!(p.stats().flaps_compensated, 1);
+    }
+
     #[test]
     fn replace_reenters_a_reused_connection_id_and_keeps_the_rest() {
         let t0 = Instant::now();
