@@ -834,9 +834,17 @@ impl Shell {
             Command::Announce(payload) => {
                 let subject = self.config.presence_announce_subject();
                 let up = self.client.connection_state() == async_nats::connection::State::Connected;
-                if !up || self.client.publish(subject, payload).await.is_err() {
+                if !up {
                     self.stats.announce_dropped.fetch_add(1, Relaxed);
+                    return;
                 }
+                // Spawned: a slow connection must not hold up acks and publishes behind it.
+                let (client, stats) = (self.client.clone(), self.stats.clone());
+                tokio::spawn(async move {
+                    if client.publish(subject, payload).await.is_err() {
+                        stats.announce_dropped.fetch_add(1, Relaxed);
+                    }
+                });
             }
             Command::Hear(tx) => {
                 let subject = format!("{}.*", self.config.presence_subject);
