@@ -67,19 +67,17 @@ impl Drop for ClusterProc {
 
 /// `barrage cluster --regions 2`, one broker and one edge each, brokers with a presence key.
 fn start_regions() -> (ClusterProc, Value) {
+    start_regions_with(1)
+}
+
+/// [`start_regions`] with `brokers` brokers per region.
+fn start_regions_with(brokers: u32) -> (ClusterProc, Value) {
     let keys = format!(
         "api_keys=[{{key=\"{API_KEY}\"}},{{key=\"{READER}\",scopes=[\"room\",\"presence\"]}}]"
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
-        .args([
-            "cluster",
-            "--regions",
-            "2",
-            "--brokers",
-            "1",
-            "--edges",
-            "1",
-        ])
+        .args(["cluster", "--regions", "2", "--edges", "1"])
+        .args(["--brokers", &brokers.to_string()])
         .args(["--partitions", "8", "--lease-ms", "1500"])
         .args(["--broker-set", &keys])
         .args(["--broker-set", &format!("presence_lease_ms={LEASE_MS}")])
@@ -291,5 +289,74 @@ fn a_user_who_moves_to_another_region_after_a_kill_makes_no_pair_and_exits_once(
         kinds(&events(r2.broker_http, room), uid),
         ["enter", "exit"],
         "exactly one exit when the user leaves"
+    );
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Until the broker at `http` shows `room` with a viewer; the time it took from `since`, ms.
+fn seen_after(http: SocketAddr, room: u64, since: Instant) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = get(http, &format!("/v1/presence/room/{room}"));
+        if v["viewers"] == 1 {
+            return since.elapsed().as_millis() as u64;
+        }
+        assert!(Instant::now() < deadline, "room {room} never seen: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Measurement for docs/benchmarks.md: how long after a viewer authenticates in region 1 the
+/// other region's presence shows it (through the mirror), against region 1's own presence
+/// (the edge's report) in the same run; two brokers per region, so every edge is announced by
+/// two brokers, and the run checks that this makes no extra events in region 2. Run with
+/// `cargo test --test regions_presence -- --ignored --nocapture presence_mirror_lag_run`
+/// (the figures are timers, not CPU: a debug build measures them too)
+/// (`MIRROR_RUN_VIEWERS`, default 40).
+#[test]
+#[ignore]
+fn presence_mirror_lag_run() {
+    if !nats_installed() {
+        return;
+    }
+    let n: u64 = std::env::var("MIRROR_RUN_VIEWERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let (_cluster, v) = start_regions_with(2);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    let r2_http = addr_of(&v["regions"][1]["brokers"][1]["http"]);
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    let mut viewers = Vec::new();
+    for i in 0..n {
+        let room = 6000 + i;
+        let t = connect_ticket(r1.control, room, 100 + i);
+        let mut a = Viewer::tcp(r1.edge_tcp);
+        let at = Instant::now();
+        assert_eq!(a.auth(&auth_body(100 + i, room, &t.token)), 0);
+        local.push(seen_after(r1.broker_http, room, at));
+        remote.push(seen_after(r2.broker_http, room, at));
+        viewers.push(a);
+    }
+    // Let every broker of region 1 announce a few times (full sets included), then: one
+    // enter per viewer in either broker of region 2, nothing else.
+    std::thread::sleep(Duration::from_millis(12_000));
+    for http in [r2.broker_http, r2_http] {
+        for i in 0..n {
+            assert_eq!(kinds(&events(http, 6000 + i), 100 + i), ["enter"]);
+        }
+    }
+    local.sort_unstable();
+    remote.sort_unstable();
+    println!(
+        "presence of a viewer after its auth (ms, n={n}, 2 brokers per region): \
+         own region p50 {} p99 {}; other region p50 {} p99 {}",
+        percentile(&local, 0.5),
+        percentile(&local, 0.99),
+        percentile(&remote, 0.5),
+        percentile(&remote, 0.99),
     );
 }
