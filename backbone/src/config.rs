@@ -65,6 +65,10 @@ pub struct Config {
     /// A broker joining a running cluster takes no partition until the edges have linked to
     /// it ([`crate::Backbone::joined`]), or at the latest this long after start. 0: no wait.
     pub join_wait_ms_max: u64,
+    /// With `regions`: core NATS subject prefix of presence announcements. Each broker
+    /// publishes its region's edges' presence on `<presence_subject>.<region>` and hears every
+    /// other region's on `<presence_subject>.*` (through the leafnodes, like the sources).
+    pub presence_subject: String,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             origin_age_ms: 3_600_000,
             cross_region_max_lag_ms: 10_000,
             join_wait_ms_max: 10_000,
+            presence_subject: "barrage.presence".into(),
         }
     }
 }
@@ -112,6 +117,15 @@ impl Config {
         }
         if self.federated() {
             crate::region::check(&self.region, &self.regions)?;
+            let token_ok = |t: &str| {
+                !t.is_empty() && !t.contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+            };
+            if !self.presence_subject.split('.').all(token_ok) {
+                return Err(
+                    "cluster.presence_subject must be dot-separated NATS tokens without wildcards"
+                        .into(),
+                );
+            }
             if self.origin_age_ms < self.cross_region_max_lag_ms {
                 return Err(
                     "cluster.origin_age_ms must be at least cross_region_max_lag_ms".into(),
@@ -153,6 +167,11 @@ impl Config {
         } else {
             self.lease_bucket.clone()
         }
+    }
+
+    /// The subject this region's presence announcements go to.
+    pub fn presence_announce_subject(&self) -> String {
+        format!("{}.{}", self.presence_subject, self.region)
     }
 
     pub fn lease(&self) -> Duration {

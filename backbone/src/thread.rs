@@ -71,6 +71,12 @@ pub struct Stats {
     pub progress_expired: AtomicU64,
     /// Set by [`Backbone::joined`]: the broker's edges have linked, partitions may be taken.
     pub joined: std::sync::atomic::AtomicBool,
+    /// Presence announcements not published: not connected to NATS (the next one repairs it).
+    pub announce_dropped: AtomicU64,
+    /// Other regions' presence announcements dropped because the broker's queue was full.
+    pub heard_dropped: AtomicU64,
+    /// Other regions' presence announcements handed to the broker.
+    pub heard: AtomicU64,
 }
 
 /// Why the backbone could not start.
@@ -268,6 +274,10 @@ enum Command {
         everywhere: bool,
     },
     Ack(AckToken, AckKind),
+    /// A presence announcement of this region (core NATS, at most once).
+    Announce(Bytes),
+    /// Hand every other region's presence announcements to this channel.
+    Hear(crossbeam_channel::Sender<Bytes>),
     Flush(oneshot::Sender<()>),
     Close(oneshot::Sender<()>),
 }
@@ -429,6 +439,19 @@ impl Backbone {
         let _ = self.tx.send(Command::Ack(token, kind));
     }
 
+    /// With regions: publishes one presence announcement of this region on
+    /// `<presence_subject>.<region>` (core NATS, at most once, crossing the leafnodes; see
+    /// `broker::mirror`). Not connected: dropped and counted (announcements repeat).
+    pub fn announce(&self, payload: Bytes) {
+        let _ = self.tx.send(Command::Announce(payload));
+    }
+
+    /// With regions: subscribes to every other region's presence announcements and hands each
+    /// payload to `tx` (full: dropped and counted in [`Stats::heard_dropped`]).
+    pub fn hear(&self, tx: crossbeam_channel::Sender<Bytes>) {
+        let _ = self.tx.send(Command::Hear(tx));
+    }
+
     /// Waits until every ack handed in before this call has been written to the server.
     pub fn flush(&self) {
         let (tx, rx) = oneshot::channel();
@@ -480,6 +503,8 @@ struct Shell {
     kv: kv::Store,
     leases: Leases,
     consumers: HashMap<Partition, tokio::task::JoinHandle<()>>,
+    /// Other regions' presence announcements, and where they go (see [`Backbone::hear`]).
+    hearing: Option<(async_nats::Subscriber, crossbeam_channel::Sender<Bytes>)>,
     working: Working,
     stats: Arc<Stats>,
 }
@@ -617,6 +642,7 @@ impl Shell {
             kv,
             leases,
             consumers: HashMap::new(),
+            hearing: None,
             working: Arc::default(),
             stats,
         })
@@ -624,6 +650,26 @@ impl Shell {
 
     fn id_base(&self) -> u64 {
         self.id_base
+    }
+
+    /// One presence announcement heard: another region's goes to the broker; this region's
+    /// own (every broker of it publishes) are not for it.
+    fn on_heard(&mut self, heard: Option<async_nats::Message>) {
+        let Some((_, tx)) = &self.hearing else {
+            return;
+        };
+        let Some(m) = heard else {
+            // The subscription ended (the client closed): stop hearing.
+            self.hearing = None;
+            return;
+        };
+        if m.subject.rsplit('.').next() == Some(self.config.region.as_str()) {
+            return;
+        }
+        match tx.try_send(m.payload) {
+            Ok(()) => self.stats.heard.fetch_add(1, Relaxed),
+            Err(_) => self.stats.heard_dropped.fetch_add(1, Relaxed),
+        };
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
@@ -664,6 +710,7 @@ impl Shell {
                         watch = self.kv.watch("b.>").await.ok();
                     }
                 },
+                heard = next_heard(&mut self.hearing) => self.on_heard(heard),
                 _ = progress.tick(), if progress_on => self.progress().await,
                 _ = sleep => {}
             }
@@ -782,6 +829,28 @@ impl Shell {
                 };
                 if let Err(e) = self.client.publish(token.0, body).await {
                     tracing::warn!(error = %e, "backbone ack not sent; JetStream will redeliver");
+                }
+            }
+            Command::Announce(payload) => {
+                let subject = self.config.presence_announce_subject();
+                let up = self.client.connection_state() == async_nats::connection::State::Connected;
+                if !up {
+                    self.stats.announce_dropped.fetch_add(1, Relaxed);
+                    return;
+                }
+                // Spawned: a slow connection must not hold up acks and publishes behind it.
+                let (client, stats) = (self.client.clone(), self.stats.clone());
+                tokio::spawn(async move {
+                    if client.publish(subject, payload).await.is_err() {
+                        stats.announce_dropped.fetch_add(1, Relaxed);
+                    }
+                });
+            }
+            Command::Hear(tx) => {
+                let subject = format!("{}.*", self.config.presence_subject);
+                match self.client.subscribe(subject).await {
+                    Ok(sub) => self.hearing = Some((sub, tx)),
+                    Err(e) => tracing::warn!(error = %e, "presence subscription failed"),
                 }
             }
             Command::Flush(done) => {
@@ -935,6 +1004,16 @@ fn created_us(stream: &stream::Stream) -> u64 {
 
 fn lease_key(p: Partition) -> String {
     format!("p.{}", p.0)
+}
+
+/// The next presence announcement heard (pending forever while not hearing).
+async fn next_heard(
+    hearing: &mut Option<(async_nats::Subscriber, crossbeam_channel::Sender<Bytes>)>,
+) -> Option<async_nats::Message> {
+    match hearing {
+        Some((sub, _)) => sub.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<kv::Entry> {

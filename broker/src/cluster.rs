@@ -157,6 +157,44 @@ pub struct ClusterMetrics {
     pub reach_expired: AtomicU64,
 }
 
+/// With regions: the presence mirror (see [`crate::mirror`]) on its own thread until the
+/// broker stops: hears the other regions' announcements (applied to the roster as they come)
+/// and announces this region's edges every [`crate::mirror::MIRROR_FLUSH_MS`].
+pub(crate) fn mirror(shared: Arc<Shared>) {
+    let Some(cluster) = shared.cluster.as_ref() else {
+        return;
+    };
+    let config = &shared.config;
+    let (tx, rx) = crossbeam_channel::bounded(crate::mirror::MIRROR_QUEUE_MAX);
+    cluster.backbone.hear(tx);
+    shared.roster.mirror_on();
+    let mut inbox = crate::mirror::Inbox::new(&config.region);
+    let mut outbox =
+        crate::mirror::Outbox::new(&config.region, &config.node_id, config.presence_lease_ms());
+    let every = Duration::from_millis(crate::mirror::MIRROR_FLUSH_MS);
+    let mut next = Instant::now();
+    while !shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(payload) => shared.roster.hear(&mut inbox, &payload, Instant::now()),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(every);
+            }
+        }
+        let now = Instant::now();
+        if now < next {
+            continue;
+        }
+        next = now + every;
+        for a in shared.roster.announcements(&mut outbox, now) {
+            match serde_json::to_vec(&a) {
+                Ok(json) => cluster.backbone.announce(json.into()),
+                Err(e) => tracing::warn!(error = %e, "presence announcement not encoded"),
+            }
+        }
+    }
+}
+
 /// Reasons of `publish_failed`, in index order.
 pub const PUBLISH_FAILED_REASONS: [&str; 5] = ["down", "busy", "timeout", "refused", "closed"];
 
@@ -475,7 +513,7 @@ impl Cluster {
             ),
         ];
         let stats = self.backbone.stats();
-        let progress: [(&str, &str, &AtomicU64); 2] = [
+        let progress: [(&str, &str, &AtomicU64); 5] = [
             (
                 "barrage_broker_backbone_progress_acks_total",
                 "In-progress acks sent for consumed messages still waiting to be handed to the \
@@ -487,6 +525,22 @@ impl Cluster {
                 "Consumed messages that waited longer than cluster.progress_ms_max: let go, so \
                  JetStream redelivers them.",
                 &stats.progress_expired,
+            ),
+            (
+                "barrage_broker_presence_mirror_heard_total",
+                "Other regions' presence announcements heard and handed to the mirror.",
+                &stats.heard,
+            ),
+            (
+                "barrage_broker_presence_mirror_heard_dropped_total",
+                "Other regions' presence announcements dropped: the mirror's queue \
+                 (MIRROR_QUEUE_MAX) was full.",
+                &stats.heard_dropped,
+            ),
+            (
+                "barrage_broker_presence_mirror_unsent_total",
+                "Presence announcements not published: not connected to NATS.",
+                &stats.announce_dropped,
             ),
         ];
         for (name, help, v) in counters.into_iter().chain(progress) {

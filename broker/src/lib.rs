@@ -13,6 +13,8 @@
 //! - [`compress`]: inner packets and the outer brotli/zlib/plain packet of a batch.
 //! - [`route`]: edge links, their interest, fleet-wide counts (sans-io).
 //! - [`presence`]: who is in which room: records, leases, flap grace, the event log (sans-io).
+//! - [`mirror`]: presence across regions: this region's edges' record sets announced on core
+//!   NATS, the other regions' applied under per-(region, edge) leases (sans-io).
 //! - [`roster`]: presence wired: edges' PRESENCE frames and heartbeats in, lease expiry on
 //!   shard 0, the `/v1/presence/...` API, user/device routing to the edges that hold them
 //!   (`route_by_presence`, on by default).
@@ -70,6 +72,7 @@ pub mod http;
 pub mod ingest;
 pub mod link;
 pub mod metrics;
+pub mod mirror;
 pub mod online;
 pub mod policy;
 pub mod presence;
@@ -442,6 +445,17 @@ pub fn start(config: Config) -> Result<Handle, BrokerError> {
             source,
         })?;
     threads.push(acceptor);
+    if !shared.config.cluster.regions.is_empty() && shared.cluster.is_some() {
+        let s = shared.clone();
+        let mirror = std::thread::Builder::new()
+            .name("broker-mirror".into())
+            .spawn(move || cluster::mirror(s))
+            .map_err(|source| BrokerError::Io {
+                what: "spawn presence mirror".into(),
+                source,
+            })?;
+        threads.push(mirror);
+    }
     if let Some(rx) = deliveries {
         let s = shared.clone();
         let feeder = std::thread::Builder::new()

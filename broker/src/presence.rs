@@ -474,6 +474,76 @@ impl Presence {
         Ok(applied)
     }
 
+    /// Replaces `edge`'s whole record set with `live` as [`Presence::sync`] does, except that a
+    /// held connection whose report differs (another user, device or room under the same
+    /// connection id: the edge restarted and reused it) is ended with grace and entered
+    /// again. For another region's edges (`crate::mirror`): their announcements are whole
+    /// sets, from any of that region's brokers, and carry no incarnation.
+    pub fn replace(
+        &mut self,
+        edge: &EdgeId,
+        incarnation: Incarnation,
+        live: &[Enter],
+        now: Instant,
+    ) -> Result<Applied, PresenceError> {
+        self.renew(edge, incarnation, now)?;
+        let mut applied = Applied::default();
+        let keep: HashMap<ConnId, &Enter> = live.iter().map(|e| (e.conn, e)).collect();
+        let gone: Vec<ConnId> = self
+            .edges
+            .get(edge)
+            .map(|e| {
+                let mut gone: Vec<ConnId> = e
+                    .records
+                    .values()
+                    .filter(|r| match keep.get(&r.conn) {
+                        Some(n) => n.uid != r.uid || n.device != r.device || n.room != r.room,
+                        None => true,
+                    })
+                    .map(|r| r.conn)
+                    .collect();
+                gone.sort_unstable();
+                gone
+            })
+            .unwrap_or_default();
+        for conn in gone {
+            if self.end_record(edge, conn, Ending::Grace, now) {
+                applied.exited += 1;
+            }
+        }
+        for enter in live {
+            let held = self
+                .edges
+                .get(edge)
+                .is_some_and(|e| e.records.contains_key(&enter.conn));
+            if !held {
+                self.enter(edge, incarnation, enter, now, &mut applied);
+            }
+        }
+        Ok(applied)
+    }
+
+    /// The live connections of `edge` as reports (in connection order), to announce them.
+    pub fn edge_records(&self, edge: &EdgeId) -> Vec<Enter> {
+        let Some(e) = self.edges.get(edge) else {
+            return Vec::new();
+        };
+        let mut v: Vec<Enter> = e
+            .records
+            .values()
+            .map(|r| Enter {
+                conn: r.conn,
+                uid: r.uid,
+                device: r.device.clone(),
+                room: r.room,
+                area: r.area,
+                transport: r.transport,
+            })
+            .collect();
+        v.sort_unstable_by_key(|e| e.conn);
+        v
+    }
+
     /// Ends expired leases (every record of the edge, at once) and logs held exits whose grace
     /// is over.
     pub fn poll(&mut self, now: Instant) {

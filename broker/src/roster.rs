@@ -14,6 +14,7 @@
 //!   frame (presence off, an older build) keeps getting every user and device batch.
 
 use crate::metrics::Cut;
+use crate::mirror;
 use crate::policy::KeyId;
 use crate::presence::{
     self, Applied, EdgeId, Enter, Event, Filter, Incarnation, Limits, Presence, Report,
@@ -39,6 +40,10 @@ pub const ROOM_PAGE_DEFAULT: usize = 100;
 pub const TOP_DEFAULT: usize = 10;
 pub const EVENTS_PAGE_DEFAULT: usize = 1_000;
 
+/// The incarnation another region's edges are held under here: their announcements are
+/// whole sets and carry none of their own (see [`crate::mirror`]).
+const REMOTE_INCARNATION: Incarnation = Incarnation(1);
+
 /// What a heartbeat did to an edge's lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Renewal {
@@ -56,6 +61,9 @@ struct Inner {
     followers: Vec<Arc<Follower>>,
     /// The last seq followers were told of.
     told: u64,
+    /// Set when the mirror runs (regions): local edges changed since the mirror last looked.
+    mirrored: bool,
+    changed: HashSet<EdgeId>,
 }
 
 /// One open event stream as the roster sees it: how far its consumer has read, and how to
@@ -105,6 +113,12 @@ struct Counters {
     catchup_sent: AtomicU64,
     catchup_dropped: AtomicU64,
     catchup_bytes: AtomicU64,
+    mirror_announced: AtomicU64,
+    mirror_sets: AtomicU64,
+    mirror_renewals: AtomicU64,
+    mirror_bad: AtomicU64,
+    mirror_parts_dropped: AtomicU64,
+    mirror_refused: AtomicU64,
 }
 
 /// The broker's presence. See the module docs.
@@ -131,6 +145,8 @@ impl Roster {
                 reporting: HashSet::new(),
                 followers: Vec::new(),
                 told: 0,
+                mirrored: false,
+                changed: HashSet::new(),
             }),
             counters: Counters::default(),
             streams_max: config.presence_streams_max,
@@ -172,6 +188,9 @@ impl Roster {
             }) => {
                 self.counters.enters.fetch_add(u64::from(entered), Relaxed);
                 self.counters.exits.fetch_add(u64::from(exited), Relaxed);
+                if inner.mirrored {
+                    inner.changed.insert(edge.clone());
+                }
                 inner.reporting.insert(edge);
             }
             Err(e) => {
@@ -204,6 +223,75 @@ impl Roster {
     pub fn poll(&self, now: Instant) {
         let mut inner = self.lock();
         inner.presence.poll(now);
+        self.tell(&mut inner);
+    }
+
+    /// Starts noting which of this region's edges changed, for [`Roster::announcements`].
+    pub fn mirror_on(&self) {
+        self.lock().mirrored = true;
+    }
+
+    /// This region's presence announcements due at `now` (see [`crate::mirror`]): whole sets
+    /// of edges that changed (or every `MIRROR_FULL_MS`), renewals of the others.
+    pub fn announcements(
+        &self,
+        out: &mut mirror::Outbox,
+        now: Instant,
+    ) -> Vec<mirror::Announcement> {
+        let mut inner = self.lock();
+        let changed = std::mem::take(&mut inner.changed);
+        let inner = &*inner;
+        let mut local: Vec<&EdgeId> = inner
+            .reporting
+            .iter()
+            .filter(|e| inner.presence.incarnation(e).is_some())
+            .collect();
+        local.sort_unstable();
+        let mut v = Vec::new();
+        for edge in local {
+            if out.set_due(edge, changed.contains(edge), now) {
+                v.extend(out.set(edge, &inner.presence.edge_records(edge), now));
+            } else if let Some(a) = out.renew(edge, now) {
+                v.push(a);
+            }
+        }
+        out.retain(|e| inner.reporting.contains(e) && inner.presence.incarnation(e).is_some());
+        self.counters
+            .mirror_announced
+            .fetch_add(v.len() as u64, Relaxed);
+        v
+    }
+
+    /// One announcement heard from another region (see [`crate::mirror`]).
+    pub fn hear(&self, inbox: &mut mirror::Inbox, payload: &[u8], now: Instant) {
+        let apply = inbox.hear(payload);
+        let c = &self.counters;
+        c.mirror_bad.store(inbox.stats.bad, Relaxed);
+        c.mirror_parts_dropped
+            .store(inbox.stats.parts_dropped, Relaxed);
+        let mut inner = self.lock();
+        let done = match apply {
+            mirror::Apply::Set(edge, set) => {
+                c.mirror_sets.fetch_add(1, Relaxed);
+                inner
+                    .presence
+                    .replace(&edge, REMOTE_INCARNATION, &set, now)
+                    .map(|_| ())
+            }
+            mirror::Apply::Renew(edge) => {
+                c.mirror_renewals.fetch_add(1, Relaxed);
+                // A renewal of an edge whose set never arrived here waits for the next set.
+                match inner.presence.incarnation(&edge) {
+                    Some(inc) => inner.presence.renew(&edge, inc, now),
+                    None => Ok(()),
+                }
+            }
+            mirror::Apply::Nothing => Ok(()),
+        };
+        if let Err(e) = done {
+            c.mirror_refused.fetch_add(1, Relaxed);
+            tracing::warn!(error = %e, "presence announcement refused");
+        }
         self.tell(&mut inner);
     }
 
@@ -498,6 +586,36 @@ impl Roster {
                 "barrage_broker_presence_events_evicted_total",
                 "Events pushed out of the log by newer ones.",
                 stats.events_evicted,
+            ),
+            (
+                "barrage_broker_presence_mirror_announced_total",
+                "Presence announcements of this region's edges sent to the other regions (set parts and renewals).",
+                c.mirror_announced.load(Relaxed),
+            ),
+            (
+                "barrage_broker_presence_mirror_sets_total",
+                "Whole edge record sets applied from other regions.",
+                c.mirror_sets.load(Relaxed),
+            ),
+            (
+                "barrage_broker_presence_mirror_renewals_total",
+                "Lease renewals of other regions' edges applied.",
+                c.mirror_renewals.load(Relaxed),
+            ),
+            (
+                "barrage_broker_presence_mirror_bad_total",
+                "Presence announcements that did not parse or broke a limit (dropped).",
+                c.mirror_bad.load(Relaxed),
+            ),
+            (
+                "barrage_broker_presence_mirror_parts_dropped_total",
+                "Parts of other regions' record sets dropped (a lost part, or MIRROR_PENDING_RECORDS_MAX).",
+                c.mirror_parts_dropped.load(Relaxed),
+            ),
+            (
+                "barrage_broker_presence_mirror_refused_total",
+                "Other regions' sets or renewals presence refused (presence_edges_max).",
+                c.mirror_refused.load(Relaxed),
             ),
         ] {
             counter(w, name, help, v);
