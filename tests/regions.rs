@@ -23,25 +23,6 @@ use std::time::{Duration, Instant};
 mod ports;
 use ports::free_port;
 
-fn nats_installed() -> bool {
-    let found = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists())
-        || Command::new("nats-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-    assert!(
-        found || std::env::var_os("BARRAGE_REQUIRE_NATS").is_none(),
-        "nats-server required but not installed"
-    );
-    if !found {
-        eprintln!("nats-server not installed; skipping");
-    }
-    found
-}
-
 /// Starts `barrage cluster --regions 2` with `args` and returns it with its JSON line parsed.
 fn start_regions(args: &[&str]) -> (ClusterProc, serde_json::Value) {
     let mut all = vec!["--regions", "2", "--brokers", "1", "--edges", "1"];

@@ -10,10 +10,10 @@
 
 mod common;
 
+use common::cluster::*;
 use common::*;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Reads presence: the cluster's brokers get it beside the push key (see `start_regions`).
@@ -22,48 +22,6 @@ const READER: &str = "presence-reader-0123456789abcdef0123456789abcdef";
 /// move to region 2 happens while region 1's record is still held there.
 const LEASE_MS: u64 = 8_000;
 const GRACE_MS: u64 = 2_000;
-
-fn nats_installed() -> bool {
-    let found = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists())
-        || Command::new("nats-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-    assert!(
-        found || std::env::var_os("BARRAGE_REQUIRE_NATS").is_none(),
-        "nats-server required but not installed"
-    );
-    if !found {
-        eprintln!("nats-server not installed; skipping");
-    }
-    found
-}
-
-fn signal(pid: u64, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// `barrage cluster --json` as a child; SIGTERM on drop (it stops its own children).
-struct ClusterProc(Child);
-
-impl Drop for ClusterProc {
-    fn drop(&mut self) {
-        signal(u64::from(self.0.id()), libc::SIGTERM);
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `barrage cluster --regions 2`, one broker and one edge each, brokers with a presence key.
 fn start_regions() -> (ClusterProc, Value) {
@@ -75,42 +33,31 @@ fn start_regions_with(brokers: u32) -> (ClusterProc, Value) {
     let keys = format!(
         "api_keys=[{{key=\"{API_KEY}\"}},{{key=\"{READER}\",scopes=[\"room\",\"presence\"]}}]"
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_barrage"))
-        .args(["cluster", "--regions", "2", "--edges", "1"])
-        .args(["--brokers", &brokers.to_string()])
-        .args(["--partitions", "8", "--lease-ms", "1500"])
-        .args(["--broker-set", &keys])
-        .args(["--broker-set", &format!("presence_lease_ms={LEASE_MS}")])
-        .args(["--broker-set", &format!("presence_grace_ms={GRACE_MS}")])
-        .args(["--json", "--api-key", API_KEY, "--token-secret", KEYS_V1])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("barrage cluster starts");
-    let stdout = child.stdout.take().unwrap();
-    let cluster = ClusterProc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(90))
-        .expect("barrage cluster printed its endpoints");
-    let v: Value = serde_json::from_str(&line).expect("one JSON line");
+    let (brokers, lease, grace) = (
+        brokers.to_string(),
+        format!("presence_lease_ms={LEASE_MS}"),
+        format!("presence_grace_ms={GRACE_MS}"),
+    );
+    let (cluster, v) = start_cluster(&[
+        "--regions",
+        "2",
+        "--edges",
+        "1",
+        "--brokers",
+        &brokers,
+        "--partitions",
+        "8",
+        "--lease-ms",
+        "1500",
+        "--broker-set",
+        &keys,
+        "--broker-set",
+        &lease,
+        "--broker-set",
+        &grace,
+    ]);
     assert_eq!(v["regions"].as_array().map(Vec::len), Some(2), "{v}");
     (cluster, v)
-}
-
-fn addr_of(v: &Value) -> SocketAddr {
-    v.as_str()
-        .expect("address string")
-        .trim_start_matches("http://")
-        .parse()
-        .expect("socket address")
 }
 
 struct Region {

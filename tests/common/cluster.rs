@@ -108,3 +108,24 @@ pub fn scratch(name: &str) -> Scratch {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     Scratch(dir)
 }
+
+/// Whether nats-server is installed; when it is not, a test skips (says so), unless
+/// `BARRAGE_REQUIRE_NATS` is set (the README's test command), where it fails.
+pub fn nats_installed() -> bool {
+    let found = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists())
+        || Command::new("nats-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+    assert!(
+        found || std::env::var_os("BARRAGE_REQUIRE_NATS").is_none(),
+        "nats-server required but not installed"
+    );
+    if !found {
+        eprintln!("nats-server not installed; skipping");
+    }
+    found
+}
