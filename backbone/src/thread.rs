@@ -55,6 +55,16 @@ pub const DEDUP_KEY_BYTES_MAX: usize = 128;
 /// Wait before a partition's consumer retries after its pull failed (connection blip).
 const CONSUMER_RETRY_MS: u64 = 200;
 
+/// Longest wait for one JetStream API request at start before it is tried again (within
+/// `setup_ms_max`). A stream whose replicas are still electing a leader does not answer at
+/// all, and the client's own request timeout (10 s) made a three-server `barrage cluster`
+/// start take 11 s instead of 2 whenever two brokers raced to create the stream, and fail
+/// past its 30 s when such waits added up under load.
+const SETUP_TRY_MS_MAX: u64 = 1_000;
+
+/// Pause between setup tries.
+const SETUP_RETRY_MS: u64 = 200;
+
 /// Wait between tries to hand an event to a full sink.
 const SINK_FULL_RETRY_MS: u64 = 1;
 
@@ -82,8 +92,9 @@ pub enum BackboneError {
     /// No NATS server answered within `connect_ms_max` (the backbone is down or misaddressed).
     #[error("backbone connect: {0}")]
     Connect(String),
-    /// The stream or the lease bucket could not be created or read (JetStream off, or a
-    /// conflicting existing config).
+    /// The stream or the lease bucket could not be created or read within `setup_ms_max`
+    /// (JetStream off, a NATS cluster without a quorum, or a conflicting existing config); the
+    /// message names which and the last answer.
     #[error("backbone setup: {0}")]
     Setup(String),
     /// The thread could not be started (host's state).
@@ -509,7 +520,7 @@ impl Shell {
             .map_err(|_| BackboneError::Connect("timed out".into()))?
             .map_err(|e| BackboneError::Connect(e.to_string()))?;
         let js = jetstream::new(client.clone());
-        let setup = |e: &dyn std::fmt::Display| BackboneError::Setup(e.to_string());
+        let deadline = Instant::now() + Duration::from_millis(config.setup_ms_max);
         let work = stream::Config {
             name: config.stream.clone(),
             subjects: vec![format!("{}.*", config.subject_prefix)],
@@ -532,7 +543,7 @@ impl Shell {
                 discard: stream::DiscardPolicy::Old,
                 ..work.clone()
             };
-            let origin = stream_made(&js, origin).await.map_err(|e| setup(&e))?;
+            let origin = stream_made(&js, origin, deadline).await?;
             let sources = config
                 .regions
                 .iter()
@@ -551,9 +562,7 @@ impl Shell {
                 sources: Some(sources),
                 ..work
             };
-            let mut stream = stream_made(&js, work.clone())
-                .await
-                .map_err(|e| setup(&e))?;
+            let mut stream = stream_made(&js, work.clone(), deadline).await?;
             // A region added to (or removed from) `cluster.regions` since the stream was made:
             // its sources follow the config.
             let names = |c: &stream::Config| {
@@ -563,12 +572,13 @@ impl Shell {
                 n
             };
             if names(&stream.cached_info().config) != names(&work) {
-                js.update_stream(&work).await.map_err(|e| setup(&e))?;
-                stream = js.get_stream(&work.name).await.map_err(|e| setup(&e))?;
+                let what = format!("sources of stream {}", work.name);
+                set_up(deadline, &what, || js.update_stream(&work)).await?;
+                stream = set_up(deadline, &what, || js.get_stream(&work.name)).await?;
             }
             (stream, created_us(&origin))
         } else {
-            let stream = stream_made(&js, work).await.map_err(|e| setup(&e))?;
+            let stream = stream_made(&js, work, deadline).await?;
             let base = created_us(&stream);
             (stream, base)
         };
@@ -593,10 +603,11 @@ impl Shell {
                 discard: stream::DiscardPolicy::New,
                 ..Default::default()
             },
+            deadline,
         )
-        .await
-        .map_err(|e| setup(&e))?;
-        let kv = js.get_key_value(bucket).await.map_err(|e| setup(&e))?;
+        .await?;
+        let what = format!("lease bucket {bucket}");
+        let kv = set_up(deadline, &what, || js.get_key_value(&bucket)).await?;
         let mut leases = Leases::new(
             me.clone(),
             config.partitions,
@@ -1115,23 +1126,61 @@ async fn consume_once(
     Ok(())
 }
 
-/// `get_or_create_stream`, again after a short pause when it fails: brokers starting together
-/// race to create the stream, and the loser's create is refused ("subjects overlap with an
-/// existing stream") although the stream it wants now exists, which the next `get` finds.
+/// `get_or_create_stream` until it succeeds or `deadline` (see [`set_up`]): brokers starting
+/// together race to create the stream, and the loser's request is refused ("subjects overlap
+/// with an existing stream") or not answered at all (the stream's replicas are still electing
+/// a leader) although the stream it wants exists a moment later.
 async fn stream_made(
     js: &jetstream::Context,
     config: stream::Config,
-) -> Result<jetstream::stream::Stream, impl std::fmt::Display> {
-    let mut tries = 0;
+    deadline: Instant,
+) -> Result<jetstream::stream::Stream, BackboneError> {
+    let what = format!("stream {} (R{})", config.name, config.num_replicas);
+    set_up(deadline, &what, || js.get_or_create_stream(config.clone())).await
+}
+
+/// Runs the setup request `op` until it succeeds or `deadline`, each try bounded by
+/// [`SETUP_TRY_MS_MAX`]. Only idempotent requests go through here (get, create with the same
+/// config, update to the same config), so a try that timed out but took effect is harmless.
+/// The error names `what` and the last failure.
+async fn set_up<T, E, F, Fut>(deadline: Instant, what: &str, mut op: F) -> Result<T, BackboneError>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let started = Instant::now();
+    let mut tries: u64 = 0;
     loop {
-        match js.get_or_create_stream(config.clone()).await {
-            Ok(s) => return Ok(s),
-            Err(e) if tries < 4 => {
-                tries += 1;
-                tracing::debug!(stream = %config.name, error = %e, "stream setup raced; trying again");
-                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+        let budget = deadline.saturating_duration_since(Instant::now()).clamp(
+            Duration::from_millis(SETUP_RETRY_MS),
+            Duration::from_millis(SETUP_TRY_MS_MAX),
+        );
+        tries += 1;
+        // Whether the cluster looked leaderless: no answer, or JetStream's 503.
+        let (error, leaderless) = match tokio::time::timeout(budget, op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                let unavailable = e.contains("code 503");
+                (e, unavailable)
             }
-            Err(e) => return Err(e),
+            Err(_) => (format!("no answer within {} ms", budget.as_millis()), true),
+        };
+        let pause = Duration::from_millis(SETUP_RETRY_MS);
+        if Instant::now() + pause >= deadline {
+            let hint = if leaderless {
+                "; a NATS cluster answers only once its meta leader and the stream's leader \
+                 are elected: are a majority of its servers up and routed to each other?"
+            } else {
+                ""
+            };
+            return Err(BackboneError::Setup(format!(
+                "{what} not ready after {} ms and {tries} tries (last: {error}){hint}",
+                started.elapsed().as_millis()
+            )));
         }
+        tracing::debug!(what, tries, %error, "backbone setup not ready; trying again");
+        tokio::time::sleep(pause).await;
     }
 }
