@@ -62,6 +62,21 @@ const CONSUMER_RETRY_MS: u64 = 200;
 /// past its 30 s when such waits added up under load.
 const SETUP_TRY_MS_MAX: u64 = 1_000;
 
+/// Idle heartbeat a partition's pull asks for; two missed end the pull and the consumer starts
+/// again. A pull sent to a consumer that is gone or has no leader yet (right after a takeover's
+/// delete and create) is lost without an answer: with the client's default (15 s) that room was
+/// silent for 30 s more (one room in a failover run, 34 s after the kill instead of 4).
+const PULL_HEARTBEAT_MS: u64 = 1_000;
+
+/// Longest wait for one request of a partition consumer's start (info, delete, create). Longer
+/// than [`SETUP_TRY_MS_MAX`]: an R3 consumer's create is answered once its own group has
+/// elected a leader, which took over 1 s on a loaded machine, and a pull sent before that is
+/// lost (costing two heartbeats).
+const CONSUMER_TRY_MS_MAX: u64 = 3_000;
+
+/// How long one pull request waits on the server for messages before the client sends another.
+const PULL_EXPIRES_MS: u64 = 5_000;
+
 /// Pause between setup tries.
 const SETUP_RETRY_MS: u64 = 200;
 
@@ -997,24 +1012,36 @@ async fn consume(
     sink: Sink,
     working: Working,
 ) {
-    // Messages up to this sequence may have reached a previous owner.
-    let mut seen_before = None;
+    let mut takeover = Takeover::default();
     loop {
-        let r = consume_once(
-            &stream,
-            &config,
-            id_base,
-            p,
-            &sink,
-            &working,
-            &mut seen_before,
-        );
+        let r = consume_once(&stream, &config, id_base, p, &sink, &working, &mut takeover);
         let r = r.await;
         if let Err(e) = r {
             tracing::warn!(partition = p.0, error = %e, "backbone consumer failed; retrying");
         }
         tokio::time::sleep(Duration::from_millis(CONSUMER_RETRY_MS)).await;
     }
+}
+
+/// What the start of one ownership's consumer has done so far, kept across its tries.
+#[derive(Default)]
+struct Takeover {
+    /// Messages up to this stream sequence may have reached a previous owner (the highest
+    /// read by any try).
+    seen_before: Option<u64>,
+    /// The previous owner's consumer, by its creation time (ns), when there was one.
+    old_created_ns: Option<i128>,
+    /// The previous owner's consumer is gone (deleted by us, or there was none).
+    deleted: bool,
+}
+
+/// One JetStream request of a consumer's start (its answer, error or not), bounded by
+/// [`CONSUMER_TRY_MS_MAX`]: a request the cluster does not answer (a group electing its
+/// leader) fails this try after 3 s instead of the client's 10 s, and the consumer tries again.
+async fn within<F: Future>(what: &str, f: F) -> Result<F::Output, String> {
+    tokio::time::timeout(Duration::from_millis(CONSUMER_TRY_MS_MAX), f)
+        .await
+        .map_err(|_| format!("{what}: no answer within {CONSUMER_TRY_MS_MAX} ms"))
 }
 
 async fn consume_once(
@@ -1024,41 +1051,46 @@ async fn consume_once(
     p: Partition,
     sink: &Sink,
     working: &Working,
-    seen_before: &mut Option<u64>,
+    takeover: &mut Takeover,
 ) -> Result<(), String> {
     let name = format!("p{}", p.0);
-    if seen_before.is_none() {
+    if !takeover.deleted {
         // A previous owner that was sent anything may have been sent any message stored
         // before now (JetStream's delivered sequence does not bound it once redeliveries
         // happened), so those are marked `redelivered`: a conservative "maybe seen".
-        let old = match stream.consumer_info(&name).await {
-            Ok(info) if info.delivered.consumer_sequence > 0 => {
-                let mut stream = stream.clone();
-                stream
-                    .info()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .state
-                    .last_sequence
+        match within("consumer info", stream.consumer_info(&name)).await? {
+            Ok(info) => {
+                takeover.old_created_ns = Some(info.created.unix_timestamp_nanos());
+                if info.delivered.consumer_sequence > 0 {
+                    let mut stream = stream.clone();
+                    let last = within("stream info", stream.info())
+                        .await?
+                        .map_err(|e| format!("stream info: {e}"))?
+                        .state
+                        .last_sequence;
+                    takeover.seen_before = takeover.seen_before.max(Some(last));
+                }
             }
-            _ => 0,
-        };
-        // Not found is fine (first owner ever); any other failure fails this try.
-        if let Err(e) = stream.delete_consumer(&name).await {
+            // Not found is fine (first owner ever, or an earlier try deleted it).
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {}
+            Err(e) => return Err(format!("consumer info: {e}")),
+        }
+        if let Err(e) = within("consumer delete", stream.delete_consumer(&name)).await? {
             let not_found = matches!(
                 e.kind(),
                 jetstream::stream::ConsumerErrorKind::JetStream(ref j)
                     if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
             );
             if !not_found {
-                return Err(e.to_string());
+                return Err(format!("consumer delete: {e}"));
             }
         }
-        *seen_before = Some(old);
+        takeover.deleted = true;
     }
-    let seen_before = seen_before.unwrap_or(0);
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
+    let seen_before = takeover.seen_before.unwrap_or(0);
+    let consumer: jetstream::consumer::PullConsumer = within(
+        "consumer create",
+        stream.get_or_create_consumer(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
@@ -1069,10 +1101,25 @@ async fn consume_once(
                 deliver_policy: jetstream::consumer::DeliverPolicy::All,
                 ..Default::default()
             },
-        )
+        ),
+    )
+    .await?
+    .map_err(|e| format!("consumer create: {e}"))?;
+    // Right after the delete, a server that has not applied it yet may still answer for the
+    // previous owner's consumer; pulling from it then hangs until it is gone and the pull's
+    // idle heartbeat is missed (30 s). Seen as one room silent for 34 s after a broker kill.
+    if takeover.old_created_ns == Some(consumer.cached_info().created.unix_timestamp_nanos()) {
+        return Err(
+            "the previous owner's consumer is still listed; its delete is not applied yet".into(),
+        );
+    }
+    let mut messages = consumer
+        .stream()
+        .expires(Duration::from_millis(PULL_EXPIRES_MS))
+        .heartbeat(Duration::from_millis(PULL_HEARTBEAT_MS))
+        .messages()
         .await
         .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| e.to_string())?;
         let (sequence, delivered, published_us) = match m.info() {
