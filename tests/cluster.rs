@@ -1849,3 +1849,34 @@ fn a_high_reach_ack_through_an_edge_following_control_ends_the_resends() {
     });
     drop(cluster);
 }
+
+/// `barrage cluster --nats 3` prints its endpoints only once all of it is up: every NATS
+/// server healthy and routed to the other two, the stream and the lease bucket at R3 with a
+/// leader, every broker healthy. (Two brokers racing to create the R3 stream once made the
+/// loser wait out a 10 s request timeout, and under load the start failed past its 30 s; the
+/// backbone's setup retry is held by backbone/tests/quorum.rs, this checks the whole start.)
+#[test]
+fn barrage_cluster_with_three_nats_servers_is_up_when_it_prints() {
+    if nats(&std::env::temp_dir()).is_none() {
+        return;
+    }
+    let (cluster, v) = start_cluster(&["--nats", "3", "--brokers", "2", "--edges", "1"]);
+    let region = &v["regions"][0];
+    assert_eq!(region["replicas"], 3, "{v}");
+    let nats_nodes = region["nats"].as_array().unwrap();
+    assert_eq!(nats_nodes.len(), 3, "{v}");
+    for n in nats_nodes {
+        let monitor = addr_of(&n["monitor"]);
+        assert_eq!(http_json(monitor, "GET", "/healthz", &[], "").0, 200, "{n}");
+        let (_, routes) = http_json(monitor, "GET", "/routez", &[], "");
+        assert_eq!(routes["num_routes"], 2, "{n}: {routes}");
+        for stream in ["BARRAGE", "KV_barrage_leases"] {
+            assert!(stream_leader(monitor, stream).is_some(), "{stream} on {n}");
+        }
+    }
+    for b in region["brokers"].as_array().unwrap() {
+        let (status, _) = http_json(addr_of(&b["http"]), "GET", "/healthz", &[], "");
+        assert_eq!(status, 200, "{b}");
+    }
+    drop(cluster);
+}

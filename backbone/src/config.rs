@@ -45,6 +45,11 @@ pub struct Config {
     pub publish_pending_max: usize,
     /// Longest wait to connect at start.
     pub connect_ms_max: u64,
+    /// Longest wait at start, once connected, for the stream and the lease bucket to be found
+    /// or made. A NATS cluster that has just started, or a stream another broker made a moment
+    /// ago, answers nothing (or "temporarily unavailable") until its leaders are elected; each
+    /// request is tried again until then.
+    pub setup_ms_max: u64,
     /// Deliveries queued to one owning thread before the consumer waits.
     pub delivery_queue_max: usize,
     /// This broker's region. Not read from the `[cluster]` table: the broker fills it from its
@@ -89,6 +94,7 @@ impl Default for Config {
             publish_ms_max: 2_000,
             publish_pending_max: 10_000,
             connect_ms_max: 2_000,
+            setup_ms_max: 20_000,
             delivery_queue_max: 4_096,
             region: String::new(),
             regions: Vec::new(),

@@ -55,6 +55,31 @@ pub const DEDUP_KEY_BYTES_MAX: usize = 128;
 /// Wait before a partition's consumer retries after its pull failed (connection blip).
 const CONSUMER_RETRY_MS: u64 = 200;
 
+/// Longest wait for one JetStream API request at start before it is tried again (within
+/// `setup_ms_max`). A stream whose replicas are still electing a leader does not answer at
+/// all, and the client's own request timeout (10 s) made a three-server `barrage cluster`
+/// start take 11 s instead of 2 whenever two brokers raced to create the stream, and fail
+/// past its 30 s when such waits added up under load.
+const SETUP_TRY_MS_MAX: u64 = 1_000;
+
+/// Idle heartbeat a partition's pull asks for; two missed end the pull and the consumer starts
+/// again. A pull sent to a consumer that is gone or has no leader yet (right after a takeover's
+/// delete and create) is lost without an answer: with the client's default (15 s) that room was
+/// silent for 30 s more (one room in a failover run, 34 s after the kill instead of 4).
+const PULL_HEARTBEAT_MS: u64 = 1_000;
+
+/// Longest wait for one request of a partition consumer's start (info, delete, create). Longer
+/// than [`SETUP_TRY_MS_MAX`]: an R3 consumer's create is answered once its own group has
+/// elected a leader, which took over 1 s on a loaded machine, and a pull sent before that is
+/// lost (costing two heartbeats).
+const CONSUMER_TRY_MS_MAX: u64 = 3_000;
+
+/// How long one pull request waits on the server for messages before the client sends another.
+const PULL_EXPIRES_MS: u64 = 5_000;
+
+/// Pause between setup tries.
+const SETUP_RETRY_MS: u64 = 200;
+
 /// Wait between tries to hand an event to a full sink.
 const SINK_FULL_RETRY_MS: u64 = 1;
 
@@ -88,8 +113,9 @@ pub enum BackboneError {
     /// No NATS server answered within `connect_ms_max` (the backbone is down or misaddressed).
     #[error("backbone connect: {0}")]
     Connect(String),
-    /// The stream or the lease bucket could not be created or read (JetStream off, or a
-    /// conflicting existing config).
+    /// The stream or the lease bucket could not be created or read within `setup_ms_max`
+    /// (JetStream off, a NATS cluster without a quorum, or a conflicting existing config); the
+    /// message names which and the last answer.
     #[error("backbone setup: {0}")]
     Setup(String),
     /// The thread could not be started (host's state).
@@ -534,7 +560,7 @@ impl Shell {
             .map_err(|_| BackboneError::Connect("timed out".into()))?
             .map_err(|e| BackboneError::Connect(e.to_string()))?;
         let js = jetstream::new(client.clone());
-        let setup = |e: &dyn std::fmt::Display| BackboneError::Setup(e.to_string());
+        let deadline = Instant::now() + Duration::from_millis(config.setup_ms_max);
         let work = stream::Config {
             name: config.stream.clone(),
             subjects: vec![format!("{}.*", config.subject_prefix)],
@@ -557,7 +583,7 @@ impl Shell {
                 discard: stream::DiscardPolicy::Old,
                 ..work.clone()
             };
-            let origin = stream_made(&js, origin).await.map_err(|e| setup(&e))?;
+            let origin = stream_made(&js, origin, deadline).await?;
             let sources = config
                 .regions
                 .iter()
@@ -576,9 +602,7 @@ impl Shell {
                 sources: Some(sources),
                 ..work
             };
-            let mut stream = stream_made(&js, work.clone())
-                .await
-                .map_err(|e| setup(&e))?;
+            let mut stream = stream_made(&js, work.clone(), deadline).await?;
             // A region added to (or removed from) `cluster.regions` since the stream was made:
             // its sources follow the config.
             let names = |c: &stream::Config| {
@@ -588,12 +612,13 @@ impl Shell {
                 n
             };
             if names(&stream.cached_info().config) != names(&work) {
-                js.update_stream(&work).await.map_err(|e| setup(&e))?;
-                stream = js.get_stream(&work.name).await.map_err(|e| setup(&e))?;
+                let what = format!("sources of stream {}", work.name);
+                set_up(deadline, &what, || js.update_stream(&work)).await?;
+                stream = set_up(deadline, &what, || js.get_stream(&work.name)).await?;
             }
             (stream, created_us(&origin))
         } else {
-            let stream = stream_made(&js, work).await.map_err(|e| setup(&e))?;
+            let stream = stream_made(&js, work, deadline).await?;
             let base = created_us(&stream);
             (stream, base)
         };
@@ -618,10 +643,11 @@ impl Shell {
                 discard: stream::DiscardPolicy::New,
                 ..Default::default()
             },
+            deadline,
         )
-        .await
-        .map_err(|e| setup(&e))?;
-        let kv = js.get_key_value(bucket).await.map_err(|e| setup(&e))?;
+        .await?;
+        let what = format!("lease bucket {bucket}");
+        let kv = set_up(deadline, &what, || js.get_key_value(&bucket)).await?;
         let mut leases = Leases::new(
             me.clone(),
             config.partitions,
@@ -1065,24 +1091,36 @@ async fn consume(
     sink: Sink,
     working: Working,
 ) {
-    // Messages up to this sequence may have reached a previous owner.
-    let mut seen_before = None;
+    let mut takeover = Takeover::default();
     loop {
-        let r = consume_once(
-            &stream,
-            &config,
-            id_base,
-            p,
-            &sink,
-            &working,
-            &mut seen_before,
-        );
+        let r = consume_once(&stream, &config, id_base, p, &sink, &working, &mut takeover);
         let r = r.await;
         if let Err(e) = r {
             tracing::warn!(partition = p.0, error = %e, "backbone consumer failed; retrying");
         }
         tokio::time::sleep(Duration::from_millis(CONSUMER_RETRY_MS)).await;
     }
+}
+
+/// What the start of one ownership's consumer has done so far, kept across its tries.
+#[derive(Default)]
+struct Takeover {
+    /// Messages up to this stream sequence may have reached a previous owner (the highest
+    /// read by any try).
+    seen_before: Option<u64>,
+    /// The previous owner's consumer, by its creation time (ns), when there was one.
+    old_created_ns: Option<i128>,
+    /// The previous owner's consumer is gone (deleted by us, or there was none).
+    deleted: bool,
+}
+
+/// One JetStream request of a consumer's start (its answer, error or not), bounded by
+/// [`CONSUMER_TRY_MS_MAX`]: a request the cluster does not answer (a group electing its
+/// leader) fails this try after 3 s instead of the client's 10 s, and the consumer tries again.
+async fn within<F: Future>(what: &str, f: F) -> Result<F::Output, String> {
+    tokio::time::timeout(Duration::from_millis(CONSUMER_TRY_MS_MAX), f)
+        .await
+        .map_err(|_| format!("{what}: no answer within {CONSUMER_TRY_MS_MAX} ms"))
 }
 
 async fn consume_once(
@@ -1092,41 +1130,46 @@ async fn consume_once(
     p: Partition,
     sink: &Sink,
     working: &Working,
-    seen_before: &mut Option<u64>,
+    takeover: &mut Takeover,
 ) -> Result<(), String> {
     let name = format!("p{}", p.0);
-    if seen_before.is_none() {
+    if !takeover.deleted {
         // A previous owner that was sent anything may have been sent any message stored
         // before now (JetStream's delivered sequence does not bound it once redeliveries
         // happened), so those are marked `redelivered`: a conservative "maybe seen".
-        let old = match stream.consumer_info(&name).await {
-            Ok(info) if info.delivered.consumer_sequence > 0 => {
-                let mut stream = stream.clone();
-                stream
-                    .info()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .state
-                    .last_sequence
+        match within("consumer info", stream.consumer_info(&name)).await? {
+            Ok(info) => {
+                takeover.old_created_ns = Some(info.created.unix_timestamp_nanos());
+                if info.delivered.consumer_sequence > 0 {
+                    let mut stream = stream.clone();
+                    let last = within("stream info", stream.info())
+                        .await?
+                        .map_err(|e| format!("stream info: {e}"))?
+                        .state
+                        .last_sequence;
+                    takeover.seen_before = takeover.seen_before.max(Some(last));
+                }
             }
-            _ => 0,
-        };
-        // Not found is fine (first owner ever); any other failure fails this try.
-        if let Err(e) = stream.delete_consumer(&name).await {
+            // Not found is fine (first owner ever, or an earlier try deleted it).
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {}
+            Err(e) => return Err(format!("consumer info: {e}")),
+        }
+        if let Err(e) = within("consumer delete", stream.delete_consumer(&name)).await? {
             let not_found = matches!(
                 e.kind(),
                 jetstream::stream::ConsumerErrorKind::JetStream(ref j)
                     if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
             );
             if !not_found {
-                return Err(e.to_string());
+                return Err(format!("consumer delete: {e}"));
             }
         }
-        *seen_before = Some(old);
+        takeover.deleted = true;
     }
-    let seen_before = seen_before.unwrap_or(0);
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
+    let seen_before = takeover.seen_before.unwrap_or(0);
+    let consumer: jetstream::consumer::PullConsumer = within(
+        "consumer create",
+        stream.get_or_create_consumer(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
@@ -1137,10 +1180,25 @@ async fn consume_once(
                 deliver_policy: jetstream::consumer::DeliverPolicy::All,
                 ..Default::default()
             },
-        )
+        ),
+    )
+    .await?
+    .map_err(|e| format!("consumer create: {e}"))?;
+    // Right after the delete, a server that has not applied it yet may still answer for the
+    // previous owner's consumer; pulling from it then hangs until it is gone and the pull's
+    // idle heartbeat is missed (30 s). Seen as one room silent for 34 s after a broker kill.
+    if takeover.old_created_ns == Some(consumer.cached_info().created.unix_timestamp_nanos()) {
+        return Err(
+            "the previous owner's consumer is still listed; its delete is not applied yet".into(),
+        );
+    }
+    let mut messages = consumer
+        .stream()
+        .expires(Duration::from_millis(PULL_EXPIRES_MS))
+        .heartbeat(Duration::from_millis(PULL_HEARTBEAT_MS))
+        .messages()
         .await
         .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| e.to_string())?;
         let (sequence, delivered, published_us) = match m.info() {
@@ -1194,23 +1252,61 @@ async fn consume_once(
     Ok(())
 }
 
-/// `get_or_create_stream`, again after a short pause when it fails: brokers starting together
-/// race to create the stream, and the loser's create is refused ("subjects overlap with an
-/// existing stream") although the stream it wants now exists, which the next `get` finds.
+/// `get_or_create_stream` until it succeeds or `deadline` (see [`set_up`]): brokers starting
+/// together race to create the stream, and the loser's request is refused ("subjects overlap
+/// with an existing stream") or not answered at all (the stream's replicas are still electing
+/// a leader) although the stream it wants exists a moment later.
 async fn stream_made(
     js: &jetstream::Context,
     config: stream::Config,
-) -> Result<jetstream::stream::Stream, impl std::fmt::Display> {
-    let mut tries = 0;
+    deadline: Instant,
+) -> Result<jetstream::stream::Stream, BackboneError> {
+    let what = format!("stream {} (R{})", config.name, config.num_replicas);
+    set_up(deadline, &what, || js.get_or_create_stream(config.clone())).await
+}
+
+/// Runs the setup request `op` until it succeeds or `deadline`, each try bounded by
+/// [`SETUP_TRY_MS_MAX`]. Only idempotent requests go through here (get, create with the same
+/// config, update to the same config), so a try that timed out but took effect is harmless.
+/// The error names `what` and the last failure.
+async fn set_up<T, E, F, Fut>(deadline: Instant, what: &str, mut op: F) -> Result<T, BackboneError>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let started = Instant::now();
+    let mut tries: u64 = 0;
     loop {
-        match js.get_or_create_stream(config.clone()).await {
-            Ok(s) => return Ok(s),
-            Err(e) if tries < 4 => {
-                tries += 1;
-                tracing::debug!(stream = %config.name, error = %e, "stream setup raced; trying again");
-                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+        let budget = deadline.saturating_duration_since(Instant::now()).clamp(
+            Duration::from_millis(SETUP_RETRY_MS),
+            Duration::from_millis(SETUP_TRY_MS_MAX),
+        );
+        tries += 1;
+        // Whether the cluster looked leaderless: no answer, or JetStream's 503.
+        let (error, leaderless) = match tokio::time::timeout(budget, op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                let unavailable = e.contains("code 503");
+                (e, unavailable)
             }
-            Err(e) => return Err(e),
+            Err(_) => (format!("no answer within {} ms", budget.as_millis()), true),
+        };
+        let pause = Duration::from_millis(SETUP_RETRY_MS);
+        if Instant::now() + pause >= deadline {
+            let hint = if leaderless {
+                "; a NATS cluster answers only once its meta leader and the stream's leader \
+                 are elected: are a majority of its servers up and routed to each other?"
+            } else {
+                ""
+            };
+            return Err(BackboneError::Setup(format!(
+                "{what} not ready after {} ms and {tries} tries (last: {error}){hint}",
+                started.elapsed().as_millis()
+            )));
         }
+        tracing::debug!(what, tries, %error, "backbone setup not ready; trying again");
+        tokio::time::sleep(pause).await;
     }
 }
