@@ -230,7 +230,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_udp.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 29] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 30] = [
         (
             "barrage_edge_udp_datagrams_in_total",
             "counter",
@@ -254,6 +254,12 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "UDP sessions moved to an address the client proved (NAT rebinding).",
             |m| m.udp_migrations.get(),
+        ),
+        (
+            "barrage_edge_udp_byes_total",
+            "counter",
+            "UDP sessions their client ended with a bye (op 1004).",
+            |m| m.udp_byes.get(),
         ),
         (
             "barrage_edge_udp_send_errors_total",

@@ -150,6 +150,8 @@ pub struct ShardMetrics {
     pub udp_datagrams_out: Counter,
     /// Datagrams passed to the shard that owns their session.
     pub udp_forwarded: Counter,
+    /// Sessions their client ended with a bye (op 1004).
+    pub udp_byes: Counter,
     /// Sessions moved to a new address the client proved (NAT rebinding).
     pub udp_migrations: Counter,
     /// `send_to` failures (the datagram is lost, as on the network).
