@@ -789,10 +789,15 @@ fn session(
 const UDP_RETRY_MS: u64 = 1_000;
 /// ...this many times.
 const UDP_TRIES_MAX: u32 = 5;
+/// On exit the bye (op 1004) is sent this many times at most, until the edge answers...
+const UDP_BYE_TRIES_MAX: u32 = 2;
+/// ...waiting this long for the answer each time (Ctrl-C should not linger).
+const UDP_BYE_WAIT_MS: u64 = 300;
 
 /// `tail --transport udp`: the handshake of docs/protocol-udp.md, then parts printed as they
 /// come, heartbeats every `UDP_HEARTBEAT_MS`, and every gap (a lost part or a whole lost
-/// batch) reported on stderr.
+/// batch) reported on stderr. On exit (Ctrl-C, SIGTERM, `--count` reached, `--timeout`, an
+/// error) the session is ended with a bye, so the edge frees it at once.
 fn run_udp(
     args: &TailArgs,
     t: &Ticket,
@@ -835,10 +840,13 @@ fn run_udp(
     let mut recv = |sock: &std::net::UdpSocket| -> anyhow::Result<Option<Vec<u8>>> {
         match sock.recv(&mut buf) {
             Ok(n) => Ok(Some(buf[..n].to_vec())),
+            // EINTR: Ctrl-C arrived during the read (a socket with a timeout is not restarted).
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) =>
             {
                 Ok(None)
@@ -897,6 +905,58 @@ fn run_udp(
         _ => None,
     })?;
     let session = session.ok_or_else(|| anyhow!("op 8 without a session id"))?;
+    // From here on Ctrl-C and SIGTERM end the loop (a second one exits at once), so the bye
+    // below goes out.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let result = udp_session(
+        args,
+        &sock,
+        session,
+        payload_max,
+        deadline,
+        &mut recv,
+        &stop,
+    );
+    let bye = wire::bye_datagram(session);
+    'tries: for _ in 0..UDP_BYE_TRIES_MAX {
+        if sock.send(&bye).is_err() {
+            break;
+        }
+        let until = Instant::now() + Duration::from_millis(UDP_BYE_WAIT_MS);
+        while Instant::now() < until {
+            match recv(&sock) {
+                Ok(Some(r)) => {
+                    if matches!(
+                        wire::decode_server(&r, payload_max),
+                        Ok(ServerDatagram::Bye)
+                    ) {
+                        eprintln!("session ended");
+                        break 'tries;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => break 'tries,
+            }
+        }
+    }
+    result
+}
+
+/// The receive loop of a UDP session, until `--count`, `--timeout`, a signal or an error.
+fn udp_session(
+    args: &TailArgs,
+    sock: &std::net::UdpSocket,
+    session: proto::udp::SessionId,
+    payload_max: usize,
+    deadline: Option<Instant>,
+    recv: &mut dyn FnMut(&std::net::UdpSocket) -> anyhow::Result<Option<Vec<u8>>>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    use proto::udp::{self as wire, ServerDatagram};
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut printed = 0u64;
@@ -911,7 +971,9 @@ fn run_udp(
             sock.send(&d)?;
             next_hb = Instant::now() + Duration::from_millis(wire::UDP_HEARTBEAT_MS);
         }
-        if args.count.is_some_and(|n| printed >= n) {
+        if args.count.is_some_and(|n| printed >= n)
+            || stop.load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Ok(());
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -920,7 +982,7 @@ fn run_udp(
                 None => Ok(()),
             };
         }
-        let Some(d) = recv(&sock)? else { continue };
+        let Some(d) = recv(sock)? else { continue };
         match wire::decode_server(&d, payload_max) {
             Ok(ServerDatagram::HeartbeatReply(n)) => eprintln!("online {n}"),
             Ok(ServerDatagram::Cookie(c)) => challenge = Some(c),
@@ -951,7 +1013,7 @@ fn run_udp(
                     printed += 1;
                 }
             }
-            Ok(ServerDatagram::AuthReply { .. }) => {}
+            Ok(ServerDatagram::AuthReply { .. }) | Ok(ServerDatagram::Bye) => {}
             Err(e) => eprintln!("ignoring a bad datagram from the edge: {e}"),
         }
     }

@@ -127,6 +127,35 @@ fn start_up(
     panic!("barrage up never became ready");
 }
 
+/// The sum of a counter over its series with `label` in them (`""`: all), from the edge's `/metrics` (`up`'s edge admin is
+/// 127.0.0.1:9243 plus the ports offset).
+fn edge_counter(offset: u16, name: &str, label: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 9243 + offset)).expect("edge admin");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter(|l| l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `f` holds (up to `WAIT`).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A ports offset far from the defaults, per test process.
 fn base_offset() -> u16 {
     12_000 + (std::process::id() % 400) as u16 * 10
@@ -252,6 +281,42 @@ fn up_tail_push_with_the_real_binary() {
         let status = kids.wait(i, WAIT).expect("tail exits after --count 1");
         assert!(status.success(), "tail exit {status:?}");
     }
+    // The UDP tail ended its session with a bye on the way out (docs/protocol-udp.md).
+    eventually("the UDP tail's bye", || {
+        edge_counter(offset, "barrage_edge_udp_byes_total", "") >= 1.0
+    });
+    // Ctrl-C: the tail ends its session before it exits.
+    let udp_ctrl_c = kids.spawn(Command::new(BIN).args([
+        "tail",
+        "--room",
+        room,
+        "--transport",
+        "udp",
+        "--control",
+        &control,
+        "--timeout-ms",
+        "30000",
+    ]));
+    let (_, ctrl_c_err) = kids.lines(udp_ctrl_c);
+    let mut seen = Vec::new();
+    assert!(
+        wait_line(&ctrl_c_err, Instant::now() + WAIT, &mut seen, |l| l
+            .starts_with("online")),
+        "the UDP tail never got a heartbeat reply: {seen:?}"
+    );
+    let sent = Command::new("kill")
+        .args(["-INT", &kids.0[udp_ctrl_c].id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let status = kids.wait(udp_ctrl_c, WAIT).expect("tail exits on Ctrl-C");
+    assert!(status.success(), "tail exit on Ctrl-C {status:?}");
+    assert!(
+        wait_line(&ctrl_c_err, Instant::now() + WAIT, &mut seen, |l| l
+            == "session ended"),
+        "no bye answer: {seen:?}"
+    );
+    assert!(edge_counter(offset, "barrage_edge_udp_byes_total", "") >= 2.0);
 
     // A push with a wrong key is refused with a typed error and a non-zero exit.
     let bad = Command::new(BIN)
@@ -363,6 +428,15 @@ fn loadtest_fanout_over_udp_with_the_real_binary() {
     assert_eq!(t["missing"], 0, "{t}");
     assert_eq!(t["duplicates"], 0, "{t}");
     assert_eq!(t["udp_bad"], 0, "{t}");
+    // Every viewer ended its session with a bye at the end of the run: the edge freed them
+    // at once instead of at heartbeat expiry.
+    eventually("40 byes", || {
+        edge_counter(offset, "barrage_edge_udp_byes_total", "") >= 40.0
+    });
+    assert_eq!(
+        edge_counter(offset, "barrage_edge_connections", "transport=\"udp\""),
+        0.0
+    );
 
     let r = udp_fanout(&control, &http, &ingest, "30");
     let t = &r["totals"];

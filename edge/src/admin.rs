@@ -230,7 +230,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_udp.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 27] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 30] = [
         (
             "barrage_edge_udp_datagrams_in_total",
             "counter",
@@ -256,6 +256,12 @@ pub(crate) fn render(node: &Node) -> String {
             |m| m.udp_migrations.get(),
         ),
         (
+            "barrage_edge_udp_byes_total",
+            "counter",
+            "UDP sessions their client ended with a bye (op 1004).",
+            |m| m.udp_byes.get(),
+        ),
+        (
             "barrage_edge_udp_send_errors_total",
             "counter",
             "Datagram sends that failed (lost, as on the network).",
@@ -272,6 +278,18 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "TLS handshakes completed.",
             |m| m.tls_handshakes.get(),
+        ),
+        (
+            "barrage_edge_tls_close_notify_total",
+            "counter",
+            "close_notify alerts written on TLS connections the edge closed itself.",
+            |m| m.tls_close_notify.get(),
+        ),
+        (
+            "barrage_edge_tls_close_notify_failed_total",
+            "counter",
+            "Edge-side TLS closes whose close_notify could not be written in time (bare FIN/RST).",
+            |m| m.tls_close_notify_failed.get(),
         ),
         (
             "barrage_edge_accepted_total",

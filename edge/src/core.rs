@@ -886,6 +886,7 @@ impl ShardCore {
             Admit::Requests { session, requests } => {
                 self.udp_requests(session, &requests, now, unix_s)
             }
+            Admit::Bye { session } => self.udp_bye(session, from),
             Admit::Migrate { session, requests } => {
                 self.m().udp_migrations.inc();
                 self.udp.sessions.move_to(session, from);
@@ -918,6 +919,18 @@ impl ShardCore {
         let id = self.open(Transport::Udp, from.ip(), now);
         self.udp.sessions.insert(session, id.key, id, from);
         self.on_bytes(id, auth_packet, now, unix_s);
+    }
+
+    /// The client ended its session (`admit` checked it is the session's, see
+    /// docs/protocol-udp.md, "Bye"): it is freed now, as a TCP close (the viewer leaves the
+    /// index, presence reports the exit), and the answer goes to the address that sent it.
+    fn udp_bye(&mut self, session: proto::udp::SessionId, from: SocketAddr) {
+        let Some(e) = self.udp.sessions.get(session) else {
+            return;
+        };
+        self.m().udp_byes.inc();
+        self.close_udp(e.conn, CloseReason::PeerClosed, Vec::new());
+        self.udp_send(from, Bytes::from(proto::udp::bye_reply()));
     }
 
     /// The requests (heartbeats, ACKs) of a session datagram, fed to its session as on TCP.

@@ -135,6 +135,11 @@ pub struct ShardMetrics {
     pub tls_handshaking: Counter,
     /// TLS handshakes completed.
     pub tls_handshakes: Counter,
+    /// close_notify records written on connections the edge closed itself.
+    pub tls_close_notify: Counter,
+    /// Edge-side closes whose close_notify was not written (the peer did not take it within
+    /// the write bound, or too many closes were in flight): the peer saw a bare FIN or RST.
+    pub tls_close_notify_failed: Counter,
     /// TLS connections failed or refused, by why.
     pub tls_failed: [Counter; TlsFail::ALL.len()],
     /// UDP sessions open.
@@ -145,6 +150,8 @@ pub struct ShardMetrics {
     pub udp_datagrams_out: Counter,
     /// Datagrams passed to the shard that owns their session.
     pub udp_forwarded: Counter,
+    /// Sessions their client ended with a bye (op 1004).
+    pub udp_byes: Counter,
     /// Sessions moved to a new address the client proved (NAT rebinding).
     pub udp_migrations: Counter,
     /// `send_to` failures (the datagram is lost, as on the network).

@@ -49,6 +49,10 @@ const INBOX_POLL_MS: u64 = 100;
 /// Refused clients being told why (each holds an fd until its hint is written or times out);
 /// past this a refused client is closed without the hint, so refusals cannot eat the reserve.
 const REFUSALS_IN_FLIGHT_MAX: usize = 64;
+/// TLS closes writing their close_notify (counted with the refusals: each holds the fd of a
+/// connection the core has already let go of, for at most the write and linger bounds). A
+/// drain closes `drain_close_per_s` at a time; past this a close is a bare FIN, counted.
+const TLS_CLOSES_IN_FLIGHT_MAX: usize = 1_024;
 /// A refusal hint may take this long to write.
 const REFUSE_WRITE_MS_MAX: u64 = 500;
 /// After the hint and a FIN, what the refused client sends is read and dropped until it
@@ -425,7 +429,9 @@ pub(crate) async fn run(
     shard.pump();
     // Let close frames go out; connections that do not take them are dropped with the runtime.
     let deadline = Instant::now() + Duration::from_millis(SHUTDOWN_FLUSH_MS_MAX);
-    while !shard.core.borrow().is_empty() && Instant::now() < deadline {
+    // (and close_notify records: `refusing` counts their tasks.)
+    while (!shard.core.borrow().is_empty() || shard.refusing.get() > 0) && Instant::now() < deadline
+    {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     sockets::close_all(&shard, CloseReason::Shutdown);
@@ -633,6 +639,51 @@ async fn write_alert(shard: Rc<Shard>, mut rd: ReadHalf, mut half: WriteHalf, al
     shard.refusing.set(shard.refusing.get().saturating_sub(1));
 }
 
+/// Ends a TLS connection the edge closes itself: lets the write in flight finish, writes
+/// close_notify and the FIN (all within [`REFUSE_WRITE_MS_MAX`]), then reads and drops what
+/// the peer still sends until it closes (bounded), as [`write_alert`] does. Counted either way.
+async fn write_close_notify(
+    shard: Rc<Shard>,
+    read: Option<ReadFut>,
+    writer: Writer,
+    record: Vec<u8>,
+) {
+    let written = monoio::time::timeout(Duration::from_millis(REFUSE_WRITE_MS_MAX), async {
+        let mut half = match writer {
+            Writer::Idle(h) => h,
+            Writer::Busy(f) => {
+                let (h, res) = f.await;
+                res?;
+                h
+            }
+            Writer::Gone => return Err(std::io::ErrorKind::NotConnected.into()),
+        };
+        half.write_all(record).await.0?;
+        half.shutdown().await?;
+        Ok::<_, std::io::Error>(half)
+    })
+    .await;
+    let m = &shard.node.metrics[shard.id];
+    match written {
+        Ok(Ok(half)) => {
+            m.tls_close_notify.inc();
+            if let Some(read) = read {
+                let _ = monoio::time::timeout(Duration::from_millis(REFUSE_LINGER_MS_MAX), async {
+                    let (mut rd, (mut res, mut buf)) = read.await;
+                    while matches!(res, Ok(n) if n > 0) {
+                        buf.clear();
+                        (res, buf) = rd.read(buf).await;
+                    }
+                })
+                .await;
+            }
+            drop(half);
+        }
+        _ => m.tls_close_notify_failed.inc(),
+    }
+    shard.refusing.set(shard.refusing.get().saturating_sub(1));
+}
+
 /// Reads into `buf` with the read half moved in, so the future owns everything it needs and
 /// can live in a box next to the task (no self-reference).
 fn read_owned(mut rd: ReadHalf, buf: Vec<u8>) -> ReadFut {
@@ -722,6 +773,31 @@ impl ConnTask {
         }
     }
 
+    /// The core closes the connection (its reason is counted already). TLS: close_notify
+    /// after everything written so far, then the FIN, from a task of its own bounded like an
+    /// alert (it waits for the write in flight, so a stuck reader costs at most the bound).
+    fn close_by_edge(&mut self) -> Poll<()> {
+        // Records still waiting in `wire` (a KeyUpdate answer) go first: close_notify is
+        // sealed after them, under the key they switched to.
+        let record = self.tls.as_mut().and_then(|t| {
+            let mut out = t.take_wire().unwrap_or_default();
+            out.extend(t.close_notify()?);
+            Some(out)
+        });
+        if let Some(record) = record {
+            let m = &self.shard.node.metrics[self.shard.id];
+            if self.shard.refusing.get() < TLS_CLOSES_IN_FLIGHT_MAX {
+                self.shard.refusing.set(self.shard.refusing.get() + 1);
+                let writer = std::mem::replace(&mut self.writer, Writer::Gone);
+                let read = self.read.take();
+                monoio::spawn(write_close_notify(self.shard.clone(), read, writer, record));
+            } else {
+                m.tls_close_notify_failed.inc();
+            }
+        }
+        self.finish(CloseReason::Io)
+    }
+
     fn finish(&mut self, reason: CloseReason) -> Poll<()> {
         // Dropping in-flight ops cancels them (monoio async-cancel); the socket is done anyway.
         self.read = None;
@@ -755,7 +831,7 @@ impl Future for ConnTask {
         loop {
             // A hard close wins over a write in flight (a stuck peer never completes it).
             if shard.core.borrow().must_close(id) {
-                return this.finish(CloseReason::Io);
+                return this.close_by_edge();
             }
             if let Writer::Busy(f) = &mut this.writer {
                 if let Poll::Ready((half, res)) = f.as_mut().poll(cx) {
@@ -810,7 +886,7 @@ impl Future for ConnTask {
                         }
                         continue;
                     }
-                    Transmit::Close => return this.finish(CloseReason::Io),
+                    Transmit::Close => return this.close_by_edge(),
                     Transmit::Idle => {}
                 }
             }

@@ -16,7 +16,8 @@
 //!
 //! Past the handshake: application data is handed on; a KeyUpdate from the peer changes its
 //! key (and, if it asks, ours, answered with our own KeyUpdate); our key is changed the same
-//! way before AES-GCM's record budget runs out; close_notify is answered with close_notify;
+//! way before AES-GCM's record budget runs out; close_notify is answered with close_notify
+//! (and a close of our own sends one: [`TlsConn::close_notify`]);
 //! anything else (a bad tag, change_cipher_spec, a plaintext record, another handshake
 //! message, an oversized record) is a fatal alert, a counted [`TlsFail`] and a close. TLS 1.2
 //! connections (no browser picks it) stay on rustls for their whole life.
@@ -499,6 +500,38 @@ impl TlsConn {
         }
     }
 
+    /// The edge ends the connection itself (drain, heartbeat timeout, a protocol error, a
+    /// stuck reader): the close_notify record to write after everything sealed so far, then
+    /// the FIN, so the peer can tell our close from a cut connection (RFC 8446 §6.1). `None`
+    /// during the handshake (no keys yet: the socket is just closed) and once done. The
+    /// connection sends nothing after it.
+    pub fn close_notify(&mut self) -> Option<Vec<u8>> {
+        if self.handshaking {
+            return None;
+        }
+        let mut out = Vec::new();
+        let sealed = match &mut self.stage {
+            Stage::Compact(c) => c.tx.seal_alert(Alert::CloseNotify, &mut out).is_ok(),
+            Stage::Rustls(conn) => match conn.process_tls_records(&mut []).state {
+                Ok(ConnectionState::WriteTraffic(mut w)) => {
+                    out.resize(RECORD_OVERHEAD_BYTES, 0);
+                    match w.queue_close_notify(&mut out) {
+                        Ok(n) => {
+                            out.truncate(n);
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                }
+                _ => false,
+            },
+            Stage::Done => false,
+        };
+        self.stage = Stage::Done;
+        self.incoming = Vec::new();
+        sealed.then_some(out)
+    }
+
     /// Seals `bufs` (in order) into records of at most 16 KiB, in one buffer.
     pub fn encrypt(&mut self, bufs: &[Bytes]) -> Result<Vec<u8>, TlsFail> {
         match &mut self.stage {
@@ -798,6 +831,34 @@ mod tests {
             .process_new_packets()
             .expect("ok")
             .peer_has_closed());
+    }
+
+    #[test]
+    fn our_own_close_sends_close_notify_after_the_data_on_both_record_layers() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        for suite in [None, Some(cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)] {
+            let mut p = pair(0, suite);
+            let wire = p
+                .server
+                .encrypt(&[Bytes::from_static(b"bye")])
+                .expect("seal");
+            let notify = p.server.close_notify().expect("a close_notify record");
+            p.deliver_to_client(&wire);
+            p.deliver_to_client(&notify);
+            assert_eq!(p.client_reads(), b"bye", "{suite:?}");
+            assert!(
+                p.client
+                    .process_new_packets()
+                    .expect("ok")
+                    .peer_has_closed(),
+                "{suite:?}"
+            );
+            // Done: one close_notify, nothing sealed after it.
+            assert!(p.server.close_notify().is_none());
+            assert!(p.server.encrypt(&[Bytes::from_static(b"x")]).is_err());
+        }
+        // No keys during the handshake: nothing to send.
+        assert!(conn().close_notify().is_none());
     }
 
     #[test]

@@ -442,6 +442,90 @@ fn udp_nat_rebinding_and_expiry_legacy() {
 
 /// Every bad-input case of the issue: dropped unanswered, counted by its label, harmless to a
 /// session that is open at the same time.
+/// A bye (op 1004) ends the session at once, as a TCP close: the room empties (the edge
+/// unsubscribes), no data goes to the address, a new hello from it starts a new session. A bye
+/// with a wrong session id, or from another address (with no cookie, or with the session
+/// address's cookie), is dropped or challenged and ends nothing.
+fn bye_body(driver: Driver) {
+    let broker = TestBroker::start(1);
+    let edge = edge::start(udp_config(driver, vec![broker.addr_string()])).unwrap();
+    broker.wait_links(2);
+    let mut a = Udp::new(edge.udp_addr().unwrap());
+    assert_eq!(a.auth(&auth_for(11, 910, 3)), r#"{"code":0}"#);
+    assert_eq!(a.heartbeat(), 1);
+    broker.wait_seen("SUB", |s| s.iter().any(|x| matches!(x, Seen::Sub(..))));
+    let session = a.session.unwrap();
+
+    // A wrong session id (same shard bits): unknown, no answer, the session lives.
+    let before = dropped(&edge, "unknown_session");
+    a.send(&wire::bye_datagram(SessionId(session.0 ^ 1)));
+    a.silent("bye with a wrong session id");
+    assert_eq!(dropped(&edge, "unknown_session"), before + 1.0);
+    assert_eq!(a.heartbeat(), 1, "still served");
+
+    // From another address (what a spoofed source looks like to the edge): challenged with a
+    // cookie for that address, which a spoofer never receives; nothing ends.
+    let spoof = Udp::new(edge.udp_addr().unwrap());
+    spoof.send(&wire::bye_datagram(session));
+    let d = spoof.recv(WAIT).expect("a challenge");
+    assert!(
+        matches!(wire::decode_server(&d, MAX), Ok(ServerDatagram::Cookie(_))),
+        "{d:02x?}"
+    );
+    // With the session address's own cookie: forged for this address, dropped.
+    let theirs = a.cookie(&auth_for(11, 910, 3));
+    let bye_op = packet::encode_vec(1, wire::udp_op::BYE, 1, &[]);
+    spoof.send(&wire::session_datagram(session, Some(&theirs), &bye_op));
+    spoof.silent("bye with another address's cookie");
+    eventually("forged_cookie counted", || {
+        dropped(&edge, "forged_cookie") >= 1.0
+    });
+    assert_eq!(a.heartbeat(), 1, "still served after the spoofed byes");
+    assert_eq!(
+        metric_sum(&edge.metrics_text(), "barrage_edge_udp_byes_total"),
+        0.0
+    );
+
+    // The real bye: answered, the session freed, the room left.
+    a.send(&wire::bye_datagram(session));
+    let d = a.recv(WAIT).expect("bye answer");
+    assert_eq!(wire::decode_server(&d, MAX), Ok(ServerDatagram::Bye));
+    assert_eq!(edge.connections(), 0);
+    broker.wait_seen("UNSUB", |s| {
+        s.iter()
+            .any(|x| matches!(x, Seen::Unsub(proto::link::Interest::Room(r)) if r.0 == 910))
+    });
+    let text = edge.metrics_text();
+    assert_eq!(metric_sum(&text, "barrage_edge_udp_byes_total"), 1.0);
+    assert!(metric(&text, "barrage_edge_closes_total{reason=\"peer_closed\"}") >= 1.0);
+    // No more data to that address, and its session id is unknown now.
+    broker.send(&room_batch(910, 9, Encoding::Brotli, 200));
+    a.send(&a.session_datagram(None, &proto::auth::heartbeat_request()));
+    a.silent("after the bye");
+
+    // A new hello from the same address and port: a new session, in another room.
+    assert_eq!(a.auth(&auth_for(12, 911, 3)), r#"{"code":0}"#);
+    assert_eq!(a.heartbeat(), 1);
+    assert_eq!(edge.connections(), 1);
+    broker.wait_seen("SUB 911", |s| {
+        s.iter()
+            .any(|x| matches!(x, Seen::Sub(proto::link::Interest::Room(r), _) if r.0 == 911))
+    });
+    broker.send(&room_batch(911, 3, Encoding::Brotli, 200));
+    assert_eq!(a.parts(WAIT, 1), vec![(3, 0, 1, 1)]);
+    edge.shutdown();
+}
+
+#[test]
+fn udp_bye_ends_the_session_and_only_its_own_uring() {
+    with_driver(Driver::Uring, bye_body);
+}
+
+#[test]
+fn udp_bye_ends_the_session_and_only_its_own_legacy() {
+    with_driver(Driver::Legacy, bye_body);
+}
+
 fn bad_input_body(driver: Driver) {
     let edge = edge::start(udp_config(driver, vec![])).unwrap();
     let to = edge.udp_addr().unwrap();

@@ -739,3 +739,119 @@ fn openssl_s_client_over_wss_with_a_key_update_uring() {
 fn openssl_s_client_over_wss_with_a_key_update_legacy() {
     with_driver(Driver::Legacy, openssl_body);
 }
+
+/// How a TLS connection ended, as its client saw it.
+#[derive(Debug, PartialEq, Eq)]
+enum TlsEnd {
+    /// close_notify, then EOF: rustls reads `Ok(0)`.
+    CloseNotify,
+    /// EOF without close_notify: rustls says `UnexpectedEof` (a cut, or a bare FIN).
+    Truncated,
+    /// Any other error (an RST, an alert).
+    Other(String),
+}
+
+impl WssClient {
+    /// Reads until the server ends the connection: the WebSocket close code if a close frame
+    /// came first, and how the TLS stream ended.
+    fn read_until_end(&mut self) -> (Option<u16>, TlsEnd) {
+        let deadline = Instant::now() + WAIT;
+        let mut code = None;
+        let mut b = [0u8; 4096];
+        loop {
+            assert!(Instant::now() < deadline, "the server did not close");
+            while let Ok(Some(m)) = self.dec.decode(&mut self.buf) {
+                if let Message::Close(c, _) = m {
+                    code = Some(c.unwrap_or(1005));
+                }
+            }
+            match self.tls.read(&mut b) {
+                Ok(0) => return (code, TlsEnd::CloseNotify),
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return (code, TlsEnd::Truncated)
+                }
+                Err(e) => return (code, TlsEnd::Other(e.to_string())),
+            }
+        }
+    }
+}
+
+/// The edge ends a TLS connection itself (heartbeat timeout, drain): the WSS client reads the
+/// WebSocket close frame, then close_notify, then EOF; TLS over raw TCP gets close_notify.
+/// Without close_notify rustls would report a truncated stream.
+fn edge_close_body(driver: Driver) {
+    let dir = cert_dir(&format!("close-{driver:?}"));
+    let broker = TestBroker::start(1);
+    let mut cfg = wss_config(driver, vec![broker.addr_string()], &dir);
+    cfg.tls_tcp_addr = "127.0.0.1:0".into();
+    cfg.heartbeat_timeout_ms = 700;
+    cfg.drain_close_per_s = 100;
+    let edge = edge::start(cfg).unwrap();
+    broker.wait_links(2);
+    let wss = edge.wss_addr().unwrap();
+    let ca = dir.join(net::tls::SELF_SIGNED_CERT_FILE);
+
+    // Authenticated, then silent: closed after heartbeat_timeout_ms.
+    let mut silent = WssClient::connect(wss, &ca);
+    silent.auth(71, 904);
+    let (code, end) = silent.read_until_end();
+    assert!(code.is_some(), "a WebSocket close frame first");
+    assert_eq!(end, TlsEnd::CloseNotify, "close code {code:?}");
+
+    // TLS over raw TCP: no WebSocket, close_notify all the same.
+    let tcp = edge.tls_tcp_addr().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in net::tls::load_certs(&ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let ccfg = rustls::ClientConfig::builder_with_provider(net::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(ccfg), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let sock = TcpStream::connect(tcp).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut raw = rustls::StreamOwned::new(conn, sock);
+    raw.write_all(&auth_packet(72, 904, 0, token(72, 904, 2)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let end = raw.read_to_end(&mut rest);
+    assert!(
+        end.is_ok(),
+        "close_notify before EOF over TLS-over-TCP: {end:?}"
+    );
+    assert!(rest.starts_with(&proto::auth::auth_reply(0)), "{rest:?}");
+
+    // A drain closes the live viewer with a close frame, then close_notify.
+    let mut live = WssClient::connect(wss, &ca);
+    live.auth(73, 904);
+    assert_eq!(live.heartbeat(), 1);
+    let (status, body) = http(edge.admin_addr(), "POST", "/admin/drain");
+    assert_eq!(status, 200, "{body}");
+    let (code, end) = live.read_until_end();
+    assert_eq!(code, Some(1001), "going away");
+    assert_eq!(end, TlsEnd::CloseNotify);
+
+    eventually("close_notify counted", || {
+        metric_sum(&edge.metrics_text(), "barrage_edge_tls_close_notify_total") >= 3.0
+    });
+    edge.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn edge_side_close_sends_close_notify_uring() {
+    with_driver(Driver::Uring, edge_close_body);
+}
+
+#[test]
+fn edge_side_close_sends_close_notify_legacy() {
+    with_driver(Driver::Legacy, edge_close_body);
+}

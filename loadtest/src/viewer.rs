@@ -402,6 +402,9 @@ struct Ctx {
     rng: RefCell<SplitMix64>,
     live: Cell<u64>,
     attempted: Cell<u64>,
+    /// Open UDP sessions by connection index: each gets a bye when the run stops (their
+    /// tasks are dropped with the thread's runtime, so they cannot send it themselves).
+    udp_sessions: RefCell<HashMap<usize, (Rc<monoio::net::udp::UdpSocket>, proto::udp::SessionId)>>,
 }
 
 /// A boxed error label for the failure maps.
@@ -847,6 +850,7 @@ async fn thread_main(
         tickets: RefCell::new(HashMap::new()),
         live: Cell::new(0),
         attempted: Cell::new(0),
+        udp_sessions: RefCell::new(HashMap::new()),
     });
     // The spawner paces connection starts; the loop below ships windows.
     {
@@ -929,6 +933,12 @@ async fn thread_main(
         let stop = shared.stop.load(Ordering::Acquire);
         let step = shared.step.load(Ordering::Relaxed);
         if stop {
+            // The edge frees the UDP sessions now instead of at expiry (docs/protocol-udp.md,
+            // "Bye"): one datagram each, not retransmitted.
+            let byes: Vec<_> = ctx.udp_sessions.borrow_mut().drain().collect();
+            for (_, (sock, session)) in byes {
+                let _ = sock.send(proto::udp::bye_datagram(session)).await;
+            }
             // Final accounting: missing messages of every connection that was open from before
             // the first publish until now.
             let mut w = ctx.window.take();

@@ -9,6 +9,7 @@
 //! C->S hello      [op 7 auth]                       -> [op 1001 cookie]            (≤ request size)
 //! C->S hello      [op 1001 cookie][op 7 auth]       -> [op 8 reply][op 1002 session]
 //! C->S session    [op 1002 session][op 2 | op 1000] -> [op 3 count] / nothing
+//! C->S bye        [op 1002 session][op 1004 bye]    -> [op 1004 bye]; the session is gone
 //! C->S rebinding  [op 1002 session][..] from a new address -> [op 1001 cookie] (≤ request size);
 //!                 [op 1002 session][op 1001 cookie][..] from it -> the session moves there
 //! S->C data       [op 1003 part][op 5 container]    one per datagram, each decodable alone
@@ -56,6 +57,9 @@ pub mod udp_op {
     pub const SESSION: u32 = 1002;
     /// S->C: the part header before each data container.
     pub const PART: u32 = 1003;
+    /// C->S, after `[op 1002 session]`: the client ends its session (empty body). S->C: the
+    /// edge freed it (empty body; a lost one is not resent, the session is gone either way).
+    pub const BYE: u32 = 1004;
 }
 
 /// Cookie body: u32 time bucket, then the first 16 bytes of the HMAC-SHA256.
@@ -370,6 +374,9 @@ pub enum Admit<'a> {
         session: SessionId,
         auth: Packet<'a>,
     },
+    /// The client ends `session` (a bye from the session's address, or from a new address
+    /// with a cookie minted for it): free it now and send [`bye_reply`].
+    Bye { session: SessionId },
     /// A datagram of a live session from its own address.
     Requests {
         session: SessionId,
@@ -452,14 +459,23 @@ pub fn admit<'a>(
             requests,
         } => match session_addr(session) {
             None => Admit::Drop(Dropped::UnknownSession),
+            // The session id (48 bits of MAC, only ever sent to the address that proved it
+            // receives there) from the session's address, as for any request: a spoofer that
+            // does not know the id cannot end someone else's session.
+            Some(addr) if addr == from && is_bye(&requests) => Admit::Bye { session },
             Some(addr) if addr == from => Admit::Requests { session, requests },
             Some(_) => match cookie.map(|c| key.verify(&c, from, now_s)) {
+                Some(Ok(())) if is_bye(&requests) => Admit::Bye { session },
                 Some(Ok(())) => Admit::Migrate { session, requests },
                 None | Some(Err(CookieError::Expired)) => challenge(),
                 Some(Err(CookieError::Forged)) => Admit::Drop(Dropped::Forged),
             },
         },
     }
+}
+
+fn is_bye(requests: &[Packet<'_>]) -> bool {
+    requests.iter().any(|p| p.op == udp_op::BYE)
 }
 
 /// `[op 1001 cookie]`: the server's challenge.
@@ -505,6 +521,20 @@ pub fn session_datagram(session: SessionId, cookie: Option<&Cookie>, requests: &
     out
 }
 
+/// `[op 1002 session][op 1004 bye]`: the client ends its session.
+pub fn bye_datagram(session: SessionId) -> Vec<u8> {
+    session_datagram(
+        session,
+        None,
+        &packet::encode_vec(ver::HEARTBEAT, udp_op::BYE, 1, &[]),
+    )
+}
+
+/// `[op 1004 bye]`: the server's answer to a bye (16 bytes, less than the 40 received).
+pub fn bye_reply() -> Vec<u8> {
+    packet::encode_vec(ver::HEARTBEAT, udp_op::BYE, 1, &[])
+}
+
 /// One part of a batch as a client reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Part<'a> {
@@ -530,6 +560,8 @@ pub enum ServerDatagram<'a> {
     /// op 3: the room's online count.
     HeartbeatReply(u32),
     Data(Part<'a>),
+    /// op 1004: the session the client ended is gone.
+    Bye,
 }
 
 /// Parses a server datagram (clients, `barrage tail`, loadtest).
@@ -556,6 +588,7 @@ pub fn decode_server(
     let rest = &datagram[used..];
     match first.op {
         udp_op::COOKIE if rest.is_empty() => Ok(ServerDatagram::Cookie(Cookie::parse(first.body)?)),
+        udp_op::BYE if rest.is_empty() && first.body.is_empty() => Ok(ServerDatagram::Bye),
         op::AUTH_REPLY => {
             let session = if rest.is_empty() {
                 None

@@ -1,8 +1,9 @@
 //! UDP viewers (`--transport udp`, docs/protocol-udp.md): the cookie handshake, then every data
 //! datagram decoded alone into the same events a stream viewer produces, heartbeats every
-//! `min(heartbeat_ms, UDP_HEARTBEAT_MS)`, and a cookie from the edge (our address changed)
-//! answered with the next heartbeat. `udp_loss_pct` drops received data datagrams before they
-//! are decoded: losses then show as missing messages and gaps, the way a lossy network would.
+//! `min(heartbeat_ms, UDP_HEARTBEAT_MS)`, a cookie from the edge (our address changed)
+//! answered with the next heartbeat, and a bye (op 1004) when the connection or the run ends.
+//! `udp_loss_pct` drops received data datagrams before they are decoded: losses then show as
+//! missing messages and gaps, the way a lossy network would.
 //!
 //! Invariants: the handshake is bounded (`connect_timeout_ms`, at most `HANDSHAKE_TRIES_MAX`
 //! sends of each step); a datagram that does not decode is counted and dropped, it never ends
@@ -183,6 +184,9 @@ pub async fn run(ctx: Rc<Ctx>, idx: usize, spec: ConnSpec, hold_for: Option<Dura
     }
     ctx.live.set(ctx.live.get() + 1);
     let sock = Rc::new(sock);
+    ctx.udp_sessions
+        .borrow_mut()
+        .insert(idx, (sock.clone(), session));
     let closed = Rc::new(CloseSignal::default());
     // A cookie from the edge: the next heartbeat carries it (NAT rebinding proof), sent now.
     let challenge: Rc<RefCell<Option<wire::Cookie>>> = Rc::default();
@@ -270,7 +274,7 @@ pub async fn run(ctx: Rc<Ctx>, idx: usize, spec: ConnSpec, hold_for: Option<Dura
                 *challenge.borrow_mut() = Some(c);
                 kick.close();
             }
-            Ok(ServerDatagram::AuthReply { .. }) => {}
+            Ok(ServerDatagram::AuthReply { .. }) | Ok(ServerDatagram::Bye) => {}
             Err(_) => ctx.window.borrow_mut().udp_bad += 1,
         }
         apply(&ctx, idx, &mut events, now);
@@ -281,6 +285,11 @@ pub async fn run(ctx: Rc<Ctx>, idx: usize, spec: ConnSpec, hold_for: Option<Dura
     }
     closed.close();
     kick.close();
+    // The end of a held connection (churn) or of the run: the edge frees the session now, so
+    // a later viewer on this address and port starts afresh. Best effort, one datagram.
+    if ctx.udp_sessions.borrow_mut().remove(&idx).is_some() {
+        let _ = sock.send(wire::bye_datagram(session)).await;
+    }
     conn_closed(&ctx, idx);
 }
 

@@ -124,7 +124,7 @@ fn docs_examples_are_the_codec() {
         assert_eq!(hex(&got), hex(&want), "example {name}");
         found += 1;
     }
-    assert_eq!(found, 7, "every datagram has its example");
+    assert_eq!(found, 9, "every datagram has its example");
 }
 
 /// The datagrams the docs show, made by the codec.
@@ -141,6 +141,8 @@ fn example(name: &str) -> Vec<u8> {
         "hello-ok" => hello_ok(session),
         "heartbeat" => session_datagram(session, None, &auth::heartbeat_request()),
         "heartbeat-reply" => auth::heartbeat_reply(1234).to_vec(),
+        "bye" => bye_datagram(session),
+        "bye-reply" => bye_reply(),
         "data" => {
             let inner = packet::encode_vec(
                 ver::PLAIN,
@@ -308,6 +310,67 @@ fn admission_walks_the_handshake_and_a_rebinding() {
         admit(&k, &wrong, moved, table, 5, NOW_S, UDP_PAYLOAD_BYTES_MAX),
         Admit::Drop(Dropped::Forged)
     );
+}
+
+#[test]
+fn a_bye_ends_only_a_session_its_sender_proves() {
+    let k = key();
+    let client = addr(1, 40000);
+    let session = k.session_of(&k.mint(client, NOW_S), 0);
+    let table = |s: SessionId| (s == session).then_some(client);
+    let max = UDP_PAYLOAD_BYTES_MAX;
+    let bye = bye_datagram(session);
+    assert_eq!(bye.len(), 40);
+    assert_eq!(
+        admit(&k, &bye, client, table, 0, NOW_S, max),
+        Admit::Bye { session }
+    );
+    // A wrong session id: unknown, dropped.
+    let other = bye_datagram(SessionId(session.0 ^ 1));
+    assert_eq!(
+        admit(&k, &other, client, table, 0, NOW_S, max),
+        Admit::Drop(Dropped::UnknownSession)
+    );
+    // From another address: challenged (a spoofer never gets the cookie), not ended; with the
+    // old address's cookie: forged; with a cookie minted for it (the client rebound): ended.
+    let moved = addr(1, 50000);
+    let Admit::Reply(challenge) = admit(&k, &bye, moved, table, 0, NOW_S, max) else {
+        panic!("want a challenge");
+    };
+    assert!(challenge.len() <= bye.len());
+    let byes_with = |c: &Cookie| {
+        session_datagram(
+            session,
+            Some(c),
+            &packet::encode_vec(ver::HEARTBEAT, udp_op::BYE, 1, &[]),
+        )
+    };
+    assert_eq!(
+        admit(
+            &k,
+            &byes_with(&k.mint(client, NOW_S)),
+            moved,
+            table,
+            0,
+            NOW_S,
+            max
+        ),
+        Admit::Drop(Dropped::Forged)
+    );
+    assert_eq!(
+        admit(
+            &k,
+            &byes_with(&k.mint(moved, NOW_S)),
+            moved,
+            table,
+            0,
+            NOW_S,
+            max
+        ),
+        Admit::Bye { session }
+    );
+    // The client reads the answer.
+    assert_eq!(decode_server(&bye_reply(), max), Ok(ServerDatagram::Bye));
 }
 
 #[test]
@@ -721,7 +784,9 @@ proptest::proptest! {
             Admit::Auth { .. } | Admit::Migrate { .. } => {
                 proptest::prop_assert_eq!(from, addr(1, 1), "only the cookie's address passes")
             }
-            Admit::Requests { .. } => proptest::prop_assert_eq!(from, addr(1, 1)),
+            Admit::Requests { .. } | Admit::Bye { .. } => {
+                proptest::prop_assert_eq!(from, addr(1, 1), "only the session's address ends it")
+            }
             Admit::Drop(_) => {}
         }
         let _ = decode_server(&d, UDP_PAYLOAD_BYTES_MAX);
@@ -736,6 +801,8 @@ fn print_doc_examples() {
     for name in [
         "hello",
         "cookie",
+        "bye",
+        "bye-reply",
         "hello-cookie",
         "hello-ok",
         "heartbeat",
