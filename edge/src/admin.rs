@@ -230,7 +230,7 @@ pub(crate) fn render(node: &Node) -> String {
             m.conns_udp.get() as f64,
         );
     }
-    let simple: [Family<crate::metrics::ShardMetrics>; 30] = [
+    let simple: [Family<crate::metrics::ShardMetrics>; 34] = [
         (
             "barrage_edge_udp_datagrams_in_total",
             "counter",
@@ -260,6 +260,30 @@ pub(crate) fn render(node: &Node) -> String {
             "counter",
             "UDP sessions their client ended with a bye (op 1004).",
             |m| m.udp_byes.get(),
+        ),
+        (
+            "barrage_edge_ring_writes_total",
+            "counter",
+            "Client writes submitted as io_uring WRITEV entries (ring_writes; a subset of writes_total).",
+            |m| m.ring_writes.get(),
+        ),
+        (
+            "barrage_edge_ring_submits_total",
+            "counter",
+            "io_uring_enter calls that submitted client ring writes (ring_writes / ring_submits: writes per call).",
+            |m| m.ring_submits.get(),
+        ),
+        (
+            "barrage_edge_ring_write_errors_total",
+            "counter",
+            "Ring writes that failed (each closed its connection).",
+            |m| m.ring_write_errors.get(),
+        ),
+        (
+            "barrage_edge_ring_orphans_freed_total",
+            "counter",
+            "Ring writes of connections closed while in flight, freed at their completion.",
+            |m| m.ring_orphans_freed.get(),
         ),
         (
             "barrage_edge_udp_send_errors_total",

@@ -131,6 +131,12 @@ pub struct Config {
     pub backlog: i32,
     /// Runtime driver; `BARRAGE_DRIVER=uring|legacy|auto` overrides.
     pub driver: Driver,
+    /// Under the io_uring driver, write plain (TCP and WebSocket) client sockets through one
+    /// io_uring per shard: one `WRITEV` entry per write, a fan-out round's writes submitted
+    /// together. `false`, the epoll driver, or a ring that cannot be set up: one `writev` call
+    /// per write. Each shard logs which it uses. Off by default until it is measured ahead of
+    /// epoll per CPU-second (docs/benchmarks.md, "Edge data path by readiness").
+    pub uring_client_writes: bool,
     /// Log filter in `RUST_LOG` syntax (`info`, `warn,edge=debug`); empty keeps `RUST_LOG` (or
     /// `info`). A reload (SIGHUP, `POST /admin/reload`) applies a new value.
     pub log_level: String,
@@ -211,6 +217,7 @@ impl Default for Config {
             drain_ms_max: 110_000,
             backlog: 4_096,
             driver: Driver::Auto,
+            uring_client_writes: false,
             pin: Pin::Cores,
             log_level: String::new(),
             reuse_port_across_processes: false,

@@ -37,8 +37,10 @@ use std::time::{Duration, Instant};
 
 /// Connect attempts give up after this long (then back off).
 const CONNECT_MS_MAX: u64 = 3_000;
-/// Read buffer growth step for link frames.
-const LINK_READ_BYTES: usize = 16 * 1024;
+/// Read buffer growth step for link frames: also what one read takes at most, so under the
+/// io_uring driver (one read op, then the shard runs) how many batches one fan-out round
+/// carries in a backlog (docs/benchmarks.md, "Edge data path by readiness").
+const LINK_READ_BYTES: usize = 64 * 1024;
 /// Messages the hub holds for the shards until the link shard's shell moves them to the
 /// rings; past it batches are dropped (counted as `outbox`; viewers see the seq gap).
 pub const HUB_OUTBOX_MSGS_MAX: usize = 16_384;

@@ -98,6 +98,18 @@ pub struct ShardMetrics {
     /// Writes to clients (one `writev` of every queued buffer each): `sends / writes` is how
     /// many batches a write carries, which is how a hot room degrades.
     pub writes: Counter,
+    /// Of `writes`, those that went to the kernel as `WRITEV` SQEs on the shard's ring
+    /// (`ring_writes`, io_uring driver only), not as `writev` calls.
+    pub ring_writes: Counter,
+    /// `io_uring_enter` calls that submitted ring writes: `ring_writes / ring_submits` is
+    /// writes per system call.
+    pub ring_submits: Counter,
+    /// Ring writes that failed with an error other than a full socket buffer (each closed
+    /// its connection, counted as an I/O close too).
+    pub ring_write_errors: Counter,
+    /// Ring writes whose connection closed while they were in flight: their buffers and
+    /// socket were freed when the completion came.
+    pub ring_orphans_freed: Counter,
     pub drops: [Counter; DropReason::ALL.len()],
     pub rooms: Counter,
     pub pending_handshakes: Counter,

@@ -124,7 +124,8 @@ impl Shard {
         rx: Vec<rtrb::Consumer<Msg>>,
     ) -> std::io::Result<Rc<Shard>> {
         let hub = (id == 0).then(|| Rc::new(Hub::new(node.clone(), id)));
-        let sockets = RefCell::new(sockets::Sockets::new()?);
+        let ring = node.config.uring_client_writes && net::runtime::driver_in_use() == "uring";
+        let sockets = RefCell::new(sockets::Sockets::new(id, ring)?);
         Ok(Rc::new(Shard {
             id,
             core: RefCell::new(ShardCore::new(id, node.clone(), Instant::now())),
@@ -158,6 +159,11 @@ impl Shard {
                 } else if let Some(Some(w)) = self.tasks.borrow().get(id.key()) {
                     w.wake_by_ref();
                 }
+            }
+            // The round's ring writes go to the kernel together; their completions may let
+            // the core hand out more.
+            if sockets::submit(self) {
+                more = true;
             }
             loop {
                 let m = self.core.borrow_mut().poll_msg();

@@ -10,7 +10,9 @@
 //!   test binary re-executed as `viewers_helper`) because one process may hold only 20,000 fds.
 //! - `bench_fanout_*`: one shard, `BENCH_VIEWERS` TCP viewers of one room in a child process,
 //!   `BENCH_BATCHES` batches from a test broker; reports sends per second of wall time and per
-//!   CPU-second of the edge process.
+//!   CPU-second of the edge process (the test process: the shard thread, the test broker and
+//!   this thread's metrics polling). `BENCH_URING_WRITES=1|0` turns `uring_client_writes` on
+//!   or off.
 //! - `bench_floor_write`: the kernel's floor for the same work: one thread `write()`s the same
 //!   bytes (the fan-out batch's packet size) to `BENCH_VIEWERS` loopback sockets, round after
 //!   round, while a reader thread (epoll) drains them eagerly; reports sends per second and
@@ -259,6 +261,11 @@ fn fanout(driver: Driver) {
     cfg.shards = 1;
     // Measure the send path, not the drop path: the queue holds shared handles only.
     cfg.send_queue_bytes_max = 1 << 30;
+    // `BENCH_URING_WRITES=1`: client writes through the shard's ring (io_uring driver).
+    if let Ok(v) = std::env::var("BENCH_URING_WRITES") {
+        cfg.uring_client_writes = v == "1";
+    }
+    let cfg_ring = cfg.uring_client_writes;
     let edge = edge::start(cfg).unwrap();
     broker.wait_links(2);
     let (mut child, _out) = spawn_viewers(edge.tcp_addr(), viewers, "read");
@@ -284,8 +291,9 @@ fn fanout(driver: Driver) {
     let sends = metric_sum(&m, "barrage_edge_sends_total");
     let writes = metric_sum(&m, "barrage_edge_writes_total");
     println!(
-        "BENCH fanout driver={} viewers={viewers} batches={batches} batch_bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} edge_cpu_s={cpu:.3} sends_per_cpu_s={:.0} batches_per_write={:.1} drops={}",
+        "BENCH fanout driver={} uring_client_writes={} viewers={viewers} batches={batches} batch_bytes={len} sends={sends} wall_s={wall:.3} sends_per_s={:.0} edge_cpu_s={cpu:.3} sends_per_cpu_s={:.0} batches_per_write={:.1} drops={}",
         format!("{driver:?}").to_lowercase(),
+        cfg_ring,
         sends / wall,
         sends / cpu.max(1e-9),
         sends / writes.max(1.0),

@@ -259,6 +259,7 @@ fn partial_writes_body(driver: Driver) {
     cfg.shards = 1;
     cfg.send_queue_bytes_max = 16 * 1024 * 1024;
     cfg.stuck_ms_max = 60_000;
+    cfg.uring_client_writes = true;
     let edge = edge::start(cfg).unwrap();
     broker.wait_links(2);
     // A small receive buffer, but not tiny: with a 4 KiB window and delayed ACKs the paused
@@ -300,6 +301,15 @@ fn partial_writes_body(driver: Driver) {
         writes < sends,
         "batches coalesced into fewer writes: {writes} for {sends}"
     );
+    if driver == Driver::Uring {
+        // Under io_uring the writes went through the shard's ring (uring_client_writes), so
+        // the partial ones above were ring completions resumed.
+        assert!(
+            metric_sum(&m, "barrage_edge_ring_writes_total") > 0.0,
+            "{m}"
+        );
+        assert_eq!(metric_sum(&m, "barrage_edge_ring_write_errors_total"), 0.0);
+    }
     edge.shutdown();
 }
 

@@ -628,3 +628,421 @@ pub fn into_std(stream: monoio::net::TcpStream) -> std::net::TcpStream {
     // driver, not closed), so the std stream is its one owner from here on.
     unsafe { std::net::TcpStream::from_raw_fd(fd) }
 }
+
+/// `user_data` of the ring's own cancel requests (never a caller's token).
+const RING_CANCEL_TOKEN: u64 = u64::MAX;
+/// Completion queue entries per submission queue entry of a [`WriteRing`].
+const RING_CQ_PER_SQ: u32 = 16;
+/// Overflow flushes per [`WriteRing::reap`] at most (each moves a queue's worth).
+const RING_REAP_ROUNDS_MAX: usize = 64;
+/// Rounds of waiting for the ring's writes when it is dropped before their buffers are leaked
+/// instead (never on a live path: a write to a non-blocking socket completes at once).
+const RING_DROP_WAITS_MAX: usize = 100;
+
+/// One vectored write the ring holds: the buffers and the iovec array pointing into them,
+/// owned here until the kernel's completion is reaped.
+struct Flight {
+    bufs: Vec<bytes::Bytes>,
+    /// Points into `bufs` from `skip` on; a boxed slice, so its address survives moves.
+    /// Never read here: it is held for the kernel, which reads it.
+    _iov: Box<[libc::iovec]>,
+    /// Bytes of `bufs` already written before this write (not part of it).
+    skip: usize,
+    /// Set when the caller let go of the connection: the socket stays open (its number
+    /// cannot be reused) until the completion, then closes with this.
+    orphan_fd: Option<std::os::fd::OwnedFd>,
+}
+
+/// A finished ring write, as [`WriteRing::reap`] hands it back.
+#[derive(Debug)]
+pub struct RingDone {
+    /// The caller's token given to [`WriteRing::push`].
+    pub token: u64,
+    /// The buffers of the write, all of them (the caller resumes a partial write from
+    /// `skip + n`, exactly like [`writev`]'s resume).
+    pub bufs: Vec<bytes::Bytes>,
+    /// Bytes of `bufs` written before this write.
+    pub skip: usize,
+    /// Bytes this write took, or the error (`WouldBlock` when the socket buffer was full).
+    pub result: std::io::Result<usize>,
+}
+
+/// An io_uring instance of one shard for its plain sockets' writes: one `WRITEV` SQE per
+/// write, many submitted with one `io_uring_enter`, the buffers (shared `Bytes`, no copy)
+/// held here until each completion is reaped. Its descriptor is readable while completions
+/// wait, so the shard's [`Poller`] can watch it like a socket.
+///
+/// The sockets must be non-blocking: then a write completes as soon as it is submitted (with
+/// what the socket buffer took, or `WouldBlock`), the way a `writev` call would.
+pub struct WriteRing {
+    ring: io_uring::IoUring,
+    /// Writes in flight (pushed, submitted or not, completion not reaped) by token.
+    flights: std::collections::HashMap<u64, Flight>,
+    /// SQEs pushed since the last submit.
+    unsubmitted: usize,
+    /// Completions of orphaned writes reaped (their buffers and sockets freed).
+    orphans_freed: u64,
+}
+
+impl WriteRing {
+    /// A ring of `entries` submission slots (a write more than that per round submits early).
+    pub fn new(entries: u32) -> std::io::Result<WriteRing> {
+        // Not COOP_TASKRUN: a completion that comes later (a write the kernel parked on a
+        // full socket) must reach the queue without our next `io_uring_enter`, so that the
+        // ring's fd turns readable for the poller.
+        // The completion queue holds many rounds of submissions (writes parked on slow
+        // readers complete whenever); past it, completions overflow and `reap` fetches them.
+        let ring = io_uring::IoUring::builder()
+            .setup_single_issuer()
+            .setup_cqsize(entries.saturating_mul(RING_CQ_PER_SQ))
+            .build(entries)
+            .or_else(|_| io_uring::IoUring::new(entries))?;
+        Ok(WriteRing {
+            ring,
+            flights: std::collections::HashMap::new(),
+            unsubmitted: 0,
+            orphans_freed: 0,
+        })
+    }
+
+    /// The ring's descriptor, to be polled for readability (completions waiting).
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.ring.as_raw_fd()
+    }
+
+    /// Whether a write under `token` is in flight.
+    pub fn in_flight(&self, token: u64) -> bool {
+        self.flights.contains_key(&token)
+    }
+
+    /// Writes in flight, orphans included.
+    pub fn flights(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Orphaned writes whose completion came and whose buffers and socket were freed.
+    pub fn orphans_freed(&self) -> u64 {
+        self.orphans_freed
+    }
+
+    /// Queues one `WRITEV` of `bufs` from byte `skip` on (at most [`WRITEV_BUFS_MAX`]
+    /// buffers; the rest is a partial write) to the non-blocking socket `fd`, under `token`.
+    /// It goes to the kernel at the next [`submit`](Self::submit) (or now, when the queue is
+    /// full). The caller keeps `fd` open until the completion is reaped or hands it over with
+    /// [`orphan`](Self::orphan). Gives `bufs` back when `token` already has a write in flight
+    /// or is the ring's own, or the ring cannot take the entry.
+    pub fn push(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        token: u64,
+        bufs: Vec<bytes::Bytes>,
+        skip: usize,
+    ) -> Result<(), Vec<bytes::Bytes>> {
+        if token == RING_CANCEL_TOKEN || self.flights.contains_key(&token) {
+            return Err(bufs);
+        }
+        let mut rest = skip;
+        let mut iov = Vec::with_capacity(bufs.len().min(WRITEV_BUFS_MAX));
+        for b in &bufs {
+            if rest >= b.len() {
+                rest -= b.len();
+                continue;
+            }
+            if iov.len() == WRITEV_BUFS_MAX {
+                break;
+            }
+            let part = &b[rest..];
+            rest = 0;
+            iov.push(libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: part.len(),
+            });
+        }
+        let iov = iov.into_boxed_slice();
+        let sqe =
+            io_uring::opcode::Writev::new(io_uring::types::Fd(fd), iov.as_ptr(), iov.len() as u32)
+                .build()
+                .user_data(token);
+        // SAFETY: the SQE points at `iov` (a boxed slice: its heap address does not change
+        // when the box moves into `flights`), whose entries point into the `Bytes` of `bufs`;
+        // both are stored in `flights` under `token` right below and leave it only in `reap`,
+        // after the kernel posted this write's completion, or in `drop`, which waits for every
+        // completion first (or leaks what it could not wait for). `Bytes` data never moves and
+        // is never written through a shared handle, and the kernel only reads it. `fd` is the
+        // caller's open socket, kept open (by the caller or by `orphan`) until the completion.
+        if !self.push_sqe(&sqe) {
+            return Err(bufs);
+        }
+        self.flights.insert(
+            token,
+            Flight {
+                bufs,
+                _iov: iov,
+                skip,
+                orphan_fd: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Pushes one SQE, submitting first when the queue is full; false if it cannot.
+    fn push_sqe(&mut self, sqe: &io_uring::squeue::Entry) -> bool {
+        for _ in 0..2 {
+            // SAFETY: see the callers: what the entry points at lives until its completion.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                self.unsubmitted += 1;
+                return true;
+            }
+            if self.submit().is_err() {
+                return false;
+            }
+        }
+        false
+    }
+
+    /// Hands the ring the socket of a connection the caller is done with while its write is
+    /// in flight: the socket stays open and the buffers alive until the completion, which is
+    /// then dropped (counted in [`orphans_freed`](Self::orphans_freed)) with them. The write
+    /// is also cancelled, should the kernel have parked it. Gives `fd` back when `token` has
+    /// no write in flight (the caller closes it then).
+    pub fn orphan(
+        &mut self,
+        token: u64,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<(), std::os::fd::OwnedFd> {
+        let Some(f) = self.flights.get_mut(&token) else {
+            return Err(fd);
+        };
+        f.orphan_fd = Some(fd);
+        let cancel = io_uring::opcode::AsyncCancel::new(token)
+            .build()
+            .user_data(RING_CANCEL_TOKEN);
+        // SAFETY: a cancel request points at no memory (the target is named by user_data).
+        let _ = self.push_sqe(&cancel);
+        Ok(())
+    }
+
+    /// Submits what was pushed since the last submit (one `io_uring_enter`); returns how many.
+    pub fn submit(&mut self) -> std::io::Result<usize> {
+        if self.unsubmitted == 0 {
+            return Ok(0);
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(n) => {
+                    self.unsubmitted = self.unsubmitted.saturating_sub(n);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves the completions waiting now to `out` (orphans' are freed here, not handed out).
+    /// No system call, unless completions overflowed the queue: then one `io_uring_enter`
+    /// moves them in (an overflow flag that stays up keeps the ring's fd readable).
+    pub fn reap(&mut self, out: &mut Vec<RingDone>) {
+        for _ in 0..RING_REAP_ROUNDS_MAX {
+            self.reap_queue(out);
+            if !self.ring.submission().cq_overflow() {
+                return;
+            }
+            // `submit` sets GETEVENTS while the overflow flag is up, which flushes them.
+            match self.ring.submit() {
+                Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn reap_queue(&mut self, out: &mut Vec<RingDone>) {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for c in &mut cq {
+            let token = c.user_data();
+            if token == RING_CANCEL_TOKEN {
+                continue;
+            }
+            let Some(f) = self.flights.remove(&token) else {
+                continue;
+            };
+            if f.orphan_fd.is_some() {
+                self.orphans_freed += 1;
+                continue;
+            }
+            let r = c.result();
+            out.push(RingDone {
+                token,
+                bufs: f.bufs,
+                skip: f.skip,
+                result: if r < 0 {
+                    Err(std::io::Error::from_raw_os_error(-r))
+                } else {
+                    Ok(r as usize)
+                },
+            });
+        }
+    }
+}
+
+impl Drop for WriteRing {
+    /// Waits for the completion of every write in flight before the buffers go; what does
+    /// not complete in time is leaked, never freed under the kernel.
+    fn drop(&mut self) {
+        let mut done = Vec::new();
+        for _ in 0..RING_DROP_WAITS_MAX {
+            done.clear();
+            self.reap(&mut done);
+            if self.flights.is_empty() {
+                return;
+            }
+            let _ = self.submit();
+            let _ = self.ring.submitter().submit_with_args(
+                1,
+                &io_uring::types::SubmitArgs::new()
+                    .timespec(&io_uring::types::Timespec::new().nsec(10_000_000)),
+            );
+        }
+        for (_, f) in self.flights.drain() {
+            std::mem::forget(f);
+        }
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        (c, s)
+    }
+
+    fn reap_one(r: &mut WriteRing) -> RingDone {
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while out.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no completion");
+            r.submit().unwrap();
+            r.reap(&mut out);
+        }
+        out.pop().unwrap()
+    }
+
+    /// Many sockets written in one submit; a write resumed from `skip` sends the rest only.
+    #[test]
+    fn writes_of_many_sockets_in_one_submit() {
+        let mut r = WriteRing::new(32).unwrap();
+        let pairs: Vec<_> = (0..20).map(|_| pair()).collect();
+        for (i, (_, s)) in pairs.iter().enumerate() {
+            let bufs = vec![
+                bytes::Bytes::from(format!("conn{i:02}-")),
+                bytes::Bytes::from_static(b"tail"),
+            ];
+            r.push(s.as_raw_fd(), i as u64, bufs, 2).unwrap();
+        }
+        assert!(r.push(pairs[0].1.as_raw_fd(), 0, Vec::new(), 0).is_err());
+        let mut out = Vec::new();
+        assert_eq!(
+            r.submit().unwrap(),
+            20,
+            "one io_uring_enter for all of them"
+        );
+        assert_eq!(r.submit().unwrap(), 0);
+        r.reap(&mut out);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while out.len() < 20 {
+            assert!(std::time::Instant::now() < deadline, "completions missing");
+            r.reap(&mut out);
+        }
+        assert_eq!(r.flights(), 0);
+        for d in &out {
+            assert_eq!(d.result.as_ref().unwrap(), &9);
+        }
+        for (i, (mut c, _)) in pairs.into_iter().enumerate() {
+            let mut got = [0u8; 9];
+            c.read_exact(&mut got).unwrap();
+            assert_eq!(&got, format!("nn{i:02}-tail").as_bytes());
+        }
+    }
+
+    /// More writes than the completion queue holds, submitted without reaping in between
+    /// (a big fan-out round): the overflowed completions are fetched, none is lost.
+    #[test]
+    fn completions_past_the_queue_are_not_lost() {
+        let mut r = WriteRing::new(2).unwrap();
+        let pairs: Vec<_> = (0..100).map(|_| pair()).collect();
+        for (i, (_, s)) in pairs.iter().enumerate() {
+            r.push(
+                s.as_raw_fd(),
+                i as u64,
+                vec![bytes::Bytes::from_static(b"x")],
+                0,
+            )
+            .unwrap();
+        }
+        r.submit().unwrap();
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while out.len() < 100 {
+            assert!(std::time::Instant::now() < deadline, "{} of 100", out.len());
+            r.reap(&mut out);
+        }
+        assert_eq!(r.flights(), 0);
+    }
+
+    /// A write larger than the socket buffer completes short; the rest, pushed again to a
+    /// socket that stays full, is orphaned (before it was even submitted): the ring keeps the
+    /// socket open until the write's completion (it is cancelled if the kernel parked it),
+    /// then frees it and the buffers, and does not hand the completion out.
+    #[test]
+    fn short_write_then_orphan() {
+        let mut r = WriteRing::new(8).unwrap();
+        let (mut c, s) = pair();
+        let big = bytes::Bytes::from(vec![1u8; 8 << 20]);
+        r.push(s.as_raw_fd(), 1, vec![big.clone()], 0).unwrap();
+        let d = reap_one(&mut r);
+        let n = *d.result.as_ref().unwrap();
+        assert!(
+            n > 0 && n < big.len(),
+            "8 MiB fit a loopback socket buffer? {n}"
+        );
+        assert_eq!(d.skip, 0);
+        r.push(s.as_raw_fd(), 1, d.bufs, n).unwrap();
+        let fd = std::os::fd::OwnedFd::from(s);
+        let raw = fd.as_raw_fd();
+        assert!(r.orphan(1, fd).is_ok());
+        // SAFETY: fcntl F_GETFD on a descriptor number; no memory is passed.
+        assert!(
+            unsafe { libc::fcntl(raw, libc::F_GETFD) } >= 0,
+            "closed early"
+        );
+        assert!(
+            r.orphan(2, std::os::fd::OwnedFd::from(pair().1)).is_err(),
+            "no such write"
+        );
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while r.flights() > 0 {
+            assert!(std::time::Instant::now() < deadline, "orphan not completed");
+            r.submit().unwrap();
+            r.reap(&mut out);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(out.is_empty(), "an orphan's completion is not handed out");
+        assert_eq!(r.orphans_freed(), 1);
+        // The socket is closed now: the reader reaches EOF after what was written.
+        let mut buf = vec![0u8; 1 << 16];
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        while c.read(&mut buf).unwrap() > 0 {}
+    }
+}

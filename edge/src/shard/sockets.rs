@@ -10,9 +10,20 @@
 //! batches queue in the core and go out together in the next write (a slow reader gets
 //! fewer, larger writes, not a longer queue of small ones).
 //!
+//! Under the io_uring driver (and `uring_client_writes`), [`flush`] does not call `writev`:
+//! it pushes one `WRITEV` entry to the shard's own ring ([`net::sys::WriteRing`], beside the
+//! epoll instance), and [`submit`], called once per `pump` round, hands every write of the
+//! round to the kernel with one `io_uring_enter` and takes the completions (the ring's fd is
+//! registered in the epoll instance too, for completions that come later). A completion
+//! that took everything is `on_written`; a short one goes on from the byte it stopped at as
+//! the next ring write; a full socket buffer (`WouldBlock`: the sockets are non-blocking)
+//! goes on as a partial write by readiness, like above. Reads stay on readiness.
+//!
 //! Invariants:
 //! - A connection is in `slots` from [`adopt`] until [`close`], which removes it from epoll,
-//!   closes the socket and reports `on_closed` exactly once.
+//!   closes the socket and reports `on_closed` exactly once. With a ring write in flight the
+//!   ring takes the socket and the buffers and frees them at the completion (never before).
+//! - A connection has at most one of: a ring write in flight, a `Pending` write.
 //! - A connection has write interest in epoll iff it has a `Pending` write; the core counts
 //!   that write as in flight until the last byte is taken (`on_written`).
 //! - Readiness is level-triggered: one read per event, and what is left is reported again.
@@ -23,7 +34,7 @@ use super::{unix_s, Shard};
 use crate::core::{ConnId, Transmit};
 use crate::session::CloseReason;
 use bytes::Bytes;
-use net::sys::{Poller, Ready};
+use net::sys::{Poller, Ready, RingDone, WriteRing};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -35,6 +46,13 @@ use std::time::Instant;
 pub(crate) const READ_BYTES_MAX: usize = 16 * 1024;
 /// Readiness events handled before the task yields to the shard's other tasks.
 const EVENTS_PER_TURN_MAX: usize = 1_024;
+/// Submission entries of a shard's write ring: a round with more writes submits every this
+/// many (the ring floor gains nothing past ~256 per `io_uring_enter`, docs/benchmarks.md).
+const RING_ENTRIES: u32 = 256;
+/// The epoll key of the ring's descriptor (no connection has it: keys are slab indexes).
+const RING_KEY: u64 = u64::MAX;
+/// Spare buffer lists kept for ring writes (each in-flight write holds one).
+const SPARE_BUFS_MAX: usize = 256;
 
 /// One plain connection's socket.
 struct Slot {
@@ -59,16 +77,45 @@ pub(crate) struct Sockets {
     read_buf: Vec<u8>,
     /// The buffer list of the next write, reused (a partial write keeps its own).
     bufs: Vec<Bytes>,
+    /// The write ring (io_uring driver), or None: `writev` calls.
+    ring: Option<WriteRing>,
+    /// Completions taken from the ring, handled outside the borrow (reused).
+    done: Vec<RingDone>,
+    /// Buffer lists for ring writes, back from their completions.
+    spare: Vec<Vec<Bytes>>,
 }
 
 impl Sockets {
-    pub fn new() -> std::io::Result<Sockets> {
+    /// `ring`: try to write through an io_uring of our own (else, or when that fails,
+    /// `writev` calls). Logs which one shard `shard` uses.
+    pub fn new(shard: usize, ring: bool) -> std::io::Result<Sockets> {
+        let poller = Poller::new()?;
+        let ring = match ring {
+            false => None,
+            true => match WriteRing::new(RING_ENTRIES)
+                .and_then(|r| poller.add(r.as_raw_fd(), RING_KEY, false).map(|()| r))
+            {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "cannot set up the client write ring, writing with writev");
+                    None
+                }
+            },
+        };
+        tracing::info!(
+            shard,
+            writes = if ring.is_some() { "io_uring" } else { "writev" },
+            "client sockets: reads by epoll readiness"
+        );
         Ok(Sockets {
-            poller: Poller::new()?,
+            poller,
             slots: Vec::new(),
             pending: HashMap::new(),
             read_buf: Vec::new(),
             bufs: Vec::new(),
+            ring,
+            done: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -125,6 +172,10 @@ pub(crate) fn flush(shard: &Shard, id: ConnId) {
             Transmit::Idle => Ok(None),
             Transmit::Close => Err(()),
             Transmit::Write => {
+                bufs = match push_ring(shard, id, fd, bufs) {
+                    Ok(()) => return,
+                    Err(b) => b,
+                };
                 let total: usize = bufs.iter().map(Bytes::len).sum();
                 match write_some(fd, &bufs, 0) {
                     Ok(n) if n == total => Ok(Some(n)),
@@ -141,6 +192,106 @@ pub(crate) fn flush(shard: &Shard, id: ConnId) {
             Err(()) => return close(shard, id, CloseReason::Io),
         }
     }
+}
+
+/// Hands the write of `id` to the ring (submitted with the round's others by [`submit`]);
+/// gives the buffers back when there is no ring or it cannot take the entry.
+fn push_ring(shard: &Shard, id: ConnId, fd: RawFd, bufs: Vec<Bytes>) -> Result<(), Vec<Bytes>> {
+    let mut s = shard.sockets.borrow_mut();
+    let s = &mut *s;
+    let Some(r) = s.ring.as_mut() else {
+        return Err(bufs);
+    };
+    r.push(fd, id.to_bits(), bufs, 0)?;
+    // The list went with the write; the next one starts from a spare.
+    s.bufs = s.spare.pop().unwrap_or_default();
+    shard.node.metrics[shard.id].ring_writes.inc();
+    Ok(())
+}
+
+/// Submits the ring writes of this round (one `io_uring_enter`) and handles the completions
+/// there are; returns whether there were any (the core may have more to send then).
+pub(crate) fn submit(shard: &Shard) -> bool {
+    let mut done = {
+        let mut s = shard.sockets.borrow_mut();
+        let s = &mut *s;
+        let Some(r) = s.ring.as_mut() else {
+            return false;
+        };
+        match r.submit() {
+            Ok(0) => {}
+            Ok(_) => shard.node.metrics[shard.id].ring_submits.inc(),
+            // The entries stay queued and go with the next submit; completions are still
+            // reaped below (a full completion queue is the usual cause).
+            Err(e) => {
+                tracing::debug!(shard = shard.id, error = %e, "client write ring submit failed")
+            }
+        }
+        let mut done = std::mem::take(&mut s.done);
+        let freed = r.orphans_freed();
+        r.reap(&mut done);
+        let freed = r.orphans_freed() - freed;
+        if freed > 0 {
+            shard.node.metrics[shard.id].ring_orphans_freed.add(freed);
+        }
+        done
+    };
+    let any = !done.is_empty();
+    for d in done.drain(..) {
+        on_ring_done(shard, d);
+    }
+    shard.sockets.borrow_mut().done = done;
+    any
+}
+
+/// One ring write of a live connection completed: all of it tells the core; a short one
+/// goes on from the byte it stopped at as the next ring write; a full socket buffer
+/// (`WouldBlock`) goes on as a partial write by epoll readiness; an error closes the
+/// connection, counted.
+fn on_ring_done(shard: &Shard, d: RingDone) {
+    let id = ConnId::from_bits(d.token);
+    let Some(fd) = shard.sockets.borrow().fd(id) else {
+        return;
+    };
+    let total: usize = d.bufs.iter().map(Bytes::len).sum();
+    let done = match d.result {
+        Ok(n) if n > 0 || d.skip == total => d.skip + n,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            return wait_writable(shard, id, fd, d.bufs, d.skip);
+        }
+        res => {
+            shard.node.metrics[shard.id].ring_write_errors.inc();
+            tracing::debug!(shard = shard.id, result = ?res, "client ring write failed");
+            return close(shard, id, CloseReason::Io);
+        }
+    };
+    if done < total {
+        let res = shard
+            .sockets
+            .borrow_mut()
+            .ring
+            .as_mut()
+            .map(|r| r.push(fd, d.token, d.bufs, done));
+        return match res {
+            Some(Ok(())) => shard.node.metrics[shard.id].ring_writes.inc(),
+            Some(Err(bufs)) => wait_writable(shard, id, fd, bufs, done),
+            None => {}
+        };
+    }
+    let mut bufs = d.bufs;
+    bufs.clear();
+    {
+        let mut s = shard.sockets.borrow_mut();
+        if s.spare.len() < SPARE_BUFS_MAX {
+            s.spare.push(bufs);
+        }
+    }
+    shard.core.borrow_mut().on_written(id, total);
 }
 
 /// `writev` until the kernel stops taking bytes; `Ok(n)` with `n` short of the total means
@@ -242,16 +393,22 @@ fn on_readable(shard: &Shard, id: ConnId) {
     }
 }
 
-/// Closes the socket of `id` (dropping any partial write) and tells the core, once.
+/// Closes the socket of `id` (dropping any partial write) and tells the core, once. A ring
+/// write in flight keeps the socket and its buffers in the ring until its completion.
 pub(crate) fn close(shard: &Shard, id: ConnId, reason: CloseReason) {
-    let slot = {
+    let fd = {
         let mut s = shard.sockets.borrow_mut();
+        let s = &mut *s;
         let Some(fd) = s.fd(id) else { return };
         let _ = s.poller.delete(fd);
         s.pending.remove(&(id.key() as u32));
-        s.slots.get_mut(id.key()).and_then(Option::take)
+        let slot = s.slots.get_mut(id.key()).and_then(Option::take);
+        match (slot, s.ring.as_mut()) {
+            (Some(slot), Some(r)) => r.orphan(id.to_bits(), slot.fd).err(),
+            (slot, _) => slot.map(|s| s.fd),
+        }
     };
-    drop(slot);
+    drop(fd);
     shard.core.borrow_mut().on_closed(id, reason);
 }
 
@@ -272,6 +429,8 @@ pub(crate) fn close_all(shard: &Shard, reason: CloseReason) {
     for id in ids {
         close(shard, id, reason);
     }
+    // The cancels of orphaned writes go out now.
+    submit(shard);
 }
 
 /// The readiness loop of one shard: waits for the epoll instance (through the runtime, so
@@ -310,6 +469,10 @@ pub(crate) async fn run(shard: Rc<Shard>) {
                 }
             };
             for r in &ready {
+                if r.key == RING_KEY {
+                    // Completions: `pump` below takes them.
+                    continue;
+                }
                 let id = ConnId::from_bits(r.key);
                 if r.write {
                     on_writable(&shard, id);
