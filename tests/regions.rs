@@ -1284,3 +1284,128 @@ fn partition_run() {
     drop((c1, c2));
     assert_eq!(lost_total, 0, "pushes lost across the partition");
 }
+
+/// A nats-server started again by a test (killed on drop).
+struct Restarted(Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The command line of process `pid` (to start a killed nats-server again as it was: same
+/// config file, so the same ports and store dir).
+fn cmdline(pid: u64) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the process's command line");
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Until `control`'s first edge for a client of its own region is `first` (and, with
+/// `absent`, that edge is not listed at all); the host list then.
+fn wait_first_edge(
+    control: SocketAddr,
+    first: SocketAddr,
+    absent: Option<SocketAddr>,
+    what: &str,
+) -> Vec<SocketAddr> {
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let t = connect_ticket(control, 4500, 9);
+        let hosts: Vec<SocketAddr> = t
+            .edges
+            .iter()
+            .filter_map(|e| {
+                format!("{}:{}", e["host"].as_str()?, e["tcp_port"].as_u64()?)
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        if hosts.first() == Some(&first) && absent.is_none_or(|a| !hosts.contains(&a)) {
+            return hosts;
+        }
+        assert!(Instant::now() < deadline, "{what}: host_list {hosts:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A region whose NATS server is killed (SIGKILL of nats-server only: its control, broker and
+/// edge stay up) is not assigned: its broker tells control its backbone is down, so control
+/// hands clients of that region the other region's edge and lists none of the dark region's
+/// (nor does the other region's control, which learns it through its peer); the broker's
+/// `/readyz` says 503 meanwhile. Once nats-server is started again on the same port and store
+/// dir, the region is assigned again and takes pushes.
+#[test]
+fn a_region_whose_nats_is_down_is_not_assigned_until_it_is_back() {
+    if !nats_installed() {
+        return;
+    }
+    let (_cluster, v) = start_regions(&[]);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    let (_, hosts) = ticket_with_fallback(r1.control, 4500, 9, r2.edge_tcp);
+    assert_eq!(hosts[0], r1.edge_tcp, "region 1 first while it is healthy");
+    assert_eq!(
+        http_json(r1.broker_http, "GET", "/readyz", &[], "").0,
+        200,
+        "ready before"
+    );
+
+    let nats_pid = v["regions"][0]["nats"][0]["pid"].as_u64().unwrap();
+    let args = cmdline(nats_pid);
+    signal(nats_pid, libc::SIGKILL);
+    wait_first_edge(
+        r1.control,
+        r2.edge_tcp,
+        Some(r1.edge_tcp),
+        "region 1's control still assigns region 1 with its NATS dead",
+    );
+    wait_first_edge(
+        r2.control,
+        r2.edge_tcp,
+        Some(r1.edge_tcp),
+        "region 2's control still lists region 1's edge as a fallback",
+    );
+    let (status, ready) = http_json(r1.broker_http, "GET", "/readyz", &[], "");
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["reason"], "backbone disconnected");
+    let (_, brokers) = http_json(r1.control, "GET", "/v1/brokers?region=r1", &[], "");
+    let b = &brokers["brokers"][0];
+    assert_eq!(
+        (&b["alive"], &b["backbone_down"]),
+        (&true.into(), &true.into())
+    );
+    let page = get_text(r1.control, "/metrics");
+    assert_eq!(
+        metric(&page, "barrage_control_brokers{state=\"backbone_down\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&page, "barrage_control_region_assignable{region=\"r1\"}"),
+        0.0
+    );
+
+    // The same server again: same config file, so the same ports and store dir.
+    let _nats = Restarted(
+        Command::new(&args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts again"),
+    );
+    wait_first_edge(
+        r1.control,
+        r1.edge_tcp,
+        None,
+        "region 1 is not assigned again after its NATS came back",
+    );
+    assert_eq!(http_json(r1.broker_http, "GET", "/readyz", &[], "").0, 200);
+    // And it serves: a push accepted in region 1 reaches its viewer.
+    let mut a = viewer(&r1, 4500, 9, false);
+    warm(r1.ingest, 4500, &mut [&mut a]);
+}
