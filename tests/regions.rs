@@ -740,6 +740,7 @@ fn spawn_reader(
     std::thread::spawn(move || {
         let mut v = Viewer::tcp(hosts[0]);
         assert_eq!(v.auth(&body), 0);
+        let mut on = hosts[0];
         while !stop.load(Ordering::Relaxed) {
             let until = Instant::now() + Duration::from_millis(200);
             match v.next_event(until) {
@@ -757,14 +758,17 @@ fn spawn_reader(
                 Some(Event::Closed) => {
                     seen.lock().unwrap().lost_at.get_or_insert(Instant::now());
                     // Walk the host list until an edge seats us.
+                    // Past the edge that died (not by a bare connect: its port is free, and a
+                    // test running beside this one may listen on it by now).
                     'walk: loop {
-                        for &h in &hosts {
+                        for &h in hosts.iter().filter(|h| **h != on) {
                             if let Ok(s) =
                                 TcpStream::connect_timeout(&h, Duration::from_millis(300))
                             {
                                 drop(s);
                                 v = Viewer::tcp(h);
                                 if v.auth(&body) == 0 {
+                                    on = h;
                                     break 'walk;
                                 }
                             }
