@@ -649,6 +649,7 @@ fn spawn_reader(
     std::thread::spawn(move || {
         let mut v = Viewer::tcp(hosts[0]);
         assert_eq!(v.auth(&body), 0);
+        let mut on = hosts[0];
         while !stop.load(Ordering::Relaxed) {
             let until = Instant::now() + Duration::from_millis(200);
             match v.next_event(until) {
@@ -666,14 +667,17 @@ fn spawn_reader(
                 Some(Event::Closed) => {
                     seen.lock().unwrap().lost_at.get_or_insert(Instant::now());
                     // Walk the host list until an edge seats us.
+                    // Past the edge that died (not by a bare connect: its port is free, and a
+                    // test running beside this one may listen on it by now).
                     'walk: loop {
-                        for &h in &hosts {
+                        for &h in hosts.iter().filter(|h| **h != on) {
                             if let Ok(s) =
                                 TcpStream::connect_timeout(&h, Duration::from_millis(300))
                             {
                                 drop(s);
                                 v = Viewer::tcp(h);
                                 if v.auth(&body) == 0 {
+                                    on = h;
                                     break 'walk;
                                 }
                             }
@@ -1161,4 +1165,397 @@ fn partition_run() {
     );
     drop((c1, c2));
     assert_eq!(lost_total, 0, "pushes lost across the partition");
+}
+
+/// A nats-server started again by a test (killed on drop).
+struct Restarted(std::process::Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The command line of process `pid` (to start a killed nats-server again as it was: same
+/// config file, so the same ports and store dir).
+fn cmdline(pid: u64) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the process's command line");
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Until `control`'s first edge for a client of its own region is `first` (and, with
+/// `absent`, that edge is not listed at all); the host list then.
+fn wait_first_edge(
+    control: SocketAddr,
+    first: SocketAddr,
+    absent: Option<SocketAddr>,
+    what: &str,
+) -> Vec<SocketAddr> {
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let t = connect_ticket(control, 4500, 9);
+        let hosts: Vec<SocketAddr> = t
+            .edges
+            .iter()
+            .filter_map(|e| {
+                format!("{}:{}", e["host"].as_str()?, e["tcp_port"].as_u64()?)
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        if hosts.first() == Some(&first) && absent.is_none_or(|a| !hosts.contains(&a)) {
+            return hosts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: host_list {hosts:?}\n{}",
+            get_text(control, "/v1/brokers")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A region whose NATS server is killed (SIGKILL of nats-server only: its control, broker and
+/// edge stay up) is not assigned: its broker tells control its backbone is down, so control
+/// hands clients of that region the other region's edge and lists none of the dark region's
+/// (nor does the other region's control, which learns it through its peer); the broker's
+/// `/readyz` says 503 meanwhile. Once nats-server is started again on the same port and store
+/// dir, the region is assigned again and takes pushes.
+#[test]
+fn a_region_whose_nats_is_down_is_not_assigned_until_it_is_back() {
+    if !nats_installed() {
+        return;
+    }
+    let (_cluster, v) = start_regions(&[]);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    let (_, hosts) = ticket_with_fallback(r1.control, 4500, 9, r2.edge_tcp);
+    assert_eq!(hosts[0], r1.edge_tcp, "region 1 first while it is healthy");
+    assert_eq!(
+        http_json(r1.broker_http, "GET", "/readyz", &[], "").0,
+        200,
+        "ready before"
+    );
+
+    let nats_pid = v["regions"][0]["nats"][0]["pid"].as_u64().unwrap();
+    let args = cmdline(nats_pid);
+    signal(nats_pid, libc::SIGKILL);
+    wait_first_edge(
+        r1.control,
+        r2.edge_tcp,
+        Some(r1.edge_tcp),
+        "region 1's control still assigns region 1 with its NATS dead",
+    );
+    wait_first_edge(
+        r2.control,
+        r2.edge_tcp,
+        Some(r1.edge_tcp),
+        "region 2's control still lists region 1's edge as a fallback",
+    );
+    let (status, ready) = http_json(r1.broker_http, "GET", "/readyz", &[], "");
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["reason"], "backbone disconnected");
+    let (_, brokers) = http_json(r1.control, "GET", "/v1/brokers?region=r1", &[], "");
+    let b = &brokers["brokers"][0];
+    assert_eq!(
+        (&b["alive"], &b["backbone_down"]),
+        (&true.into(), &true.into())
+    );
+    let page = get_text(r1.control, "/metrics");
+    assert_eq!(
+        metric(&page, "barrage_control_brokers{state=\"backbone_down\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&page, "barrage_control_region_assignable{region=\"r1\"}"),
+        0.0
+    );
+
+    // The same server again: same config file, so the same ports and store dir.
+    let _nats = Restarted(
+        Command::new(&args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts again"),
+    );
+    wait_first_edge(
+        r1.control,
+        r1.edge_tcp,
+        None,
+        "region 1 is not assigned again after its NATS came back",
+    );
+    assert_eq!(http_json(r1.broker_http, "GET", "/readyz", &[], "").0, 200);
+    // And it serves: a push accepted in region 1 reaches its viewer.
+    let mut a = viewer(&r1, 4500, 9, false);
+    warm(r1.ingest, 4500, &mut [&mut a]);
+}
+
+/// What a [`SeqViewer`] read.
+#[derive(Debug)]
+enum Got {
+    Sync(proto::sync::Sync),
+    /// One room batch: its outer op 5 seq and the bodies inside.
+    Batch(u32, Vec<String>),
+    Closed,
+}
+
+/// A viewer that keeps the outer seqs and the `BARRAGE_SYNC`s (resume needs both; [`Viewer`]
+/// flattens batches into messages).
+struct SeqViewer {
+    stream: TcpStream,
+    packets: proto::packet::StreamDecoder,
+    got: std::collections::VecDeque<Got>,
+    authed: bool,
+}
+
+impl SeqViewer {
+    /// Connects to `addr` and authenticates with `"ack":true` and `resume` when given; returns
+    /// it once the auth reply said 0.
+    fn auth(
+        addr: SocketAddr,
+        body: &proto::auth::AuthBody,
+        resume: Option<&proto::sync::Resume>,
+    ) -> SeqViewer {
+        use std::io::Write;
+        let mut body = body.clone();
+        body.ack = true;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        stream
+            .write_all(&proto::auth::auth_request_with_resume(&body, resume))
+            .unwrap();
+        let mut v = SeqViewer {
+            stream,
+            packets: proto::packet::StreamDecoder::new(proto::limits::LINK_FRAME_BYTES_MAX),
+            got: Default::default(),
+            authed: false,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            v.read(deadline);
+            assert!(Instant::now() < deadline, "no auth reply from {addr}");
+            if v.authed {
+                return v;
+            }
+        }
+    }
+
+    /// Reads once (up to 100 ms) and decodes what came.
+    fn read(&mut self, deadline: Instant) {
+        use proto::packet::{op, ver};
+        use std::io::Read;
+        if Instant::now() >= deadline {
+            return;
+        }
+        let mut buf = [0u8; 16 * 1024];
+        match self.stream.read(&mut buf) {
+            Ok(0) => self.got.push_back(Got::Closed),
+            Ok(n) => self.packets.feed(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => self.got.push_back(Got::Closed),
+        }
+        while let Ok(Some(p)) = self.packets.next_packet() {
+            match p.op {
+                op::AUTH_REPLY => {
+                    let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+                    assert_eq!(v["code"], 0, "auth refused: {v}");
+                    self.authed = true;
+                }
+                op::NOTIFICATION if p.ver == ver::PLAIN => {
+                    let s = proto::sync::parse_sync(&p.body).expect("a plain op 5 is a sync");
+                    self.got.push_back(Got::Sync(s));
+                }
+                op::NOTIFICATION => {
+                    let inner = proto::container::unpack(
+                        p.ver,
+                        p.op,
+                        p.seq,
+                        &p.body,
+                        proto::limits::DECOMPRESSED_BYTES_MAX,
+                    )
+                    .expect("valid container");
+                    let bodies = inner
+                        .into_iter()
+                        .map(|i| String::from_utf8_lossy(&i.body).into_owned())
+                        .collect();
+                    self.got.push_back(Got::Batch(p.seq, bodies));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn next(&mut self, deadline: Instant) -> Option<Got> {
+        loop {
+            if let Some(g) = self.got.pop_front() {
+                return Some(g);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            self.read(deadline);
+        }
+    }
+
+    fn sync(&mut self) -> proto::sync::Sync {
+        match self.next(Instant::now() + WAIT) {
+            Some(Got::Sync(s)) => s,
+            other => panic!("expected a BARRAGE_SYNC, got {other:?}"),
+        }
+    }
+
+    /// Batches until one holds a body containing `needle`.
+    fn batches_until(&mut self, needle: &str) -> Vec<(u32, Vec<String>)> {
+        let deadline = Instant::now() + WAIT;
+        let mut out = Vec::new();
+        loop {
+            match self.next(deadline) {
+                Some(Got::Batch(seq, b)) => {
+                    let done = b.iter().any(|m| m.contains(needle));
+                    out.push((seq, b));
+                    if done {
+                        return out;
+                    }
+                }
+                other => panic!("waiting for {needle}: got {other:?} after {out:?}"),
+            }
+        }
+    }
+}
+
+/// BARRAGE_SYNC across regions: a viewer in region 1 that asked for syncs (`"ack":true`) learns
+/// region 1's epoch and follows the batches; region 1 goes dark (every process SIGKILLed); the
+/// viewer authenticates at region 2's edge (its `host_list` fallback) with `resume` naming
+/// region 1's epoch and its last seq. Region 2's broker has its own epoch for the room (another
+/// broker run), so the seqs are never compared: the viewer gets region 2's held batches of the
+/// room, then a BARRAGE_SYNC naming region 2's epoch with `recovered:false` and `missed:0`
+/// (region 2 still holds every batch of its epoch), then the live stream right after that seq.
+#[test]
+fn a_viewer_resuming_in_another_region_is_told_its_epoch_and_not_recovered() {
+    use loadtest::client::{Position, Seen};
+    if !nats_installed() {
+        return;
+    }
+    let (_cluster, v) = start_regions(&[]);
+    let (r1, r2) = (region(&v, 0), region(&v, 1));
+    let room = 4600;
+    // A viewer of the room in region 2, so region 2's broker keeps the room's batches.
+    let t2 = connect_ticket(r2.control, room, 2);
+    let mut c = SeqViewer::auth(r2.edge_tcp, &auth_body(2, room, &t2.token), None);
+    let c_sync = c.sync();
+    let (t, hosts) = ticket_with_fallback(r1.control, room, 1, r2.edge_tcp);
+    assert_eq!(hosts[0], r1.edge_tcp, "the client's own region first");
+    let body = auth_body(1, room, &t.token);
+    let mut a = SeqViewer::auth(r1.edge_tcp, &body, None);
+    let a_sync = a.sync();
+    assert!(a_sync.recovered, "{a_sync:?}");
+    assert_ne!(
+        a_sync.epoch, c_sync.epoch,
+        "each region's broker names its own epochs"
+    );
+    let mut pos = Position::default();
+    pos.on_sync(&a_sync);
+
+    // Pushes accepted in region 1 reach both (warm-ups until the interest and sources run).
+    let mut ingest = broker::IngestClient::connect(r1.ingest, API_KEY).unwrap();
+    let (mut a_batches, mut c_batches) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + WAIT;
+    let mut k = 0;
+    let (mut a_warm, mut c_warm) = (false, false);
+    while !(a_warm && c_warm) {
+        assert!(Instant::now() < deadline, "warm-ups never arrived");
+        push(
+            &mut ingest,
+            &broker::Message::room(room, format!(r#"{{"cmd":"W","k":{k}}}"#)),
+        );
+        k += 1;
+        for (viewer, batches, warm) in [
+            (&mut a, &mut a_batches, &mut a_warm),
+            (&mut c, &mut c_batches, &mut c_warm),
+        ] {
+            let until = Instant::now() + Duration::from_millis(150);
+            while let Some(g) = viewer.next(until) {
+                match g {
+                    Got::Batch(seq, b) => {
+                        batches.push((seq, b));
+                        *warm = true;
+                    }
+                    other => panic!("before any numbered push: {other:?}"),
+                }
+            }
+        }
+    }
+    for n in 1..=3 {
+        push(&mut ingest, &numbered(room, "r1", n));
+    }
+    a_batches.extend(a.batches_until(r#""n":3}"#));
+    c_batches.extend(c.batches_until(r#""n":3}"#));
+    for (seq, _) in &a_batches {
+        assert_eq!(
+            pos.on_batch(*seq),
+            Seen::New,
+            "region 1's stream, in seq order"
+        );
+    }
+
+    for &pid in &r1.pids {
+        signal(pid, libc::SIGKILL);
+    }
+    assert!(
+        matches!(a.next(Instant::now() + WAIT), Some(Got::Closed)),
+        "region 1's edge is gone"
+    );
+    let resume = pos.resume().expect("a position to resume from");
+    assert_eq!(resume.epoch, a_sync.epoch);
+    let mut b = SeqViewer::auth(hosts[1], &body, Some(&resume));
+    assert_eq!(hosts[1], r2.edge_tcp);
+    let mut replayed = Vec::new();
+    let sync = loop {
+        match b.next(Instant::now() + WAIT) {
+            Some(Got::Batch(seq, bodies)) => replayed.push((seq, bodies)),
+            Some(Got::Sync(s)) => break s,
+            other => panic!("expected replayed batches then a sync, got {other:?}"),
+        }
+    };
+    let c_last = c_batches.last().map(|(s, _)| *s).unwrap();
+    assert_eq!(
+        (sync.epoch.clone(), sync.recovered, sync.missed, sync.seq),
+        (c_sync.epoch.clone(), false, 0, c_last),
+        "region 2's epoch, not recovered, nothing of it missed: {sync:?}"
+    );
+    assert_eq!(
+        replayed, c_batches,
+        "region 2's held batches of its epoch, as its own viewer got them"
+    );
+    assert!(
+        pos.on_sync(&sync),
+        "another epoch: the position starts over"
+    );
+
+    // Live after the sync, right after its seq, in region 2's epoch.
+    let mut ingest2 = broker::IngestClient::connect(r2.ingest, API_KEY).unwrap();
+    push(&mut ingest2, &numbered(room, "r2", 4));
+    let live = b.batches_until(r#""n":4}"#);
+    let c_live = c.batches_until(r#""n":4}"#);
+    assert_eq!(live, c_live);
+    assert_eq!(
+        live[0].0,
+        sync.seq + 1,
+        "the stream continues after the sync's seq"
+    );
+    for (seq, _) in &live {
+        assert_eq!(pos.on_batch(*seq), Seen::New);
+    }
 }

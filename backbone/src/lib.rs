@@ -41,6 +41,6 @@ pub mod thread;
 pub use config::Config;
 pub use partition::{partition_of, BrokerId, Partition};
 pub use thread::{
-    Accepted, AckKind, AckToken, Backbone, BackboneError, Delivery, Event, Publish, PublishError,
-    Sink, Stats,
+    Accepted, AckKind, AckToken, Backbone, BackboneError, Delivery, Event, Health, Publish,
+    PublishError, Sink, Stats,
 };

@@ -102,6 +102,49 @@ pub struct Stats {
     pub heard_dropped: AtomicU64,
     /// Other regions' presence announcements handed to the broker.
     pub heard: AtomicU64,
+    /// The client lost its server and has not reconnected yet (the client's own events).
+    pub disconnected: std::sync::atomic::AtomicBool,
+    /// When JetStream last stored this broker's live entry in the lease bucket (or, before the
+    /// first one, when the stream and the bucket were set up): what [`Backbone::health`] reads.
+    stored_at: Mutex<Option<Instant>>,
+}
+
+impl Stats {
+    /// JetStream stored this broker's live entry (a heartbeat sent at `at`).
+    fn stored(&self, at: Instant) {
+        let mut s = self.stored_at.lock().unwrap_or_else(|e| e.into_inner());
+        *s = Some(s.map_or(at, |prev| prev.max(at)));
+    }
+
+    /// When JetStream last stored this broker's live entry.
+    pub fn stored_at(&self) -> Option<Instant> {
+        *self.stored_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The backbone as this broker sees it ([`Backbone::health`]): a broker that cannot publish
+/// answers every push `Overloaded` and consumes nothing, so control does not assign its region
+/// and its `/readyz` says 503 while it is not [`Health::Up`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Connected, and JetStream stored this broker's live entry within `lease_ms`.
+    Up,
+    /// The client is not connected to any NATS server (killed, partitioned, misaddressed).
+    Disconnected,
+    /// Connected, but JetStream has not stored this broker's live entry for `lease_ms` (three
+    /// heartbeats in a row failed: JetStream off, no quorum, store full or too slow).
+    Stalled,
+}
+
+impl Health {
+    /// A short reason for `/readyz` and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Disconnected => "disconnected",
+            Health::Stalled => "stalled",
+        }
+    }
 }
 
 /// Why the backbone could not start.
@@ -315,6 +358,8 @@ pub struct Backbone {
     permits: Arc<Semaphore>,
     partitions: u16,
     id_base: u64,
+    /// `lease_ms`: the bound of [`Backbone::health`].
+    lease: Duration,
     stats: Arc<Stats>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -334,6 +379,7 @@ impl Backbone {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u64, BackboneError>>();
         let partitions = config.partitions;
+        let lease = config.lease();
         let permits = Arc::new(Semaphore::new(config.publish_pending_max));
         let stats = Arc::new(Stats::default());
         let thread_stats = stats.clone();
@@ -368,6 +414,7 @@ impl Backbone {
                 permits,
                 partitions,
                 id_base,
+                lease,
                 stats,
                 thread: Some(thread),
             }),
@@ -403,6 +450,19 @@ impl Backbone {
         self.stats
             .joined
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the backbone takes this broker's writes at `now`: connected, and the live entry
+    /// it heartbeats every `lease_ms / 3` stored by JetStream within `lease_ms` (the bound
+    /// other brokers use to count this one alive).
+    pub fn health(&self, now: Instant) -> Health {
+        if self.stats.disconnected.load(Relaxed) {
+            return Health::Disconnected;
+        }
+        match self.stats.stored_at() {
+            Some(at) if now.saturating_duration_since(at) < self.lease => Health::Up,
+            _ => Health::Stalled,
+        }
     }
 
     /// The backbone thread's counters.
@@ -552,9 +612,30 @@ impl Shell {
             return Err(BackboneError::Config("backbone.servers is empty".into()));
         }
         let connect = Duration::from_millis(config.connect_ms_max);
+        let events = stats.clone();
         let options = async_nats::ConnectOptions::new()
             .connection_timeout(connect)
-            .name(format!("barrage-broker-{me}"));
+            .name(format!("barrage-broker-{me}"))
+            .event_callback(move |event| {
+                let events = events.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected
+                            if !events.disconnected.swap(true, Relaxed) =>
+                        {
+                            tracing::warn!(
+                                "backbone disconnected: pushes are refused until it is back"
+                            );
+                        }
+                        async_nats::Event::Connected
+                            if events.disconnected.swap(false, Relaxed) =>
+                        {
+                            tracing::info!("backbone reconnected");
+                        }
+                        _ => {}
+                    }
+                }
+            });
         let client = tokio::time::timeout(connect, options.connect(servers))
             .await
             .map_err(|_| BackboneError::Connect("timed out".into()))?
@@ -654,6 +735,7 @@ impl Shell {
             config.lease(),
             Instant::now(),
         );
+        stats.stored(Instant::now());
         if config.join_wait_ms_max > 0 {
             leases.hold(Instant::now() + Duration::from_millis(config.join_wait_ms_max));
         }
@@ -948,6 +1030,9 @@ impl Shell {
                         tokio::time::timeout(wait, self.kv.put(key, Bytes::new())).await,
                         Ok(Ok(_))
                     );
+                    if ok {
+                        self.stats.stored(sent);
+                    }
                     self.leases.on_heartbeat(ok, sent);
                 }
                 Action::Acquire(p) => {

@@ -7,6 +7,11 @@
 //! A failed heartbeat is logged once and retried on the next interval; it never stops the
 //! broker (pushes and links do not depend on control).
 //!
+//! In cluster mode every heartbeat says whether the backbone takes this broker's writes
+//! (`backbone_down`, [`crate::cluster::Cluster::health`]): a broker whose NATS is gone cannot
+//! accept or deliver, so control counts it as not alive for assigning its region, while edges
+//! keep their links to it (it is back within a heartbeat of its NATS).
+//!
 //! # Joining (cluster mode)
 //! A broker that starts while edges are running must not take partitions before those edges
 //! have linked to it: it would find nobody watching the rooms that moved to it and ack their
@@ -53,8 +58,15 @@ fn host(config: &crate::Config, bound: SocketAddr) -> String {
     }
 }
 
-/// The heartbeat body (control's `brokers::BrokerBeat`).
-pub(crate) fn body(config: &crate::Config, a: &Addrs, draining: bool) -> serde_json::Value {
+/// The heartbeat body (control's `brokers::BrokerBeat`). `backbone_down`: cluster mode with a
+/// backbone that does not take this broker's writes ([`crate::cluster::Cluster::health`]), so
+/// control does not count it for assigning its region.
+pub(crate) fn body(
+    config: &crate::Config,
+    a: &Addrs,
+    draining: bool,
+    backbone_down: bool,
+) -> serde_json::Value {
     let h = |addr: SocketAddr| format!("{}:{}", host(config, addr), addr.port());
     serde_json::json!({
         "node_id": config.node_id,
@@ -63,6 +75,7 @@ pub(crate) fn body(config: &crate::Config, a: &Addrs, draining: bool) -> serde_j
         "ingest": h(a.ingest),
         "http": format!("http://{}", h(a.http)),
         "draining": draining,
+        "backbone_down": backbone_down,
     })
 }
 
@@ -106,7 +119,11 @@ async fn run(shared: Arc<Shared>, control: String, addrs: Addrs) {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        let b = body(c, &addrs, false).to_string();
+        let down = shared
+            .cluster
+            .as_ref()
+            .is_some_and(|k| k.health() != backbone::Health::Up);
+        let b = body(c, &addrs, false, down).to_string();
         let res = net::http::request(
             &control,
             "POST",
@@ -206,13 +223,14 @@ mod tests {
             ingest: "10.1.2.3:7400".parse().unwrap(),
             http: "[::1]:7480".parse().unwrap(),
         };
-        let b = body(&c, &a, false);
+        let b = body(&c, &a, false, false);
         assert_eq!(b["link"], "127.0.0.1:7401");
         assert_eq!(b["ingest"], "10.1.2.3:7400");
         assert_eq!(b["http"], "http://[::1]:7480");
         c.advertise_host = "broker-3.internal".into();
-        let b = body(&c, &a, true);
+        let b = body(&c, &a, true, true);
         assert_eq!(b["link"], "broker-3.internal:7401");
         assert_eq!(b["draining"], true);
+        assert_eq!(b["backbone_down"], true);
     }
 }

@@ -449,6 +449,12 @@ impl Cluster {
         }
     }
 
+    /// Whether the backbone takes this broker's writes now (see [`backbone::Health`]): told to
+    /// control in every heartbeat and answered by `/readyz`.
+    pub fn health(&self) -> backbone::Health {
+        self.backbone.health(Instant::now())
+    }
+
     /// Stops consuming and releases this broker's leases, so the others take its partitions
     /// at once rather than after `lease_ms`. Unacked messages go to the next owners.
     pub fn shutdown(&self) {
@@ -613,6 +619,18 @@ impl Cluster {
             "barrage_broker_backbone_confirm_waiting",
             &[],
             m.confirm_waiting.load(Relaxed) as f64,
+        );
+        w.family(
+            "barrage_broker_backbone_up",
+            "gauge",
+            "1 while the backbone takes this broker's writes (connected, and its live entry \
+             stored within cluster.lease_ms); 0 makes /readyz answer 503 and control stop \
+             assigning this region if no other broker of it is up.",
+        );
+        w.sample(
+            "barrage_broker_backbone_up",
+            &[],
+            f64::from(u8::from(self.health() == backbone::Health::Up)),
         );
         w.family(
             "barrage_broker_backbone_partitions_held",

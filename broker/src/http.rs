@@ -12,6 +12,7 @@
 //! POST /v1/push/batch  {"messages":[{"scope":"room","target":1,"priority":"low","body":{...}}, ...]}
 //!   -> 200 {"results":[{"msg_id":"..."} | {"error":"...","message":"..."}, ...]} (in request order)
 //! GET /healthz -> 200 {"ok":true,...} (liveness);  GET /readyz -> 200, or 503 while stopping
+//!   or (cluster mode) while the backbone does not take writes: {"reason":"backbone disconnected"}
 //! GET /metrics -> Prometheus text
 //! GET /v1/rooms/top?limit=N  Authorization: Bearer <api key>  (N <= 100, default 20)
 //!   -> 200 {"rooms":[{"room":1,"viewers":12}, ...]} busiest first, fleet-wide counts as the
@@ -103,8 +104,13 @@ pub(crate) async fn handle(shared: &Shared, req: &Request) -> Response {
             &json!({"ok": true, "node_id": shared.config.node_id, "shards": shared.shards}),
         ),
         ("GET", "/readyz") => {
+            let backbone = shared.cluster.as_ref().map(|c| c.health());
             if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
                 Response::json(503, &json!({"ready": false, "reason": "stopping"}))
+            } else if let Some(h) = backbone.filter(|h| *h != backbone::Health::Up) {
+                // Cluster mode: a push here would be refused, and nothing is consumed.
+                let reason = format!("backbone {}", h.as_str());
+                Response::json(503, &json!({"ready": false, "reason": reason}))
             } else {
                 Response::json(200, &json!({"ready": true}))
             }

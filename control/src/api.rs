@@ -927,7 +927,8 @@ impl Api {
         w.family(
             "barrage_control_region_assignable",
             "gauge",
-            "1 when a region gets clients: an up edge and, if it ever had brokers, a live one.",
+            "1 when a region gets clients: an up edge and, if it ever had brokers, a live one \
+             whose backbone is up.",
         );
         for (region, n) in &up {
             let ok = *n > 0 && self.brokers.region_ok(region, now);
@@ -1076,13 +1077,15 @@ impl Api {
                 ),
             ],
         );
-        let (alive, dead) = self.brokers.counts(now);
+        let (alive, backbone_down, dead) = self.brokers.counts(now);
         w.metric(
             "barrage_control_brokers",
             "gauge",
-            "Known brokers (cluster mode) by state.",
+            "Known brokers (cluster mode) by state: up, backbone_down (heartbeating, but its \
+             NATS does not take its writes: not counted for assignment), dead.",
             &[
                 (&[("state", "up")], alive as f64),
+                (&[("state", "backbone_down")], backbone_down as f64),
                 (&[("state", "dead")], dead as f64),
             ],
         );

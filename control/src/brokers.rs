@@ -37,6 +37,11 @@ pub struct BrokerBeat {
     /// Shutting down: edges keep their links until it is gone, no one new should pick it.
     #[serde(default)]
     pub draining: bool,
+    /// Cluster mode: its backbone (NATS JetStream) does not take its writes, so it can neither
+    /// accept nor deliver. It is not counted for assigning its region (like a draining one);
+    /// edges keep their links to it. Absent (false) from embedded brokers.
+    #[serde(default)]
+    pub backbone_down: bool,
 }
 
 /// One broker as an edge learns it.
@@ -177,15 +182,21 @@ impl Brokers {
     }
 
     /// Whether `region` may be assigned as far as brokers go: it has a live broker that is not
-    /// draining, or it never had a broker (its edges run on embedded brokers control does not
-    /// see).
+    /// draining and whose backbone is up, or it never had a broker (its edges run on embedded
+    /// brokers control does not see).
     pub fn region_ok(&self, region: &str, now: Instant) -> bool {
         !self.regions_with_brokers.contains(region)
-            || self.entries.values().any(|e| {
-                e.beat.region == region
-                    && !e.beat.draining
-                    && now.saturating_duration_since(e.seen) < self.ttl
-            })
+            || self
+                .entries
+                .values()
+                .any(|e| e.beat.region == region && self.serving(e, now))
+    }
+
+    /// Alive, not draining, and its backbone up: it can accept and deliver pushes.
+    fn serving(&self, e: &Entry, now: Instant) -> bool {
+        !e.beat.draining
+            && !e.beat.backbone_down
+            && now.saturating_duration_since(e.seen) < self.ttl
     }
 
     /// Whether a broker of `region` was ever heard of.
@@ -253,14 +264,18 @@ impl Brokers {
         all
     }
 
-    /// (alive, dead) counts for metrics.
-    pub fn counts(&self, now: Instant) -> (usize, usize) {
-        let alive = self
-            .entries
-            .values()
-            .filter(|e| now.saturating_duration_since(e.seen) < self.ttl)
-            .count();
-        (alive, self.entries.len() - alive)
+    /// Counts for metrics: (alive with a working backbone, alive with its backbone down, dead).
+    pub fn counts(&self, now: Instant) -> (usize, usize, usize) {
+        let (mut up, mut down) = (0, 0);
+        for e in self.entries.values() {
+            if now.saturating_duration_since(e.seen) < self.ttl {
+                match e.beat.backbone_down {
+                    false => up += 1,
+                    true => down += 1,
+                }
+            }
+        }
+        (up, down, self.entries.len() - up - down)
     }
 }
 
@@ -292,6 +307,7 @@ mod tests {
             ingest: "10.0.0.1:7100".into(),
             http: "http://10.0.0.1:7200".into(),
             draining: false,
+            backbone_down: false,
         }
     }
 
@@ -310,7 +326,7 @@ mod tests {
             .heartbeat(beat("b1", "eu"), t1 - Duration::from_secs(2))
             .unwrap());
         assert_eq!(ids(r.links("eu", t1)), ["b1"]);
-        assert_eq!(r.counts(t1), (1, 2));
+        assert_eq!(r.counts(t1), (1, 0, 2));
         // Back from the dead is reported as new; forgotten after edge_forget.
         assert!(r.heartbeat(beat("b2", "eu"), t1).unwrap());
         let t2 = t1 + Duration::from_secs(11);
@@ -339,6 +355,22 @@ mod tests {
         d.draining = true;
         r.heartbeat(d, t1).unwrap();
         assert!(!r.region_ok("eu", t1), "draining brokers do not count");
+        let mut down = beat("b3", "eu");
+        down.backbone_down = true;
+        r.heartbeat(down.clone(), t1).unwrap();
+        assert!(
+            !r.region_ok("eu", t1),
+            "nor brokers whose NATS is gone: they can neither accept nor deliver"
+        );
+        assert_eq!(r.counts(t1), (1, 1, 1), "b2 draining is up, b1 dead");
+        assert_eq!(
+            r.links("eu", t1).len(),
+            2,
+            "edges keep their links to both (draining, backbone down)"
+        );
+        down.backbone_down = false;
+        r.heartbeat(down, t1).unwrap();
+        assert!(r.region_ok("eu", t1), "its backbone is back");
         // Forgotten brokers still leave the region needing one.
         let t2 = t1 + Duration::from_secs(11);
         assert!(r.list(t2).is_empty());

@@ -1322,7 +1322,9 @@ impl ShardCore {
     ) {
         match self.resumes.begin(id, room, encoding, resume, now) {
             crate::resume::Begin::Ask(request) => {
-                if self.node.config.broker_addrs.is_empty() {
+                // Not `broker_addrs` alone: in cluster mode the brokers come from control, and
+                // with that test every resume there fell back as unlinked (epoch "unknown").
+                if !self.node.config.links_brokers() {
                     if let Some(f) = self.resumes.on_answer(request.req, None, now) {
                         self.finish_resume(f, now);
                     }
