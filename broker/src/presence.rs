@@ -955,6 +955,11 @@ impl Presence {
         self.held.len()
     }
 
+    /// Events held in the log for readers that resume (at most `events_max`).
+    pub fn events_held(&self) -> usize {
+        self.log.len()
+    }
+
     pub fn stats(&self) -> Stats {
         self.stats
     }

@@ -411,10 +411,18 @@ impl Roster {
 
     /// Appends the presence metrics.
     pub fn write_metrics(&self, w: &mut net::metrics::Writer) {
-        let (records, edges, rooms, held, stats) = {
+        let (records, edges, rooms, held, events, stats) = {
             let inner = self.lock();
             let p = &inner.presence;
-            (p.records(), p.edges(), p.rooms(), p.held_exits(), p.stats())
+            let events = p.events_held();
+            (
+                p.records(),
+                p.edges(),
+                p.rooms(),
+                p.held_exits(),
+                events,
+                p.stats(),
+            )
         };
         let gauge = |w: &mut net::metrics::Writer, name: &str, help: &str, v: f64| {
             w.family(name, "gauge", help);
@@ -443,6 +451,12 @@ impl Roster {
             "barrage_broker_presence_held_exits",
             "Exits held for flap compensation.",
             held as f64,
+        );
+        gauge(
+            w,
+            "barrage_broker_presence_events",
+            "Events held in the log for readers that resume (at most presence_events_max).",
+            events as f64,
         );
         let c = &self.counters;
         let counter = |w: &mut net::metrics::Writer, name: &str, help: &str, v: u64| {

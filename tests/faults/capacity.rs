@@ -293,6 +293,10 @@ pub fn fds_and_rss(pid: u32) -> (usize, u64) {
 /// of the run against the first, so start-up allocation does not count).
 ///
 /// `BARRAGE_SOAK_SECS=3600 cargo test --release --test faults -- --ignored --nocapture soak`
+///
+/// It also prints the broker's gauges that changed between the first sample and the end (what
+/// a growing RSS is made of); `BARRAGE_SOAK_BROKER_EXTRA` is extra broker TOML (e.g.
+/// `presence_events_max = 1000`, to compare a run without the filling event log).
 #[test]
 #[ignore = "an hour by default; run by hand"]
 fn soak() {
@@ -302,9 +306,33 @@ fn soak() {
         .unwrap_or(3_600);
     let c = Cluster::start(Opts {
         edges: 2,
+        broker_extra: std::env::var("BARRAGE_SOAK_BROKER_EXTRA")
+            .map(|v| format!("{v}\n"))
+            .unwrap_or_default(),
         ..Opts::default()
     });
     let (vs, p, from) = viewers_and_load(&c, 20, 200);
+    let gauges = |c: &Cluster| -> Vec<(String, f64)> {
+        let text = metrics(c.broker_http);
+        let kinds: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter(|l| l.ends_with(" gauge"))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                let name = l.split(['{', ' ']).next().unwrap_or("");
+                kinds.contains(&name)
+            })
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    let mut first_gauges: Option<Vec<(String, f64)>> = None;
     let pids = |c: &Cluster| -> Vec<(String, u32)> {
         let mut v = vec![
             (
@@ -333,7 +361,11 @@ fn soak() {
         let s: Vec<(usize, u64)> = roles.iter().map(|(_, pid)| fds_and_rss(*pid)).collect();
         eprintln!("soak {:?}: {s:?}", t.elapsed());
         samples.push((t.elapsed(), s));
+        if first_gauges.is_none() {
+            first_gauges = Some(gauges(&c));
+        }
     }
+    let last_gauges = gauges(&c);
     stop_all(&mut churn);
     let v = finish(vs, p, from);
     let third = (samples.len() / 3).max(1);
@@ -357,6 +389,17 @@ fn soak() {
             r1 / 1024.0,
             (r1 - r0) / 1024.0 / hours
         );
+    }
+    println!("  broker gauges that changed (first sample -> end):");
+    for (k, v1) in &last_gauges {
+        let v0 = first_gauges
+            .iter()
+            .flatten()
+            .find(|(k0, _)| k0 == k)
+            .map_or(0.0, |g| g.1);
+        if v0 != *v1 {
+            println!("    {k}: {v0} -> {v1}");
+        }
     }
     assert_eq!(v.lost, 0, "{v}");
 }

@@ -401,6 +401,7 @@ fn the_event_log_resumes_after_a_seq_filters_and_reports_gaps() {
     assert_eq!(page.events.first().map(|e| e.seq), Some(3));
     assert!(!t.p.events_after(2, &Filter::default(), 100).missed);
     assert_eq!(t.p.stats().events_evicted, 2);
+    assert_eq!(t.p.events_held(), 4, "the log holds events_max, no more");
     // An id this log never gave (a consumer of a previous broker life) reads from the oldest.
     let page = t.p.events_after(99, &Filter::default(), 100);
     assert!(page.missed);
