@@ -540,7 +540,8 @@ mod poller_tests {
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
 
-    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    /// A connected loopback pair: (client, non-blocking server side).
+    pub(super) fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
@@ -918,13 +919,7 @@ mod ring_tests {
     use std::io::Read;
     use std::os::fd::AsRawFd;
 
-    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        s.set_nonblocking(true).unwrap();
-        (c, s)
-    }
+    use super::poller_tests::pair;
 
     fn reap_one(r: &mut WriteRing) -> RingDone {
         let mut out = Vec::new();
