@@ -7,10 +7,12 @@
 //!
 //! Skips when nats-server is not installed, unless `BARRAGE_REQUIRE_NATS` is set.
 
+mod common;
+
 use backbone::{Backbone, BrokerId, Config, Sink};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// The old setup tried a stream request five times in all before giving up; one that keeps
@@ -76,30 +78,8 @@ impl Plan {
         );
         let file = self.dir.join(format!("q{i}.conf"));
         std::fs::write(&file, conf).expect("conf");
-        let child = match Command::new(nats_bin())
-            .arg("-c")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                assert!(
-                    std::env::var_os("BARRAGE_REQUIRE_NATS").is_none(),
-                    "nats-server required: {e}"
-                );
-                eprintln!("nats-server not installed ({e}); skipping");
-                return None;
-            }
-        };
-        let server = Server { child };
-        let until = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(loopback(client)).is_err() {
-            assert!(Instant::now() < until, "nats-server {i} did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(server)
+        let child = common::spawn_nats(&file, loopback(client))?;
+        Some(Server { child })
     }
 
     /// Messages the clients named `name` have published to server `i` (each JetStream API
@@ -126,14 +106,6 @@ impl Plan {
 impl Drop for Plan {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn nats_bin() -> &'static str {
-    if Path::new("/usr/sbin/nats-server").exists() {
-        "/usr/sbin/nats-server"
-    } else {
-        "nats-server"
     }
 }
 

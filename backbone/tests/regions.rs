@@ -5,12 +5,14 @@
 //!
 //! Skips when nats-server is not installed, unless `BARRAGE_REQUIRE_NATS` is set.
 
+mod common;
+
 use backbone::{Backbone, BrokerId, Config, Delivery, Event, Partition, Sink};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 const PARTITIONS: u16 = 4;
@@ -48,11 +50,6 @@ fn nats(domain: &str, leaf: Result<u16, u16>) -> Option<Nats> {
 
 /// A nats-server with JetStream (`js_extra` inside the jetstream block) and `extra` config.
 fn nats_with(js_extra: &str, extra: Option<&str>) -> Option<Nats> {
-    let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
-        "/usr/sbin/nats-server"
-    } else {
-        "nats-server"
-    };
     let p = port();
     let dir = std::env::temp_dir().join(format!("barrage-regions-{}-{p}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -63,28 +60,8 @@ fn nats_with(js_extra: &str, extra: Option<&str>) -> Option<Nats> {
     );
     let file = dir.join("nats.conf");
     std::fs::write(&file, &conf).expect("conf");
-    let child = match Command::new(bin)
-        .arg("-c")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(
-                std::env::var_os("BARRAGE_REQUIRE_NATS").is_none(),
-                "nats-server required: {e}"
-            );
-            return None;
-        }
-    };
     let addr = SocketAddr::from(([127, 0, 0, 1], p));
-    let until = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < until, "nats-server did not listen: {conf}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = common::spawn_nats(&file, addr)?;
     Some(Nats {
         child,
         dir,
