@@ -248,22 +248,7 @@ impl Sealer {
         out.extend_from_slice(&hdr);
         out.extend_from_slice(plain);
         out.push(content_type);
-        let sealed = self.key.seal_in_place_separate_tag(
-            nonce(&self.iv, self.seq),
-            Aad::from(hdr),
-            &mut out[start + RECORD_HEADER_BYTES..],
-        );
-        match sealed {
-            Ok(tag) => {
-                out.extend_from_slice(tag.as_ref());
-                self.seq += 1;
-                Ok(())
-            }
-            Err(_) => {
-                out.truncate(start);
-                Err(RecordError::KeysExhausted)
-            }
-        }
+        self.seal_from(out, start, hdr)
     }
 
     /// Seals `bufs` (in order) as application data, cut into records of at most 16 KiB of
@@ -316,6 +301,17 @@ impl Sealer {
         let body = out.len() - start - RECORD_HEADER_BYTES + TAG_BYTES;
         let hdr = header(body);
         out[start..start + RECORD_HEADER_BYTES].copy_from_slice(&hdr);
+        self.seal_from(out, start, hdr)
+    }
+
+    /// Seals the record staged at `out[start..]` (header `hdr` in place, then the plaintext and
+    /// its content type) and appends its tag; on failure (keys exhausted) drops the record.
+    fn seal_from(
+        &mut self,
+        out: &mut Vec<u8>,
+        start: usize,
+        hdr: [u8; RECORD_HEADER_BYTES],
+    ) -> Result<(), RecordError> {
         let sealed = self.key.seal_in_place_separate_tag(
             nonce(&self.iv, self.seq),
             Aad::from(hdr),
